@@ -1,0 +1,71 @@
+//! The control plane: gRPC service `channelgate.v1.Control`, plus the standard gRPC health
+//! and reflection services, on the control listener.
+//!
+//! Layers, outermost first: bearer-token check ([`auth`]) on the Control service only (health
+//! stays open for probes); per-connection concurrency limit and request timeout on the server.
+//! This module depends on the edge (the registry) and never the other way round.
+
+mod auth;
+mod convert;
+mod service;
+mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
+
+use crate::{error::Error, pb, server::Edge};
+
+pub use auth::BearerAuth;
+pub use service::ControlService;
+
+/// Longest a unary control call may run.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most requests in flight on one HTTP/2 connection.
+const CONCURRENCY_PER_CONNECTION: usize = 1024;
+
+/// Serves the control plane on `listener` until the edge drains.
+pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(
+            "channelgate.v1.Control",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|err| Error::Io {
+            context: "building the reflection service".into(),
+            source: std::io::Error::other(err),
+        })?;
+    let control = InterceptedService::new(
+        pb::control_server::ControlServer::new(ControlService::new(edge.registry.clone())),
+        BearerAuth::new(&edge.config.control_tokens),
+    );
+    let shutdown = edge.shutdown.clone();
+    let result = Server::builder()
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(control)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        })
+        .await;
+    result.map_err(|err| Error::Io {
+        context: "serving the control plane".into(),
+        source: std::io::Error::other(err),
+    })
+}

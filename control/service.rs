@@ -1,0 +1,143 @@
+//! `impl pb::control_server::Control`: decode the request (through `convert`), call the
+//! registry, encode the answer. No logic of its own.
+
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::{pb, registry::Registry};
+
+/// The Control service over a node's registry.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    registry: Registry,
+}
+
+impl ControlService {
+    /// A service driving `registry`.
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    fn push(&self, request: &pb::PushRequest) -> Result<u64, Status> {
+        let channels = convert::channels(&request.channels)?;
+        Ok(self.registry.push(&channels, &request.json)?)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn issue_connection(
+        &self,
+        request: Request<pb::IssueConnectionRequest>,
+    ) -> Result<Response<pb::IssueConnectionResponse>, Status> {
+        let ttl = convert::ttl(request.get_ref().ttl_ms);
+        Ok(Response::new(self.registry.issue(ttl)?.into()))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<pb::SubscribeResponse>, Status> {
+        let r = request.get_ref();
+        let digest = convert::digest(&r.digest)?;
+        let channels = convert::channels(&r.channels)?;
+        let live = self.registry.subscribe(&digest, &channels)?;
+        Ok(Response::new(pb::SubscribeResponse { live }))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<pb::UnsubscribeRequest>,
+    ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
+        let r = request.get_ref();
+        let digest = convert::digest(&r.digest)?;
+        let channels = convert::channels(&r.channels)?;
+        let live = self.registry.unsubscribe(&digest, &channels)?;
+        Ok(Response::new(pb::UnsubscribeResponse { live }))
+    }
+
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let queued = self.push(request.get_ref())?;
+        Ok(Response::new(pb::PushResponse { queued }))
+    }
+
+    async fn push_stream(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushStreamResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (mut pushes, mut queued) = (0u64, 0u64);
+        while let Some(push) = stream.next().await {
+            let push = push?;
+            queued += self.push(&push).map_err(|status| {
+                Status::new(
+                    status.code(),
+                    format!("push {} of the stream: {}", pushes + 1, status.message()),
+                )
+            })?;
+            pushes += 1;
+        }
+        Ok(Response::new(pb::PushStreamResponse { pushes, queued }))
+    }
+
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let r = request.get_ref();
+        let digest = convert::digest(&r.digest)?;
+        let channel = convert::channels(std::slice::from_ref(&r.channel))?.remove(0);
+        let queued = self.registry.send(&digest, &channel, &r.json)?;
+        Ok(Response::new(pb::SendResponse { queued }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        let r = request.into_inner();
+        let digest = convert::digest(&r.digest)?;
+        let close = convert::close(r.code, r.reason)?;
+        let closed = self.registry.disconnect(&digest, close)?;
+        Ok(Response::new(pb::DisconnectResponse { closed }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let r = request.get_ref();
+        let only = convert::channels(&r.channels)?;
+        Ok(Response::new(
+            self.registry
+                .stats(r.per_channel || !only.is_empty(), &only)
+                .into(),
+        ))
+    }
+
+    type ListenStream = BoxStream<pb::ListenEvent>;
+
+    async fn listen(
+        &self,
+        _request: Request<pb::ListenRequest>,
+    ) -> Result<Response<Self::ListenStream>, Status> {
+        Err(Status::unimplemented("Listen is not implemented yet"))
+    }
+
+    type HandleStream = BoxStream<pb::ClientMessage>;
+
+    async fn handle(
+        &self,
+        _request: Request<Streaming<pb::HandleRequest>>,
+    ) -> Result<Response<Self::HandleStream>, Status> {
+        Err(Status::unimplemented("Handle is not implemented yet"))
+    }
+}

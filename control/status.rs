@@ -1,0 +1,24 @@
+//! The one place where edge errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = match &err {
+            Error::BadChannel(_)
+            | Error::NoChannels
+            | Error::TooManyChannels { .. }
+            | Error::BadDigest(_)
+            | Error::BadJson(_)
+            | Error::BadClose
+            | Error::BadTtl { .. } => Code::InvalidArgument,
+            Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
+            Error::UnknownDigest => Code::NotFound,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::WeakSecret(_) | Error::Io { .. } => Code::Internal,
+        };
+        Status::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,471 @@
+//! Configuration: the [`Config`] a node runs with, its [`Limits`], and how settings are read.
+//!
+//! Settings come from flags, then `CHANNELGATE_*` environment variables, then a TOML file
+//! (`--config`), then the defaults documented on each field; the first that sets a value wins.
+//! [`Settings`] is that one list of settings: clap reads it from flags and environment, serde
+//! reads it from the file (unknown keys are an error that names the key), and
+//! [`Settings::merge`] + [`Settings::into_config`] combine them.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use serde::Deserialize;
+
+/// Limits, each with its unit and default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest client message, in bytes; larger closes the socket with 1008. Default: 64 KiB.
+    pub max_message_bytes: usize,
+    /// Outbound queue per socket, in bytes; a push that would overflow it closes the socket
+    /// with 4100 (too slow). Default: 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// Largest JSON payload of a `Push` or `Send`, in bytes. Default: 256 KiB.
+    pub max_push_bytes: usize,
+    /// Interval of server pings. Default: 25 s.
+    pub ping_interval: Duration,
+    /// A socket that sends nothing (not even a pong) for this long is closed (4101).
+    /// Default: 60 s.
+    pub idle_timeout: Duration,
+    /// Time a client has to complete the HTTP upgrade. Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// Most live WebSockets per node; the next handshake gets 503. Default: 100,000.
+    pub max_connections: usize,
+    /// Time to live of issued credentials (first use must come before). Default: 5 min.
+    pub credential_ttl: Duration,
+    /// Longest TTL `IssueConnection` may ask for. Default: 24 h.
+    pub max_credential_ttl: Duration,
+    /// After an unclean drop, the same credentials may reconnect within this period and find
+    /// their subscriptions; 0 makes every close final. Default: 30 s.
+    pub reconnect_grace: Duration,
+    /// Time a draining node gives its sockets and tasks to finish. Default: 10 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 10,
+            outbound_queue_bytes: 1 << 20,
+            max_push_bytes: 256 << 10,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            credential_ttl: Duration::from_secs(300),
+            max_credential_ttl: Duration::from_secs(24 * 3600),
+            reconnect_grace: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a node runs with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Client plane (WebSocket, `/healthz`, `/readyz`). Default: 127.0.0.1:8080.
+    pub listen: SocketAddr,
+    /// Control plane (gRPC). Default: 127.0.0.1:50051.
+    pub grpc_listen: SocketAddr,
+    /// The deployment secret signing connection ids. `None`: a random one at start.
+    pub secret: Option<String>,
+    /// The previous secret, still accepted during a rotation.
+    pub previous_secret: Option<String>,
+    /// Allowed `Origin`s of WebSocket handshakes (`scheme://host[:port]`, or `*`); empty
+    /// allows any. Handshakes without an `Origin` (non-browser clients) are allowed.
+    pub allowed_origins: Vec<String>,
+    /// Bearer tokens accepted by the control plane; empty: no authentication.
+    pub control_tokens: Vec<String>,
+    /// HTTP path of the WebSocket endpoint. Default: `/ws`.
+    pub ws_path: String,
+    /// Name of the cookie carrying the socket key. Default: `socket_key`.
+    pub key_cookie: String,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field(
+                "previous_secret",
+                &self.previous_secret.as_ref().map(|_| "<set>"),
+            )
+            .field("allowed_origins", &self.allowed_origins)
+            .field("control_tokens", &self.control_tokens.len())
+            .field("ws_path", &self.ws_path)
+            .field("key_cookie", &self.key_cookie)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            grpc_listen: ([127, 0, 0, 1], 50051).into(),
+            secret: None,
+            previous_secret: None,
+            allowed_origins: Vec::new(),
+            control_tokens: Vec::new(),
+            ws_path: "/ws".into(),
+            key_cookie: "socket_key".into(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The settings of `channelgate serve`, from flags, environment or file. Every field is
+/// optional here; defaults are applied by [`Settings::into_config`].
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TOML file with any of these settings (keys as the flag names without `--`).
+    #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Client plane address: WebSocket endpoint, /healthz, /readyz. Port 0 picks a free port.
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "CHANNELGATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Control plane (gRPC) address. Port 0 picks a free port. [default: 127.0.0.1:50051]
+    #[arg(long, env = "CHANNELGATE_GRPC_LISTEN", value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+
+    /// Deployment secret that signs connection ids (at least 16 bytes). Without one, a single
+    /// node generates a random secret at start, and ids die with the process.
+    #[arg(
+        long,
+        env = "CHANNELGATE_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub secret: Option<String>,
+
+    /// Previous deployment secret, still accepted while rotating to a new one.
+    #[arg(
+        long,
+        env = "CHANNELGATE_PREVIOUS_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub previous_secret: Option<String>,
+
+    /// Comma-separated Origins allowed to open WebSockets (e.g. https://app.example.com);
+    /// `*` allows any. [default: any]
+    #[arg(
+        long,
+        env = "CHANNELGATE_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Comma-separated bearer tokens the control plane accepts (several for rotation).
+    /// [default: none, no authentication]
+    #[arg(
+        long,
+        env = "CHANNELGATE_CONTROL_TOKEN",
+        value_name = "TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub control_token: Option<Vec<String>>,
+
+    /// HTTP path of the WebSocket endpoint. [default: /ws]
+    #[arg(long, env = "CHANNELGATE_WS_PATH", value_name = "PATH")]
+    pub ws_path: Option<String>,
+
+    /// Name of the cookie carrying the socket key. [default: socket_key]
+    #[arg(long, env = "CHANNELGATE_KEY_COOKIE", value_name = "NAME")]
+    pub key_cookie: Option<String>,
+
+    /// Largest client message, in bytes (suffixes KiB, MiB); larger closes with 1008.
+    /// [default: 64KiB]
+    #[arg(long, env = "CHANNELGATE_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<ByteSize>,
+
+    /// Outbound queue per socket, in bytes; overflow closes the socket with 4100.
+    /// [default: 1MiB]
+    #[arg(long, env = "CHANNELGATE_OUTBOUND_QUEUE", value_name = "BYTES")]
+    pub outbound_queue: Option<ByteSize>,
+
+    /// Largest JSON payload of a Push or Send, in bytes. [default: 256KiB]
+    #[arg(long, env = "CHANNELGATE_MAX_PUSH_SIZE", value_name = "BYTES")]
+    pub max_push_size: Option<ByteSize>,
+
+    /// Interval of server pings (e.g. 25s). [default: 25s]
+    #[arg(long, env = "CHANNELGATE_PING_INTERVAL", value_name = "DURATION")]
+    pub ping_interval: Option<HumanDuration>,
+
+    /// Close a socket that sends nothing for this long. [default: 60s]
+    #[arg(long, env = "CHANNELGATE_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<HumanDuration>,
+
+    /// Time allowed for the HTTP upgrade. [default: 10s]
+    #[arg(long, env = "CHANNELGATE_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    pub handshake_timeout: Option<HumanDuration>,
+
+    /// Most live WebSockets on this node; further handshakes get 503. [default: 100000]
+    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Time to live of issued credentials. [default: 5m]
+    #[arg(long, env = "CHANNELGATE_CREDENTIAL_TTL", value_name = "DURATION")]
+    pub credential_ttl: Option<HumanDuration>,
+
+    /// Longest credential TTL a caller may ask for. [default: 24h]
+    #[arg(long, env = "CHANNELGATE_MAX_CREDENTIAL_TTL", value_name = "DURATION")]
+    pub max_credential_ttl: Option<HumanDuration>,
+
+    /// After an unclean drop, credentials may reconnect within this period and keep their
+    /// subscriptions; 0s makes every close final. [default: 30s]
+    #[arg(long, env = "CHANNELGATE_RECONNECT_GRACE", value_name = "DURATION")]
+    pub reconnect_grace: Option<HumanDuration>,
+
+    /// Time a draining node waits for sockets and tasks to finish. [default: 10s]
+    #[arg(long, env = "CHANNELGATE_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for these settings (this names an unknown key).
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+macro_rules! merge_fields {
+    ($self:ident, $other:ident; $($field:ident),* $(,)?) => {
+        Settings { config: $self.config.or($other.config), $($field: $self.$field.or($other.$field)),* }
+    };
+}
+
+impl Settings {
+    /// Reads the TOML file named by `--config`, if any.
+    pub fn load_file(&self) -> Result<Settings, ConfigError> {
+        let Some(path) = &self.config else {
+            return Ok(Settings::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML settings.
+    pub fn parse_toml(text: &str) -> Result<Settings, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// `self`'s values where set, else `other`'s.
+    pub fn merge(self, other: Settings) -> Settings {
+        merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
+            control_token, ws_path, key_cookie, max_message_size, outbound_queue, max_push_size,
+            ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
+            max_credential_ttl, reconnect_grace, shutdown_grace)
+    }
+
+    /// Applies defaults and checks the result.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let l = d.limits;
+        let dur = |v: Option<HumanDuration>, default| v.map_or(default, |v| v.0);
+        let size = |v: Option<ByteSize>, default| v.map_or(default, |v| v.0);
+        let limits = Limits {
+            max_message_bytes: size(self.max_message_size, l.max_message_bytes),
+            outbound_queue_bytes: size(self.outbound_queue, l.outbound_queue_bytes),
+            max_push_bytes: size(self.max_push_size, l.max_push_bytes),
+            ping_interval: dur(self.ping_interval, l.ping_interval),
+            idle_timeout: dur(self.idle_timeout, l.idle_timeout),
+            handshake_timeout: dur(self.handshake_timeout, l.handshake_timeout),
+            max_connections: self.max_connections.unwrap_or(l.max_connections),
+            credential_ttl: dur(self.credential_ttl, l.credential_ttl),
+            max_credential_ttl: dur(self.max_credential_ttl, l.max_credential_ttl),
+            reconnect_grace: dur(self.reconnect_grace, l.reconnect_grace),
+            shutdown_grace: dur(self.shutdown_grace, l.shutdown_grace),
+        };
+        let config = Config {
+            listen: self.listen.unwrap_or(d.listen),
+            grpc_listen: self.grpc_listen.unwrap_or(d.grpc_listen),
+            secret: self.secret,
+            previous_secret: self.previous_secret,
+            allowed_origins: self.allowed_origins.unwrap_or_default(),
+            control_tokens: self.control_token.unwrap_or_default(),
+            ws_path: self.ws_path.unwrap_or(d.ws_path),
+            key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
+            limits,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Checks values that no type rules out.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if l.max_push_bytes + 512 > l.outbound_queue_bytes {
+            return invalid("outbound-queue must exceed max-push-size by at least 512 bytes");
+        }
+        if l.max_message_bytes == 0 || l.max_connections == 0 {
+            return invalid("max-message-size and max-connections must be positive");
+        }
+        if l.ping_interval.is_zero() || l.ping_interval >= l.idle_timeout {
+            return invalid("ping-interval must be positive and shorter than idle-timeout");
+        }
+        if l.credential_ttl.is_zero() || l.credential_ttl > l.max_credential_ttl {
+            return invalid("credential-ttl must be positive and at most max-credential-ttl");
+        }
+        if !self.ws_path.starts_with('/') {
+            return invalid("ws-path must start with /");
+        }
+        if self.control_tokens.iter().any(|t| t.is_empty()) {
+            return invalid("control tokens must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// A duration written like `25s`, `500ms`, `5m`, `1h 30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(Self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size in bytes written like `65536`, `64KiB`, `1MiB` (also `KB`/`MB`, taken as binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: usize = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 65536, 64KiB or 1MiB"))?;
+        let mult = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            other => return Err(format!("unknown size unit {other:?}")),
+        };
+        n.checked_mul(mult)
+            .map(Self)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(usize),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Self(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Settings::default().into_config().unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("100".parse::<ByteSize>().unwrap().0, 100);
+        assert!("1 parsec".parse::<ByteSize>().is_err());
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = Settings::parse_toml(
+            "listen = \"0.0.0.0:9000\"\nreconnect-grace = \"5s\"\noutbound-queue = \"2MiB\"\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..Settings::default()
+        };
+        let c = flags.merge(file).into_config().unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.limits.reconnect_grace, Duration::from_secs(5));
+        assert_eq!(c.limits.outbound_queue_bytes, 2 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Settings::parse_toml("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_limits_are_refused() {
+        let s = Settings {
+            max_push_size: Some(ByteSize(2 << 20)),
+            ..Settings::default()
+        };
+        assert!(s.into_config().is_err());
+    }
+}

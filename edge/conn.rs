@@ -1,0 +1,252 @@
+//! One WebSocket's task: a reader and a writer over the two halves of the socket, joined in
+//! one task, plus the closing handshake.
+//!
+//! * The writer drains the socket's [`Outbox`](crate::fanout::Outbox) a whole batch at a time:
+//!   every queued frame is fed, then one flush, so frames that piled up go out in one write.
+//!   It also sends pings, and on drain turns the shutdown signal into a 1001 close after the
+//!   queued frames.
+//! * The reader answers client messages (replies go through the same outbox, so they are
+//!   bounded like pushes) and enforces the idle timeout: any frame, pongs included, is life.
+//! * A write to a peer that stopped reading is abandoned as soon as its outbox overflows
+//!   ([`Close::TooSlow`]), or [`CLOSE_TIMEOUT`] after any other close.
+//!
+//! Whatever ends the socket, the registry hears of it exactly once ([`Registry::detach`]),
+//! before the closing handshake, so the id is free to resume at once after an unclean end.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::{
+    stream::{SplitSink, SplitStream},
+    SinkExt, StreamExt,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::{interval_at, sleep, timeout, Instant, MissedTickBehavior},
+};
+use tokio_tungstenite::{
+    tungstenite::{
+        error::CapacityError,
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Error as WsError, Message,
+    },
+    WebSocketStream,
+};
+
+use std::sync::Arc;
+
+use crate::{
+    error::Close,
+    fanout::Batch,
+    protocol::{parse_inbound, Reply},
+    registry::{Conn, Ending, Registry},
+    server::Edge,
+};
+
+/// How long the closing handshake, or a write in progress when the socket is closed, may take.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A socket that passed the handshake.
+#[derive(Debug)]
+pub struct Socket {
+    /// The registry's side of it.
+    pub conn: Arc<Conn>,
+    /// The public id it connected with.
+    pub connection_id: Box<str>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The upgrade request's `Cookie` header, for handlers that call the application.
+    pub cookies: Option<http::HeaderValue>,
+}
+
+/// How the socket's loops ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent a close frame: its credentials are spent.
+    PeerClosed,
+    /// The transport failed or the peer vanished without a close frame.
+    Lost(Option<WsError>),
+    /// We close, for this reason.
+    Closing(Close),
+}
+
+impl End {
+    fn from_error(err: WsError) -> Self {
+        match err {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                Self::Closing(Close::Policy("message too large"))
+            }
+            WsError::Utf8(_) => Self::Closing(Close::InvalidPayload),
+            WsError::Protocol(_) => Self::Closing(Close::Protocol),
+            WsError::ConnectionClosed | WsError::AlreadyClosed => Self::Lost(None),
+            other => Self::Lost(Some(other)),
+        }
+    }
+
+    fn ending(&self) -> Ending {
+        match self {
+            Self::PeerClosed => Ending::Final,
+            Self::Lost(_) => Ending::Resumable,
+            Self::Closing(close) if close.allows_resume() => Ending::Resumable,
+            Self::Closing(_) => Ending::Final,
+        }
+    }
+}
+
+/// Runs a socket until it ends, then tells the registry and closes it.
+pub async fn run<S>(ws: WebSocketStream<S>, socket: Socket, edge: &Edge)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = &socket.conn;
+    let (mut sink, mut stream) = ws.split();
+    tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
+    let end = tokio::select! {
+        end = write_loop(&mut sink, conn, edge) => end,
+        end = read_loop(&mut stream, conn, &edge.registry, edge) => end,
+    };
+    edge.registry.detach(conn, end.ending());
+    // Frames can no longer reach this socket; make sure nothing queues behind the close.
+    conn.outbox.close(match &end {
+        End::Closing(close) => close.clone(),
+        _ => Close::GoingAway,
+    });
+    match &end {
+        End::Closing(close) => {
+            let level_debug = close.is_expected();
+            if level_debug {
+                tracing::debug!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
+            } else {
+                tracing::warn!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
+            }
+            let frame = CloseFrame {
+                code: CloseCode::from(close.code()),
+                reason: close.reason().into(),
+            };
+            let _ = timeout(CLOSE_TIMEOUT, async {
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    // Wait for the client's close frame (or its end of the stream).
+                    while let Some(Ok(_)) = stream.next().await {}
+                }
+            })
+            .await;
+        }
+        End::PeerClosed => {
+            // Sends the reply to the client's close frame that tungstenite queued.
+            let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+            tracing::debug!(connection_id = %socket.connection_id, "socket closed by client");
+        }
+        End::Lost(err) => {
+            tracing::debug!(connection_id = %socket.connection_id, err = ?err, "socket lost");
+        }
+    }
+}
+
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+type Stream<S> = SplitStream<WebSocketStream<S>>;
+
+async fn write_loop<S>(sink: &mut Sink<S>, conn: &Conn, edge: &Edge) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let period = edge.config.limits.ping_interval;
+    let mut ping = interval_at(Instant::now() + period, period);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            batch = conn.outbox.next() => match batch {
+                Batch::Frames(frames) => {
+                    if let Err(end) = write(sink, conn, frames.into_iter().map(Message::Text)).await {
+                        return end;
+                    }
+                }
+                Batch::Close(close) => return End::Closing(close),
+            },
+            _ = ping.tick() => {
+                if let Err(end) = write(sink, conn, std::iter::once(Message::Ping(Default::default()))).await {
+                    return end;
+                }
+            }
+            _ = edge.shutdown.cancelled(), if !draining => {
+                draining = true;
+                // Queued frames still go out first; then the outbox yields the close.
+                conn.outbox.close(Close::GoingAway);
+            }
+        }
+    }
+}
+
+/// Feeds `messages` and flushes them in one write, unless the socket is closed meanwhile: at
+/// once when it was closed as too slow (its peer is not reading), else after
+/// [`CLOSE_TIMEOUT`].
+async fn write<S>(
+    sink: &mut Sink<S>,
+    conn: &Conn,
+    messages: impl Iterator<Item = Message>,
+) -> Result<(), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = async {
+        for message in messages {
+            sink.feed(message).await?;
+        }
+        sink.flush().await
+    };
+    let abandon = async {
+        let close = conn.outbox.closed().await;
+        if close != Close::TooSlow {
+            sleep(CLOSE_TIMEOUT).await;
+        }
+        close
+    };
+    tokio::select! {
+        result = io => result.map_err(End::from_error),
+        close = abandon => Err(End::Closing(close)),
+    }
+}
+
+async fn read_loop<S>(stream: &mut Stream<S>, conn: &Conn, registry: &Registry, edge: &Edge) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle_timeout = edge.config.limits.idle_timeout;
+    let idle = sleep(idle_timeout);
+    tokio::pin!(idle);
+    let limit = registry.limits().outbound_queue_bytes;
+    loop {
+        let message = tokio::select! {
+            message = stream.next() => message,
+            _ = &mut idle => return End::Closing(Close::IdleTimeout),
+        };
+        idle.as_mut().reset(Instant::now() + idle_timeout);
+        let reply = match message {
+            None => return End::Lost(None),
+            Some(Err(err)) => return End::from_error(err),
+            Some(Ok(Message::Close(_))) => return End::PeerClosed,
+            Some(Ok(Message::Text(text))) => answer(&text),
+            Some(Ok(Message::Binary(_))) => Some(Reply::text(
+                None,
+                400,
+                "binary frames are not supported: send JSON text",
+            )),
+            Some(Ok(_)) => None,
+        };
+        if let Some(reply) = reply {
+            conn.outbox.push(&reply.encode(), limit);
+        }
+    }
+}
+
+/// The reply to one client text message.
+fn answer(text: &str) -> Option<Reply> {
+    let message = match parse_inbound(text) {
+        Ok(message) => message,
+        Err(bad) => return Some(bad.reply()),
+    };
+    let id = message.id.map(|id| id.to_owned());
+    Some(match message.action {
+        "ping" => Reply::text(id, 200, "pong"),
+        _ => Reply::text(id, 404, "unknown action"),
+    })
+}

@@ -1,0 +1,161 @@
+//! Errors at the edge's boundaries and the one table of WebSocket close codes.
+//!
+//! * [`Close`] is every reason the gateway ends a socket; [`Close::code`] is the only place a
+//!   close code is chosen. Ranges: 1000-1011 as in RFC 6455; 4000-4099 "do not reconnect";
+//!   4100-4199 "reconnect with back-off"; 4200-4299 "reconnect now".
+//! * [`Error`] is what the control plane and the embedding API can get wrong, mapped to gRPC
+//!   statuses in `control/status.rs` and nowhere else.
+
+use crate::{
+    credentials::{BadDigest, WeakSecret},
+    protocol::{BadChannel, BadJson},
+};
+
+/// Why the gateway closes (or closed) a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Close {
+    /// 1001: the node is draining; reconnect (to another node).
+    GoingAway,
+    /// 1002: the client broke the WebSocket protocol.
+    Protocol,
+    /// 1007: a text frame that is not UTF-8.
+    InvalidPayload,
+    /// 1008: a message larger than the inbound limit, or another policy violation.
+    Policy(&'static str),
+    /// 1011: a bug or an internal failure.
+    Internal,
+    /// 4000-4099 (default 4000): the application disconnected the socket; its credentials are
+    /// dead. The application picks the code and the reason.
+    Application {
+        /// A code in 4000..=4999.
+        code: u16,
+        /// Sent to the client (at most 123 bytes).
+        reason: String,
+    },
+    /// 4100: the outbound queue filled up: the client does not read fast enough. Reconnect
+    /// with back-off.
+    TooSlow,
+    /// 4101: nothing arrived from the client within the idle timeout (not even a pong).
+    IdleTimeout,
+}
+
+/// Close codes, in one place. The README's table is written from these.
+pub mod code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The node is going away (drain).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error.
+    pub const PROTOCOL: u16 = 1002;
+    /// Invalid payload data (not UTF-8).
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy violation (e.g. message too large).
+    pub const POLICY: u16 = 1008;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+    /// Disconnected by the application (default code of `Disconnect`).
+    pub const APPLICATION: u16 = 4000;
+    /// Too slow: outbound queue full.
+    pub const TOO_SLOW: u16 = 4100;
+    /// Idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4101;
+}
+
+impl Close {
+    /// The WebSocket close code.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::GoingAway => code::GOING_AWAY,
+            Self::Protocol => code::PROTOCOL,
+            Self::InvalidPayload => code::INVALID_PAYLOAD,
+            Self::Policy(_) => code::POLICY,
+            Self::Internal => code::INTERNAL,
+            Self::Application { code, .. } => *code,
+            Self::TooSlow => code::TOO_SLOW,
+            Self::IdleTimeout => code::IDLE_TIMEOUT,
+        }
+    }
+
+    /// The close reason sent to the client.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::GoingAway => "going away",
+            Self::Protocol => "protocol error",
+            Self::InvalidPayload => "invalid UTF-8",
+            Self::Policy(why) => why,
+            Self::Internal => "internal error",
+            Self::Application { reason, .. } => reason,
+            Self::TooSlow => "too slow: outbound queue full",
+            Self::IdleTimeout => "idle timeout",
+        }
+    }
+
+    /// Whether the credentials stay usable within the reconnect grace after this close.
+    /// Only an application disconnect ends them at once (a client's own close does too, but
+    /// that is not a [`Close`] of the gateway's).
+    pub fn allows_resume(&self) -> bool {
+        !matches!(self, Self::Application { .. })
+    }
+
+    /// Whether this is a peer's doing (logged at `debug`) rather than ours (`warn`).
+    pub fn is_expected(&self) -> bool {
+        !matches!(self, Self::Internal)
+    }
+}
+
+/// Errors of the gateway's API (control plane and embedding).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A channel name outside the rules.
+    #[error(transparent)]
+    BadChannel(#[from] BadChannel),
+    /// A call that needs at least one channel got none.
+    #[error("at least one channel is required")]
+    NoChannels,
+    /// Too many channels in one call.
+    #[error("at most {max} channels per call")]
+    TooManyChannels {
+        /// The limit.
+        max: usize,
+    },
+    /// A digest that is not 64 hex digits.
+    #[error(transparent)]
+    BadDigest(#[from] BadDigest),
+    /// A digest this node does not know, or whose credentials have ended.
+    #[error("no connection with this digest: never issued, expired or ended")]
+    UnknownDigest,
+    /// JSON that does not parse.
+    #[error(transparent)]
+    BadJson(#[from] BadJson),
+    /// A JSON payload over the size limit.
+    #[error("payload of {len} bytes is over the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A close code outside 4000..=4999, or a reason over 123 bytes.
+    #[error("close code must be in 4000..=4999 and the reason at most 123 bytes")]
+    BadClose,
+    /// A credential TTL outside the allowed range.
+    #[error("ttl must be at most {max_ms} ms")]
+    BadTtl {
+        /// The largest TTL allowed.
+        max_ms: u64,
+    },
+    /// A deployment secret that is too short.
+    #[error(transparent)]
+    WeakSecret(#[from] WeakSecret),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// A listener or socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,356 @@
+//! The client plane's HTTP side: `/healthz`, `/readyz`, and the WebSocket upgrade, where the
+//! credentials are checked before any WebSocket exists.
+//!
+//! The upgrade is accepted only when: it is a well-formed WebSocket request (else 400); the
+//! `Origin`, when present and an allow-list is configured, is on it (else 403); the connection id
+//! and key are present (else 400), the id is signed by this deployment and commits to the key
+//! (else 403), and the id is not expired, live or ended (else 403); the node has room (else 503).
+//! A refusal is a plain-text HTTP response and no upgrade. Keys never appear in logs.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+use tokio_tungstenite::{
+    tungstenite::{handshake::derive_accept_key, protocol::Role},
+    WebSocketStream,
+};
+
+use crate::{conn, registry::Ending, server::Edge};
+
+type Body = Full<Bytes>;
+
+/// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
+pub async fn serve_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    edge: Arc<Edge>,
+    permit: OwnedSemaphorePermit,
+) {
+    let io = TokioIo::new(stream);
+    let service = service_fn(|req| {
+        let edge = edge.clone();
+        async move { Ok::<_, Infallible>(route(req, peer, &edge)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.config.limits.handshake_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::select! {
+        result = conn => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, %err, "client-plane HTTP connection failed");
+            }
+        }
+        _ = edge.shutdown.cancelled() => {}
+    }
+    drop(permit);
+}
+
+fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == edge.config.ws_path {
+        return match upgrade(req, peer, edge) {
+            Ok(response) => response,
+            Err(refusal) => refusal.response(),
+        };
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Why an upgrade was refused; decides the status and the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// 400: not a WebSocket upgrade.
+    NotUpgrade,
+    /// 400: `socket_connection_id` missing.
+    MissingId,
+    /// 400: no socket key in cookie, query or header.
+    MissingKey,
+    /// 403: Origin not allowed.
+    Origin,
+    /// 403: forged, unsigned or malformed id, or a key that is not the id's.
+    Credentials,
+    /// 403: id expired before first use.
+    Expired,
+    /// 403: id live on another socket.
+    InUse,
+    /// 403: id already used (clean close, disconnect, grace over).
+    Used,
+    /// 503: node full or draining.
+    Unavailable,
+}
+
+impl Refusal {
+    fn response(self) -> Response<Body> {
+        use Refusal::*;
+        let (status, body) = match self {
+            NotUpgrade => (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade (GET, Upgrade: websocket, Sec-WebSocket-Version: 13)\n"),
+            MissingId => (StatusCode::BAD_REQUEST, "missing socket_connection_id query parameter\n"),
+            MissingKey => (StatusCode::BAD_REQUEST, "missing socket key (cookie, socket_key query parameter or X-Socket-Key header)\n"),
+            Origin => (StatusCode::FORBIDDEN, "origin not allowed\n"),
+            Credentials => (StatusCode::FORBIDDEN, "invalid credentials\n"),
+            Expired => (StatusCode::FORBIDDEN, "credentials expired\n"),
+            InUse => (StatusCode::FORBIDDEN, "connection id already in use\n"),
+            Used => (StatusCode::FORBIDDEN, "connection id already used\n"),
+            Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "no capacity, try another node\n"),
+        };
+        let mut response = text(status, body);
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if self == NotUpgrade {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
+}
+
+fn upgrade(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    edge: &Arc<Edge>,
+) -> Result<Response<Body>, Refusal> {
+    let headers = req.headers();
+    let accept_key = websocket_accept_key(req.method(), headers).ok_or(Refusal::NotUpgrade)?;
+    if !origin_allowed(headers, &edge.config.allowed_origins) {
+        tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
+        return Err(Refusal::Origin);
+    }
+    let (connection_id, query_key) = query_credentials(req.uri().query());
+    let connection_id = connection_id.ok_or(Refusal::MissingId)?;
+    let socket_key = cookie(headers, &edge.config.key_cookie)
+        .or(query_key)
+        .or_else(|| {
+            headers
+                .get("x-socket-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .ok_or(Refusal::MissingKey)?;
+
+    let verified = edge
+        .registry
+        .verify(&connection_id, &socket_key)
+        .map_err(|err| {
+            tracing::debug!(%peer, %connection_id, %err, "handshake refused");
+            Refusal::Credentials
+        })?;
+    if edge.shutdown.is_cancelled() {
+        return Err(Refusal::Unavailable);
+    }
+    let permit = edge.ws_permits.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(%peer, "handshake refused: max-connections reached");
+        Refusal::Unavailable
+    })?;
+    let conn = edge.registry.attach(&verified).map_err(|refusal| {
+        tracing::debug!(%peer, %connection_id, %refusal, "handshake refused");
+        match refusal {
+            crate::registry::Refusal::Expired => Refusal::Expired,
+            crate::registry::Refusal::AlreadyLive => Refusal::InUse,
+            crate::registry::Refusal::Ended => Refusal::Used,
+        }
+    })?;
+
+    let cookies = req.headers().get(header::COOKIE).cloned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_edge = edge.clone();
+    edge.tracker.spawn(async move {
+        let edge = task_edge;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(edge.ws_config),
+                )
+                .await;
+                let socket = conn::Socket {
+                    conn,
+                    connection_id: connection_id.into_boxed_str(),
+                    peer,
+                    cookies,
+                };
+                conn::run(ws, socket, &edge).await;
+            }
+            Err(err) => {
+                tracing::debug!(%peer, %err, "upgrade did not complete");
+                edge.registry.detach(&conn, Ending::Resumable);
+            }
+        }
+        drop(permit);
+    });
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept_key).expect("base64 is a valid header value"),
+    );
+    Ok(response)
+}
+
+/// The `Sec-WebSocket-Accept` value when the request is a valid WebSocket upgrade.
+fn websocket_accept_key(method: &Method, headers: &HeaderMap) -> Option<String> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let ok = method == Method::GET
+        && has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?;
+    ok.then(|| derive_accept_key(key.as_bytes()))
+}
+
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    match headers.get(header::ORIGIN) {
+        // Browsers always send Origin on WebSocket handshakes; a client without one is not a
+        // browser, so it cannot be a cross-site hijack.
+        None => true,
+        Some(origin) => origin.to_str().is_ok_and(|origin| {
+            allowed
+                .iter()
+                .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        }),
+    }
+}
+
+/// `socket_connection_id` and `socket_key` from the query string.
+fn query_credentials(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let (mut id, mut key) = (None, None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*name {
+            "socket_connection_id" if id.is_none() => id = Some(value.into_owned()),
+            "socket_key" if key.is_none() => key = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    (id.filter(|v| !v.is_empty()), key.filter(|v| !v.is_empty()))
+}
+
+/// The value of cookie `name`, from any `Cookie` header.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn upgrade_requests_are_recognised() {
+        let good = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        assert_eq!(
+            websocket_accept_key(&Method::GET, &headers(&good)).as_deref(),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        assert!(websocket_accept_key(&Method::POST, &headers(&good)).is_none());
+        for skip in 0..good.len() {
+            let partial: Vec<_> = good
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, p)| *p)
+                .collect();
+            assert!(websocket_accept_key(&Method::GET, &headers(&partial)).is_none());
+        }
+    }
+
+    #[test]
+    fn origins() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        assert!(origin_allowed(
+            &headers(&[("origin", "https://app.example.com")]),
+            &allowed
+        ));
+        assert!(origin_allowed(
+            &headers(&[("origin", "HTTPS://APP.example.com")]),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("origin", "https://evil.example")]),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("origin", "https://app.example.com.evil")]),
+            &allowed
+        ));
+        assert!(origin_allowed(&headers(&[]), &allowed));
+        assert!(origin_allowed(&headers(&[("origin", "https://x")]), &[]));
+    }
+
+    #[test]
+    fn credentials_are_found_in_query_and_cookie() {
+        let (id, key) = query_credentials(Some("a=1&socket_connection_id=abc&socket_key=k%2B1"));
+        assert_eq!((id.as_deref(), key.as_deref()), (Some("abc"), Some("k+1")));
+        assert_eq!(
+            query_credentials(Some("socket_connection_id=")),
+            (None, None)
+        );
+        let h = headers(&[
+            ("cookie", "session=s1; socket_key=\"xyz\""),
+            ("cookie", "b=2"),
+        ]);
+        assert_eq!(cookie(&h, "socket_key").as_deref(), Some("xyz"));
+        assert_eq!(cookie(&h, "b").as_deref(), Some("2"));
+        assert_eq!(cookie(&h, "missing"), None);
+    }
+}

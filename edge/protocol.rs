@@ -1,0 +1,354 @@
+//! The client wire protocol: JSON text frames between the edge and a WebSocket client.
+//!
+//! Server to client:
+//! * push: `{"channel":"<name>","payload":<json>}`; the payload is the application's JSON text,
+//!   byte for byte.
+//! * reply: `{"id":<client id>,"status":<int>,"headers":{..},"body":<json>}`; clients tell replies
+//!   from pushes by the `id` key (`null` when the message's id could not be read).
+//!
+//! Client to server: `{"action":"<name>","id":<number or string>, ..fields}`.
+//!
+//! This module owns encoding and decoding only. A push is encoded once into a [`Frame`], which
+//! is cheap to clone (a reference-counted buffer), so every subscriber shares the same bytes.
+
+use std::{fmt, ops::Deref, sync::Arc};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// An encoded text frame, shared by every recipient.
+pub type Frame = Utf8Bytes;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// A valid channel name: 1 to 255 bytes of printable ASCII without spaces.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Channel(Arc<str>);
+
+/// A channel name outside the rules of [`Channel`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid channel name {0:?}: 1 to 255 bytes of printable ASCII without spaces")]
+pub struct BadChannel(pub String);
+
+impl Channel {
+    /// Checks `name` and makes a channel of it.
+    pub fn new(name: &str) -> Result<Self, BadChannel> {
+        let ok = !name.is_empty()
+            && name.len() <= MAX_CHANNEL_LEN
+            && name.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(name.into()))
+        } else {
+            let mut shown: String = name.chars().take(64).collect();
+            if shown.len() < name.len() {
+                shown.push('…');
+            }
+            Err(BadChannel(shown))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for Channel {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// JSON text that parses. Holds the application's text unchanged (surrounding whitespace
+/// trimmed), so a payload reaches clients byte for byte.
+#[derive(Debug, Clone)]
+pub struct Json(Box<RawValue>);
+
+/// Text that is not one JSON value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid JSON: {0}")]
+pub struct BadJson(#[from] serde_json::Error);
+
+impl Json {
+    /// Parses `text` as one JSON value.
+    pub fn parse(text: &str) -> Result<Self, BadJson> {
+        Ok(Self(RawValue::from_string(text.trim().to_owned())?))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+/// Encodes a push envelope once: `{"channel":"<name>","payload":<json>}`.
+pub fn push_frame(channel: &Channel, payload: &Json) -> Frame {
+    let payload = payload.as_str();
+    let mut out = String::with_capacity(32 + channel.len() + payload.len());
+    out.push_str(r#"{"channel":"#);
+    push_json_string(&mut out, channel);
+    out.push_str(r#","payload":"#);
+    out.push_str(payload);
+    out.push('}');
+    Frame::from(out)
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    // Channel names are printable ASCII, so only `"` and `\` need escaping.
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// A reply to one client message.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The client's id as JSON text (`null` when it could not be read).
+    pub id: Option<Box<RawValue>>,
+    /// An HTTP-like status.
+    pub status: u16,
+    /// Headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body: JSON, or a string.
+    pub body: Body,
+}
+
+/// A reply body.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// JSON text, sent as is.
+    Json(Json),
+    /// Text, sent as a JSON string.
+    Text(String),
+}
+
+impl Reply {
+    /// A reply with no headers and a text body.
+    pub fn text(id: Option<Box<RawValue>>, status: u16, body: impl Into<String>) -> Self {
+        Self {
+            id,
+            status,
+            headers: Vec::new(),
+            body: Body::Text(body.into()),
+        }
+    }
+
+    /// Encodes the reply into a frame.
+    pub fn encode(&self) -> Frame {
+        let mut out = String::with_capacity(64);
+        out.push_str(r#"{"id":"#);
+        out.push_str(self.id.as_deref().map_or("null", RawValue::get));
+        out.push_str(r#","status":"#);
+        out.push_str(&self.status.to_string());
+        out.push_str(r#","headers":{"#);
+        for (i, (name, value)) in self.headers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&json_string(name));
+            out.push(':');
+            out.push_str(&json_string(value));
+        }
+        out.push_str(r#"},"body":"#);
+        match &self.body {
+            Body::Json(json) => out.push_str(json.as_str()),
+            Body::Text(text) => out.push_str(&json_string(text)),
+        }
+        out.push('}');
+        Frame::from(out)
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+/// One client message, parsed. Borrows the frame's text.
+#[derive(Debug)]
+pub struct Inbound<'a> {
+    /// The action name.
+    pub action: &'a str,
+    /// The client's id (a number or a string), as JSON text.
+    pub id: Option<&'a RawValue>,
+    /// The whole message.
+    pub text: &'a str,
+}
+
+/// Why a client message was refused, with the id when one could be read.
+#[derive(Debug)]
+pub struct BadMessage {
+    /// The client's id, when it could be read.
+    pub id: Option<Box<RawValue>>,
+    /// What is wrong, for the reply body.
+    pub reason: &'static str,
+}
+
+impl BadMessage {
+    /// The error reply (status 400).
+    pub fn reply(self) -> Reply {
+        Reply::text(self.id, 400, self.reason)
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    action: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses a client text frame: a JSON object with a string `action` and an optional `id`
+/// that is a number or a string.
+pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
+    let bad = |id: Option<&RawValue>, reason| BadMessage {
+        id: id.map(RawValue::to_owned),
+        reason,
+    };
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        return Err(match serde_json::from_str::<&RawValue>(text) {
+            Ok(_) => bad(None, "a client message must be a JSON object"),
+            Err(_) => bad(None, "malformed JSON"),
+        });
+    }
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|_| bad(None, "malformed JSON"))?;
+    let id = match env.id {
+        Some(id) if is_number_or_string(id) => Some(id),
+        Some(_) => return Err(bad(None, "id must be a number or a string")),
+        None => None,
+    };
+    let Some(action) = env.action else {
+        return Err(bad(id, "missing action"));
+    };
+    // A string without escapes borrows from the frame; actions are plain names.
+    let action: &str = match serde_json::from_str(action.get()) {
+        Ok(action) => action,
+        Err(_) => return Err(bad(id, "action must be a string of plain characters")),
+    };
+    Ok(Inbound { action, id, text })
+}
+
+fn is_number_or_string(raw: &RawValue) -> bool {
+    matches!(
+        raw.get().as_bytes().first(),
+        Some(b'"' | b'-' | b'0'..=b'9')
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert!(Channel::new("foo_channel").is_ok());
+        assert!(Channel::new("a:b/c.d-e~!\"\\").is_ok());
+        assert!(Channel::new(&"x".repeat(255)).is_ok());
+        for bad in ["", "a b", "tab\t", "é", "\u{7f}", &"x".repeat(256)] {
+            assert!(Channel::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn push_frame_is_channel_and_payload_unchanged() {
+        let ch = Channel::new("room:1").unwrap();
+        let payload = Json::parse(r#" {"b": 1,  "a":[1.50,"x"]} "#).unwrap();
+        let frame = push_frame(&ch, &payload);
+        assert_eq!(
+            frame.as_str(),
+            r#"{"channel":"room:1","payload":{"b": 1,  "a":[1.50,"x"]}}"#
+        );
+        let ch = Channel::new(r#"q"\"#).unwrap();
+        let frame = push_frame(&ch, &Json::parse("null").unwrap());
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(v["channel"], r#"q"\"#);
+    }
+
+    #[test]
+    fn invalid_json_is_refused() {
+        for bad in ["", "{", "{\"a\":}", "1 2", "nul", "[1,]"] {
+            assert!(Json::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replies_encode_as_json() {
+        let id = Some(RawValue::from_string("7".into()).unwrap());
+        let reply = Reply {
+            id,
+            status: 200,
+            headers: vec![("content-type".into(), "a\"b".into())],
+            body: Body::Json(Json::parse(r#"{"ok":true}"#).unwrap()),
+        };
+        let v: serde_json::Value = serde_json::from_str(reply.encode().as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":7,"status":200,"headers":{"content-type":"a\"b"},"body":{"ok":true}})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(Reply::text(None, 404, "no \"x\"").encode().as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":null,"status":404,"headers":{},"body":"no \"x\""})
+        );
+    }
+
+    #[test]
+    fn inbound_messages_parse() {
+        let m = parse_inbound(r#"{"action":"ping","id":"a-1","x":[1]}"#).unwrap();
+        assert_eq!(m.action, "ping");
+        assert_eq!(m.id.unwrap().get(), r#""a-1""#);
+        let m = parse_inbound(r#" {"id": 3, "action":"call-route"}"#).unwrap();
+        assert_eq!(m.action, "call-route");
+        assert_eq!(m.id.unwrap().get(), "3");
+        assert!(parse_inbound(r#"{"action":"x"}"#).unwrap().id.is_none());
+    }
+
+    #[test]
+    fn bad_inbound_messages_say_why_and_keep_the_id() {
+        let cases = [
+            ("not json", None, "malformed JSON"),
+            ("[1,2]", None, "a client message must be a JSON object"),
+            ("\"ping\"", None, "a client message must be a JSON object"),
+            (r#"{"action":"ping""#, None, "malformed JSON"),
+            (r#"{"id":5}"#, Some("5"), "missing action"),
+            (
+                r#"{"id":5,"action":7}"#,
+                Some("5"),
+                "action must be a string of plain characters",
+            ),
+            (
+                r#"{"id":{"x":1},"action":"ping"}"#,
+                None,
+                "id must be a number or a string",
+            ),
+        ];
+        for (text, id, reason) in cases {
+            let err = parse_inbound(text).unwrap_err();
+            assert_eq!(err.id.as_deref().map(RawValue::get), id, "{text}");
+            assert_eq!(err.reason, reason, "{text}");
+            assert_eq!(err.reply().status, 400);
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The registry: every digest this node knows, the channels each is subscribed to, and the
+//! live sockets each channel delivers to. [`Registry`] is the one handle the rest of the gateway
+//! (the handshake, connection tasks, the control plane) uses.
+//!
+//! # Model
+//! Subscriptions belong to a digest, not to a socket: they are kept in the digest's [`Session`]
+//! whether or not a socket is connected. The channel index holds only live sockets, so a push
+//! touches nothing but its recipients.
+//!
+//! A session moves through these states:
+//!
+//! | state | entered by | may go to |
+//! | --- | --- | --- |
+//! | `Issued` | `IssueConnection` | `Live` (handshake before expiry), gone (expiry) |
+//! | `Live` | a handshake | `Grace` (unclean drop), `Dead` (clean close, `Disconnect`) |
+//! | `Grace` | an unclean drop | `Live` (handshake within grace), `Dead` (grace over) |
+//! | `Dead` | clean close, `Disconnect`, grace over | gone, once the id's expiry has passed |
+//!
+//! A `Dead` session is kept until its id expires, so a used id cannot be replayed.
+//!
+//! # Locking
+//! Locks are taken in one order: a session's map shard, then a channel's map shard, then that
+//! channel's subscriber list. A push takes only the last two, briefly, and never waits on a
+//! socket: it calls [`Outbox::push`]. No lock is held across an await.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use dashmap::{mapref::entry::Entry, DashMap};
+use parking_lot::Mutex;
+
+use crate::{
+    config::Limits,
+    credentials::{Credentials, Digest, Secrets, Verified},
+    error::{Close, Error},
+    fanout::{Enqueued, Outbox},
+    protocol::{push_frame, Channel, Frame, Json},
+};
+
+/// Most channels in one `Subscribe`, `Unsubscribe` or `Push` call.
+pub const MAX_CHANNELS_PER_CALL: usize = 1024;
+
+/// The current Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Handle to the registry. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    secrets: Secrets,
+    limits: Limits,
+    sessions: DashMap<Digest, Session>,
+    /// Live subscribers per channel. An entry exists only while it has a subscriber.
+    channels: DashMap<Channel, Arc<Subscribers>>,
+    next_serial: AtomicU64,
+    live: AtomicUsize,
+    counters: Counters,
+}
+
+/// The live sockets subscribed to one channel, by connection serial.
+type Subscribers = Mutex<HashMap<u64, Arc<Conn>>>;
+
+#[derive(Debug)]
+struct Session {
+    expires_at_ms: u64,
+    state: State,
+    channels: HashSet<Channel>,
+}
+
+#[derive(Debug)]
+enum State {
+    Issued,
+    Live(Arc<Conn>),
+    Grace { until_ms: u64 },
+    Dead,
+}
+
+/// The registry's side of a live socket: what publishers need to reach it.
+#[derive(Debug)]
+pub struct Conn {
+    serial: u64,
+    digest: Digest,
+    /// Bounded outbound queue; closed by whoever ends the socket, drained by its writer.
+    pub outbox: Outbox,
+}
+
+impl Conn {
+    /// The socket's digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// A number unique to this socket on this node.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+}
+
+/// Why a handshake's credentials were refused after their signature checked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The id was not used before its expiry.
+    #[error("credentials expired")]
+    Expired,
+    /// A socket with this id is connected.
+    #[error("connection id already in use")]
+    AlreadyLive,
+    /// The id's connection ended (clean close, `Disconnect`, or grace over).
+    #[error("connection id already used")]
+    Ended,
+}
+
+/// How a socket ended, as far as its credentials are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client closed cleanly, or the application ended it: the id is dead.
+    Final,
+    /// Dropped without a close: the id may reconnect within the grace period.
+    Resumable,
+}
+
+/// Counts of what the registry holds, for `Stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live sockets.
+    pub connections: u64,
+    /// Channels with at least one live subscriber.
+    pub channels: u64,
+    /// Subscriptions of every known digest, live or not.
+    pub subscriptions: u64,
+    /// Known digests: issued, live, in grace, or dead and not yet expired.
+    pub sessions: u64,
+    /// Live subscribers per channel, when asked for.
+    pub per_channel: Vec<(String, u64)>,
+}
+
+/// Monotonic counters of the publish path.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Pushes accepted (per channel).
+    pub pushes: AtomicU64,
+    /// Frames queued to sockets.
+    pub deliveries: AtomicU64,
+    /// Sockets closed because their outbound queue was full.
+    pub slow_closes: AtomicU64,
+    /// Frames dropped because their socket was already closing.
+    pub dropped: AtomicU64,
+}
+
+impl Registry {
+    /// An empty registry signing ids with `secrets`.
+    pub fn new(secrets: Secrets, limits: Limits) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                secrets,
+                limits,
+                sessions: DashMap::new(),
+                channels: DashMap::new(),
+                next_serial: AtomicU64::new(1),
+                live: AtomicUsize::new(0),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The limits this registry enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    /// The publish-path counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Checks a presented id and key (signature and key only; expiry is [`Registry::attach`]'s).
+    pub fn verify(
+        &self,
+        connection_id: &str,
+        socket_key: &str,
+    ) -> Result<Verified, crate::credentials::CredentialError> {
+        self.shared.secrets.verify(connection_id, socket_key)
+    }
+
+    /// Mints credentials valid for `ttl` (the configured default when `None`).
+    pub fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+        let limits = &self.shared.limits;
+        let ttl = ttl.unwrap_or(limits.credential_ttl);
+        if ttl > limits.max_credential_ttl || ttl.is_zero() {
+            return Err(Error::BadTtl {
+                max_ms: limits.max_credential_ttl.as_millis() as u64,
+            });
+        }
+        let creds = self
+            .shared
+            .secrets
+            .issue(now_ms().saturating_add(ttl.as_millis() as u64));
+        self.shared.sessions.insert(
+            creds.digest,
+            Session {
+                expires_at_ms: creds.expires_at_ms,
+                state: State::Issued,
+                channels: HashSet::new(),
+            },
+        );
+        Ok(creds)
+    }
+
+    /// Binds a new socket to verified credentials: refuses an expired, live or ended id, and
+    /// hands the socket every channel its digest is subscribed to.
+    pub fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, Refusal> {
+        let now = now_ms();
+        let shared = &self.shared;
+        let conn = || {
+            Arc::new(Conn {
+                serial: shared.next_serial.fetch_add(1, Ordering::Relaxed),
+                digest: verified.digest,
+                outbox: Outbox::default(),
+            })
+        };
+        let conn = match shared.sessions.entry(verified.digest) {
+            Entry::Vacant(vacant) => {
+                // Signed by this deployment but unknown here (issued before a restart, or by
+                // another node): the signature is the authority.
+                if now >= verified.expires_at_ms {
+                    return Err(Refusal::Expired);
+                }
+                let conn = conn();
+                vacant.insert(Session {
+                    expires_at_ms: verified.expires_at_ms,
+                    state: State::Live(conn.clone()),
+                    channels: HashSet::new(),
+                });
+                conn
+            }
+            Entry::Occupied(mut occupied) => {
+                let session = occupied.get_mut();
+                match session.state {
+                    State::Issued if now >= session.expires_at_ms => return Err(Refusal::Expired),
+                    State::Issued => {}
+                    State::Grace { until_ms } if now < until_ms => {}
+                    State::Grace { .. } => {
+                        session.state = State::Dead;
+                        session.channels = HashSet::new();
+                        return Err(Refusal::Ended);
+                    }
+                    State::Live(_) => return Err(Refusal::AlreadyLive),
+                    State::Dead => return Err(Refusal::Ended),
+                }
+                let conn = conn();
+                for channel in &session.channels {
+                    self.add_subscriber(channel, &conn);
+                }
+                session.state = State::Live(conn.clone());
+                conn
+            }
+        };
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Ok(conn)
+    }
+
+    /// Unbinds a socket that ended. Does nothing if the session already moved on (for example
+    /// the application disconnected it).
+    pub fn detach(&self, conn: &Conn, ending: Ending) {
+        let Some(mut session) = self.shared.sessions.get_mut(&conn.digest) else {
+            return;
+        };
+        match &session.state {
+            State::Live(live) if live.serial == conn.serial => {}
+            _ => return,
+        }
+        let grace = self.shared.limits.reconnect_grace;
+        session.state = match ending {
+            Ending::Resumable if !grace.is_zero() => State::Grace {
+                until_ms: now_ms().saturating_add(grace.as_millis() as u64),
+            },
+            _ => State::Dead,
+        };
+        for channel in &session.channels {
+            self.remove_subscriber(channel, conn.serial);
+        }
+        if matches!(session.state, State::Dead) {
+            session.channels = HashSet::new();
+        }
+        self.shared.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Subscribes `digest` to `channels`. Returns whether a socket is live for it on this node.
+    pub fn subscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        check_channel_count(channels)?;
+        let mut session = self.known_session(digest)?;
+        let live = match &session.state {
+            State::Live(conn) => Some(conn.clone()),
+            _ => None,
+        };
+        for channel in channels {
+            if session.channels.insert(channel.clone()) {
+                if let Some(conn) = &live {
+                    self.add_subscriber(channel, conn);
+                }
+            }
+        }
+        Ok(live.is_some())
+    }
+
+    /// Unsubscribes `digest` from `channels`; a live socket stops receiving at once.
+    pub fn unsubscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        check_channel_count(channels)?;
+        let mut session = self.known_session(digest)?;
+        let live = match &session.state {
+            State::Live(conn) => Some(conn.serial),
+            _ => None,
+        };
+        for channel in channels {
+            if session.channels.remove(channel) {
+                if let Some(serial) = live {
+                    self.remove_subscriber(channel, serial);
+                }
+            }
+        }
+        Ok(live.is_some())
+    }
+
+    fn known_session(
+        &self,
+        digest: &Digest,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, Digest, Session>, Error> {
+        match self.shared.sessions.get_mut(digest) {
+            Some(session) if !matches!(session.state, State::Dead) => Ok(session),
+            _ => Err(Error::UnknownDigest),
+        }
+    }
+
+    fn add_subscriber(&self, channel: &Channel, conn: &Arc<Conn>) {
+        let entry = self.shared.channels.entry(channel.clone()).or_default();
+        entry.lock().insert(conn.serial, conn.clone());
+    }
+
+    fn remove_subscriber(&self, channel: &Channel, serial: u64) {
+        if let Some(subscribers) = self.shared.channels.get(channel) {
+            subscribers.lock().remove(&serial);
+        }
+        self.shared
+            .channels
+            .remove_if(channel, |_, subscribers| subscribers.lock().is_empty());
+    }
+
+    /// Checks a push's JSON and delivers it to every channel. Returns the number of sockets it
+    /// was queued to.
+    pub fn push(&self, channels: &[Channel], json: &str) -> Result<u64, Error> {
+        check_channel_count(channels)?;
+        let json = self.check_payload(json)?;
+        Ok(channels
+            .iter()
+            .map(|channel| self.publish(channel, &push_frame(channel, &json)))
+            .sum())
+    }
+
+    /// Checks a payload against the JSON rules and the size limit.
+    pub fn check_payload(&self, json: &str) -> Result<Json, Error> {
+        let max = self.shared.limits.max_push_bytes;
+        if json.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: json.len(),
+                max,
+            });
+        }
+        Ok(Json::parse(json)?)
+    }
+
+    /// Queues an encoded frame to every live subscriber of `channel`, in one critical section
+    /// per channel, so all subscribers see pushes to a channel in the same order. Never waits.
+    pub fn publish(&self, channel: &Channel, frame: &Frame) -> u64 {
+        let counters = &self.shared.counters;
+        counters.pushes.fetch_add(1, Ordering::Relaxed);
+        let Some(subscribers) = self.shared.channels.get(channel).map(|s| s.clone()) else {
+            return 0;
+        };
+        let limit = self.shared.limits.outbound_queue_bytes;
+        let (mut queued, mut full, mut dropped) = (0u64, 0u64, 0u64);
+        for conn in subscribers.lock().values() {
+            match conn.outbox.push(frame, limit) {
+                Enqueued::Queued => queued += 1,
+                Enqueued::Full => full += 1,
+                Enqueued::Closed => dropped += 1,
+            }
+        }
+        counters.deliveries.fetch_add(queued, Ordering::Relaxed);
+        if full > 0 {
+            counters.slow_closes.fetch_add(full, Ordering::Relaxed);
+            tracing::debug!(%channel, sockets = full, "closing sockets as too slow: outbound queue full");
+        }
+        counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        queued
+    }
+
+    /// Sends one message to `digest`'s socket, framed as a push on `channel`. Returns whether
+    /// it was queued to a live socket on this node.
+    pub fn send(&self, digest: &Digest, channel: &Channel, json: &str) -> Result<bool, Error> {
+        let json = self.check_payload(json)?;
+        let conn = {
+            let session = self.known_session(digest)?;
+            match &session.state {
+                State::Live(conn) => conn.clone(),
+                _ => return Ok(false),
+            }
+        };
+        let frame = push_frame(channel, &json);
+        let counters = &self.shared.counters;
+        Ok(
+            match conn
+                .outbox
+                .push(&frame, self.shared.limits.outbound_queue_bytes)
+            {
+                Enqueued::Queued => {
+                    counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Enqueued::Full => {
+                    counters.slow_closes.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                Enqueued::Closed => {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            },
+        )
+    }
+
+    /// Ends `digest`'s credentials and closes its socket, if live here, with `close`.
+    /// Returns whether a live socket was closed.
+    pub fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+        let mut session = self.known_session(digest)?;
+        let closed = match std::mem::replace(&mut session.state, State::Dead) {
+            State::Live(conn) => {
+                for channel in &session.channels {
+                    self.remove_subscriber(channel, conn.serial);
+                }
+                conn.outbox.close(close);
+                self.shared.live.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        };
+        session.channels = HashSet::new();
+        Ok(closed)
+    }
+
+    /// Counts of what the registry holds; per channel when `per_channel`, limited to `only`
+    /// when that is not empty.
+    pub fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
+        let shared = &self.shared;
+        let subscriptions = shared
+            .sessions
+            .iter()
+            .map(|s| s.channels.len() as u64)
+            .sum();
+        let count = |subscribers: &Subscribers| subscribers.lock().len() as u64;
+        let per_channel = if !per_channel {
+            Vec::new()
+        } else if only.is_empty() {
+            shared
+                .channels
+                .iter()
+                .map(|e| (e.key().to_string(), count(e.value())))
+                .collect()
+        } else {
+            only.iter()
+                .map(|c| {
+                    let n = shared.channels.get(c).map_or(0, |s| count(&s));
+                    (c.to_string(), n)
+                })
+                .collect()
+        };
+        Stats {
+            connections: shared.live.load(Ordering::Relaxed) as u64,
+            channels: shared.channels.len() as u64,
+            subscriptions,
+            sessions: shared.sessions.len() as u64,
+            per_channel,
+        }
+    }
+
+    /// Forgets sessions whose time is up: never-used ids past expiry, grace periods that ran
+    /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway).
+    pub fn sweep(&self) {
+        let now = now_ms();
+        self.shared
+            .sessions
+            .retain(|_, session| match session.state {
+                State::Live(_) => true,
+                State::Issued | State::Dead => now < session.expires_at_ms,
+                State::Grace { until_ms } if now >= until_ms => {
+                    session.state = State::Dead;
+                    session.channels = HashSet::new();
+                    now < session.expires_at_ms
+                }
+                State::Grace { .. } => true,
+            });
+    }
+
+    /// Closes every live socket's outbox with `close` (used when draining).
+    pub fn close_all(&self, close: &Close) {
+        for session in self.shared.sessions.iter() {
+            if let State::Live(conn) = &session.state {
+                conn.outbox.close(close.clone());
+            }
+        }
+    }
+}
+
+fn check_channel_count(channels: &[Channel]) -> Result<(), Error> {
+    match channels.len() {
+        0 => Err(Error::NoChannels),
+        n if n > MAX_CHANNELS_PER_CALL => Err(Error::TooManyChannels {
+            max: MAX_CHANNELS_PER_CALL,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::Batch;
+
+    fn registry() -> Registry {
+        Registry::new(
+            Secrets::new(b"registry test secret 0123456789", None).unwrap(),
+            Limits::default(),
+        )
+    }
+
+    fn ch(name: &str) -> Channel {
+        Channel::new(name).unwrap()
+    }
+
+    fn connect(r: &Registry, c: &Credentials) -> Arc<Conn> {
+        let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+        r.attach(&v).unwrap()
+    }
+
+    async fn frames(conn: &Conn) -> Vec<String> {
+        match conn.outbox.next().await {
+            Batch::Frames(f) => f.iter().map(|f| f.to_string()).collect(),
+            Batch::Close(c) => panic!("closed: {c:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_made_before_connect_apply_on_connect() {
+        let r = registry();
+        let c = r.issue(None).unwrap();
+        assert!(!r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap());
+        let conn = connect(&r, &c);
+        assert_eq!(r.push(&[ch("b")], "1").unwrap(), 1);
+        assert_eq!(frames(&conn).await, [r#"{"channel":"b","payload":1}"#]);
+    }
+
+    #[test]
+    fn ids_are_single_use() {
+        let r = registry();
+        let c = r.issue(None).unwrap();
+        let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+        let conn = r.attach(&v).unwrap();
+        assert_eq!(r.attach(&v).unwrap_err(), Refusal::AlreadyLive);
+        r.detach(&conn, Ending::Final);
+        assert_eq!(r.attach(&v).unwrap_err(), Refusal::Ended);
+        assert!(matches!(
+            r.subscribe(&c.digest, &[ch("a")]),
+            Err(Error::UnknownDigest)
+        ));
+    }
+
+    #[test]
+    fn resumable_drop_keeps_subscriptions_within_grace() {
+        let r = registry();
+        let c = r.issue(None).unwrap();
+        r.subscribe(&c.digest, &[ch("a")]).unwrap();
+        let conn = connect(&r, &c);
+        r.detach(&conn, Ending::Resumable);
+        assert_eq!(r.stats(false, &[]).connections, 0);
+        assert_eq!(r.push(&[ch("a")], "1").unwrap(), 0);
+        let again = connect(&r, &c);
+        assert_eq!(r.push(&[ch("a")], "1").unwrap(), 1);
+        // The old socket's late detach must not end the new one.
+        r.detach(&conn, Ending::Final);
+        assert_eq!(r.stats(false, &[]).connections, 1);
+        drop(again);
+    }
+
+    #[test]
+    fn disconnect_ends_credentials_and_closes_outbox() {
+        let r = registry();
+        let c = r.issue(None).unwrap();
+        r.subscribe(&c.digest, &[ch("a")]).unwrap();
+        let conn = connect(&r, &c);
+        let close = Close::Application {
+            code: 4001,
+            reason: "bye".into(),
+        };
+        assert!(r.disconnect(&c.digest, close).unwrap());
+        assert!(conn.outbox.is_closed());
+        assert_eq!(r.push(&[ch("a")], "1").unwrap(), 0);
+        r.detach(&conn, Ending::Resumable);
+        let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+        assert_eq!(r.attach(&v).unwrap_err(), Refusal::Ended);
+        let s = r.stats(true, &[]);
+        assert_eq!((s.connections, s.channels, s.subscriptions), (0, 0, 0));
+    }
+
+    #[test]
+    fn expired_credentials_are_refused() {
+        let r = registry();
+        let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
+        let c = secrets.issue(now_ms() - 1);
+        let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+        assert_eq!(r.attach(&v).unwrap_err(), Refusal::Expired);
+    }
+
+    #[test]
+    fn invalid_calls_are_refused() {
+        let r = registry();
+        let c = r.issue(None).unwrap();
+        assert!(matches!(
+            r.subscribe(&c.digest, &[]),
+            Err(Error::NoChannels)
+        ));
+        assert!(matches!(r.push(&[ch("a")], "{"), Err(Error::BadJson(_))));
+        let other: Digest = "00".repeat(32).parse().unwrap();
+        assert!(matches!(
+            r.subscribe(&other, &[ch("a")]),
+            Err(Error::UnknownDigest)
+        ));
+        assert!(matches!(
+            r.issue(Some(Duration::ZERO)),
+            Err(Error::BadTtl { .. })
+        ));
+    }
+
+    #[test]
+    fn stats_count_what_is_held() {
+        let r = registry();
+        let a = r.issue(None).unwrap();
+        let b = r.issue(None).unwrap();
+        r.subscribe(&a.digest, &[ch("x"), ch("y")]).unwrap();
+        r.subscribe(&b.digest, &[ch("x")]).unwrap();
+        let _conn = connect(&r, &a);
+        let s = r.stats(true, &[ch("x"), ch("z")]);
+        assert_eq!(s.connections, 1);
+        assert_eq!(s.channels, 2);
+        assert_eq!(s.subscriptions, 3);
+        assert_eq!(s.sessions, 2);
+        assert_eq!(s.per_channel, [("x".to_string(), 1), ("z".to_string(), 0)]);
+    }
+}

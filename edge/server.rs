@@ -1,0 +1,101 @@
+//! The client plane's accept loop, and [`Edge`], the state every connection task shares.
+//!
+//! A permit for a pre-upgrade connection is taken before `accept()`, so a storm of half-open
+//! handshakes cannot grow without bound; the WebSocket itself takes a second permit (from
+//! `max_connections`) at the upgrade, where a full node answers 503.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::Config, handshake, registry::Registry};
+
+/// Most connections between `accept()` and the WebSocket upgrade (or the end of a plain
+/// HTTP exchange such as `/healthz`).
+pub const MAX_PENDING_HANDSHAKES: usize = 4096;
+
+/// Read buffer of a WebSocket, in bytes: small, because most sockets receive little.
+const READ_BUFFER_BYTES: usize = 4 << 10;
+/// Frames queued for a socket are gathered up to this many bytes before a write.
+const WRITE_BUFFER_BYTES: usize = 64 << 10;
+
+/// What every connection task of a node shares.
+#[derive(Debug)]
+pub struct Edge {
+    /// The registry of digests, channels and live sockets.
+    pub registry: Registry,
+    /// The node's configuration.
+    pub config: Config,
+    /// WebSocket limits derived from the configuration.
+    pub ws_config: WebSocketConfig,
+    /// Cancelled when the node starts draining; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Every task the edge spawns, so the drain can wait for them.
+    pub tracker: TaskTracker,
+    /// One permit per live WebSocket (`max_connections`); released when the socket's task ends.
+    pub ws_permits: Arc<Semaphore>,
+    /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
+    pub handshake_permits: Arc<Semaphore>,
+}
+
+impl Edge {
+    /// Shared state for a node.
+    pub fn new(
+        registry: Registry,
+        config: Config,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        let limits = &config.limits;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            .max_message_size(Some(limits.max_message_bytes))
+            .max_frame_size(Some(limits.max_message_bytes));
+        Self {
+            registry,
+            ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
+            handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            config,
+            ws_config,
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+/// Accepts client-plane connections until the node drains.
+pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
+    loop {
+        let permit = tokio::select! {
+            permit = edge.handshake_permits.clone().acquire_owned() => {
+                permit.expect("the handshake semaphore is never closed")
+            }
+            _ = edge.shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = edge.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Pushes are small and latency matters more than packet count.
+                let _ = stream.set_nodelay(true);
+                edge.tracker
+                    .spawn(handshake::serve_http(stream, peer, edge.clone(), permit));
+            }
+            Err(err) => {
+                // Out of file descriptors or a transient network error: back off briefly
+                // instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = edge.shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    tracing::debug!("client plane stopped accepting");
+}
