@@ -50,7 +50,9 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
         pb::control_server::ControlServer::new(ControlService::new(edge.registry.clone())),
         BearerAuth::new(&edge.config.control_tokens),
     );
-    let shutdown = edge.shutdown.clone();
+    // Control calls keep working while sockets drain (an application may still push);
+    // the server stops when the edge halts.
+    let halt = edge.halt.clone();
     let result = Server::builder()
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
@@ -58,7 +60,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
         .add_service(reflection)
         .add_service(control)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.cancelled().await;
+            halt.cancelled().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

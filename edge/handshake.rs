@@ -47,7 +47,7 @@ pub async fn serve_http(
                 tracing::debug!(%peer, %err, "client-plane HTTP connection failed");
             }
         }
-        _ = edge.shutdown.cancelled() => {}
+        _ = edge.halt.cancelled() => {}
     }
     drop(permit);
 }

@@ -153,14 +153,18 @@ pub async fn run(
             failure = Some(err);
         }
     }
+    // Drain: sockets close with 1001 while the listener still answers readiness probes and
+    // the control plane still takes calls; then both stop.
+    let deadline = tokio::time::Instant::now() + grace;
     token.cancel();
+    if tokio::time::timeout_at(deadline, edge.sockets_gone()).await.is_err() {
+        tracing::warn!(?grace, "shutdown grace ran out with sockets still open");
+    }
+    tracing::debug!("sockets drained; halting");
+    edge.halt.cancel();
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            ?grace,
-            tasks = tracker.len(),
-            "shutdown grace ran out; abandoning tasks"
-        );
+    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
+        tracing::warn!(?grace, tasks = tracker.len(), "shutdown grace ran out; abandoning tasks");
     }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)

@@ -30,17 +30,29 @@ pub struct Edge {
     pub config: Config,
     /// WebSocket limits derived from the configuration.
     pub ws_config: WebSocketConfig,
-    /// Cancelled when the node starts draining; every task watches it.
+    /// Cancelled when the node starts draining: sockets close with 1001, upgrades get 503,
+    /// `/readyz` says not ready. The listener keeps answering meanwhile.
     pub shutdown: CancellationToken,
+    /// Cancelled once the sockets are gone (or the drain grace ran out): the listener and any
+    /// plain HTTP connections stop.
+    pub halt: CancellationToken,
     /// Every task the edge spawns, so the drain can wait for them.
     pub tracker: TaskTracker,
-    /// One permit per live WebSocket (`max_connections`); released when the socket's task ends.
+    /// One permit per live WebSocket (`max_connections`); released when the socket's task ends,
+    /// so the drain knows when every socket is gone.
     pub ws_permits: Arc<Semaphore>,
     /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
     pub handshake_permits: Arc<Semaphore>,
 }
 
 impl Edge {
+    /// Waits until no WebSocket is live.
+    pub async fn sockets_gone(&self) {
+        let all = u32::try_from(self.config.limits.max_connections).unwrap_or(u32::MAX);
+        // Holding every permit means no socket holds one; release them at once.
+        let _all = self.ws_permits.acquire_many(all).await;
+    }
+
     /// Shared state for a node.
     pub fn new(
         registry: Registry,
@@ -61,23 +73,25 @@ impl Edge {
             config,
             ws_config,
             shutdown,
+            halt: CancellationToken::new(),
             tracker,
         }
     }
 }
 
-/// Accepts client-plane connections until the node drains.
+/// Accepts client-plane connections until the node halts. While it drains, it still answers
+/// `/healthz` and `/readyz` (not ready) and refuses upgrades with 503.
 pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
     loop {
         let permit = tokio::select! {
             permit = edge.handshake_permits.clone().acquire_owned() => {
                 permit.expect("the handshake semaphore is never closed")
             }
-            _ = edge.shutdown.cancelled() => break,
+            _ = edge.halt.cancelled() => break,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = edge.shutdown.cancelled() => break,
+            _ = edge.halt.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -92,7 +106,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
                 tracing::warn!(%err, "accept failed");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    _ = edge.shutdown.cancelled() => break,
+                    _ = edge.halt.cancelled() => break,
                 }
             }
         }

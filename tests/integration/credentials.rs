@@ -1,0 +1,65 @@
+//! Credential lifetime over real sockets: single use, reconnect grace, clean close, rotation.
+
+use std::time::Duration;
+
+use crate::support::Gateway;
+
+#[tokio::test]
+async fn reconnect_within_grace_keeps_subscriptions() {
+    let gw = Gateway::start().await;
+    let (creds, mut ws) = gw.subscriber(&["room"]).await;
+    assert_eq!(gw.push("room", "1").await, 1);
+    assert_eq!(ws.recv_push().await.1, 1);
+    ws.drop_unclean();
+    gw.wait_for_connections(0).await;
+    let mut ws = gw.connect(&creds).await;
+    assert_eq!(gw.push("room", "2").await, 1);
+    assert_eq!(ws.recv_push().await, ("room".into(), 2.into()));
+}
+
+#[tokio::test]
+async fn after_a_clean_close_the_id_is_dead() {
+    let gw = Gateway::start().await;
+    let (creds, ws) = gw.subscriber(&["room"]).await;
+    ws.close().await;
+    gw.wait_for_connections(0).await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+    // Its subscriptions are gone with it.
+    assert_eq!(gw.stats().await.subscriptions, 0);
+}
+
+#[tokio::test]
+async fn after_the_grace_period_the_id_is_dead() {
+    let grace = Duration::from_millis(300);
+    let gw = Gateway::start_with(|c| c.limits.reconnect_grace = grace).await;
+    let (creds, ws) = gw.subscriber(&["room"]).await;
+    ws.drop_unclean();
+    gw.wait_for_connections(0).await;
+    // The grace period is the event this test waits for.
+    tokio::time::sleep(grace + Duration::from_millis(50)).await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+}
+
+#[tokio::test]
+async fn zero_grace_is_strict() {
+    let gw = Gateway::start_with(|c| c.limits.reconnect_grace = Duration::ZERO).await;
+    let (creds, ws) = gw.subscriber(&[]).await;
+    ws.drop_unclean();
+    gw.wait_for_connections(0).await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+}
+
+#[tokio::test]
+async fn ids_signed_with_the_previous_secret_are_accepted_after_rotation() {
+    let old = Gateway::start_with(|c| c.secret = Some("the old deployment secret".into())).await;
+    let creds = old.issue().await;
+    let rotated = Gateway::start_with(|c| {
+        c.secret = Some("the new deployment secret".into());
+        c.previous_secret = Some("the old deployment secret".into());
+    })
+    .await;
+    rotated.connect(&creds).await;
+    let fresh = old.issue().await;
+    let unrotated = Gateway::start_with(|c| c.secret = Some("the new deployment secret".into())).await;
+    assert_eq!(unrotated.try_connect(&fresh).await.err(), Some(403));
+}

@@ -1,0 +1,190 @@
+//! Pushes: who receives them, exactly once, in order; and a slow socket never holds others up.
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{code, Gateway, PATIENCE};
+use channelgate::pb;
+
+#[tokio::test]
+async fn a_push_with_no_subscribers_succeeds() {
+    let gw = Gateway::start().await;
+    assert_eq!(gw.push("empty", r#"{"a":1}"#).await, 0);
+}
+
+#[tokio::test]
+async fn one_and_two_subscribers_receive_channel_and_payload() {
+    let gw = Gateway::start().await;
+    let (_, mut a) = gw.subscriber(&["news"]).await;
+    assert_eq!(gw.push("news", r#"{"n":1}"#).await, 1);
+    assert_eq!(a.recv_json().await, json!({"channel":"news","payload":{"n":1}}));
+    let (_, mut b) = gw.subscriber(&["news"]).await;
+    assert_eq!(gw.push("news", r#"{"n":2}"#).await, 2);
+    for ws in [&mut a, &mut b] {
+        assert_eq!(ws.recv_json().await, json!({"channel":"news","payload":{"n":2}}));
+    }
+}
+
+#[tokio::test]
+async fn the_payload_arrives_byte_for_byte() {
+    let gw = Gateway::start().await;
+    let (_, mut ws) = gw.subscriber(&["raw"]).await;
+    gw.push("raw", r#"{"b":1.50, "a" : [ "x" ]}"#).await;
+    match ws.next_message().await {
+        Some(Message::Text(t)) => assert_eq!(t.as_str(), r#"{"channel":"raw","payload":{"b":1.50, "a" : [ "x" ]}}"#),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_channel_does_not_reach_a_longer_namesake() {
+    let gw = Gateway::start().await;
+    let (_, mut ws) = gw.subscriber(&["foo_channelf"]).await;
+    assert_eq!(gw.push("foo_channel", "\"wrong\"").await, 0);
+    gw.push("foo_channelf", "\"right\"").await;
+    assert_eq!(ws.recv_push().await, ("foo_channelf".into(), "right".into()));
+}
+
+#[tokio::test]
+async fn send_by_digest_reaches_only_that_socket() {
+    let gw = Gateway::start().await;
+    let (a_creds, mut a) = gw.subscriber(&["shared"]).await;
+    let (b_creds, mut b) = gw.subscriber(&["shared"]).await;
+    let send = |digest: String, json: &str| pb::SendRequest { digest, channel: "private".into(), json: json.into() };
+    let r = gw.control().send(send(a_creds.digest.clone(), r#""for a""#)).await.unwrap().into_inner();
+    assert!(r.queued);
+    assert_eq!(a.recv_push().await, ("private".into(), "for a".into()));
+    gw.control().send(send(b_creds.digest.clone(), r#""for b""#)).await.unwrap();
+    // b's first message is its own: a's never reached it.
+    assert_eq!(b.recv_push().await, ("private".into(), "for b".into()));
+}
+
+#[tokio::test]
+async fn live_unsubscribe_stops_delivery_at_once() {
+    let gw = Gateway::start().await;
+    let (creds, mut ws) = gw.subscriber(&["a", "b"]).await;
+    gw.push("a", "1").await;
+    assert_eq!(ws.recv_push().await, ("a".into(), 1.into()));
+    gw.unsubscribe(&creds, &["a"]).await;
+    assert_eq!(gw.push("a", "2").await, 0);
+    gw.push("b", "3").await;
+    assert_eq!(ws.recv_push().await, ("b".into(), 3.into()));
+}
+
+#[tokio::test]
+async fn live_subscribe_starts_delivery_at_once() {
+    let gw = Gateway::start().await;
+    let (creds, mut ws) = gw.subscriber(&[]).await;
+    assert!(gw.subscribe(&creds, &["late"]).await);
+    assert_eq!(gw.push("late", "1").await, 1);
+    assert_eq!(ws.recv_push().await, ("late".into(), 1.into()));
+}
+
+#[tokio::test]
+async fn five_hundred_rapid_pushes_arrive_complete_and_in_order() {
+    let gw = Gateway::start().await;
+    let (_, mut a) = gw.subscriber(&["seq"]).await;
+    let (_, mut b) = gw.subscriber(&["seq"]).await;
+    for i in 0..500 {
+        assert_eq!(gw.push("seq", &i.to_string()).await, 2);
+    }
+    for ws in [&mut a, &mut b] {
+        for i in 0..500 {
+            assert_eq!(ws.recv_push().await.1, i);
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_publishers_are_seen_in_one_order_by_every_subscriber() {
+    let gw = Gateway::start().await;
+    let (_, mut a) = gw.subscriber(&["c"]).await;
+    let (_, mut b) = gw.subscriber(&["c"]).await;
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let mut control = gw.control();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let json = json!({"p": p, "i": i}).to_string();
+                control.push(pb::PushRequest { channels: vec!["c".into()], json }).await.unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut seen_a = Vec::new();
+    for _ in 0..400 {
+        seen_a.push(a.recv_push().await.1);
+    }
+    let mut seen_b = Vec::new();
+    for _ in 0..400 {
+        seen_b.push(b.recv_push().await.1);
+    }
+    assert_eq!(seen_a, seen_b);
+    for p in 0..4 {
+        let is: Vec<_> = seen_a.iter().filter(|v| v["p"] == p).map(|v| v["i"].as_u64().unwrap()).collect();
+        assert_eq!(is, (0..100).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn push_stream_delivers_in_order() {
+    let gw = Gateway::start().await;
+    let (_, mut ws) = gw.subscriber(&["s"]).await;
+    let pushes = (0..200).map(|i| pb::PushRequest { channels: vec!["s".into()], json: i.to_string() });
+    let r = gw.control().push_stream(futures_util::stream::iter(pushes)).await.unwrap().into_inner();
+    assert_eq!((r.pushes, r.queued), (200, 200));
+    for i in 0..200 {
+        assert_eq!(ws.recv_push().await.1, i);
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_everything() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.outbound_queue_bytes = 256 << 10;
+        c.limits.max_push_bytes = 64 << 10;
+    })
+    .await;
+    let (_, mut slow) = gw.subscriber(&["firehose"]).await;
+    let (_, mut reader) = gw.subscriber(&["firehose"]).await;
+    let payload = format!("\"{}\"", "x".repeat(8 << 10));
+
+    // The reader reads concurrently and reports every sequence number it saw.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(async move {
+        while let Some(Ok(message)) = reader.ws.next().await {
+            if let Message::Text(t) = message {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if seen_tx.send(v["payload"]["seq"].as_u64().unwrap()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
+    // Push until the slow socket is gone (kernel buffers fill first; bounded at 100 MB).
+    let mut pushed = 0u64;
+    loop {
+        let json = format!(r#"{{"seq":{pushed},"pad":{payload}}}"#);
+        gw.push("firehose", &json).await;
+        pushed += 1;
+        if gw.stats().await.connections == 1 {
+            break;
+        }
+        assert!(pushed < 12_000, "the slow socket was never closed");
+    }
+    for expected in 0..pushed {
+        let seen = tokio::time::timeout(PATIENCE, seen_rx.recv()).await.expect("every push reaches the reader");
+        assert_eq!(seen, Some(expected));
+    }
+    // The reader is still connected: only the slow socket was closed.
+    assert_eq!(gw.stats().await.connections, 1);
+    reading.abort();
+
+    let close = slow.expect_close().await;
+    assert_eq!(code(&close), 4100);
+    assert_eq!(close.reason.as_str(), "too slow: outbound queue full");
+}

@@ -1,0 +1,88 @@
+//! Client messages: ping, bad input of every kind, server pings and the idle timeout. A bad
+//! message never disturbs another socket.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{code, Gateway};
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let gw = Gateway::start().await;
+    let (_, mut ws) = gw.subscriber(&[]).await;
+    assert_eq!(
+        ws.request(json!({"action":"ping","id":1})).await,
+        json!({"id":1,"status":200,"headers":{},"body":"pong"})
+    );
+    assert_eq!(ws.request(json!({"action":"ping","id":"abc"})).await["id"], "abc");
+}
+
+#[tokio::test]
+async fn bad_messages_get_error_replies_and_the_socket_lives_on() {
+    let gw = Gateway::start().await;
+    let (_, mut ws) = gw.subscriber(&["room"]).await;
+    let cases = [
+        ("{not json", json!(null), 400),
+        ("[1,2,3]", json!(null), 400),
+        ("\"just a string\"", json!(null), 400),
+        (r#"{"id":7}"#, json!(7), 400),
+        (r#"{"id":8,"action":42}"#, json!(8), 400),
+        (r#"{"id":9,"action":"no-such-action"}"#, json!(9), 404),
+    ];
+    for (text, id, status) in cases {
+        ws.send_text(text).await;
+        let reply = ws.recv_json().await;
+        assert_eq!(reply["id"], id, "{text}");
+        assert_eq!(reply["status"], status, "{text}");
+        assert!(reply["body"].is_string(), "{text}");
+    }
+    ws.ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(ws.recv_json().await["status"], 400);
+    // Still subscribed and answering.
+    gw.push("room", "1").await;
+    assert_eq!(ws.recv_push().await.1, 1);
+}
+
+#[tokio::test]
+async fn an_oversized_message_closes_only_that_socket_with_1008() {
+    let gw = Gateway::start().await;
+    let (_, mut bad) = gw.subscriber(&["room"]).await;
+    let (_, mut good) = gw.subscriber(&["room"]).await;
+    let huge = format!(r#"{{"action":"ping","id":1,"pad":"{}"}}"#, "x".repeat(65 << 10));
+    bad.send_text(&huge).await;
+    let close = bad.expect_close().await;
+    assert_eq!(code(&close), 1008);
+    gw.wait_for_connections(1).await;
+    assert_eq!(gw.push("room", "2").await, 1);
+    assert_eq!(good.recv_push().await.1, 2);
+    assert_eq!(good.request(json!({"action":"ping","id":2})).await["status"], 200);
+}
+
+#[tokio::test]
+async fn the_server_pings_and_closes_silent_sockets() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.ping_interval = Duration::from_millis(50);
+        c.limits.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (_, mut silent) = gw.subscriber(&[]).await;
+    let (_, mut lively) = gw.subscriber(&[]).await;
+    // The lively client reads (and so answers pings) for longer than the idle timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+    let mut pings = 0;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(Ok(Message::Ping(_)))) =
+            tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut lively.ws)).await
+        {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 2, "saw {pings} pings");
+    // The silent one read nothing, answered no ping, and was closed as idle.
+    gw.wait_for_connections(1).await;
+    assert_eq!(code(&silent.expect_close().await), 4101);
+    assert_eq!(lively.request(json!({"action":"ping","id":1})).await["status"], 200);
+}

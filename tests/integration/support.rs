@@ -1,0 +1,347 @@
+//! The harness: `Gateway::start()` runs the real gateway (`channelgate::run`) in-process on
+//! port 0, with a gRPC client and helpers that read like the scenario they drive.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::{net::TcpStream, task::JoinHandle};
+use tokio_tungstenite::{
+    tungstenite::{
+        client::IntoClientRequest,
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Message,
+    },
+    MaybeTlsStream, WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use channelgate::{
+    config::Config,
+    pb::{self, control_client::ControlClient},
+    Listeners,
+};
+
+/// How long any expected event may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct Gateway {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub control: ControlClient<Channel>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), channelgate::error::Error>>>,
+}
+
+/// Credentials as `IssueConnection` returns them.
+#[derive(Debug, Clone)]
+pub struct Creds {
+    pub id: String,
+    pub key: String,
+    pub digest: String,
+    pub expires_at_ms: u64,
+}
+
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.secret = Some("integration-test-secret-0123456789".into());
+    config
+}
+
+impl Gateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        adjust(&mut config);
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let http = listeners.client.local_addr().unwrap();
+        let grpc = listeners.grpc.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(channelgate::run(
+            listeners,
+            config,
+            stop.clone().cancelled_owned(),
+        ));
+        let control = ControlClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("control plane answers");
+        Self {
+            http,
+            grpc,
+            control,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    pub fn control(&self) -> ControlClient<Channel> {
+        self.control.clone()
+    }
+
+    pub async fn issue(&self) -> Creds {
+        self.issue_ttl(0).await
+    }
+
+    pub async fn issue_ttl(&self, ttl_ms: u64) -> Creds {
+        let r = self
+            .control()
+            .issue_connection(pb::IssueConnectionRequest { ttl_ms })
+            .await
+            .expect("IssueConnection")
+            .into_inner();
+        Creds {
+            id: r.connection_id,
+            key: r.socket_key,
+            digest: r.digest,
+            expires_at_ms: r.expires_at_unix_ms,
+        }
+    }
+
+    pub async fn subscribe(&self, creds: &Creds, channels: &[&str]) -> bool {
+        self.control()
+            .subscribe(pb::SubscribeRequest {
+                digest: creds.digest.clone(),
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            })
+            .await
+            .expect("Subscribe")
+            .into_inner()
+            .live
+    }
+
+    pub async fn unsubscribe(&self, creds: &Creds, channels: &[&str]) {
+        self.control()
+            .unsubscribe(pb::UnsubscribeRequest {
+                digest: creds.digest.clone(),
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            })
+            .await
+            .expect("Unsubscribe");
+    }
+
+    /// Pushes `json` to `channel`; returns how many sockets it was queued to.
+    pub async fn push(&self, channel: &str, json: &str) -> u64 {
+        self.control()
+            .push(pb::PushRequest {
+                channels: vec![channel.into()],
+                json: json.into(),
+            })
+            .await
+            .expect("Push")
+            .into_inner()
+            .queued
+    }
+
+    pub async fn stats(&self) -> pb::StatsResponse {
+        self.control()
+            .stats(pb::StatsRequest::default())
+            .await
+            .expect("Stats")
+            .into_inner()
+    }
+
+    /// Waits until the node reports `n` live sockets.
+    pub async fn wait_for_connections(&self, n: u64) {
+        wait_until(|| async { self.stats().await.connections == n }).await;
+    }
+
+    /// Issues credentials, subscribes them to `channels` and connects a socket.
+    pub async fn subscriber(&self, channels: &[&str]) -> (Creds, Ws) {
+        let creds = self.issue().await;
+        if !channels.is_empty() {
+            self.subscribe(&creds, channels).await;
+        }
+        let ws = self.connect(&creds).await;
+        (creds, ws)
+    }
+
+    /// Connects with the key in the query string.
+    pub async fn connect(&self, creds: &Creds) -> Ws {
+        self.try_connect(creds).await.expect("handshake accepted")
+    }
+
+    pub async fn try_connect(&self, creds: &Creds) -> Result<Ws, u16> {
+        let url = format!(
+            "{}?socket_connection_id={}&socket_key={}",
+            self.ws_url(),
+            creds.id,
+            creds.key
+        );
+        self.connect_request(url.into_client_request().unwrap())
+            .await
+    }
+
+    /// Runs a handshake; on refusal returns the HTTP status.
+    pub async fn connect_request(
+        &self,
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Ws, u16> {
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, response)) => {
+                assert_eq!(response.status(), 101);
+                Ok(Ws { ws })
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(err) => panic!("handshake failed without an HTTP answer: {err}"),
+        }
+    }
+
+    /// Sends a raw HTTP/1.1 request to the client plane; returns the status and body.
+    pub async fn http_get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.http).await.unwrap();
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.http);
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+            .await
+            .expect("HTTP answer in time")
+            .unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// Drains the node as a signal would, and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("drained in time")
+                .expect("run task")
+                .expect("run returned Ok");
+        }
+    }
+
+    /// Starts draining without waiting.
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after [`PATIENCE`].
+pub async fn wait_until<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met in {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A WebSocket client.
+pub struct Ws {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    /// The next message that is not a ping or pong.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(m)) => return Some(m),
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+        .expect("a message in time")
+    }
+
+    /// The next text frame, parsed.
+    pub async fn recv_json(&mut self) -> Value {
+        match self.next_message().await {
+            Some(Message::Text(t)) => serde_json::from_str(&t).expect("JSON text frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame's payload, for a push: `(channel, payload)`.
+    pub async fn recv_push(&mut self) -> (String, Value) {
+        let v = self.recv_json().await;
+        assert!(v.get("id").is_none(), "expected a push, got a reply: {v}");
+        (v["channel"].as_str().unwrap().to_owned(), v["payload"].clone())
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a client message and returns the reply.
+    pub async fn request(&mut self, message: Value) -> Value {
+        self.send_text(&message.to_string()).await;
+        self.recv_json().await
+    }
+
+    /// Reads until the server's close frame, skipping anything before it, and completes the
+    /// closing handshake as a browser would.
+    pub async fn expect_close(&mut self) -> CloseFrame {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        // Polling on sends tungstenite's reply and sees the end of the stream.
+                        while let Some(Ok(_)) = self.ws.next().await {}
+                        return frame;
+                    }
+                    Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+                    Some(Ok(_)) => continue,
+                    other => panic!("stream ended without a close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a close frame in time")
+    }
+
+    /// Closes cleanly (close frame, then wait for the server's).
+    pub async fn close(mut self) {
+        self.ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await
+            .expect("close");
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
+
+    /// Drops the TCP connection without a close frame.
+    pub fn drop_unclean(self) {
+        drop(self.ws);
+    }
+}
+
+pub fn code(frame: &CloseFrame) -> u16 {
+    u16::from(frame.code)
+}
