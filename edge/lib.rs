@@ -157,14 +157,24 @@ pub async fn run(
     // the control plane still takes calls; then both stop.
     let deadline = tokio::time::Instant::now() + grace;
     token.cancel();
-    if tokio::time::timeout_at(deadline, edge.sockets_gone()).await.is_err() {
+    if tokio::time::timeout_at(deadline, edge.sockets_gone())
+        .await
+        .is_err()
+    {
         tracing::warn!(?grace, "shutdown grace ran out with sockets still open");
     }
     tracing::debug!("sockets drained; halting");
     edge.halt.cancel();
     tracker.close();
-    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
-        tracing::warn!(?grace, tasks = tracker.len(), "shutdown grace ran out; abandoning tasks");
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            tasks = tracker.len(),
+            "shutdown grace ran out; abandoning tasks"
+        );
     }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)

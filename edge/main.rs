@@ -32,13 +32,33 @@ enum Command {
         #[arg(long, env = "CHANNELGATE_LOG_FORMAT", default_value = "text")]
         log_format: LogFormat,
     },
-    /// Mint connection credentials; prints them as JSON.
+    /// Mint connection credentials; prints them as JSON (or shell variables with --env).
     Issue {
         #[command(flatten)]
         client: ClientArgs,
         /// Time to live of the credentials (e.g. 5m); the node's default when absent.
         #[arg(long)]
         ttl: Option<channelgate::config::HumanDuration>,
+        /// Print `export CONNECTION_ID=..` (and SOCKET_KEY, DIGEST) lines for `eval` in a shell.
+        #[arg(long)]
+        env: bool,
+    },
+    /// Open a WebSocket as a client would: prints every frame it receives as a line, and sends
+    /// each line of standard input as a text frame.
+    Connect {
+        /// WebSocket endpoint of the node.
+        #[arg(
+            long,
+            env = "CHANNELGATE_WS_URL",
+            default_value = "ws://127.0.0.1:8080/ws"
+        )]
+        url: String,
+        /// The connection id.
+        #[arg(long, env = "CONNECTION_ID")]
+        id: String,
+        /// The socket key (sent in the `socket_key` cookie).
+        #[arg(long, env = "SOCKET_KEY", hide_env_values = true)]
+        key: String,
     },
     /// Subscribe a connection (by digest) to channels.
     Subscribe {
@@ -208,7 +228,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             settings,
             log_format,
         } => return serve(settings, log_format).await,
-        Command::Issue { client, ttl } => {
+        Command::Connect { url, id, key } => return connect(&url, &id, &key).await,
+        Command::Issue { client, ttl, env } => {
             let mut c = client.connect().await?;
             let ttl_ms = ttl.map_or(0, |t| t.0.as_millis() as u64);
             let r = c
@@ -216,6 +237,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .issue_connection(c.request(pb::IssueConnectionRequest { ttl_ms }))
                 .await?
                 .into_inner();
+            if env {
+                println!(
+                    "export CONNECTION_ID={}\nexport SOCKET_KEY={}\nexport DIGEST={}",
+                    r.connection_id, r.socket_key, r.digest
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             print(serde_json::json!({
                 "connection_id": r.connection_id,
                 "socket_key": r.socket_key,
@@ -327,6 +355,58 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(url: &str, id: &str, key: &str) -> anyhow::Result<ExitCode> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncBufReadExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let mut request = format!("{url}?socket_connection_id={id}")
+        .into_client_request()
+        .context("invalid --url")?;
+    request.headers_mut().insert(
+        "cookie",
+        format!("socket_key={key}")
+            .parse()
+            .context("invalid --key")?,
+    );
+    let (ws, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            anyhow::bail!("handshake refused: {} {}", response.status(), body.trim());
+        }
+        Err(err) => return Err(err).context("connecting"),
+    };
+    eprintln!("connected; type JSON messages, one per line");
+    let (mut sink, mut stream) = ws.split();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => println!("{text}"),
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    eprintln!("closed by the server: {code} {reason}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err).context("reading"),
+                None => return Ok(ExitCode::SUCCESS),
+            },
+            line = lines.next_line(), if stdin_open => match line.context("reading standard input")? {
+                Some(line) if !line.trim().is_empty() => sink.send(Message::text(line)).await.context("sending")?,
+                Some(_) => {}
+                None => stdin_open = false,
+            },
+        }
+    }
 }
 
 async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<ExitCode> {

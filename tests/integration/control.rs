@@ -21,36 +21,109 @@ async fn invalid_requests_get_their_status_codes() {
         channels: channels.iter().map(|s| s.to_string()).collect(),
     };
 
-    assert_eq!(code_of(c.subscribe(sub(&digest, &[])).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.subscribe(sub(&digest, &["has space"])).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.subscribe(sub(&digest, &[""])).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.subscribe(sub(&digest, &[&"x".repeat(256)])).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.subscribe(sub("not-hex", &["a"])).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.subscribe(sub(&"0".repeat(64), &["a"])).await), Code::NotFound);
-    let unsub = pb::UnsubscribeRequest { digest: digest.clone(), channels: vec![] };
+    assert_eq!(
+        code_of(c.subscribe(sub(&digest, &[])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.subscribe(sub(&digest, &["has space"])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.subscribe(sub(&digest, &[""])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.subscribe(sub(&digest, &[&"x".repeat(256)])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.subscribe(sub("not-hex", &["a"])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.subscribe(sub(&"0".repeat(64), &["a"])).await),
+        Code::NotFound
+    );
+    let unsub = pb::UnsubscribeRequest {
+        digest: digest.clone(),
+        channels: vec![],
+    };
     assert_eq!(code_of(c.unsubscribe(unsub).await), Code::InvalidArgument);
 
-    let push = |channels: Vec<String>, json: &str| pb::PushRequest { channels, json: json.into() };
-    assert_eq!(code_of(c.push(push(vec!["a".into()], "{not json")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.push(push(vec!["a".into()], "")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.push(push(vec![], "1")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.push(push(vec!["a b".into()], "1")).await), Code::InvalidArgument);
+    let push = |channels: Vec<String>, json: &str| pb::PushRequest {
+        channels,
+        json: json.into(),
+    };
+    assert_eq!(
+        code_of(c.push(push(vec!["a".into()], "{not json")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.push(push(vec!["a".into()], "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.push(push(vec![], "1")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.push(push(vec!["a b".into()], "1")).await),
+        Code::InvalidArgument
+    );
     let big = format!("\"{}\"", "x".repeat(300 << 10));
-    assert_eq!(code_of(c.push(push(vec!["a".into()], &big)).await), Code::ResourceExhausted);
+    assert_eq!(
+        code_of(c.push(push(vec!["a".into()], &big)).await),
+        Code::ResourceExhausted
+    );
 
-    let send = |digest: &str, channel: &str, json: &str| pb::SendRequest { digest: digest.into(), channel: channel.into(), json: json.into() };
-    assert_eq!(code_of(c.send(send(&digest, "a", "nope")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.send(send(&digest, "", "1")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.send(send(&"f".repeat(64), "a", "1")).await), Code::NotFound);
+    let send = |digest: &str, channel: &str, json: &str| pb::SendRequest {
+        digest: digest.into(),
+        channel: channel.into(),
+        json: json.into(),
+    };
+    assert_eq!(
+        code_of(c.send(send(&digest, "a", "nope")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.send(send(&digest, "", "1")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.send(send(&"f".repeat(64), "a", "1")).await),
+        Code::NotFound
+    );
 
-    let disconnect = |code: u32, reason: &str| pb::DisconnectRequest { digest: digest.clone(), code, reason: reason.into() };
-    assert_eq!(code_of(c.disconnect(disconnect(1000, "")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.disconnect(disconnect(5000, "")).await), Code::InvalidArgument);
-    assert_eq!(code_of(c.disconnect(disconnect(4000, &"r".repeat(124))).await), Code::InvalidArgument);
+    let disconnect = |code: u32, reason: &str| pb::DisconnectRequest {
+        digest: digest.clone(),
+        code,
+        reason: reason.into(),
+    };
+    assert_eq!(
+        code_of(c.disconnect(disconnect(1000, "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.disconnect(disconnect(5000, "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.disconnect(disconnect(4000, &"r".repeat(124))).await),
+        Code::InvalidArgument
+    );
 
-    let ttl = pb::IssueConnectionRequest { ttl_ms: 48 * 3600 * 1000 };
-    assert_eq!(code_of(c.issue_connection(ttl).await), Code::InvalidArgument);
-    let stats = pb::StatsRequest { per_channel: true, channels: vec!["bad name".into()] };
+    let ttl = pb::IssueConnectionRequest {
+        ttl_ms: 48 * 3600 * 1000,
+    };
+    assert_eq!(
+        code_of(c.issue_connection(ttl).await),
+        Code::InvalidArgument
+    );
+    let stats = pb::StatsRequest {
+        per_channel: true,
+        channels: vec!["bad name".into()],
+    };
     assert_eq!(code_of(c.stats(stats).await), Code::InvalidArgument);
 
     // None of it disturbed the credentials.
@@ -63,7 +136,11 @@ async fn disconnect_closes_with_the_application_code_and_ends_the_id() {
     let (creds, mut ws) = gw.subscriber(&["x"]).await;
     let r = gw
         .control()
-        .disconnect(pb::DisconnectRequest { digest: creds.digest.clone(), code: 4003, reason: "banned".into() })
+        .disconnect(pb::DisconnectRequest {
+            digest: creds.digest.clone(),
+            code: 4003,
+            reason: "banned".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -74,7 +151,11 @@ async fn disconnect_closes_with_the_application_code_and_ends_the_id() {
 
     let (creds, mut ws) = gw.subscriber(&[]).await;
     gw.control()
-        .disconnect(pb::DisconnectRequest { digest: creds.digest, code: 0, reason: String::new() })
+        .disconnect(pb::DisconnectRequest {
+            digest: creds.digest,
+            code: 0,
+            reason: String::new(),
+        })
         .await
         .unwrap();
     assert_eq!(code(&ws.expect_close().await), 4000);
@@ -85,12 +166,20 @@ async fn a_message_sent_just_before_disconnect_arrives_first() {
     let gw = Gateway::start().await;
     let (creds, mut ws) = gw.subscriber(&[]).await;
     let mut c = gw.control();
-    c.send(pb::SendRequest { digest: creds.digest.clone(), channel: "bye".into(), json: "\"goodbye\"".into() })
-        .await
-        .unwrap();
-    c.disconnect(pb::DisconnectRequest { digest: creds.digest, code: 4001, reason: String::new() })
-        .await
-        .unwrap();
+    c.send(pb::SendRequest {
+        digest: creds.digest.clone(),
+        channel: "bye".into(),
+        json: "\"goodbye\"".into(),
+    })
+    .await
+    .unwrap();
+    c.disconnect(pb::DisconnectRequest {
+        digest: creds.digest,
+        code: 4001,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
     assert_eq!(ws.recv_push().await, ("bye".into(), "goodbye".into()));
     assert_eq!(code(&ws.expect_close().await), 4001);
 }
@@ -104,11 +193,17 @@ async fn stats_report_connections_channels_and_subscriptions() {
     gw.subscribe(&offline, &["z"]).await;
     let s = gw
         .control()
-        .stats(pb::StatsRequest { per_channel: true, channels: vec![] })
+        .stats(pb::StatsRequest {
+            per_channel: true,
+            channels: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((s.connections, s.channels, s.subscriptions, s.sessions), (2, 2, 4, 3));
+    assert_eq!(
+        (s.connections, s.channels, s.subscriptions, s.sessions),
+        (2, 2, 4, 3)
+    );
     assert_eq!(s.channel_subscribers.get("x"), Some(&2));
     assert_eq!(s.channel_subscribers.get("y"), Some(&1));
     let s = gw.stats().await;
@@ -117,17 +212,31 @@ async fn stats_report_connections_channels_and_subscriptions() {
 
 #[tokio::test]
 async fn control_tokens_are_required_when_configured() {
-    let gw = Gateway::start_with(|c| c.control_tokens = vec!["old-token".into(), "new-token".into()]).await;
-    let mut c = ControlClient::connect(format!("http://{}", gw.grpc)).await.unwrap();
+    let gw =
+        Gateway::start_with(|c| c.control_tokens = vec!["old-token".into(), "new-token".into()])
+            .await;
+    let mut c = ControlClient::connect(format!("http://{}", gw.grpc))
+        .await
+        .unwrap();
     let call = |token: Option<&str>| {
         let mut r = Request::new(pb::IssueConnectionRequest::default());
         if let Some(t) = token {
-            r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
         r
     };
-    assert_eq!(c.issue_connection(call(None)).await.unwrap_err().code(), Code::Unauthenticated);
-    assert_eq!(c.issue_connection(call(Some("wrong"))).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        c.issue_connection(call(None)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        c.issue_connection(call(Some("wrong")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     assert!(c.issue_connection(call(Some("old-token"))).await.is_ok());
     assert!(c.issue_connection(call(Some("new-token"))).await.is_ok());
 }

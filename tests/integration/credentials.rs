@@ -60,6 +60,7 @@ async fn ids_signed_with_the_previous_secret_are_accepted_after_rotation() {
     .await;
     rotated.connect(&creds).await;
     let fresh = old.issue().await;
-    let unrotated = Gateway::start_with(|c| c.secret = Some("the new deployment secret".into())).await;
+    let unrotated =
+        Gateway::start_with(|c| c.secret = Some("the new deployment secret".into())).await;
     assert_eq!(unrotated.try_connect(&fresh).await.err(), Some(403));
 }

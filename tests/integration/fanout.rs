@@ -18,11 +18,17 @@ async fn one_and_two_subscribers_receive_channel_and_payload() {
     let gw = Gateway::start().await;
     let (_, mut a) = gw.subscriber(&["news"]).await;
     assert_eq!(gw.push("news", r#"{"n":1}"#).await, 1);
-    assert_eq!(a.recv_json().await, json!({"channel":"news","payload":{"n":1}}));
+    assert_eq!(
+        a.recv_json().await,
+        json!({"channel":"news","payload":{"n":1}})
+    );
     let (_, mut b) = gw.subscriber(&["news"]).await;
     assert_eq!(gw.push("news", r#"{"n":2}"#).await, 2);
     for ws in [&mut a, &mut b] {
-        assert_eq!(ws.recv_json().await, json!({"channel":"news","payload":{"n":2}}));
+        assert_eq!(
+            ws.recv_json().await,
+            json!({"channel":"news","payload":{"n":2}})
+        );
     }
 }
 
@@ -32,7 +38,10 @@ async fn the_payload_arrives_byte_for_byte() {
     let (_, mut ws) = gw.subscriber(&["raw"]).await;
     gw.push("raw", r#"{"b":1.50, "a" : [ "x" ]}"#).await;
     match ws.next_message().await {
-        Some(Message::Text(t)) => assert_eq!(t.as_str(), r#"{"channel":"raw","payload":{"b":1.50, "a" : [ "x" ]}}"#),
+        Some(Message::Text(t)) => assert_eq!(
+            t.as_str(),
+            r#"{"channel":"raw","payload":{"b":1.50, "a" : [ "x" ]}}"#
+        ),
         other => panic!("{other:?}"),
     }
 }
@@ -43,7 +52,10 @@ async fn a_channel_does_not_reach_a_longer_namesake() {
     let (_, mut ws) = gw.subscriber(&["foo_channelf"]).await;
     assert_eq!(gw.push("foo_channel", "\"wrong\"").await, 0);
     gw.push("foo_channelf", "\"right\"").await;
-    assert_eq!(ws.recv_push().await, ("foo_channelf".into(), "right".into()));
+    assert_eq!(
+        ws.recv_push().await,
+        ("foo_channelf".into(), "right".into())
+    );
 }
 
 #[tokio::test]
@@ -51,11 +63,23 @@ async fn send_by_digest_reaches_only_that_socket() {
     let gw = Gateway::start().await;
     let (a_creds, mut a) = gw.subscriber(&["shared"]).await;
     let (b_creds, mut b) = gw.subscriber(&["shared"]).await;
-    let send = |digest: String, json: &str| pb::SendRequest { digest, channel: "private".into(), json: json.into() };
-    let r = gw.control().send(send(a_creds.digest.clone(), r#""for a""#)).await.unwrap().into_inner();
+    let send = |digest: String, json: &str| pb::SendRequest {
+        digest,
+        channel: "private".into(),
+        json: json.into(),
+    };
+    let r = gw
+        .control()
+        .send(send(a_creds.digest.clone(), r#""for a""#))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.queued);
     assert_eq!(a.recv_push().await, ("private".into(), "for a".into()));
-    gw.control().send(send(b_creds.digest.clone(), r#""for b""#)).await.unwrap();
+    gw.control()
+        .send(send(b_creds.digest.clone(), r#""for b""#))
+        .await
+        .unwrap();
     // b's first message is its own: a's never reached it.
     assert_eq!(b.recv_push().await, ("private".into(), "for b".into()));
 }
@@ -107,7 +131,13 @@ async fn concurrent_publishers_are_seen_in_one_order_by_every_subscriber() {
         publishers.push(tokio::spawn(async move {
             for i in 0..100 {
                 let json = json!({"p": p, "i": i}).to_string();
-                control.push(pb::PushRequest { channels: vec!["c".into()], json }).await.unwrap();
+                control
+                    .push(pb::PushRequest {
+                        channels: vec!["c".into()],
+                        json,
+                    })
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -124,7 +154,11 @@ async fn concurrent_publishers_are_seen_in_one_order_by_every_subscriber() {
     }
     assert_eq!(seen_a, seen_b);
     for p in 0..4 {
-        let is: Vec<_> = seen_a.iter().filter(|v| v["p"] == p).map(|v| v["i"].as_u64().unwrap()).collect();
+        let is: Vec<_> = seen_a
+            .iter()
+            .filter(|v| v["p"] == p)
+            .map(|v| v["i"].as_u64().unwrap())
+            .collect();
         assert_eq!(is, (0..100).collect::<Vec<_>>());
     }
 }
@@ -133,8 +167,16 @@ async fn concurrent_publishers_are_seen_in_one_order_by_every_subscriber() {
 async fn push_stream_delivers_in_order() {
     let gw = Gateway::start().await;
     let (_, mut ws) = gw.subscriber(&["s"]).await;
-    let pushes = (0..200).map(|i| pb::PushRequest { channels: vec!["s".into()], json: i.to_string() });
-    let r = gw.control().push_stream(futures_util::stream::iter(pushes)).await.unwrap().into_inner();
+    let pushes = (0..200).map(|i| pb::PushRequest {
+        channels: vec!["s".into()],
+        json: i.to_string(),
+    });
+    let r = gw
+        .control()
+        .push_stream(futures_util::stream::iter(pushes))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((r.pushes, r.queued), (200, 200));
     for i in 0..200 {
         assert_eq!(ws.recv_push().await.1, i);
@@ -177,7 +219,9 @@ async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_eve
         assert!(pushed < 12_000, "the slow socket was never closed");
     }
     for expected in 0..pushed {
-        let seen = tokio::time::timeout(PATIENCE, seen_rx.recv()).await.expect("every push reaches the reader");
+        let seen = tokio::time::timeout(PATIENCE, seen_rx.recv())
+            .await
+            .expect("every push reaches the reader");
         assert_eq!(seen, Some(expected));
     }
     // The reader is still connected: only the slow socket was closed.

@@ -4,8 +4,13 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::{Creds, Gateway};
 
-fn request(gw: &Gateway, query: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
-    format!("{}?{query}", gw.ws_url()).into_client_request().unwrap()
+fn request(
+    gw: &Gateway,
+    query: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    format!("{}?{query}", gw.ws_url())
+        .into_client_request()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -16,15 +21,29 @@ async fn key_from_query_cookie_or_header() {
         gw.subscribe(&c, &["k"]).await;
         let mut req = request(&gw, &format!("socket_connection_id={}", c.id));
         match how {
-            "query" => req = request(&gw, &format!("socket_connection_id={}&socket_key={}", c.id, c.key)),
+            "query" => {
+                req = request(
+                    &gw,
+                    &format!("socket_connection_id={}&socket_key={}", c.id, c.key),
+                )
+            }
             "cookie" => {
-                req.headers_mut().insert("cookie", format!("session=abc; socket_key={}", c.key).parse().unwrap());
+                req.headers_mut().insert(
+                    "cookie",
+                    format!("session=abc; socket_key={}", c.key)
+                        .parse()
+                        .unwrap(),
+                );
             }
             _ => {
-                req.headers_mut().insert("x-socket-key", c.key.parse().unwrap());
+                req.headers_mut()
+                    .insert("x-socket-key", c.key.parse().unwrap());
             }
         }
-        let mut ws = gw.connect_request(req).await.unwrap_or_else(|s| panic!("{how}: {s}"));
+        let mut ws = gw
+            .connect_request(req)
+            .await
+            .unwrap_or_else(|s| panic!("{how}: {s}"));
         assert_eq!(gw.push("k", &format!("\"{how}\"")).await, 1);
         assert_eq!(ws.recv_push().await.1, how, "{how}");
         ws.close().await;
@@ -37,18 +56,28 @@ async fn wrong_key_forged_and_foreign_ids_are_403() {
     let a = gw.issue().await;
     let b = gw.issue().await;
     // Wrong key: b's key with a's id.
-    let wrong = Creds { key: b.key.clone(), ..a.clone() };
+    let wrong = Creds {
+        key: b.key.clone(),
+        ..a.clone()
+    };
     assert_eq!(gw.try_connect(&wrong).await.err(), Some(403));
     // Forged: one character of the id changed.
     let mut id = a.id.clone().into_bytes();
     id[10] = if id[10] == b'A' { b'B' } else { b'A' };
-    let forged = Creds { id: String::from_utf8(id).unwrap(), ..a.clone() };
+    let forged = Creds {
+        id: String::from_utf8(id).unwrap(),
+        ..a.clone()
+    };
     assert_eq!(gw.try_connect(&forged).await.err(), Some(403));
     // Not an id at all.
-    let junk = Creds { id: "hello".into(), ..a.clone() };
+    let junk = Creds {
+        id: "hello".into(),
+        ..a.clone()
+    };
     assert_eq!(gw.try_connect(&junk).await.err(), Some(403));
     // Signed by another deployment.
-    let other = Gateway::start_with(|c| c.secret = Some("another deployment's secret!!".into())).await;
+    let other =
+        Gateway::start_with(|c| c.secret = Some("another deployment's secret!!".into())).await;
     let foreign = other.issue().await;
     assert_eq!(gw.try_connect(&foreign).await.err(), Some(403));
     // The genuine credentials still work after all that.
@@ -67,7 +96,9 @@ async fn an_id_already_live_is_403() {
 async fn an_expired_id_is_403() {
     let gw = Gateway::start().await;
     let c = gw.issue_ttl(1).await;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     let until_expired = std::time::Duration::from_millis(c.expires_at_ms + 1).saturating_sub(now);
     tokio::time::sleep(until_expired).await;
     assert_eq!(gw.try_connect(&c).await.err(), Some(403));
@@ -77,14 +108,34 @@ async fn an_expired_id_is_403() {
 async fn malformed_requests_are_400() {
     let gw = Gateway::start().await;
     let c = gw.issue().await;
-    assert_eq!(gw.connect_request(request(&gw, &format!("socket_key={}", c.key))).await.err(), Some(400));
-    assert_eq!(gw.connect_request(request(&gw, &format!("socket_connection_id={}", c.id))).await.err(), Some(400));
-    let (status, body) = gw.http_get(&format!("/ws?socket_connection_id={}&socket_key={}", c.id, c.key), &[]).await;
+    assert_eq!(
+        gw.connect_request(request(&gw, &format!("socket_key={}", c.key)))
+            .await
+            .err(),
+        Some(400)
+    );
+    assert_eq!(
+        gw.connect_request(request(&gw, &format!("socket_connection_id={}", c.id)))
+            .await
+            .err(),
+        Some(400)
+    );
+    let (status, body) = gw
+        .http_get(
+            &format!("/ws?socket_connection_id={}&socket_key={}", c.id, c.key),
+            &[],
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     let (status, _) = gw
         .http_get(
             &format!("/ws?socket_connection_id={}&socket_key={}", c.id, c.key),
-            &[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "8"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")],
+            &[
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "8"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
         )
         .await;
     assert_eq!(status, 400);
@@ -97,13 +148,29 @@ async fn origin_outside_the_allow_list_is_403() {
     let gw = Gateway::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
     let c = gw.issue().await;
     let with_origin = |origin: &str| {
-        let mut req = request(&gw, &format!("socket_connection_id={}&socket_key={}", c.id, c.key));
+        let mut req = request(
+            &gw,
+            &format!("socket_connection_id={}&socket_key={}", c.id, c.key),
+        );
         req.headers_mut().insert("origin", origin.parse().unwrap());
         req
     };
-    assert_eq!(gw.connect_request(with_origin("https://evil.example")).await.err(), Some(403));
-    assert_eq!(gw.connect_request(with_origin("https://app.example.evil.example")).await.err(), Some(403));
-    assert!(gw.connect_request(with_origin("https://app.example")).await.is_ok());
+    assert_eq!(
+        gw.connect_request(with_origin("https://evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    assert_eq!(
+        gw.connect_request(with_origin("https://app.example.evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    assert!(gw
+        .connect_request(with_origin("https://app.example"))
+        .await
+        .is_ok());
 }
 
 #[tokio::test]

@@ -17,7 +17,10 @@ async fn ping_is_answered_with_pong() {
         ws.request(json!({"action":"ping","id":1})).await,
         json!({"id":1,"status":200,"headers":{},"body":"pong"})
     );
-    assert_eq!(ws.request(json!({"action":"ping","id":"abc"})).await["id"], "abc");
+    assert_eq!(
+        ws.request(json!({"action":"ping","id":"abc"})).await["id"],
+        "abc"
+    );
 }
 
 #[tokio::test]
@@ -51,14 +54,20 @@ async fn an_oversized_message_closes_only_that_socket_with_1008() {
     let gw = Gateway::start().await;
     let (_, mut bad) = gw.subscriber(&["room"]).await;
     let (_, mut good) = gw.subscriber(&["room"]).await;
-    let huge = format!(r#"{{"action":"ping","id":1,"pad":"{}"}}"#, "x".repeat(65 << 10));
+    let huge = format!(
+        r#"{{"action":"ping","id":1,"pad":"{}"}}"#,
+        "x".repeat(65 << 10)
+    );
     bad.send_text(&huge).await;
     let close = bad.expect_close().await;
     assert_eq!(code(&close), 1008);
     gw.wait_for_connections(1).await;
     assert_eq!(gw.push("room", "2").await, 1);
     assert_eq!(good.recv_push().await.1, 2);
-    assert_eq!(good.request(json!({"action":"ping","id":2})).await["status"], 200);
+    assert_eq!(
+        good.request(json!({"action":"ping","id":2})).await["status"],
+        200
+    );
 }
 
 #[tokio::test]
@@ -84,5 +93,8 @@ async fn the_server_pings_and_closes_silent_sockets() {
     // The silent one read nothing, answered no ping, and was closed as idle.
     gw.wait_for_connections(1).await;
     assert_eq!(code(&silent.expect_close().await), 4101);
-    assert_eq!(lively.request(json!({"action":"ping","id":1})).await["status"], 200);
+    assert_eq!(
+        lively.request(json!({"action":"ping","id":1})).await["status"],
+        200
+    );
 }

@@ -23,13 +23,25 @@ async fn draining_closes_every_socket_with_1001() {
     // The clients answered the close, so the drain ends well within its grace.
     let started = std::time::Instant::now();
     gw.shutdown().await;
-    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn sigterm_drains_the_binary_with_1001() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .env("CHANNELGATE_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -46,7 +58,9 @@ async fn sigterm_drains_the_binary_with_1001() {
     });
     let (mut http, mut grpc) = (None, None);
     while http.is_none() || grpc.is_none() {
-        let line = rx.recv_timeout(PATIENCE).expect("the node logs its addresses");
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("the node logs its addresses");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let message = v["fields"]["message"].as_str().unwrap_or("");
         let addr = v["fields"]["addr"].as_str().map(str::to_owned);
@@ -58,23 +72,46 @@ async fn sigterm_drains_the_binary_with_1001() {
     }
     let (http, grpc) = (http.unwrap(), grpc.unwrap());
 
-    let mut control = ControlClient::connect(format!("http://{grpc}")).await.unwrap();
-    let r = control.issue_connection(pb::IssueConnectionRequest::default()).await.unwrap().into_inner();
-    let creds = Creds { id: r.connection_id, key: r.socket_key, digest: r.digest, expires_at_ms: 0 };
-    let url = format!("ws://{http}/ws?socket_connection_id={}&socket_key={}", creds.id, creds.key);
-    let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("handshake");
+    let mut control = ControlClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let r = control
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let creds = Creds {
+        id: r.connection_id,
+        key: r.socket_key,
+        digest: r.digest,
+        expires_at_ms: 0,
+    };
+    let url = format!(
+        "ws://{http}/ws?socket_connection_id={}&socket_key={}",
+        creds.id, creds.key
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake");
     let mut ws = crate::support::Ws { ws };
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(code(&ws.expect_close().await), 1001);
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
 
 #[tokio::test]
 async fn readiness_flips_while_draining() {
-    let gw = Gateway::start_with(|c| c.limits.shutdown_grace = std::time::Duration::from_secs(5)).await;
+    let gw =
+        Gateway::start_with(|c| c.limits.shutdown_grace = std::time::Duration::from_secs(5)).await;
     // A socket that never reads its close keeps the drain going while we look.
     let (_, _ws) = gw.subscriber(&[]).await;
     let unused = gw.issue().await;
@@ -85,4 +122,3 @@ async fn readiness_flips_while_draining() {
     assert_eq!(gw.http_get("/healthz", &[]).await.0, 200);
     assert_eq!(gw.try_connect(&unused).await.err(), Some(503));
 }
-

@@ -204,7 +204,10 @@ impl Gateway {
     pub async fn http_get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(self.http).await.unwrap();
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.http);
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.http
+        );
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -216,7 +219,10 @@ impl Gateway {
             .expect("HTTP answer in time")
             .unwrap();
         let status = response[9..12].parse().unwrap();
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -252,7 +258,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met in {PATIENCE:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {PATIENCE:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -290,7 +299,10 @@ impl Ws {
     pub async fn recv_push(&mut self) -> (String, Value) {
         let v = self.recv_json().await;
         assert!(v.get("id").is_none(), "expected a push, got a reply: {v}");
-        (v["channel"].as_str().unwrap().to_owned(), v["payload"].clone())
+        (
+            v["channel"].as_str().unwrap().to_owned(),
+            v["payload"].clone(),
+        )
     }
 
     pub async fn send_text(&mut self, text: &str) {
