@@ -46,11 +46,12 @@ pub struct Creds {
 }
 
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.grpc_listen = "127.0.0.1:0".parse().unwrap();
-    config.secret = Some("integration-test-secret-0123456789".into());
-    config
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        secret: Some("integration-test-secret-0123456789".into()),
+        ..Config::default()
+    }
 }
 
 impl Gateway {
