@@ -132,7 +132,7 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
         );
     }
     if let Some(p) = per_socket {
-        println!("RSS per socket  {:.0} B", p);
+        println!("RSS per socket  {p:.0} B");
     }
     println!(
         "{}",
