@@ -3,11 +3,15 @@
 
 use std::time::Duration;
 
+use tonic::Status;
+
 use crate::{
     credentials::{Credentials, Digest},
     error::{code, Close, Error},
+    handlers::remote::RemoteReply,
     pb,
     protocol::Channel,
+    protocol::Json,
     registry::Stats,
 };
 
@@ -71,4 +75,29 @@ impl From<Stats> for pb::StatsResponse {
             channel_subscribers: s.per_channel.into_iter().collect(),
         }
     }
+}
+
+/// A `Handle` reply: status in 100..=599, `body_json` empty (null) or valid JSON.
+pub(crate) fn remote_reply(reply: pb::Reply) -> Result<RemoteReply, Status> {
+    let status = u16::try_from(reply.status)
+        .ok()
+        .filter(|s| (100..=599).contains(s))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("reply status {} is not in 100..=599", reply.status))
+        })?;
+    let body = if reply.body_json.trim().is_empty() {
+        None
+    } else {
+        Some(Json::parse(&reply.body_json).map_err(|e| {
+            Status::invalid_argument(format!("reply {}: body_json: {e}", reply.delivery_id))
+        })?)
+    };
+    let mut headers: Vec<(String, String)> = reply.headers.into_iter().collect();
+    headers.sort();
+    Ok(RemoteReply {
+        delivery_id: reply.delivery_id,
+        status,
+        headers,
+        body,
+    })
 }

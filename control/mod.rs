@@ -7,6 +7,7 @@
 
 mod auth;
 mod convert;
+mod handle;
 mod service;
 mod status;
 
@@ -47,7 +48,12 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
             source: std::io::Error::other(err),
         })?;
     let control = InterceptedService::new(
-        pb::control_server::ControlServer::new(ControlService::new(edge.registry.clone())),
+        pb::control_server::ControlServer::new(ControlService::new(
+            edge.registry.clone(),
+            edge.handlers.clone(),
+            edge.halt.clone(),
+            edge.tracker.clone(),
+        )),
         BearerAuth::new(&edge.config.control_tokens),
     );
     // Control calls keep working while sockets drain (an application may still push);

@@ -1,24 +1,41 @@
 //! `impl pb::control_server::Control`: decode the request (through `convert`), call the
 //! registry, encode the answer. No logic of its own.
 
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert;
-use crate::{pb, registry::Registry};
+use super::{
+    convert,
+    handle::{self, BoxStream},
+};
+use crate::{handlers::Handlers, pb, registry::Registry};
 
-/// The Control service over a node's registry.
+/// The Control service over a node's registry and handlers.
 #[derive(Debug, Clone)]
 pub struct ControlService {
     registry: Registry,
+    handlers: Handlers,
+    /// Ends the streaming calls when the node halts.
+    halt: CancellationToken,
+    /// Tracks the tasks the streaming calls spawn.
+    tracker: TaskTracker,
 }
 
 impl ControlService {
-    /// A service driving `registry`.
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    /// A service driving `registry` and `handlers`.
+    pub fn new(
+        registry: Registry,
+        handlers: Handlers,
+        halt: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            registry,
+            handlers,
+            halt,
+            tracker,
+        }
     }
 
     fn push(&self, request: &pb::PushRequest) -> Result<u64, Status> {
@@ -26,8 +43,6 @@ impl ControlService {
         Ok(self.registry.push(&channels, &request.json)?)
     }
 }
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
@@ -127,17 +142,26 @@ impl pb::control_server::Control for ControlService {
 
     async fn listen(
         &self,
-        _request: Request<pb::ListenRequest>,
+        request: Request<pb::ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
-        Err(Status::unimplemented("Listen is not implemented yet"))
+        let channels = convert::channels(&request.get_ref().channels)?;
+        let listener = self.registry.listen(&channels)?;
+        Ok(Response::new(handle::listen(listener, self.halt.clone())))
     }
 
     type HandleStream = BoxStream<pb::ClientMessage>;
 
     async fn handle(
         &self,
-        _request: Request<Streaming<pb::HandleRequest>>,
+        request: Request<Streaming<pb::HandleRequest>>,
     ) -> Result<Response<Self::HandleStream>, Status> {
-        Err(Status::unimplemented("Handle is not implemented yet"))
+        let stream = handle::handle(
+            &self.handlers,
+            request.into_inner(),
+            self.halt.clone(),
+            &self.tracker,
+        )
+        .await?;
+        Ok(Response::new(stream))
     }
 }

@@ -17,7 +17,7 @@ impl From<Error> for Status {
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::UnknownDigest => Code::NotFound,
             Error::ShuttingDown => Code::Unavailable,
-            Error::WeakSecret(_) | Error::Io { .. } => Code::Internal,
+            Error::WeakSecret(_) | Error::BadUpstream(_) | Error::Io { .. } => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

@@ -38,6 +38,13 @@ pub struct Limits {
     pub reconnect_grace: Duration,
     /// Time a draining node gives its sockets and tasks to finish. Default: 10 s.
     pub shutdown_grace: Duration,
+    /// Longest a `call-route` upstream request may take; then 504. Default: 10 s.
+    pub upstream_timeout: Duration,
+    /// Longest a `Handle` stream may take to reply; then 504. Default: 10 s.
+    pub handler_timeout: Duration,
+    /// Client messages being handled at once per socket (call-route, Handle); beyond it the
+    /// client gets 429. Default: 16.
+    pub max_inflight: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +61,9 @@ impl Default for Limits {
             max_credential_ttl: Duration::from_secs(24 * 3600),
             reconnect_grace: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(10),
+            handler_timeout: Duration::from_secs(10),
+            max_inflight: 16,
         }
     }
 }
@@ -78,6 +88,9 @@ pub struct Config {
     pub ws_path: String,
     /// Name of the cookie carrying the socket key. Default: `socket_key`.
     pub key_cookie: String,
+    /// Base URL (`http://host:port[/prefix]`) of the application for `call-route`; `None`
+    /// answers `call-route` with 501.
+    pub upstream: Option<String>,
     /// Limits.
     pub limits: Limits,
 }
@@ -96,6 +109,7 @@ impl fmt::Debug for Config {
             .field("control_tokens", &self.control_tokens.len())
             .field("ws_path", &self.ws_path)
             .field("key_cookie", &self.key_cookie)
+            .field("upstream", &self.upstream)
             .field("limits", &self.limits)
             .finish()
     }
@@ -112,6 +126,7 @@ impl Default for Config {
             control_tokens: Vec::new(),
             ws_path: "/ws".into(),
             key_cookie: "socket_key".into(),
+            upstream: None,
             limits: Limits::default(),
         }
     }
@@ -183,6 +198,24 @@ pub struct Settings {
     /// Name of the cookie carrying the socket key. [default: socket_key]
     #[arg(long, env = "CHANNELGATE_KEY_COOKIE", value_name = "NAME")]
     pub key_cookie: Option<String>,
+
+    /// Base URL of the application for `call-route` (http://host:port); without one,
+    /// `call-route` answers 501.
+    #[arg(long, env = "CHANNELGATE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Longest a call-route upstream request may take (then 504). [default: 10s]
+    #[arg(long, env = "CHANNELGATE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    pub upstream_timeout: Option<HumanDuration>,
+
+    /// Longest a Handle stream may take to reply (then 504). [default: 10s]
+    #[arg(long, env = "CHANNELGATE_HANDLER_TIMEOUT", value_name = "DURATION")]
+    pub handler_timeout: Option<HumanDuration>,
+
+    /// Client messages handled at once per socket (call-route, Handle); beyond, 429.
+    /// [default: 16]
+    #[arg(long, env = "CHANNELGATE_MAX_INFLIGHT", value_name = "N")]
+    pub max_inflight: Option<usize>,
 
     /// Largest client message, in bytes (suffixes KiB, MiB); larger closes with 1008.
     /// [default: 64KiB]
@@ -286,7 +319,8 @@ impl Settings {
     /// `self`'s values where set, else `other`'s.
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, ws_path, key_cookie, max_message_size, outbound_queue, max_push_size,
+            control_token, ws_path, key_cookie, upstream, upstream_timeout, handler_timeout,
+            max_inflight, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
     }
@@ -309,6 +343,9 @@ impl Settings {
             max_credential_ttl: dur(self.max_credential_ttl, l.max_credential_ttl),
             reconnect_grace: dur(self.reconnect_grace, l.reconnect_grace),
             shutdown_grace: dur(self.shutdown_grace, l.shutdown_grace),
+            upstream_timeout: dur(self.upstream_timeout, l.upstream_timeout),
+            handler_timeout: dur(self.handler_timeout, l.handler_timeout),
+            max_inflight: self.max_inflight.unwrap_or(l.max_inflight),
         };
         let config = Config {
             listen: self.listen.unwrap_or(d.listen),
@@ -319,6 +356,7 @@ impl Settings {
             control_tokens: self.control_token.unwrap_or_default(),
             ws_path: self.ws_path.unwrap_or(d.ws_path),
             key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
+            upstream: self.upstream,
             limits,
         };
         config.check()?;
@@ -334,8 +372,8 @@ impl Config {
         if l.max_push_bytes + 512 > l.outbound_queue_bytes {
             return invalid("outbound-queue must exceed max-push-size by at least 512 bytes");
         }
-        if l.max_message_bytes == 0 || l.max_connections == 0 {
-            return invalid("max-message-size and max-connections must be positive");
+        if l.max_message_bytes == 0 || l.max_connections == 0 || l.max_inflight == 0 {
+            return invalid("max-message-size, max-connections and max-inflight must be positive");
         }
         if l.ping_interval.is_zero() || l.ping_interval >= l.idle_timeout {
             return invalid("ping-interval must be positive and shorter than idle-timeout");

@@ -13,7 +13,10 @@
 //! Whatever ends the socket, the registry hears of it exactly once ([`Registry::detach`]),
 //! before the closing handshake, so the id is free to resume at once after an unclean end.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use futures_util::{
     stream::{SplitSink, SplitStream},
@@ -32,31 +35,17 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use std::sync::Arc;
-
 use crate::{
     error::Close,
     fanout::Batch,
-    protocol::{parse_inbound, Reply},
-    registry::{Conn, Ending, Registry},
+    handlers::{remote, Outcome, Request, Socket},
+    protocol::{parse_inbound, Frame, Reply},
+    registry::{Conn, Ending},
     server::Edge,
 };
 
 /// How long the closing handshake, or a write in progress when the socket is closed, may take.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A socket that passed the handshake.
-#[derive(Debug)]
-pub struct Socket {
-    /// The registry's side of it.
-    pub conn: Arc<Conn>,
-    /// The public id it connected with.
-    pub connection_id: Box<str>,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The upgrade request's `Cookie` header, for handlers that call the application.
-    pub cookies: Option<http::HeaderValue>,
-}
 
 /// How the socket's loops ended.
 #[derive(Debug)]
@@ -93,18 +82,31 @@ impl End {
 }
 
 /// Runs a socket until it ends, then tells the registry and closes it.
-pub async fn run<S>(ws: WebSocketStream<S>, socket: Socket, edge: &Edge)
+pub async fn run<S>(ws: WebSocketStream<S>, conn: Arc<Conn>, socket: Arc<Socket>, edge: &Arc<Edge>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = &socket.conn;
+    let conn = &conn;
     let (mut sink, mut stream) = ws.split();
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
+    edge.handlers
+        .remote()
+        .lifecycle(remote::CONNECT, &socket, "{}");
     let end = tokio::select! {
         end = write_loop(&mut sink, conn, edge) => end,
-        end = read_loop(&mut stream, conn, &edge.registry, edge) => end,
+        end = read_loop(&mut stream, conn, &socket, edge) => end,
     };
     edge.registry.detach(conn, end.ending());
+    let detail = match &end {
+        End::PeerClosed => r#"{"reason":"closed by client"}"#.to_owned(),
+        End::Lost(_) => r#"{"reason":"connection lost"}"#.to_owned(),
+        End::Closing(close) => {
+            serde_json::json!({"code": close.code(), "reason": close.reason()}).to_string()
+        }
+    };
+    edge.handlers
+        .remote()
+        .lifecycle(remote::DISCONNECT, &socket, &detail);
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {
         End::Closing(close) => close.clone(),
@@ -206,14 +208,19 @@ where
     }
 }
 
-async fn read_loop<S>(stream: &mut Stream<S>, conn: &Conn, registry: &Registry, edge: &Edge) -> End
+async fn read_loop<S>(
+    stream: &mut Stream<S>,
+    conn: &Arc<Conn>,
+    socket: &Arc<Socket>,
+    edge: &Arc<Edge>,
+) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let idle_timeout = edge.config.limits.idle_timeout;
     let idle = sleep(idle_timeout);
     tokio::pin!(idle);
-    let limit = registry.limits().outbound_queue_bytes;
+    let limit = edge.registry.limits().outbound_queue_bytes;
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
@@ -224,7 +231,7 @@ where
             None => return End::Lost(None),
             Some(Err(err)) => return End::from_error(err),
             Some(Ok(Message::Close(_))) => return End::PeerClosed,
-            Some(Ok(Message::Text(text))) => answer(&text),
+            Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),
             Some(Ok(Message::Binary(_))) => Some(Reply::text(
                 None,
                 400,
@@ -238,15 +245,40 @@ where
     }
 }
 
-/// The reply to one client text message.
-fn answer(text: &str) -> Option<Reply> {
-    let message = match parse_inbound(text) {
-        Ok(message) => message,
+/// Routes one client text message to its handler. Returns the reply to queue now, if any; a
+/// handler that answers later runs as a tracked task that queues its own reply.
+fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>) -> Option<Reply> {
+    let request = match parse_inbound(&text) {
+        Ok(message) => Request {
+            action: message.action.into(),
+            id: message.id.map(|id| id.to_owned()),
+            text: text.clone(),
+            socket: socket.clone(),
+        },
         Err(bad) => return Some(bad.reply()),
     };
-    let id = message.id.map(|id| id.to_owned());
-    Some(match message.action {
-        "ping" => Reply::text(id, 200, "pong"),
-        _ => Reply::text(id, 404, "unknown action"),
-    })
+    let max = edge.config.limits.max_inflight;
+    if socket.inflight.load(Ordering::Relaxed) >= max {
+        return Some(request.reply(429, "too many messages in flight"));
+    }
+    match edge.handlers.dispatch(request) {
+        Outcome::Reply(reply) => Some(reply),
+        Outcome::NoReply => None,
+        Outcome::Pending(future) => {
+            socket.inflight.fetch_add(1, Ordering::Relaxed);
+            let (conn, socket, limit) = (
+                conn.clone(),
+                socket.clone(),
+                edge.registry.limits().outbound_queue_bytes,
+            );
+            edge.tracker.spawn(async move {
+                let reply = future.await;
+                socket.inflight.fetch_sub(1, Ordering::Relaxed);
+                if let Some(reply) = reply {
+                    conn.outbox.push(&reply.encode(), limit);
+                }
+            });
+            None
+        }
+    }
 }

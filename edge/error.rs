@@ -147,6 +147,9 @@ pub enum Error {
     /// A deployment secret that is too short.
     #[error(transparent)]
     WeakSecret(#[from] WeakSecret),
+    /// The `call-route` upstream is not a usable URL.
+    #[error(transparent)]
+    BadUpstream(#[from] crate::handlers::call_route::BadUpstream),
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,

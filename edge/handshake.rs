@@ -20,7 +20,7 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::{conn, registry::Ending, server::Edge};
+use crate::{conn, handlers::Socket, registry::Ending, server::Edge};
 
 type Body = Full<Bytes>;
 
@@ -190,13 +190,9 @@ fn upgrade(
                     Some(edge.ws_config),
                 )
                 .await;
-                let socket = conn::Socket {
-                    conn,
-                    connection_id: connection_id.into_boxed_str(),
-                    peer,
-                    cookies,
-                };
-                conn::run(ws, socket, &edge).await;
+                let socket =
+                    Socket::new(connection_id.into_boxed_str(), conn.digest(), peer, cookies);
+                conn::run(ws, conn, Arc::new(socket), &edge).await;
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");

@@ -10,6 +10,7 @@
 //!   * [`server`]: accept loop and [`server::Edge`], the state connection tasks share;
 //!   * [`handshake`]: HTTP routes and the upgrade, where credentials are checked;
 //!   * [`conn`]: one socket's reader, writer and closing handshake;
+//!   * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
 //!   * [`credentials`]: minting and checking ids, keys and digests (pure);
 //!   * [`registry`]: digests, subscriptions, live sockets; the one handle the control plane uses;
 //!   * [`fanout`]: the bounded per-socket outbound queue that pushes never wait on;
@@ -28,6 +29,7 @@ pub mod conn;
 pub mod credentials;
 pub mod error;
 pub mod fanout;
+pub mod handlers;
 pub mod handshake;
 pub mod protocol;
 pub mod registry;
@@ -123,7 +125,7 @@ pub async fn run(
         config,
         token.clone(),
         tracker.clone(),
-    ));
+    )?);
     tracker.spawn(server::serve(listeners.client, edge.clone()));
     let control = tracker.spawn(control::serve(listeners.grpc, edge.clone()));
     tracker.spawn({

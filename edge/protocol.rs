@@ -90,6 +90,11 @@ impl Json {
         Ok(Self(RawValue::from_string(text.trim().to_owned())?))
     }
 
+    /// `null`.
+    pub fn null() -> Self {
+        Self(RawValue::NULL.to_owned())
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         self.0.get()

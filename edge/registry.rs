@@ -34,6 +34,8 @@ use std::{
 
 use dashmap::{mapref::entry::Entry, DashMap};
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Limits,
@@ -66,6 +68,9 @@ struct Shared {
     sessions: DashMap<Digest, Session>,
     /// Live subscribers per channel. An entry exists only while it has a subscriber.
     channels: DashMap<Channel, Arc<Subscribers>>,
+    /// `Listen` streams per channel. An entry exists only while it has a listener.
+    listeners: DashMap<Channel, Vec<ListenerEntry>>,
+    next_listener: AtomicU64,
     next_serial: AtomicU64,
     live: AtomicUsize,
     counters: Counters,
@@ -107,6 +112,59 @@ impl Conn {
     /// A number unique to this socket on this node.
     pub fn serial(&self) -> u64 {
         self.serial
+    }
+}
+
+/// Events a `Listen` stream may fall behind before it is dropped.
+pub const LISTEN_BUFFER: usize = 4096;
+
+#[derive(Debug)]
+struct ListenerEntry {
+    id: u64,
+    tx: mpsc::Sender<ListenEvent>,
+    /// Cancelled when the listener falls behind on any of its channels.
+    overflowed: CancellationToken,
+}
+
+/// One push, as a `Listen` stream sees it.
+#[derive(Debug, Clone)]
+pub struct ListenEvent {
+    /// The channel it was pushed to.
+    pub channel: Channel,
+    /// The pushed JSON text, shared by every listener.
+    pub json: Arc<str>,
+}
+
+/// A `Listen` stream's end of the registry; stops listening when dropped.
+#[derive(Debug)]
+pub struct Listener {
+    id: u64,
+    rx: mpsc::Receiver<ListenEvent>,
+    overflowed: CancellationToken,
+    channels: Vec<Channel>,
+    registry: Registry,
+}
+
+impl Listener {
+    /// The next push; `None` once the listener was dropped for falling behind (see
+    /// [`Listener::overflowed`]) after the events it had.
+    pub async fn recv(&mut self) -> Option<ListenEvent> {
+        tokio::select! {
+            biased;
+            event = self.rx.recv() => event,
+            _ = self.overflowed.cancelled() => None,
+        }
+    }
+
+    /// Whether the registry dropped this listener for falling behind.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.is_cancelled()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.registry.unlisten(self.id, &self.channels);
     }
 }
 
@@ -170,6 +228,8 @@ impl Registry {
                 limits,
                 sessions: DashMap::new(),
                 channels: DashMap::new(),
+                listeners: DashMap::new(),
+                next_listener: AtomicU64::new(1),
                 next_serial: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 counters: Counters::default(),
@@ -359,15 +419,89 @@ impl Registry {
             .remove_if(channel, |_, subscribers| subscribers.lock().is_empty());
     }
 
-    /// Checks a push's JSON and delivers it to every channel. Returns the number of sockets it
-    /// was queued to.
+    /// Checks a push's JSON and delivers it to every channel's sockets and listeners. Returns
+    /// the number of sockets it was queued to.
     pub fn push(&self, channels: &[Channel], json: &str) -> Result<u64, Error> {
         check_channel_count(channels)?;
         let json = self.check_payload(json)?;
-        Ok(channels
-            .iter()
-            .map(|channel| self.publish(channel, &push_frame(channel, &json)))
-            .sum())
+        let mut shared_json: Option<Arc<str>> = None;
+        let mut queued = 0;
+        for channel in channels {
+            queued += self.publish(channel, &push_frame(channel, &json));
+            if !self.shared.listeners.is_empty() {
+                let text = shared_json.get_or_insert_with(|| json.as_str().into());
+                self.notify_listeners(channel, text);
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Starts a `Listen` stream on `channels`: every push to them is copied to the returned
+    /// [`Listener`], which stops (and reports it) if it falls [`LISTEN_BUFFER`] events behind.
+    pub fn listen(&self, channels: &[Channel]) -> Result<Listener, Error> {
+        check_channel_count(channels)?;
+        let id = self.shared.next_listener.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LISTEN_BUFFER);
+        let overflowed = CancellationToken::new();
+        for channel in channels {
+            self.shared
+                .listeners
+                .entry(channel.clone())
+                .or_default()
+                .push(ListenerEntry {
+                    id,
+                    tx: tx.clone(),
+                    overflowed: overflowed.clone(),
+                });
+        }
+        Ok(Listener {
+            id,
+            rx,
+            overflowed,
+            channels: channels.to_vec(),
+            registry: self.clone(),
+        })
+    }
+
+    fn notify_listeners(&self, channel: &Channel, json: &Arc<str>) {
+        let Some(mut entries) = self.shared.listeners.get_mut(channel) else {
+            return;
+        };
+        entries.retain(|entry| {
+            let event = ListenEvent {
+                channel: channel.clone(),
+                json: json.clone(),
+            };
+            match entry.tx.try_send(event) {
+                // Dropped on another channel: prune here too.
+                Ok(()) if entry.overflowed.is_cancelled() => false,
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(%channel, "dropping a Listen stream that fell behind");
+                    entry.overflowed.cancel();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        let empty = entries.is_empty();
+        drop(entries);
+        if empty {
+            self.shared
+                .listeners
+                .remove_if(channel, |_, e| e.is_empty());
+        }
+    }
+
+    fn unlisten(&self, id: u64, channels: &[Channel]) {
+        for channel in channels {
+            if let Some(mut entries) = self.shared.listeners.get_mut(channel) {
+                entries.retain(|e| e.id != id);
+            }
+            self.shared
+                .listeners
+                .remove_if(channel, |_, e| e.is_empty());
+        }
     }
 
     /// Checks a payload against the JSON rules and the size limit.

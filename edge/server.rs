@@ -10,7 +10,13 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Config, handshake, registry::Registry};
+use crate::{
+    config::Config,
+    error::Error,
+    handlers::{call_route::CallRoute, remote::Remote, Handlers},
+    handshake,
+    registry::Registry,
+};
 
 /// Most connections between `accept()` and the WebSocket upgrade (or the end of a plain
 /// HTTP exchange such as `/healthz`).
@@ -28,6 +34,8 @@ pub struct Edge {
     pub registry: Registry,
     /// The node's configuration.
     pub config: Config,
+    /// What answers client messages, by action.
+    pub handlers: Handlers,
     /// WebSocket limits derived from the configuration.
     pub ws_config: WebSocketConfig,
     /// Cancelled when the node starts draining: sockets close with 1001, upgrades get 503,
@@ -59,15 +67,22 @@ impl Edge {
         config: Config,
         shutdown: CancellationToken,
         tracker: TaskTracker,
-    ) -> Self {
+    ) -> Result<Self, Error> {
         let limits = &config.limits;
+        let call_route = CallRoute::new(
+            config.upstream.as_deref(),
+            limits.upstream_timeout,
+            &config.key_cookie,
+        )?;
+        let handlers = Handlers::new(call_route, Remote::new(limits.handler_timeout));
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)
             .max_message_size(Some(limits.max_message_bytes))
             .max_frame_size(Some(limits.max_message_bytes));
-        Self {
+        Ok(Self {
             registry,
+            handlers,
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             config,
@@ -75,7 +90,7 @@ impl Edge {
             shutdown,
             halt: CancellationToken::new(),
             tracker,
-        }
+        })
     }
 }
 

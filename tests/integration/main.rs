@@ -2,9 +2,11 @@
 //! End-to-end tests: a real gateway on 127.0.0.1:0, real WebSocket clients, real gRPC clients.
 //! One test crate with a module per capability (`cargo test --test integration fanout`).
 
+mod call_route;
 mod control;
 mod credentials;
 mod fanout;
+mod handle;
 mod handshake;
 mod messages;
 mod shutdown;

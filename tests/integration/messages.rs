@@ -98,3 +98,36 @@ async fn the_server_pings_and_closes_silent_sockets() {
         200
     );
 }
+
+#[tokio::test]
+async fn invalid_utf8_closes_only_that_socket_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let gw = Gateway::start().await;
+    let (_, mut bad) = gw.subscriber(&["room"]).await;
+    let (_, mut good) = gw.subscriber(&["room"]).await;
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    bad.ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(code(&bad.expect_close().await), 1007);
+    gw.wait_for_connections(1).await;
+    assert_eq!(gw.push("room", "1").await, 1);
+    assert_eq!(good.recv_push().await.1, 1);
+}
+
+#[tokio::test]
+async fn a_one_megabyte_message_closes_only_that_socket_with_1008() {
+    let gw = Gateway::start().await;
+    let (_, mut bad) = gw.subscriber(&["room"]).await;
+    let (_, mut good) = gw.subscriber(&["room"]).await;
+    let huge = format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(1 << 20));
+    // The gateway may close before the whole megabyte is written.
+    let _ = bad.ws.send(Message::text(huge)).await;
+    assert_eq!(code(&bad.expect_close().await), 1008);
+    assert_eq!(
+        good.request(json!({"action":"ping","id":1})).await["status"],
+        200
+    );
+    assert_eq!(gw.push("room", "1").await, 1);
+}

@@ -1,0 +1,144 @@
+//! The streaming RPCs: `Listen` (pushes to channels, copied to an application instance) and
+//! `Handle` (client messages to application services, their replies back to the socket).
+//!
+//! Both streams end when the node halts, so a drain never waits on them.
+
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::oneshot;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Status, Streaming};
+
+use super::convert;
+use crate::{
+    handlers::{
+        remote::{Delivery, Member, Remote},
+        Handlers,
+    },
+    pb,
+    registry::Listener,
+};
+
+/// A boxed response stream.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The `Listen` stream of `listener`: every push, then `RESOURCE_EXHAUSTED` if it fell behind.
+pub(crate) fn listen(listener: Listener, halt: CancellationToken) -> BoxStream<pb::ListenEvent> {
+    let events = futures_util::stream::unfold(Some(listener), |state| async move {
+        let mut listener = state?;
+        match listener.recv().await {
+            Some(event) => Some((
+                Ok(pb::ListenEvent {
+                    channel: event.channel.to_string(),
+                    json: event.json.to_string(),
+                }),
+                Some(listener),
+            )),
+            None if listener.overflowed() => Some((
+                Err(Status::resource_exhausted(
+                    "listener fell behind and was dropped; pushes never wait for listeners",
+                )),
+                None,
+            )),
+            None => None,
+        }
+    });
+    Box::pin(events.take_until(halt.cancelled_owned()))
+}
+
+/// Runs a `Handle` stream: takes the registration, then relays deliveries out and replies in.
+pub(crate) async fn handle(
+    handlers: &Handlers,
+    mut inbound: Streaming<pb::HandleRequest>,
+    halt: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<BoxStream<pb::ClientMessage>, Status> {
+    let register = match inbound.message().await? {
+        Some(pb::HandleRequest {
+            kind: Some(pb::handle_request::Kind::Register(register)),
+        }) => register,
+        _ => {
+            return Err(Status::invalid_argument(
+                "a Handle stream must start with a Register message",
+            ))
+        }
+    };
+    if let Some(action) = register.actions.iter().find(|a| handlers.is_builtin(a)) {
+        return Err(Status::invalid_argument(format!(
+            "action {action:?} is handled by the gateway itself"
+        )));
+    }
+    let remote = handlers.remote().clone();
+    let (member, deliveries) = remote
+        .join(&register.group, register.actions, register.lifecycle_events)
+        .map_err(|err| Status::invalid_argument(err.to_string()))?;
+    tracing::info!(group = %register.group, "Handle stream joined");
+
+    // Replies come in on a task of their own; it owns the membership, so the member leaves
+    // (and its in-flight deliveries get 503) when the inbound side ends or breaks a rule.
+    let (failed_tx, failed_rx) = oneshot::channel::<Status>();
+    let stop = halt.clone();
+    tracker.spawn(async move {
+        let failure = tokio::select! {
+            failure = relay_replies(&remote, &member, &mut inbound) => failure,
+            _ = stop.cancelled() => None,
+        };
+        drop(member);
+        if let Some(status) = failure {
+            let _ = failed_tx.send(status);
+        }
+    });
+
+    let out = futures_util::stream::unfold(
+        (deliveries, Some(failed_rx)),
+        |(mut deliveries, failed)| async move {
+            let mut failed = failed?;
+            tokio::select! {
+                biased;
+                status = &mut failed => status.ok().map(|s| (Err(s), (deliveries, None))),
+                delivery = deliveries.recv() => delivery.map(|d| (Ok(client_message(d)), (deliveries, Some(failed)))),
+            }
+        },
+    );
+    Ok(Box::pin(out.take_until(halt.cancelled_owned())))
+}
+
+/// Takes replies until the stream ends (`None`) or sends something invalid (its status).
+async fn relay_replies(
+    remote: &Remote,
+    member: &Member,
+    inbound: &mut Streaming<pb::HandleRequest>,
+) -> Option<Status> {
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) | Err(_) => return None,
+        };
+        let reply = match message.kind {
+            Some(pb::handle_request::Kind::Reply(reply)) => reply,
+            Some(pb::handle_request::Kind::Register(_)) => {
+                return Some(Status::invalid_argument("Register may only be sent once"))
+            }
+            None => return Some(Status::invalid_argument("empty HandleRequest")),
+        };
+        let reply = match convert::remote_reply(reply) {
+            Ok(reply) => reply,
+            Err(status) => return Some(status),
+        };
+        if let Err(err) = remote.reply(member, reply) {
+            return Some(Status::invalid_argument(err.to_string()));
+        }
+    }
+}
+
+fn client_message(d: Delivery) -> pb::ClientMessage {
+    pb::ClientMessage {
+        delivery_id: d.delivery_id,
+        connection_id: d.connection_id.into(),
+        digest: d.digest.to_string(),
+        action: d.action.into(),
+        id: d.id.map(|id| id.get().to_owned()).unwrap_or_default(),
+        json: d.json.into(),
+    }
+}

@@ -1,0 +1,177 @@
+//! Client-message handlers: the [`Handler`] trait and the [`Handlers`] table that routes each
+//! client message to one by its `action`.
+//!
+//! Built in: `ping` (answered at once) and `call-route` ([`call_route`], an HTTP request to the
+//! application). Any other action goes to the application services that registered for it over
+//! the control plane's `Handle` stream ([`remote`]); with none, the client gets 404.
+//! A program embedding the edge adds its own handlers with [`Handlers::insert`].
+//!
+//! A handler either answers at once ([`Outcome::Reply`]) or returns a future
+//! ([`Outcome::Pending`]); the socket runs pending futures as tracked tasks, at most
+//! `max_inflight` per socket (beyond that the client gets 429), and queues their replies like
+//! any other frame, so replies may come back out of order and are matched by `id`.
+
+pub mod call_route;
+pub mod remote;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{atomic::AtomicUsize, Arc},
+};
+
+use serde_json::value::RawValue;
+
+use crate::{
+    credentials::Digest,
+    protocol::{Frame, Reply},
+};
+
+/// A boxed handler future.
+pub type BoxFuture = Pin<Box<dyn Future<Output = Option<Reply>> + Send + 'static>>;
+
+/// Who sent a message: the socket's identity, shared by all its messages.
+#[derive(Debug)]
+pub struct Socket {
+    /// The public connection id.
+    pub connection_id: Box<str>,
+    /// The digest that addresses the socket on the control plane.
+    pub digest: Digest,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The upgrade request's `Cookie` header, as the browser sent it (it may contain the socket
+    /// key cookie: handlers that forward it must strip that).
+    pub cookies: Option<http::HeaderValue>,
+    /// Messages of this socket being handled right now (kept by the connection task).
+    pub(crate) inflight: AtomicUsize,
+}
+
+impl Socket {
+    /// A socket's identity.
+    pub fn new(
+        connection_id: Box<str>,
+        digest: Digest,
+        peer: SocketAddr,
+        cookies: Option<http::HeaderValue>,
+    ) -> Self {
+        Self {
+            connection_id,
+            digest,
+            peer,
+            cookies,
+            inflight: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One client message, handed to a handler.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The action name.
+    pub action: Box<str>,
+    /// The client's id (a number or a string), as JSON text.
+    pub id: Option<Box<RawValue>>,
+    /// The whole message, as the client sent it.
+    pub text: Frame,
+    /// The sender.
+    pub socket: Arc<Socket>,
+}
+
+impl Request {
+    /// A reply to this request with a text body.
+    pub fn reply(&self, status: u16, body: impl Into<String>) -> Reply {
+        Reply::text(self.id.clone(), status, body)
+    }
+}
+
+/// What a handler does with a message.
+pub enum Outcome {
+    /// Answer at once.
+    Reply(Reply),
+    /// Answer when the future resolves (`None`: no reply).
+    Pending(BoxFuture),
+    /// Send nothing back.
+    NoReply,
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
+            Self::Pending(_) => f.write_str("Pending"),
+            Self::NoReply => f.write_str("NoReply"),
+        }
+    }
+}
+
+/// Handles the client messages of one or more actions.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message. Must not block: slow work belongs in [`Outcome::Pending`].
+    fn handle(&self, request: Request) -> Outcome;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(Request) -> Outcome + Send + Sync + 'static,
+{
+    fn handle(&self, request: Request) -> Outcome {
+        self(request)
+    }
+}
+
+/// The action table. Built-in and embedded handlers take precedence over `Handle` streams.
+#[derive(Clone)]
+pub struct Handlers {
+    table: HashMap<Box<str>, Arc<dyn Handler>>,
+    remote: remote::Remote,
+}
+
+impl fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handlers")
+            .field("actions", &self.table.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handlers {
+    /// The built-in table: `ping`, `call-route`, and `Handle` streams for everything else.
+    pub fn new(call_route: call_route::CallRoute, remote: remote::Remote) -> Self {
+        let mut handlers = Self {
+            table: HashMap::new(),
+            remote,
+        };
+        handlers.insert("ping", |request: Request| {
+            Outcome::Reply(request.reply(200, "pong"))
+        });
+        handlers.insert(call_route::ACTION, call_route);
+        handlers
+    }
+
+    /// Adds (or replaces) the handler of `action`.
+    pub fn insert(&mut self, action: &str, handler: impl Handler) {
+        self.table.insert(action.into(), Arc::new(handler));
+    }
+
+    /// Whether `action` is handled by the gateway itself (and so cannot be claimed by a
+    /// `Handle` stream).
+    pub fn is_builtin(&self, action: &str) -> bool {
+        self.table.contains_key(action)
+    }
+
+    /// The `Handle` stream registry.
+    pub fn remote(&self) -> &remote::Remote {
+        &self.remote
+    }
+
+    /// Routes a message to its handler.
+    pub fn dispatch(&self, request: Request) -> Outcome {
+        match self.table.get(&*request.action) {
+            Some(handler) => handler.handle(request),
+            None => self.remote.handle(request),
+        }
+    }
+}
