@@ -6,6 +6,11 @@
 //!
 //! Scenarios:
 //! * `idle`: open N subscribed sockets and report the node's RSS per socket.
+//! * `call-route`: round trips of `call-route` through the node to an upstream this generator
+//!   serves (`--upstream-listen`; start the node with `--upstream` pointing there), against
+//!   direct HTTP requests to the same upstream.
+//! * `handle`: round trips of a client message through a `Handle` stream this generator
+//!   registers, against `ping` (answered by the node itself).
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -40,6 +45,12 @@ struct Args {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
+    /// Round trips per measurement (call-route, handle).
+    #[arg(long, default_value_t = 5000)]
+    requests: usize,
+    /// Where the generator serves the upstream for `call-route`.
+    #[arg(long, default_value = "127.0.0.1:18090")]
+    upstream_listen: SocketAddr,
     /// Cargo passes this to benches.
     #[arg(long, hide = true)]
     bench: bool,
@@ -151,6 +162,203 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.scenario.as_str() {
         "idle" => idle(&args).await,
+        "call-route" => call_route(&args).await,
+        "handle" => handle(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
+}
+
+/// Percentiles of a set of durations, in microseconds.
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<std::time::Duration>) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64()
+                * 1e6
+        };
+        Self {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+
+    fn row(&self, name: &str) {
+        println!(
+            "{name:<22} p50 {:>8.1} us   p90 {:>8.1} us   p99 {:>8.1} us   max {:>8.1} us",
+            self.p50, self.p90, self.p99, self.max
+        );
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"p50_us": self.p50, "p90_us": self.p90, "p99_us": self.p99, "max_us": self.max})
+    }
+}
+
+/// One WebSocket with fresh credentials.
+async fn client(args: &Args) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    let mut control = ControlClient::connect(args.control.clone()).await?;
+    open_socket(args, 0, &mut control).await
+}
+
+/// Sends `message` (with `"id":i` spliced in) `n` times, one at a time; returns each round trip.
+async fn round_trips(
+    ws: &mut WebSocketStream<TcpStream>,
+    n: usize,
+    message: &str,
+) -> anyhow::Result<Vec<std::time::Duration>> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let text = format!(r#"{{"id":{i},{}"#, &message[1..]);
+        let started = Instant::now();
+        ws.send(Message::text(text)).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t)?;
+                    if v["id"] == i {
+                        if v["status"] != 200 {
+                            bail!("reply {v}");
+                        }
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("socket closed"),
+            }
+        }
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+async fn call_route(args: &Args) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    // The upstream: one JSON route.
+    let listener = tokio::net::TcpListener::bind(args.upstream_listen).await?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(bytes::Bytes::from_static(br#"{"ok":true}"#)))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    // Direct: the same pooled client the gateway uses.
+    let http: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = format!("http://{}/bench?x=1", args.upstream_listen).parse()?;
+    let mut direct = Vec::with_capacity(args.requests);
+    for _ in 0..args.requests {
+        let started = Instant::now();
+        let response = http.get(uri.clone()).await?;
+        response.into_body().collect().await?;
+        direct.push(started.elapsed());
+    }
+    let mut ws = client(args).await?;
+    let via = round_trips(
+        &mut ws,
+        args.requests,
+        r#"{"action":"call-route","uri":"/bench","input":{"x":1}}"#,
+    )
+    .await?;
+    let ping = round_trips(&mut ws, args.requests, r#"{"action":"ping"}"#).await?;
+    let (direct, via, ping) = (Latency::of(direct), Latency::of(via), Latency::of(ping));
+    println!(
+        "scenario call-route, {} sequential requests each",
+        args.requests
+    );
+    direct.row("direct HTTP");
+    via.row("call-route via node");
+    ping.row("ping via node");
+    println!(
+        "added by the gateway   p50 {:>8.1} us   p99 {:>8.1} us",
+        via.p50 - direct.p50,
+        via.p99 - direct.p99
+    );
+    println!(
+        "{}",
+        serde_json::json!({"scenario":"call-route","requests":args.requests,"direct":direct.json(),"call_route":via.json(),"ping":ping.json()})
+    );
+    Ok(())
+}
+
+async fn handle(args: &Args) -> anyhow::Result<()> {
+    use pb::handle_request::Kind;
+    let mut control = ControlClient::connect(args.control.clone()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tx.send(pb::HandleRequest {
+        kind: Some(Kind::Register(pb::Register {
+            group: "bench".into(),
+            actions: vec!["bench.echo".into()],
+            lifecycle_events: false,
+        })),
+    })
+    .await?;
+    let mut messages = control
+        .handle(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = messages.message().await {
+            let reply = pb::Reply {
+                delivery_id: m.delivery_id,
+                status: 200,
+                headers: Default::default(),
+                body_json: String::new(),
+            };
+            if tx
+                .send(pb::HandleRequest {
+                    kind: Some(Kind::Reply(reply)),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut ws = client(args).await?;
+    let via = round_trips(&mut ws, args.requests, r#"{"action":"bench.echo"}"#).await?;
+    let ping = round_trips(&mut ws, args.requests, r#"{"action":"ping"}"#).await?;
+    let (via, ping) = (Latency::of(via), Latency::of(ping));
+    println!(
+        "scenario handle, {} sequential requests each",
+        args.requests
+    );
+    via.row("Handle round trip");
+    ping.row("ping (node only)");
+    println!(
+        "added by the Handle hop p50 {:>8.1} us   p99 {:>8.1} us",
+        via.p50 - ping.p50,
+        via.p99 - ping.p99
+    );
+    println!(
+        "{}",
+        serde_json::json!({"scenario":"handle","requests":args.requests,"handle":via.json(),"ping":ping.json()})
+    );
+    Ok(())
 }
