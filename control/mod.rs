@@ -49,7 +49,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
         })?;
     let control = InterceptedService::new(
         pb::control_server::ControlServer::new(ControlService::new(
-            edge.registry.clone(),
+            edge.bus.clone(),
             edge.handlers.clone(),
             edge.halt.clone(),
             edge.tracker.clone(),

@@ -9,12 +9,12 @@ use super::{
     convert,
     handle::{self, BoxStream},
 };
-use crate::{handlers::Handlers, pb, registry::Registry};
+use crate::{bus::Bus, handlers::Handlers, pb};
 
 /// The Control service over a node's registry and handlers.
 #[derive(Debug, Clone)]
 pub struct ControlService {
-    registry: Registry,
+    bus: Bus,
     handlers: Handlers,
     /// Ends the streaming calls when the node halts.
     halt: CancellationToken,
@@ -23,15 +23,15 @@ pub struct ControlService {
 }
 
 impl ControlService {
-    /// A service driving `registry` and `handlers`.
+    /// A service driving `bus` and `handlers`.
     pub fn new(
-        registry: Registry,
+        bus: Bus,
         handlers: Handlers,
         halt: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
         Self {
-            registry,
+            bus,
             handlers,
             halt,
             tracker,
@@ -40,7 +40,7 @@ impl ControlService {
 
     fn push(&self, request: &pb::PushRequest) -> Result<u64, Status> {
         let channels = convert::channels(&request.channels)?;
-        Ok(self.registry.push(&channels, &request.json)?)
+        Ok(self.bus.push(&channels, &request.json)?)
     }
 }
 
@@ -51,7 +51,7 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::IssueConnectionRequest>,
     ) -> Result<Response<pb::IssueConnectionResponse>, Status> {
         let ttl = convert::ttl(request.get_ref().ttl_ms);
-        Ok(Response::new(self.registry.issue(ttl)?.into()))
+        Ok(Response::new(self.bus.issue(ttl).await?.into()))
     }
 
     async fn subscribe(
@@ -61,7 +61,7 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
         let channels = convert::channels(&r.channels)?;
-        let live = self.registry.subscribe(&digest, &channels)?;
+        let live = self.bus.subscribe(&digest, &channels).await?;
         Ok(Response::new(pb::SubscribeResponse { live }))
     }
 
@@ -72,7 +72,7 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
         let channels = convert::channels(&r.channels)?;
-        let live = self.registry.unsubscribe(&digest, &channels)?;
+        let live = self.bus.unsubscribe(&digest, &channels).await?;
         Ok(Response::new(pb::UnsubscribeResponse { live }))
     }
 
@@ -110,7 +110,7 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
         let channel = convert::channels(std::slice::from_ref(&r.channel))?.remove(0);
-        let queued = self.registry.send(&digest, &channel, &r.json)?;
+        let queued = self.bus.send(&digest, &channel, &r.json).await?;
         Ok(Response::new(pb::SendResponse { queued }))
     }
 
@@ -121,7 +121,7 @@ impl pb::control_server::Control for ControlService {
         let r = request.into_inner();
         let digest = convert::digest(&r.digest)?;
         let close = convert::close(r.code, r.reason)?;
-        let closed = self.registry.disconnect(&digest, close)?;
+        let closed = self.bus.disconnect(&digest, close).await?;
         Ok(Response::new(pb::DisconnectResponse { closed }))
     }
 
@@ -132,7 +132,8 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let only = convert::channels(&r.channels)?;
         Ok(Response::new(
-            self.registry
+            self.bus
+                .registry()
                 .stats(r.per_channel || !only.is_empty(), &only)
                 .into(),
         ))
@@ -145,7 +146,7 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
         let channels = convert::channels(&request.get_ref().channels)?;
-        let listener = self.registry.listen(&channels)?;
+        let listener = self.bus.listen(&channels).await?;
         Ok(Response::new(handle::listen(listener, self.halt.clone())))
     }
 

@@ -16,8 +16,11 @@ impl From<Error> for Status {
             | Error::BadTtl { .. } => Code::InvalidArgument,
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::UnknownDigest => Code::NotFound,
-            Error::ShuttingDown => Code::Unavailable,
-            Error::WeakSecret(_) | Error::BadUpstream(_) | Error::Io { .. } => Code::Internal,
+            Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
+            Error::WeakSecret(_)
+            | Error::BadUpstream(_)
+            | Error::ClusterNeedsSecret
+            | Error::Io { .. } => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

@@ -88,6 +88,11 @@ pub struct Config {
     pub ws_path: String,
     /// Name of the cookie carrying the socket key. Default: `socket_key`.
     pub key_cookie: String,
+    /// Cluster mode: the Redis every node shares (`redis://host:port[/db]`). `None`: a single
+    /// node with an in-memory bus.
+    pub redis: Option<String>,
+    /// Prefix of every Redis key and channel of this deployment. Default: `channelgate`.
+    pub redis_prefix: String,
     /// Base URL (`http://host:port[/prefix]`) of the application for `call-route`; `None`
     /// answers `call-route` with 501.
     pub upstream: Option<String>,
@@ -109,6 +114,8 @@ impl fmt::Debug for Config {
             .field("control_tokens", &self.control_tokens.len())
             .field("ws_path", &self.ws_path)
             .field("key_cookie", &self.key_cookie)
+            .field("redis", &self.redis)
+            .field("redis_prefix", &self.redis_prefix)
             .field("upstream", &self.upstream)
             .field("limits", &self.limits)
             .finish()
@@ -126,6 +133,8 @@ impl Default for Config {
             control_tokens: Vec::new(),
             ws_path: "/ws".into(),
             key_cookie: "socket_key".into(),
+            redis: None,
+            redis_prefix: "channelgate".into(),
             upstream: None,
             limits: Limits::default(),
         }
@@ -198,6 +207,15 @@ pub struct Settings {
     /// Name of the cookie carrying the socket key. [default: socket_key]
     #[arg(long, env = "CHANNELGATE_KEY_COOKIE", value_name = "NAME")]
     pub key_cookie: Option<String>,
+
+    /// Cluster mode: the Redis every node shares (redis://host:port[/db]); requires --secret.
+    /// [default: none, a single node]
+    #[arg(long, env = "CHANNELGATE_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// Prefix of this deployment's Redis keys and channels. [default: channelgate]
+    #[arg(long, env = "CHANNELGATE_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
 
     /// Base URL of the application for `call-route` (http://host:port); without one,
     /// `call-route` answers 501.
@@ -319,7 +337,7 @@ impl Settings {
     /// `self`'s values where set, else `other`'s.
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, ws_path, key_cookie, upstream, upstream_timeout, handler_timeout,
+            control_token, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
             max_inflight, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
@@ -356,6 +374,8 @@ impl Settings {
             control_tokens: self.control_token.unwrap_or_default(),
             ws_path: self.ws_path.unwrap_or(d.ws_path),
             key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
+            redis: self.redis,
+            redis_prefix: self.redis_prefix.unwrap_or(d.redis_prefix),
             upstream: self.upstream,
             limits,
         };
@@ -383,6 +403,9 @@ impl Config {
         }
         if !self.ws_path.starts_with('/') {
             return invalid("ws-path must start with /");
+        }
+        if self.redis.is_some() && self.secret.is_none() {
+            return invalid("cluster mode (--redis) requires --secret, shared by every node");
         }
         if self.control_tokens.iter().any(|t| t.is_empty()) {
             return invalid("control tokens must not be empty");

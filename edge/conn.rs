@@ -96,7 +96,7 @@ where
         end = write_loop(&mut sink, conn, edge) => end,
         end = read_loop(&mut stream, conn, &socket, edge) => end,
     };
-    edge.registry.detach(conn, end.ending());
+    edge.bus.detach(conn, end.ending());
     let detail = match &end {
         End::PeerClosed => r#"{"reason":"closed by client"}"#.to_owned(),
         End::Lost(_) => r#"{"reason":"connection lost"}"#.to_owned(),

@@ -150,6 +150,12 @@ pub enum Error {
     /// The `call-route` upstream is not a usable URL.
     #[error(transparent)]
     BadUpstream(#[from] crate::handlers::call_route::BadUpstream),
+    /// Cluster mode: Redis could not be reached.
+    #[error("cluster state unavailable: {0}")]
+    ClusterUnavailable(String),
+    /// Cluster mode needs a deployment secret shared by every node.
+    #[error("cluster mode (--redis) requires --secret, shared by every node")]
+    ClusterNeedsSecret,
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,

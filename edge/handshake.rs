@@ -20,7 +20,7 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::{conn, handlers::Socket, registry::Ending, server::Edge};
+use crate::{bus::AttachError, conn, handlers::Socket, registry::Ending, server::Edge};
 
 type Body = Full<Bytes>;
 
@@ -34,7 +34,7 @@ pub async fn serve_http(
     let io = TokioIo::new(stream);
     let service = service_fn(|req| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, &edge)) }
+        async move { Ok::<_, Infallible>(route(req, peer, &edge).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -52,10 +52,10 @@ pub async fn serve_http(
     drop(permit);
 }
 
-fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body> {
+async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body> {
     let path = req.uri().path();
     if path == edge.config.ws_path {
-        return match upgrade(req, peer, edge) {
+        return match upgrade(req, peer, edge).await {
             Ok(response) => response,
             Err(refusal) => refusal.response(),
         };
@@ -63,9 +63,16 @@ fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
         }
-        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") => match edge.bus.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(reason) => {
+                let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                *response.body_mut() = Full::new(Bytes::from(format!("not ready: {reason}\n")));
+                response
+            }
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -131,7 +138,7 @@ impl Refusal {
     }
 }
 
-fn upgrade(
+async fn upgrade(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     edge: &Arc<Edge>,
@@ -168,12 +175,13 @@ fn upgrade(
         tracing::warn!(%peer, "handshake refused: max-connections reached");
         Refusal::Unavailable
     })?;
-    let conn = edge.registry.attach(&verified).map_err(|refusal| {
-        tracing::debug!(%peer, %connection_id, %refusal, "handshake refused");
-        match refusal {
-            crate::registry::Refusal::Expired => Refusal::Expired,
-            crate::registry::Refusal::AlreadyLive => Refusal::InUse,
-            crate::registry::Refusal::Ended => Refusal::Used,
+    let conn = edge.bus.attach(&verified).await.map_err(|err| {
+        tracing::debug!(%peer, %connection_id, %err, "handshake refused");
+        match err {
+            AttachError::Refused(crate::registry::Refusal::Expired) => Refusal::Expired,
+            AttachError::Refused(crate::registry::Refusal::AlreadyLive) => Refusal::InUse,
+            AttachError::Refused(crate::registry::Refusal::Ended) => Refusal::Used,
+            AttachError::Unavailable(_) => Refusal::Unavailable,
         }
     })?;
 
@@ -196,7 +204,7 @@ fn upgrade(
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");
-                edge.registry.detach(&conn, Ending::Resumable);
+                edge.bus.detach(&conn, Ending::Resumable);
             }
         }
         drop(permit);

@@ -14,6 +14,7 @@
 //!   * [`credentials`]: minting and checking ids, keys and digests (pure);
 //!   * [`registry`]: digests, subscriptions, live sockets; the one handle the control plane uses;
 //!   * [`fanout`]: the bounded per-socket outbound queue that pushes never wait on;
+//!   * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
 //!   * [`protocol`]: the client wire format (pushes, replies, client messages);
 //!   * [`config`], [`error`], [`shutdown`].
 //! * [`control`] (`../control/`): the gRPC control plane; reaches the edge only through
@@ -24,6 +25,7 @@
 //! [`run`] takes bound listeners, a [`config::Config`] and a shutdown future; `main` and the
 //! integration tests call it the same way.
 
+pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod credentials;
@@ -59,7 +61,14 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Config, credentials::Secrets, error::Error, registry::Registry, server::Edge};
+use crate::{
+    bus::{redis::RedisBus, Bus},
+    config::Config,
+    credentials::Secrets,
+    error::Error,
+    registry::Registry,
+    server::Edge,
+};
 
 /// How often expired sessions are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -110,10 +119,31 @@ pub async fn run(
         secret.as_bytes(),
         config.previous_secret.as_deref().map(str::as_bytes),
     )?;
-    let registry = Registry::new(secrets, config.limits.clone());
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let grace = config.limits.shutdown_grace;
+    // Cluster tasks stop when the node halts (after its sockets drained), so sockets that close
+    // during the drain are still recorded in Redis.
+    let halt = CancellationToken::new();
+    let bus = match &config.redis {
+        None => Bus::memory(Registry::new(secrets, config.limits.clone())),
+        Some(url) => {
+            if config.secret.is_none() {
+                return Err(Error::ClusterNeedsSecret);
+            }
+            let (registry, feed) = Registry::clustered(secrets, config.limits.clone());
+            Bus::redis(RedisBus::start(
+                url,
+                &config.redis_prefix,
+                registry,
+                feed,
+                &config.limits,
+                halt.clone(),
+                &tracker,
+            )?)
+        }
+    };
+    let registry = bus.registry().clone();
 
     let client_addr = local_addr(&listeners.client)?;
     let grpc_addr = local_addr(&listeners.grpc)?;
@@ -121,9 +151,10 @@ pub async fn run(
     tracing::info!(addr = %grpc_addr, "control plane listening (gRPC)");
 
     let edge = Arc::new(Edge::new(
-        registry.clone(),
+        bus,
         config,
         token.clone(),
+        halt,
         tracker.clone(),
     )?);
     tracker.spawn(server::serve(listeners.client, edge.clone()));

@@ -74,7 +74,44 @@ struct Shared {
     next_serial: AtomicU64,
     live: AtomicUsize,
     counters: Counters,
+    /// Cluster mode only: pushes accepted here, handed to the bus in the order they were
+    /// delivered locally, and the channels whose local interest changed.
+    cluster: Option<ClusterHooks>,
 }
+
+/// What the registry tells the cluster bus (set once, at construction).
+#[derive(Debug)]
+struct ClusterHooks {
+    /// Pushes to relay to other nodes. Bounded: while the bus cannot keep up (Redis down or
+    /// slow) pushes still reach local sockets, and the relay drops with a count.
+    relay: mpsc::Sender<Relay>,
+    /// Channels that gained their first or lost their last local subscriber or listener.
+    changed: Mutex<HashSet<Channel>>,
+    /// Wakes the bus when `changed` gains an entry.
+    changed_notify: tokio::sync::Notify,
+}
+
+/// A push accepted by this node, for other nodes: the encoded frame and where its payload
+/// starts, so receivers pass the bytes through without re-encoding.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The channel.
+    pub channel: Channel,
+    /// The encoded push frame.
+    pub frame: Frame,
+    /// Byte offset of the payload within `frame` (it ends one byte before the frame does).
+    pub payload_at: usize,
+}
+
+/// The bus's end of the cluster hooks.
+#[derive(Debug)]
+pub struct ClusterFeed {
+    /// Pushes to relay, in order.
+    pub relay: mpsc::Receiver<Relay>,
+}
+
+/// Pushes the relay may hold before it drops.
+pub const RELAY_BUFFER: usize = 65_536;
 
 /// The live sockets subscribed to one channel, by connection serial.
 type Subscribers = Mutex<HashMap<u64, Arc<Conn>>>;
@@ -217,11 +254,28 @@ pub struct Counters {
     pub slow_closes: AtomicU64,
     /// Frames dropped because their socket was already closing.
     pub dropped: AtomicU64,
+    /// Pushes not relayed to other nodes because the bus fell behind (cluster mode).
+    pub relay_dropped: AtomicU64,
 }
 
 impl Registry {
     /// An empty registry signing ids with `secrets`.
     pub fn new(secrets: Secrets, limits: Limits) -> Self {
+        Self::build(secrets, limits, None)
+    }
+
+    /// A registry for cluster mode, and the feed its bus consumes.
+    pub fn clustered(secrets: Secrets, limits: Limits) -> (Self, ClusterFeed) {
+        let (tx, rx) = mpsc::channel(RELAY_BUFFER);
+        let hooks = ClusterHooks {
+            relay: tx,
+            changed: Mutex::new(HashSet::new()),
+            changed_notify: tokio::sync::Notify::new(),
+        };
+        (Self::build(secrets, limits, Some(hooks)), ClusterFeed { relay: rx })
+    }
+
+    fn build(secrets: Secrets, limits: Limits, cluster: Option<ClusterHooks>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 secrets,
@@ -233,8 +287,100 @@ impl Registry {
                 next_serial: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 counters: Counters::default(),
+                cluster,
             }),
         }
+    }
+
+    /// Whether this registry belongs to a cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.shared.cluster.is_some()
+    }
+
+    fn interest_changed(&self, channel: &Channel) {
+        if let Some(hooks) = &self.shared.cluster {
+            if hooks.changed.lock().insert(channel.clone()) {
+                hooks.changed_notify.notify_one();
+            }
+        }
+    }
+
+    /// Waits for, then takes, the channels whose local interest changed (cluster mode).
+    pub async fn changed_channels(&self) -> Vec<Channel> {
+        let Some(hooks) = &self.shared.cluster else {
+            return std::future::pending().await;
+        };
+        loop {
+            {
+                let mut changed = hooks.changed.lock();
+                if !changed.is_empty() {
+                    return changed.drain().collect();
+                }
+            }
+            hooks.changed_notify.notified().await;
+        }
+    }
+
+    /// Whether a local socket or listener uses `channel`.
+    pub fn has_interest(&self, channel: &Channel) -> bool {
+        self.shared.channels.contains_key(channel) || self.shared.listeners.contains_key(channel)
+    }
+
+    /// Every channel a local socket or listener uses.
+    pub fn interest(&self) -> Vec<Channel> {
+        let mut all: HashSet<Channel> = self.shared.channels.iter().map(|e| e.key().clone()).collect();
+        all.extend(self.shared.listeners.iter().map(|e| e.key().clone()));
+        all.into_iter().collect()
+    }
+
+    /// Mints credentials without recording them here (cluster mode keeps them in Redis).
+    pub fn mint(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+        let limits = &self.shared.limits;
+        let ttl = ttl.unwrap_or(limits.credential_ttl);
+        if ttl > limits.max_credential_ttl || ttl.is_zero() {
+            return Err(Error::BadTtl {
+                max_ms: limits.max_credential_ttl.as_millis() as u64,
+            });
+        }
+        Ok(self
+            .shared
+            .secrets
+            .issue(now_ms().saturating_add(ttl.as_millis() as u64)))
+    }
+
+    /// Binds a socket whose credentials the cluster already accepted, with the subscriptions
+    /// the cluster holds for its digest; replaces whatever this node remembered of it.
+    pub fn attach_accepted(&self, verified: &Verified, channels: Vec<Channel>) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            serial: self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
+            digest: verified.digest,
+            outbox: Outbox::default(),
+        });
+        let mut session = self
+            .shared
+            .sessions
+            .entry(verified.digest)
+            .or_insert_with(|| Session {
+                expires_at_ms: verified.expires_at_ms,
+                state: State::Issued,
+                channels: HashSet::new(),
+            });
+        if let State::Live(old) = &session.state {
+            // The cluster says the old socket is gone; make it so here too.
+            let old = old.clone();
+            for channel in &session.channels {
+                self.remove_subscriber(channel, old.serial);
+            }
+            old.outbox.close(Close::GoingAway);
+            self.shared.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        session.channels = channels.into_iter().collect();
+        for channel in &session.channels {
+            self.add_subscriber(channel, &conn);
+        }
+        session.state = State::Live(conn.clone());
+        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        conn
     }
 
     /// The limits this registry enforces.
@@ -256,19 +402,10 @@ impl Registry {
         self.shared.secrets.verify(connection_id, socket_key)
     }
 
-    /// Mints credentials valid for `ttl` (the configured default when `None`).
+    /// Mints credentials valid for `ttl` (the configured default when `None`) and records
+    /// them here.
     pub fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
-        let limits = &self.shared.limits;
-        let ttl = ttl.unwrap_or(limits.credential_ttl);
-        if ttl > limits.max_credential_ttl || ttl.is_zero() {
-            return Err(Error::BadTtl {
-                max_ms: limits.max_credential_ttl.as_millis() as u64,
-            });
-        }
-        let creds = self
-            .shared
-            .secrets
-            .issue(now_ms().saturating_add(ttl.as_millis() as u64));
+        let creds = self.mint(ttl)?;
         self.shared.sessions.insert(
             creds.digest,
             Session {
@@ -406,17 +543,33 @@ impl Registry {
     }
 
     fn add_subscriber(&self, channel: &Channel, conn: &Arc<Conn>) {
-        let entry = self.shared.channels.entry(channel.clone()).or_default();
+        let mut created = false;
+        let entry = self
+            .shared
+            .channels
+            .entry(channel.clone())
+            .or_insert_with(|| {
+                created = true;
+                Arc::default()
+            });
         entry.lock().insert(conn.serial, conn.clone());
+        drop(entry);
+        if created {
+            self.interest_changed(channel);
+        }
     }
 
     fn remove_subscriber(&self, channel: &Channel, serial: u64) {
         if let Some(subscribers) = self.shared.channels.get(channel) {
             subscribers.lock().remove(&serial);
         }
-        self.shared
+        let removed = self
+            .shared
             .channels
             .remove_if(channel, |_, subscribers| subscribers.lock().is_empty());
+        if removed.is_some() {
+            self.interest_changed(channel);
+        }
     }
 
     /// Checks a push's JSON and delivers it to every channel's sockets and listeners. Returns
@@ -427,7 +580,9 @@ impl Registry {
         let mut shared_json: Option<Arc<str>> = None;
         let mut queued = 0;
         for channel in channels {
-            queued += self.publish(channel, &push_frame(channel, &json));
+            let frame = push_frame(channel, &json);
+            let payload_at = frame.len() - json.as_str().len() - 1;
+            queued += self.deliver(channel, &frame, Some(payload_at));
             if !self.shared.listeners.is_empty() {
                 let text = shared_json.get_or_insert_with(|| json.as_str().into());
                 self.notify_listeners(channel, text);
@@ -444,15 +599,17 @@ impl Registry {
         let (tx, rx) = mpsc::channel(LISTEN_BUFFER);
         let overflowed = CancellationToken::new();
         for channel in channels {
-            self.shared
-                .listeners
-                .entry(channel.clone())
-                .or_default()
-                .push(ListenerEntry {
-                    id,
-                    tx: tx.clone(),
-                    overflowed: overflowed.clone(),
-                });
+            let mut entries = self.shared.listeners.entry(channel.clone()).or_default();
+            let first = entries.is_empty();
+            entries.push(ListenerEntry {
+                id,
+                tx: tx.clone(),
+                overflowed: overflowed.clone(),
+            });
+            drop(entries);
+            if first {
+                self.interest_changed(channel);
+            }
         }
         Ok(Listener {
             id,
@@ -516,23 +673,52 @@ impl Registry {
         Ok(Json::parse(json)?)
     }
 
+    /// Delivers a push another node accepted: the frame as it was encoded there, to local
+    /// subscribers and listeners.
+    pub fn deliver_relayed(&self, relay: &Relay) -> u64 {
+        let queued = self.deliver(&relay.channel, &relay.frame, None);
+        if !self.shared.listeners.is_empty() {
+            let payload = &relay.frame[relay.payload_at..relay.frame.len() - 1];
+            self.notify_listeners(&relay.channel, &Arc::from(payload));
+        }
+        queued
+    }
+
     /// Queues an encoded frame to every live subscriber of `channel`, in one critical section
-    /// per channel, so all subscribers see pushes to a channel in the same order. Never waits.
-    pub fn publish(&self, channel: &Channel, frame: &Frame) -> u64 {
+    /// per channel, so all subscribers see pushes to a channel in the same order; in cluster
+    /// mode a push accepted here (`relay_payload_at` set) is handed to the bus in that same
+    /// order. Never waits.
+    fn deliver(&self, channel: &Channel, frame: &Frame, relay_payload_at: Option<usize>) -> u64 {
         let counters = &self.shared.counters;
         counters.pushes.fetch_add(1, Ordering::Relaxed);
+        let relay = |payload_at| {
+            let Some(hooks) = &self.shared.cluster else { return };
+            let relay = Relay { channel: channel.clone(), frame: frame.clone(), payload_at };
+            if hooks.relay.try_send(relay).is_err() {
+                counters.relay_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%channel, "cross-node push dropped: the cluster bus is not keeping up");
+            }
+        };
         let Some(subscribers) = self.shared.channels.get(channel).map(|s| s.clone()) else {
+            if let Some(at) = relay_payload_at {
+                relay(at);
+            }
             return 0;
         };
         let limit = self.shared.limits.outbound_queue_bytes;
         let (mut queued, mut full, mut dropped) = (0u64, 0u64, 0u64);
-        for conn in subscribers.lock().values() {
+        let subscribers = subscribers.lock();
+        for conn in subscribers.values() {
             match conn.outbox.push(frame, limit) {
                 Enqueued::Queued => queued += 1,
                 Enqueued::Full => full += 1,
                 Enqueued::Closed => dropped += 1,
             }
         }
+        if let Some(at) = relay_payload_at {
+            relay(at);
+        }
+        drop(subscribers);
         counters.deliveries.fetch_add(queued, Ordering::Relaxed);
         if full > 0 {
             counters.slow_closes.fetch_add(full, Ordering::Relaxed);
@@ -574,6 +760,26 @@ impl Registry {
                 }
             },
         )
+    }
+
+    /// Queues an encoded frame to `digest`'s socket if it is live here (a `Send` relayed from
+    /// another node). Returns whether it was queued.
+    pub fn send_frame(&self, digest: &Digest, frame: &Frame) -> bool {
+        let conn = match self.shared.sessions.get(digest).as_deref() {
+            Some(Session { state: State::Live(conn), .. }) => conn.clone(),
+            _ => return false,
+        };
+        conn.outbox.push(frame, self.shared.limits.outbound_queue_bytes) == Enqueued::Queued
+    }
+
+    /// The digests of the sockets live on this node.
+    pub fn live_digests(&self) -> Vec<Digest> {
+        self.shared
+            .sessions
+            .iter()
+            .filter(|s| matches!(s.state, State::Live(_)))
+            .map(|s| *s.key())
+            .collect()
     }
 
     /// Ends `digest`'s credentials and closes its socket, if live here, with `close`.
@@ -658,7 +864,8 @@ impl Registry {
     }
 }
 
-fn check_channel_count(channels: &[Channel]) -> Result<(), Error> {
+/// Checks the number of channels in one call.
+pub(crate) fn check_channel_count(channels: &[Channel]) -> Result<(), Error> {
     match channels.len() {
         0 => Err(Error::NoChannels),
         n if n > MAX_CHANNELS_PER_CALL => Err(Error::TooManyChannels {

@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    bus::Bus,
     config::Config,
     error::Error,
     handlers::{call_route::CallRoute, remote::Remote, Handlers},
@@ -30,8 +31,10 @@ const WRITE_BUFFER_BYTES: usize = 64 << 10;
 /// What every connection task of a node shares.
 #[derive(Debug)]
 pub struct Edge {
-    /// The registry of digests, channels and live sockets.
+    /// The registry of digests, channels and live sockets on this node.
     pub registry: Registry,
+    /// The gateway's operations across nodes (or on this one).
+    pub bus: Bus,
     /// The node's configuration.
     pub config: Config,
     /// What answers client messages, by action.
@@ -63,9 +66,10 @@ impl Edge {
 
     /// Shared state for a node.
     pub fn new(
-        registry: Registry,
+        bus: Bus,
         config: Config,
         shutdown: CancellationToken,
+        halt: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Self, Error> {
         let limits = &config.limits;
@@ -81,14 +85,15 @@ impl Edge {
             .max_message_size(Some(limits.max_message_bytes))
             .max_frame_size(Some(limits.max_message_bytes));
         Ok(Self {
-            registry,
+            registry: bus.registry().clone(),
+            bus,
             handlers,
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             config,
             ws_config,
             shutdown,
-            halt: CancellationToken::new(),
+            halt,
             tracker,
         })
     }
