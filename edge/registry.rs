@@ -272,7 +272,10 @@ impl Registry {
             changed: Mutex::new(HashSet::new()),
             changed_notify: tokio::sync::Notify::new(),
         };
-        (Self::build(secrets, limits, Some(hooks)), ClusterFeed { relay: rx })
+        (
+            Self::build(secrets, limits, Some(hooks)),
+            ClusterFeed { relay: rx },
+        )
     }
 
     fn build(secrets: Secrets, limits: Limits, cluster: Option<ClusterHooks>) -> Self {
@@ -328,7 +331,12 @@ impl Registry {
 
     /// Every channel a local socket or listener uses.
     pub fn interest(&self) -> Vec<Channel> {
-        let mut all: HashSet<Channel> = self.shared.channels.iter().map(|e| e.key().clone()).collect();
+        let mut all: HashSet<Channel> = self
+            .shared
+            .channels
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
         all.extend(self.shared.listeners.iter().map(|e| e.key().clone()));
         all.into_iter().collect()
     }
@@ -692,8 +700,14 @@ impl Registry {
         let counters = &self.shared.counters;
         counters.pushes.fetch_add(1, Ordering::Relaxed);
         let relay = |payload_at| {
-            let Some(hooks) = &self.shared.cluster else { return };
-            let relay = Relay { channel: channel.clone(), frame: frame.clone(), payload_at };
+            let Some(hooks) = &self.shared.cluster else {
+                return;
+            };
+            let relay = Relay {
+                channel: channel.clone(),
+                frame: frame.clone(),
+                payload_at,
+            };
             if hooks.relay.try_send(relay).is_err() {
                 counters.relay_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%channel, "cross-node push dropped: the cluster bus is not keeping up");
@@ -766,10 +780,15 @@ impl Registry {
     /// another node). Returns whether it was queued.
     pub fn send_frame(&self, digest: &Digest, frame: &Frame) -> bool {
         let conn = match self.shared.sessions.get(digest).as_deref() {
-            Some(Session { state: State::Live(conn), .. }) => conn.clone(),
+            Some(Session {
+                state: State::Live(conn),
+                ..
+            }) => conn.clone(),
             _ => return false,
         };
-        conn.outbox.push(frame, self.shared.limits.outbound_queue_bytes) == Enqueued::Queued
+        conn.outbox
+            .push(frame, self.shared.limits.outbound_queue_bytes)
+            == Enqueued::Queued
     }
 
     /// The digests of the sockets live on this node.

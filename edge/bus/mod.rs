@@ -94,7 +94,12 @@ impl Bus {
     }
 
     /// Sends `json` to `digest`'s socket; returns whether a live socket was found.
-    pub async fn send(&self, digest: &Digest, channel: &Channel, json: &str) -> Result<bool, Error> {
+    pub async fn send(
+        &self,
+        digest: &Digest,
+        channel: &Channel,
+        json: &str,
+    ) -> Result<bool, Error> {
         match &self.redis {
             None => self.registry.send(digest, channel, json),
             Some(redis) => redis.send(digest, channel, json).await,

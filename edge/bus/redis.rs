@@ -62,6 +62,8 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// Time to live of a live socket's keys, renewed by its node every [`LIVE_RENEW`].
 const LIVE_TTL: Duration = Duration::from_secs(600);
 const LIVE_RENEW: Duration = Duration::from_secs(120);
+/// Time to live of the heartbeat set, renewed by every heartbeat.
+const NODES_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a command for another node's socket waits for that node's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection back-off.
@@ -247,8 +249,8 @@ impl RedisBus {
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_MAX);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(redis_error)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let bus = Arc::new(Self {
@@ -416,7 +418,12 @@ impl RedisBus {
     }
 
     /// Sends to `digest`'s socket wherever it is. Returns whether one was live.
-    pub async fn send(&self, digest: &Digest, channel: &Channel, json: &str) -> Result<bool, Error> {
+    pub async fn send(
+        &self,
+        digest: &Digest,
+        channel: &Channel,
+        json: &str,
+    ) -> Result<bool, Error> {
         let payload = self.registry.check_payload(json)?;
         match self.holder(digest, false).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
@@ -424,8 +431,14 @@ impl RedisBus {
             Holder::Live(node) if node == self.node => self.registry.send(digest, channel, json),
             Holder::Live(node) => {
                 let frame = push_frame(channel, &payload).to_string();
-                self.command(&node, &Command::Send { digest: digest.to_string(), frame })
-                    .await?;
+                self.command(
+                    &node,
+                    &Command::Send {
+                        digest: digest.to_string(),
+                        frame,
+                    },
+                )
+                .await?;
                 Ok(true)
             }
         }
@@ -632,7 +645,9 @@ impl RedisBus {
     async fn connect_pubsub(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {
         let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
         let (mut sink, stream) = pubsub.split();
         let mut state = self.pubsub.lock().await;
         sink.subscribe(self.node_topic(&self.node)).await?;
@@ -697,8 +712,10 @@ impl RedisBus {
                 channels,
                 add,
             } => {
-                let channels: Vec<Channel> =
-                    channels.iter().filter_map(|c| Channel::new(c).ok()).collect();
+                let channels: Vec<Channel> = channels
+                    .iter()
+                    .filter_map(|c| Channel::new(c).ok())
+                    .collect();
                 if let Ok(digest) = digest.parse() {
                     self.apply_subscribe(&digest, &channels, add).await;
                 }
@@ -715,7 +732,9 @@ impl RedisBus {
                 reason,
             } => {
                 if let Ok(digest) = digest.parse() {
-                    let _ = self.registry.disconnect(&digest, Close::Application { code, reason });
+                    let _ = self
+                        .registry
+                        .disconnect(&digest, Close::Application { code, reason });
                 }
             }
             Command::Ack { rid } => {
@@ -776,7 +795,16 @@ impl RedisBus {
             }
             let mut conn = self.conn.clone();
             let mut pipe = redis::pipe();
-            pipe.cmd("ZADD").arg(self.nodes_key()).arg(now_ms()).arg(&self.node).ignore();
+            pipe.cmd("ZADD")
+                .arg(self.nodes_key())
+                .arg(now_ms())
+                .arg(&self.node)
+                .ignore();
+            // A deployment that stops leaves nothing behind for long.
+            pipe.cmd("PEXPIRE")
+                .arg(self.nodes_key())
+                .arg(NODES_TTL.as_millis() as u64)
+                .ignore();
             if last_renew.elapsed() >= LIVE_RENEW {
                 last_renew = tokio::time::Instant::now();
                 for digest in self.registry.live_digests() {

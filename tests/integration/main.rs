@@ -3,6 +3,7 @@
 //! One test crate with a module per capability (`cargo test --test integration fanout`).
 
 mod call_route;
+mod cluster;
 mod control;
 mod credentials;
 mod fanout;

@@ -1,0 +1,440 @@
+//! Cluster mode against a real Redis: several nodes in one test, one gateway.
+//! Each test uses its own key prefix, so tests (and runs) never collide.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::json;
+
+use crate::support::{wait_until, Creds, Gateway, PATIENCE};
+use channelgate::pb;
+
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+const SECRET: &str = "cluster-test-secret-0123456789abcdef";
+
+pub fn unique_prefix(name: &str) -> String {
+    let mut bytes = [0u8; 4];
+    getrandom(&mut bytes);
+    format!("cgtest:{name}:{}:{}", std::process::id(), hex(&bytes))
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    let v = h.finish().to_le_bytes();
+    buf.copy_from_slice(&v[..buf.len()]);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A node of the cluster named by `prefix` on `redis`, ready to take traffic.
+pub async fn node(redis: &str, prefix: &str) -> Gateway {
+    let (redis, prefix) = (redis.to_owned(), prefix.to_owned());
+    let gw = Gateway::start_with(move |c| {
+        c.redis = Some(redis);
+        c.redis_prefix = prefix;
+        c.secret = Some(SECRET.into());
+    })
+    .await;
+    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
+    gw
+}
+
+#[tokio::test]
+async fn credentials_subscriptions_and_pushes_cross_nodes() {
+    let prefix = unique_prefix("cross");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    // Issued and subscribed through A, before the browser connects to B.
+    let creds = a.issue().await;
+    assert!(!a.subscribe(&creds, &["room"]).await);
+    let mut ws = b.connect(&creds).await;
+    // A push through A reaches the socket on B; so does one through B.
+    a.push("room", r#"{"via":"a"}"#).await;
+    assert_eq!(ws.recv_push().await, ("room".into(), json!({"via":"a"})));
+    assert_eq!(b.push("room", r#"{"via":"b"}"#).await, 1);
+    assert_eq!(ws.recv_push().await, ("room".into(), json!({"via":"b"})));
+}
+
+#[tokio::test]
+async fn live_subscribe_and_unsubscribe_through_another_node_take_effect_at_once() {
+    let prefix = unique_prefix("live-sub");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let creds = a.issue().await;
+    let mut ws = b.connect(&creds).await;
+    assert!(a.subscribe(&creds, &["news", "marker"]).await);
+    a.push("news", "1").await;
+    assert_eq!(ws.recv_push().await, ("news".into(), 1.into()));
+    a.unsubscribe(&creds, &["news"]).await;
+    a.push("news", "2").await;
+    a.push("marker", "3").await;
+    assert_eq!(ws.recv_push().await, ("marker".into(), 3.into()));
+}
+
+#[tokio::test]
+async fn send_and_disconnect_reach_the_socket_on_another_node() {
+    let prefix = unique_prefix("send");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let creds = a.issue().await;
+    let mut ws = b.connect(&creds).await;
+    let queued = a
+        .control()
+        .send(pb::SendRequest {
+            digest: creds.digest.clone(),
+            channel: "direct".into(),
+            json: "\"hi\"".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .queued;
+    assert!(queued);
+    assert_eq!(ws.recv_push().await, ("direct".into(), "hi".into()));
+    let closed = a
+        .control()
+        .disconnect(pb::DisconnectRequest {
+            digest: creds.digest.clone(),
+            code: 4002,
+            reason: "bye".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .closed;
+    assert!(closed);
+    assert_eq!(crate::support::code(&ws.expect_close().await), 4002);
+    // Dead everywhere.
+    assert_eq!(a.try_connect(&creds).await.err(), Some(403));
+    assert_eq!(b.try_connect(&creds).await.err(), Some(403));
+}
+
+#[tokio::test]
+async fn an_id_is_single_use_across_nodes_and_resumes_on_another_node() {
+    let prefix = unique_prefix("single");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let creds = a.issue().await;
+    a.subscribe(&creds, &["room"]).await;
+    let ws = a.connect(&creds).await;
+    assert_eq!(
+        b.try_connect(&creds).await.err(),
+        Some(403),
+        "live on A, refused on B"
+    );
+    // Dropped on A without a close: resumes on B with its subscriptions.
+    ws.drop_unclean();
+    a.wait_for_connections(0).await;
+    let mut ws = retry_connect(&b, &creds).await;
+    a.push("room", "\"after resume\"").await;
+    assert_eq!(ws.recv_push().await.1, "after resume");
+    // A clean close ends it everywhere.
+    ws.close().await;
+    b.wait_for_connections(0).await;
+    wait_until(|| async { a.try_connect(&creds).await.err() == Some(403) }).await;
+    assert_eq!(b.try_connect(&creds).await.err(), Some(403));
+}
+
+/// Connects, retrying while the id is still marked live (the old socket's end is recorded in
+/// Redis asynchronously).
+async fn retry_connect(gw: &Gateway, creds: &Creds) -> crate::support::Ws {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match gw.try_connect(creds).await {
+            Ok(ws) => return ws,
+            Err(status) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never accepted: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn interleaved_pushes_through_two_nodes_arrive_once_each_in_order_per_node() {
+    let prefix = unique_prefix("interleave");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let c = node(REDIS, &prefix).await;
+    let mut sockets = Vec::new();
+    for gw in [&a, &b, &c] {
+        let creds = a.issue().await;
+        a.subscribe(&creds, &["mix"]).await;
+        sockets.push(gw.connect(&creds).await);
+    }
+    for i in 0..100 {
+        a.push("mix", &json!({"from":"a","i":i}).to_string()).await;
+        b.push("mix", &json!({"from":"b","i":i}).to_string()).await;
+    }
+    for ws in &mut sockets {
+        let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            let (_, v) = ws.recv_push().await;
+            let i = v["i"].as_u64().unwrap();
+            if v["from"] == "a" {
+                from_a.push(i)
+            } else {
+                from_b.push(i)
+            }
+        }
+        assert_eq!(from_a, (0..100).collect::<Vec<_>>());
+        assert_eq!(from_b, (0..100).collect::<Vec<_>>());
+        // Nothing more: the next message is a marker.
+        a.push("mix", "\"end\"").await;
+        assert_eq!(ws.recv_push().await.1, "end");
+    }
+}
+
+#[tokio::test]
+async fn listen_on_one_node_hears_pushes_through_another() {
+    let prefix = unique_prefix("listen");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let mut events = b
+        .control()
+        .listen(pb::ListenRequest {
+            channels: vec!["events".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    a.push("events", r#"{"x":1}"#).await;
+    let e = tokio::time::timeout(PATIENCE, events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.channel.as_str(), e.json.as_str()),
+        ("events", r#"{"x":1}"#)
+    );
+}
+
+/// A private `redis-server` on a free port, stopped on drop.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let redis = Self {
+            port,
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_keeps_local_delivery_and_recovers_cross_node_delivery() {
+    let mut redis = PrivateRedis::start();
+    let prefix = unique_prefix("outage");
+    let a = node(&redis.url(), &prefix).await;
+    let b = node(&redis.url(), &prefix).await;
+    let (on_a, on_b) = (a.issue().await, a.issue().await);
+    a.subscribe(&on_a, &["room"]).await;
+    a.subscribe(&on_b, &["room"]).await;
+    let mut ws_a = a.connect(&on_a).await;
+    let mut ws_b = b.connect(&on_b).await;
+
+    redis.kill();
+    wait_until(|| async { a.http_get("/readyz", &[]).await.0 == 503 }).await;
+    let (_, reason) = a.http_get("/readyz", &[]).await;
+    assert!(reason.contains("Redis"), "{reason}");
+    // Local delivery keeps working.
+    assert_eq!(a.push("room", "\"during outage\"").await, 1);
+    assert_eq!(ws_a.recv_push().await.1, "during outage");
+    // Calls that need shared state say so.
+    let status = a
+        .control()
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+
+    let _redis = PrivateRedis::start_on(redis.port);
+    wait_until(|| async {
+        a.http_get("/readyz", &[]).await.0 == 200 && b.http_get("/readyz", &[]).await.0 == 200
+    })
+    .await;
+    // B re-subscribed its channels: a push through A crosses again.
+    a.push("room", "\"after outage\"").await;
+    assert_eq!(ws_a.recv_push().await.1, "after outage");
+    assert_eq!(ws_b.recv_push().await.1, "after outage");
+}
+
+/// Runs the real binary as a cluster node; returns it with its addresses.
+fn spawn_node_process(redis: &str, prefix: &str) -> (Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args([
+            "--redis",
+            redis,
+            "--redis-prefix",
+            prefix,
+            "--secret",
+            SECRET,
+        ])
+        .env("CHANNELGATE_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start channelgate");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut http, mut grpc) = (None, None);
+    while http.is_none() || grpc.is_none() {
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("the node logs its addresses");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let message = v["fields"]["message"].as_str().unwrap_or("");
+        let addr = v["fields"]["addr"].as_str().map(str::to_owned);
+        if message.starts_with("client plane listening") {
+            http = addr;
+        } else if message.starts_with("control plane listening") {
+            grpc = addr;
+        }
+    }
+    (child, http.unwrap(), grpc.unwrap())
+}
+
+#[tokio::test]
+async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
+    let prefix = unique_prefix("sigkill");
+    let (mut doomed, http, grpc) = spawn_node_process(REDIS, &prefix);
+    let survivor = node(REDIS, &prefix).await;
+    let mut control = pb::control_client::ControlClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let r = control
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let creds = Creds {
+        id: r.connection_id,
+        key: r.socket_key,
+        digest: r.digest,
+        expires_at_ms: r.expires_at_unix_ms,
+    };
+    survivor.subscribe(&creds, &["room"]).await;
+    let url = format!(
+        "ws://{http}/ws?socket_connection_id={}&socket_key={}",
+        creds.id, creds.key
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake on the doomed node");
+    // Live on the doomed node: refused elsewhere.
+    assert_eq!(survivor.try_connect(&creds).await.err(), Some(403));
+
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    drop(ws);
+    // Within the lease plus the grace, the id resumes on the survivor with its subscriptions.
+    let mut ws = retry_connect(&survivor, &creds).await;
+    survivor.push("room", "\"survived\"").await;
+    assert_eq!(ws.recv_push().await.1, "survived");
+}
+
+#[tokio::test]
+async fn cluster_mode_refuses_to_start_without_a_secret() {
+    let out = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--redis",
+            REDIS,
+        ])
+        .env_remove("CHANNELGATE_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
