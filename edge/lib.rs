@@ -66,6 +66,7 @@ use crate::{
     config::Config,
     credentials::Secrets,
     error::Error,
+    handlers::remote::Remote,
     registry::Registry,
     server::Edge,
 };
@@ -125,6 +126,7 @@ pub async fn run(
     // Cluster tasks stop when the node halts (after its sockets drained), so sockets that close
     // during the drain are still recorded in Redis.
     let halt = CancellationToken::new();
+    let remote = Remote::new(config.limits.handler_timeout);
     let bus = match &config.redis {
         None => Bus::memory(Registry::new(secrets, config.limits.clone())),
         Some(url) => {
@@ -137,6 +139,7 @@ pub async fn run(
                 &config.redis_prefix,
                 registry,
                 feed,
+                remote.clone(),
                 &config.limits,
                 halt.clone(),
                 &tracker,
@@ -152,6 +155,7 @@ pub async fn run(
 
     let edge = Arc::new(Edge::new(
         bus,
+        remote,
         config,
         token.clone(),
         halt,

@@ -67,6 +67,7 @@ impl Edge {
     /// Shared state for a node.
     pub fn new(
         bus: Bus,
+        remote: Remote,
         config: Config,
         shutdown: CancellationToken,
         halt: CancellationToken,
@@ -78,7 +79,7 @@ impl Edge {
             limits.upstream_timeout,
             &config.key_cookie,
         )?;
-        let handlers = Handlers::new(call_route, Remote::new(limits.handler_timeout));
+        let handlers = Handlers::new(call_route, remote);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)

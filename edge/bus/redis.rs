@@ -21,6 +21,16 @@
 //! dies, its sockets may resume elsewhere within the reconnect grace, counted from its last
 //! heartbeat. State changes are Lua scripts, so two nodes never both accept one id.
 //!
+//! # Handle streams across nodes
+//! Each node advertises the groups of its `Handle` streams in `P:act:{action}` (sorted set of
+//! group → expiry; lifecycle groups under `$lifecycle`), renewed by the heartbeat. A client
+//! message that no group on its node handles is added (`XADD`) to the Redis stream
+//! `P:q:{group}` of every other group that handles it; nodes with streams of that group read it
+//! with `XREADGROUP` (consumer group `handlers`, one consumer per node), hand it to a local
+//! stream, acknowledge it, and publish the reply to the origin node's topic. Delivery is at most
+//! once: a message whose node or stream dies before replying is answered 503 or 504, never
+//! redelivered (the client would have given up). Each queue is capped (`MAXLEN ~ 10000`).
+//!
 //! # Faults
 //! While Redis is unreachable, sockets on this node keep receiving pushes made on this node;
 //! `/readyz` reports the reason; calls that need shared state fail with `UNAVAILABLE`; new
@@ -51,6 +61,7 @@ use crate::{
     config::Limits,
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
+    handlers::remote::{Delivery, Forwarded, Forwarder, LocalGroup, Remote, RemoteReply},
     protocol::{push_frame, Channel, Frame},
     registry::{now_ms, ClusterFeed, Conn, Ending, Refusal, Registry, Relay},
 };
@@ -180,6 +191,23 @@ enum Command {
     Ack {
         rid: u64,
     },
+    /// A reply to a forwarded client message.
+    Reply {
+        rid: u64,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Option<String>,
+    },
+    /// A forwarded client message found no stream to take it (or its stream ended).
+    Unhandled {
+        rid: u64,
+    },
+}
+
+/// What the origin of a forwarded message hears back.
+enum ForwardEvent {
+    Reply(RemoteReply),
+    Unhandled,
 }
 
 /// The bus over Redis.
@@ -202,6 +230,16 @@ pub struct RedisBus {
     next_rid: AtomicU64,
     grace: Duration,
     scripts: Scripts,
+    /// This node's `Handle` streams.
+    remote: Remote,
+    /// Forwarded client messages waiting for a reply from another node.
+    forwards: Mutex<HashMap<u64, tokio::sync::mpsc::Sender<ForwardEvent>>>,
+    /// Wakes the task that follows this node's `Handle` groups.
+    groups_changed: tokio::sync::Notify,
+    /// Tracks the consumer tasks of the groups.
+    tracker: TaskTracker,
+    /// This bus, for futures that outlive a borrow of it.
+    me: std::sync::Weak<RedisBus>,
 }
 
 #[derive(Debug, Default)]
@@ -230,11 +268,13 @@ impl RedisBus {
     /// Connects lazily to `url`, and starts the tasks that keep this node in the cluster
     /// (they stop when `halt` is cancelled). The node reports itself not ready until Redis
     /// answers.
+    #[allow(clippy::too_many_arguments)] // one call site, in `run`
     pub fn start(
         url: &str,
         prefix: &str,
         registry: Registry,
         feed: ClusterFeed,
+        remote: Remote,
         limits: &Limits,
         halt: CancellationToken,
         tracker: &TaskTracker,
@@ -253,7 +293,8 @@ impl RedisBus {
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
-        let bus = Arc::new(Self {
+        let bus = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             registry,
             node: hex::encode(id),
             prefix: prefix.to_owned(),
@@ -271,13 +312,23 @@ impl RedisBus {
                 subscribe: Script::new(SUBSCRIBE),
                 holder: Script::new(HOLDER),
             },
+            remote: remote.clone(),
+            forwards: Mutex::new(HashMap::new()),
+            groups_changed: tokio::sync::Notify::new(),
+            tracker: tracker.clone(),
         });
+        remote.set_forwarder(bus.clone());
         tracing::info!(node = %bus.node, prefix, "cluster mode on Redis");
         tracker.spawn(bus.clone().supervise(halt.clone()));
         tracker.spawn(bus.clone().relay(feed, halt.clone()));
         tracker.spawn(bus.clone().reconcile(halt.clone()));
+        tracker.spawn(bus.clone().follow_groups(halt.clone()));
         tracker.spawn(bus.clone().heartbeat(halt));
         Ok(bus)
+    }
+
+    fn this(&self) -> Option<Arc<Self>> {
+        self.me.upgrade()
     }
 
     /// The node's registry.
@@ -742,6 +793,28 @@ impl RedisBus {
                     let _ = tx.send(());
                 }
             }
+            Command::Reply {
+                rid,
+                status,
+                headers,
+                body,
+            } => {
+                let body = body.and_then(|b| crate::protocol::Json::parse(&b).ok());
+                let reply = RemoteReply {
+                    delivery_id: 0,
+                    status,
+                    headers,
+                    body,
+                };
+                if let Some(tx) = self.forwards.lock().get(&rid) {
+                    let _ = tx.try_send(ForwardEvent::Reply(reply));
+                }
+            }
+            Command::Unhandled { rid } => {
+                if let Some(tx) = self.forwards.lock().get(&rid) {
+                    let _ = tx.try_send(ForwardEvent::Unhandled);
+                }
+            }
         }
     }
 
@@ -805,6 +878,7 @@ impl RedisBus {
                 .arg(self.nodes_key())
                 .arg(NODES_TTL.as_millis() as u64)
                 .ignore();
+            self.advertise(&mut pipe, &self.remote.local_groups());
             if last_renew.elapsed() >= LIVE_RENEW {
                 last_renew = tokio::time::Instant::now();
                 for digest in self.registry.live_digests() {
@@ -838,5 +912,344 @@ fn parse_holder(reply: Vec<String>) -> Holder {
         (Some("live"), Some(node)) => Holder::Live(node),
         (Some("offline"), _) => Holder::Offline,
         _ => Holder::Unknown,
+    }
+}
+
+/// Pseudo-action under which groups that want lifecycle events are advertised.
+const LIFECYCLE: &str = "$lifecycle";
+/// Consumer group of every handler queue.
+const CONSUMER_GROUP: &str = "handlers";
+/// Entries kept per handler queue.
+const QUEUE_MAXLEN: usize = 10_000;
+/// How long one `XREADGROUP` blocks.
+const QUEUE_BLOCK: Duration = Duration::from_millis(1000);
+
+impl RedisBus {
+    fn act_key(&self, action: &str) -> String {
+        format!("{}:act:{action}", self.prefix)
+    }
+
+    fn queue_key(&self, group: &str) -> String {
+        format!("{}:q:{group}", self.prefix)
+    }
+
+    /// Adds this node's groups to the advertisement sets (valid for three heartbeats).
+    fn advertise(&self, pipe: &mut redis::Pipeline, groups: &[LocalGroup]) {
+        let until = now_ms() + 3 * HEARTBEAT.as_millis() as u64;
+        for group in groups {
+            let actions = group.actions.iter().map(|a| &**a);
+            let lifecycle = group.lifecycle.then_some(LIFECYCLE);
+            for action in actions.chain(lifecycle) {
+                let key = self.act_key(action);
+                pipe.cmd("ZADD")
+                    .arg(&key)
+                    .arg(until)
+                    .arg(&*group.name)
+                    .ignore();
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now_ms())
+                    .ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(NODES_TTL.as_millis() as u64)
+                    .ignore();
+            }
+        }
+    }
+
+    /// Groups advertised for `action`, except `exclude`.
+    async fn groups_for(&self, action: &str, exclude: &[Box<str>]) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let groups: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.act_key(action))
+            .arg(now_ms())
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        groups
+            .into_iter()
+            .filter(|g| !exclude.iter().any(|e| **e == **g))
+            .collect()
+    }
+
+    fn queue_entry(&self, rid: u64, delivery: &Delivery) -> Vec<(&'static str, String)> {
+        vec![
+            ("origin", self.node.clone()),
+            ("rid", rid.to_string()),
+            ("cid", delivery.connection_id.to_string()),
+            ("digest", delivery.digest.to_string()),
+            ("action", delivery.action.to_string()),
+            (
+                "id",
+                delivery
+                    .id
+                    .as_ref()
+                    .map(|i| i.get().to_owned())
+                    .unwrap_or_default(),
+            ),
+            ("json", delivery.json.to_string()),
+        ]
+    }
+
+    async fn enqueue(&self, groups: &[String], rid: u64, delivery: &Delivery) -> bool {
+        let mut pipe = redis::pipe();
+        let fields = self.queue_entry(rid, delivery);
+        for group in groups {
+            pipe.cmd("XADD")
+                .arg(self.queue_key(group))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(QUEUE_MAXLEN)
+                .arg("*")
+                .arg(&fields)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.is_ok()
+    }
+
+    /// Starts a consumer for each group that gained its first stream here, and stops those
+    /// whose last stream left.
+    async fn follow_groups(self: Arc<Self>, halt: CancellationToken) {
+        let mut consumers: HashMap<Box<str>, CancellationToken> = HashMap::new();
+        loop {
+            let groups = self.remote.local_groups();
+            let names: HashSet<Box<str>> = groups.iter().map(|g| g.name.clone()).collect();
+            consumers.retain(|name, stop| {
+                let keep = names.contains(name);
+                if !keep {
+                    stop.cancel();
+                }
+                keep
+            });
+            let mut fresh = Vec::new();
+            for group in &groups {
+                if !consumers.contains_key(&group.name) {
+                    let stop = halt.child_token();
+                    consumers.insert(group.name.clone(), stop.clone());
+                    // The consumer group exists before the group is advertised, so nothing
+                    // queued after the advertisement is missed.
+                    self.create_queue(&group.name).await;
+                    self.tracker
+                        .spawn(self.clone().consume(group.name.clone(), stop));
+                    fresh.push(group.clone());
+                }
+            }
+            let mut pipe = redis::pipe();
+            self.advertise(&mut pipe, &groups);
+            let mut conn = self.conn.clone();
+            let _ = pipe.query_async::<()>(&mut conn).await;
+            tokio::select! {
+                _ = self.groups_changed.notified() => {}
+                _ = halt.cancelled() => return,
+            }
+        }
+    }
+
+    async fn create_queue(&self, group: &str) {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.queue_key(group))
+            .arg(CONSUMER_GROUP)
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(err) = created {
+            if err.code() != Some("BUSYGROUP") {
+                tracing::warn!(%err, group, "could not create the handler queue");
+            }
+        }
+    }
+
+    /// Reads `group`'s queue and hands each message to a stream of the group here.
+    async fn consume(self: Arc<Self>, group: Box<str>, stop: CancellationToken) {
+        let key = self.queue_key(&group);
+        let mut conn = None;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            // Blocking reads get a connection of their own.
+            let c = match conn.take() {
+                Some(c) => c,
+                None => match self.client.get_multiplexed_async_connection().await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF_MAX) => continue,
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                },
+            };
+            let mut c = c;
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg(CONSUMER_GROUP)
+                .arg(&self.node)
+                .arg("COUNT")
+                .arg(64)
+                .arg("BLOCK")
+                .arg(QUEUE_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">");
+            let reply = tokio::select! {
+                reply = read.query_async::<Option<redis::streams::StreamReadReply>>(&mut c) => reply,
+                _ = stop.cancelled() => return,
+            };
+            match reply {
+                Ok(reply) => {
+                    conn = Some(c);
+                    let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+                    let mut ids = Vec::new();
+                    for entry in entries {
+                        self.take_forwarded(&group, &entry);
+                        ids.push(entry.id);
+                    }
+                    if !ids.is_empty() {
+                        let mut conn = self.conn.clone();
+                        let _ = redis::cmd("XACK")
+                            .arg(&key)
+                            .arg(CONSUMER_GROUP)
+                            .arg(&ids)
+                            .query_async::<i64>(&mut conn)
+                            .await;
+                    }
+                }
+                Err(err) if err.code() == Some("NOGROUP") => self.create_queue(&group).await,
+                Err(err) => {
+                    tracing::debug!(%err, %group, "handler queue read failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_forwarded(self: &Arc<Self>, group: &str, entry: &redis::streams::StreamId) {
+        let field = |name: &str| entry.get::<String>(name);
+        let (Some(origin), Some(rid), Some(digest)) = (
+            field("origin"),
+            field("rid").and_then(|r| r.parse::<u64>().ok()),
+            field("digest").and_then(|d| d.parse::<Digest>().ok()),
+        ) else {
+            tracing::warn!(group, "malformed handler queue entry dropped");
+            return;
+        };
+        let id = field("id")
+            .filter(|i| !i.is_empty())
+            .and_then(|i| serde_json::value::RawValue::from_string(i).ok());
+        let delivery = Delivery {
+            delivery_id: 0,
+            connection_id: field("cid").unwrap_or_default().into(),
+            digest,
+            action: field("action").unwrap_or_default().into(),
+            id,
+            json: field("json").unwrap_or_default().into(),
+        };
+        if delivery.action.starts_with('$') {
+            self.remote
+                .deliver_forwarded(group, delivery, Box::new(|_| {}));
+            return;
+        }
+        let bus = self.clone();
+        let back_origin = origin.clone();
+        let back = Box::new(move |reply: Option<RemoteReply>| {
+            let command = match reply {
+                Some(r) => Command::Reply {
+                    rid,
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body.map(|b| b.as_str().to_owned()),
+                },
+                None => Command::Unhandled { rid },
+            };
+            tokio::spawn(async move {
+                let _ = bus.command(&back_origin, &command).await;
+            });
+        });
+        if !self.remote.deliver_forwarded(group, delivery, back) {
+            let bus = self.clone();
+            tokio::spawn(async move {
+                let _ = bus.command(&origin, &Command::Unhandled { rid }).await;
+            });
+        }
+    }
+}
+
+/// Removes a forwarded message's waiter when its future ends, however it ends.
+struct ForwardGuard {
+    bus: Arc<RedisBus>,
+    rid: u64,
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.bus.forwards.lock().remove(&self.rid);
+    }
+}
+
+impl Forwarder for RedisBus {
+    fn forward(
+        &self,
+        delivery: Delivery,
+        exclude: Vec<Box<str>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>> {
+        let Some(bus) = self.this() else {
+            return Box::pin(async { Forwarded::NoGroups });
+        };
+        Box::pin(async move {
+            let groups = bus.groups_for(&delivery.action, &exclude).await;
+            if groups.is_empty() {
+                return Forwarded::NoGroups;
+            }
+            let rid = bus.next_rid.fetch_add(1, Ordering::Relaxed);
+            let (tx, mut rx) = tokio::sync::mpsc::channel(groups.len() + 1);
+            bus.forwards.lock().insert(rid, tx);
+            let _guard = ForwardGuard {
+                bus: bus.clone(),
+                rid,
+            };
+            if !bus.enqueue(&groups, rid, &delivery).await {
+                return Forwarded::Failed;
+            }
+            let mut outstanding = groups.len();
+            while let Some(event) = rx.recv().await {
+                match event {
+                    ForwardEvent::Reply(reply) => return Forwarded::Reply(reply),
+                    ForwardEvent::Unhandled => {
+                        outstanding -= 1;
+                        if outstanding == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            Forwarded::Failed
+        })
+    }
+
+    fn forward_event(&self, delivery: Delivery, exclude: Vec<Box<str>>) {
+        let Some(bus) = self.this() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let groups = bus.groups_for(LIFECYCLE, &exclude).await;
+            if !groups.is_empty() {
+                bus.enqueue(&groups, 0, &delivery).await;
+            }
+        });
+    }
+
+    fn membership_changed(&self) {
+        self.groups_changed.notify_one();
     }
 }

@@ -94,6 +94,14 @@ struct Shared {
     state: Mutex<State>,
     next_id: AtomicU64,
     timeout: Duration,
+    /// Set once in cluster mode.
+    forwarder: std::sync::OnceLock<Arc<dyn Forwarder>>,
+}
+
+impl std::fmt::Debug for dyn Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forwarder")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -125,8 +133,85 @@ struct Pending {
 /// The reply slot shared by the copies of one message (one per group).
 #[derive(Debug)]
 struct Slot {
-    reply: Mutex<Option<oneshot::Sender<RemoteReply>>>,
+    reply: Mutex<Option<ReplyTo>>,
     copies: Mutex<Vec<u64>>,
+}
+
+/// Where a reply goes: a socket on this node, or (cluster) back to the node that forwarded
+/// the message. `None` means every copy died unanswered.
+enum ReplyTo {
+    Local(oneshot::Sender<RemoteReply>),
+    Forwarded(Box<dyn FnOnce(Option<RemoteReply>) + Send>),
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local(_) => "Local",
+            Self::Forwarded(_) => "Forwarded",
+        })
+    }
+}
+
+impl Slot {
+    fn new(to: ReplyTo) -> Arc<Self> {
+        Arc::new(Self {
+            reply: Mutex::new(Some(to)),
+            copies: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Answers once; later answers are ignored.
+    fn resolve(&self, reply: Option<RemoteReply>) {
+        match self.reply.lock().take() {
+            Some(ReplyTo::Local(tx)) => {
+                if let Some(reply) = reply {
+                    let _ = tx.send(reply);
+                }
+            }
+            Some(ReplyTo::Forwarded(back)) => back(reply),
+            None => {}
+        }
+    }
+}
+
+/// The cluster's side of `Handle` streams: offers messages to groups that have no stream on
+/// this node, through the shared state (see `bus::redis`).
+pub trait Forwarder: Send + Sync + 'static {
+    /// Offers `delivery` to every group elsewhere that handles its action, except `exclude`;
+    /// resolves with the first reply.
+    fn forward(
+        &self,
+        delivery: Delivery,
+        exclude: Vec<Box<str>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>>;
+    /// Sends a lifecycle event to every group elsewhere that asked for them, except `exclude`.
+    fn forward_event(&self, delivery: Delivery, exclude: Vec<Box<str>>);
+    /// The streams on this node changed (joined or left).
+    fn membership_changed(&self);
+}
+
+/// What forwarding a message to other nodes came to.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The first reply.
+    Reply(RemoteReply),
+    /// No group elsewhere handles the action.
+    NoGroups,
+    /// Groups exist, but none took the message or every stream holding it ended.
+    Failed,
+}
+
+/// A group on this node: its name, the actions its streams handle, and whether any asked for
+/// lifecycle events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGroup {
+    /// Group name.
+    pub name: Box<str>,
+    /// Actions handled by at least one of its streams here.
+    pub actions: Vec<Box<str>>,
+    /// Whether a stream here asked for lifecycle events.
+    pub lifecycle: bool,
 }
 
 /// A stream's membership; leaving (on drop) answers its in-flight deliveries with 503.
@@ -177,7 +262,73 @@ impl Remote {
                 state: Mutex::new(State::default()),
                 next_id: AtomicU64::new(1),
                 timeout,
+                forwarder: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Cluster mode: where messages for groups with no stream here go.
+    pub fn set_forwarder(&self, forwarder: Arc<dyn Forwarder>) {
+        let _ = self.shared.forwarder.set(forwarder);
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self.shared.forwarder.get() {
+            f.membership_changed();
+        }
+    }
+
+    /// The groups with streams on this node.
+    pub fn local_groups(&self) -> Vec<LocalGroup> {
+        let state = self.shared.state.lock();
+        state
+            .groups
+            .iter()
+            .map(|(name, group)| {
+                let mut actions: Vec<Box<str>> = group
+                    .members
+                    .iter()
+                    .flat_map(|m| m.actions.iter().cloned())
+                    .collect();
+                actions.sort();
+                actions.dedup();
+                LocalGroup {
+                    name: name.clone(),
+                    actions,
+                    lifecycle: group.members.iter().any(|m| m.lifecycle),
+                }
+            })
+            .collect()
+    }
+
+    /// Hands a message forwarded by another node to a stream of `group` here; `back` gets
+    /// the reply (or `None` if the stream ends first). Returns false when no stream of the
+    /// group here could take it.
+    pub fn deliver_forwarded(
+        &self,
+        group: &str,
+        mut delivery: Delivery,
+        back: Box<dyn FnOnce(Option<RemoteReply>) + Send>,
+    ) -> bool {
+        let lifecycle = delivery.action.starts_with('$');
+        let mut state = self.shared.state.lock();
+        let State { groups, pending } = &mut *state;
+        let Some(group) = groups.get_mut(group) else {
+            return false;
+        };
+        if lifecycle {
+            return matches!(group.offer(&delivery, |m| m.lifecycle), Offer::Sent(_));
+        }
+        delivery.delivery_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let action = delivery.action.clone();
+        match group.offer(&delivery, |m| m.actions.contains(&*action)) {
+            Offer::Sent(member) => {
+                let slot = Slot::new(ReplyTo::Forwarded(back));
+                slot.copies.lock().push(delivery.delivery_id);
+                pending.insert(delivery.delivery_id, Pending { member, slot });
+                true
+            }
+            _ => false,
         }
     }
 
@@ -225,6 +376,7 @@ impl Remote {
                 lifecycle,
                 tx,
             });
+        self.changed();
         Ok((
             Member {
                 id,
@@ -245,13 +397,11 @@ impl Remote {
             .any(|g| g.members.iter().any(|m| m.actions.contains(action)))
     }
 
-    /// Offers a client message to every group handling its action.
+    /// Offers a client message to every group handling its action: one stream of each group
+    /// with streams here, and in a cluster, the groups elsewhere through the forwarder.
     pub fn handle(&self, request: Request) -> Outcome {
         let (tx, rx) = oneshot::channel();
-        let slot = Arc::new(Slot {
-            reply: Mutex::new(Some(tx)),
-            copies: Mutex::new(Vec::new()),
-        });
+        let slot = Slot::new(ReplyTo::Local(tx));
         let mut delivery = Delivery {
             delivery_id: 0,
             connection_id: request.socket.connection_id.clone(),
@@ -260,11 +410,11 @@ impl Remote {
             id: request.id.clone(),
             json: request.text.as_str().into(),
         };
-        let (mut sent, mut busy) = (Vec::new(), false);
+        let (mut sent, mut busy, mut here) = (Vec::new(), false, Vec::new());
         {
             let mut state = self.shared.state.lock();
             let State { groups, pending } = &mut *state;
-            for group in groups.values_mut() {
+            for (name, group) in groups.iter_mut() {
                 delivery.delivery_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
                 match group.offer(&delivery, |m| m.actions.contains(&*request.action)) {
                     Offer::Sent(member) => {
@@ -276,24 +426,36 @@ impl Remote {
                             },
                         );
                         sent.push(delivery.delivery_id);
+                        here.push(name.clone());
                     }
-                    Offer::Busy => busy = true,
+                    Offer::Busy => {
+                        busy = true;
+                        here.push(name.clone());
+                    }
                     Offer::NotHandled => {}
                 }
             }
         }
-        if sent.is_empty() {
+        delivery.delivery_id = 0;
+        let forward = self
+            .shared
+            .forwarder
+            .get()
+            .map(|f| f.forward(delivery, here));
+        if sent.is_empty() && forward.is_none() {
             return Outcome::Reply(if busy {
                 request.reply(503, "handlers busy")
             } else {
                 request.reply(404, "unknown action")
             });
         }
+        let local_pending = !sent.is_empty();
         *slot.copies.lock() = sent;
         let remote = self.clone();
         Outcome::Pending(Box::pin(async move {
-            let reply = match tokio::time::timeout(remote.shared.timeout, rx).await {
-                Ok(Ok(reply)) => Reply {
+            let reply = remote.await_reply(slot, rx, local_pending, forward).await;
+            let reply = match reply {
+                Ok(reply) => Reply {
                     id: request.id.clone(),
                     status: reply.status,
                     headers: reply.headers,
@@ -301,14 +463,61 @@ impl Remote {
                         .body
                         .map_or_else(|| Body::Json(Json::null()), Body::Json),
                 },
-                Ok(Err(_)) => request.reply(503, "handler stream ended before replying"),
-                Err(_) => {
-                    remote.forget(&slot);
-                    request.reply(504, "handler timed out")
+                Err(Unanswered::TimedOut) => request.reply(504, "handler timed out"),
+                Err(Unanswered::Ended) => {
+                    request.reply(503, "handler stream ended before replying")
                 }
+                Err(Unanswered::NotHandled) if busy => request.reply(503, "handlers busy"),
+                Err(Unanswered::NotHandled) => request.reply(404, "unknown action"),
             };
             Some(reply)
         }))
+    }
+
+    /// Waits for the first reply from the local copies or the forwarded ones.
+    async fn await_reply(
+        &self,
+        slot: Arc<Slot>,
+        mut local: oneshot::Receiver<RemoteReply>,
+        mut local_pending: bool,
+        forward: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>>>,
+    ) -> Result<RemoteReply, Unanswered> {
+        let deadline = tokio::time::sleep(self.shared.timeout);
+        tokio::pin!(deadline);
+        let mut forward_pending = forward.is_some();
+        let mut forward = forward.unwrap_or_else(|| Box::pin(std::future::pending()));
+        let mut ended = false;
+        while local_pending || forward_pending {
+            tokio::select! {
+                reply = &mut local, if local_pending => match reply {
+                    Ok(reply) => return Ok(reply),
+                    Err(_) => {
+                        local_pending = false;
+                        ended = true;
+                    }
+                },
+                outcome = &mut forward, if forward_pending => {
+                    forward_pending = false;
+                    match outcome {
+                        Forwarded::Reply(reply) => {
+                            self.forget(&slot);
+                            return Ok(reply);
+                        }
+                        Forwarded::Failed => ended = true,
+                        Forwarded::NoGroups => {}
+                    }
+                }
+                _ = &mut deadline => {
+                    self.forget(&slot);
+                    return Err(Unanswered::TimedOut);
+                }
+            }
+        }
+        Err(if ended {
+            Unanswered::Ended
+        } else {
+            Unanswered::NotHandled
+        })
     }
 
     /// Takes a member's reply. A reply to a delivery that is no longer pending (answered by
@@ -331,9 +540,7 @@ impl Remote {
             }
         };
         self.forget(&slot);
-        if let Some(tx) = slot.reply.lock().take() {
-            let _ = tx.send(reply);
-        }
+        slot.resolve(Some(reply));
         Ok(())
     }
 
@@ -356,11 +563,22 @@ impl Remote {
             id: None,
             json: detail.into(),
         };
-        let mut state = self.shared.state.lock();
-        for (name, group) in state.groups.iter_mut() {
-            if let Offer::Busy = group.offer(&delivery, |m| m.lifecycle) {
-                tracing::warn!(group = %name, action, "lifecycle event dropped: handler streams full");
+        let mut here = Vec::new();
+        {
+            let mut state = self.shared.state.lock();
+            for (name, group) in state.groups.iter_mut() {
+                match group.offer(&delivery, |m| m.lifecycle) {
+                    Offer::Busy => {
+                        tracing::warn!(group = %name, action, "lifecycle event dropped: handler streams full");
+                        here.push(name.clone());
+                    }
+                    Offer::Sent(_) => here.push(name.clone()),
+                    Offer::NotHandled => {}
+                }
             }
+        }
+        if let Some(forwarder) = self.shared.forwarder.get() {
+            forwarder.forward_event(delivery, here);
         }
     }
 
@@ -390,11 +608,20 @@ impl Remote {
             // Only when this was the last copy still out (a reply being delivered right now
             // has already taken the copies).
             if copies.len() < before && copies.is_empty() {
-                // No other group holds a copy: dropping the sender answers 503.
-                slot.reply.lock().take();
+                drop(copies);
+                // No other group holds a copy: the message goes unanswered (503).
+                slot.resolve(None);
             }
         }
+        self.changed();
     }
+}
+
+/// Why a message got no reply.
+enum Unanswered {
+    TimedOut,
+    Ended,
+    NotHandled,
 }
 
 impl Drop for Member {

@@ -438,3 +438,67 @@ async fn cluster_mode_refuses_to_start_without_a_secret() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_client_message_on_one_node_reaches_a_handle_stream_on_another() {
+    use crate::handle::join;
+    let prefix = unique_prefix("handle");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let mut svc = join(&b, "app", &["chat.say"], false).await;
+    let (creds, mut ws) = a.subscriber(&[]).await;
+    // B advertises its group as it joins; A finds it through Redis.
+    let mut reply = json!(null);
+    for attempt in 0..50 {
+        ws.send_text(&json!({"action":"chat.say","id":attempt,"text":"hi"}).to_string())
+            .await;
+        tokio::select! {
+            m = svc.next() => {
+                assert_eq!((m.action.as_str(), m.digest.as_str()), ("chat.say", creds.digest.as_str()));
+                svc.reply(m.delivery_id, 200, r#"{"said":true}"#).await;
+                reply = ws.recv_json().await;
+                break;
+            }
+            r = ws.recv_json() => assert_eq!(r["status"], 404, "{r}"),
+        }
+    }
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(reply["body"], json!({"said":true}));
+    // The stream ending mid-delivery yields 503 on the other node.
+    ws.send_text(r#"{"action":"chat.say","id":"last"}"#).await;
+    let _m = svc.next().await;
+    drop(svc);
+    let r = ws.recv_json().await;
+    assert_eq!(
+        (r["id"].clone(), r["status"].clone()),
+        (json!("last"), json!(503))
+    );
+}
+
+#[tokio::test]
+async fn lifecycle_events_of_a_socket_on_one_node_reach_a_stream_on_another() {
+    use crate::handle::join;
+    let prefix = unique_prefix("lifecycle");
+    let a = node(REDIS, &prefix).await;
+    let b = node(REDIS, &prefix).await;
+    let mut svc = join(&b, "presence", &[], true).await;
+    // Wait until B's group is advertised: a socket on B itself always reports at once, so
+    // probe with sockets on A until one is heard.
+    let creds = loop {
+        let (creds, ws) = a.subscriber(&[]).await;
+        match tokio::time::timeout(Duration::from_millis(500), svc.rx.message()).await {
+            Ok(Ok(Some(m))) if m.action == "$connect" && m.digest == creds.digest => {
+                ws.close().await;
+                break creds;
+            }
+            _ => ws.close().await,
+        }
+    };
+    // Its disconnect follows (skipping events of earlier probes).
+    loop {
+        let m = svc.next().await;
+        if m.action == "$disconnect" && m.digest == creds.digest {
+            break;
+        }
+    }
+}

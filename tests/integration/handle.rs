@@ -12,12 +12,12 @@ use crate::support::{Gateway, PATIENCE};
 use channelgate::pb::{self, handle_request::Kind};
 
 /// A `Handle` stream: the sender of replies and the stream of client messages.
-struct Service {
-    tx: mpsc::Sender<pb::HandleRequest>,
-    rx: Streaming<pb::ClientMessage>,
+pub struct Service {
+    pub tx: mpsc::Sender<pb::HandleRequest>,
+    pub rx: Streaming<pb::ClientMessage>,
 }
 
-async fn join(gw: &Gateway, group: &str, actions: &[&str], lifecycle: bool) -> Service {
+pub async fn join(gw: &Gateway, group: &str, actions: &[&str], lifecycle: bool) -> Service {
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::HandleRequest {
         kind: Some(Kind::Register(pb::Register {
@@ -38,7 +38,7 @@ async fn join(gw: &Gateway, group: &str, actions: &[&str], lifecycle: bool) -> S
 }
 
 impl Service {
-    async fn next(&mut self) -> pb::ClientMessage {
+    pub async fn next(&mut self) -> pb::ClientMessage {
         tokio::time::timeout(PATIENCE, self.rx.message())
             .await
             .expect("a client message in time")
@@ -46,7 +46,7 @@ impl Service {
             .expect("stream open")
     }
 
-    async fn reply(&self, delivery_id: u64, status: u32, body_json: &str) {
+    pub async fn reply(&self, delivery_id: u64, status: u32, body_json: &str) {
         self.tx
             .send(pb::HandleRequest {
                 kind: Some(Kind::Reply(pb::Reply {
