@@ -11,6 +11,9 @@
 //!   direct HTTP requests to the same upstream.
 //! * `handle`: round trips of a client message through a `Handle` stream this generator
 //!   registers, against `ping` (answered by the node itself).
+//! * `push-latency`: a socket on the `--ws` node, pushes through the `--control` node and,
+//!   when `--control-b` is given (another node of the same cluster), through that one too:
+//!   the time from the `Push` call to the frame's arrival, one push at a time.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -51,6 +54,9 @@ struct Args {
     /// Where the generator serves the upstream for `call-route`.
     #[arg(long, default_value = "127.0.0.1:18090")]
     upstream_listen: SocketAddr,
+    /// A second node's control plane (same cluster), for `push-latency` across nodes.
+    #[arg(long)]
+    control_b: Option<String>,
     /// Cargo passes this to benches.
     #[arg(long, hide = true)]
     bench: bool,
@@ -164,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         "idle" => idle(&args).await,
         "call-route" => call_route(&args).await,
         "handle" => handle(&args).await,
+        "push-latency" => push_latency(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -360,5 +367,81 @@ async fn handle(args: &Args) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"scenario":"handle","requests":args.requests,"handle":via.json(),"ping":ping.json()})
     );
+    Ok(())
+}
+
+/// Pushes through `control` to a socket subscribed to `channel`, one at a time.
+async fn push_latencies(
+    control: &str,
+    ws: &mut WebSocketStream<TcpStream>,
+    channel: &str,
+    n: usize,
+) -> anyhow::Result<Vec<std::time::Duration>> {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut control = ControlClient::connect(control.to_owned()).await?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        control
+            .push(pb::PushRequest {
+                channels: vec![channel.into()],
+                json: format!(r#"{{"seq":{i}}}"#),
+            })
+            .await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t)?;
+                    if v["payload"]["seq"] == i {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("socket closed"),
+            }
+        }
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+async fn push_latency(args: &Args) -> anyhow::Result<()> {
+    let mut control = ControlClient::connect(args.control.clone()).await?;
+    let creds = control
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await?
+        .into_inner();
+    control
+        .subscribe(pb::SubscribeRequest {
+            digest: creds.digest.clone(),
+            channels: vec!["latency".into()],
+        })
+        .await?;
+    let url = format!(
+        "ws://{}/ws?socket_connection_id={}&socket_key={}",
+        args.ws, creds.connection_id, creds.socket_key
+    );
+    let stream = TcpStream::connect(args.ws).await?;
+    stream.set_nodelay(true)?;
+    let (mut ws, _) = client_async(url.into_client_request()?, stream).await?;
+    let same = Latency::of(push_latencies(&args.control, &mut ws, "latency", args.requests).await?);
+    println!(
+        "scenario push-latency, {} sequential pushes each (Push call to frame arrival)",
+        args.requests
+    );
+    same.row("same node");
+    let mut json = serde_json::json!({"scenario":"push-latency","requests":args.requests,"same_node":same.json()});
+    if let Some(b) = &args.control_b {
+        let cross = Latency::of(push_latencies(b, &mut ws, "latency", args.requests).await?);
+        cross.row("across nodes");
+        println!(
+            "added by the crossing  p50 {:>8.1} us   p99 {:>8.1} us",
+            cross.p50 - same.p50,
+            cross.p99 - same.p99
+        );
+        json["cross_node"] = cross.json();
+    }
+    println!("{json}");
     Ok(())
 }

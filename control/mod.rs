@@ -14,8 +14,10 @@ mod status;
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{server::TcpIncoming, Server},
+};
 
 use crate::{error::Error, pb, server::Edge};
 
@@ -59,13 +61,15 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
     // Control calls keep working while sockets drain (an application may still push);
     // the server stops when the edge halts.
     let halt = edge.halt.clone();
+    // Replies are small and latency matters more than packet count.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = Server::builder()
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(control)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             halt.cancelled().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
