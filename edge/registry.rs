@@ -791,6 +791,22 @@ impl Registry {
             == Enqueued::Queued
     }
 
+    /// The sockets live on this node: digest, first-use deadline, channels.
+    pub fn live_sessions(&self) -> Vec<(Digest, u64, Vec<Channel>)> {
+        self.shared
+            .sessions
+            .iter()
+            .filter(|s| matches!(s.state, State::Live(_)))
+            .map(|s| {
+                (
+                    *s.key(),
+                    s.expires_at_ms,
+                    s.channels.iter().cloned().collect(),
+                )
+            })
+            .collect()
+    }
+
     /// The digests of the sockets live on this node.
     pub fn live_digests(&self) -> Vec<Digest> {
         self.shared

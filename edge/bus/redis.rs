@@ -168,6 +168,19 @@ end
 if live then return {'live', s[2]} end
 return {'offline'}";
 
+/// Re-records a socket live on this node after Redis came back empty (a restart without
+/// persistence); leaves existing state alone. KEYS: s, subs. ARGV: node, exp, live_ttl,
+/// channels...
+const RESTORE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if #ARGV > 3 then
+  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1";
+
 /// A command for the node holding a socket, or an acknowledgement.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -255,6 +268,7 @@ struct Scripts {
     detach: Script,
     subscribe: Script,
     holder: Script,
+    restore: Script,
 }
 
 /// Where a digest's socket is.
@@ -311,6 +325,7 @@ impl RedisBus {
                 detach: Script::new(DETACH),
                 subscribe: Script::new(SUBSCRIBE),
                 holder: Script::new(HOLDER),
+                restore: Script::new(RESTORE),
             },
             remote: remote.clone(),
             forwards: Mutex::new(HashMap::new()),
@@ -659,6 +674,18 @@ impl RedisBus {
             };
             match connected {
                 Ok(mut stream) => {
+                    if let Err(err) = self.restore_live().await {
+                        let reason = format!("Redis unreachable: {err}");
+                        tracing::warn!(%reason, retry_in = ?backoff);
+                        *self.not_ready.lock() = Some(reason);
+                        self.pubsub.lock().await.sink = None;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = halt.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
                     backoff = BACKOFF_MIN;
                     *self.not_ready.lock() = None;
                     tracing::info!("connected to Redis");
@@ -691,6 +718,36 @@ impl RedisBus {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Renews this node's heartbeat and records its live sockets in Redis where Redis has lost
+    /// them (a restart without persistence).
+    async fn restore_live(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZADD")
+            .arg(self.nodes_key())
+            .arg(now_ms())
+            .arg(&self.node)
+            .query_async::<i64>(&mut conn)
+            .await?;
+        let mut restored = 0;
+        for (digest, expires_at_ms, channels) in self.registry.live_sessions() {
+            let mut invocation = self.scripts.restore.prepare_invoke();
+            invocation
+                .key(self.key("s", &digest))
+                .key(self.key("subs", &digest))
+                .arg(&self.node)
+                .arg(expires_at_ms)
+                .arg(LIVE_TTL.as_millis() as u64);
+            for channel in &channels {
+                invocation.arg(channel.as_str());
+            }
+            restored += invocation.invoke_async::<i64>(&mut conn).await?;
+        }
+        if restored > 0 {
+            tracing::info!(sockets = restored, "restored live sockets' state in Redis");
+        }
+        Ok(())
     }
 
     async fn connect_pubsub(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {

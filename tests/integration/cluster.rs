@@ -325,6 +325,41 @@ async fn redis_outage_keeps_local_delivery_and_recovers_cross_node_delivery() {
     a.push("room", "\"after outage\"").await;
     assert_eq!(ws_a.recv_push().await.1, "after outage");
     assert_eq!(ws_b.recv_push().await.1, "after outage");
+    // The Redis came back empty; B restored its socket's state, so it is addressable again
+    // from any node.
+    assert!(a.subscribe(&on_b, &["more"]).await);
+    a.push("more", "\"restored\"").await;
+    assert_eq!(ws_b.recv_push().await.1, "restored");
+}
+
+#[tokio::test]
+async fn a_node_started_while_redis_is_down_is_not_ready_until_it_comes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let prefix = unique_prefix("late");
+    let (url2, prefix2) = (url.clone(), prefix.clone());
+    let gw = Gateway::start_with(move |c| {
+        c.redis = Some(url2);
+        c.redis_prefix = prefix2;
+        c.secret = Some(SECRET.into());
+    })
+    .await;
+    let (status, reason) = gw.http_get("/readyz", &[]).await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("Redis") || reason.contains("connecting"),
+        "{reason}"
+    );
+    let _redis = PrivateRedis::start_on(port);
+    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
+    let other = node(&url, &prefix).await;
+    let (_, mut ws) = gw.subscriber(&["late"]).await;
+    other.push("late", "1").await;
+    assert_eq!(ws.recv_push().await.1, 1);
 }
 
 /// Runs the real binary as a cluster node; returns it with its addresses.
