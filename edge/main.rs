@@ -414,7 +414,10 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A failed log write is reported with eprintln!, which panics when standard error is a
+        // closed pipe (a log collector that went away): the gateway must not die of that.
+        .log_internal_errors(false);
     match log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::json;
 
-use crate::support::{wait_until, Creds, Gateway, PATIENCE};
+use crate::support::{spawn_binary, wait_until, Creds, Gateway, PATIENCE};
 use channelgate::pb;
 
 pub const REDIS: &str = "redis://127.0.0.1:6379";
@@ -362,60 +362,17 @@ async fn a_node_started_while_redis_is_down_is_not_ready_until_it_comes() {
     assert_eq!(ws.recv_push().await.1, 1);
 }
 
-/// Runs the real binary as a cluster node; returns it with its addresses.
-fn spawn_node_process(redis: &str, prefix: &str) -> (Child, String, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args([
-            "--redis",
-            redis,
-            "--redis-prefix",
-            prefix,
-            "--secret",
-            SECRET,
-        ])
-        .env("CHANNELGATE_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start channelgate");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut http, mut grpc) = (None, None);
-    while http.is_none() || grpc.is_none() {
-        let line = rx
-            .recv_timeout(PATIENCE)
-            .expect("the node logs its addresses");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let message = v["fields"]["message"].as_str().unwrap_or("");
-        let addr = v["fields"]["addr"].as_str().map(str::to_owned);
-        if message.starts_with("client plane listening") {
-            http = addr;
-        } else if message.starts_with("control plane listening") {
-            grpc = addr;
-        }
-    }
-    (child, http.unwrap(), grpc.unwrap())
-}
-
 #[tokio::test]
 async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
     let prefix = unique_prefix("sigkill");
-    let (mut doomed, http, grpc) = spawn_node_process(REDIS, &prefix);
+    let (mut doomed, http, grpc) = spawn_binary(&[
+        "--redis",
+        REDIS,
+        "--redis-prefix",
+        &prefix,
+        "--secret",
+        SECRET,
+    ]);
     let survivor = node(REDIS, &prefix).await;
     let mut control = pb::control_client::ControlClient::connect(format!("http://{grpc}"))
         .await

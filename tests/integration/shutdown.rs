@@ -1,12 +1,9 @@
 //! Draining: every socket gets 1001 after what was queued for it; readiness flips; SIGTERM to
 //! the real binary does the same.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
-use crate::support::{code, wait_until, Creds, Gateway, PATIENCE};
+use crate::support::{code, spawn_binary, wait_until, Creds, Gateway};
 use channelgate::pb::{self, control_client::ControlClient};
 
 #[tokio::test]
@@ -32,45 +29,7 @@ async fn draining_closes_every_socket_with_1001() {
 
 #[tokio::test]
 async fn sigterm_drains_the_binary_with_1001() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .env("CHANNELGATE_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start channelgate");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut http, mut grpc) = (None, None);
-    while http.is_none() || grpc.is_none() {
-        let line = rx
-            .recv_timeout(PATIENCE)
-            .expect("the node logs its addresses");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let message = v["fields"]["message"].as_str().unwrap_or("");
-        let addr = v["fields"]["addr"].as_str().map(str::to_owned);
-        if message.starts_with("client plane listening") {
-            http = addr;
-        } else if message.starts_with("control plane listening") {
-            grpc = addr;
-        }
-    }
-    let (http, grpc) = (http.unwrap(), grpc.unwrap());
+    let (mut child, http, grpc) = spawn_binary(&[]);
 
     let mut control = ControlClient::connect(format!("http://{grpc}"))
         .await
@@ -121,4 +80,43 @@ async fn readiness_flips_while_draining() {
     // Still alive, and refusing new sockets while it drains.
     assert_eq!(gw.http_get("/healthz", &[]).await.0, 200);
     assert_eq!(gw.try_connect(&unused).await.err(), Some(503));
+}
+
+#[tokio::test]
+async fn a_closed_log_pipe_does_not_crash_the_node() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .env("CHANNELGATE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start channelgate");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("control plane listening") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the node logs its addresses"
+        );
+    }
+    // The log collector goes away; the node's next log lines hit a closed pipe.
+    drop(stderr);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
