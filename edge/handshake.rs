@@ -188,7 +188,7 @@ async fn upgrade(
     let cookies = req.headers().get(header::COOKIE).cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_edge = edge.clone();
-    edge.tracker.spawn(async move {
+    let task = async move {
         let edge = task_edge;
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -208,7 +208,8 @@ async fn upgrade(
             }
         }
         drop(permit);
-    });
+    };
+    edge.tracker.spawn(task);
 
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
