@@ -97,6 +97,16 @@ where
         end = read_loop(&mut stream, conn, &socket, edge) => end,
     };
     edge.bus.detach(conn, end.ending());
+    let code = match &end {
+        End::PeerClosed => "peer".to_owned(),
+        End::Lost(_) => "lost".to_owned(),
+        End::Closing(close) => close.code().to_string(),
+    };
+    edge.registry
+        .metrics()
+        .closes
+        .with_label_values(&[&code])
+        .inc();
     let detail = match &end {
         End::PeerClosed => r#"{"reason":"closed by client"}"#.to_owned(),
         End::Lost(_) => r#"{"reason":"connection lost"}"#.to_owned(),
@@ -220,7 +230,6 @@ where
     let idle_timeout = edge.config.limits.idle_timeout;
     let idle = sleep(idle_timeout);
     tokio::pin!(idle);
-    let limit = edge.registry.limits().outbound_queue_bytes;
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
@@ -231,18 +240,35 @@ where
             None => return End::Lost(None),
             Some(Err(err)) => return End::from_error(err),
             Some(Ok(Message::Close(_))) => return End::PeerClosed,
-            Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),
-            Some(Ok(Message::Binary(_))) => Some(Reply::text(
-                None,
-                400,
-                "binary frames are not supported: send JSON text",
-            )),
+            Some(Ok(Message::Text(text))) => {
+                edge.registry.metrics().messages_in.inc();
+                answer(text, conn, socket, edge)
+            }
+            Some(Ok(Message::Binary(_))) => {
+                edge.registry.metrics().messages_in.inc();
+                Some(Reply::text(
+                    None,
+                    400,
+                    "binary frames are not supported: send JSON text",
+                ))
+            }
             Some(Ok(_)) => None,
         };
         if let Some(reply) = reply {
-            conn.outbox.push(&reply.encode(), limit);
+            queue_reply(conn, &reply, edge);
         }
     }
+}
+
+/// Queues a reply to a client message (counted by status).
+fn queue_reply(conn: &Conn, reply: &Reply, edge: &Edge) {
+    let metrics = edge.registry.metrics();
+    metrics
+        .replies
+        .with_label_values(&[reply.status.to_string().as_str()])
+        .inc();
+    conn.outbox
+        .push(&reply.encode(), edge.registry.limits().outbound_queue_bytes);
 }
 
 /// Routes one client text message to its handler. Returns the reply to queue now, if any; a
@@ -261,21 +287,26 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
     if socket.inflight.load(Ordering::Relaxed) >= max {
         return Some(request.reply(429, "too many messages in flight"));
     }
+    let call_route = &*request.action == crate::handlers::call_route::ACTION;
     match edge.handlers.dispatch(request) {
         Outcome::Reply(reply) => Some(reply),
         Outcome::NoReply => None,
         Outcome::Pending(future) => {
             socket.inflight.fetch_add(1, Ordering::Relaxed);
-            let (conn, socket, limit) = (
-                conn.clone(),
-                socket.clone(),
-                edge.registry.limits().outbound_queue_bytes,
-            );
+            let (conn, socket, task_edge) = (conn.clone(), socket.clone(), edge.clone());
             edge.tracker.spawn(async move {
+                let started = Instant::now();
                 let reply = future.await;
                 socket.inflight.fetch_sub(1, Ordering::Relaxed);
+                let metrics = task_edge.registry.metrics();
+                let histogram = if call_route {
+                    &metrics.call_route_seconds
+                } else {
+                    &metrics.handle_seconds
+                };
+                histogram.observe(started.elapsed().as_secs_f64());
                 if let Some(reply) = reply {
-                    conn.outbox.push(&reply.encode(), limit);
+                    queue_reply(&conn, &reply, &task_edge);
                 }
             });
             None

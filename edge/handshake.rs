@@ -55,13 +55,21 @@ pub async fn serve_http(
 async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body> {
     let path = req.uri().path();
     if path == edge.config.ws_path {
+        let handshakes = &edge.registry.metrics().handshakes;
         return match upgrade(req, peer, edge).await {
-            Ok(response) => response,
-            Err(refusal) => refusal.response(),
+            Ok(response) => {
+                handshakes.with_label_values(&["accepted"]).inc();
+                response
+            }
+            Err(refusal) => {
+                handshakes.with_label_values(&[refusal.label()]).inc();
+                refusal.response()
+            }
         };
     }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => metrics(edge),
         (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
         }
@@ -75,6 +83,23 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Re
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn metrics(edge: &Edge) -> Response<Body> {
+    let metrics = edge.registry.metrics();
+    let stats = edge.registry.stats(false, &[]);
+    metrics.connections.set(stats.connections as i64);
+    metrics.channels.set(stats.channels as i64);
+    metrics.sessions.set(stats.sessions as i64);
+    metrics
+        .bus_ready
+        .set(i64::from(edge.bus.readiness().is_ok()));
+    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -111,6 +136,21 @@ enum Refusal {
 }
 
 impl Refusal {
+    /// The `result` label of the handshake counter.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::NotUpgrade => "not_upgrade",
+            Refusal::MissingId => "missing_id",
+            Refusal::MissingKey => "missing_key",
+            Refusal::Origin => "origin",
+            Refusal::Credentials => "invalid_credentials",
+            Refusal::Expired => "expired",
+            Refusal::InUse => "in_use",
+            Refusal::Used => "used",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+
     fn response(self) -> Response<Body> {
         use Refusal::*;
         let (status, body) = match self {

@@ -16,6 +16,7 @@
 //!   * [`fanout`]: the bounded per-socket outbound queue that pushes never wait on;
 //!   * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
 //!   * [`protocol`]: the client wire format (pushes, replies, client messages);
+//!   * [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
 //!   * [`config`], [`error`], [`shutdown`].
 //! * [`control`] (`../control/`): the gRPC control plane; reaches the edge only through
 //!   [`registry::Registry`].
@@ -33,6 +34,7 @@ pub mod error;
 pub mod fanout;
 pub mod handlers;
 pub mod handshake;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -42,6 +42,7 @@ use crate::{
     credentials::{Credentials, Digest, Secrets, Verified},
     error::{Close, Error},
     fanout::{Enqueued, Outbox},
+    metrics::Metrics,
     protocol::{push_frame, Channel, Frame, Json},
 };
 
@@ -73,7 +74,7 @@ struct Shared {
     next_listener: AtomicU64,
     next_serial: AtomicU64,
     live: AtomicUsize,
-    counters: Counters,
+    metrics: Arc<Metrics>,
     /// Cluster mode only: pushes accepted here, handed to the bus in the order they were
     /// delivered locally, and the channels whose local interest changed.
     cluster: Option<ClusterHooks>,
@@ -243,21 +244,6 @@ pub struct Stats {
     pub per_channel: Vec<(String, u64)>,
 }
 
-/// Monotonic counters of the publish path.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Pushes accepted (per channel).
-    pub pushes: AtomicU64,
-    /// Frames queued to sockets.
-    pub deliveries: AtomicU64,
-    /// Sockets closed because their outbound queue was full.
-    pub slow_closes: AtomicU64,
-    /// Frames dropped because their socket was already closing.
-    pub dropped: AtomicU64,
-    /// Pushes not relayed to other nodes because the bus fell behind (cluster mode).
-    pub relay_dropped: AtomicU64,
-}
-
 impl Registry {
     /// An empty registry signing ids with `secrets`.
     pub fn new(secrets: Secrets, limits: Limits) -> Self {
@@ -289,7 +275,7 @@ impl Registry {
                 next_listener: AtomicU64::new(1),
                 next_serial: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
-                counters: Counters::default(),
+                metrics: Arc::new(Metrics::new()),
                 cluster,
             }),
         }
@@ -396,9 +382,9 @@ impl Registry {
         &self.shared.limits
     }
 
-    /// The publish-path counters.
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Checks a presented id and key (signature and key only; expiry is [`Registry::attach`]'s).
@@ -697,8 +683,8 @@ impl Registry {
     /// mode a push accepted here (`relay_payload_at` set) is handed to the bus in that same
     /// order. Never waits.
     fn deliver(&self, channel: &Channel, frame: &Frame, relay_payload_at: Option<usize>) -> u64 {
-        let counters = &self.shared.counters;
-        counters.pushes.fetch_add(1, Ordering::Relaxed);
+        let metrics = &self.shared.metrics;
+        metrics.pushes.inc();
         let relay = |payload_at| {
             let Some(hooks) = &self.shared.cluster else {
                 return;
@@ -709,7 +695,7 @@ impl Registry {
                 payload_at,
             };
             if hooks.relay.try_send(relay).is_err() {
-                counters.relay_dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.relay_dropped.inc();
                 tracing::warn!(%channel, "cross-node push dropped: the cluster bus is not keeping up");
             }
         };
@@ -733,12 +719,12 @@ impl Registry {
             relay(at);
         }
         drop(subscribers);
-        counters.deliveries.fetch_add(queued, Ordering::Relaxed);
+        metrics.deliveries.inc_by(queued);
         if full > 0 {
-            counters.slow_closes.fetch_add(full, Ordering::Relaxed);
+            metrics.slow_closes.inc_by(full);
             tracing::debug!(%channel, sockets = full, "closing sockets as too slow: outbound queue full");
         }
-        counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        metrics.dropped.inc_by(dropped);
         queued
     }
 
@@ -754,22 +740,22 @@ impl Registry {
             }
         };
         let frame = push_frame(channel, &json);
-        let counters = &self.shared.counters;
+        let metrics = &self.shared.metrics;
         Ok(
             match conn
                 .outbox
                 .push(&frame, self.shared.limits.outbound_queue_bytes)
             {
                 Enqueued::Queued => {
-                    counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    metrics.deliveries.inc();
                     true
                 }
                 Enqueued::Full => {
-                    counters.slow_closes.fetch_add(1, Ordering::Relaxed);
+                    metrics.slow_closes.inc();
                     false
                 }
                 Enqueued::Closed => {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics.dropped.inc();
                     false
                 }
             },

@@ -887,10 +887,7 @@ impl RedisBus {
                 return;
             }
             if self.readiness().is_err() {
-                self.registry
-                    .counters()
-                    .relay_dropped
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.registry.metrics().relay_dropped.inc_by(n as u64);
                 batch.clear();
                 continue;
             }
@@ -905,10 +902,7 @@ impl RedisBus {
             }
             let mut conn = self.conn.clone();
             if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                self.registry
-                    .counters()
-                    .relay_dropped
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.registry.metrics().relay_dropped.inc_by(n as u64);
                 tracing::warn!(%err, pushes = n, "cross-node pushes dropped: Redis PUBLISH failed");
             }
         }

@@ -188,3 +188,50 @@ async fn health_and_readiness() {
     assert_eq!(gw.http_get("/readyz", &[]).await, (200, "ready\n".into()));
     assert_eq!(gw.http_get("/nope", &[]).await.0, 404);
 }
+
+/// The value of `name` (with its labels, e.g. `x_total{result="accepted"}`) in a scrape.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_follow_traffic() {
+    let gw = Gateway::start().await;
+    let (status, before) = gw.http_get("/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&before, "channelgate_connections"), 0.0);
+    let (creds, mut ws) = gw.subscriber(&["m"]).await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+    gw.push("m", "1").await;
+    ws.recv_push().await;
+    ws.request(serde_json::json!({"action":"ping","id":1}))
+        .await;
+    let (_, after) = gw.http_get("/metrics", &[]).await;
+    assert_eq!(metric(&after, "channelgate_connections"), 1.0);
+    assert_eq!(
+        metric(&after, "channelgate_handshakes_total{result=\"accepted\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "channelgate_handshakes_total{result=\"in_use\"}"),
+        1.0
+    );
+    assert_eq!(metric(&after, "channelgate_pushes_total"), 1.0);
+    assert_eq!(metric(&after, "channelgate_deliveries_total"), 1.0);
+    assert_eq!(metric(&after, "channelgate_messages_in_total"), 1.0);
+    assert_eq!(
+        metric(&after, "channelgate_replies_total{status=\"200\"}"),
+        1.0
+    );
+    assert_eq!(metric(&after, "channelgate_bus_ready"), 1.0);
+    ws.close().await;
+    gw.wait_for_connections(0).await;
+    let (_, closed) = gw.http_get("/metrics", &[]).await;
+    assert_eq!(
+        metric(&closed, "channelgate_closes_total{code=\"peer\"}"),
+        1.0
+    );
+}

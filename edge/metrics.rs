@@ -1,0 +1,149 @@
+//! Prometheus metrics: one [`Metrics`] per node, shared through the registry, rendered as text
+//! at `GET /metrics`. Counters are incremented where things happen (never on a per-subscriber
+//! basis: the publish path adds its totals once per push); gauges are read at scrape time.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder,
+};
+
+/// Every metric of a node.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: prometheus::Registry,
+    /// Pushes accepted, per channel (a push to two channels counts twice).
+    pub pushes: IntCounter,
+    /// Frames queued to sockets by pushes and sends.
+    pub deliveries: IntCounter,
+    /// Sockets closed because their outbound queue was full.
+    pub slow_closes: IntCounter,
+    /// Frames dropped because their socket was already closing.
+    pub dropped: IntCounter,
+    /// Pushes not relayed to other nodes (cluster bus behind or Redis down).
+    pub relay_dropped: IntCounter,
+    /// WebSocket handshakes by result (`accepted`, or the refusal reason).
+    pub handshakes: IntCounterVec,
+    /// Client messages received.
+    pub messages_in: IntCounter,
+    /// Replies to client messages, by status.
+    pub replies: IntCounterVec,
+    /// Sockets closed, by close code (`peer` when the client closed, `lost` without a close).
+    pub closes: IntCounterVec,
+    /// `call-route` upstream round trips.
+    pub call_route_seconds: Histogram,
+    /// `Handle` round trips (client message to reply).
+    pub handle_seconds: Histogram,
+    /// Live sockets (set at scrape time).
+    pub connections: IntGauge,
+    /// Channels with a live subscriber (set at scrape time).
+    pub channels: IntGauge,
+    /// Credentials known to this node (set at scrape time).
+    pub sessions: IntGauge,
+    /// 1 when the bus (Redis in cluster mode) is usable (set at scrape time).
+    pub bus_ready: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics.
+    pub fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let buckets = vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        Self {
+            pushes: counter("channelgate_pushes_total", "Pushes accepted, per channel."),
+            deliveries: counter(
+                "channelgate_deliveries_total",
+                "Frames queued to sockets by pushes and sends.",
+            ),
+            slow_closes: counter(
+                "channelgate_slow_closes_total",
+                "Sockets closed because their outbound queue was full.",
+            ),
+            dropped: counter(
+                "channelgate_dropped_frames_total",
+                "Frames dropped because their socket was closing.",
+            ),
+            relay_dropped: counter(
+                "channelgate_relay_dropped_total",
+                "Pushes not relayed to other nodes.",
+            ),
+            handshakes: counter_vec(
+                "channelgate_handshakes_total",
+                "WebSocket handshakes by result.",
+                "result",
+            ),
+            messages_in: counter("channelgate_messages_in_total", "Client messages received."),
+            replies: counter_vec(
+                "channelgate_replies_total",
+                "Replies to client messages by status.",
+                "status",
+            ),
+            closes: counter_vec(
+                "channelgate_closes_total",
+                "Sockets closed by close code.",
+                "code",
+            ),
+            call_route_seconds: histogram(
+                "channelgate_call_route_seconds",
+                "call-route upstream round trips.",
+            ),
+            handle_seconds: histogram(
+                "channelgate_handle_seconds",
+                "Handle round trips, client message to reply.",
+            ),
+            connections: gauge("channelgate_connections", "Live sockets."),
+            channels: gauge("channelgate_channels", "Channels with a live subscriber."),
+            sessions: gauge("channelgate_sessions", "Credentials known to this node."),
+            bus_ready: gauge(
+                "channelgate_bus_ready",
+                "1 when the bus (Redis in cluster mode) is usable.",
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%err, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
