@@ -84,6 +84,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Bearer tokens accepted by the control plane; empty: no authentication.
     pub control_tokens: Vec<String>,
+    /// Allow a control plane on a non-loopback address without tokens.
+    pub insecure_control: bool,
     /// HTTP path of the WebSocket endpoint. Default: `/ws`.
     pub ws_path: String,
     /// Name of the cookie carrying the socket key. Default: `socket_key`.
@@ -112,6 +114,7 @@ impl fmt::Debug for Config {
             )
             .field("allowed_origins", &self.allowed_origins)
             .field("control_tokens", &self.control_tokens.len())
+            .field("insecure_control", &self.insecure_control)
             .field("ws_path", &self.ws_path)
             .field("key_cookie", &self.key_cookie)
             .field("redis", &self.redis)
@@ -131,6 +134,7 @@ impl Default for Config {
             previous_secret: None,
             allowed_origins: Vec::new(),
             control_tokens: Vec::new(),
+            insecure_control: false,
             ws_path: "/ws".into(),
             key_cookie: "socket_key".into(),
             redis: None,
@@ -199,6 +203,11 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub control_token: Option<Vec<String>>,
+
+    /// Allow the control plane on a non-loopback address without --control-token (anyone who
+    /// can reach it could mint credentials and push). [default: false]
+    #[arg(long, env = "CHANNELGATE_INSECURE_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_control: Option<bool>,
 
     /// HTTP path of the WebSocket endpoint. [default: /ws]
     #[arg(long, env = "CHANNELGATE_WS_PATH", value_name = "PATH")]
@@ -337,7 +346,7 @@ impl Settings {
     /// `self`'s values where set, else `other`'s.
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
+            control_token, insecure_control, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
             max_inflight, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
@@ -372,6 +381,7 @@ impl Settings {
             previous_secret: self.previous_secret,
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             control_tokens: self.control_token.unwrap_or_default(),
+            insecure_control: self.insecure_control.unwrap_or(false),
             ws_path: self.ws_path.unwrap_or(d.ws_path),
             key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
             redis: self.redis,
@@ -406,6 +416,15 @@ impl Config {
         }
         if self.redis.is_some() && self.secret.is_none() {
             return invalid("cluster mode (--redis) requires --secret, shared by every node");
+        }
+        if self.control_tokens.is_empty()
+            && !self.grpc_listen.ip().is_loopback()
+            && !self.insecure_control
+        {
+            return invalid(
+                "the control plane listens beyond loopback without --control-token; \
+                 set a token, or --insecure-control if something else guards it",
+            );
         }
         if self.control_tokens.iter().any(|t| t.is_empty()) {
             return invalid("control tokens must not be empty");
@@ -519,6 +538,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn an_open_control_plane_needs_a_token_or_an_explicit_waiver() {
+        let open = |extra: fn(&mut Settings)| {
+            let mut s = Settings {
+                grpc_listen: Some("0.0.0.0:50051".parse().unwrap()),
+                ..Settings::default()
+            };
+            extra(&mut s);
+            s.into_config()
+        };
+        assert!(open(|_| {}).is_err());
+        assert!(open(|s| s.control_token = Some(vec!["t".into()])).is_ok());
+        assert!(open(|s| s.insecure_control = Some(true)).is_ok());
     }
 
     #[test]

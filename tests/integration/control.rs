@@ -240,3 +240,52 @@ async fn control_tokens_are_required_when_configured() {
     assert!(c.issue_connection(call(Some("old-token"))).await.is_ok());
     assert!(c.issue_connection(call(Some("new-token"))).await.is_ok());
 }
+
+#[tokio::test]
+async fn grpc_health_and_reflection_answer_even_with_tokens() {
+    let gw = Gateway::start_with(|c| c.control_tokens = vec!["secret-token".into()]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "channelgate.v1.Control".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "channelgate.v1.Control"),
+        "{list:?}"
+    );
+}
