@@ -14,8 +14,13 @@
 //! * `push-latency`: a socket on the `--ws` node, pushes through the `--control` node and,
 //!   when `--control-b` is given (another node of the same cluster), through that one too:
 //!   the time from the `Push` call to the frame's arrival, one push at a time.
+//! * `fanout`: N subscribed sockets over `--channels` channels; pushes (timestamped,
+//!   sequence-numbered, `--payload` bytes) to random channels at `--rate` per second (0: as
+//!   fast as the node accepts) over one `PushStream`, for `--duration` seconds. Reports
+//!   deliveries/s, latency percentiles, lost/duplicated/out-of-order counts, the node's CPU
+//!   time per delivery, and the generator's own CPU.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
@@ -54,6 +59,18 @@ struct Args {
     /// Where the generator serves the upstream for `call-route`.
     #[arg(long, default_value = "127.0.0.1:18090")]
     upstream_listen: SocketAddr,
+    /// Channels the sockets are spread over (`fanout`).
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Pushes per second (`fanout`); 0: as fast as the node accepts.
+    #[arg(long, default_value_t = 10)]
+    rate: u64,
+    /// Seconds of pushing (`fanout`).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Payload size in bytes (`fanout`).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
@@ -81,6 +98,17 @@ async fn open_socket(
     i: usize,
     control: &mut ControlClient<tonic::transport::Channel>,
 ) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    open_socket_on(args, i, control, &format!("idle-{}", i % 100)).await
+}
+
+/// Issues credentials, subscribes them to `channel`, and opens a socket from source address
+/// 127.0.0.(1 + i % sources).
+async fn open_socket_on(
+    args: &Args,
+    i: usize,
+    control: &mut ControlClient<tonic::transport::Channel>,
+    channel: &str,
+) -> anyhow::Result<WebSocketStream<TcpStream>> {
     let creds = control
         .issue_connection(pb::IssueConnectionRequest::default())
         .await?
@@ -88,7 +116,7 @@ async fn open_socket(
     control
         .subscribe(pb::SubscribeRequest {
             digest: creds.digest.clone(),
-            channels: vec![format!("idle-{}", i % 100)],
+            channels: vec![channel.to_owned()],
         })
         .await?;
     let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
@@ -171,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         "call-route" => call_route(&args).await,
         "handle" => handle(&args).await,
         "push-latency" => push_latency(&args).await,
+        "fanout" => fanout(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -443,5 +472,267 @@ async fn push_latency(args: &Args) -> anyhow::Result<()> {
         json["cross_node"] = cross.json();
     }
     println!("{json}");
+    Ok(())
+}
+
+/// CPU time (user + system) of `pid` in microseconds, from `/proc/PID/stat`.
+fn cpu_us(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks * 10_000)
+}
+
+/// Per-socket delivery bookkeeping of the `fanout` scenario.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    duplicated: u64,
+    reordered: u64,
+    latencies_us: Vec<u32>,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+async fn fanout(args: &Args) -> anyhow::Result<()> {
+    use rand::Rng;
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
+    use tokio_tungstenite::tungstenite::Message;
+
+    let control = ControlClient::connect(args.control.clone()).await?;
+    let channels: Vec<String> = (0..args.channels).map(|c| format!("fan-{c}")).collect();
+    let started = Instant::now();
+    let node_cpu_before = args.pid.map(cpu_us).transpose()?;
+    let names = &channels;
+    let sockets: Vec<_> = stream::iter(0..args.sockets)
+        .map(|i| {
+            let mut control = control.clone();
+            let channel = names[i % names.len()].clone();
+            let channels = names;
+            async move {
+                open_socket_on(args, i, &mut control, &channel)
+                    .await
+                    .map(|ws| (i % channels.len(), ws))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let connect_elapsed = started.elapsed();
+    let node_cpu_connected = args.pid.map(cpu_us).transpose()?;
+    let failed = sockets.iter().filter(|s| s.is_err()).count();
+    let sockets: Vec<_> = sockets.into_iter().filter_map(Result::ok).collect();
+    let subscribers_per_channel = {
+        let mut n = vec![0u64; channels.len()];
+        for (c, _) in &sockets {
+            n[*c] += 1;
+        }
+        n
+    };
+
+    // Readers: one task per socket, tallying what arrives.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut readers = Vec::new();
+    for (_, ws) in sockets {
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut ws = ws;
+            let mut tally = Tally::default();
+            let mut last: HashMap<u64, u64> = HashMap::new(); // per channel index: last seq
+            loop {
+                let message = tokio::select! {
+                    m = ws.next() => m,
+                    _ = stop.cancelled() => break,
+                };
+                match message {
+                    Some(Ok(Message::Text(t))) => {
+                        let at = now_us();
+                        // {"channel":"fan-C","payload":{"c":C,"s":SEQ,"t":MICROS,"p":"..."}}
+                        let v: serde_json::Value = match serde_json::from_str(&t) {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        };
+                        let p = &v["payload"];
+                        let (c, seq, t0) = (
+                            p["c"].as_u64().unwrap_or(0),
+                            p["s"].as_u64().unwrap_or(0),
+                            p["t"].as_u64().unwrap_or(0),
+                        );
+                        tally.received += 1;
+                        match last.get(&c) {
+                            Some(&prev) if seq == prev => tally.duplicated += 1,
+                            Some(&prev) if seq < prev => tally.reordered += 1,
+                            _ => {}
+                        }
+                        last.insert(c, seq.max(*last.get(&c).unwrap_or(&0)));
+                        tally
+                            .latencies_us
+                            .push(at.saturating_sub(t0).min(u32::MAX as u64) as u32);
+                    }
+                    Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                }
+            }
+            let _ = ws.close(None).await;
+            tally
+        }));
+    }
+
+    // The publisher: one PushStream, paced by --rate.
+    let pushed = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(1024);
+    let mut push_client = control.clone();
+    let push_call = tokio::spawn(async move {
+        push_client
+            .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let node_cpu_start = args.pid.map(cpu_us).transpose()?;
+    let gen_cpu_start = cpu_us(std::process::id())?;
+    let pushing_started = Instant::now();
+    let deadline = pushing_started + std::time::Duration::from_secs(args.duration);
+    let pad = "x".repeat(args.payload.saturating_sub(40));
+    let mut seqs = vec![0u64; channels.len()];
+    let mut rng = rand::rng();
+    let interval =
+        (args.rate > 0).then(|| std::time::Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut next_at = tokio::time::Instant::now();
+    while Instant::now() < deadline {
+        if let Some(interval) = interval {
+            tokio::time::sleep_until(next_at).await;
+            next_at += interval;
+        }
+        let c = rng.random_range(0..channels.len());
+        seqs[c] += 1;
+        let json = format!(
+            r#"{{"c":{c},"s":{},"t":{},"p":"{pad}"}}"#,
+            seqs[c],
+            now_us()
+        );
+        if tx
+            .send(pb::PushRequest {
+                channels: vec![channels[c].clone()],
+                json,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+        pushed.fetch_add(1, Ordering::Relaxed);
+        expected.fetch_add(subscribers_per_channel[c], Ordering::Relaxed);
+    }
+    drop(tx);
+    let summary = push_call.await??.into_inner();
+    let push_elapsed = pushing_started.elapsed();
+    // Let in-flight frames land: wait until nothing has arrived for a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let node_cpu_end = args.pid.map(cpu_us).transpose()?;
+    let gen_cpu_end = cpu_us(std::process::id())?;
+    stop.cancel();
+    let mut total = Tally::default();
+    for r in readers {
+        let t = r.await?;
+        total.received += t.received;
+        total.duplicated += t.duplicated;
+        total.reordered += t.reordered;
+        total.latencies_us.extend(t.latencies_us);
+    }
+    let expected = expected.load(Ordering::Relaxed);
+    let lost = expected.saturating_sub(total.received - total.duplicated);
+    let mut lat = total.latencies_us;
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] as f64 / 1000.0
+        }
+    };
+    let secs = push_elapsed.as_secs_f64();
+    let node_cpu = match (node_cpu_start, node_cpu_end) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let handshake_cpu = match (node_cpu_before, node_cpu_connected) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let gen_cpu = gen_cpu_end - gen_cpu_start;
+    let per_delivery = node_cpu.map(|c| c as f64 / total.received.max(1) as f64);
+    let per_handshake = handshake_cpu.map(|c| c as f64 / args.sockets.max(1) as f64);
+    println!(
+        "scenario fanout: {} sockets on {} channels, rate {} /s, {} s, {} B payload",
+        args.sockets, args.channels, args.rate, args.duration, args.payload
+    );
+    println!(
+        "connected       {} ({} failed) in {:.2} s",
+        args.sockets - failed,
+        failed,
+        connect_elapsed.as_secs_f64()
+    );
+    println!(
+        "pushes          {} accepted ({:.0}/s), node queued {}",
+        summary.pushes,
+        summary.pushes as f64 / secs,
+        summary.queued
+    );
+    println!(
+        "deliveries      {} received of {} expected ({:.0}/s)",
+        total.received,
+        expected,
+        total.received as f64 / secs
+    );
+    println!(
+        "lost/dup/order  {} / {} / {}",
+        lost, total.duplicated, total.reordered
+    );
+    println!(
+        "latency ms      p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0)
+    );
+    if let Some(p) = per_delivery {
+        println!(
+            "node CPU        {:.2} us per delivery ({:.0}% of a core)",
+            p,
+            node_cpu.unwrap_or(0) as f64 / 1e4 / secs
+        );
+    }
+    if let Some(p) = per_handshake {
+        println!("node CPU        {:.1} us per issue+subscribe+handshake", p);
+    }
+    println!(
+        "generator CPU   {:.0}% of a core while pushing",
+        gen_cpu as f64 / 1e4 / secs
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "fanout", "sockets": args.sockets, "channels": args.channels, "rate": args.rate,
+            "duration_s": args.duration, "payload": args.payload, "connected": args.sockets - failed, "failed": failed,
+            "pushes": summary.pushes, "pushes_per_s": summary.pushes as f64 / secs,
+            "deliveries": total.received, "expected": expected, "deliveries_per_s": total.received as f64 / secs,
+            "lost": lost, "duplicated": total.duplicated, "reordered": total.reordered,
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
+            "node_cpu_us_per_delivery": per_delivery, "node_cpu_us_per_handshake": per_handshake,
+            "generator_cpu_pct": gen_cpu as f64 / 1e4 / secs,
+        })
+    );
     Ok(())
 }
