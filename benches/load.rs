@@ -715,7 +715,7 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         );
     }
     if let Some(p) = per_handshake {
-        println!("node CPU        {:.1} us per issue+subscribe+handshake", p);
+        println!("node CPU        {p:.1} us per issue+subscribe+handshake");
     }
     println!(
         "generator CPU   {:.0}% of a core while pushing",
