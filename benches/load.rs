@@ -1,4 +1,4 @@
-//! Load generator for channelgate (`cargo bench --bench load -- --help`).
+//! Load generator for channelgate (`cargo run --release --bin channelgate-bench -- --help`).
 //!
 //! It drives a running node the way applications and browsers do: credentials and
 //! subscriptions over gRPC, WebSockets over TCP (spread over source addresses 127.0.0.x so
@@ -74,9 +74,6 @@ struct Args {
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
-    /// Cargo passes this to benches.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 /// Resident set size of `pid`, in bytes.

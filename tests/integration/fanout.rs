@@ -232,3 +232,47 @@ async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_eve
     assert_eq!(code(&close), 4100);
     assert_eq!(close.reason.as_str(), "too slow: outbound queue full");
 }
+
+/// The load generator's smoke run: tiny sizes, a second of pushing, zero loss.
+#[tokio::test]
+async fn the_load_generator_runs_and_loses_nothing() {
+    let gw = Gateway::start().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
+        .args([
+            "--scenario",
+            "fanout",
+            "--sockets",
+            "20",
+            "--channels",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+        ])
+        .args([
+            "--control",
+            &format!("http://{}", gw.grpc),
+            "--ws",
+            &gw.http.to_string(),
+        ])
+        .args(["--pid", &std::process::id().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON report line");
+    assert_eq!(report["connected"], 20);
+    assert_eq!(report["lost"], 0, "{stdout}");
+    assert_eq!(report["duplicated"], 0);
+    assert_eq!(report["reordered"], 0);
+    assert!(report["deliveries"].as_u64().unwrap() > 0, "{stdout}");
+}
