@@ -1,6 +1,7 @@
-#![allow(unreachable_pub)]
 //! End-to-end tests: a real gateway on 127.0.0.1:0, real WebSocket clients, real gRPC clients.
 //! One test crate with a module per capability (`cargo test --test integration fanout`).
+
+#![allow(unreachable_pub)] // test modules share helpers with `pub`
 
 mod call_route;
 mod cluster;
