@@ -107,15 +107,12 @@ async fn open_socket_on(
     channel: &str,
 ) -> anyhow::Result<WebSocketStream<TcpStream>> {
     let creds = control
-        .issue_connection(pb::IssueConnectionRequest::default())
-        .await?
-        .into_inner();
-    control
-        .subscribe(pb::SubscribeRequest {
-            digest: creds.digest.clone(),
+        .issue_connection(pb::IssueConnectionRequest {
+            ttl_ms: 0,
             channels: vec![channel.to_owned()],
         })
-        .await?;
+        .await?
+        .into_inner();
     let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
     let socket = TcpSocket::new_v4()?;
     socket.bind(source)?;

@@ -50,8 +50,15 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::IssueConnectionRequest>,
     ) -> Result<Response<pb::IssueConnectionResponse>, Status> {
-        let ttl = convert::ttl(request.get_ref().ttl_ms);
-        Ok(Response::new(self.bus.issue(ttl).await?.into()))
+        let r = request.get_ref();
+        let ttl = convert::ttl(r.ttl_ms);
+        // Checked before minting, so a bad channel leaves no credentials behind.
+        let channels = convert::channels(&r.channels)?;
+        let creds = self.bus.issue(ttl).await?;
+        if !channels.is_empty() {
+            self.bus.subscribe(&creds.digest, &channels).await?;
+        }
+        Ok(Response::new(creds.into()))
     }
 
     async fn subscribe(

@@ -42,6 +42,9 @@ enum Command {
         /// Print `export CONNECTION_ID=..` (and SOCKET_KEY, DIGEST) lines for `eval` in a shell.
         #[arg(long)]
         env: bool,
+        /// Subscribe the new credentials to this channel in the same call (repeatable).
+        #[arg(long = "channel", value_name = "CHANNEL")]
+        channels: Vec<String>,
     },
     /// Open a WebSocket as a client would: prints every frame it receives as a line, and sends
     /// each line of standard input as a text frame.
@@ -229,12 +232,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             log_format,
         } => return serve(settings, log_format).await,
         Command::Connect { url, id, key } => return connect(&url, &id, &key).await,
-        Command::Issue { client, ttl, env } => {
+        Command::Issue {
+            client,
+            ttl,
+            env,
+            channels,
+        } => {
             let mut c = client.connect().await?;
             let ttl_ms = ttl.map_or(0, |t| t.0.as_millis() as u64);
             let r = c
                 .client
-                .issue_connection(c.request(pb::IssueConnectionRequest { ttl_ms }))
+                .issue_connection(c.request(pb::IssueConnectionRequest { ttl_ms, channels }))
                 .await?
                 .into_inner();
             if env {

@@ -115,6 +115,7 @@ async fn invalid_requests_get_their_status_codes() {
 
     let ttl = pb::IssueConnectionRequest {
         ttl_ms: 48 * 3600 * 1000,
+        channels: vec![],
     };
     assert_eq!(
         code_of(c.issue_connection(ttl).await),

@@ -276,3 +276,38 @@ async fn the_load_generator_runs_and_loses_nothing() {
     assert_eq!(report["reordered"], 0);
     assert!(report["deliveries"].as_u64().unwrap() > 0, "{stdout}");
 }
+
+#[tokio::test]
+async fn issue_can_subscribe_in_the_same_call() {
+    let gw = Gateway::start().await;
+    let r = gw
+        .control()
+        .issue_connection(pb::IssueConnectionRequest {
+            ttl_ms: 0,
+            channels: vec!["a".into(), "b".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let creds = crate::support::Creds {
+        id: r.connection_id,
+        key: r.socket_key,
+        digest: r.digest,
+        expires_at_ms: r.expires_at_unix_ms,
+    };
+    let mut ws = gw.connect(&creds).await;
+    assert_eq!(gw.push("b", "2").await, 1);
+    assert_eq!(ws.recv_push().await, ("b".into(), 2.into()));
+    // A bad channel mints nothing.
+    let before = gw.stats().await.sessions;
+    let err = gw
+        .control()
+        .issue_connection(pb::IssueConnectionRequest {
+            ttl_ms: 0,
+            channels: vec!["bad name".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(gw.stats().await.sessions, before);
+}

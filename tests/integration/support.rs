@@ -98,7 +98,10 @@ impl Gateway {
     pub async fn issue_ttl(&self, ttl_ms: u64) -> Creds {
         let r = self
             .control()
-            .issue_connection(pb::IssueConnectionRequest { ttl_ms })
+            .issue_connection(pb::IssueConnectionRequest {
+                ttl_ms,
+                channels: vec![],
+            })
             .await
             .expect("IssueConnection")
             .into_inner();
