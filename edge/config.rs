@@ -45,6 +45,11 @@ pub struct Limits {
     /// Client messages being handled at once per socket (call-route, Handle); beyond it the
     /// client gets 429. Default: 16.
     pub max_inflight: usize,
+    /// Client messages per second per socket (token bucket); over it the client gets 429, and
+    /// `message_burst` refusals in a row close the socket with 1008. 0: unlimited. Default: 50.
+    pub message_rate: u32,
+    /// Client messages a socket may send at once before the rate applies. Default: 100.
+    pub message_burst: u32,
 }
 
 impl Default for Limits {
@@ -64,6 +69,8 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(10),
             handler_timeout: Duration::from_secs(10),
             max_inflight: 16,
+            message_rate: 50,
+            message_burst: 100,
         }
     }
 }
@@ -244,6 +251,15 @@ pub struct Settings {
     #[arg(long, env = "CHANNELGATE_MAX_INFLIGHT", value_name = "N")]
     pub max_inflight: Option<usize>,
 
+    /// Client messages per second per socket; over it 429 replies, and a burst's worth of
+    /// refusals in a row closes the socket with 1008. 0: unlimited. [default: 50]
+    #[arg(long, env = "CHANNELGATE_MESSAGE_RATE", value_name = "N")]
+    pub message_rate: Option<u32>,
+
+    /// Client messages a socket may send at once before the rate applies. [default: 100]
+    #[arg(long, env = "CHANNELGATE_MESSAGE_BURST", value_name = "N")]
+    pub message_burst: Option<u32>,
+
     /// Largest client message, in bytes (suffixes KiB, MiB); larger closes with 1008.
     /// [default: 64KiB]
     #[arg(long, env = "CHANNELGATE_MAX_MESSAGE_SIZE", value_name = "BYTES")]
@@ -347,7 +363,7 @@ impl Settings {
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
             control_token, insecure_control, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
-            max_inflight, max_message_size, outbound_queue, max_push_size,
+            max_inflight, message_rate, message_burst, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
     }
@@ -373,6 +389,8 @@ impl Settings {
             upstream_timeout: dur(self.upstream_timeout, l.upstream_timeout),
             handler_timeout: dur(self.handler_timeout, l.handler_timeout),
             max_inflight: self.max_inflight.unwrap_or(l.max_inflight),
+            message_rate: self.message_rate.unwrap_or(l.message_rate),
+            message_burst: self.message_burst.unwrap_or(l.message_burst),
         };
         let config = Config {
             listen: self.listen.unwrap_or(d.listen),

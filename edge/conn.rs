@@ -230,28 +230,43 @@ where
     let idle_timeout = edge.config.limits.idle_timeout;
     let idle = sleep(idle_timeout);
     tokio::pin!(idle);
+    let limits = &edge.config.limits;
+    let mut bucket = TokenBucket::new(limits.message_rate, limits.message_burst);
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
             _ = &mut idle => return End::Closing(Close::IdleTimeout),
         };
-        idle.as_mut().reset(Instant::now() + idle_timeout);
+        let now = Instant::now();
+        idle.as_mut().reset(now + idle_timeout);
+        let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
+        if is_message {
+            edge.registry.metrics().messages_in.inc();
+            match bucket.take(now) {
+                Take::Allowed => {}
+                Take::Refused => {
+                    let id = match &message {
+                        Some(Ok(Message::Text(text))) => parse_inbound(text)
+                            .ok()
+                            .and_then(|m| m.id.map(|id| id.to_owned())),
+                        _ => None,
+                    };
+                    queue_reply(conn, &Reply::text(id, 429, "rate limited: slow down"), edge);
+                    continue;
+                }
+                Take::Abusive => return End::Closing(Close::Policy("message rate limit exceeded")),
+            }
+        }
         let reply = match message {
             None => return End::Lost(None),
             Some(Err(err)) => return End::from_error(err),
             Some(Ok(Message::Close(_))) => return End::PeerClosed,
-            Some(Ok(Message::Text(text))) => {
-                edge.registry.metrics().messages_in.inc();
-                answer(text, conn, socket, edge)
-            }
-            Some(Ok(Message::Binary(_))) => {
-                edge.registry.metrics().messages_in.inc();
-                Some(Reply::text(
-                    None,
-                    400,
-                    "binary frames are not supported: send JSON text",
-                ))
-            }
+            Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),
+            Some(Ok(Message::Binary(_))) => Some(Reply::text(
+                None,
+                400,
+                "binary frames are not supported: send JSON text",
+            )),
             Some(Ok(_)) => None,
         };
         if let Some(reply) = reply {
@@ -310,6 +325,84 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
                 }
             });
             None
+        }
+    }
+}
+
+/// A per-socket token bucket for client messages: `rate` per second, up to `burst` at once.
+/// Over it, messages are refused (429); `burst` refusals in a row close the socket.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+    refused_in_a_row: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Allowed,
+    Refused,
+    Abusive,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: Instant::now(),
+            refused_in_a_row: 0,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Take {
+        if self.rate == 0.0 {
+            return Take::Allowed;
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused_in_a_row = 0;
+            return Take::Allowed;
+        }
+        self.refused_in_a_row += 1;
+        if f64::from(self.refused_in_a_row) >= self.burst {
+            Take::Abusive
+        } else {
+            Take::Refused
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate_then_closes_abusers() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(10, 3);
+        b.at = start;
+        for _ in 0..3 {
+            assert_eq!(b.take(start), Take::Allowed);
+        }
+        assert_eq!(b.take(start), Take::Refused);
+        assert_eq!(b.take(start), Take::Refused);
+        // 100 ms later one token is back, and the refusal streak resets.
+        assert_eq!(b.take(start + Duration::from_millis(100)), Take::Allowed);
+        let later = start + Duration::from_millis(100);
+        assert_eq!(b.take(later), Take::Refused);
+        assert_eq!(b.take(later), Take::Refused);
+        assert_eq!(b.take(later), Take::Abusive);
+        // Zero rate means unlimited.
+        let mut open = TokenBucket::new(0, 0);
+        for _ in 0..1000 {
+            assert_eq!(open.take(start), Take::Allowed);
         }
     }
 }

@@ -131,3 +131,38 @@ async fn a_one_megabyte_message_closes_only_that_socket_with_1008() {
     );
     assert_eq!(gw.push("room", "1").await, 1);
 }
+
+#[tokio::test]
+async fn a_socket_over_its_message_rate_gets_429_then_1008_and_others_do_not_notice() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.message_rate = 1;
+        c.limits.message_burst = 3;
+    })
+    .await;
+    let (_, mut flood) = gw.subscriber(&["room"]).await;
+    let (_, mut calm) = gw.subscriber(&["room"]).await;
+    for id in 0..3 {
+        assert_eq!(
+            flood.request(json!({"action":"ping","id":id})).await["status"],
+            200
+        );
+    }
+    let refused = flood.request(json!({"action":"ping","id":"over"})).await;
+    assert_eq!(
+        (refused["id"].clone(), refused["status"].clone()),
+        (json!("over"), json!(429))
+    );
+    // Keeps flooding: closed for policy.
+    for id in 0..10 {
+        flood
+            .send_text(&json!({"action":"ping","id":id}).to_string())
+            .await;
+    }
+    assert_eq!(code(&flood.expect_close().await), 1008);
+    assert_eq!(
+        calm.request(json!({"action":"ping","id":1})).await["status"],
+        200
+    );
+    assert_eq!(gw.push("room", "1").await, 1);
+    assert_eq!(calm.recv_push().await.1, 1);
+}
