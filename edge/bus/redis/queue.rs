@@ -1,0 +1,357 @@
+//! `Handle` streams across nodes: advertising this node's groups, the per-group Redis stream
+//! queues (`XADD` / `XREADGROUP`), and the [`Forwarder`] that offers a client message to groups
+//! with no stream on its node. See the parent module's "Handle streams across nodes".
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, HEARTBEAT, NODES_TTL};
+use crate::{
+    credentials::Digest,
+    handlers::remote::{Delivery, Forwarded, Forwarder, LocalGroup, RemoteReply},
+    registry::now_ms,
+};
+
+/// Pseudo-action under which groups that want lifecycle events are advertised.
+const LIFECYCLE: &str = "$lifecycle";
+/// Consumer group of every handler queue.
+const CONSUMER_GROUP: &str = "handlers";
+/// Entries kept per handler queue.
+const QUEUE_MAXLEN: usize = 10_000;
+/// How long one `XREADGROUP` blocks.
+const QUEUE_BLOCK: Duration = Duration::from_millis(1000);
+
+impl RedisBus {
+    fn act_key(&self, action: &str) -> String {
+        format!("{}:act:{action}", self.prefix)
+    }
+
+    fn queue_key(&self, group: &str) -> String {
+        format!("{}:q:{group}", self.prefix)
+    }
+
+    /// Adds this node's groups to the advertisement sets (valid for three heartbeats).
+    pub(super) fn advertise(&self, pipe: &mut redis::Pipeline, groups: &[LocalGroup]) {
+        let until = now_ms() + 3 * HEARTBEAT.as_millis() as u64;
+        for group in groups {
+            let actions = group.actions.iter().map(|a| &**a);
+            let lifecycle = group.lifecycle.then_some(LIFECYCLE);
+            for action in actions.chain(lifecycle) {
+                let key = self.act_key(action);
+                pipe.cmd("ZADD")
+                    .arg(&key)
+                    .arg(until)
+                    .arg(&*group.name)
+                    .ignore();
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now_ms())
+                    .ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(NODES_TTL.as_millis() as u64)
+                    .ignore();
+            }
+        }
+    }
+
+    /// Groups advertised for `action`, except `exclude`.
+    async fn groups_for(&self, action: &str, exclude: &[Box<str>]) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let groups: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.act_key(action))
+            .arg(now_ms())
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        groups
+            .into_iter()
+            .filter(|g| !exclude.iter().any(|e| **e == **g))
+            .collect()
+    }
+
+    fn queue_entry(&self, rid: u64, delivery: &Delivery) -> Vec<(&'static str, String)> {
+        vec![
+            ("origin", self.node.clone()),
+            ("rid", rid.to_string()),
+            ("cid", delivery.connection_id.to_string()),
+            ("digest", delivery.digest.to_string()),
+            ("action", delivery.action.to_string()),
+            (
+                "id",
+                delivery
+                    .id
+                    .as_ref()
+                    .map(|i| i.get().to_owned())
+                    .unwrap_or_default(),
+            ),
+            ("json", delivery.json.to_string()),
+        ]
+    }
+
+    async fn enqueue(&self, groups: &[String], rid: u64, delivery: &Delivery) -> bool {
+        let mut pipe = redis::pipe();
+        let fields = self.queue_entry(rid, delivery);
+        for group in groups {
+            pipe.cmd("XADD")
+                .arg(self.queue_key(group))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(QUEUE_MAXLEN)
+                .arg("*")
+                .arg(&fields)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.is_ok()
+    }
+
+    /// Starts a consumer for each group that gained its first stream here, and stops those
+    /// whose last stream left.
+    pub(super) async fn follow_groups(self: Arc<Self>, halt: CancellationToken) {
+        let mut consumers: HashMap<Box<str>, CancellationToken> = HashMap::new();
+        loop {
+            let groups = self.remote.local_groups();
+            let names: HashSet<Box<str>> = groups.iter().map(|g| g.name.clone()).collect();
+            consumers.retain(|name, stop| {
+                let keep = names.contains(name);
+                if !keep {
+                    stop.cancel();
+                }
+                keep
+            });
+            let mut fresh = Vec::new();
+            for group in &groups {
+                if !consumers.contains_key(&group.name) {
+                    let stop = halt.child_token();
+                    consumers.insert(group.name.clone(), stop.clone());
+                    // The consumer group exists before the group is advertised, so nothing
+                    // queued after the advertisement is missed.
+                    self.create_queue(&group.name).await;
+                    self.tracker
+                        .spawn(self.clone().consume(group.name.clone(), stop));
+                    fresh.push(group.clone());
+                }
+            }
+            let mut pipe = redis::pipe();
+            self.advertise(&mut pipe, &groups);
+            let mut conn = self.conn.clone();
+            let _ = pipe.query_async::<()>(&mut conn).await;
+            tokio::select! {
+                _ = self.groups_changed.notified() => {}
+                _ = halt.cancelled() => return,
+            }
+        }
+    }
+
+    async fn create_queue(&self, group: &str) {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.queue_key(group))
+            .arg(CONSUMER_GROUP)
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(err) = created {
+            if err.code() != Some("BUSYGROUP") {
+                tracing::warn!(%err, group, "could not create the handler queue");
+            }
+        }
+    }
+
+    /// Reads `group`'s queue and hands each message to a stream of the group here.
+    async fn consume(self: Arc<Self>, group: Box<str>, stop: CancellationToken) {
+        let key = self.queue_key(&group);
+        let mut conn = None;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            // Blocking reads get a connection of their own.
+            let c = match conn.take() {
+                Some(c) => c,
+                None => match self.client.get_multiplexed_async_connection().await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF_MAX) => continue,
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                },
+            };
+            let mut c = c;
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg(CONSUMER_GROUP)
+                .arg(&self.node)
+                .arg("COUNT")
+                .arg(64)
+                .arg("BLOCK")
+                .arg(QUEUE_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">");
+            let reply = tokio::select! {
+                reply = read.query_async::<Option<redis::streams::StreamReadReply>>(&mut c) => reply,
+                _ = stop.cancelled() => return,
+            };
+            match reply {
+                Ok(reply) => {
+                    conn = Some(c);
+                    let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+                    let mut ids = Vec::new();
+                    for entry in entries {
+                        self.take_forwarded(&group, &entry);
+                        ids.push(entry.id);
+                    }
+                    if !ids.is_empty() {
+                        let mut conn = self.conn.clone();
+                        let _ = redis::cmd("XACK")
+                            .arg(&key)
+                            .arg(CONSUMER_GROUP)
+                            .arg(&ids)
+                            .query_async::<i64>(&mut conn)
+                            .await;
+                    }
+                }
+                Err(err) if err.code() == Some("NOGROUP") => self.create_queue(&group).await,
+                Err(err) => {
+                    tracing::debug!(%err, %group, "handler queue read failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_forwarded(self: &Arc<Self>, group: &str, entry: &redis::streams::StreamId) {
+        let field = |name: &str| entry.get::<String>(name);
+        let (Some(origin), Some(rid), Some(digest)) = (
+            field("origin"),
+            field("rid").and_then(|r| r.parse::<u64>().ok()),
+            field("digest").and_then(|d| d.parse::<Digest>().ok()),
+        ) else {
+            tracing::warn!(group, "malformed handler queue entry dropped");
+            return;
+        };
+        let id = field("id")
+            .filter(|i| !i.is_empty())
+            .and_then(|i| serde_json::value::RawValue::from_string(i).ok());
+        let delivery = Delivery {
+            delivery_id: 0,
+            connection_id: field("cid").unwrap_or_default().into(),
+            digest,
+            action: field("action").unwrap_or_default().into(),
+            id,
+            json: field("json").unwrap_or_default().into(),
+        };
+        if delivery.action.starts_with('$') {
+            self.remote
+                .deliver_forwarded(group, delivery, Box::new(|_| {}));
+            return;
+        }
+        let bus = self.clone();
+        let back_origin = origin.clone();
+        let back = Box::new(move |reply: Option<RemoteReply>| {
+            let command = match reply {
+                Some(r) => Command::Reply {
+                    rid,
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body.map(|b| b.as_str().to_owned()),
+                },
+                None => Command::Unhandled { rid },
+            };
+            tokio::spawn(async move {
+                let _ = bus.command(&back_origin, &command).await;
+            });
+        });
+        if !self.remote.deliver_forwarded(group, delivery, back) {
+            let bus = self.clone();
+            tokio::spawn(async move {
+                let _ = bus.command(&origin, &Command::Unhandled { rid }).await;
+            });
+        }
+    }
+}
+
+/// Removes a forwarded message's waiter when its future ends, however it ends.
+struct ForwardGuard {
+    bus: Arc<RedisBus>,
+    rid: u64,
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.bus.forwards.lock().remove(&self.rid);
+    }
+}
+
+impl Forwarder for RedisBus {
+    fn forward(
+        &self,
+        delivery: Delivery,
+        exclude: Vec<Box<str>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>> {
+        let Some(bus) = self.this() else {
+            return Box::pin(async { Forwarded::NoGroups });
+        };
+        Box::pin(async move {
+            let groups = bus.groups_for(&delivery.action, &exclude).await;
+            if groups.is_empty() {
+                return Forwarded::NoGroups;
+            }
+            let rid = bus.next_rid.fetch_add(1, Ordering::Relaxed);
+            let (tx, mut rx) = tokio::sync::mpsc::channel(groups.len() + 1);
+            bus.forwards.lock().insert(rid, tx);
+            let _guard = ForwardGuard {
+                bus: bus.clone(),
+                rid,
+            };
+            if !bus.enqueue(&groups, rid, &delivery).await {
+                return Forwarded::Failed;
+            }
+            let mut outstanding = groups.len();
+            while let Some(event) = rx.recv().await {
+                match event {
+                    ForwardEvent::Reply(reply) => return Forwarded::Reply(reply),
+                    ForwardEvent::Unhandled => {
+                        outstanding -= 1;
+                        if outstanding == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            Forwarded::Failed
+        })
+    }
+
+    fn forward_event(&self, delivery: Delivery, exclude: Vec<Box<str>>) {
+        let Some(bus) = self.this() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let groups = bus.groups_for(LIFECYCLE, &exclude).await;
+            if !groups.is_empty() {
+                bus.enqueue(&groups, 0, &delivery).await;
+            }
+        });
+    }
+
+    fn membership_changed(&self) {
+        self.groups_changed.notify_one();
+    }
+}
