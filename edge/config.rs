@@ -551,6 +551,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../examples/channelgate.toml");
+        let settings = Settings::parse_toml(text).unwrap();
+        let config = settings.into_config().unwrap();
+        assert_eq!(config.allowed_origins, ["https://app.example.com"]);
+        assert_eq!(config.limits.message_rate, 50);
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = Settings::parse_toml("lisen = \"x\"")
             .unwrap_err()

@@ -19,6 +19,7 @@ use tokio_tungstenite::{
     tungstenite::{handshake::derive_accept_key, protocol::Role},
     WebSocketStream,
 };
+use tracing::Instrument;
 
 use crate::{bus::AttachError, conn, handlers::Socket, registry::Ending, server::Edge};
 
@@ -238,9 +239,15 @@ async fn upgrade(
                     Some(edge.ws_config),
                 )
                 .await;
+                // With debug logging, every line of this socket carries its (public) connection
+                // id. A debug span costs nothing per socket at the default info level; the
+                // socket's own info and warn lines name the id themselves.
+                let span = tracing::debug_span!("conn", connection_id = %connection_id);
                 let socket =
                     Socket::new(connection_id.into_boxed_str(), conn.digest(), peer, cookies);
-                conn::run(ws, conn, Arc::new(socket), &edge).await;
+                conn::run(ws, conn, Arc::new(socket), &edge)
+                    .instrument(span)
+                    .await;
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");

@@ -116,6 +116,15 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Print every push to the channels as a JSON line `{"channel":..,"json":..}` until
+    /// interrupted.
+    Listen {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Channel names.
+        #[arg(required = true)]
+        channels: Vec<String>,
+    },
     /// Print the node's counts as JSON.
     Stats {
         #[command(flatten)]
@@ -338,6 +347,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await?
                 .into_inner();
             print(serde_json::json!({ "closed": r.closed }));
+        }
+        Command::Listen { client, channels } => {
+            let mut c = client.connect().await?;
+            let mut events = c
+                .client
+                .listen(c.request(pb::ListenRequest { channels }))
+                .await?
+                .into_inner();
+            while let Some(event) = events.message().await? {
+                print(serde_json::json!({ "channel": event.channel, "json": event.json }));
+            }
         }
         Command::Stats {
             client,

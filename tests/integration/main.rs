@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)] // test modules share helpers with `pub`
 
 mod call_route;
+mod cli;
 mod cluster;
 mod control;
 mod credentials;

@@ -1,0 +1,156 @@
+//! The CLI, run as a process against a live gateway: every control subcommand, its output and
+//! its exit codes.
+
+use std::process::Stdio;
+
+use serde_json::{json, Value};
+use tokio::{io::AsyncBufReadExt, process::Command};
+
+use crate::support::{Creds, Gateway, PATIENCE};
+
+/// Runs `channelgate ARGS --server <gw>`; returns the exit code and standard output.
+async fn cg(gw: &Gateway, args: &[&str], stdin: Option<&str>) -> (i32, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args(args)
+        .args(["--server", &format!("http://{}", gw.grpc)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn json_line(out: &str) -> Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+#[tokio::test]
+async fn every_control_subcommand_works_as_a_process() {
+    let gw = Gateway::start().await;
+    // issue (JSON), and issue --env with --channel.
+    let (code, out) = cg(&gw, &["issue"], None).await;
+    assert_eq!(code, 0);
+    let issued = json_line(&out);
+    assert_eq!(issued["digest"].as_str().unwrap().len(), 64);
+    let (code, out) = cg(&gw, &["issue", "--env", "--channel", "pre"], None).await;
+    assert_eq!(code, 0);
+    let var = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .unwrap()
+            .to_owned()
+    };
+    let creds = Creds {
+        id: var("CONNECTION_ID"),
+        key: var("SOCKET_KEY"),
+        digest: var("DIGEST"),
+        expires_at_ms: 0,
+    };
+    let mut ws = gw.connect(&creds).await;
+    gw.push("pre", "0").await;
+    assert_eq!(ws.recv_push().await.1, 0);
+
+    // subscribe, push (argument and standard input), unsubscribe.
+    let (code, out) = cg(&gw, &["subscribe", &creds.digest, "news"], None).await;
+    assert_eq!((code, json_line(&out)), (0, json!({"live": true})));
+    let (code, out) = cg(&gw, &["push", "news", r#"{"a":1}"#], None).await;
+    assert_eq!((code, json_line(&out)), (0, json!({"queued": 1})));
+    assert_eq!(ws.recv_push().await, ("news".into(), json!({"a":1})));
+    let (code, _) = cg(&gw, &["push", "news"], Some(r#"{"from":"stdin"}"#)).await;
+    assert_eq!(code, 0);
+    assert_eq!(ws.recv_push().await.1, json!({"from":"stdin"}));
+    let (code, _) = cg(&gw, &["unsubscribe", &creds.digest, "news"], None).await;
+    assert_eq!(code, 0);
+    let (_, out) = cg(&gw, &["push", "news", "1"], None).await;
+    assert_eq!(json_line(&out), json!({"queued": 0}));
+
+    // send, stats, disconnect.
+    let (code, out) = cg(&gw, &["send", &creds.digest, "direct", "\"hi\""], None).await;
+    assert_eq!((code, json_line(&out)), (0, json!({"queued": true})));
+    assert_eq!(ws.recv_push().await, ("direct".into(), json!("hi")));
+    let (code, out) = cg(&gw, &["stats", "--per-channel"], None).await;
+    assert_eq!(code, 0);
+    let stats = json_line(&out);
+    assert_eq!(stats["connections"], 1);
+    assert_eq!(stats["channel_subscribers"]["pre"], 1);
+    let (code, out) = cg(
+        &gw,
+        &[
+            "disconnect",
+            &creds.digest,
+            "--code",
+            "4005",
+            "--reason",
+            "cli",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((code, json_line(&out)), (0, json!({"closed": true})));
+    assert_eq!(crate::support::code(&ws.expect_close().await), 4005);
+}
+
+#[tokio::test]
+async fn refused_requests_exit_2_and_unreachable_servers_exit_1() {
+    let gw = Gateway::start().await;
+    let (code, _) = cg(&gw, &["push", "bad name", "1"], None).await;
+    assert_eq!(code, 2);
+    let (code, _) = cg(&gw, &["push", "ok", "{not json"], None).await;
+    assert_eq!(code, 2);
+    let (code, _) = cg(&gw, &["subscribe", &"0".repeat(64), "x"], None).await;
+    assert_eq!(code, 2);
+    let out = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args(["stats", "--server", "http://127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn listen_prints_each_push_as_a_json_line() {
+    let gw = Gateway::start().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args([
+            "listen",
+            "alerts",
+            "--server",
+            &format!("http://{}", gw.grpc),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // The listener registers asynchronously: push until a line arrives.
+    let line = tokio::time::timeout(PATIENCE, async {
+        loop {
+            gw.push("alerts", r#"{"level":"high"}"#).await;
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(std::time::Duration::from_millis(100), lines.next_line()).await
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        json_line(&line),
+        json!({"channel":"alerts","json":r#"{"level":"high"}"#})
+    );
+}
