@@ -50,6 +50,9 @@ pub struct Limits {
     pub message_rate: u32,
     /// Client messages a socket may send at once before the rate applies. Default: 100.
     pub message_burst: u32,
+    /// Most live sockets from one client address; the next handshake gets 429. 0: no limit.
+    /// Default: 0 (clients behind one NAT share an address; set it to fit your users).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             max_inflight: 16,
             message_rate: 50,
             message_burst: 100,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -256,6 +260,11 @@ pub struct Settings {
     #[arg(long, env = "CHANNELGATE_MESSAGE_RATE", value_name = "N")]
     pub message_rate: Option<u32>,
 
+    /// Most live sockets from one client address; further handshakes get 429. 0: no limit.
+    /// [default: 0]
+    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
     /// Client messages a socket may send at once before the rate applies. [default: 100]
     #[arg(long, env = "CHANNELGATE_MESSAGE_BURST", value_name = "N")]
     pub message_burst: Option<u32>,
@@ -363,7 +372,7 @@ impl Settings {
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
             control_token, insecure_control, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
-            max_inflight, message_rate, message_burst, max_message_size, outbound_queue, max_push_size,
+            max_inflight, message_rate, message_burst, max_connections_per_ip, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
     }
@@ -391,6 +400,9 @@ impl Settings {
             max_inflight: self.max_inflight.unwrap_or(l.max_inflight),
             message_rate: self.message_rate.unwrap_or(l.message_rate),
             message_burst: self.message_burst.unwrap_or(l.message_burst),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(l.max_connections_per_ip),
         };
         let config = Config {
             listen: self.listen.unwrap_or(d.listen),

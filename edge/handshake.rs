@@ -134,6 +134,8 @@ enum Refusal {
     Used,
     /// 503: node full or draining.
     Unavailable,
+    /// 429: the client's address holds `max_connections_per_ip` sockets.
+    TooManyFromIp,
 }
 
 impl Refusal {
@@ -149,6 +151,7 @@ impl Refusal {
             Refusal::InUse => "in_use",
             Refusal::Used => "used",
             Refusal::Unavailable => "unavailable",
+            Refusal::TooManyFromIp => "too_many_from_ip",
         }
     }
 
@@ -164,6 +167,7 @@ impl Refusal {
             InUse => (StatusCode::FORBIDDEN, "connection id already in use\n"),
             Used => (StatusCode::FORBIDDEN, "connection id already used\n"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "no capacity, try another node\n"),
+            TooManyFromIp => (StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
         };
         let mut response = text(status, body);
         response
@@ -216,6 +220,10 @@ async fn upgrade(
         tracing::warn!(%peer, "handshake refused: max-connections reached");
         Refusal::Unavailable
     })?;
+    let ip_slot = IpSlot::take(edge, peer.ip()).ok_or_else(|| {
+        tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
+        Refusal::TooManyFromIp
+    })?;
     let conn = edge.bus.attach(&verified).await.map_err(|err| {
         tracing::debug!(%peer, %connection_id, %err, "handshake refused");
         match err {
@@ -254,6 +262,7 @@ async fn upgrade(
                 edge.bus.detach(&conn, Ending::Resumable);
             }
         }
+        drop(ip_slot);
         drop(permit);
     };
     edge.tracker.spawn(task);
@@ -301,6 +310,46 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
                 .iter()
                 .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
         }),
+    }
+}
+
+/// One socket's share of its address's `max_connections_per_ip`; released on drop.
+struct IpSlot {
+    edge: Arc<Edge>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    /// Takes a slot for `ip`, or `None` when the address is at its limit (0: no limit).
+    fn take(edge: &Arc<Edge>, ip: std::net::IpAddr) -> Option<Self> {
+        let max = edge.config.limits.max_connections_per_ip;
+        if max == 0 {
+            return Some(Self {
+                edge: edge.clone(),
+                ip,
+            });
+        }
+        let mut count = edge.per_ip.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            edge: edge.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if self.edge.config.limits.max_connections_per_ip == 0 {
+            return;
+        }
+        if let Some(mut count) = self.edge.per_ip.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+        }
+        self.edge.per_ip.remove_if(&self.ip, |_, count| *count == 0);
     }
 }
 

@@ -450,6 +450,9 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    // Before anything else: a SIGTERM during start-up must drain, not kill.
+    let mut signals =
+        channelgate::shutdown::Signals::new().context("installing signal handlers")?;
     let file = settings.load_file()?;
     let config = settings.merge(file).into_config()?;
     let listeners = Listeners::bind(&config).await?;
@@ -459,12 +462,12 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
     tokio::pin!(run);
     tokio::select! {
         result = &mut run => { result?; return Ok(ExitCode::SUCCESS) }
-        signal = channelgate::shutdown::signal() => tracing::info!(signal, "shutting down; a second signal exits at once"),
+        signal = signals.recv() => tracing::info!(signal, "shutting down; a second signal exits at once"),
     }
     token.cancel();
     tokio::select! {
         result = &mut run => result?,
-        signal = channelgate::shutdown::signal() => {
+        signal = signals.recv() => {
             tracing::warn!(signal, "second signal: exiting now");
             return Ok(ExitCode::from(130));
         }

@@ -54,6 +54,8 @@ pub struct Edge {
     pub ws_permits: Arc<Semaphore>,
     /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
     pub handshake_permits: Arc<Semaphore>,
+    /// Live sockets per client address (only with `max_connections_per_ip`).
+    pub per_ip: dashmap::DashMap<std::net::IpAddr, usize>,
 }
 
 impl Edge {
@@ -91,6 +93,7 @@ impl Edge {
             handlers,
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            per_ip: dashmap::DashMap::new(),
             config,
             ws_config,
             shutdown,

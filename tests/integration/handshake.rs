@@ -235,3 +235,16 @@ async fn metrics_follow_traffic() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_address_over_its_connection_limit_gets_429() {
+    let gw = Gateway::start_with(|c| c.limits.max_connections_per_ip = 2).await;
+    let (_, _a) = gw.subscriber(&[]).await;
+    let (_, b) = gw.subscriber(&[]).await;
+    let third = gw.issue().await;
+    assert_eq!(gw.try_connect(&third).await.err(), Some(429));
+    // A slot frees when a socket ends; the refused credentials were not used up.
+    b.close().await;
+    gw.wait_for_connections(1).await;
+    crate::support::wait_until(|| async { gw.try_connect(&third).await.is_ok() }).await;
+}
