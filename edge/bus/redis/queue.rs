@@ -39,6 +39,11 @@ impl RedisBus {
     pub(super) fn advertise(&self, pipe: &mut redis::Pipeline, groups: &[LocalGroup]) {
         let until = now_ms() + 3 * HEARTBEAT.as_millis() as u64;
         for group in groups {
+            // A queue whose group is gone from every node expires a day later.
+            pipe.cmd("PEXPIRE")
+                .arg(self.queue_key(&group.name))
+                .arg(NODES_TTL.as_millis() as u64)
+                .ignore();
             let actions = group.actions.iter().map(|a| &**a);
             let lifecycle = group.lifecycle.then_some(LIFECYCLE);
             for action in actions.chain(lifecycle) {
