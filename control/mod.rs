@@ -1,8 +1,9 @@
 //! The control plane: gRPC service `channelgate.v1.Control`, plus the standard gRPC health
 //! and reflection services, on the control listener.
 //!
-//! Layers, outermost first: bearer-token check ([`auth`]) on the Control service only (health
-//! stays open for probes); per-connection concurrency limit and request timeout on the server.
+//! Layers, outermost first: TLS (and client certificates, with `--grpc-client-ca`) on the
+//! whole listener; bearer-token check ([`auth`]) on the Control service only (health stays
+//! open for probes); per-connection concurrency limit and request timeout on the server.
 //! This module depends on the edge (the registry) and never the other way round.
 
 mod auth;
@@ -16,7 +17,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{server::TcpIncoming, Server},
+    transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig},
 };
 
 use crate::{error::Error, pb, server::Edge};
@@ -28,6 +29,24 @@ pub use service::ControlService;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most requests in flight on one HTTP/2 connection.
 const CONCURRENCY_PER_CONNECTION: usize = 1024;
+
+/// The control plane's TLS settings: a server identity, and a client CA for mutual TLS.
+fn tls_config(config: &crate::config::Config) -> Result<Option<ServerTlsConfig>, Error> {
+    let Some((cert, key)) = &config.grpc_tls else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.grpc_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
 
 /// Serves the control plane on `listener` until the edge drains.
 pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> {
@@ -63,7 +82,14 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
     let halt = edge.halt.clone();
     // Replies are small and latency matters more than packet count.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls_config(&edge.config)? {
+        server = server.tls_config(tls).map_err(|err| Error::Io {
+            context: "configuring control-plane TLS".into(),
+            source: std::io::Error::other(err),
+        })?;
+    }
+    let result = server
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .add_service(health_service)

@@ -97,6 +97,10 @@ pub struct Config {
     pub control_tokens: Vec<String>,
     /// Allow a control plane on a non-loopback address without tokens.
     pub insecure_control: bool,
+    /// TLS for the control plane: certificate chain and private key (PEM files).
+    pub grpc_tls: Option<(PathBuf, PathBuf)>,
+    /// With TLS: CA (PEM) that client certificates must chain to (mutual TLS).
+    pub grpc_client_ca: Option<PathBuf>,
     /// HTTP path of the WebSocket endpoint. Default: `/ws`.
     pub ws_path: String,
     /// Name of the cookie carrying the socket key. Default: `socket_key`.
@@ -126,6 +130,8 @@ impl fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("control_tokens", &self.control_tokens.len())
             .field("insecure_control", &self.insecure_control)
+            .field("grpc_tls", &self.grpc_tls)
+            .field("grpc_client_ca", &self.grpc_client_ca)
             .field("ws_path", &self.ws_path)
             .field("key_cookie", &self.key_cookie)
             .field("redis", &self.redis)
@@ -146,6 +152,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             control_tokens: Vec::new(),
             insecure_control: false,
+            grpc_tls: None,
+            grpc_client_ca: None,
             ws_path: "/ws".into(),
             key_cookie: "socket_key".into(),
             redis: None,
@@ -219,6 +227,29 @@ pub struct Settings {
     /// can reach it could mint credentials and push). [default: false]
     #[arg(long, env = "CHANNELGATE_INSECURE_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_control: Option<bool>,
+
+    /// TLS certificate chain (PEM) of the control plane; with --grpc-tls-key.
+    #[arg(
+        long,
+        env = "CHANNELGATE_GRPC_TLS_CERT",
+        value_name = "FILE",
+        requires = "grpc_tls_key"
+    )]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of the control plane; with --grpc-tls-cert.
+    #[arg(
+        long,
+        env = "CHANNELGATE_GRPC_TLS_KEY",
+        value_name = "FILE",
+        requires = "grpc_tls_cert"
+    )]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that control-plane client certificates must chain to (mutual TLS; needs
+    /// --grpc-tls-cert).
+    #[arg(long, env = "CHANNELGATE_GRPC_CLIENT_CA", value_name = "FILE")]
+    pub grpc_client_ca: Option<PathBuf>,
 
     /// HTTP path of the WebSocket endpoint. [default: /ws]
     #[arg(long, env = "CHANNELGATE_WS_PATH", value_name = "PATH")]
@@ -371,7 +402,7 @@ impl Settings {
     /// `self`'s values where set, else `other`'s.
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, insecure_control, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
+            control_token, insecure_control, grpc_tls_cert, grpc_tls_key, grpc_client_ca, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
             max_inflight, message_rate, message_burst, max_connections_per_ip, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
@@ -412,6 +443,8 @@ impl Settings {
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             control_tokens: self.control_token.unwrap_or_default(),
             insecure_control: self.insecure_control.unwrap_or(false),
+            grpc_tls: self.grpc_tls_cert.zip(self.grpc_tls_key),
+            grpc_client_ca: self.grpc_client_ca,
             ws_path: self.ws_path.unwrap_or(d.ws_path),
             key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
             redis: self.redis,
@@ -447,13 +480,17 @@ impl Config {
         if self.redis.is_some() && self.secret.is_none() {
             return invalid("cluster mode (--redis) requires --secret, shared by every node");
         }
+        if self.grpc_client_ca.is_some() && self.grpc_tls.is_none() {
+            return invalid("grpc-client-ca needs grpc-tls-cert and grpc-tls-key");
+        }
         if self.control_tokens.is_empty()
+            && self.grpc_client_ca.is_none()
             && !self.grpc_listen.ip().is_loopback()
             && !self.insecure_control
         {
             return invalid(
-                "the control plane listens beyond loopback without --control-token; \
-                 set a token, or --insecure-control if something else guards it",
+                "the control plane listens beyond loopback without --control-token or \
+                 --grpc-client-ca; set one, or --insecure-control if something else guards it",
             );
         }
         if self.control_tokens.iter().any(|t| t.is_empty()) {

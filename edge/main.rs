@@ -155,12 +155,46 @@ struct ClientArgs {
     /// Bearer token for the control plane.
     #[arg(long, env = "CHANNELGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA (PEM) to verify a TLS control plane with (use an https:// --server).
+    #[arg(long, env = "CHANNELGATE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; with --tls-key.
+    #[arg(
+        long,
+        env = "CHANNELGATE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM) for mutual TLS; with --tls-cert.
+    #[arg(
+        long,
+        env = "CHANNELGATE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 impl ClientArgs {
     async fn connect(&self) -> anyhow::Result<Control> {
-        let channel = tonic::transport::Endpoint::from_shared(self.server.clone())
-            .with_context(|| format!("invalid --server {}", self.server))?
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.server.clone())
+            .with_context(|| format!("invalid --server {}", self.server))?;
+        if self.tls_ca.is_some() || self.tls_cert.is_some() {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.tls_ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("connecting to {}", self.server))?;

@@ -290,3 +290,120 @@ async fn grpc_health_and_reflection_answer_even_with_tokens() {
         "{list:?}"
     );
 }
+
+/// A test CA and certificates it signs.
+struct TestPki {
+    dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = std::env::temp_dir().join(format!(
+            "channelgate-pki-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        for (name, sans) in [
+            (
+                "server",
+                vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            ),
+            ("client", vec!["app".to_string()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).unwrap()
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_on_the_control_plane() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let pki = TestPki::new();
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    let gw = Gateway::start_with(move |c| {
+        c.grpc_tls = Some((cert, key));
+        c.grpc_client_ca = Some(ca);
+    })
+    .await;
+    let url = format!("https://localhost:{}", gw.grpc.port());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
+        .domain_name("localhost");
+
+    // With a client certificate from the CA: served.
+    let with_cert = tls.clone().identity(Identity::from_pem(
+        pki.read("client.pem"),
+        pki.read("client.key"),
+    ));
+    let channel = Endpoint::from_shared(url.clone())
+        .unwrap()
+        .tls_config(with_cert)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ControlClient::new(channel);
+    assert!(c
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await
+        .is_ok());
+
+    // Without one: the TLS handshake is refused, so no call gets through.
+    let refused = match Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(channel) => ControlClient::new(channel)
+            .issue_connection(pb::IssueConnectionRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // Plaintext: refused too.
+    let plain = match ControlClient::connect(format!("http://{}", gw.grpc)).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .issue_connection(pb::IssueConnectionRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(plain, "a plaintext client was served");
+}
