@@ -97,6 +97,9 @@ pub struct Config {
     pub control_tokens: Vec<String>,
     /// Allow a control plane on a non-loopback address without tokens.
     pub insecure_control: bool,
+    /// TLS for the client plane (wss): certificate chain and private key (PEM files), reloaded
+    /// on SIGHUP.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// TLS for the control plane: certificate chain and private key (PEM files).
     pub grpc_tls: Option<(PathBuf, PathBuf)>,
     /// With TLS: CA (PEM) that client certificates must chain to (mutual TLS).
@@ -130,6 +133,7 @@ impl fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("control_tokens", &self.control_tokens.len())
             .field("insecure_control", &self.insecure_control)
+            .field("tls", &self.tls)
             .field("grpc_tls", &self.grpc_tls)
             .field("grpc_client_ca", &self.grpc_client_ca)
             .field("ws_path", &self.ws_path)
@@ -152,6 +156,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             control_tokens: Vec::new(),
             insecure_control: false,
+            tls: None,
             grpc_tls: None,
             grpc_client_ca: None,
             ws_path: "/ws".into(),
@@ -227,6 +232,25 @@ pub struct Settings {
     /// can reach it could mint credentials and push). [default: false]
     #[arg(long, env = "CHANNELGATE_INSECURE_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_control: Option<bool>,
+
+    /// TLS certificate chain (PEM) of the client plane (wss); with --tls-key. Reloaded on
+    /// SIGHUP without dropping live sockets.
+    #[arg(
+        long,
+        env = "CHANNELGATE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of the client plane; with --tls-cert.
+    #[arg(
+        long,
+        env = "CHANNELGATE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 
     /// TLS certificate chain (PEM) of the control plane; with --grpc-tls-key.
     #[arg(
@@ -402,7 +426,7 @@ impl Settings {
     /// `self`'s values where set, else `other`'s.
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, insecure_control, grpc_tls_cert, grpc_tls_key, grpc_client_ca, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
+            control_token, insecure_control, tls_cert, tls_key, grpc_tls_cert, grpc_tls_key, grpc_client_ca, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
             max_inflight, message_rate, message_burst, max_connections_per_ip, max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
@@ -443,6 +467,7 @@ impl Settings {
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             control_tokens: self.control_token.unwrap_or_default(),
             insecure_control: self.insecure_control.unwrap_or(false),
+            tls: self.tls_cert.zip(self.tls_key),
             grpc_tls: self.grpc_tls_cert.zip(self.grpc_tls_key),
             grpc_client_ca: self.grpc_client_ca,
             ws_path: self.ws_path.unwrap_or(d.ws_path),

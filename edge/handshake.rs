@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::{
     tungstenite::{handshake::derive_accept_key, protocol::Role},
     WebSocketStream,
@@ -26,12 +26,14 @@ use crate::{bus::AttachError, conn, handlers::Socket, registry::Ending, server::
 type Body = Full<Bytes>;
 
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
-pub async fn serve_http(
-    stream: TcpStream,
+pub async fn serve_http<S>(
+    stream: S,
     peer: SocketAddr,
     edge: Arc<Edge>,
     permit: OwnedSemaphorePermit,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let service = service_fn(|req| {
         let edge = edge.clone();

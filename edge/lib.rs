@@ -17,6 +17,7 @@
 //!   * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
 //!   * [`protocol`]: the client wire format (pushes, replies, client messages);
 //!   * [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
+//!   * [`tls`]: the client plane's certificate, reloaded on SIGHUP;
 //!   * [`config`], [`error`], [`shutdown`].
 //! * [`control`] (`../control/`): the gRPC control plane; reaches the edge only through
 //!   [`registry::Registry`].
@@ -39,6 +40,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 
 #[path = "../control/mod.rs"] // control/ is a sibling tree; see Cargo.toml [lib]
 pub mod control;
@@ -177,6 +179,29 @@ pub async fn run(
             }
         }
     });
+
+    #[cfg(unix)]
+    if edge.tls.is_some() {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before serving, so a SIGHUP never finds the default action (exit).
+        let mut hup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
+            context: "listening for SIGHUP (TLS reload)".into(),
+            source,
+        })?;
+        let (edge, halt) = (edge.clone(), edge.halt.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        if let Some(tls) = &edge.tls {
+                            tls.reload();
+                        }
+                    }
+                    _ = halt.cancelled() => break,
+                }
+            }
+        });
+    }
 
     let mut failure = None;
     tokio::pin!(control);

@@ -17,6 +17,7 @@ use crate::{
     handlers::{call_route::CallRoute, remote::Remote, Handlers},
     handshake,
     registry::Registry,
+    tls::Tls,
 };
 
 /// Most connections between `accept()` and the WebSocket upgrade (or the end of a plain
@@ -54,6 +55,8 @@ pub struct Edge {
     pub ws_permits: Arc<Semaphore>,
     /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
     pub handshake_permits: Arc<Semaphore>,
+    /// TLS for the client plane (wss), when configured.
+    pub tls: Option<Tls>,
     /// Live sockets per client address (only with `max_connections_per_ip`).
     pub per_ip: dashmap::DashMap<std::net::IpAddr, usize>,
 }
@@ -82,6 +85,10 @@ impl Edge {
             &config.key_cookie,
         )?;
         let handlers = Handlers::new(call_route, remote);
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(Tls::load(cert.clone(), key.clone())?),
+            None => None,
+        };
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -94,6 +101,7 @@ impl Edge {
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             per_ip: dashmap::DashMap::new(),
+            tls,
             config,
             ws_config,
             shutdown,
@@ -121,8 +129,31 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
             Ok((stream, peer)) => {
                 // Pushes are small and latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
-                edge.tracker
-                    .spawn(handshake::serve_http(stream, peer, edge.clone(), permit));
+                match &edge.tls {
+                    None => {
+                        edge.tracker.spawn(handshake::serve_http(
+                            stream,
+                            peer,
+                            edge.clone(),
+                            permit,
+                        ));
+                    }
+                    Some(tls) => {
+                        let (acceptor, edge) = (tls.acceptor(), edge.clone());
+                        edge.tracker.clone().spawn(async move {
+                            let timeout = edge.config.limits.handshake_timeout;
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    handshake::serve_http(stream, peer, edge, permit).await
+                                }
+                                Ok(Err(err)) => {
+                                    tracing::debug!(%peer, %err, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(err) => {
                 // Out of file descriptors or a transient network error: back off briefly

@@ -14,3 +14,4 @@ mod handshake;
 mod messages;
 mod shutdown;
 mod support;
+mod tls;
