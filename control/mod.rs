@@ -9,6 +9,7 @@
 mod auth;
 mod convert;
 mod handle;
+mod observe;
 mod service;
 mod status;
 
@@ -89,7 +90,9 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
             source: std::io::Error::other(err),
         })?;
     }
+    // Outermost, so refused calls (UNAUTHENTICATED, timeouts) are counted too.
     let result = server
+        .layer(observe::ObserveLayer::new(edge.registry.metrics_arc()))
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .add_service(health_service)

@@ -53,6 +53,9 @@ pub struct Limits {
     /// Most live sockets from one client address; the next handshake gets 429. 0: no limit.
     /// Default: 0 (clients behind one NAT share an address; set it to fit your users).
     pub max_connections_per_ip: usize,
+    /// WebSocket handshakes per second from one client address (burst: twice that); over it
+    /// the handshake gets 429. 0: no limit. Default: 0.
+    pub handshake_rate_per_ip: u32,
 }
 
 impl Default for Limits {
@@ -75,6 +78,7 @@ impl Default for Limits {
             message_rate: 50,
             message_burst: 100,
             max_connections_per_ip: 0,
+            handshake_rate_per_ip: 0,
         }
     }
 }
@@ -320,6 +324,11 @@ pub struct Settings {
     #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
+    /// WebSocket handshakes per second from one client address (burst: twice that); over it
+    /// 429. 0: no limit. [default: 0]
+    #[arg(long, env = "CHANNELGATE_HANDSHAKE_RATE_PER_IP", value_name = "N")]
+    pub handshake_rate_per_ip: Option<u32>,
+
     /// Client messages a socket may send at once before the rate applies. [default: 100]
     #[arg(long, env = "CHANNELGATE_MESSAGE_BURST", value_name = "N")]
     pub message_burst: Option<u32>,
@@ -427,7 +436,8 @@ impl Settings {
     pub fn merge(self, other: Settings) -> Settings {
         merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
             control_token, insecure_control, tls_cert, tls_key, grpc_tls_cert, grpc_tls_key, grpc_client_ca, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
-            max_inflight, message_rate, message_burst, max_connections_per_ip, max_message_size, outbound_queue, max_push_size,
+            max_inflight, message_rate, message_burst, max_connections_per_ip, handshake_rate_per_ip,
+            max_message_size, outbound_queue, max_push_size,
             ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
             max_credential_ttl, reconnect_grace, shutdown_grace)
     }
@@ -458,6 +468,9 @@ impl Settings {
             max_connections_per_ip: self
                 .max_connections_per_ip
                 .unwrap_or(l.max_connections_per_ip),
+            handshake_rate_per_ip: self
+                .handshake_rate_per_ip
+                .unwrap_or(l.handshake_rate_per_ip),
         };
         let config = Config {
             listen: self.listen.unwrap_or(d.listen),

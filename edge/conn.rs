@@ -39,6 +39,7 @@ use crate::{
     error::Close,
     fanout::Batch,
     handlers::{remote, Outcome, Request, Socket},
+    limit::TokenBucket,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, Ending},
     server::Edge,
@@ -231,7 +232,7 @@ where
     let idle = sleep(idle_timeout);
     tokio::pin!(idle);
     let limits = &edge.config.limits;
-    let mut bucket = TokenBucket::new(limits.message_rate, limits.message_burst);
+    let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
@@ -242,7 +243,7 @@ where
         let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
         if is_message {
             edge.registry.metrics().messages_in.inc();
-            match bucket.take(now) {
+            match limit.take(now.into_std()) {
                 Take::Allowed => {}
                 Take::Refused => {
                     let id = match &message {
@@ -329,14 +330,11 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
     }
 }
 
-/// A per-socket token bucket for client messages: `rate` per second, up to `burst` at once.
-/// Over it, messages are refused (429); `burst` refusals in a row close the socket.
+/// The per-socket message limit: a token bucket, and a count of refusals in a row (a
+/// burst's worth of them closes the socket).
 #[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
+struct MessageLimit {
+    bucket: TokenBucket,
     refused_in_a_row: u32,
 }
 
@@ -347,31 +345,21 @@ enum Take {
     Abusive,
 }
 
-impl TokenBucket {
+impl MessageLimit {
     fn new(rate: u32, burst: u32) -> Self {
         Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            at: Instant::now(),
+            bucket: TokenBucket::new(rate, burst, std::time::Instant::now()),
             refused_in_a_row: 0,
         }
     }
 
-    fn take(&mut self, now: Instant) -> Take {
-        if self.rate == 0.0 {
-            return Take::Allowed;
-        }
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+    fn take(&mut self, now: std::time::Instant) -> Take {
+        if self.bucket.take(now) {
             self.refused_in_a_row = 0;
             return Take::Allowed;
         }
         self.refused_in_a_row += 1;
-        if f64::from(self.refused_in_a_row) >= self.burst {
+        if f64::from(self.refused_in_a_row) >= self.bucket.burst() {
             Take::Abusive
         } else {
             Take::Refused
@@ -384,25 +372,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bucket_allows_a_burst_then_the_rate_then_closes_abusers() {
-        let start = Instant::now();
-        let mut b = TokenBucket::new(10, 3);
-        b.at = start;
+    fn refusals_in_a_row_close_an_abuser_and_a_token_resets_the_streak() {
+        let mut limit = MessageLimit::new(10, 3);
+        let start = std::time::Instant::now();
         for _ in 0..3 {
-            assert_eq!(b.take(start), Take::Allowed);
+            assert_eq!(limit.take(start), Take::Allowed);
         }
-        assert_eq!(b.take(start), Take::Refused);
-        assert_eq!(b.take(start), Take::Refused);
-        // 100 ms later one token is back, and the refusal streak resets.
-        assert_eq!(b.take(start + Duration::from_millis(100)), Take::Allowed);
+        assert_eq!(limit.take(start), Take::Refused);
+        assert_eq!(limit.take(start), Take::Refused);
         let later = start + Duration::from_millis(100);
-        assert_eq!(b.take(later), Take::Refused);
-        assert_eq!(b.take(later), Take::Refused);
-        assert_eq!(b.take(later), Take::Abusive);
-        // Zero rate means unlimited.
-        let mut open = TokenBucket::new(0, 0);
-        for _ in 0..1000 {
-            assert_eq!(open.take(start), Take::Allowed);
-        }
+        assert_eq!(limit.take(later), Take::Allowed);
+        assert_eq!(limit.take(later), Take::Refused);
+        assert_eq!(limit.take(later), Take::Refused);
+        assert_eq!(limit.take(later), Take::Abusive);
     }
 }

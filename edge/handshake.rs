@@ -138,6 +138,8 @@ enum Refusal {
     Unavailable,
     /// 429: the client's address holds `max_connections_per_ip` sockets.
     TooManyFromIp,
+    /// 429: the client's address is over `handshake_rate_per_ip`.
+    HandshakeRate,
 }
 
 impl Refusal {
@@ -154,6 +156,7 @@ impl Refusal {
             Refusal::Used => "used",
             Refusal::Unavailable => "unavailable",
             Refusal::TooManyFromIp => "too_many_from_ip",
+            Refusal::HandshakeRate => "handshake_rate",
         }
     }
 
@@ -170,6 +173,7 @@ impl Refusal {
             Used => (StatusCode::FORBIDDEN, "connection id already used\n"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "no capacity, try another node\n"),
             TooManyFromIp => (StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
+            HandshakeRate => (StatusCode::TOO_MANY_REQUESTS, "too many handshakes from this address; retry later\n"),
         };
         let mut response = text(status, body);
         response
@@ -190,6 +194,10 @@ async fn upgrade(
     peer: SocketAddr,
     edge: &Arc<Edge>,
 ) -> Result<Response<Body>, Refusal> {
+    if !edge.handshake_allowed(peer.ip()) {
+        tracing::debug!(%peer, "handshake refused: handshake rate per address");
+        return Err(Refusal::HandshakeRate);
+    }
     let headers = req.headers();
     let accept_key = websocket_accept_key(req.method(), headers).ok_or(Refusal::NotUpgrade)?;
     if !origin_allowed(headers, &edge.config.allowed_origins) {

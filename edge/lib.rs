@@ -17,6 +17,7 @@
 //!   * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
 //!   * [`protocol`]: the client wire format (pushes, replies, client messages);
 //!   * [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
+//!   * [`limit`]: the token bucket behind message and handshake rate limits;
 //!   * [`tls`]: the client plane's certificate, reloaded on SIGHUP;
 //!   * [`config`], [`error`], [`shutdown`].
 //! * [`control`] (`../control/`): the gRPC control plane; reaches the edge only through
@@ -35,6 +36,7 @@ pub mod error;
 pub mod fanout;
 pub mod handlers;
 pub mod handshake;
+pub mod limit;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;
@@ -168,12 +170,15 @@ pub async fn run(
     tracker.spawn(server::serve(listeners.client, edge.clone()));
     let control = tracker.spawn(control::serve(listeners.grpc, edge.clone()));
     tracker.spawn({
-        let (registry, token) = (registry.clone(), token.clone());
+        let (registry, token, sweep_edge) = (registry.clone(), token.clone(), edge.clone());
         async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => registry.sweep(),
+                    _ = tick.tick() => {
+                        registry.sweep();
+                        sweep_edge.sweep_handshake_buckets();
+                    }
                     _ = token.cancelled() => break,
                 }
             }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// 1 when the bus (Redis in cluster mode) is usable (set at scrape time).
     pub bus_ready: IntGauge,
+    /// Control-plane requests by method and gRPC status code.
+    pub control_requests: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -134,6 +136,12 @@ impl Metrics {
                 "channelgate_bus_ready",
                 "1 when the bus (Redis in cluster mode) is usable.",
             ),
+            control_requests: counter_vec2(
+                &registry,
+                "channelgate_control_requests_total",
+                "Control-plane requests by method and gRPC status code.",
+                &["method", "code"],
+            ),
             registry,
         }
     }
@@ -146,4 +154,17 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+fn counter_vec2(
+    registry: &prometheus::Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
 }

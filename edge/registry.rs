@@ -387,6 +387,11 @@ impl Registry {
         &self.shared.metrics
     }
 
+    /// The node's metrics, shared.
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
     /// Checks a presented id and key (signature and key only; expiry is [`Registry::attach`]'s).
     pub fn verify(
         &self,

@@ -16,6 +16,7 @@ use crate::{
     error::Error,
     handlers::{call_route::CallRoute, remote::Remote, Handlers},
     handshake,
+    limit::TokenBucket,
     registry::Registry,
     tls::Tls,
 };
@@ -55,6 +56,9 @@ pub struct Edge {
     pub ws_permits: Arc<Semaphore>,
     /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
     pub handshake_permits: Arc<Semaphore>,
+    /// Handshake rate per client address (only with `handshake_rate_per_ip`); idle entries
+    /// are swept.
+    pub handshake_buckets: dashmap::DashMap<std::net::IpAddr, TokenBucket>,
     /// TLS for the client plane (wss), when configured.
     pub tls: Option<Tls>,
     /// Live sockets per client address (only with `max_connections_per_ip`).
@@ -62,6 +66,26 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// Whether `ip` may start another handshake now.
+    pub fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let rate = self.config.limits.handshake_rate_per_ip;
+        if rate == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        self.handshake_buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), now))
+            .take(now)
+    }
+
+    /// Forgets handshake buckets idle for a minute (they would be full again anyway).
+    pub fn sweep_handshake_buckets(&self) {
+        let idle = std::time::Duration::from_secs(60);
+        self.handshake_buckets
+            .retain(|_, bucket| bucket.last_used().elapsed() < idle);
+    }
+
     /// Waits until no WebSocket is live.
     pub async fn sockets_gone(&self) {
         let all = u32::try_from(self.config.limits.max_connections).unwrap_or(u32::MAX);
@@ -101,6 +125,7 @@ impl Edge {
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             per_ip: dashmap::DashMap::new(),
+            handshake_buckets: dashmap::DashMap::new(),
             tls,
             config,
             ws_config,

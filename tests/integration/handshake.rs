@@ -248,3 +248,21 @@ async fn an_address_over_its_connection_limit_gets_429() {
     gw.wait_for_connections(1).await;
     crate::support::wait_until(|| async { gw.try_connect(&third).await.is_ok() }).await;
 }
+
+#[tokio::test]
+async fn an_address_over_its_handshake_rate_gets_429() {
+    let gw = Gateway::start_with(|c| c.limits.handshake_rate_per_ip = 1).await;
+    // A burst of two, then one per second.
+    let (_, _a) = gw.subscriber(&[]).await;
+    let (_, _b) = gw.subscriber(&[]).await;
+    let third = gw.issue().await;
+    assert_eq!(gw.try_connect(&third).await.err(), Some(429));
+    let (_, scrape) = gw.http_get("/metrics", &[]).await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "channelgate_handshakes_total{result=\"handshake_rate\"}"
+        ),
+        1.0
+    );
+}

@@ -1,0 +1,95 @@
+//! A tower layer counting control-plane requests by method and gRPC status.
+//!
+//! The status is read from the response head: unary errors are sent "trailers-only", with
+//! `grpc-status` in the head; a head without it is a call that went on to stream or succeed,
+//! counted as `0` (OK). Methods outside the served services count as `other`, so a client
+//! cannot grow the label set.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tower::{Layer, Service};
+
+use crate::metrics::Metrics;
+
+/// Counts requests into `channelgate_control_requests_total`.
+#[derive(Debug, Clone)]
+pub(super) struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ObserveLayer {
+    /// A layer counting into `metrics`.
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub(super) struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+const SERVICES: &[&str] = &[
+    "/channelgate.v1.Control/",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+];
+
+impl<S, B, R> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let method = if SERVICES.iter().any(|s| path.starts_with(s)) {
+            path.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        let metrics = self.metrics.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics
+                .control_requests
+                .with_label_values(&[&method, &code])
+                .inc();
+            result
+        })
+    }
+}
