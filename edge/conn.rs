@@ -283,8 +283,10 @@ fn queue_reply(conn: &Conn, reply: &Reply, edge: &Edge) {
         .replies
         .with_label_values(&[reply.status.to_string().as_str()])
         .inc();
+    let frame = reply.encode();
+    metrics.bytes_out.inc_by(frame.len() as u64);
     conn.outbox
-        .push(&reply.encode(), edge.registry.limits().outbound_queue_bytes);
+        .push(&frame, edge.registry.limits().outbound_queue_bytes);
 }
 
 /// Routes one client text message to its handler. Returns the reply to queue now, if any; a

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub pushes: IntCounter,
     /// Frames queued to sockets by pushes and sends.
     pub deliveries: IntCounter,
+    /// Bytes of frames queued to sockets (pushes, sends and replies).
+    pub bytes_out: IntCounter,
     /// Sockets closed because their outbound queue was full.
     pub slow_closes: IntCounter,
     /// Frames dropped because their socket was already closing.
@@ -92,6 +94,10 @@ impl Metrics {
             deliveries: counter(
                 "channelgate_deliveries_total",
                 "Frames queued to sockets by pushes and sends.",
+            ),
+            bytes_out: counter(
+                "channelgate_bytes_out_total",
+                "Bytes of frames queued to sockets (pushes, sends, replies).",
             ),
             slow_closes: counter(
                 "channelgate_slow_closes_total",

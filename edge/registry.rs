@@ -725,6 +725,7 @@ impl Registry {
         }
         drop(subscribers);
         metrics.deliveries.inc_by(queued);
+        metrics.bytes_out.inc_by(queued * frame.len() as u64);
         if full > 0 {
             metrics.slow_closes.inc_by(full);
             tracing::debug!(%channel, sockets = full, "closing sockets as too slow: outbound queue full");
@@ -753,6 +754,7 @@ impl Registry {
             {
                 Enqueued::Queued => {
                     metrics.deliveries.inc();
+                    metrics.bytes_out.inc_by(frame.len() as u64);
                     true
                 }
                 Enqueued::Full => {

@@ -154,3 +154,78 @@ async fn listen_prints_each_push_as_a_json_line() {
         json!({"channel":"alerts","json":r#"{"level":"high"}"#})
     );
 }
+
+/// The WebSocket path a node reports at start, given a config file, an environment variable
+/// and a flag (each optional).
+fn ws_path_chosen(file: Option<&str>, env: Option<&str>, flag: Option<&str>) -> String {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!(
+        "channelgate-cfg-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("channelgate.toml");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_channelgate"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("CHANNELGATE_WS_PATH")
+        .env("CHANNELGATE_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    if let Some(value) = file {
+        std::fs::write(&path, format!("ws-path = \"{value}\"\n")).unwrap();
+        command.args(["--config", path.to_str().unwrap()]);
+    }
+    if let Some(value) = env {
+        command.env("CHANNELGATE_WS_PATH", value);
+    }
+    if let Some(value) = flag {
+        command.args(["--ws-path", value]);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let line = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("client plane listening"))
+        .expect("the node logs its WebSocket path");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let start = line.find("WebSocket at ").unwrap() + "WebSocket at ".len();
+    line[start..].split(',').next().unwrap().to_owned()
+}
+
+#[test]
+fn settings_come_from_flag_then_environment_then_file() {
+    assert_eq!(ws_path_chosen(Some("/file"), None, None), "/file");
+    assert_eq!(ws_path_chosen(Some("/file"), Some("/env"), None), "/env");
+    assert_eq!(
+        ws_path_chosen(Some("/file"), Some("/env"), Some("/flag")),
+        "/flag"
+    );
+    assert_eq!(ws_path_chosen(None, None, None), "/ws");
+}
+
+#[test]
+fn an_unknown_config_key_is_an_error_that_names_it() {
+    let dir = std::env::temp_dir().join(format!("channelgate-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "listne = \"127.0.0.1:1\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listne"), "{stderr}");
+}
