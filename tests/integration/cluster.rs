@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::json;
 
-use crate::support::{spawn_binary, wait_until, Creds, Gateway, PATIENCE};
+use crate::support::{connect_at, issue_at, spawn_binary, wait_until, Creds, Gateway, PATIENCE};
 use channelgate::pb;
 
 pub const REDIS: &str = "redis://127.0.0.1:6379";
@@ -374,28 +374,9 @@ async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
         SECRET,
     ]);
     let survivor = node(REDIS, &prefix).await;
-    let mut control = pb::control_client::ControlClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let r = control
-        .issue_connection(pb::IssueConnectionRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let creds = Creds {
-        id: r.connection_id,
-        key: r.socket_key,
-        digest: r.digest,
-        expires_at_ms: r.expires_at_unix_ms,
-    };
+    let creds = issue_at(&grpc).await;
     survivor.subscribe(&creds, &["room"]).await;
-    let url = format!(
-        "ws://{http}/ws?socket_connection_id={}&socket_key={}",
-        creds.id, creds.key
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("handshake on the doomed node");
+    let ws = connect_at(&http, &creds).await;
     // Live on the doomed node: refused elsewhere.
     assert_eq!(survivor.try_connect(&creds).await.err(), Some(403));
 

@@ -289,12 +289,7 @@ async fn issue_can_subscribe_in_the_same_call() {
         .await
         .unwrap()
         .into_inner();
-    let creds = crate::support::Creds {
-        id: r.connection_id,
-        key: r.socket_key,
-        digest: r.digest,
-        expires_at_ms: r.expires_at_unix_ms,
-    };
+    let creds = crate::support::Creds::from(r);
     let mut ws = gw.connect(&creds).await;
     assert_eq!(gw.push("b", "2").await, 1);
     assert_eq!(ws.recv_push().await, ("b".into(), 2.into()));

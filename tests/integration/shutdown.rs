@@ -3,8 +3,7 @@
 
 use std::process::Command;
 
-use crate::support::{code, spawn_binary, wait_until, Creds, Gateway};
-use channelgate::pb::{self, control_client::ControlClient};
+use crate::support::{code, connect_at, issue_at, spawn_binary, wait_until, Gateway};
 
 #[tokio::test]
 async fn draining_closes_every_socket_with_1001() {
@@ -31,28 +30,8 @@ async fn draining_closes_every_socket_with_1001() {
 async fn sigterm_drains_the_binary_with_1001() {
     let (mut child, http, grpc) = spawn_binary(&[]);
 
-    let mut control = ControlClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let r = control
-        .issue_connection(pb::IssueConnectionRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let creds = Creds {
-        id: r.connection_id,
-        key: r.socket_key,
-        digest: r.digest,
-        expires_at_ms: 0,
-    };
-    let url = format!(
-        "ws://{http}/ws?socket_connection_id={}&socket_key={}",
-        creds.id, creds.key
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("handshake");
-    let mut ws = crate::support::Ws { ws };
+    let creds = issue_at(&grpc).await;
+    let mut ws = connect_at(&http, &creds).await;
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -45,6 +45,41 @@ pub struct Creds {
     pub expires_at_ms: u64,
 }
 
+impl From<pb::IssueConnectionResponse> for Creds {
+    fn from(r: pb::IssueConnectionResponse) -> Self {
+        Self {
+            id: r.connection_id,
+            key: r.socket_key,
+            digest: r.digest,
+            expires_at_ms: r.expires_at_unix_ms,
+        }
+    }
+}
+
+/// Issues credentials through the control plane at `grpc` (a node run as a process).
+pub async fn issue_at(grpc: &str) -> Creds {
+    ControlClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("control plane answers")
+        .issue_connection(pb::IssueConnectionRequest::default())
+        .await
+        .expect("IssueConnection")
+        .into_inner()
+        .into()
+}
+
+/// Connects a socket to the client plane at `http` (a node run as a process).
+pub async fn connect_at(http: &str, creds: &Creds) -> Ws {
+    let url = format!(
+        "ws://{http}/ws?socket_connection_id={}&socket_key={}",
+        creds.id, creds.key
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake accepted");
+    Ws { ws }
+}
+
 pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -96,21 +131,15 @@ impl Gateway {
     }
 
     pub async fn issue_ttl(&self, ttl_ms: u64) -> Creds {
-        let r = self
-            .control()
+        self.control()
             .issue_connection(pb::IssueConnectionRequest {
                 ttl_ms,
                 channels: vec![],
             })
             .await
             .expect("IssueConnection")
-            .into_inner();
-        Creds {
-            id: r.connection_id,
-            key: r.socket_key,
-            digest: r.digest,
-            expires_at_ms: r.expires_at_unix_ms,
-        }
+            .into_inner()
+            .into()
     }
 
     pub async fn subscribe(&self, creds: &Creds, channels: &[&str]) -> bool {
