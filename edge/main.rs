@@ -155,13 +155,15 @@ struct ClientArgs {
     /// Bearer token for the control plane.
     #[arg(long, env = "CHANNELGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// CA (PEM) to verify a TLS control plane with (use an https:// --server).
-    #[arg(long, env = "CHANNELGATE_TLS_CA", value_name = "FILE")]
+    /// CA (PEM) to verify a TLS control plane with (use an https:// --server). The
+    /// environment names differ from `serve`'s CHANNELGATE_TLS_*, which are the node's own
+    /// certificate.
+    #[arg(long, env = "CHANNELGATE_CLIENT_TLS_CA", value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for mutual TLS; with --tls-key.
     #[arg(
         long,
-        env = "CHANNELGATE_TLS_CERT",
+        env = "CHANNELGATE_CLIENT_TLS_CERT",
         value_name = "FILE",
         requires = "tls_key"
     )]
@@ -169,7 +171,7 @@ struct ClientArgs {
     /// Client private key (PEM) for mutual TLS; with --tls-cert.
     #[arg(
         long,
-        env = "CHANNELGATE_TLS_KEY",
+        env = "CHANNELGATE_CLIENT_TLS_KEY",
         value_name = "FILE",
         requires = "tls_cert"
     )]
