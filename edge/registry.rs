@@ -745,32 +745,34 @@ impl Registry {
                 _ => return Ok(false),
             }
         };
-        let frame = push_frame(channel, &json);
-        let metrics = &self.shared.metrics;
-        Ok(
-            match conn
-                .outbox
-                .push(&frame, self.shared.limits.outbound_queue_bytes)
-            {
-                Enqueued::Queued => {
-                    metrics.deliveries.inc();
-                    metrics.bytes_out.inc_by(frame.len() as u64);
-                    true
-                }
-                Enqueued::Full => {
-                    metrics.slow_closes.inc();
-                    false
-                }
-                Enqueued::Closed => {
-                    metrics.dropped.inc();
-                    false
-                }
-            },
-        )
+        Ok(self.queue_one(&conn, &push_frame(channel, &json)))
     }
 
-    /// Queues an encoded frame to `digest`'s socket if it is live here (a `Send` relayed from
-    /// another node). Returns whether it was queued.
+    /// Queues `frame` to one socket, counting the outcome. Never waits.
+    fn queue_one(&self, conn: &Conn, frame: &Frame) -> bool {
+        let metrics = &self.shared.metrics;
+        match conn
+            .outbox
+            .push(frame, self.shared.limits.outbound_queue_bytes)
+        {
+            Enqueued::Queued => {
+                metrics.deliveries.inc();
+                metrics.bytes_out.inc_by(frame.len() as u64);
+                true
+            }
+            Enqueued::Full => {
+                metrics.slow_closes.inc();
+                false
+            }
+            Enqueued::Closed => {
+                metrics.dropped.inc();
+                false
+            }
+        }
+    }
+
+    /// Queues an encoded frame to `digest`'s socket if it is live here (a cluster `Send`, from
+    /// this node or relayed from another). Returns whether it was queued.
     pub fn send_frame(&self, digest: &Digest, frame: &Frame) -> bool {
         let conn = match self.shared.sessions.get(digest).as_deref() {
             Some(Session {
@@ -779,9 +781,7 @@ impl Registry {
             }) => conn.clone(),
             _ => return false,
         };
-        conn.outbox
-            .push(frame, self.shared.limits.outbound_queue_bytes)
-            == Enqueued::Queued
+        self.queue_one(&conn, frame)
     }
 
     /// The sockets live on this node: digest, first-use deadline, channels.

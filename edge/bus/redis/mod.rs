@@ -492,18 +492,18 @@ impl RedisBus {
         channel: &Channel,
         json: &str,
     ) -> Result<bool, Error> {
-        let payload = self.registry.check_payload(json)?;
+        // Checked and encoded once, wherever the socket is.
+        let frame = push_frame(channel, &self.registry.check_payload(json)?);
         match self.holder(digest, false).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
-            Holder::Live(node) if node == self.node => self.registry.send(digest, channel, json),
+            Holder::Live(node) if node == self.node => Ok(self.registry.send_frame(digest, &frame)),
             Holder::Live(node) => {
-                let frame = push_frame(channel, &payload).to_string();
                 self.command(
                     &node,
                     &Command::Send {
                         digest: digest.to_string(),
-                        frame,
+                        frame: frame.to_string(),
                     },
                 )
                 .await?;
