@@ -239,6 +239,27 @@ async fn client(args: &Args) -> anyhow::Result<WebSocketStream<TcpStream>> {
     open_socket(args, 0, &mut control).await
 }
 
+/// Reads text frames until one whose JSON satisfies `wanted`, and returns it.
+async fn next_json_where(
+    ws: &mut WebSocketStream<TcpStream>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t)?;
+                if wanted(&v) {
+                    return Ok(v);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("socket closed"),
+        }
+    }
+}
+
 /// Sends `message` (with `"id":i` spliced in) `n` times, one at a time; returns each round trip.
 async fn round_trips(
     ws: &mut WebSocketStream<TcpStream>,
@@ -252,21 +273,9 @@ async fn round_trips(
         let text = format!(r#"{{"id":{i},{}"#, &message[1..]);
         let started = Instant::now();
         ws.send(Message::text(text)).await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let v: serde_json::Value = serde_json::from_str(&t)?;
-                    if v["id"] == i {
-                        if v["status"] != 200 {
-                            bail!("reply {v}");
-                        }
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("socket closed"),
-            }
+        let reply = next_json_where(ws, |v| v["id"] == i).await?;
+        if reply["status"] != 200 {
+            bail!("reply {reply}");
         }
         samples.push(started.elapsed());
     }
@@ -400,7 +409,6 @@ async fn push_latencies(
     channel: &str,
     n: usize,
 ) -> anyhow::Result<Vec<std::time::Duration>> {
-    use tokio_tungstenite::tungstenite::Message;
     let mut control = ControlClient::connect(control.to_owned()).await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
@@ -411,19 +419,7 @@ async fn push_latencies(
                 json: format!(r#"{{"seq":{i}}}"#),
             })
             .await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let v: serde_json::Value = serde_json::from_str(&t)?;
-                    if v["payload"]["seq"] == i {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("socket closed"),
-            }
-        }
+        next_json_where(ws, |v| v["payload"]["seq"] == i).await?;
         samples.push(started.elapsed());
     }
     Ok(samples)
