@@ -6,6 +6,8 @@
 //!
 //! Scenarios:
 //! * `idle`: open N subscribed sockets and report the node's RSS per socket.
+//! * `call-route` and `handle` send thousands of client messages over one socket: start the
+//!   node with `--message-rate 0` (its per-socket rate limit would answer 429).
 //! * `call-route`: round trips of `call-route` through the node to an upstream this generator
 //!   serves (`--upstream-listen`; start the node with `--upstream` pointing there), against
 //!   direct HTTP requests to the same upstream.
@@ -274,6 +276,9 @@ async fn round_trips(
         let started = Instant::now();
         ws.send(Message::text(text)).await?;
         let reply = next_json_where(ws, |v| v["id"] == i).await?;
+        if reply["status"] == 429 {
+            bail!("the node rate-limits client messages: start it with --message-rate 0 for this scenario");
+        }
         if reply["status"] != 200 {
             bail!("reply {reply}");
         }
