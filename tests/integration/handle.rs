@@ -17,17 +17,20 @@ pub struct Service {
     pub rx: Streaming<pb::ClientMessage>,
 }
 
-pub async fn join(gw: &Gateway, group: &str, actions: &[&str], lifecycle: bool) -> Service {
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::HandleRequest {
+/// The first message of a `Handle` stream.
+fn register(group: &str, actions: &[&str], lifecycle: bool) -> pb::HandleRequest {
+    pb::HandleRequest {
         kind: Some(Kind::Register(pb::Register {
             group: group.into(),
             actions: actions.iter().map(|a| a.to_string()).collect(),
             lifecycle_events: lifecycle,
         })),
-    })
-    .await
-    .unwrap();
+    }
+}
+
+pub async fn join(gw: &Gateway, group: &str, actions: &[&str], lifecycle: bool) -> Service {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(register(group, actions, lifecycle)).await.unwrap();
     let rx = gw
         .control()
         .handle(ReceiverStream::new(rx))
@@ -187,15 +190,7 @@ async fn malformed_registrations_and_replies_are_invalid_argument() {
     // Claiming a built-in action; an empty group.
     for (group, action) in [("g", "ping"), ("", "x"), ("g", "has space")] {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(pb::HandleRequest {
-            kind: Some(Kind::Register(pb::Register {
-                group: group.into(),
-                actions: vec![action.into()],
-                lifecycle_events: false,
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(register(group, &[action], false)).await.unwrap();
         let err = gw
             .control()
             .handle(ReceiverStream::new(rx))

@@ -45,9 +45,22 @@ async fn wss_connect(
     Ok(ws)
 }
 
+async fn next_frame<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) -> tokio_tungstenite::tungstenite::Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    tokio::time::timeout(crate::support::PATIENCE, ws.next())
+        .await
+        .expect("a frame in time")
+        .expect("stream open")
+        .expect("a valid frame")
+}
+
 #[tokio::test]
 async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
-    use futures_util::StreamExt;
     let first = TestPki::in_dir("wss-a");
     let second = TestPki::in_dir("wss-b");
     // The node reads its certificate from files that the reload will overwrite.
@@ -63,11 +76,7 @@ async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
         .await
         .expect("wss with the first CA");
     gw.push("secure", "1").await;
-    let frame = tokio::time::timeout(crate::support::PATIENCE, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let frame = next_frame(&mut ws).await;
     assert_eq!(
         frame.to_text().unwrap(),
         r#"{"channel":"secure","payload":1}"#
@@ -98,11 +107,7 @@ async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
 
     // The socket opened before the reload is still live.
     gw.push("secure", "2").await;
-    let frame = tokio::time::timeout(crate::support::PATIENCE, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let frame = next_frame(&mut ws).await;
     assert_eq!(
         frame.to_text().unwrap(),
         r#"{"channel":"secure","payload":2}"#
