@@ -51,8 +51,9 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How the socket's loops ended.
 #[derive(Debug)]
 enum End {
-    /// The client sent a close frame: its credentials are spent.
-    PeerClosed,
+    /// The client sent a close frame. Its credentials are spent, unless the code was in
+    /// 4200-4299 ("I will reconnect now"): then they stay resumable within the grace period.
+    PeerClosed { resume: bool },
     /// The transport failed or the peer vanished without a close frame.
     Lost(Option<WsError>),
     /// We close, for this reason.
@@ -74,7 +75,8 @@ impl End {
 
     fn ending(&self) -> Ending {
         match self {
-            Self::PeerClosed => Ending::Final,
+            Self::PeerClosed { resume: true } => Ending::Resumable,
+            Self::PeerClosed { resume: false } => Ending::Final,
             Self::Lost(_) => Ending::Resumable,
             Self::Closing(close) if close.allows_resume() => Ending::Resumable,
             Self::Closing(_) => Ending::Final,
@@ -99,7 +101,7 @@ where
     };
     edge.bus.detach(conn, end.ending());
     let code = match &end {
-        End::PeerClosed => "peer".to_owned(),
+        End::PeerClosed { .. } => "peer".to_owned(),
         End::Lost(_) => "lost".to_owned(),
         End::Closing(close) => close.code().to_string(),
     };
@@ -109,7 +111,7 @@ where
         .with_label_values(&[&code])
         .inc();
     let detail = match &end {
-        End::PeerClosed => r#"{"reason":"closed by client"}"#.to_owned(),
+        End::PeerClosed { .. } => r#"{"reason":"closed by client"}"#.to_owned(),
         End::Lost(_) => r#"{"reason":"connection lost"}"#.to_owned(),
         End::Closing(close) => {
             serde_json::json!({"code": close.code(), "reason": close.reason()}).to_string()
@@ -143,7 +145,7 @@ where
             })
             .await;
         }
-        End::PeerClosed => {
+        End::PeerClosed { .. } => {
             // Sends the reply to the client's close frame that tungstenite queued.
             let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
             tracing::debug!(connection_id = %socket.connection_id, "socket closed by client");
@@ -261,7 +263,12 @@ where
         let reply = match message {
             None => return End::Lost(None),
             Some(Err(err)) => return End::from_error(err),
-            Some(Ok(Message::Close(_))) => return End::PeerClosed,
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map_or(0, |frame| u16::from(frame.code));
+                return End::PeerClosed {
+                    resume: Close::is_client_reconnect(code),
+                };
+            }
             Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),
             Some(Ok(Message::Binary(_))) => Some(Reply::text(
                 None,

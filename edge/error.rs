@@ -62,6 +62,13 @@ pub mod code {
 }
 
 impl Close {
+    /// Whether a close frame *from the client* with `code` keeps its credentials resumable: the
+    /// "reconnect now" range 4200-4299, which the browser client sends when it gives up on a
+    /// socket that stopped answering. Any other client close ends the credentials.
+    pub fn is_client_reconnect(code: u16) -> bool {
+        (4200..=4299).contains(&code)
+    }
+
     /// The WebSocket close code.
     pub fn code(&self) -> u16 {
         match self {

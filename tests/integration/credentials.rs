@@ -29,6 +29,22 @@ async fn after_a_clean_close_the_id_is_dead() {
 }
 
 #[tokio::test]
+async fn a_client_close_in_the_reconnect_now_range_keeps_the_id_resumable() {
+    let gw = Gateway::start().await;
+    let (creds, ws) = gw.subscriber(&["room"]).await;
+    // What the browser client sends when its keepalive goes unanswered.
+    ws.close_with(4200).await;
+    gw.wait_for_connections(0).await;
+    let mut ws = gw.connect(&creds).await;
+    assert_eq!(gw.push("room", "1").await, 1);
+    assert_eq!(ws.recv_push().await, ("room".into(), 1.into()));
+    // Any other client close code ends the credentials, as 1000 does.
+    ws.close_with(4000).await;
+    gw.wait_for_connections(0).await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+}
+
+#[tokio::test]
 async fn after_the_grace_period_the_id_is_dead() {
     let grace = Duration::from_millis(300);
     let gw = Gateway::start_with(|c| c.limits.reconnect_grace = grace).await;

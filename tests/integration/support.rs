@@ -370,10 +370,15 @@ impl Ws {
     }
 
     /// Closes cleanly (close frame, then wait for the server's).
-    pub async fn close(mut self) {
+    pub async fn close(self) {
+        self.close_with(1000).await;
+    }
+
+    /// Closes cleanly with `code`.
+    pub async fn close_with(mut self, code: u16) {
         self.ws
             .close(Some(CloseFrame {
-                code: CloseCode::Normal,
+                code: CloseCode::from(code),
                 reason: "bye".into(),
             }))
             .await
