@@ -1,5 +1,6 @@
-//! The client plane's HTTP side: `/healthz`, `/readyz`, and the WebSocket upgrade, where the
-//! credentials are checked before any WebSocket exists.
+//! The client plane's HTTP side: `/healthz`, `/readyz`, `/metrics`, the browser client at
+//! `/channelgate.js`, and the WebSocket upgrade, where the credentials are checked before any
+//! WebSocket exists.
 //!
 //! The upgrade is accepted only when: it is a well-formed WebSocket request (else 400); the
 //! `Origin`, when present and an allow-list is configured, is on it (else 403); the connection id
@@ -71,6 +72,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Re
         };
     }
     match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, CLIENT_SCRIPT_PATH) => client_script(req.headers()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => metrics(edge),
         (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => {
@@ -86,6 +88,57 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Re
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Where the edge serves the browser client.
+pub const CLIENT_SCRIPT_PATH: &str = "/channelgate.js";
+
+/// The browser client (`clients/js/channelgate.js`), built into the binary so it always matches
+/// the node's protocol.
+pub const CLIENT_SCRIPT: &str = include_str!("../clients/js/channelgate.js");
+
+/// The client with revalidation: a strong ETag from its content, a short `max-age` so a new node
+/// version reaches pages soon, `304` when the page already has it. Any origin may load it (it is
+/// public code; ES modules from another origin need CORS).
+fn client_script(headers: &HeaderMap) -> Response<Body> {
+    static ETAG: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(CLIENT_SCRIPT.as_bytes());
+        HeaderValue::from_str(&format!("\"{}\"", hex::encode(&hash[..12])))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"channelgate\""))
+    });
+    let fresh = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|tag| tag.trim() == ETAG.to_str().unwrap_or_default() || tag.trim() == "*");
+    let mut response = if fresh {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        Response::new(Full::new(Bytes::from_static(CLIENT_SCRIPT.as_bytes())))
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300, must-revalidate"),
+    );
+    headers.insert(header::ETAG, ETAG.clone());
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 fn metrics(edge: &Edge) -> Response<Body> {

@@ -3,7 +3,11 @@
 
 #![allow(unreachable_pub)] // test modules share helpers with `pub`
 
+mod browser;
 mod call_route;
+// The chat example's application, run in-process by the browser test.
+#[path = "../../examples/chat/app.rs"]
+mod chat_app;
 mod cli;
 mod cluster;
 mod control;
@@ -11,6 +15,7 @@ mod credentials;
 mod fanout;
 mod handle;
 mod handshake;
+mod js_client;
 mod messages;
 mod shutdown;
 mod support;

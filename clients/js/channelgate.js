@@ -1,0 +1,367 @@
+// channelgate browser client: one WebSocket to a channelgate edge, channel pushes, replies
+// matched to requests, `call-route`, reconnect within the grace period, keepalive.
+//
+// A plain ES module with no dependencies and no build step. The edge serves it at
+// `/channelgate.js`; it also runs in Node 20+ (`--experimental-websocket`) and Node 22+.
+//
+//   <body data-socket-connection-id="..." data-socket-url="ws://gateway.example:8080/ws">
+//   <script type="module">
+//     import { connect } from "http://gateway.example:8080/channelgate.js";
+//     const gate = connect();                       // reads the body's data attributes
+//     gate.on("room:lobby", (payload) => show(payload));
+//     const reply = await gate.callRoute("POST", "/messages", { text: "hi" });
+//     const pong = await gate.send("ping");         // {status, headers, body, ok}
+//     gate.addEventListener("expired", () => location.reload()); // new credentials needed
+//   </script>
+//
+// The socket key is not JavaScript's business: the application sets it as an HttpOnly cookie
+// (default name `socket_key`) that the browser sends with the upgrade. `socketKey` exists for
+// non-browser clients only.
+//
+// Close codes (the gateway's README has the table): 1000 and 4000-4099 end the connection for
+// good ("closed"); 4200-4299 reconnect at once; anything else (1001 drain, 1006 lost, 1011,
+// 4100-4199 ...) reconnects with exponential back-off and full jitter. Reconnecting stops when
+// the grace period since the last open socket has passed: the credentials are dead then, and
+// the client fires "expired" so the page can fetch new ones (usually by reloading).
+//
+// Events (an EventTarget; `event.detail` carries the fields):
+//   "open"         {resumed}            the socket is open (resumed: after a reconnect)
+//   "close"        {code, reason}       the socket closed (a reconnect may follow)
+//   "reconnecting" {attempt, delay}     a reconnect is scheduled in `delay` ms
+//   "closed"       {code, reason}       closed for good by the application (1000, 4000-4099)
+//   "expired"      {}                   the grace period passed: fetch new credentials
+//   "error"        {reply}              the gateway answered a message it could not read
+//   "state"        {state}              any change of `state`
+
+/** Close codes: what the client does after each range. */
+export const CLOSE = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  APPLICATION_MIN: 4000,
+  APPLICATION_MAX: 4099,
+  RECONNECT_NOW_MIN: 4200,
+  RECONNECT_NOW_MAX: 4299,
+  // Sent by this client when its keepalive times out: the gateway keeps the credentials
+  // resumable within the grace period (any other client close ends them).
+  CLIENT_RECONNECT: 4200,
+});
+
+/** What to do after a close with `code`: "stop", "now" or "backoff". */
+export function closePlan(code) {
+  if (code === CLOSE.NORMAL) return "stop";
+  if (code >= CLOSE.APPLICATION_MIN && code <= CLOSE.APPLICATION_MAX) return "stop";
+  if (code >= CLOSE.RECONNECT_NOW_MIN && code <= CLOSE.RECONNECT_NOW_MAX) return "now";
+  return "backoff";
+}
+
+const DEFAULTS = Object.freeze({
+  timeout: 10_000, // ms to wait for a reply
+  grace: 30_000, // ms after a drop during which the credentials can resume (the node's --grace)
+  keepalive: 20_000, // ms between keepalive pings while idle; 0 turns them off
+  backoffInitial: 250, // ms, first reconnect delay ceiling
+  backoffMax: 5_000, // ms, largest reconnect delay ceiling
+  maxQueued: 256, // messages held while (re)connecting
+});
+
+/** A reply or a timeout for one request. */
+export class TimeoutError extends Error {
+  constructor(action, ms) {
+    super(`no reply to "${action}" within ${ms} ms`);
+    this.name = "TimeoutError";
+  }
+}
+
+/** The request could not complete: the socket closed first, or the client was closed. */
+export class ConnectionError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "ConnectionError";
+  }
+}
+
+export class Channelgate extends EventTarget {
+  /**
+   * @param {object} [options]
+   * @param {string} [options.connectionId] the public connection id; default: the body's
+   *   `data-socket-connection-id`
+   * @param {string} [options.url] the WebSocket endpoint; default: the body's
+   *   `data-socket-url`, else `/ws` on this page's host (ws: or wss: to match the page)
+   * @param {string} [options.socketKey] non-browser clients only: the key, sent in the query
+   * @param {number} [options.timeout] ms to wait for a reply (10 s)
+   * @param {number} [options.grace] ms a dropped connection may resume (30 s, as the node)
+   * @param {number} [options.keepalive] ms between pings while idle (20 s; 0 = off)
+   * @param {number} [options.backoffInitial] ms (250)
+   * @param {number} [options.backoffMax] ms (5 s)
+   * @param {typeof WebSocket} [options.WebSocket] a WebSocket constructor (default: global)
+   */
+  constructor(options = {}) {
+    super();
+    const body = globalThis.document?.body;
+    this.options = { ...DEFAULTS, ...options };
+    this.connectionId = options.connectionId ?? body?.dataset.socketConnectionId;
+    if (!this.connectionId) {
+      throw new Error("channelgate: no connection id (body data-socket-connection-id)");
+    }
+    this.url = endpoint(options.url ?? body?.dataset.socketUrl, this.connectionId, options.socketKey);
+    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.state = "idle"; // idle | connecting | open | reconnecting | closed | expired
+    this.socket = null;
+    this.handlers = new Map(); // channel -> Set<fn>
+    this.pending = new Map(); // id -> {resolve, reject, timer, action}
+    this.queue = []; // frames waiting for an open socket
+    this.nextId = 1;
+    this.attempt = 0;
+    this.lastOpen = Date.now(); // the grace period counts from here
+    this.opened = false;
+    this.reconnectTimer = null;
+    this.keepaliveTimer = null;
+    this.lastReceived = 0;
+  }
+
+  /** Opens the socket (once; later calls do nothing). Returns this. */
+  open() {
+    if (this.state === "idle") this.#dial();
+    return this;
+  }
+
+  /**
+   * Calls `fn(payload, channel)` for every push to `channel` ("*" for every channel).
+   * Returns a function that removes the handler.
+   */
+  on(channel, fn) {
+    let set = this.handlers.get(channel);
+    if (!set) this.handlers.set(channel, (set = new Set()));
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  /**
+   * Sends `{"action": action, "id": n, ...fields}` and resolves with the reply
+   * `{status, headers, body, ok}` (ok: status 200-299), whatever its status, like fetch.
+   * Rejects with TimeoutError after `timeout` ms, or ConnectionError when the socket closes
+   * first (the reply, if any, went to the old socket) or the client is closed.
+   */
+  send(action, fields = {}, { timeout = this.options.timeout } = {}) {
+    if (this.state === "closed" || this.state === "expired") {
+      return Promise.reject(new ConnectionError(`channelgate is ${this.state}`));
+    }
+    const id = this.nextId++;
+    const frame = JSON.stringify({ ...fields, action, id });
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        this.queue = this.queue.filter((queued) => queued.id !== id);
+        reject(new TimeoutError(action, timeout));
+      }, timeout);
+      this.pending.set(id, { resolve, reject, timer, action });
+      if (this.state === "open") {
+        this.socket.send(frame);
+      } else if (this.queue.length < this.options.maxQueued) {
+        this.queue.push({ id, frame });
+      } else {
+        this.#settle(id, null, new ConnectionError("too many messages queued while connecting"));
+      }
+    });
+  }
+
+  /** `call-route`: the application's REST route over the socket. Resolves like `send`. */
+  callRoute(method, uri, input, options) {
+    const fields = { method, uri };
+    if (input !== undefined) fields.input = input;
+    return this.send("call-route", fields, options);
+  }
+
+  /** Closes for good (code 1000: the gateway ends the credentials). */
+  close() {
+    this.#stop("closed", CLOSE.NORMAL, "closed by the page");
+  }
+
+  #dial() {
+    this.#setState(this.opened ? "reconnecting" : "connecting");
+    let socket;
+    try {
+      socket = new this.WebSocket(this.url);
+    } catch (err) {
+      // A malformed URL, or a page not allowed to connect: nothing to retry.
+      this.#stop("closed", CLOSE.ABNORMAL, String(err));
+      return;
+    }
+    this.socket = socket;
+    socket.onopen = () => {
+      const resumed = this.opened;
+      this.opened = true;
+      this.attempt = 0;
+      this.lastOpen = Date.now();
+      this.lastReceived = Date.now();
+      this.#setState("open");
+      for (const { frame } of this.queue.splice(0)) socket.send(frame);
+      this.#armKeepalive();
+      this.#emit("open", { resumed });
+    };
+    socket.onmessage = (event) => {
+      this.lastReceived = Date.now();
+      this.#receive(event.data);
+    };
+    socket.onclose = (event) => {
+      if (this.socket !== socket) return; // an abandoned socket, or handled on error
+      this.#closed(event.code, event.reason);
+    };
+    // Browsers follow an error with a close (1006); some runtimes (Node 20) fire only the error
+    // when the connection fails. Either way the socket is finished: handle it once, as 1006.
+    socket.onerror = () => {
+      if (this.socket !== socket) return;
+      this.#closed(CLOSE.ABNORMAL, "connection failed");
+    };
+  }
+
+  #receive(data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      return; // the gateway only sends JSON; ignore anything else
+    }
+    if (message === null || typeof message !== "object") return;
+    if ("channel" in message && !("status" in message)) {
+      for (const key of [message.channel, "*"]) {
+        for (const fn of this.handlers.get(key) ?? []) {
+          try {
+            fn(message.payload, message.channel);
+          } catch (err) {
+            queueMicrotask(() => {
+              throw err; // report the handler's error without stopping delivery
+            });
+          }
+        }
+      }
+      return;
+    }
+    if ("status" in message) {
+      const reply = {
+        status: message.status,
+        headers: message.headers ?? {},
+        body: message.body,
+        ok: message.status >= 200 && message.status < 300,
+      };
+      if (message.id === null || message.id === undefined || !this.pending.has(message.id)) {
+        this.#emit("error", { reply });
+        return;
+      }
+      this.#settle(message.id, reply, null);
+    }
+  }
+
+  #settle(id, reply, error) {
+    const request = this.pending.get(id);
+    if (!request) return;
+    this.pending.delete(id);
+    clearTimeout(request.timer);
+    if (error) request.reject(error);
+    else request.resolve(reply);
+  }
+
+  #closed(code, reason) {
+    this.socket = null;
+    clearTimeout(this.keepaliveTimer);
+    // Replies to what was sent on this socket will not come to the next one.
+    for (const id of [...this.pending.keys()]) {
+      if (!this.queue.some((queued) => queued.id === id)) {
+        this.#settle(id, null, new ConnectionError(`socket closed (${code}) before the reply`));
+      }
+    }
+    this.#emit("close", { code, reason });
+    const plan = closePlan(code);
+    if (plan === "stop") {
+      this.#stop("closed", code, reason);
+      return;
+    }
+    if (Date.now() - this.lastOpen >= this.options.grace) {
+      this.#stop("expired", code, reason);
+      return;
+    }
+    this.attempt += 1;
+    const ceiling = Math.min(this.options.backoffMax, this.options.backoffInitial * 2 ** (this.attempt - 1));
+    // Full jitter spreads a drained node's sockets over the ceiling; "now" still jitters a little.
+    const delay = plan === "now" ? Math.random() * 50 : Math.random() * ceiling;
+    const left = this.options.grace - (Date.now() - this.lastOpen);
+    this.#setState("reconnecting");
+    this.#emit("reconnecting", { attempt: this.attempt, delay: Math.round(delay) });
+    this.reconnectTimer = setTimeout(() => this.#dial(), Math.min(delay, Math.max(left, 0)));
+  }
+
+  #stop(state, code, reason) {
+    if (this.state === "closed" || this.state === "expired") return;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.keepaliveTimer);
+    const socket = this.socket;
+    this.socket = null;
+    if (socket && socket.readyState <= 1) socket.close(CLOSE.NORMAL, "");
+    for (const id of [...this.pending.keys()]) {
+      this.#settle(id, null, new ConnectionError(`channelgate is ${state}`));
+    }
+    this.queue = [];
+    this.#setState(state);
+    if (state === "expired") this.#emit("expired", {});
+    else this.#emit("closed", { code, reason });
+  }
+
+  // While open, a ping goes out when nothing arrived for `keepalive` ms. No reply within
+  // `timeout` means the path is dead (a browser sees the server's pings but cannot act on
+  // them): drop the socket with 4200 so the credentials stay resumable, and reconnect.
+  #armKeepalive() {
+    const every = this.options.keepalive;
+    if (!every) return;
+    clearTimeout(this.keepaliveTimer);
+    this.keepaliveTimer = setTimeout(() => {
+      const socket = this.socket;
+      if (this.state !== "open" || !socket) return;
+      if (Date.now() - this.lastReceived < every) {
+        this.#armKeepalive();
+        return;
+      }
+      this.send("ping").then(
+        () => this.#armKeepalive(),
+        (err) => {
+          if (err instanceof TimeoutError && this.socket === socket) {
+            this.socket = null;
+            socket.close(CLOSE.CLIENT_RECONNECT, "keepalive timeout");
+            this.#closed(CLOSE.ABNORMAL, "keepalive timeout");
+          }
+        },
+      );
+    }, every);
+  }
+
+  #setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.#emit("state", { state });
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+/** Creates a client and opens it: `connect()` in a page, `connect({...})` elsewhere. */
+export function connect(options) {
+  return new Channelgate(options).open();
+}
+
+function endpoint(base, connectionId, socketKey) {
+  const location = globalThis.location;
+  let url;
+  if (base) {
+    url = new URL(base, location?.href);
+  } else if (location) {
+    url = new URL("/ws", location.href);
+  } else {
+    throw new Error("channelgate: no url (data-socket-url) and no page location");
+  }
+  if (url.protocol === "http:") url.protocol = "ws:";
+  if (url.protocol === "https:") url.protocol = "wss:";
+  url.searchParams.set("socket_connection_id", connectionId);
+  if (socketKey) url.searchParams.set("socket_key", socketKey);
+  return url.toString();
+}

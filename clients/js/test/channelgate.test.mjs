@@ -1,0 +1,340 @@
+// Tests of the browser client against a live gateway: the real `channelgate` binary (path in
+// CHANNELGATE_BIN, default target/debug/channelgate), credentials minted and pushes sent with
+// its CLI over gRPC, a TCP proxy in front of the edge so a test can kill the socket, and a
+// plain HTTP server as the call-route upstream.
+//
+//   node --test --experimental-websocket clients/js/test/
+//
+// `cargo test` runs this file (tests/integration/js_client.rs).
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFile } from "node:child_process";
+import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
+import { createServer as createHttpServer } from "node:http";
+import { once } from "node:events";
+import { promisify } from "node:util";
+import { fileURLToPath } from "node:url";
+import { resolve } from "node:path";
+
+import { connect, closePlan, TimeoutError, ConnectionError } from "../channelgate.js";
+
+const ROOT = resolve(fileURLToPath(import.meta.url), "../../../..");
+const BIN = process.env.CHANNELGATE_BIN ?? resolve(ROOT, "target/debug/channelgate");
+const PATIENCE = 10_000;
+const run = promisify(execFile);
+
+let node; // the gateway process
+let edge; // "127.0.0.1:port" of its client plane
+let control; // "http://127.0.0.1:port" of its control plane
+let upstream; // the call-route upstream
+const hanging = []; // upstream responses that never end
+
+before(async () => {
+  upstream = createHttpServer((req, res) => {
+    let body = "";
+    req.on("data", (chunk) => (body += chunk));
+    req.on("end", () => {
+      if (req.url.startsWith("/slow")) {
+        hanging.push(res);
+        return;
+      }
+      res.setHeader("content-type", "application/json");
+      res.end(JSON.stringify({ method: req.method, url: req.url, body: body ? JSON.parse(body) : null }));
+    });
+  });
+  upstream.listen(0, "127.0.0.1");
+  await once(upstream, "listening");
+  const upstreamUrl = `http://127.0.0.1:${upstream.address().port}`;
+
+  node = spawn(
+    BIN,
+    [
+      "serve",
+      "--listen", "127.0.0.1:0",
+      "--grpc-listen", "127.0.0.1:0",
+      "--log-format", "json",
+      "--upstream", upstreamUrl,
+      "--upstream-timeout", "30s",
+      "--reconnect-grace", "3s",
+    ],
+    { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, CHANNELGATE_LOG: "info" } },
+  );
+  let buffered = "";
+  const addresses = new Promise((resolveAddresses, reject) => {
+    const timer = setTimeout(() => reject(new Error("the node did not log its addresses")), PATIENCE);
+    node.stderr.on("data", (chunk) => {
+      buffered += chunk;
+      let newline;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline);
+        buffered = buffered.slice(newline + 1);
+        let entry;
+        try {
+          entry = JSON.parse(line);
+        } catch {
+          continue;
+        }
+        const message = entry.fields?.message ?? "";
+        if (message.startsWith("client plane listening")) edge = entry.fields.addr;
+        if (message.startsWith("control plane listening")) control = `http://${entry.fields.addr}`;
+        if (edge && control) {
+          clearTimeout(timer);
+          resolveAddresses();
+        }
+      }
+    });
+    node.on("exit", (code) => reject(new Error(`the node exited with ${code}`)));
+  });
+  await addresses;
+});
+
+after(async () => {
+  for (const res of hanging) res.destroy();
+  upstream?.close();
+  if (node && node.exitCode === null) {
+    node.kill("SIGTERM");
+    await once(node, "exit");
+  }
+});
+
+/** The CLI against the node's control plane; resolves with its stdout. */
+async function cli(...args) {
+  const { stdout } = await run(BIN, [...args, "--server", control]);
+  return stdout;
+}
+
+/** Mints credentials subscribed to `channels`. */
+async function issue(...channels) {
+  const out = await cli("issue", ...channels.flatMap((c) => ["--channel", c]));
+  return JSON.parse(out); // {connection_id, socket_key, digest, expires_at_unix_ms}
+}
+
+/** A TCP proxy to the edge whose connections a test can cut. */
+async function proxy() {
+  const sockets = new Set();
+  const server = createTcpServer((client) => {
+    const [host, port] = edge.split(":");
+    const server = tcpConnect(Number(port), host);
+    sockets.add(client).add(server);
+    client.pipe(server).pipe(client);
+    const drop = () => {
+      client.destroy();
+      server.destroy();
+    };
+    client.on("error", drop).on("close", drop);
+    server.on("error", drop).on("close", drop);
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return {
+    url: `ws://127.0.0.1:${server.address().port}/ws`,
+    /** Cuts every connection without a close frame, as a network failure would. */
+    cut() {
+      for (const socket of sockets) socket.resetAndDestroy();
+      sockets.clear();
+    },
+    /** Stops accepting and cuts what is open. */
+    close() {
+      server.close();
+      this.cut();
+    },
+  };
+}
+
+/** Resolves with the first `type` event's detail. */
+function next(gate, type) {
+  return new Promise((resolveEvent, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no "${type}" event`)), PATIENCE);
+    gate.addEventListener(
+      type,
+      (event) => {
+        clearTimeout(timer);
+        resolveEvent(event.detail);
+      },
+      { once: true },
+    );
+  });
+}
+
+/** Resolves with the next payload pushed to `channel`. */
+function pushed(gate, channel) {
+  return new Promise((resolvePush, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no push on ${channel}`)), PATIENCE);
+    const off = gate.on(channel, (payload) => {
+      clearTimeout(timer);
+      off();
+      resolvePush(payload);
+    });
+  });
+}
+
+async function open(credentials, options = {}) {
+  const gate = connect({
+    url: `ws://${edge}/ws`,
+    connectionId: credentials.connection_id,
+    socketKey: credentials.socket_key,
+    ...options,
+  });
+  const detail = await next(gate, "open");
+  assert.equal(detail.resumed, false);
+  return gate;
+}
+
+test("the edge serves the client with caching headers", async () => {
+  const res = await fetch(`http://${edge}/channelgate.js`);
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get("content-type"), /^text\/javascript/);
+  assert.match(res.headers.get("cache-control"), /max-age=\d+/);
+  assert.equal(res.headers.get("access-control-allow-origin"), "*");
+  const etag = res.headers.get("etag");
+  assert.ok(etag);
+  assert.match(await res.text(), /export class Channelgate/);
+  const again = await fetch(`http://${edge}/channelgate.js`, { headers: { "if-none-match": etag } });
+  assert.equal(again.status, 304);
+});
+
+test("pushes reach on(channel) handlers and '*'", async () => {
+  const creds = await issue("room:a", "room:b");
+  const gate = await open(creds);
+  const a = pushed(gate, "room:a");
+  const all = [];
+  gate.on("*", (payload, channel) => all.push([channel, payload]));
+  await cli("push", "room:a", '{"n":1}');
+  assert.deepEqual(await a, { n: 1 });
+  const b = pushed(gate, "room:b");
+  await cli("push", "room:b", '{"n":2}');
+  assert.deepEqual(await b, { n: 2 });
+  assert.deepEqual(all, [["room:a", { n: 1 }], ["room:b", { n: 2 }]]);
+  gate.close();
+});
+
+test("send resolves with the reply that has its id", async () => {
+  const gate = await open(await issue());
+  const [pong, missing] = await Promise.all([gate.send("ping"), gate.send("nobody.handles.this", { x: 1 })]);
+  assert.deepEqual(pong, { status: 200, headers: {}, body: "pong", ok: true });
+  assert.equal(missing.status, 404);
+  assert.equal(missing.ok, false);
+  gate.close();
+  await assert.rejects(gate.send("ping"), ConnectionError);
+});
+
+test("callRoute reaches the upstream; a slow one times out", async () => {
+  const gate = await open(await issue());
+  const reply = await gate.callRoute("POST", "/messages?room=a", { text: "hi" });
+  assert.equal(reply.status, 200);
+  assert.deepEqual(reply.body, { method: "POST", url: "/messages?room=a", body: { text: "hi" } });
+  await assert.rejects(gate.callRoute("GET", "/slow", undefined, { timeout: 200 }), TimeoutError);
+  // The socket is still fine after a timeout.
+  assert.equal((await gate.send("ping")).status, 200);
+  gate.close();
+});
+
+test("a cut socket reconnects, resumes its subscriptions, and sends what was queued", async () => {
+  const creds = await issue("room:cut");
+  const tcp = await proxy();
+  const gate = await open(creds, { url: tcp.url, backoffInitial: 50 });
+  const reconnecting = next(gate, "reconnecting");
+  const reopened = next(gate, "open");
+  tcp.cut();
+  const close = await next(gate, "close");
+  assert.equal(close.code, 1006);
+  assert.ok((await reconnecting).attempt >= 1);
+  // Sent while reconnecting: held, then sent on the new socket.
+  const queued = gate.send("ping");
+  assert.equal((await reopened).resumed, true);
+  assert.equal((await queued).status, 200);
+  const payload = pushed(gate, "room:cut");
+  await cli("push", "room:cut", '"after"');
+  assert.equal(await payload, "after");
+  gate.close();
+  tcp.close();
+});
+
+test("a keepalive that gets no answer drops the socket with 4200 and resumes", async () => {
+  const creds = await issue("room:keepalive");
+  // A proxy that stops forwarding (a dead path with the TCP connection still up).
+  const [host, port] = edge.split(":");
+  let frozen = false;
+  const held = new Set();
+  const server = createTcpServer((client) => {
+    const upstreamSocket = tcpConnect(Number(port), host);
+    held.add(client).add(upstreamSocket);
+    client.on("data", (chunk) => frozen || upstreamSocket.write(chunk));
+    upstreamSocket.on("data", (chunk) => frozen || client.write(chunk));
+    const drop = () => {
+      client.destroy();
+      upstreamSocket.destroy();
+    };
+    client.on("error", drop).on("close", drop);
+    upstreamSocket.on("error", drop).on("close", drop);
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const gate = await open(creds, {
+    url: `ws://127.0.0.1:${server.address().port}/ws`,
+    keepalive: 100,
+    timeout: 300,
+    backoffInitial: 50,
+  });
+  frozen = true;
+  const reconnecting = next(gate, "reconnecting");
+  await reconnecting;
+  frozen = false;
+  assert.equal((await next(gate, "open")).resumed, true);
+  const payload = pushed(gate, "room:keepalive");
+  await cli("push", "room:keepalive", "1");
+  assert.equal(await payload, 1);
+  gate.close();
+  for (const socket of held) socket.destroy();
+  server.close();
+});
+
+test("an application disconnect (4000) closes for good", async () => {
+  const creds = await issue();
+  const gate = await open(creds);
+  const closed = next(gate, "closed");
+  await cli("disconnect", creds.digest);
+  const detail = await closed;
+  assert.equal(detail.code, 4000);
+  assert.equal(gate.state, "closed");
+  await assert.rejects(gate.send("ping"), ConnectionError);
+});
+
+test("past the grace period the client stops and fires expired", async () => {
+  const creds = await issue();
+  const tcp = await proxy();
+  const gate = await open(creds, { url: tcp.url, grace: 500, backoffInitial: 50, backoffMax: 100 });
+  const expired = next(gate, "expired");
+  tcp.close(); // nothing answers any more
+  await expired;
+  assert.equal(gate.state, "expired");
+});
+
+test("refused credentials never open and end in expired", async () => {
+  const creds = await issue();
+  const gate = connect({
+    url: `ws://${edge}/ws`,
+    connectionId: creds.connection_id,
+    socketKey: "wrong-key",
+    grace: 400,
+    backoffInitial: 50,
+  });
+  let opened = false;
+  gate.addEventListener("open", () => (opened = true));
+  await next(gate, "expired");
+  assert.equal(opened, false);
+});
+
+test("close codes map to the documented plans", () => {
+  assert.equal(closePlan(1000), "stop");
+  assert.equal(closePlan(4000), "stop");
+  assert.equal(closePlan(4099), "stop");
+  assert.equal(closePlan(4100), "backoff");
+  assert.equal(closePlan(4101), "backoff");
+  assert.equal(closePlan(1001), "backoff");
+  assert.equal(closePlan(1006), "backoff");
+  assert.equal(closePlan(1011), "backoff");
+  assert.equal(closePlan(4200), "now");
+  assert.equal(closePlan(4299), "now");
+});
