@@ -1,0 +1,349 @@
+//! The chat example (`examples/chat/`) in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver, fantoccini), two users on two pages, the gateway and the chat app in-process on
+//! real sockets, and a TCP proxy between the browsers and the edge so the test can cut the
+//! sockets without touching the pages. Screenshots go to `target/tmp/browser/`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{response::Html, routing::get, Router};
+use fantoccini::{Client, ClientBuilder, Locator};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    chat_app::{self, ChatConfig},
+    support::{Gateway, PATIENCE},
+};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_works_in_a_real_browser() {
+    let out = output_dir();
+
+    // The chat app's address comes first: the gateway needs it as upstream and allowed Origin.
+    let chat_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let chat_addr = chat_listener.local_addr().unwrap();
+    let chat_origin = format!("http://{chat_addr}");
+    let gw = Gateway::start_with(|c| {
+        c.upstream = Some(chat_origin.clone());
+        c.allowed_origins = vec![chat_origin.clone()];
+    })
+    .await;
+    let proxy = Proxy::start(gw.http).await;
+    let stop = CancellationToken::new();
+    let chat = tokio::spawn(chat_app::serve(
+        chat_listener,
+        ChatConfig {
+            control: format!("http://{}", gw.grpc),
+            token: None,
+            gateway_url: Some(format!("ws://{}/ws", proxy.addr)),
+            gateway_port: 0,
+        },
+        stop.clone(),
+    ));
+    let driver = ChromeDriver::start();
+
+    let ann = driver.browser(&out.join("profile-ann")).await;
+    let bob = driver.browser(&out.join("profile-bob")).await;
+    ann.goto(&format!("{chat_origin}/?name=ann")).await.unwrap();
+    bob.goto(&format!("{chat_origin}/?name=bob")).await.unwrap();
+    for page in [&ann, &bob] {
+        wait_js(page, "return window.gate?.state === 'open'").await;
+    }
+
+    // A message typed and sent on one page (call-route over the WebSocket, then a push to the
+    // room) appears on both.
+    say(&ann, "hello from ann").await;
+    for page in [&ann, &bob] {
+        wait_js(page, "return log().includes('hello from ann')").await;
+    }
+
+    // Typing on one page (the `typing` action, served over a Handle stream) shows on the other.
+    bob.find(Locator::Css("#text"))
+        .await
+        .unwrap()
+        .send_keys("hi ann")
+        .await
+        .unwrap();
+    wait_js(
+        &ann,
+        "return document.getElementById('typing').textContent.includes('bob is typing')",
+    )
+    .await;
+    bob.find(Locator::Css("#send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(&ann, "return log().includes('hi ann')").await;
+
+    // Cut both sockets (not the pages): the client reconnects within the grace period, resumes
+    // the same credentials and subscriptions, and the conversation goes on.
+    proxy.cut();
+    for page in [&ann, &bob] {
+        wait_js(
+            page,
+            "return window.chat.resumes >= 1 && window.gate.state === 'open'",
+        )
+        .await;
+    }
+    say(&bob, "still here after the cut").await;
+    for page in [&ann, &bob] {
+        wait_js(page, "return log().includes('still here after the cut')").await;
+    }
+    // Nothing was reloaded: one page load, the first open plus one resume each.
+    for page in [&ann, &bob] {
+        let chat = page.execute("return window.chat", vec![]).await.unwrap();
+        assert_eq!(chat["opens"], 2, "{chat}");
+        assert_eq!(chat["messages"], 3, "{chat}");
+    }
+    screenshot(&ann, &out.join("ann.png")).await;
+    screenshot(&bob, &out.join("bob.png")).await;
+
+    // A page from a foreign Origin is refused at the handshake, even with valid credentials: the
+    // foreign site hands the browser the key cookie itself (cookies ignore ports, so the gateway
+    // receives it), which leaves the Origin as the only thing wrong.
+    let creds = gw.issue().await;
+    let foreign = foreign_site(&gw, &creds.id, &creds.key).await;
+    let refused_before = handshakes(&gw, "origin").await;
+    bob.goto(&format!("http://{foreign}/")).await.unwrap();
+    wait_js(&bob, "return window.attempts >= 2").await;
+    assert!(handshakes(&gw, "origin").await >= refused_before + 2);
+    let opens = bob.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(opens, 0, "a foreign page opened a socket");
+    screenshot(&bob, &out.join("foreign-origin.png")).await;
+    // The credentials were fine: from the allowed Origin the same id and key connect.
+    let mut request = format!(
+        "{}?socket_connection_id={}&socket_key={}",
+        gw.ws_url(),
+        creds.id,
+        creds.key
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("origin", chat_origin.parse().unwrap());
+    gw.connect_request(request)
+        .await
+        .expect("the same credentials from the allowed Origin");
+
+    ann.close().await.unwrap();
+    bob.close().await.unwrap();
+    stop.cancel();
+    chat.await.unwrap().unwrap();
+    println!("screenshots in {}", out.display());
+}
+
+/// Types `text` into the page's box and presses Send, as a user would.
+async fn say(page: &Client, text: &str) {
+    let input = page.find(Locator::Css("#text")).await.unwrap();
+    input.send_keys(text).await.unwrap();
+    page.find(Locator::Css("#send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Polls `script` (with a `log()` helper: the page's message list as text) until it returns
+/// true; fails with the page's state after PATIENCE.
+async fn wait_js(page: &Client, script: &str) {
+    let script =
+        format!("const log = () => document.getElementById('log')?.innerText ?? ''; {script}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match page.execute(&script, vec![]).await {
+            Ok(Value::Bool(true)) => return,
+            Ok(_) => {}
+            Err(err) => panic!("script failed: {err}: {script}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            let state = page
+                .execute(
+                    "return {gate: window.gate?.state, chat: window.chat, body: document.body.innerText}",
+                    vec![],
+                )
+                .await;
+            panic!("timed out waiting for `{script}`; page: {state:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn screenshot(page: &Client, path: &Path) {
+    let png = page.screenshot().await.unwrap();
+    std::fs::write(path, png).unwrap();
+}
+
+/// `channelgate_handshakes_total{result=...}` from the node's metrics.
+async fn handshakes(gw: &Gateway, result: &str) -> u64 {
+    let (_, metrics) = gw.http_get("/metrics", &[]).await;
+    let prefix = format!("channelgate_handshakes_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A site on another Origin that loads the client from the gateway and tries to connect with
+/// `connection_id`, after setting the key cookie. It counts its attempts and opens in `window.attempts` / `window.opens`.
+async fn foreign_site(gw: &Gateway, connection_id: &str, key: &str) -> SocketAddr {
+    let page = format!(
+        r#"<!doctype html><html><body data-socket-connection-id="{connection_id}" data-socket-url="ws://{edge}/ws">
+<h1>Some other site</h1><p id="state">connecting</p>
+<script type="module">
+import {{ connect }} from "http://{edge}/channelgate.js";
+window.attempts = 0; window.opens = 0;
+const gate = connect({{ backoffInitial: 100, backoffMax: 200 }});
+gate.addEventListener("close", () => (window.attempts += 1));
+gate.addEventListener("open", () => (window.opens += 1));
+gate.addEventListener("state", (e) => (document.getElementById("state").textContent =
+  `socket ${{e.detail.state}} after ${{window.attempts}} refused attempts`));
+</script></body></html>"#,
+        edge = gw.http
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cookie = format!("socket_key={key}; Path=/; SameSite=Lax");
+    let app = Router::new().route(
+        "/",
+        get(move || async move { ([(axum::http::header::SET_COOKIE, cookie)], Html(page)) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn output_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// chromedriver on a free port; killed on drop.
+struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    fn start() -> Self {
+        for tool in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                Path::new(tool).exists(),
+                "{tool} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A new headless Chromium with its own empty profile (its own cookies: one user).
+    async fn browser(&self, profile: &Path) -> Client {
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--window-size=800,600",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(capabilities.clone())
+                .connect(&self.url)
+                .await
+            {
+                Ok(client) => return client,
+                // chromedriver may not listen yet.
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("no WebDriver session: {err}"),
+            }
+        }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy to `target` whose open connections `cut` closes (no WebSocket close frame: to
+/// both ends it looks like the network failed).
+struct Proxy {
+    addr: SocketAddr,
+    generation: Arc<Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = Arc::new(Mutex::new(CancellationToken::new()));
+        let current = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let cut = current.lock().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, generation }
+    }
+
+    fn cut(&self) {
+        let old = std::mem::replace(&mut *self.generation.lock(), CancellationToken::new());
+        old.cancel();
+    }
+}
