@@ -32,6 +32,9 @@ use tokio_tungstenite::{client_async, tungstenite::client::IntoClientRequest, We
 
 use channelgate::pb::{self, control_client::ControlClient};
 
+mod raw_ws;
+use raw_ws::{RawWs, Read};
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Scenario: idle.
@@ -73,6 +76,11 @@ struct Args {
     /// Payload size in bytes (`fanout`).
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Receive buffer of each generator socket in bytes (SO_RCVBUF; 0: the kernel's autotuned
+    /// default, which on loopback lets megabytes per socket pile up unread, so a generator that
+    /// falls behind sees seconds of latency before the node notices).
+    #[arg(long, default_value_t = 64 << 10)]
+    rcvbuf: u32,
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
@@ -127,6 +135,34 @@ async fn open_socket_on(
     Ok(ws)
 }
 
+/// As [`open_socket_on`], with the generator's lean client ([`RawWs`]) for receiving sockets.
+async fn open_raw(
+    args: &Args,
+    i: usize,
+    control: &mut ControlClient<tonic::transport::Channel>,
+    channel: &str,
+) -> anyhow::Result<RawWs> {
+    let creds = control
+        .issue_connection(pb::IssueConnectionRequest {
+            ttl_ms: 0,
+            channels: vec![channel.to_owned()],
+        })
+        .await?
+        .into_inner();
+    let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(source)?;
+    if args.rcvbuf > 0 {
+        socket.set_recv_buffer_size(args.rcvbuf)?;
+    }
+    let stream = socket.connect(args.ws).await?;
+    let path = format!(
+        "/ws?socket_connection_id={}&socket_key={}",
+        creds.connection_id, creds.socket_key
+    );
+    RawWs::handshake(stream, &args.ws.to_string(), &path).await
+}
+
 async fn idle(args: &Args) -> anyhow::Result<()> {
     let control = ControlClient::connect(args.control.clone()).await?;
     let before = args.pid.map(rss_bytes).transpose()?;
@@ -134,7 +170,7 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
     let results: Vec<_> = stream::iter(0..args.sockets)
         .map(|i| {
             let mut control = control.clone();
-            async move { open_socket(args, i, &mut control).await }
+            async move { open_raw(args, i, &mut control, &format!("idle-{}", i % 100)).await }
         })
         .buffer_unordered(args.concurrency)
         .collect()
@@ -502,7 +538,6 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         atomic::{AtomicU64, Ordering},
         Arc,
     };
-    use tokio_tungstenite::tungstenite::Message;
 
     let control = ControlClient::connect(args.control.clone()).await?;
     let channels: Vec<String> = (0..args.channels).map(|c| format!("fan-{c}")).collect();
@@ -515,7 +550,7 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             let channel = names[i % names.len()].clone();
             let channels = names;
             async move {
-                open_socket_on(args, i, &mut control, &channel)
+                open_raw(args, i, &mut control, &channel)
                     .await
                     .map(|ws| (i % channels.len(), ws))
             }
@@ -537,48 +572,47 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
 
     // Readers: one task per socket, tallying what arrives.
     let stop = tokio_util::sync::CancellationToken::new();
+    let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for (_, ws) in sockets {
         let stop = stop.clone();
+        let received = received.clone();
         readers.push(tokio::spawn(async move {
             let mut ws = ws;
             let mut tally = Tally::default();
             let mut last: HashMap<u64, u64> = HashMap::new(); // per channel index: last seq
             loop {
-                let message = tokio::select! {
-                    m = ws.next() => m,
-                    _ = stop.cancelled() => break,
-                };
-                match message {
-                    Some(Ok(Message::Text(t))) => {
+                let read = tokio::select! {
+                    read = ws.read(|text| {
                         let at = now_us();
                         // {"channel":"fan-C","payload":{"c":C,"s":SEQ,"t":MICROS,"p":"..."}}
                         // The generator's own cost must stay small: read the three numbers
                         // without building a JSON tree.
-                        let (Some(c), Some(seq), Some(t0)) = (
-                            field(&t, "\"c\":"),
-                            field(&t, "\"s\":"),
-                            field(&t, "\"t\":"),
-                        ) else {
-                            continue;
+                        let (Some(c), Some(seq), Some(t0)) =
+                            (field(text, b"\"c\":"), field(text, b"\"s\":"), field(text, b"\"t\":"))
+                        else {
+                            return;
                         };
                         tally.received += 1;
-                        match last.get(&c) {
-                            Some(&prev) if seq == prev => tally.duplicated += 1,
-                            Some(&prev) if seq < prev => tally.reordered += 1,
-                            _ => {}
+                        received.fetch_add(1, Ordering::Relaxed);
+                        let prev = last.entry(c).or_insert(0);
+                        if seq == *prev {
+                            tally.duplicated += 1;
+                        } else if seq < *prev {
+                            tally.reordered += 1;
                         }
-                        last.insert(c, seq.max(*last.get(&c).unwrap_or(&0)));
+                        *prev = seq.max(*prev);
                         tally
                             .latencies_us
                             .push(at.saturating_sub(t0).min(u32::MAX as u64) as u32);
-                    }
-                    Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
+                    }) => read,
+                    _ = stop.cancelled() => break,
+                };
+                match read {
+                    Ok(Read::More) => {}
+                    Ok(Read::Closed) | Err(_) => break,
                 }
             }
-            let _ = ws.close(None).await;
             tally
         }));
     }
@@ -586,7 +620,7 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
     // The publisher: one PushStream, paced by --rate.
     let pushed = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(1024);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
     let mut push_client = control.clone();
     let push_call = tokio::spawn(async move {
         push_client
@@ -631,8 +665,19 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
     drop(tx);
     let summary = push_call.await??.into_inner();
     let push_elapsed = pushing_started.elapsed();
-    // Let in-flight frames land: wait until nothing has arrived for a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Let in-flight frames land: wait until all expected frames arrived, or nothing has
+    // arrived for three seconds.
+    let expected_total = expected.load(Ordering::Relaxed);
+    let mut last = (received.load(Ordering::Relaxed), Instant::now());
+    while received.load(Ordering::Relaxed) < expected_total {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > std::time::Duration::from_secs(3) {
+            break;
+        }
+    }
     let node_cpu_end = args.pid.map(cpu_us).transpose()?;
     let gen_cpu_end = cpu_us(std::process::id())?;
     stop.cancel();
@@ -732,8 +777,18 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
 }
 
 /// The unsigned integer after `key` in `text` (the generator's own payloads only).
-fn field(text: &str, key: &str) -> Option<u64> {
-    let start = text.find(key)? + key.len();
-    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
-    text[start..start + digits].parse().ok()
+fn field(text: &[u8], key: &[u8]) -> Option<u64> {
+    let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    Some(
+        text[start..start + digits]
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }

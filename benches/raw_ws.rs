@@ -1,0 +1,138 @@
+//! A minimal WebSocket client for the load generator's receiving side: its own HTTP upgrade and
+//! frame parsing over a plain `TcpStream`, so reading a million small frames a second costs the
+//! generator little more than the kernel's receive work. Server frames only (unmasked); pings
+//! are answered so the node's idle timeout never fires. Not a general client: the node under
+//! test is the only peer.
+
+use anyhow::{bail, Context as _};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const BUFFER: usize = 64 << 10;
+
+/// A client socket after the upgrade.
+pub(crate) struct RawWs {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// What one read delivered.
+pub(crate) enum Read {
+    /// Zero or more frames were handled; keep reading.
+    More,
+    /// The node closed the socket (close frame or end of stream).
+    Closed,
+}
+
+impl RawWs {
+    /// Upgrades `stream` with a GET of `path` (path and query) on `host`.
+    pub(crate) async fn handshake(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+    ) -> anyhow::Result<Self> {
+        stream.set_nodelay(true)?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = vec![0u8; BUFFER];
+        let mut end = 0;
+        let header_end = loop {
+            let n = stream.read(&mut buf[end..]).await?;
+            if n == 0 {
+                bail!("connection closed during the upgrade");
+            }
+            end += n;
+            if let Some(at) = buf[..end].windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if end == buf.len() {
+                bail!("upgrade response too long");
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..header_end]);
+        if !head.starts_with("HTTP/1.1 101") {
+            let status = head.lines().next().unwrap_or_default().to_owned();
+            bail!("upgrade refused: {status}");
+        }
+        Ok(Self {
+            stream,
+            buf,
+            start: header_end,
+            end,
+        })
+    }
+
+    /// Handles every complete frame already buffered, then reads once more (waiting for data).
+    /// Text frames go to `on_text`; pings are answered.
+    pub(crate) async fn read(&mut self, mut on_text: impl FnMut(&[u8])) -> anyhow::Result<Read> {
+        while let Some((opcode, range)) = self.next_frame().context("bad frame from the node")? {
+            match opcode {
+                0x1 => on_text(&self.buf[range]),
+                0x8 => return Ok(Read::Closed),
+                0x9 => {
+                    let payload = self.buf[range].to_vec();
+                    self.pong(&payload).await?;
+                }
+                _ => {}
+            }
+        }
+        // Make room: move the partial frame to the front.
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            return Ok(Read::Closed);
+        }
+        self.end += n;
+        Ok(Read::More)
+    }
+
+    /// The next complete frame's opcode and payload range, consuming it.
+    fn next_frame(&mut self) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        let data = &self.buf[self.start..self.end];
+        if data.len() < 2 {
+            return Ok(None);
+        }
+        if data[1] & 0x80 != 0 {
+            bail!("masked frame from the server");
+        }
+        let (len, header) = match data[1] & 0x7f {
+            126 if data.len() >= 4 => (u16::from_be_bytes([data[2], data[3]]) as usize, 4),
+            127 if data.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&data[2..10]);
+                (u64::from_be_bytes(n) as usize, 10)
+            }
+            126 | 127 => return Ok(None),
+            n => (n as usize, 2),
+        };
+        if data.len() < header + len {
+            return Ok(None);
+        }
+        let opcode = data[0] & 0x0f;
+        let payload = self.start + header..self.start + header + len;
+        self.start += header + len;
+        Ok(Some((opcode, payload)))
+    }
+
+    /// A masked pong (mask key zero: the payload goes as is).
+    async fn pong(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = vec![0x8a, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+}
