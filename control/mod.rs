@@ -26,7 +26,7 @@ use crate::{error::Error, pb, server::Edge};
 pub use auth::BearerAuth;
 pub use service::ControlService;
 
-/// Longest a unary control call may run.
+/// Longest a unary control call may run (applied by [`observe`]; client streams have no limit).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most requests in flight on one HTTP/2 connection.
 const CONCURRENCY_PER_CONNECTION: usize = 1024;
@@ -94,7 +94,6 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
     let result = server
         .layer(observe::ObserveLayer::new(edge.registry.metrics_arc()))
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        .timeout(REQUEST_TIMEOUT)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(control)

@@ -1,4 +1,6 @@
-//! A tower layer counting control-plane requests by method and gRPC status.
+//! A tower layer counting control-plane requests by method and gRPC status, and bounding
+//! the time of unary calls (streams such as `PushStream` may run for as long as the client
+//! keeps them open, so a server-wide timeout would cut a long-lived publisher off).
 //!
 //! The status is read from the response head: unary errors are sent "trailers-only", with
 //! `grpc-status` in the head; a head without it is a call that went on to stream or succeed,
@@ -46,15 +48,21 @@ pub(super) struct Observe<S> {
     metrics: Arc<Metrics>,
 }
 
+/// Calls that stream from the client: no time limit (a server-wide timeout would end them).
+const CLIENT_STREAMS: &[&str] = &[
+    "/channelgate.v1.Control/PushStream",
+    "/channelgate.v1.Control/Handle",
+];
+
 const SERVICES: &[&str] = &[
     "/channelgate.v1.Control/",
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
 ];
 
-impl<S, B, R> Service<http::Request<B>> for Observe<S>
+impl<S, B> Service<http::Request<B>> for Observe<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -73,9 +81,20 @@ where
             "other".to_owned()
         };
         let metrics = self.metrics.clone();
+        let limit = (!CLIENT_STREAMS.contains(&path)).then_some(super::REQUEST_TIMEOUT);
         let future = self.inner.call(request);
         Box::pin(async move {
-            let result = future.await;
+            let result = match limit {
+                None => future.await,
+                Some(limit) => match tokio::time::timeout(limit, future).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                        "the call took longer than {} s",
+                        limit.as_secs()
+                    ))
+                    .into_http()),
+                },
+            };
             let code = match &result {
                 Ok(response) => response
                     .headers()
