@@ -106,6 +106,9 @@ impl pb::control_server::Control for ControlService {
                 )
             })?;
             pushes += 1;
+            // Flow control: while the node's writers are far behind, take the next push a
+            // little later (HTTP/2 then holds the publisher back) instead of queueing more.
+            self.bus.registry().backlog().pace().await;
         }
         Ok(Response::new(pb::PushStreamResponse { pushes, queued }))
     }

@@ -22,8 +22,8 @@ pub struct Limits {
     pub max_push_bytes: usize,
     /// Interval of server pings. Default: 25 s.
     pub ping_interval: Duration,
-    /// A socket that sends nothing (not even a pong) for this long is closed (4101).
-    /// Default: 60 s.
+    /// A socket that sends nothing (not even a pong) for this long is closed (4101). Checked
+    /// with each socket's ping, so the close comes up to one ping interval later. Default: 60 s.
     pub idle_timeout: Duration,
     /// Time a client has to complete the HTTP upgrade. Default: 10 s.
     pub handshake_timeout: Duration,

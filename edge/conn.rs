@@ -3,10 +3,12 @@
 //!
 //! * The writer drains the socket's [`Outbox`](crate::fanout::Outbox) a whole batch at a time:
 //!   every queued frame is fed, then one flush, so frames that piled up go out in one write.
-//!   It also sends pings, and on drain turns the shutdown signal into a 1001 close after the
-//!   queued frames.
+//!   It also sends the pings the node's heartbeat asks for, and on drain turns the shutdown
+//!   signal into a 1001 close after the queued frames.
 //! * The reader answers client messages (replies go through the same outbox, so they are
-//!   bounded like pushes) and enforces the idle timeout: any frame, pongs included, is life.
+//!   bounded like pushes) and stamps the socket's last-seen time: any frame, pongs included, is
+//!   life. The heartbeat ([`Registry::heartbeat`](crate::registry::Registry::heartbeat)) closes
+//!   sockets silent past the idle timeout, so a socket's task holds no timer.
 //! * A write to a peer that stopped reading is abandoned as soon as its outbox overflows
 //!   ([`Close::TooSlow`]), or [`CLOSE_TIMEOUT`] after any other close.
 //!
@@ -14,22 +16,26 @@
 //! before the closing handshake, so the id is free to resume at once after an unclean end.
 
 use std::{
+    collections::VecDeque,
+    future::{poll_fn, Future},
     sync::{atomic::Ordering, Arc},
+    task::Poll,
     time::Duration,
 };
 
 use futures_util::{
+    future::Either,
     stream::{SplitSink, SplitStream},
-    SinkExt, StreamExt,
+    FutureExt, SinkExt, StreamExt,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    time::{interval_at, sleep, timeout, Instant, MissedTickBehavior},
+    time::{sleep, timeout, Instant},
 };
 use tokio_tungstenite::{
     tungstenite::{
-        error::CapacityError,
-        protocol::{frame::coding::CloseCode, CloseFrame},
+        error::{CapacityError, ProtocolError},
+        protocol::{frame::coding::CloseCode, CloseFrame, Role},
         Error as WsError, Message,
     },
     WebSocketStream,
@@ -37,13 +43,16 @@ use tokio_tungstenite::{
 
 use crate::{
     error::Close,
-    fanout::Batch,
+    fanout::Next,
     handlers::{remote, Outcome, Request, Socket},
     limit::TokenBucket,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, Ending},
     server::Edge,
 };
+
+/// A writer keeps its batch buffer between writes up to this many frames of capacity.
+const BATCH_KEEP: usize = 64;
 
 /// How long the closing handshake, or a write in progress when the socket is closed, may take.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +76,8 @@ impl End {
                 Self::Closing(Close::Policy("message too large"))
             }
             WsError::Utf8(_) => Self::Closing(Close::InvalidPayload),
+            // The peer's TCP stream ended without a close frame: gone, not misbehaving.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Self::Lost(None),
             WsError::Protocol(_) => Self::Closing(Close::Protocol),
             WsError::ConnectionClosed | WsError::AlreadyClosed => Self::Lost(None),
             other => Self::Lost(Some(other)),
@@ -84,13 +95,54 @@ impl End {
     }
 }
 
-/// Runs a socket until it ends, then tells the registry and closes it.
-pub async fn run<S>(ws: WebSocketStream<S>, conn: Arc<Conn>, socket: Arc<Socket>, edge: &Arc<Edge>)
+/// Runs a socket over the upgraded stream `io` until it ends, then tells the registry and
+/// closes it. `pre_read` is whatever the client sent after its upgrade request that the HTTP
+/// server already read (usually nothing).
+///
+/// Not an `async fn`: the WebSocket is built and split before the future exists, so the
+/// future does not keep a dead copy of the whole stream beside the two halves for the
+/// socket's lifetime.
+pub fn run<'e, S>(
+    io: S,
+    pre_read: &[u8],
+    conn: Arc<Conn>,
+    socket: Arc<Socket>,
+    edge: &'e Arc<Edge>,
+) -> impl Future<Output = ()> + 'e
 where
+    S: AsyncRead + AsyncWrite + Unpin + 'e,
+{
+    let config = Some(edge.ws_config);
+    // Both complete on their first poll: they only wrap the stream.
+    let ws = if pre_read.is_empty() {
+        WebSocketStream::from_raw_socket(io, Role::Server, config).now_or_never()
+    } else {
+        WebSocketStream::from_partially_read(io, pre_read.to_vec(), Role::Server, config)
+            .now_or_never()
+    };
+    match ws {
+        Some(ws) => {
+            let (sink, stream) = ws.split();
+            Either::Left(run_split(sink, stream, conn, socket, edge))
+        }
+        None => {
+            tracing::error!(connection_id = %socket.connection_id, "WebSocket setup did not complete at once; dropping the socket");
+            edge.bus.detach(&conn, Ending::Resumable);
+            Either::Right(std::future::ready(()))
+        }
+    }
+}
+
+async fn run_split<S>(
+    mut sink: Sink<S>,
+    mut stream: Stream<S>,
+    conn: Arc<Conn>,
+    socket: Arc<Socket>,
+    edge: &Arc<Edge>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = &conn;
-    let (mut sink, mut stream) = ws.split();
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
     edge.handlers
         .remote()
@@ -99,6 +151,22 @@ where
         end = write_loop(&mut sink, conn, edge) => end,
         end = read_loop(&mut stream, conn, &socket, edge) => end,
     };
+    // The ending runs once per socket: boxed, its state does not sit in every live socket's
+    // task (the steady state above is what an idle socket holds).
+    Box::pin(finish(end, sink, stream, conn, &socket, edge)).await;
+}
+
+/// After the loops: tells the registry and the handlers, then the closing handshake.
+async fn finish<S>(
+    end: End,
+    mut sink: Sink<S>,
+    mut stream: Stream<S>,
+    conn: &Conn,
+    socket: &Socket,
+    edge: &Edge,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     edge.bus.detach(conn, end.ending());
     let code = match &end {
         End::PeerClosed { .. } => "peer".to_owned(),
@@ -119,7 +187,7 @@ where
     };
     edge.handlers
         .remote()
-        .lifecycle(remote::DISCONNECT, &socket, &detail);
+        .lifecycle(remote::DISCONNECT, socket, &detail);
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {
         End::Closing(close) => close.clone(),
@@ -163,26 +231,30 @@ async fn write_loop<S>(sink: &mut Sink<S>, conn: &Conn, edge: &Edge) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let period = edge.config.limits.ping_interval;
-    let mut ping = interval_at(Instant::now() + period, period);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut draining = false;
+    // Created once: a `cancelled()` made per loop turn would join and leave the token's waiter
+    // list on every write.
+    let shutdown = edge.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    let mut batch = VecDeque::new();
     loop {
         tokio::select! {
-            batch = conn.outbox.next() => match batch {
-                Batch::Frames(frames) => {
-                    if let Err(end) = write(sink, conn, frames.into_iter().map(Message::Text)).await {
+            next = conn.outbox.next_into(&mut batch) => match next {
+                Next::Write { ping, bytes } => {
+                    // Settled when the write is done, failed, or dropped with this task.
+                    let _settle = Settle { outbox: &conn.outbox, bytes };
+                    let written = write(sink, conn, ping, &mut batch).await;
+                    if batch.capacity() > BATCH_KEEP {
+                        // A burst is over: do not hold its buffer for the socket's lifetime.
+                        batch = VecDeque::new();
+                    }
+                    if let Err(end) = written {
                         return end;
                     }
                 }
-                Batch::Close(close) => return End::Closing(close),
+                Next::Close(close) => return End::Closing(close),
             },
-            _ = ping.tick() => {
-                if let Err(end) = write(sink, conn, std::iter::once(Message::Ping(Default::default()))).await {
-                    return end;
-                }
-            }
-            _ = edge.shutdown.cancelled(), if !draining => {
+            _ = &mut shutdown, if !draining => {
                 draining = true;
                 // Queued frames still go out first; then the outbox yields the close.
                 conn.outbox.close(Close::GoingAway);
@@ -191,31 +263,56 @@ where
     }
 }
 
-/// Feeds `messages` and flushes them in one write, unless the socket is closed meanwhile: at
-/// once when it was closed as too slow (its peer is not reading), else after
-/// [`CLOSE_TIMEOUT`].
+/// Takes a batch's bytes off the node's backlog when dropped.
+struct Settle<'a> {
+    outbox: &'a crate::fanout::Outbox,
+    bytes: usize,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.outbox.settle(self.bytes);
+    }
+}
+
+/// Feeds a ping (when `ping`) and every frame of `frames` (leaving it empty) and flushes them
+/// in one write, unless the socket is closed meanwhile: at once when it was closed as too slow
+/// (its peer is not reading), else after [`CLOSE_TIMEOUT`]. One function for pings and frames,
+/// so the socket's task holds one write state, not two.
 async fn write<S>(
     sink: &mut Sink<S>,
     conn: &Conn,
-    messages: impl Iterator<Item = Message>,
+    ping: bool,
+    frames: &mut VecDeque<Frame>,
 ) -> Result<(), End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let io = async {
-        for message in messages {
-            sink.feed(message).await?;
+        if ping {
+            sink.feed(Message::Ping(Default::default())).await?;
+        }
+        while let Some(frame) = frames.pop_front() {
+            sink.feed(Message::Text(frame)).await?;
         }
         sink.flush().await
     };
-    let abandon = async {
+    tokio::pin!(io);
+    // Usually the kernel takes the whole write at once: one poll, nothing else set up.
+    if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
+        return result.map_err(End::from_error);
+    }
+    // The peer is not reading fast enough. Boxed: this state is rare, and inline it would sit
+    // in every idle socket's task.
+    let abandon = Box::pin(async {
         let close = conn.outbox.closed().await;
         if close != Close::TooSlow {
             sleep(CLOSE_TIMEOUT).await;
         }
         close
-    };
+    });
     tokio::select! {
+        biased;
         result = io => result.map_err(End::from_error),
         close = abandon => Err(End::Closing(close)),
     }
@@ -230,18 +327,13 @@ async fn read_loop<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let idle_timeout = edge.config.limits.idle_timeout;
-    let idle = sleep(idle_timeout);
-    tokio::pin!(idle);
     let limits = &edge.config.limits;
     let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
     loop {
-        let message = tokio::select! {
-            message = stream.next() => message,
-            _ = &mut idle => return End::Closing(Close::IdleTimeout),
-        };
+        // No timer here: the node's heartbeat closes sockets that stay silent (`Conn::touch`).
+        let message = stream.next().await;
         let now = Instant::now();
-        idle.as_mut().reset(now + idle_timeout);
+        conn.touch();
         let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
         if is_message {
             edge.registry.metrics().messages_in.inc();
@@ -379,6 +471,62 @@ impl MessageLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an idle socket's task holds, in bytes: printed (`cargo test future_sizes --
+    /// --nocapture`) and kept from growing unnoticed.
+    #[tokio::test]
+    async fn future_sizes() {
+        use crate::{
+            bus::Bus, config::Config, credentials::Secrets, handlers::remote::Remote,
+            registry::Registry,
+        };
+        let config = Config::default();
+        let registry = Registry::new(
+            Secrets::new(b"size test secret 0123456789abcdef", None).unwrap(),
+            config.limits.clone(),
+        );
+        let creds = registry.issue(None).unwrap();
+        let verified = registry
+            .verify(&creds.connection_id, &creds.socket_key)
+            .unwrap();
+        let conn = registry.attach(&verified).unwrap();
+        let edge = Arc::new(
+            Edge::new(
+                Bus::memory(registry),
+                Remote::new(Duration::from_secs(1)),
+                config,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+            )
+            .unwrap(),
+        );
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(edge.ws_config)).await;
+        let socket = Arc::new(Socket::new(
+            creds.connection_id.clone().into_boxed_str(),
+            conn.digest(),
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+        ));
+        let (mut sink, mut stream) = ws.split();
+        let write = std::mem::size_of_val(&write_loop(&mut sink, &conn, &edge));
+        let read = std::mem::size_of_val(&read_loop(&mut stream, &conn, &socket, &edge));
+        drop((sink, stream));
+        let (io, _peer) = tokio::io::duplex(64);
+        let run = std::mem::size_of_val(&run(io, &[], conn, socket, &edge));
+        println!(
+            "future sizes: write_loop {write} B, read_loop {read} B, run {run} B, End {} B",
+            std::mem::size_of::<End>()
+        );
+        println!(
+            "Sleep {} B, Interval {} B, WebSocketStream {} B",
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<tokio::time::Interval>(),
+            std::mem::size_of::<WebSocketStream<tokio::net::TcpStream>>()
+        );
+        assert!(run <= 1024, "the connection future grew to {run} B");
+    }
 
     #[test]
     fn refusals_in_a_row_close_an_abuser_and_a_token_resets_the_streak() {

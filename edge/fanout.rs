@@ -10,7 +10,15 @@
 //!   while it was writing go out in one write.
 //! * Once closed, an outbox takes no more frames; the first close reason wins.
 
-use std::{collections::VecDeque, mem};
+use std::{
+    collections::VecDeque,
+    mem,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -28,6 +36,67 @@ pub enum Enqueued {
     Closed,
 }
 
+/// Bytes waiting in all of a node's outboxes, or in a writer's hands: queued and not yet
+/// handed to the kernel. Slow readers keep it up, so publishers
+/// that can wait ([`Backlog::pace`], used by `PushStream`) hold off while it is high, so a
+/// flood from one publisher is delivered (and coalesced) instead of overflowing every
+/// subscriber's queue. Unary pushes never wait.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    /// Above this, pacing publishers wait...
+    pub const HIGH: usize = 16 << 20;
+    /// ...until it is down to this.
+    pub const LOW: usize = 8 << 20;
+    /// Longest a publisher waits in one go. Sockets whose peers stopped reading hold their
+    /// bytes until their own queue limit closes them; the pushes that fill those queues must
+    /// keep coming, so pacing slows publishers down but never stalls them.
+    pub const MAX_WAIT: Duration = Duration::from_millis(250);
+
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
+        if before > Self::LOW && before - n <= Self::LOW {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Returns at once while the backlog is at most [`HIGH`](Self::HIGH); above it, waits until
+    /// writers bring it down to [`LOW`](Self::LOW), or [`MAX_WAIT`](Self::MAX_WAIT).
+    pub async fn pace(&self) {
+        if self.bytes() <= Self::HIGH {
+            return;
+        }
+        let _ = tokio::time::timeout(Self::MAX_WAIT, async {
+            loop {
+                let drained = self.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if self.bytes() <= Self::LOW {
+                    return;
+                }
+                drained.await;
+            }
+        })
+        .await;
+    }
+}
+
 /// A socket's bounded outbound queue.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -36,6 +105,14 @@ pub struct Outbox {
     /// Wakes the writer when frames arrive or the outbox closes. `notify_one` stores a permit
     /// when the writer is not waiting, so no wake-up is lost.
     ready: Notify,
+    /// The node's total, kept in step with `State::bytes`.
+    backlog: Arc<Backlog>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.backlog.sub(self.state.get_mut().bytes);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +120,18 @@ struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
     close: Option<Close>,
+    /// The heartbeat asked for a ping; it goes out with the next write.
+    ping: bool,
+}
+
+/// What [`Outbox::next_into`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Write: a ping first when `ping`, then the frames now in the batch (maybe none), which
+    /// hold `bytes`; the writer settles them ([`Outbox::settle`]) once written or abandoned.
+    Write { ping: bool, bytes: usize },
+    /// The outbox is closed and empty: close the socket with this reason.
+    Close(Close),
 }
 
 /// What the writer gets from [`Outbox::next`].
@@ -55,6 +144,15 @@ pub enum Batch {
 }
 
 impl Outbox {
+    /// An empty outbox counted in `backlog`.
+    pub fn new(backlog: Arc<Backlog>) -> Self {
+        Self {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            backlog,
+        }
+    }
+
     /// Queues `frame` unless that would take the queue past `limit` bytes. Never waits.
     pub fn push(&self, frame: &Frame, limit: usize) -> Enqueued {
         let mut state = self.state.lock();
@@ -65,13 +163,14 @@ impl Outbox {
         if state.bytes + len > limit {
             state.close = Some(Close::TooSlow);
             state.frames = VecDeque::new();
-            state.bytes = 0;
+            self.backlog.sub(mem::take(&mut state.bytes));
             drop(state);
             self.ready.notify_one();
             return Enqueued::Full;
         }
         state.frames.push_back(frame.clone());
         state.bytes += len;
+        self.backlog.add(len);
         let first = state.frames.len() == 1;
         drop(state);
         if first {
@@ -79,6 +178,20 @@ impl Outbox {
             self.ready.notify_one();
         }
         Enqueued::Queued
+    }
+
+    /// Asks the writer for a ping (the node's heartbeat). Never waits.
+    pub fn ping(&self) {
+        let mut state = self.state.lock();
+        if state.close.is_some() || state.ping {
+            return;
+        }
+        state.ping = true;
+        let idle = state.frames.is_empty();
+        drop(state);
+        if idle {
+            self.ready.notify_one();
+        }
     }
 
     /// Closes the outbox with `reason`, unless it is already closed. Frames already queued are
@@ -101,21 +214,50 @@ impl Outbox {
     }
 
     /// Waits for frames or a close. Frames come first; the close reason comes once the queue
-    /// is empty.
+    /// is empty. (Pings are the writer's business: see [`next_into`](Self::next_into).)
     pub async fn next(&self) -> Batch {
+        let mut frames = VecDeque::new();
+        loop {
+            match self.next_into(&mut frames).await {
+                Next::Write { bytes, .. } => {
+                    self.settle(bytes);
+                    if !frames.is_empty() {
+                        return Batch::Frames(frames);
+                    }
+                }
+                Next::Close(close) => return Batch::Close(close),
+            }
+        }
+    }
+
+    /// For the writer: swaps every queued frame into `batch` (which must be empty) and says
+    /// whether a ping is due too, or returns the close reason once the queue is empty. The
+    /// writer hands back its emptied `batch` each time, so the two buffers are reused and a
+    /// busy socket allocates nothing per write.
+    pub async fn next_into(&self, batch: &mut VecDeque<Frame>) -> Next {
+        debug_assert!(batch.is_empty());
         loop {
             {
                 let mut state = self.state.lock();
-                if !state.frames.is_empty() {
-                    state.bytes = 0;
-                    return Batch::Frames(mem::take(&mut state.frames));
+                if !state.frames.is_empty() || (state.ping && state.close.is_none()) {
+                    mem::swap(&mut state.frames, batch);
+                    return Next::Write {
+                        ping: mem::take(&mut state.ping),
+                        bytes: mem::take(&mut state.bytes),
+                    };
                 }
                 if let Some(close) = &state.close {
-                    return Batch::Close(close.clone());
+                    return Next::Close(close.clone());
                 }
             }
             self.ready.notified().await;
         }
+    }
+
+    /// Takes `bytes` (from [`Next::Write`]) off the node's backlog: the writer wrote them, or
+    /// gave up on them.
+    pub fn settle(&self, bytes: usize) {
+        self.backlog.sub(bytes);
     }
 
     /// Waits until the outbox is closed; used to abandon a write to a peer that stopped
@@ -169,6 +311,60 @@ mod tests {
         assert!(!o.close(Close::TooSlow));
         assert!(matches!(o.next().await, Batch::Frames(_)));
         assert!(matches!(o.next().await, Batch::Close(Close::GoingAway)));
+    }
+
+    #[tokio::test]
+    async fn a_ping_wakes_the_writer_and_rides_with_frames() {
+        let o = Outbox::default();
+        let mut batch = VecDeque::new();
+        o.ping();
+        o.ping();
+        assert_eq!(
+            o.next_into(&mut batch).await,
+            Next::Write {
+                ping: true,
+                bytes: 0
+            }
+        );
+        assert!(batch.is_empty());
+        o.push(&frame("a"), 100);
+        o.ping();
+        assert_eq!(
+            o.next_into(&mut batch).await,
+            Next::Write {
+                ping: true,
+                bytes: 1
+            }
+        );
+        assert_eq!(batch.len(), 1);
+        batch.clear();
+        o.ping();
+        o.close(Close::GoingAway);
+        assert_eq!(o.next_into(&mut batch).await, Next::Close(Close::GoingAway));
+    }
+
+    #[tokio::test]
+    async fn the_backlog_counts_queued_bytes_until_taken_dropped_or_gone() {
+        let backlog = Arc::new(Backlog::default());
+        let a = Outbox::new(backlog.clone());
+        let b = Outbox::new(backlog.clone());
+        a.push(&frame("1234"), 100);
+        a.push(&frame("56"), 100);
+        b.push(&frame("789"), 4);
+        assert_eq!(backlog.bytes(), 9);
+        let mut batch = VecDeque::new();
+        let Next::Write { bytes, .. } = a.next_into(&mut batch).await else {
+            panic!("frames expected")
+        };
+        assert_eq!(backlog.bytes(), 9, "in the writer's hands: still counted");
+        a.settle(bytes);
+        assert_eq!(backlog.bytes(), 3);
+        b.push(&frame("xx"), 4); // over the limit: closed as too slow, its frames dropped
+        assert_eq!(backlog.bytes(), 0);
+        a.push(&frame("yy"), 100);
+        drop(a);
+        assert_eq!(backlog.bytes(), 0);
+        backlog.pace().await; // low: returns at once
     }
 
     #[tokio::test]

@@ -16,10 +16,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::{
-    tungstenite::{handshake::derive_accept_key, protocol::Role},
-    WebSocketStream,
-};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
 use crate::{bus::AttachError, conn, handlers::Socket, registry::Ending, server::Edge};
@@ -38,7 +35,7 @@ pub async fn serve_http<S>(
     let io = TokioIo::new(stream);
     let service = service_fn(|req| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, &edge).await) }
+        async move { Ok::<_, Infallible>(route::<S>(req, peer, &edge).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -56,11 +53,15 @@ pub async fn serve_http<S>(
     drop(permit);
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body> {
+/// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped.
+async fn route<S>(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let path = req.uri().path();
     if path == edge.config.ws_path {
         let handshakes = &edge.registry.metrics().handshakes;
-        return match upgrade(req, peer, edge).await {
+        return match upgrade::<S>(req, peer, edge).await {
             Ok(response) => {
                 handshakes.with_label_values(&["accepted"]).inc();
                 response
@@ -242,11 +243,14 @@ impl Refusal {
     }
 }
 
-async fn upgrade(
+async fn upgrade<S>(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     edge: &Arc<Edge>,
-) -> Result<Response<Body>, Refusal> {
+) -> Result<Response<Body>, Refusal>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     if !edge.handshake_allowed(peer.ip()) {
         tracing::debug!(%peer, "handshake refused: handshake rate per address");
         return Err(Refusal::HandshakeRate);
@@ -304,21 +308,33 @@ async fn upgrade(
         let edge = task_edge;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(edge.ws_config),
-                )
-                .await;
                 // With debug logging, every line of this socket carries its (public) connection
                 // id. A debug span costs nothing per socket at the default info level; the
                 // socket's own info and warn lines name the id themselves.
                 let span = tracing::debug_span!("conn", connection_id = %connection_id);
-                let socket =
-                    Socket::new(connection_id.into_boxed_str(), conn.digest(), peer, cookies);
-                conn::run(ws, conn, Arc::new(socket), &edge)
-                    .instrument(span)
-                    .await;
+                let socket = Arc::new(Socket::new(
+                    connection_id.into_boxed_str(),
+                    conn.digest(),
+                    peer,
+                    cookies,
+                ));
+                // Take the stream back out of hyper's boxed wrapper: no allocation and no
+                // dynamic dispatch per read and write for the socket's lifetime.
+                match upgraded.downcast::<TokioIo<S>>() {
+                    Ok(parts) => {
+                        let socket_task =
+                            conn::run(parts.io.into_inner(), &parts.read_buf, conn, socket, &edge);
+                        // `read_buf` is a slice of hyper's whole read buffer: holding it for the
+                        // socket's lifetime would keep kilobytes per socket alive.
+                        drop(parts.read_buf);
+                        socket_task.instrument(span).await;
+                    }
+                    Err(upgraded) => {
+                        conn::run(TokioIo::new(upgraded), &[], conn, socket, &edge)
+                            .instrument(span)
+                            .await;
+                    }
+                }
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");

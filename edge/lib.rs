@@ -47,6 +47,9 @@ pub mod tls;
 #[path = "../control/mod.rs"] // control/ is a sibling tree; see Cargo.toml [lib]
 pub mod control;
 
+/// Each ping interval is cut into this many beats; each beat pings one slice of the sockets.
+const HEARTBEAT_SLICES: u64 = 8;
+
 /// Code generated from `proto/channelgate/v1/control.proto`.
 pub mod pb {
     #![allow(
@@ -180,6 +183,31 @@ pub async fn run(
                         sweep_edge.sweep_handshake_buckets();
                     }
                     _ = token.cancelled() => break,
+                }
+            }
+        }
+    });
+
+    // The heartbeat: pings every socket once per ping interval, in slices so they do not go
+    // out in one burst, and closes sockets silent past the idle timeout. One task for the
+    // node instead of two timers in every socket.
+    tracker.spawn({
+        let (registry, halt) = (registry.clone(), edge.halt.clone());
+        let (period, idle) = (
+            edge.config.limits.ping_interval,
+            edge.config.limits.idle_timeout,
+        );
+        async move {
+            let mut beat = tokio::time::interval(period / HEARTBEAT_SLICES as u32);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut slice = 0;
+            loop {
+                tokio::select! {
+                    _ = beat.tick() => {
+                        registry.heartbeat(slice, HEARTBEAT_SLICES, idle);
+                        slice = (slice + 1) % HEARTBEAT_SLICES;
+                    }
+                    _ = halt.cancelled() => break,
                 }
             }
         }

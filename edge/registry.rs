@@ -41,7 +41,7 @@ use crate::{
     config::Limits,
     credentials::{Credentials, Digest, Secrets, Verified},
     error::{Close, Error},
-    fanout::{Enqueued, Outbox},
+    fanout::{Backlog, Enqueued, Outbox},
     metrics::Metrics,
     protocol::{push_frame, Channel, Frame, Json},
 };
@@ -73,6 +73,8 @@ struct Shared {
     listeners: DashMap<Channel, Vec<ListenerEntry>>,
     next_listener: AtomicU64,
     next_serial: AtomicU64,
+    /// Bytes queued in all outboxes, for publishers that pace themselves.
+    backlog: Arc<Backlog>,
     live: AtomicUsize,
     metrics: Arc<Metrics>,
     /// Cluster mode only: pushes accepted here, handed to the bus in the order they were
@@ -137,11 +139,41 @@ enum State {
 pub struct Conn {
     serial: u64,
     digest: Digest,
+    /// When the client last sent anything (pongs included), in [`monotonic_ms`]; the node's
+    /// heartbeat ([`Registry::heartbeat`]) closes sockets silent past the idle timeout. One
+    /// shared clock instead of a timer per socket: an idle socket holds no timer at all.
+    last_seen_ms: AtomicU64,
     /// Bounded outbound queue; closed by whoever ends the socket, drained by its writer.
     pub outbox: Outbox,
 }
 
+/// Milliseconds on a monotonic clock that starts with the process.
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64
+}
+
 impl Conn {
+    fn new(serial: u64, digest: Digest, backlog: &Arc<Backlog>) -> Self {
+        Self {
+            serial,
+            digest,
+            last_seen_ms: AtomicU64::new(monotonic_ms()),
+            outbox: Outbox::new(backlog.clone()),
+        }
+    }
+
+    /// Records that the client sent something just now.
+    pub fn touch(&self) {
+        self.last_seen_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the client has been silent, as of `now_ms` ([`monotonic_ms`]).
+    pub fn silent_for(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)))
+    }
+
     /// The socket's digest.
     pub fn digest(&self) -> Digest {
         self.digest
@@ -274,6 +306,7 @@ impl Registry {
                 listeners: DashMap::new(),
                 next_listener: AtomicU64::new(1),
                 next_serial: AtomicU64::new(1),
+                backlog: Arc::default(),
                 live: AtomicUsize::new(0),
                 metrics: Arc::new(Metrics::new()),
                 cluster,
@@ -345,11 +378,11 @@ impl Registry {
     /// Binds a socket whose credentials the cluster already accepted, with the subscriptions
     /// the cluster holds for its digest; replaces whatever this node remembered of it.
     pub fn attach_accepted(&self, verified: &Verified, channels: Vec<Channel>) -> Arc<Conn> {
-        let conn = Arc::new(Conn {
-            serial: self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
-            digest: verified.digest,
-            outbox: Outbox::default(),
-        });
+        let conn = Arc::new(Conn::new(
+            self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
+            verified.digest,
+            &self.shared.backlog,
+        ));
         let mut session = self
             .shared
             .sessions
@@ -422,11 +455,11 @@ impl Registry {
         let now = now_ms();
         let shared = &self.shared;
         let conn = || {
-            Arc::new(Conn {
-                serial: shared.next_serial.fetch_add(1, Ordering::Relaxed),
-                digest: verified.digest,
-                outbox: Outbox::default(),
-            })
+            Arc::new(Conn::new(
+                shared.next_serial.fetch_add(1, Ordering::Relaxed),
+                verified.digest,
+                &shared.backlog,
+            ))
         };
         let conn = match shared.sessions.entry(verified.digest) {
             Entry::Vacant(vacant) => {
@@ -880,6 +913,31 @@ impl Registry {
                 }
                 State::Grace { .. } => true,
             });
+    }
+
+    /// One beat of the node's heartbeat, for the live sockets whose serial is `slice` modulo
+    /// `slices` (a beat covers one slice, so pings spread over the ping interval instead of
+    /// going out in one burst): a socket silent for longer than `idle_timeout` is closed as
+    /// idle, every other one gets a ping, which a live client answers with a pong.
+    pub fn heartbeat(&self, slice: u64, slices: u64, idle_timeout: Duration) {
+        let now = monotonic_ms();
+        for session in self.shared.sessions.iter() {
+            if let State::Live(conn) = &session.state {
+                if conn.serial % slices != slice {
+                    continue;
+                }
+                if conn.silent_for(now) > idle_timeout {
+                    conn.outbox.close(Close::IdleTimeout);
+                } else {
+                    conn.outbox.ping();
+                }
+            }
+        }
+    }
+
+    /// Bytes queued in every outbox of this node.
+    pub fn backlog(&self) -> &Backlog {
+        &self.shared.backlog
     }
 
     /// Closes every live socket's outbox with `close` (used when draining).

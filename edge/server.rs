@@ -26,7 +26,7 @@ use crate::{
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
 /// Read buffer of a WebSocket, in bytes: small, because most sockets receive little.
-const READ_BUFFER_BYTES: usize = 1 << 10;
+const READ_BUFFER_BYTES: usize = 256;
 /// Frames queued for a socket are gathered up to this many bytes before a write.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 

@@ -12,6 +12,12 @@ async fn reconnect_within_grace_keeps_subscriptions() {
     assert_eq!(ws.recv_push().await.1, 1);
     ws.drop_unclean();
     gw.wait_for_connections(0).await;
+    // Counted as lost (a vanished peer), not as a protocol error of ours.
+    let (_, metrics) = gw.http_get("/metrics", &[]).await;
+    assert!(
+        metrics.contains("channelgate_closes_total{code=\"lost\"} 1"),
+        "{metrics}"
+    );
     let mut ws = gw.connect(&creds).await;
     assert_eq!(gw.push("room", "2").await, 1);
     assert_eq!(ws.recv_push().await, ("room".into(), 2.into()));
