@@ -135,20 +135,27 @@ async fn open_socket_on(
     Ok(ws)
 }
 
-/// As [`open_socket_on`], with the generator's lean client ([`RawWs`]) for receiving sockets.
-async fn open_raw(
-    args: &Args,
-    i: usize,
+/// Issues credentials subscribed to `channel`.
+async fn issue(
     control: &mut ControlClient<tonic::transport::Channel>,
     channel: &str,
-) -> anyhow::Result<RawWs> {
-    let creds = control
+) -> anyhow::Result<pb::IssueConnectionResponse> {
+    Ok(control
         .issue_connection(pb::IssueConnectionRequest {
             ttl_ms: 0,
             channels: vec![channel.to_owned()],
         })
         .await?
-        .into_inner();
+        .into_inner())
+}
+
+/// Opens a socket with the generator's lean client ([`RawWs`]) from source address
+/// 127.0.0.(1 + i % sources).
+async fn connect_raw(
+    args: &Args,
+    i: usize,
+    creds: &pb::IssueConnectionResponse,
+) -> anyhow::Result<RawWs> {
     let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
     let socket = TcpSocket::new_v4()?;
     socket.bind(source)?;
@@ -163,19 +170,47 @@ async fn open_raw(
     RawWs::handshake(stream, &args.ws.to_string(), &path).await
 }
 
+/// Issues credentials subscribed to `channel` and opens a socket with them.
+async fn open_raw(
+    args: &Args,
+    i: usize,
+    control: &mut ControlClient<tonic::transport::Channel>,
+    channel: &str,
+) -> anyhow::Result<RawWs> {
+    let creds = issue(control, channel).await?;
+    connect_raw(args, i, &creds).await
+}
+
 async fn idle(args: &Args) -> anyhow::Result<()> {
     let control = ControlClient::connect(args.control.clone()).await?;
     let before = args.pid.map(rss_bytes).transpose()?;
+    let cpu_start = args.pid.map(cpu_us).transpose()?;
     let started = Instant::now();
-    let results: Vec<_> = stream::iter(0..args.sockets)
+    // Two phases, so the node's cost of each shows: every IssueConnection (with its
+    // subscription) first, then every WebSocket handshake.
+    let issued: Vec<_> = stream::iter(0..args.sockets)
         .map(|i| {
             let mut control = control.clone();
-            async move { open_raw(args, i, &mut control, &format!("idle-{}", i % 100)).await }
+            async move { issue(&mut control, &format!("idle-{}", i % 100)).await }
         })
         .buffer_unordered(args.concurrency)
         .collect()
         .await;
+    let issued: Vec<_> = issued.into_iter().collect::<anyhow::Result<_>>()?;
+    let cpu_issued = args.pid.map(cpu_us).transpose()?;
+    let issued = &issued;
+    let results: Vec<_> = stream::iter(0..args.sockets)
+        .map(|i| async move { connect_raw(args, i, &issued[i]).await })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
     let elapsed = started.elapsed();
+    let cpu_connected = args.pid.map(cpu_us).transpose()?;
+    let per = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / args.sockets.max(1) as f64),
+        _ => None,
+    };
+    let (issue_us, handshake_us) = (per(cpu_start, cpu_issued), per(cpu_issued, cpu_connected));
     let (sockets, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
     if let Some(Err(err)) = failed.first() {
         eprintln!("first failure: {err:#}");
@@ -211,12 +246,19 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
     if let Some(p) = per_socket {
         println!("RSS per socket  {p:.0} B");
     }
+    if let (Some(i), Some(h)) = (issue_us, handshake_us) {
+        println!(
+            "node CPU        {i:.1} us per issue+subscribe (gRPC), {h:.1} us per handshake, {:.1} us in all",
+            i + h
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
             "scenario": "idle", "connected": sockets.len(), "failed": failed.len(),
             "node_connections": stats.connections, "connect_seconds": elapsed.as_secs_f64(),
             "rss_before": before, "rss_after": after, "rss_per_socket": per_socket,
+            "node_cpu_us_per_issue": issue_us, "node_cpu_us_per_handshake": handshake_us,
         })
     );
     drop(sockets);
