@@ -306,3 +306,35 @@ async fn issue_can_subscribe_in_the_same_call() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(gw.stats().await.sessions, before);
 }
+
+/// The generator's idle scenario (S4 memory, S5 issue and handshake cost): tiny sizes.
+#[tokio::test]
+async fn the_load_generator_measures_idle_sockets() {
+    let gw = Gateway::start().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
+        .args(["--scenario", "idle", "--sockets", "20"])
+        .args([
+            "--control",
+            &format!("http://{}", gw.grpc),
+            "--ws",
+            &gw.http.to_string(),
+        ])
+        .args(["--pid", &std::process::id().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON report line");
+    assert_eq!(report["connected"], 20, "{stdout}");
+    assert_eq!(report["node_connections"], 20, "{stdout}");
+    assert!(report["node_cpu_us_per_handshake"].is_number(), "{stdout}");
+    assert!(report["rss_per_socket"].is_number(), "{stdout}");
+}
