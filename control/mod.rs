@@ -28,10 +28,6 @@ pub use service::ControlService;
 
 /// Longest a unary control call may run (applied by [`observe`]; client streams have no limit).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// HTTP/2 flow-control window of one call, in bytes.
-const STREAM_WINDOW: u32 = 64 << 10;
-/// HTTP/2 flow-control window of one connection, in bytes.
-const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Most requests in flight on one HTTP/2 connection.
 const CONCURRENCY_PER_CONNECTION: usize = 1024;
 
@@ -87,13 +83,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) -> Result<(), Error> 
     let halt = edge.halt.clone();
     // Replies are small and latency matters more than packet count.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    // A small per-call HTTP/2 window: a PushStream publisher that outruns the node (which
-    // paces it, see `Backlog`) is held back after ~64 KiB of pushes in flight instead of
-    // 1 MiB, so what it sends is fresh when delivered. The connection window stays large
-    // for many concurrent unary calls.
-    let mut server = Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+    let mut server = Server::builder();
     if let Some(tls) = tls_config(&edge.config)? {
         server = server.tls_config(tls).map_err(|err| Error::Io {
             context: "configuring control-plane TLS".into(),
