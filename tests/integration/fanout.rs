@@ -233,23 +233,10 @@ async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_eve
     assert_eq!(close.reason.as_str(), "too slow: outbound queue full");
 }
 
-/// The load generator's smoke run: tiny sizes, a second of pushing, zero loss.
-#[tokio::test]
-async fn the_load_generator_runs_and_loses_nothing() {
-    let gw = Gateway::start().await;
+/// Runs the load generator against `gw` with `args`; returns its JSON report line.
+async fn run_generator(gw: &Gateway, args: &[&str]) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
-        .args([
-            "--scenario",
-            "fanout",
-            "--sockets",
-            "20",
-            "--channels",
-            "2",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-        ])
+        .args(args)
         .args([
             "--control",
             &format!("http://{}", gw.grpc),
@@ -266,15 +253,37 @@ async fn the_load_generator_runs_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = stdout
+    stdout
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
-        .expect("a JSON report line");
+        .unwrap_or_else(|| panic!("a JSON report line in {stdout}"))
+}
+
+/// The load generator's smoke run: tiny sizes, a second of pushing, zero loss.
+#[tokio::test]
+async fn the_load_generator_runs_and_loses_nothing() {
+    let gw = Gateway::start().await;
+    let report = run_generator(
+        &gw,
+        &[
+            "--scenario",
+            "fanout",
+            "--sockets",
+            "20",
+            "--channels",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
     assert_eq!(report["connected"], 20);
-    assert_eq!(report["lost"], 0, "{stdout}");
+    assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["duplicated"], 0);
     assert_eq!(report["reordered"], 0);
-    assert!(report["deliveries"].as_u64().unwrap() > 0, "{stdout}");
+    assert!(report["deliveries"].as_u64().unwrap() > 0, "{report}");
 }
 
 #[tokio::test]
@@ -311,30 +320,9 @@ async fn issue_can_subscribe_in_the_same_call() {
 #[tokio::test]
 async fn the_load_generator_measures_idle_sockets() {
     let gw = Gateway::start().await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
-        .args(["--scenario", "idle", "--sockets", "20"])
-        .args([
-            "--control",
-            &format!("http://{}", gw.grpc),
-            "--ws",
-            &gw.http.to_string(),
-        ])
-        .args(["--pid", &std::process::id().to_string()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = stdout
-        .lines()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .expect("a JSON report line");
-    assert_eq!(report["connected"], 20, "{stdout}");
-    assert_eq!(report["node_connections"], 20, "{stdout}");
-    assert!(report["node_cpu_us_per_handshake"].is_number(), "{stdout}");
-    assert!(report["rss_per_socket"].is_number(), "{stdout}");
+    let report = run_generator(&gw, &["--scenario", "idle", "--sockets", "20"]).await;
+    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["node_connections"], 20, "{report}");
+    assert!(report["node_cpu_us_per_handshake"].is_number(), "{report}");
+    assert!(report["rss_per_socket"].is_number(), "{report}");
 }

@@ -110,20 +110,22 @@ async function issue(...channels) {
   return JSON.parse(out); // {connection_id, socket_key, digest, expires_at_unix_ms}
 }
 
-/** A TCP proxy to the edge whose connections a test can cut. */
+/** A TCP proxy to the edge whose connections a test can cut, or freeze (a dead path). */
 async function proxy() {
   const sockets = new Set();
+  let frozen = false;
   const server = createTcpServer((client) => {
     const [host, port] = edge.split(":");
-    const server = tcpConnect(Number(port), host);
-    sockets.add(client).add(server);
-    client.pipe(server).pipe(client);
+    const upstream = tcpConnect(Number(port), host);
+    sockets.add(client).add(upstream);
+    client.on("data", (chunk) => frozen || upstream.write(chunk));
+    upstream.on("data", (chunk) => frozen || client.write(chunk));
     const drop = () => {
       client.destroy();
-      server.destroy();
+      upstream.destroy();
     };
     client.on("error", drop).on("close", drop);
-    server.on("error", drop).on("close", drop);
+    upstream.on("error", drop).on("close", drop);
   });
   server.listen(0, "127.0.0.1");
   await once(server, "listening");
@@ -133,6 +135,10 @@ async function proxy() {
     cut() {
       for (const socket of sockets) socket.resetAndDestroy();
       sockets.clear();
+    },
+    /** Drops everything in both directions while the TCP connections stay up. */
+    freeze(on = true) {
+      frozen = on;
     },
     /** Stops accepting and cuts what is open. */
     close() {
@@ -253,41 +259,17 @@ test("a cut socket reconnects, resumes its subscriptions, and sends what was que
 
 test("a keepalive that gets no answer drops the socket with 4200 and resumes", async () => {
   const creds = await issue("room:keepalive");
-  // A proxy that stops forwarding (a dead path with the TCP connection still up).
-  const [host, port] = edge.split(":");
-  let frozen = false;
-  const held = new Set();
-  const server = createTcpServer((client) => {
-    const upstreamSocket = tcpConnect(Number(port), host);
-    held.add(client).add(upstreamSocket);
-    client.on("data", (chunk) => frozen || upstreamSocket.write(chunk));
-    upstreamSocket.on("data", (chunk) => frozen || client.write(chunk));
-    const drop = () => {
-      client.destroy();
-      upstreamSocket.destroy();
-    };
-    client.on("error", drop).on("close", drop);
-    upstreamSocket.on("error", drop).on("close", drop);
-  });
-  server.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const gate = await open(creds, {
-    url: `ws://127.0.0.1:${server.address().port}/ws`,
-    keepalive: 100,
-    timeout: 300,
-    backoffInitial: 50,
-  });
-  frozen = true;
-  const reconnecting = next(gate, "reconnecting");
-  await reconnecting;
-  frozen = false;
+  const tcp = await proxy();
+  const gate = await open(creds, { url: tcp.url, keepalive: 100, timeout: 300, backoffInitial: 50 });
+  tcp.freeze();
+  await next(gate, "reconnecting");
+  tcp.freeze(false);
   assert.equal((await next(gate, "open")).resumed, true);
   const payload = pushed(gate, "room:keepalive");
   await cli("push", "room:keepalive", "1");
   assert.equal(await payload, 1);
   gate.close();
-  for (const socket of held) socket.destroy();
-  server.close();
+  tcp.close();
 });
 
 test("an application disconnect (4000) closes for good", async () => {
