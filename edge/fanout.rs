@@ -134,7 +134,9 @@ pub enum Next {
     Close(Close),
 }
 
-/// What the writer gets from [`Outbox::next`].
+/// What [`Outbox::next`] yields (tests only: the socket's writer uses
+/// [`Outbox::next_into`]).
+#[cfg(test)]
 #[derive(Debug)]
 pub enum Batch {
     /// Every frame queued so far, oldest first.
@@ -213,8 +215,10 @@ impl Outbox {
         self.state.lock().close.is_some()
     }
 
-    /// Waits for frames or a close. Frames come first; the close reason comes once the queue
-    /// is empty. (Pings are the writer's business: see [`next_into`](Self::next_into).)
+    /// Waits for frames or a close, settling what it takes; frames come first, the close
+    /// reason once the queue is empty. Tests only: a view of the queue without the writer's
+    /// buffer reuse and pings ([`next_into`](Self::next_into)).
+    #[cfg(test)]
     pub async fn next(&self) -> Batch {
         let mut frames = VecDeque::new();
         loop {
@@ -365,6 +369,29 @@ mod tests {
         drop(a);
         assert_eq!(backlog.bytes(), 0);
         backlog.pace().await; // low: returns at once
+    }
+
+    #[tokio::test]
+    async fn pacing_waits_while_the_backlog_is_high_and_resumes_when_it_drains() {
+        use futures_util::FutureExt as _;
+        let backlog = Arc::new(Backlog::default());
+        let o = Outbox::new(backlog.clone());
+        let big = Frame::from("x".repeat(Backlog::HIGH / 4).as_str());
+        for _ in 0..5 {
+            o.push(&big, usize::MAX);
+        }
+        assert!(backlog.bytes() > Backlog::HIGH);
+        let mut pace = Box::pin(backlog.pace());
+        assert!((&mut pace).now_or_never().is_none(), "a high backlog holds the publisher");
+        // The writer takes the batch: still in its hands, still counted.
+        let mut batch = VecDeque::new();
+        let Next::Write { bytes, .. } = o.next_into(&mut batch).await else {
+            panic!("frames expected")
+        };
+        assert!((&mut pace).now_or_never().is_none());
+        // Written: down to zero, past the low mark, and the publisher goes on.
+        o.settle(bytes);
+        assert_eq!((&mut pace).now_or_never(), Some(()));
     }
 
     #[tokio::test]
