@@ -50,6 +50,18 @@ pub mod control;
 /// Each ping interval is cut into this many beats; each beat pings one slice of the sockets.
 const HEARTBEAT_SLICES: u64 = 8;
 
+/// Runs `tick` every `period` (late ticks are delayed, not bunched) until `stop`.
+async fn every(period: Duration, stop: CancellationToken, mut tick: impl FnMut()) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => tick(),
+            _ = stop.cancelled() => break,
+        }
+    }
+}
+
 /// Code generated from `proto/channelgate/v1/control.proto`.
 pub mod pb {
     #![allow(
@@ -173,44 +185,28 @@ pub async fn run(
     tracker.spawn(server::serve(listeners.client, edge.clone()));
     let control = tracker.spawn(control::serve(listeners.grpc, edge.clone()));
     tracker.spawn({
-        let (registry, token, sweep_edge) = (registry.clone(), token.clone(), edge.clone());
-        async move {
-            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        registry.sweep();
-                        sweep_edge.sweep_handshake_buckets();
-                    }
-                    _ = token.cancelled() => break,
-                }
-            }
-        }
+        let (registry, sweep_edge) = (registry.clone(), edge.clone());
+        every(SWEEP_INTERVAL, token.clone(), move || {
+            registry.sweep();
+            sweep_edge.sweep_handshake_buckets();
+        })
     });
-
     // The heartbeat: pings every socket once per ping interval, in slices so they do not go
     // out in one burst, and closes sockets silent past the idle timeout. One task for the
     // node instead of two timers in every socket.
     tracker.spawn({
-        let (registry, halt) = (registry.clone(), edge.halt.clone());
-        let (period, idle) = (
-            edge.config.limits.ping_interval,
-            edge.config.limits.idle_timeout,
-        );
-        async move {
-            let mut beat = tokio::time::interval(period / HEARTBEAT_SLICES as u32);
-            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut slice = 0;
-            loop {
-                tokio::select! {
-                    _ = beat.tick() => {
-                        registry.heartbeat(slice, HEARTBEAT_SLICES, idle);
-                        slice = (slice + 1) % HEARTBEAT_SLICES;
-                    }
-                    _ = halt.cancelled() => break,
-                }
-            }
-        }
+        let registry = registry.clone();
+        let limits = &edge.config.limits;
+        let idle = limits.idle_timeout;
+        let mut slice = 0;
+        every(
+            limits.ping_interval / HEARTBEAT_SLICES as u32,
+            edge.halt.clone(),
+            move || {
+                registry.heartbeat(slice, HEARTBEAT_SLICES, idle);
+                slice = (slice + 1) % HEARTBEAT_SLICES;
+            },
+        )
     });
 
     #[cfg(unix)]
