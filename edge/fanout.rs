@@ -14,7 +14,7 @@ use std::{
     collections::VecDeque,
     mem,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicIsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -41,9 +41,13 @@ pub enum Enqueued {
 /// that can wait ([`Backlog::pace`], used by `PushStream`) hold off while it is high, so a
 /// flood from one publisher is delivered (and coalesced) instead of overflowing every
 /// subscriber's queue. Unary pushes never wait.
+///
+/// Fan-out adds a push's bytes once for all its subscribers ([`Outbox::push_uncounted`], then
+/// [`Backlog::add`]), not once per subscriber: one shared atomic per push. Signed, because a
+/// writer may settle a frame before the push that queued it has added it.
 #[derive(Debug, Default)]
 pub struct Backlog {
-    bytes: AtomicUsize,
+    bytes: AtomicIsize,
     drained: Notify,
 }
 
@@ -59,19 +63,22 @@ impl Backlog {
 
     /// Bytes queued now.
     pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        usize::try_from(self.bytes.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
+    /// Counts `n` bytes just queued.
+    pub fn add(&self, n: usize) {
+        self.bytes.fetch_add(signed(n), Ordering::Relaxed);
     }
 
     fn sub(&self, n: usize) {
         if n == 0 {
             return;
         }
+        let n = signed(n);
         let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
-        if before > Self::LOW && before - n <= Self::LOW {
+        let low = signed(Self::LOW);
+        if before > low && before - n <= low {
             self.drained.notify_waiters();
         }
     }
@@ -95,6 +102,10 @@ impl Backlog {
         })
         .await;
     }
+}
+
+fn signed(n: usize) -> isize {
+    isize::try_from(n).unwrap_or(isize::MAX)
 }
 
 /// A socket's bounded outbound queue.
@@ -155,8 +166,19 @@ impl Outbox {
         }
     }
 
-    /// Queues `frame` unless that would take the queue past `limit` bytes. Never waits.
+    /// Queues `frame` unless that would take the queue past `limit` bytes, and counts it in
+    /// the node's backlog. Never waits.
     pub fn push(&self, frame: &Frame, limit: usize) -> Enqueued {
+        let enqueued = self.push_uncounted(frame, limit);
+        if enqueued == Enqueued::Queued {
+            self.backlog.add(frame.len());
+        }
+        enqueued
+    }
+
+    /// As [`push`](Self::push), but the caller adds the queued bytes to the backlog itself:
+    /// fan-out does it once per push for all subscribers.
+    pub fn push_uncounted(&self, frame: &Frame, limit: usize) -> Enqueued {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return Enqueued::Closed;
@@ -172,7 +194,6 @@ impl Outbox {
         }
         state.frames.push_back(frame.clone());
         state.bytes += len;
-        self.backlog.add(len);
         let first = state.frames.len() == 1;
         drop(state);
         if first {
@@ -382,7 +403,10 @@ mod tests {
         }
         assert!(backlog.bytes() > Backlog::HIGH);
         let mut pace = Box::pin(backlog.pace());
-        assert!((&mut pace).now_or_never().is_none(), "a high backlog holds the publisher");
+        assert!(
+            (&mut pace).now_or_never().is_none(),
+            "a high backlog holds the publisher"
+        );
         // The writer takes the batch: still in its hands, still counted.
         let mut batch = VecDeque::new();
         let Next::Write { bytes, .. } = o.next_into(&mut batch).await else {

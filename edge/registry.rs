@@ -747,12 +747,13 @@ impl Registry {
         let (mut queued, mut full, mut dropped) = (0u64, 0u64, 0u64);
         let subscribers = subscribers.lock();
         for conn in subscribers.values() {
-            match conn.outbox.push(frame, limit) {
+            match conn.outbox.push_uncounted(frame, limit) {
                 Enqueued::Queued => queued += 1,
                 Enqueued::Full => full += 1,
                 Enqueued::Closed => dropped += 1,
             }
         }
+        self.shared.backlog.add(queued as usize * frame.len());
         if let Some(at) = relay_payload_at {
             relay(at);
         }
@@ -997,6 +998,25 @@ mod tests {
         let conn = connect(&r, &c);
         assert_eq!(r.push(&[ch("b")], "1").unwrap(), 1);
         assert_eq!(frames(&conn).await, [r#"{"channel":"b","payload":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn fan_out_counts_every_subscriber_in_the_backlog_until_written() {
+        let r = registry();
+        let conns: Vec<_> = (0..3)
+            .map(|_| {
+                let c = r.issue(None).unwrap();
+                r.subscribe(&c.digest, &[ch("a")]).unwrap();
+                connect(&r, &c)
+            })
+            .collect();
+        assert_eq!(r.push(&[ch("a")], "1").unwrap(), 3);
+        let len = r#"{"channel":"a","payload":1}"#.len();
+        assert_eq!(r.backlog().bytes(), 3 * len);
+        for conn in &conns {
+            frames(conn).await; // taken and settled, as a writer does
+        }
+        assert_eq!(r.backlog().bytes(), 0);
     }
 
     #[test]
