@@ -100,38 +100,16 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// Issues credentials and opens a tungstenite client socket with them (for the round-trip
+/// scenarios, which send as well as receive).
 async fn open_socket(
     args: &Args,
     i: usize,
     control: &mut ControlClient<tonic::transport::Channel>,
 ) -> anyhow::Result<WebSocketStream<TcpStream>> {
-    open_socket_on(args, i, control, &format!("idle-{}", i % 100)).await
-}
-
-/// Issues credentials, subscribes them to `channel`, and opens a socket from source address
-/// 127.0.0.(1 + i % sources).
-async fn open_socket_on(
-    args: &Args,
-    i: usize,
-    control: &mut ControlClient<tonic::transport::Channel>,
-    channel: &str,
-) -> anyhow::Result<WebSocketStream<TcpStream>> {
-    let creds = control
-        .issue_connection(pb::IssueConnectionRequest {
-            ttl_ms: 0,
-            channels: vec![channel.to_owned()],
-        })
-        .await?
-        .into_inner();
-    let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(source)?;
-    let stream = socket.connect(args.ws).await?;
-    let url = format!(
-        "ws://{}/ws?socket_connection_id={}&socket_key={}",
-        args.ws, creds.connection_id, creds.socket_key
-    );
-    let (ws, _) = client_async(url.into_client_request()?, stream).await?;
+    let creds = issue(control, &format!("idle-{}", i % 100)).await?;
+    let url = format!("ws://{}{}", args.ws, ws_path(&creds));
+    let (ws, _) = client_async(url.into_client_request()?, tcp_from(args, i).await?).await?;
     Ok(ws)
 }
 
@@ -149,25 +127,38 @@ async fn issue(
         .into_inner())
 }
 
-/// Opens a socket with the generator's lean client ([`RawWs`]) from source address
-/// 127.0.0.(1 + i % sources).
-async fn connect_raw(
-    args: &Args,
-    i: usize,
-    creds: &pb::IssueConnectionResponse,
-) -> anyhow::Result<RawWs> {
+/// The WebSocket path and query for `creds`.
+fn ws_path(creds: &pb::IssueConnectionResponse) -> String {
+    format!(
+        "/ws?socket_connection_id={}&socket_key={}",
+        creds.connection_id, creds.socket_key
+    )
+}
+
+/// A TCP connection to the node from source address 127.0.0.(1 + i % sources), with the
+/// generator's receive buffer size.
+async fn tcp_from(args: &Args, i: usize) -> anyhow::Result<TcpStream> {
     let source = SocketAddr::from(([127, 0, 0, 1 + (i % args.sources as usize) as u8], 0));
     let socket = TcpSocket::new_v4()?;
     socket.bind(source)?;
     if args.rcvbuf > 0 {
         socket.set_recv_buffer_size(args.rcvbuf)?;
     }
-    let stream = socket.connect(args.ws).await?;
-    let path = format!(
-        "/ws?socket_connection_id={}&socket_key={}",
-        creds.connection_id, creds.socket_key
-    );
-    RawWs::handshake(stream, &args.ws.to_string(), &path).await
+    Ok(socket.connect(args.ws).await?)
+}
+
+/// Opens a socket with the generator's lean client ([`RawWs`]).
+async fn connect_raw(
+    args: &Args,
+    i: usize,
+    creds: &pb::IssueConnectionResponse,
+) -> anyhow::Result<RawWs> {
+    RawWs::handshake(
+        tcp_from(args, i).await?,
+        &args.ws.to_string(),
+        &ws_path(creds),
+    )
+    .await
 }
 
 /// Issues credentials subscribed to `channel` and opens a socket with them.
