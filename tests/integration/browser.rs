@@ -245,10 +245,11 @@ struct ChromeDriver {
 
 impl ChromeDriver {
     fn start() -> Self {
+        crate::setup::chromium();
         for tool in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 Path::new(tool).exists(),
-                "{tool} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+                "{tool} is missing: install Debian's chromium and chromium-driver (the test setup could not)"
             );
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -14,7 +14,9 @@ use channelgate::pb;
 pub const REDIS: &str = "redis://127.0.0.1:6379";
 const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 
+/// A key prefix of this test's own (and Redis made ready for it, see `setup::redis`).
 pub fn unique_prefix(name: &str) -> String {
+    crate::setup::redis();
     let mut bytes = [0u8; 4];
     getrandom(&mut bytes);
     format!("cgtest:{name}:{}:{}", std::process::id(), hex(&bytes))
@@ -232,6 +234,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start_on(port: u16) -> Self {
+        crate::setup::redis();
         let child = Command::new("redis-server")
             .args([
                 "--port",

@@ -5,6 +5,7 @@ use std::process::Command;
 
 #[test]
 fn browser_client_tests_pass_under_node() {
+    crate::setup::node();
     let root = env!("CARGO_MANIFEST_DIR");
     let output = Command::new("node")
         // Node 20 needs the flag for its WebSocket; Node 22+ has it on by default and accepts it.

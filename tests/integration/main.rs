@@ -17,6 +17,7 @@ mod handle;
 mod handshake;
 mod js_client;
 mod messages;
+mod setup;
 mod shutdown;
 mod support;
 mod tls;

@@ -1,0 +1,169 @@
+//! What the tests need from the machine, made ready by the tests themselves, so that `cargo
+//! test` alone works on a fresh machine: Debian's Chromium and ChromeDriver (the browser test),
+//! Node.js 20+ (the browser client's tests), and Redis on 127.0.0.1:6379 plus `redis-server`
+//! (the cluster tests). Each is checked once per test run; what is missing is installed with
+//! `apt-get` (as root, or through `sudo -n`) and Redis is started if nothing answers. A step
+//! that cannot be done fails the tests that need it with the reason, never silently.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+/// One `apt-get` at a time; `apt-get update` once per run.
+static APT: Mutex<bool> = Mutex::new(false);
+
+/// Installs Debian `packages`.
+fn apt_install(packages: &[&str]) -> Result<(), String> {
+    let mut updated = APT.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| -> Result<(), String> {
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", "apt-get"]);
+            sudo
+        };
+        let output = command
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running apt-get: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "apt-get {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    };
+    if !*updated {
+        eprintln!("setup: apt-get update");
+        apt(&["update", "-qq"])?;
+        *updated = true;
+    }
+    eprintln!("setup: installing {}", packages.join(" "));
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend_from_slice(packages);
+    apt(&args)
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn once(cell: &'static OnceLock<Result<(), String>>, f: fn() -> Result<(), String>) {
+    if let Err(why) = cell.get_or_init(f) {
+        panic!("test setup: {why}");
+    }
+}
+
+/// Debian's `chromium` and `chromium-driver`, at `/usr/bin/chromium` and `/usr/bin/chromedriver`.
+pub fn chromium() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || {
+        if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
+            return Ok(());
+        }
+        apt_install(&["chromium", "chromium-driver"])
+    });
+}
+
+/// `node`, version 20 or later (the browser client's tests use its WebSocket).
+pub fn node() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || {
+        if !on_path("node") {
+            apt_install(&["nodejs"])?;
+        }
+        let version = Command::new("node")
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("running node: {e}"))?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        let major: u32 = version
+            .trim_start_matches('v')
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < 20 {
+            return Err(format!(
+                "node {version} is too old: the browser client's tests need Node.js 20 or later"
+            ));
+        }
+        Ok(())
+    });
+}
+
+/// `redis-server` on the PATH, and a Redis answering on 127.0.0.1:6379 (started here, with no
+/// persistence, when nothing answers).
+pub fn redis() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || {
+        if !on_path("redis-server") {
+            apt_install(&["redis-server"])?;
+        }
+        if redis_answers() {
+            return Ok(());
+        }
+        eprintln!("setup: starting redis-server on 127.0.0.1:6379");
+        let status = Command::new("redis-server")
+            .args([
+                "--daemonize",
+                "yes",
+                "--port",
+                "6379",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("starting redis-server: {e}"))?;
+        if !status.success() {
+            return Err(format!("redis-server exited with {status}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_answers() {
+            if Instant::now() > deadline {
+                return Err("redis-server did not answer on 127.0.0.1:6379 within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+}
+
+/// Whether something answers `PING` with `+PONG` on 127.0.0.1:6379.
+fn redis_answers() -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:6379".parse().expect("a socket address"),
+        Duration::from_secs(1),
+    ) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
