@@ -1,384 +1,412 @@
-//! Configuration: the [`Config`] a node runs with, its [`Limits`], and how settings are read.
+//! Configuration: every setting of a node, declared once.
 //!
-//! Settings come from flags, then `CHANNELGATE_*` environment variables, then a TOML file
-//! (`--config`), then the defaults documented on each field; the first that sets a value wins.
-//! [`Settings`] is that one list of settings: clap reads it from flags and environment, serde
-//! reads it from the file (unknown keys are an error that names the key), and
-//! [`Settings::merge`] + [`Settings::into_config`] combine them.
+//! Each line of the [`settings!`] invocation below is one setting: its field, type, default,
+//! environment variable, value name and help. From it come the field of [`Config`] (or
+//! [`Limits`]) with its documentation, its default in `Config::default()`, the `--flag` and
+//! environment variable of `channelgate serve` (clap), its key in the TOML file given with
+//! `--config` (serde; unknown keys are an error that names the key), and its row in
+//! [`SETTINGS`], from which the README's tables and `examples/channelgate.toml` are checked by a
+//! test. The control plane's settings are plain data here too, so a node has one table of
+//! settings; only the control plane reads them.
+//!
+//! Precedence: flags, then `CHANNELGATE_*` environment variables, then the file, then the
+//! defaults: the first that sets a value wins ([`Settings::merge`], [`Settings::into_config`]).
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::Deserialize;
 
-/// Limits, each with its unit and default.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest client message, in bytes; larger closes the socket with 1008. Default: 64 KiB.
-    pub max_message_bytes: usize,
-    /// Outbound queue per socket, in bytes; a push that would overflow it closes the socket
-    /// with 4100 (too slow). Default: 1 MiB.
-    pub outbound_queue_bytes: usize,
-    /// Largest JSON payload of a `Push` or `Send`, in bytes. Default: 256 KiB.
-    pub max_push_bytes: usize,
-    /// Interval of server pings. Default: 25 s.
-    pub ping_interval: Duration,
-    /// A socket that sends nothing (not even a pong) for this long is closed (4101). Checked
-    /// with each socket's ping, so the close comes up to one ping interval later. Default: 60 s.
-    pub idle_timeout: Duration,
-    /// Time a client has to complete the HTTP upgrade. Default: 10 s.
-    pub handshake_timeout: Duration,
-    /// Most live WebSockets per node; the next handshake gets 503. Default: 100,000.
-    pub max_connections: usize,
-    /// Time to live of issued credentials (first use must come before). Default: 5 min.
-    pub credential_ttl: Duration,
-    /// Longest TTL `IssueConnection` may ask for. Default: 24 h.
-    pub max_credential_ttl: Duration,
-    /// After an unclean drop, the same credentials may reconnect within this period and find
-    /// their subscriptions; 0 makes every close final. Default: 30 s.
-    pub reconnect_grace: Duration,
-    /// Time a draining node gives its sockets and tasks to finish. Default: 10 s.
-    pub shutdown_grace: Duration,
-    /// Longest a `call-route` upstream request may take; then 504. Default: 10 s.
-    pub upstream_timeout: Duration,
-    /// Longest a `Handle` stream may take to reply; then 504. Default: 10 s.
-    pub handler_timeout: Duration,
-    /// Client messages being handled at once per socket (call-route, Handle); beyond it the
-    /// client gets 429. Default: 16.
-    pub max_inflight: usize,
-    /// Client messages per second per socket (token bucket); over it the client gets 429, and
-    /// `message_burst` refusals in a row close the socket with 1008. 0: unlimited. Default: 50.
-    pub message_rate: u32,
-    /// Client messages a socket may send at once before the rate applies. Default: 100.
-    pub message_burst: u32,
-    /// Most live sockets from one client address; the next handshake gets 429. 0: no limit.
-    /// Default: 0 (clients behind one NAT share an address; set it to fit your users).
-    pub max_connections_per_ip: usize,
-    /// WebSocket handshakes per second from one client address (burst: twice that); over it
-    /// the handshake gets 429. 0: no limit. Default: 0.
-    pub handshake_rate_per_ip: u32,
+/// One setting, as documented: see [`SETTINGS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingDoc {
+    /// The field (`ping_interval`); the TOML key and flag are its kebab-case ([`Self::key`]).
+    pub field: &'static str,
+    /// The environment variable (`CHANNELGATE_PING_INTERVAL`).
+    pub env: &'static str,
+    /// The default, as a user would write it (`25s`); `none` when unset by default.
+    pub default: &'static str,
+    /// What it does.
+    pub help: &'static str,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 64 << 10,
-            outbound_queue_bytes: 1 << 20,
-            max_push_bytes: 256 << 10,
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
-            max_connections: 100_000,
-            credential_ttl: Duration::from_secs(300),
-            max_credential_ttl: Duration::from_secs(24 * 3600),
-            reconnect_grace: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(10),
-            upstream_timeout: Duration::from_secs(10),
-            handler_timeout: Duration::from_secs(10),
-            max_inflight: 16,
-            message_rate: 50,
-            message_burst: 100,
-            max_connections_per_ip: 0,
-            handshake_rate_per_ip: 0,
+impl SettingDoc {
+    /// The TOML key (`ping-interval`).
+    pub fn key(&self) -> String {
+        self.field.replace('_', "-")
+    }
+
+    /// The flag (`--ping-interval`).
+    pub fn flag(&self) -> String {
+        format!("--{}", self.key())
+    }
+}
+
+/// How a setting's value is written. Each kind has `parse` (one flag or environment value),
+/// `value` (a whole value as written, for defaults) and `de` (a TOML value), so flags,
+/// environment, file and defaults read alike.
+pub mod kind {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    use super::{ByteSize, HumanDuration};
+
+    macro_rules! simple {
+        ($($kind:ident: $ty:ty, $what:literal;)*) => {$(
+            #[doc = $what]
+            pub mod $kind {
+                use super::*;
+                /// Parses a flag or environment value.
+                pub fn parse(s: &str) -> Result<$ty, String> {
+                    s.parse().map_err(|e| format!("{e}"))
+                }
+                /// Parses a whole value as written.
+                pub fn value(s: &str) -> Result<$ty, String> {
+                    parse(s)
+                }
+                /// Reads a TOML value.
+                pub fn de(v: toml::Value) -> Result<$ty, String> {
+                    <$ty>::deserialize(v).map_err(|e| e.to_string())
+                }
+            }
+        )*};
+    }
+
+    simple! {
+        addr: std::net::SocketAddr, "Socket addresses: `127.0.0.1:8080`.";
+        text: String, "Text.";
+        path: std::path::PathBuf, "File paths.";
+        count: usize, "Counts.";
+        rate: u32, "Rates (per second) and bursts.";
+        flag: bool, "Booleans: `true`, `false` (a bare flag means `true`).";
+    }
+
+    /// Durations: `500ms`, `25s`, `5m`, `1h 30m`.
+    pub mod dur {
+        use super::*;
+        /// Parses a flag or environment value.
+        pub fn parse(s: &str) -> Result<Duration, String> {
+            s.parse::<HumanDuration>()
+                .map(|d| d.0)
+                .map_err(|e| e.to_string())
+        }
+        /// Parses a whole value as written.
+        pub fn value(s: &str) -> Result<Duration, String> {
+            parse(s)
+        }
+        /// Reads a TOML value.
+        pub fn de(v: toml::Value) -> Result<Duration, String> {
+            HumanDuration::deserialize(v)
+                .map(|d| d.0)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// Sizes in bytes: `65536`, `64KiB`, `1MiB`.
+    pub mod size {
+        use super::*;
+        /// Parses a flag or environment value.
+        pub fn parse(s: &str) -> Result<usize, String> {
+            s.parse::<ByteSize>().map(|b| b.0)
+        }
+        /// Parses a whole value as written.
+        pub fn value(s: &str) -> Result<usize, String> {
+            parse(s)
+        }
+        /// Reads a TOML value.
+        pub fn de(v: toml::Value) -> Result<usize, String> {
+            ByteSize::deserialize(v)
+                .map(|b| b.0)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// Lists: comma-separated in flags and environment, arrays in TOML.
+    pub mod list {
+        use super::*;
+        /// Parses one item of a flag or environment value (clap splits at commas).
+        pub fn parse(s: &str) -> Result<String, String> {
+            Ok(s.trim().to_owned())
+        }
+        /// Parses a whole comma-separated value.
+        pub fn value(s: &str) -> Result<Vec<String>, String> {
+            Ok(s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        /// Reads a TOML value: an array of strings (or one string).
+        pub fn de(v: toml::Value) -> Result<Vec<String>, String> {
+            match v {
+                toml::Value::String(s) => value(&s),
+                v => Vec::<String>::deserialize(v).map_err(|e| e.to_string()),
+            }
         }
     }
 }
 
-/// Everything a node runs with.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Config {
-    /// Client plane (WebSocket, `/healthz`, `/readyz`). Default: 127.0.0.1:8080.
-    pub listen: SocketAddr,
-    /// Control plane (gRPC). Default: 127.0.0.1:50051.
-    pub grpc_listen: SocketAddr,
-    /// The deployment secret signing connection ids. `None`: a random one at start.
-    pub secret: Option<String>,
-    /// The previous secret, still accepted during a rotation.
-    pub previous_secret: Option<String>,
-    /// Allowed `Origin`s of WebSocket handshakes (`scheme://host[:port]`, or `*`); empty
-    /// allows any. Handshakes without an `Origin` (non-browser clients) are allowed.
-    pub allowed_origins: Vec<String>,
-    /// Bearer tokens accepted by the control plane; empty: no authentication.
-    pub control_tokens: Vec<String>,
-    /// Allow a control plane on a non-loopback address without tokens.
-    pub insecure_control: bool,
-    /// TLS for the client plane (wss): certificate chain and private key (PEM files), reloaded
-    /// on SIGHUP.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    /// TLS for the control plane: certificate chain and private key (PEM files).
-    pub grpc_tls: Option<(PathBuf, PathBuf)>,
-    /// With TLS: CA (PEM) that client certificates must chain to (mutual TLS).
-    pub grpc_client_ca: Option<PathBuf>,
-    /// HTTP path of the WebSocket endpoint. Default: `/ws`.
-    pub ws_path: String,
-    /// Name of the cookie carrying the socket key. Default: `socket_key`.
-    pub key_cookie: String,
-    /// Cluster mode: the Redis every node shares (`redis://host:port[/db]`). `None`: a single
-    /// node with an in-memory bus.
-    pub redis: Option<String>,
-    /// Prefix of every Redis key and channel of this deployment. Default: `channelgate`.
-    pub redis_prefix: String,
-    /// Base URL (`http://host:port[/prefix]`) of the application for `call-route`; `None`
-    /// answers `call-route` with 501.
-    pub upstream: Option<String>,
-    /// Limits.
-    pub limits: Limits,
+/// Declares every setting once; see the module's documentation.
+macro_rules! settings {
+    (
+        $(#[$config_meta:meta])* pub struct Config { $($c:tt)* }
+        $(#[$limits_meta:meta])* pub struct Limits { $($l:tt)* }
+    ) => {
+        settings!(@structs [$(#[$config_meta])*] [$(#[$limits_meta])*] [] [] ; $($c)* ; $($l)*);
+    };
+    // Munches one row at a time, tagging each with the struct it belongs to.
+    (@structs $cm:tt $lm:tt [$($cr:tt)*] [$($lr:tt)*] ;
+        $(#[doc = $doc:literal])+
+        $name:ident : $ty:ty = $default:tt [$kind:ident] $env:literal $value:literal $({$($arg:tt)*})? ;
+        $($rest:tt)*
+    ) => {
+        settings!(@structs $cm $lm [$($cr)* ([$($doc)+] $name $ty, $default, $kind, $env, $value, [$($($arg)*)?])] [$($lr)*] ; $($rest)*);
+    };
+    (@structs $cm:tt $lm:tt [$($cr:tt)*] [$($lr:tt)*] ; ;
+        $(#[doc = $doc:literal])+
+        $name:ident : $ty:ty = $default:tt [$kind:ident] $env:literal $value:literal $({$($arg:tt)*})? ;
+        $($rest:tt)*
+    ) => {
+        settings!(@structs $cm $lm [$($cr)*] [$($lr)* ([$($doc)+] $name $ty, $default, $kind, $env, $value, [$($($arg)*)?])] ; ; $($rest)*);
+    };
+    (@structs [$($cm:tt)*] [$($lm:tt)*]
+        [$(([$($cdoc:literal)+] $cname:ident $cty:ty, $cdef:tt, $ckind:ident, $cenv:literal, $cvalue:literal, [$($carg:tt)*]))*]
+        [$(([$($ldoc:literal)+] $lname:ident $lty:ty, $ldef:tt, $lkind:ident, $lenv:literal, $lvalue:literal, [$($larg:tt)*]))*]
+        ; ;
+    ) => {
+        $($cm)*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct Config {
+            $( $(#[doc = $cdoc])* #[doc = concat!("Default: ", settings!(@show $cdef), ".")]
+               pub $cname: settings!(@ty $cdef $cty), )*
+            /// Limits.
+            pub limits: Limits,
+        }
+
+        $($lm)*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct Limits {
+            $( $(#[doc = $ldoc])* #[doc = concat!("Default: ", settings!(@show $ldef), ".")]
+               pub $lname: settings!(@ty $ldef $lty), )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self {
+                    $( $cname: settings!(@default $cname $ckind $cdef), )*
+                    limits: Limits::default(),
+                }
+            }
+        }
+
+        impl Default for Limits {
+            fn default() -> Self {
+                Self { $( $lname: settings!(@default $lname $lkind $ldef), )* }
+            }
+        }
+
+        impl fmt::Debug for Config {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut d = f.debug_struct("Config");
+                $( d.field(stringify!($cname), &Redacted(stringify!($cname), &self.$cname)); )*
+                d.field("limits", &self.limits).finish()
+            }
+        }
+
+        /// The settings of `channelgate serve`, from flags, environment or file. Every field
+        /// is optional here; defaults are applied by [`Settings::into_config`].
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct Settings {
+            /// TOML file with any of these settings (keys as the flag names without `--`).
+            #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $( $(#[doc = $cdoc])*
+               #[arg(long, env = $cenv, value_name = $cvalue, value_parser = kind::$ckind::parse,
+                     help = concat!($($cdoc),*, " [default: ", settings!(@show $cdef), "]").trim_start(), $($carg)*)]
+               pub $cname: Option<$cty>, )*
+            $( $(#[doc = $ldoc])*
+               #[arg(long, env = $lenv, value_name = $lvalue, value_parser = kind::$lkind::parse,
+                     help = concat!($($ldoc),*, " [default: ", settings!(@show $ldef), "]").trim_start(), $($larg)*)]
+               pub $lname: Option<$lty>, )*
+        }
+
+        impl Settings {
+            /// Parses the settings of a TOML file: every key is a setting's flag without its
+            /// `--`; an unknown key, or a value that does not parse, is an error that names it.
+            pub fn parse_toml(text: &str) -> Result<Settings, String> {
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+                let mut settings = Settings::default();
+                for (key, value) in table {
+                    let field = key.replace('-', "_");
+                    // Only kebab-case keys: `ping_interval` is as unknown as `lisen`.
+                    let field = if key.contains('_') { String::new() } else { field };
+                    let named = |e: String| format!("{key}: {e}");
+                    match field.as_str() {
+                        $( stringify!($cname) => settings.$cname = Some(kind::$ckind::de(value).map_err(named)?), )*
+                        $( stringify!($lname) => settings.$lname = Some(kind::$lkind::de(value).map_err(named)?), )*
+                        _ => return Err(format!("unknown setting `{key}` (keys are the `serve` flags without `--`)")),
+                    }
+                }
+                Ok(settings)
+            }
+
+            /// `self`'s values where set, else `other`'s.
+            pub fn merge(self, other: Settings) -> Settings {
+                Settings {
+                    config: self.config.or(other.config),
+                    $( $cname: self.$cname.or(other.$cname), )*
+                    $( $lname: self.$lname.or(other.$lname), )*
+                }
+            }
+
+            /// Applies defaults and checks the result.
+            pub fn into_config(self) -> Result<Config, ConfigError> {
+                let mut config = Config::default();
+                $( settings!(@apply config.$cname, self.$cname, $cdef); )*
+                $( settings!(@apply config.limits.$lname, self.$lname, $ldef); )*
+                config.check()?;
+                Ok(config)
+            }
+        }
+
+        /// Every setting, in declaration order.
+        pub const SETTINGS: &[SettingDoc] = &[
+            $( SettingDoc {
+                field: stringify!($cname),
+                env: $cenv,
+                default: settings!(@show $cdef),
+                help: concat!($($cdoc, "\n"),*),
+            }, )*
+            $( SettingDoc {
+                field: stringify!($lname),
+                env: $lenv,
+                default: settings!(@show $ldef),
+                help: concat!($($ldoc, "\n"),*),
+            }, )*
+        ];
+    };
+    (@ty none $ty:ty) => { Option<$ty> };
+    (@ty $default:literal $ty:ty) => { $ty };
+    (@show none) => { "none" };
+    (@show $default:literal) => { $default };
+    (@default $name:ident $kind:ident none) => { None };
+    (@default $name:ident $kind:ident $default:literal) => {
+        match kind::$kind::value($default) {
+            Ok(value) => value,
+            Err(err) => panic!("the default of {} does not parse: {err}", stringify!($name)),
+        }
+    };
+    (@apply $field:expr, $value:expr, none) => { if let Some(v) = $value { $field = Some(v) } };
+    (@apply $field:expr, $value:expr, $default:literal) => { if let Some(v) = $value { $field = v } };
 }
 
-impl fmt::Debug for Config {
+settings! {
+    /// Everything a node runs with (both planes; the edge never reads the control plane's).
+    pub struct Config {
+        /// Client plane address: WebSocket endpoint, /healthz, /readyz, /metrics. Port 0 picks a
+        /// free port.
+        listen: SocketAddr = "127.0.0.1:8080" [addr] "CHANNELGATE_LISTEN" "ADDR";
+        /// Control plane (gRPC) address. Port 0 picks a free port.
+        grpc_listen: SocketAddr = "127.0.0.1:50051" [addr] "CHANNELGATE_GRPC_LISTEN" "ADDR";
+        /// Deployment secret that signs connection ids (at least 16 bytes, the same on every
+        /// node). Without one, a single node generates a random secret at start, and ids die
+        /// with the process.
+        secret: String = none [text] "CHANNELGATE_SECRET" "SECRET" {hide_env_values = true};
+        /// Previous deployment secret, still accepted while rotating to a new one.
+        previous_secret: String = none [text] "CHANNELGATE_PREVIOUS_SECRET" "SECRET" {hide_env_values = true};
+        /// Comma-separated Origins allowed to open WebSockets (e.g. https://app.example.com);
+        /// `*` allows any. Handshakes without an Origin (non-browser clients) are allowed.
+        allowed_origins: Vec<String> = "*" [list] "CHANNELGATE_ALLOWED_ORIGINS" "ORIGINS" {value_delimiter = ','};
+        /// Comma-separated bearer tokens the control plane accepts (several, for rotation);
+        /// none: no authentication.
+        control_token: Vec<String> = none [list] "CHANNELGATE_CONTROL_TOKEN" "TOKENS" {value_delimiter = ',', hide_env_values = true};
+        /// Allow the control plane on a non-loopback address without control-token or
+        /// grpc-client-ca (anyone who can reach it could mint credentials and push).
+        insecure_control: bool = "false" [flag] "CHANNELGATE_INSECURE_CONTROL" "BOOL" {num_args = 0..=1, default_missing_value = "true"};
+        /// TLS certificate chain (PEM) of the client plane (wss); with tls-key. Reloaded on
+        /// SIGHUP without dropping live sockets.
+        tls_cert: PathBuf = none [path] "CHANNELGATE_TLS_CERT" "FILE" {requires = "tls_key"};
+        /// TLS private key (PEM) of the client plane; with tls-cert.
+        tls_key: PathBuf = none [path] "CHANNELGATE_TLS_KEY" "FILE" {requires = "tls_cert"};
+        /// TLS certificate chain (PEM) of the control plane; with grpc-tls-key.
+        grpc_tls_cert: PathBuf = none [path] "CHANNELGATE_GRPC_TLS_CERT" "FILE" {requires = "grpc_tls_key"};
+        /// TLS private key (PEM) of the control plane; with grpc-tls-cert.
+        grpc_tls_key: PathBuf = none [path] "CHANNELGATE_GRPC_TLS_KEY" "FILE" {requires = "grpc_tls_cert"};
+        /// CA (PEM) that control-plane client certificates must chain to (mutual TLS; needs
+        /// grpc-tls-cert).
+        grpc_client_ca: PathBuf = none [path] "CHANNELGATE_GRPC_CLIENT_CA" "FILE";
+        /// HTTP path of the WebSocket endpoint.
+        ws_path: String = "/ws" [text] "CHANNELGATE_WS_PATH" "PATH";
+        /// Name of the cookie carrying the socket key.
+        key_cookie: String = "socket_key" [text] "CHANNELGATE_KEY_COOKIE" "NAME";
+        /// Cluster mode: the Redis every node shares (redis://host:port[/db]); requires secret.
+        /// None: a single node with an in-memory bus.
+        redis: String = none [text] "CHANNELGATE_REDIS" "URL";
+        /// Prefix of this deployment's Redis keys and channels.
+        redis_prefix: String = "channelgate" [text] "CHANNELGATE_REDIS_PREFIX" "PREFIX";
+        /// Base URL of the application for call-route (http://host:port[/prefix]); without one,
+        /// call-route answers 501.
+        upstream: String = none [text] "CHANNELGATE_UPSTREAM" "URL";
+    }
+
+    /// Limits, each with its unit and default.
+    pub struct Limits {
+        /// Largest client message, in bytes; larger closes the socket with 1008.
+        max_message_size: usize = "64KiB" [size] "CHANNELGATE_MAX_MESSAGE_SIZE" "BYTES";
+        /// Outbound queue per socket, in bytes; a push that would overflow it closes the socket
+        /// with 4100 (too slow). A push never waits.
+        outbound_queue: usize = "1MiB" [size] "CHANNELGATE_OUTBOUND_QUEUE" "BYTES";
+        /// Largest JSON payload of a Push or Send, in bytes.
+        max_push_size: usize = "256KiB" [size] "CHANNELGATE_MAX_PUSH_SIZE" "BYTES";
+        /// Interval of server pings: one node-wide heartbeat pings each socket once per
+        /// interval.
+        ping_interval: Duration = "25s" [dur] "CHANNELGATE_PING_INTERVAL" "DURATION";
+        /// A socket that sends nothing (not even a pong) for this long is closed with 4101;
+        /// the heartbeat notices up to one ping interval later.
+        idle_timeout: Duration = "60s" [dur] "CHANNELGATE_IDLE_TIMEOUT" "DURATION";
+        /// Time a client has to complete the HTTP upgrade.
+        handshake_timeout: Duration = "10s" [dur] "CHANNELGATE_HANDSHAKE_TIMEOUT" "DURATION";
+        /// Most live WebSockets on this node; further handshakes get 503.
+        max_connections: usize = "100000" [count] "CHANNELGATE_MAX_CONNECTIONS" "N";
+        /// Time to live of issued credentials (their first use must come before).
+        credential_ttl: Duration = "5m" [dur] "CHANNELGATE_CREDENTIAL_TTL" "DURATION";
+        /// Longest credential TTL an IssueConnection call may ask for.
+        max_credential_ttl: Duration = "24h" [dur] "CHANNELGATE_MAX_CREDENTIAL_TTL" "DURATION";
+        /// After an unclean drop, the same credentials may reconnect within this period and
+        /// find their subscriptions; 0s makes every close final.
+        reconnect_grace: Duration = "30s" [dur] "CHANNELGATE_RECONNECT_GRACE" "DURATION";
+        /// Time a draining node gives its sockets and tasks to finish.
+        shutdown_grace: Duration = "10s" [dur] "CHANNELGATE_SHUTDOWN_GRACE" "DURATION";
+        /// Longest a call-route upstream request may take; then 504.
+        upstream_timeout: Duration = "10s" [dur] "CHANNELGATE_UPSTREAM_TIMEOUT" "DURATION";
+        /// Longest a Handle stream may take to reply; then 504.
+        handler_timeout: Duration = "10s" [dur] "CHANNELGATE_HANDLER_TIMEOUT" "DURATION";
+        /// Client messages handled at once per socket (call-route, Handle); beyond it the
+        /// client gets 429.
+        max_inflight: usize = "16" [count] "CHANNELGATE_MAX_INFLIGHT" "N";
+        /// Client messages per second per socket (token bucket); over it 429 replies, and
+        /// message-burst refusals in a row close the socket with 1008. 0: unlimited.
+        message_rate: u32 = "50" [rate] "CHANNELGATE_MESSAGE_RATE" "N";
+        /// Client messages a socket may send at once before the rate applies.
+        message_burst: u32 = "100" [rate] "CHANNELGATE_MESSAGE_BURST" "N";
+        /// Most live sockets from one client address; further handshakes get 429. 0: no limit
+        /// (clients behind one NAT share an address; set it to fit your users).
+        max_connections_per_ip: usize = "0" [count] "CHANNELGATE_MAX_CONNECTIONS_PER_IP" "N";
+        /// WebSocket handshakes per second from one client address (burst: twice that); over
+        /// it 429. 0: no limit.
+        handshake_rate_per_ip: u32 = "0" [rate] "CHANNELGATE_HANDSHAKE_RATE_PER_IP" "N";
+    }
+}
+
+/// Shows a setting's value in `Debug`, except secrets.
+struct Redacted<'a, T>(&'static str, &'a T);
+
+impl<T: fmt::Debug> fmt::Debug for Redacted<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("grpc_listen", &self.grpc_listen)
-            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
-            .field(
-                "previous_secret",
-                &self.previous_secret.as_ref().map(|_| "<set>"),
-            )
-            .field("allowed_origins", &self.allowed_origins)
-            .field("control_tokens", &self.control_tokens.len())
-            .field("insecure_control", &self.insecure_control)
-            .field("tls", &self.tls)
-            .field("grpc_tls", &self.grpc_tls)
-            .field("grpc_client_ca", &self.grpc_client_ca)
-            .field("ws_path", &self.ws_path)
-            .field("key_cookie", &self.key_cookie)
-            .field("redis", &self.redis)
-            .field("redis_prefix", &self.redis_prefix)
-            .field("upstream", &self.upstream)
-            .field("limits", &self.limits)
-            .finish()
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: ([127, 0, 0, 1], 8080).into(),
-            grpc_listen: ([127, 0, 0, 1], 50051).into(),
-            secret: None,
-            previous_secret: None,
-            allowed_origins: Vec::new(),
-            control_tokens: Vec::new(),
-            insecure_control: false,
-            tls: None,
-            grpc_tls: None,
-            grpc_client_ca: None,
-            ws_path: "/ws".into(),
-            key_cookie: "socket_key".into(),
-            redis: None,
-            redis_prefix: "channelgate".into(),
-            upstream: None,
-            limits: Limits::default(),
+        match self.0 {
+            "secret" | "previous_secret" | "control_token" => f.write_str("<redacted>"),
+            _ => self.1.fmt(f),
         }
     }
-}
-
-/// The settings of `channelgate serve`, from flags, environment or file. Every field is
-/// optional here; defaults are applied by [`Settings::into_config`].
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Settings {
-    /// TOML file with any of these settings (keys as the flag names without `--`).
-    #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-
-    /// Client plane address: WebSocket endpoint, /healthz, /readyz. Port 0 picks a free port.
-    /// [default: 127.0.0.1:8080]
-    #[arg(long, env = "CHANNELGATE_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-
-    /// Control plane (gRPC) address. Port 0 picks a free port. [default: 127.0.0.1:50051]
-    #[arg(long, env = "CHANNELGATE_GRPC_LISTEN", value_name = "ADDR")]
-    pub grpc_listen: Option<SocketAddr>,
-
-    /// Deployment secret that signs connection ids (at least 16 bytes). Without one, a single
-    /// node generates a random secret at start, and ids die with the process.
-    #[arg(
-        long,
-        env = "CHANNELGATE_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub secret: Option<String>,
-
-    /// Previous deployment secret, still accepted while rotating to a new one.
-    #[arg(
-        long,
-        env = "CHANNELGATE_PREVIOUS_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub previous_secret: Option<String>,
-
-    /// Comma-separated Origins allowed to open WebSockets (e.g. https://app.example.com);
-    /// `*` allows any. [default: any]
-    #[arg(
-        long,
-        env = "CHANNELGATE_ALLOWED_ORIGINS",
-        value_name = "ORIGINS",
-        value_delimiter = ','
-    )]
-    pub allowed_origins: Option<Vec<String>>,
-
-    /// Comma-separated bearer tokens the control plane accepts (several for rotation).
-    /// [default: none, no authentication]
-    #[arg(
-        long,
-        env = "CHANNELGATE_CONTROL_TOKEN",
-        value_name = "TOKENS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub control_token: Option<Vec<String>>,
-
-    /// Allow the control plane on a non-loopback address without --control-token (anyone who
-    /// can reach it could mint credentials and push). [default: false]
-    #[arg(long, env = "CHANNELGATE_INSECURE_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub insecure_control: Option<bool>,
-
-    /// TLS certificate chain (PEM) of the client plane (wss); with --tls-key. Reloaded on
-    /// SIGHUP without dropping live sockets.
-    #[arg(
-        long,
-        env = "CHANNELGATE_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
-
-    /// TLS private key (PEM) of the client plane; with --tls-cert.
-    #[arg(
-        long,
-        env = "CHANNELGATE_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
-
-    /// TLS certificate chain (PEM) of the control plane; with --grpc-tls-key.
-    #[arg(
-        long,
-        env = "CHANNELGATE_GRPC_TLS_CERT",
-        value_name = "FILE",
-        requires = "grpc_tls_key"
-    )]
-    pub grpc_tls_cert: Option<PathBuf>,
-
-    /// TLS private key (PEM) of the control plane; with --grpc-tls-cert.
-    #[arg(
-        long,
-        env = "CHANNELGATE_GRPC_TLS_KEY",
-        value_name = "FILE",
-        requires = "grpc_tls_cert"
-    )]
-    pub grpc_tls_key: Option<PathBuf>,
-
-    /// CA (PEM) that control-plane client certificates must chain to (mutual TLS; needs
-    /// --grpc-tls-cert).
-    #[arg(long, env = "CHANNELGATE_GRPC_CLIENT_CA", value_name = "FILE")]
-    pub grpc_client_ca: Option<PathBuf>,
-
-    /// HTTP path of the WebSocket endpoint. [default: /ws]
-    #[arg(long, env = "CHANNELGATE_WS_PATH", value_name = "PATH")]
-    pub ws_path: Option<String>,
-
-    /// Name of the cookie carrying the socket key. [default: socket_key]
-    #[arg(long, env = "CHANNELGATE_KEY_COOKIE", value_name = "NAME")]
-    pub key_cookie: Option<String>,
-
-    /// Cluster mode: the Redis every node shares (redis://host:port[/db]); requires --secret.
-    /// [default: none, a single node]
-    #[arg(long, env = "CHANNELGATE_REDIS", value_name = "URL")]
-    pub redis: Option<String>,
-
-    /// Prefix of this deployment's Redis keys and channels. [default: channelgate]
-    #[arg(long, env = "CHANNELGATE_REDIS_PREFIX", value_name = "PREFIX")]
-    pub redis_prefix: Option<String>,
-
-    /// Base URL of the application for `call-route` (http://host:port); without one,
-    /// `call-route` answers 501.
-    #[arg(long, env = "CHANNELGATE_UPSTREAM", value_name = "URL")]
-    pub upstream: Option<String>,
-
-    /// Longest a call-route upstream request may take (then 504). [default: 10s]
-    #[arg(long, env = "CHANNELGATE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
-    pub upstream_timeout: Option<HumanDuration>,
-
-    /// Longest a Handle stream may take to reply (then 504). [default: 10s]
-    #[arg(long, env = "CHANNELGATE_HANDLER_TIMEOUT", value_name = "DURATION")]
-    pub handler_timeout: Option<HumanDuration>,
-
-    /// Client messages handled at once per socket (call-route, Handle); beyond, 429.
-    /// [default: 16]
-    #[arg(long, env = "CHANNELGATE_MAX_INFLIGHT", value_name = "N")]
-    pub max_inflight: Option<usize>,
-
-    /// Client messages per second per socket; over it 429 replies, and a burst's worth of
-    /// refusals in a row closes the socket with 1008. 0: unlimited. [default: 50]
-    #[arg(long, env = "CHANNELGATE_MESSAGE_RATE", value_name = "N")]
-    pub message_rate: Option<u32>,
-
-    /// Most live sockets from one client address; further handshakes get 429. 0: no limit.
-    /// [default: 0]
-    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
-    pub max_connections_per_ip: Option<usize>,
-
-    /// WebSocket handshakes per second from one client address (burst: twice that); over it
-    /// 429. 0: no limit. [default: 0]
-    #[arg(long, env = "CHANNELGATE_HANDSHAKE_RATE_PER_IP", value_name = "N")]
-    pub handshake_rate_per_ip: Option<u32>,
-
-    /// Client messages a socket may send at once before the rate applies. [default: 100]
-    #[arg(long, env = "CHANNELGATE_MESSAGE_BURST", value_name = "N")]
-    pub message_burst: Option<u32>,
-
-    /// Largest client message, in bytes (suffixes KiB, MiB); larger closes with 1008.
-    /// [default: 64KiB]
-    #[arg(long, env = "CHANNELGATE_MAX_MESSAGE_SIZE", value_name = "BYTES")]
-    pub max_message_size: Option<ByteSize>,
-
-    /// Outbound queue per socket, in bytes; overflow closes the socket with 4100.
-    /// [default: 1MiB]
-    #[arg(long, env = "CHANNELGATE_OUTBOUND_QUEUE", value_name = "BYTES")]
-    pub outbound_queue: Option<ByteSize>,
-
-    /// Largest JSON payload of a Push or Send, in bytes. [default: 256KiB]
-    #[arg(long, env = "CHANNELGATE_MAX_PUSH_SIZE", value_name = "BYTES")]
-    pub max_push_size: Option<ByteSize>,
-
-    /// Interval of server pings (e.g. 25s). [default: 25s]
-    #[arg(long, env = "CHANNELGATE_PING_INTERVAL", value_name = "DURATION")]
-    pub ping_interval: Option<HumanDuration>,
-
-    /// Close a socket that sends nothing for this long. [default: 60s]
-    #[arg(long, env = "CHANNELGATE_IDLE_TIMEOUT", value_name = "DURATION")]
-    pub idle_timeout: Option<HumanDuration>,
-
-    /// Time allowed for the HTTP upgrade. [default: 10s]
-    #[arg(long, env = "CHANNELGATE_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
-    pub handshake_timeout: Option<HumanDuration>,
-
-    /// Most live WebSockets on this node; further handshakes get 503. [default: 100000]
-    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<usize>,
-
-    /// Time to live of issued credentials. [default: 5m]
-    #[arg(long, env = "CHANNELGATE_CREDENTIAL_TTL", value_name = "DURATION")]
-    pub credential_ttl: Option<HumanDuration>,
-
-    /// Longest credential TTL a caller may ask for. [default: 24h]
-    #[arg(long, env = "CHANNELGATE_MAX_CREDENTIAL_TTL", value_name = "DURATION")]
-    pub max_credential_ttl: Option<HumanDuration>,
-
-    /// After an unclean drop, credentials may reconnect within this period and keep their
-    /// subscriptions; 0s makes every close final. [default: 30s]
-    #[arg(long, env = "CHANNELGATE_RECONNECT_GRACE", value_name = "DURATION")]
-    pub reconnect_grace: Option<HumanDuration>,
-
-    /// Time a draining node waits for sockets and tasks to finish. [default: 10s]
-    #[arg(long, env = "CHANNELGATE_SHUTDOWN_GRACE", value_name = "DURATION")]
-    pub shutdown_grace: Option<HumanDuration>,
 }
 
 /// A configuration that cannot run.
@@ -393,22 +421,16 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for these settings (this names an unknown key).
-    #[error("{path}: {source}")]
+    #[error("{path}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: Box<toml::de::Error>,
+        /// Why, naming the key.
+        message: String,
     },
     /// A value out of range.
     #[error("{0}")]
     Invalid(String),
-}
-
-macro_rules! merge_fields {
-    ($self:ident, $other:ident; $($field:ident),* $(,)?) => {
-        Settings { config: $self.config.or($other.config), $($field: $self.$field.or($other.$field)),* }
-    };
 }
 
 impl Settings {
@@ -421,89 +443,32 @@ impl Settings {
             path: path.clone(),
             source,
         })?;
-        Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
+        Self::parse_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.clone(),
-            source: Box::new(source),
+            message,
         })
-    }
-
-    /// Parses TOML settings.
-    pub fn parse_toml(text: &str) -> Result<Settings, toml::de::Error> {
-        toml::from_str(text)
-    }
-
-    /// `self`'s values where set, else `other`'s.
-    pub fn merge(self, other: Settings) -> Settings {
-        merge_fields!(self, other; listen, grpc_listen, secret, previous_secret, allowed_origins,
-            control_token, insecure_control, tls_cert, tls_key, grpc_tls_cert, grpc_tls_key, grpc_client_ca, ws_path, key_cookie, redis, redis_prefix, upstream, upstream_timeout, handler_timeout,
-            max_inflight, message_rate, message_burst, max_connections_per_ip, handshake_rate_per_ip,
-            max_message_size, outbound_queue, max_push_size,
-            ping_interval, idle_timeout, handshake_timeout, max_connections, credential_ttl,
-            max_credential_ttl, reconnect_grace, shutdown_grace)
-    }
-
-    /// Applies defaults and checks the result.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let d = Config::default();
-        let l = d.limits;
-        let dur = |v: Option<HumanDuration>, default| v.map_or(default, |v| v.0);
-        let size = |v: Option<ByteSize>, default| v.map_or(default, |v| v.0);
-        let limits = Limits {
-            max_message_bytes: size(self.max_message_size, l.max_message_bytes),
-            outbound_queue_bytes: size(self.outbound_queue, l.outbound_queue_bytes),
-            max_push_bytes: size(self.max_push_size, l.max_push_bytes),
-            ping_interval: dur(self.ping_interval, l.ping_interval),
-            idle_timeout: dur(self.idle_timeout, l.idle_timeout),
-            handshake_timeout: dur(self.handshake_timeout, l.handshake_timeout),
-            max_connections: self.max_connections.unwrap_or(l.max_connections),
-            credential_ttl: dur(self.credential_ttl, l.credential_ttl),
-            max_credential_ttl: dur(self.max_credential_ttl, l.max_credential_ttl),
-            reconnect_grace: dur(self.reconnect_grace, l.reconnect_grace),
-            shutdown_grace: dur(self.shutdown_grace, l.shutdown_grace),
-            upstream_timeout: dur(self.upstream_timeout, l.upstream_timeout),
-            handler_timeout: dur(self.handler_timeout, l.handler_timeout),
-            max_inflight: self.max_inflight.unwrap_or(l.max_inflight),
-            message_rate: self.message_rate.unwrap_or(l.message_rate),
-            message_burst: self.message_burst.unwrap_or(l.message_burst),
-            max_connections_per_ip: self
-                .max_connections_per_ip
-                .unwrap_or(l.max_connections_per_ip),
-            handshake_rate_per_ip: self
-                .handshake_rate_per_ip
-                .unwrap_or(l.handshake_rate_per_ip),
-        };
-        let config = Config {
-            listen: self.listen.unwrap_or(d.listen),
-            grpc_listen: self.grpc_listen.unwrap_or(d.grpc_listen),
-            secret: self.secret,
-            previous_secret: self.previous_secret,
-            allowed_origins: self.allowed_origins.unwrap_or_default(),
-            control_tokens: self.control_token.unwrap_or_default(),
-            insecure_control: self.insecure_control.unwrap_or(false),
-            tls: self.tls_cert.zip(self.tls_key),
-            grpc_tls: self.grpc_tls_cert.zip(self.grpc_tls_key),
-            grpc_client_ca: self.grpc_client_ca,
-            ws_path: self.ws_path.unwrap_or(d.ws_path),
-            key_cookie: self.key_cookie.unwrap_or(d.key_cookie),
-            redis: self.redis,
-            redis_prefix: self.redis_prefix.unwrap_or(d.redis_prefix),
-            upstream: self.upstream,
-            limits,
-        };
-        config.check()?;
-        Ok(config)
     }
 }
 
 impl Config {
+    /// The client plane's certificate and key, when both are set.
+    pub fn tls(&self) -> Option<(PathBuf, PathBuf)> {
+        self.tls_cert.clone().zip(self.tls_key.clone())
+    }
+
+    /// The control plane's certificate and key, when both are set.
+    pub fn grpc_tls(&self) -> Option<(PathBuf, PathBuf)> {
+        self.grpc_tls_cert.clone().zip(self.grpc_tls_key.clone())
+    }
+
     /// Checks values that no type rules out.
     pub fn check(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if l.max_push_bytes + 512 > l.outbound_queue_bytes {
+        if l.max_push_size + 512 > l.outbound_queue {
             return invalid("outbound-queue must exceed max-push-size by at least 512 bytes");
         }
-        if l.max_message_bytes == 0 || l.max_connections == 0 || l.max_inflight == 0 {
+        if l.max_message_size == 0 || l.max_connections == 0 || l.max_inflight == 0 {
             return invalid("max-message-size, max-connections and max-inflight must be positive");
         }
         if l.ping_interval.is_zero() || l.ping_interval >= l.idle_timeout {
@@ -518,10 +483,10 @@ impl Config {
         if self.redis.is_some() && self.secret.is_none() {
             return invalid("cluster mode (--redis) requires --secret, shared by every node");
         }
-        if self.grpc_client_ca.is_some() && self.grpc_tls.is_none() {
+        if self.grpc_client_ca.is_some() && self.grpc_tls().is_none() {
             return invalid("grpc-client-ca needs grpc-tls-cert and grpc-tls-key");
         }
-        if self.control_tokens.is_empty()
+        if self.control_token.as_ref().is_none_or(Vec::is_empty)
             && self.grpc_client_ca.is_none()
             && !self.grpc_listen.ip().is_loopback()
             && !self.insecure_control
@@ -531,8 +496,13 @@ impl Config {
                  --grpc-client-ca; set one, or --insecure-control if something else guards it",
             );
         }
-        if self.control_tokens.iter().any(|t| t.is_empty()) {
+        if self.control_token.iter().flatten().any(|t| t.is_empty()) {
             return invalid("control tokens must not be empty");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some()
+            || self.grpc_tls_cert.is_some() != self.grpc_tls_key.is_some()
+        {
+            return invalid("a TLS certificate needs its key, and a key its certificate");
         }
         Ok(())
     }
@@ -605,7 +575,7 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let c = Settings::default().into_config().unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.limits.max_message_size, 65536);
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
     }
 
@@ -634,23 +604,84 @@ mod tests {
         let c = flags.merge(file).into_config().unwrap();
         assert_eq!(c.listen.port(), 1);
         assert_eq!(c.limits.reconnect_grace, Duration::from_secs(5));
-        assert_eq!(c.limits.outbound_queue_bytes, 2 << 20);
+        assert_eq!(c.limits.outbound_queue, 2 << 20);
     }
 
     #[test]
-    fn the_example_file_parses() {
+    fn the_example_file_parses_and_documents_the_defaults() {
         let text = include_str!("../examples/channelgate.toml");
-        let settings = Settings::parse_toml(text).unwrap();
-        let config = settings.into_config().unwrap();
-        assert_eq!(config.allowed_origins, ["https://app.example.com"]);
-        assert_eq!(config.limits.message_rate, 50);
+        let config = Settings::parse_toml(text).unwrap().into_config().unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    /// The README's Configuration table and the example file are written from [`SETTINGS`]:
+    /// a setting missing from either, or a row that no longer says what the declaration says,
+    /// fails here.
+    #[test]
+    fn every_setting_is_in_the_readme_and_the_example_file() {
+        let readme = include_str!("../README.md");
+        let example = include_str!("../examples/channelgate.toml");
+        for s in SETTINGS {
+            let default = match s.default {
+                "none" => "none".to_owned(),
+                d => format!("`{d}`"),
+            };
+            let help = s.help.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+            let row = format!("| `{}` | `{}` | {default} | {help} |", s.flag(), s.env);
+            assert!(
+                readme.lines().any(|line| line == row),
+                "README.md's Configuration table lacks (or words differently) the row\n{row}"
+            );
+            let key = s.key();
+            assert!(
+                example.lines().any(|line| {
+                    let line = line.trim_start_matches("# ");
+                    line.starts_with(&format!("{key} = "))
+                }),
+                "examples/channelgate.toml lacks `{key}`"
+            );
+            assert_eq!(
+                s.env,
+                format!("CHANNELGATE_{}", s.field.to_ascii_uppercase()),
+                "environment variables are named after their setting"
+            );
+        }
+    }
+
+    #[test]
+    fn file_environment_and_flags_read_values_alike() {
+        let file = Settings::parse_toml(
+            "allowed-origins = \"https://a.example, https://b.example\"\n\
+             control-token = [\"t1\", \"t2\"]\ninsecure-control = true\nmax-push-size = 1024\n",
+        )
+        .unwrap();
+        assert_eq!(
+            file.allowed_origins.as_deref(),
+            Some(
+                &[
+                    "https://a.example".to_owned(),
+                    "https://b.example".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(file.control_token.as_ref().map(Vec::len), Some(2));
+        assert_eq!(file.insecure_control, Some(true));
+        assert_eq!(file.max_push_size, Some(1024));
+        for bad in [
+            "max-push-size = \"lots\"",
+            "ping-interval = 5",
+            "ping_interval = \"5s\"",
+            "listen = \"nowhere\"",
+        ] {
+            let err = Settings::parse_toml(bad).unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = Settings::parse_toml("lisen = \"x\"")
-            .unwrap_err()
-            .to_string();
+        let err = Settings::parse_toml("lisen = \"x\"").unwrap_err();
         assert!(err.contains("lisen"), "{err}");
     }
 
@@ -672,7 +703,7 @@ mod tests {
     #[test]
     fn inconsistent_limits_are_refused() {
         let s = Settings {
-            max_push_size: Some(ByteSize(2 << 20)),
+            max_push_size: Some(2 << 20),
             ..Settings::default()
         };
         assert!(s.into_config().is_err());
