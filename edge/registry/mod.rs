@@ -1,0 +1,224 @@
+//! The registry: every digest this node knows, the channels each is subscribed to, the live
+//! sockets each channel delivers to, and the `Listen` streams. [`Registry`] is the one handle
+//! the rest of the edge (the handshake, connection tasks, the bus, the [`Gateway`]) uses.
+//!
+//! # Rooms
+//! One file per kind of data, each owning its part of [`Shared`] and the methods that change it:
+//! * [`sessions`]: credentials known here and their state machine (below), the live count, the
+//!   clocks; minting, attaching and detaching sockets, subscriptions by digest, the heartbeat;
+//! * [`channels`]: the channel index (live subscribers per channel) and delivery: a push is
+//!   encoded once and queued to every subscriber without waiting;
+//! * [`listeners`]: `Listen` streams per channel;
+//! * [`cluster`]: what the registry tells a cluster bus: pushes accepted here, in order, and the
+//!   channels whose local interest changed.
+//!
+//! History (the last pushes of a channel, for recovery) and presence (who is subscribed, across
+//! nodes) are rooms still to come: each will own its data beside these, and a push reaches
+//! history from [`channels`]' delivery the way it reaches [`listeners`] now.
+//!
+//! The node owns the [`Metrics`]; the registry counts into them.
+//!
+//! # Model
+//! Subscriptions belong to a digest, not to a socket: they are kept in the digest's session
+//! whether or not a socket is connected. The channel index holds only live sockets, so a push
+//! touches nothing but its recipients.
+//!
+//! A session moves through these states:
+//!
+//! | state | entered by | may go to |
+//! | --- | --- | --- |
+//! | `Issued` | `IssueConnection` | `Live` (handshake before expiry), gone (expiry) |
+//! | `Live` | a handshake | `Grace` (unclean drop), `Dead` (clean close, `Disconnect`) |
+//! | `Grace` | an unclean drop | `Live` (handshake within grace), `Dead` (grace over) |
+//! | `Dead` | clean close, `Disconnect`, grace over | gone, once the id's expiry has passed |
+//!
+//! A `Dead` session is kept until its id expires, so a used id cannot be replayed.
+//!
+//! # Locking
+//! Locks are taken in one order: a session's map shard, then a channel's map shard, then that
+//! channel's subscriber list. A push takes only the last two, briefly, and never waits on a
+//! socket: it calls [`Outbox::push`](crate::fanout::Outbox::push). No lock is held across an
+//! await.
+
+mod channels;
+mod cluster;
+mod listeners;
+mod sessions;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize},
+    Arc,
+};
+
+use dashmap::DashMap;
+
+use crate::{
+    config::Limits,
+    credentials::{Digest, Secrets},
+    error::Error,
+    fanout::Backlog,
+    metrics::Metrics,
+    protocol::{Channel, Json},
+};
+
+pub use cluster::{ClusterFeed, Relay, RELAY_BUFFER};
+pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
+pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
+
+#[allow(unused_imports)] // for the docs
+use crate::gateway::Gateway;
+
+/// Most channels in one `IssueConnection`, `Subscribe`, `Unsubscribe`, `Push` or `Listen` call.
+pub const MAX_CHANNELS_PER_CALL: usize = 1024;
+
+/// Handle to the registry. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+/// The registry's data, by room.
+#[derive(Debug)]
+struct Shared {
+    secrets: Secrets,
+    limits: Limits,
+    /// [`sessions`]: credentials known here, by digest.
+    sessions: DashMap<Digest, sessions::Session>,
+    /// [`sessions`]: sockets live on this node; changed only by `Registry::set_state`.
+    live: AtomicUsize,
+    /// [`sessions`]: a number for each socket, unique on this node.
+    next_serial: AtomicU64,
+    /// [`channels`]: live subscribers per channel. An entry exists only while it has one.
+    channels: DashMap<Channel, Arc<channels::Subscribers>>,
+    /// [`channels`]: bytes queued in all outboxes, for publishers that pace themselves.
+    backlog: Arc<Backlog>,
+    /// [`listeners`]: `Listen` streams per channel. An entry exists only while it has one.
+    listeners: DashMap<Channel, Vec<listeners::ListenerEntry>>,
+    /// [`listeners`]: a number for each stream.
+    next_listener: AtomicU64,
+    /// [`cluster`], cluster mode only: pushes accepted here, handed to the bus in the order
+    /// they were delivered locally, and the channels whose local interest changed.
+    cluster: Option<cluster::ClusterHooks>,
+    /// The node's metrics.
+    metrics: Arc<Metrics>,
+}
+
+/// Counts of what the registry holds, for `Stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live sockets.
+    pub connections: u64,
+    /// Channels with at least one live subscriber.
+    pub channels: u64,
+    /// Subscriptions of every known digest, live or not.
+    pub subscriptions: u64,
+    /// Known digests: issued, live, in grace, or dead and not yet expired.
+    pub sessions: u64,
+    /// Live subscribers per channel, when asked for.
+    pub per_channel: Vec<(String, u64)>,
+}
+
+impl Registry {
+    /// An empty registry signing ids with `secrets`, counting into the node's `metrics`.
+    pub fn new(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self::build(secrets, limits, metrics, None)
+    }
+
+    fn build(
+        secrets: Secrets,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        cluster: Option<cluster::ClusterHooks>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                secrets,
+                limits,
+                sessions: DashMap::new(),
+                live: AtomicUsize::new(0),
+                next_serial: AtomicU64::new(1),
+                channels: DashMap::new(),
+                backlog: Arc::default(),
+                listeners: DashMap::new(),
+                next_listener: AtomicU64::new(1),
+                cluster,
+                metrics,
+            }),
+        }
+    }
+
+    /// The limits this registry enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The node's metrics, shared.
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Checks a payload against the JSON rules and the size limit.
+    pub fn check_payload(&self, json: &str) -> Result<Json, Error> {
+        let max = self.shared.limits.max_push_size;
+        if json.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: json.len(),
+                max,
+            });
+        }
+        Ok(Json::parse(json)?)
+    }
+
+    /// Counts of what the registry holds; per channel when `per_channel`, limited to `only`
+    /// when that is not empty.
+    pub fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
+        let shared = &self.shared;
+        let subscriptions = shared
+            .sessions
+            .iter()
+            .map(|s| s.channels.len() as u64)
+            .sum();
+        let count = |subscribers: &channels::Subscribers| subscribers.lock().len() as u64;
+        let per_channel = if !per_channel {
+            Vec::new()
+        } else if only.is_empty() {
+            shared
+                .channels
+                .iter()
+                .map(|e| (e.key().to_string(), count(e.value())))
+                .collect()
+        } else {
+            only.iter()
+                .map(|c| {
+                    let n = shared.channels.get(c).map_or(0, |s| count(&s));
+                    (c.to_string(), n)
+                })
+                .collect()
+        };
+        Stats {
+            connections: shared.live.load(std::sync::atomic::Ordering::Relaxed) as u64,
+            channels: shared.channels.len() as u64,
+            subscriptions,
+            sessions: shared.sessions.len() as u64,
+            per_channel,
+        }
+    }
+}
+
+/// Checks the number of channels in one call.
+pub(crate) fn check_channel_count(channels: &[Channel]) -> Result<(), Error> {
+    match channels.len() {
+        0 => Err(Error::NoChannels),
+        n if n > MAX_CHANNELS_PER_CALL => Err(Error::TooManyChannels {
+            max: MAX_CHANNELS_PER_CALL,
+        }),
+        _ => Ok(()),
+    }
+}

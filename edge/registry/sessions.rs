@@ -1,0 +1,415 @@
+//! The sessions room: every set of credentials this node knows (by digest), its state machine
+//! (see the parent module), its subscriptions, and the socket bound to it; the live count, kept
+//! in one place ([`Registry::set_state`]); minting, the handshake's attach and the socket's
+//! detach, the heartbeat and the sweeper.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use dashmap::{mapref::entry::Entry, mapref::one::RefMut};
+
+use super::{check_channel_count, Registry};
+use crate::{
+    credentials::{CredentialError, Credentials, Digest, Verified},
+    error::{Close, Error},
+    fanout::{Backlog, Outbox},
+    protocol::Channel,
+};
+
+/// The current Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds on a monotonic clock that starts with the process.
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64
+}
+
+#[derive(Debug)]
+pub(super) struct Session {
+    pub(super) expires_at_ms: u64,
+    pub(super) state: State,
+    pub(super) channels: HashSet<Channel>,
+}
+
+impl Session {
+    fn issued(expires_at_ms: u64) -> Self {
+        Self {
+            expires_at_ms,
+            state: State::Issued,
+            channels: HashSet::new(),
+        }
+    }
+}
+
+/// A session's state; see the table in the parent module.
+#[derive(Debug)]
+pub(super) enum State {
+    /// Minted, never used: may become `Live` before expiry.
+    Issued,
+    /// A socket on this node holds it.
+    Live(Arc<Conn>),
+    /// Dropped uncleanly: may become `Live` again until `until_ms`.
+    Grace { until_ms: u64 },
+    /// Ended: refused until forgotten at expiry.
+    Dead,
+}
+
+/// The registry's side of a live socket: what publishers need to reach it.
+#[derive(Debug)]
+pub struct Conn {
+    pub(super) serial: u64,
+    pub(super) digest: Digest,
+    /// When the client last sent anything (pongs included), in [`monotonic_ms`]; the node's
+    /// heartbeat ([`Registry::heartbeat`]) closes sockets silent past the idle timeout. One
+    /// shared clock instead of a timer per socket: an idle socket holds no timer at all.
+    last_seen_ms: AtomicU64,
+    /// Bounded outbound queue; closed by whoever ends the socket, drained by its writer.
+    pub(crate) outbox: Outbox,
+}
+
+impl Conn {
+    fn new(serial: u64, digest: Digest, backlog: &Arc<Backlog>) -> Self {
+        Self {
+            serial,
+            digest,
+            last_seen_ms: AtomicU64::new(monotonic_ms()),
+            outbox: Outbox::new(backlog.clone()),
+        }
+    }
+
+    /// Records that the client sent something just now.
+    pub fn touch(&self) {
+        self.last_seen_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the client has been silent, as of `now_ms` ([`monotonic_ms`]).
+    pub fn silent_for(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)))
+    }
+
+    /// The socket's digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// A number unique to this socket on this node.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+}
+
+/// Why a handshake's credentials were refused after their signature checked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The id was not used before its expiry.
+    #[error("credentials expired")]
+    Expired,
+    /// A socket with this id is connected.
+    #[error("connection id already in use")]
+    AlreadyLive,
+    /// The id's connection ended (clean close, `Disconnect`, or grace over).
+    #[error("connection id already used")]
+    Ended,
+}
+
+/// How a socket ended, as far as its credentials are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client closed cleanly, or the application ended it: the id is dead.
+    Final,
+    /// Dropped without a close: the id may reconnect within the grace period.
+    Resumable,
+}
+
+impl Registry {
+    /// Moves `session` to `next`: the one place a session's state changes, so the live count
+    /// follows every transition, and a session that dies drops its subscriptions. Returns the
+    /// state it left.
+    fn set_state(&self, session: &mut Session, next: State) -> State {
+        let was_live = matches!(session.state, State::Live(_));
+        let is_live = matches!(next, State::Live(_));
+        match (was_live, is_live) {
+            (false, true) => {
+                self.shared.live.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.shared.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if matches!(next, State::Dead) {
+            session.channels = HashSet::new();
+        }
+        std::mem::replace(&mut session.state, next)
+    }
+
+    fn new_conn(&self, digest: Digest) -> Arc<Conn> {
+        Arc::new(Conn::new(
+            self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
+            digest,
+            &self.shared.backlog,
+        ))
+    }
+
+    /// Mints credentials without recording them here (cluster mode keeps them in Redis).
+    pub fn mint(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+        let limits = &self.shared.limits;
+        let ttl = ttl.unwrap_or(limits.credential_ttl);
+        if ttl > limits.max_credential_ttl || ttl.is_zero() {
+            return Err(Error::BadTtl {
+                max_ms: limits.max_credential_ttl.as_millis() as u64,
+            });
+        }
+        Ok(self
+            .shared
+            .secrets
+            .issue(now_ms().saturating_add(ttl.as_millis() as u64)))
+    }
+
+    /// Checks a presented id and key (signature and key only; expiry is [`Registry::attach`]'s).
+    pub fn verify(
+        &self,
+        connection_id: &str,
+        socket_key: &str,
+    ) -> Result<Verified, CredentialError> {
+        self.shared.secrets.verify(connection_id, socket_key)
+    }
+
+    /// Mints credentials valid for `ttl` (the configured default when `None`) and records
+    /// them here.
+    pub fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+        let creds = self.mint(ttl)?;
+        self.shared
+            .sessions
+            .insert(creds.digest, Session::issued(creds.expires_at_ms));
+        Ok(creds)
+    }
+
+    /// Binds a new socket to verified credentials: refuses an expired, live or ended id, and
+    /// hands the socket every channel its digest is subscribed to.
+    pub fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, Refusal> {
+        let now = now_ms();
+        let mut session = match self.shared.sessions.entry(verified.digest) {
+            Entry::Vacant(vacant) => {
+                // Signed by this deployment but unknown here (issued before a restart, or by
+                // another node): the signature is the authority.
+                if now >= verified.expires_at_ms {
+                    return Err(Refusal::Expired);
+                }
+                vacant.insert(Session::issued(verified.expires_at_ms))
+            }
+            Entry::Occupied(occupied) => occupied.into_ref(),
+        };
+        match session.state {
+            State::Issued if now >= session.expires_at_ms => return Err(Refusal::Expired),
+            State::Issued => {}
+            State::Grace { until_ms } if now < until_ms => {}
+            State::Grace { .. } => {
+                self.set_state(&mut session, State::Dead);
+                return Err(Refusal::Ended);
+            }
+            State::Live(_) => return Err(Refusal::AlreadyLive),
+            State::Dead => return Err(Refusal::Ended),
+        }
+        let conn = self.new_conn(verified.digest);
+        for channel in &session.channels {
+            self.add_subscriber(channel, &conn);
+        }
+        self.set_state(&mut session, State::Live(conn.clone()));
+        Ok(conn)
+    }
+
+    /// Binds a socket whose credentials the cluster already accepted, with the subscriptions
+    /// the cluster holds for its digest; replaces whatever this node remembered of it.
+    pub fn attach_accepted(&self, verified: &Verified, channels: Vec<Channel>) -> Arc<Conn> {
+        let conn = self.new_conn(verified.digest);
+        let mut session = self
+            .shared
+            .sessions
+            .entry(verified.digest)
+            .or_insert_with(|| Session::issued(verified.expires_at_ms));
+        if let State::Live(old) = &session.state {
+            // The cluster says the old socket is gone; make it so here too.
+            let old = old.clone();
+            for channel in &session.channels {
+                self.remove_subscriber(channel, old.serial);
+            }
+            old.outbox.close(Close::GoingAway);
+            self.set_state(&mut session, State::Issued);
+        }
+        session.channels = channels.into_iter().collect();
+        for channel in &session.channels {
+            self.add_subscriber(channel, &conn);
+        }
+        self.set_state(&mut session, State::Live(conn.clone()));
+        conn
+    }
+
+    /// Unbinds a socket that ended. Does nothing if the session already moved on (for example
+    /// the application disconnected it).
+    pub fn detach(&self, conn: &Conn, ending: Ending) {
+        let Some(mut session) = self.shared.sessions.get_mut(&conn.digest) else {
+            return;
+        };
+        match &session.state {
+            State::Live(live) if live.serial == conn.serial => {}
+            _ => return,
+        }
+        for channel in &session.channels {
+            self.remove_subscriber(channel, conn.serial);
+        }
+        let grace = self.shared.limits.reconnect_grace;
+        let next = match ending {
+            Ending::Resumable if !grace.is_zero() => State::Grace {
+                until_ms: now_ms().saturating_add(grace.as_millis() as u64),
+            },
+            _ => State::Dead,
+        };
+        self.set_state(&mut session, next);
+    }
+
+    /// Subscribes `digest` to `channels`. Returns whether a socket is live for it on this node.
+    pub fn subscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        check_channel_count(channels)?;
+        let mut session = self.known_session(digest)?;
+        let live = match &session.state {
+            State::Live(conn) => Some(conn.clone()),
+            _ => None,
+        };
+        for channel in channels {
+            if session.channels.insert(channel.clone()) {
+                if let Some(conn) = &live {
+                    self.add_subscriber(channel, conn);
+                }
+            }
+        }
+        Ok(live.is_some())
+    }
+
+    /// Unsubscribes `digest` from `channels`; a live socket stops receiving at once.
+    pub fn unsubscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        check_channel_count(channels)?;
+        let mut session = self.known_session(digest)?;
+        let live = match &session.state {
+            State::Live(conn) => Some(conn.serial),
+            _ => None,
+        };
+        for channel in channels {
+            if session.channels.remove(channel) {
+                if let Some(serial) = live {
+                    self.remove_subscriber(channel, serial);
+                }
+            }
+        }
+        Ok(live.is_some())
+    }
+
+    pub(super) fn known_session(
+        &self,
+        digest: &Digest,
+    ) -> Result<RefMut<'_, Digest, Session>, Error> {
+        match self.shared.sessions.get_mut(digest) {
+            Some(session) if !matches!(session.state, State::Dead) => Ok(session),
+            _ => Err(Error::UnknownDigest),
+        }
+    }
+
+    /// Ends `digest`'s credentials and closes its socket, if live here, with `close`.
+    /// Returns whether a live socket was closed.
+    pub fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+        let mut session = self.known_session(digest)?;
+        if let State::Live(conn) = &session.state {
+            let conn = conn.clone();
+            for channel in &session.channels {
+                self.remove_subscriber(channel, conn.serial);
+            }
+            conn.outbox.close(close);
+        }
+        let was = self.set_state(&mut session, State::Dead);
+        Ok(matches!(was, State::Live(_)))
+    }
+
+    /// The sockets live on this node: digest, first-use deadline, channels.
+    pub fn live_sessions(&self) -> Vec<(Digest, u64, Vec<Channel>)> {
+        self.shared
+            .sessions
+            .iter()
+            .filter(|s| matches!(s.state, State::Live(_)))
+            .map(|s| {
+                (
+                    *s.key(),
+                    s.expires_at_ms,
+                    s.channels.iter().cloned().collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The digests of the sockets live on this node.
+    pub fn live_digests(&self) -> Vec<Digest> {
+        self.shared
+            .sessions
+            .iter()
+            .filter(|s| matches!(s.state, State::Live(_)))
+            .map(|s| *s.key())
+            .collect()
+    }
+
+    /// Forgets sessions whose time is up: never-used ids past expiry, grace periods that ran
+    /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway).
+    pub fn sweep(&self) {
+        let now = now_ms();
+        self.shared
+            .sessions
+            .retain(|_, session| match session.state {
+                State::Live(_) => true,
+                State::Issued | State::Dead => now < session.expires_at_ms,
+                State::Grace { until_ms } if now >= until_ms => {
+                    self.set_state(session, State::Dead);
+                    now < session.expires_at_ms
+                }
+                State::Grace { .. } => true,
+            });
+    }
+
+    /// One beat of the node's heartbeat, for the live sockets whose serial is `slice` modulo
+    /// `slices` (a beat covers one slice, so pings spread over the ping interval instead of
+    /// going out in one burst): a socket silent for longer than `idle_timeout` is closed as
+    /// idle, every other one gets a ping, which a live client answers with a pong.
+    pub fn heartbeat(&self, slice: u64, slices: u64, idle_timeout: Duration) {
+        let now = monotonic_ms();
+        for session in self.shared.sessions.iter() {
+            if let State::Live(conn) = &session.state {
+                if conn.serial % slices != slice {
+                    continue;
+                }
+                if conn.silent_for(now) > idle_timeout {
+                    conn.outbox.close(Close::IdleTimeout);
+                } else {
+                    conn.outbox.ping();
+                }
+            }
+        }
+    }
+
+    /// Closes every live socket's outbox with `close` (used when draining).
+    pub fn close_all(&self, close: &Close) {
+        for session in self.shared.sessions.iter() {
+            if let State::Live(conn) = &session.state {
+                conn.outbox.close(close.clone());
+            }
+        }
+    }
+}
