@@ -22,6 +22,8 @@ pub struct Metrics {
     pub dropped: IntCounter,
     /// Pushes not relayed to other nodes (cluster bus behind or Redis down).
     pub relay_dropped: IntCounter,
+    /// Messages from the cluster bus that did not decode (counted and dropped).
+    pub bus_malformed: IntCounter,
     /// WebSocket handshakes by result (`accepted`, or the refusal reason).
     pub handshakes: IntCounterVec,
     /// Client messages received.
@@ -110,6 +112,10 @@ impl Metrics {
             relay_dropped: counter(
                 "channelgate_relay_dropped_total",
                 "Pushes not relayed to other nodes.",
+            ),
+            bus_malformed: counter(
+                "channelgate_bus_malformed_total",
+                "Messages from the cluster bus that did not decode, dropped.",
             ),
             handshakes: counter_vec(
                 "channelgate_handshakes_total",

@@ -24,12 +24,11 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Outcome, Request, Socket};
 use crate::{
-    credentials::Digest,
+    handoff::{Delivery, Forwarded, HandlerReply, Inbound, LocalEnd, LocalGroup, Outbound},
     protocol::{Body, Json, Reply},
 };
 
@@ -40,36 +39,6 @@ pub const MEMBER_BUFFER: usize = 1024;
 pub const CONNECT: &str = "$connect";
 /// Reserved action of disconnect events.
 pub const DISCONNECT: &str = "$disconnect";
-
-/// A message for a `Handle` stream.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// Names the delivery in the reply; 0 for lifecycle events (no reply expected).
-    pub delivery_id: u64,
-    /// The socket's connection id.
-    pub connection_id: Box<str>,
-    /// The socket's digest.
-    pub digest: Digest,
-    /// The action (or `$connect` / `$disconnect`).
-    pub action: Box<str>,
-    /// The client's id as JSON text, if any.
-    pub id: Option<Box<RawValue>>,
-    /// The whole client message (for lifecycle events, a small JSON object).
-    pub json: Box<str>,
-}
-
-/// A member's answer to one delivery.
-#[derive(Debug)]
-pub struct RemoteReply {
-    /// The delivery it answers.
-    pub delivery_id: u64,
-    /// HTTP-like status, 100..=599.
-    pub status: u16,
-    /// Reply headers.
-    pub headers: Vec<(String, String)>,
-    /// Reply body (`None`: null).
-    pub body: Option<Json>,
-}
 
 /// What a member got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,14 +63,8 @@ struct Shared {
     state: Mutex<State>,
     next_id: AtomicU64,
     timeout: Duration,
-    /// Set once in cluster mode.
-    forwarder: std::sync::OnceLock<Arc<dyn Forwarder>>,
-}
-
-impl std::fmt::Debug for dyn Forwarder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Forwarder")
-    }
+    /// Cluster mode: the link to the bus, which offers messages to other nodes' streams.
+    link: Option<LocalEnd>,
 }
 
 #[derive(Debug, Default)]
@@ -140,8 +103,8 @@ struct Slot {
 /// Where a reply goes: a socket on this node, or (cluster) back to the node that forwarded
 /// the message. `None` means every copy died unanswered.
 enum ReplyTo {
-    Local(oneshot::Sender<RemoteReply>),
-    Forwarded(Box<dyn FnOnce(Option<RemoteReply>) + Send>),
+    Local(oneshot::Sender<HandlerReply>),
+    Forwarded(oneshot::Sender<Option<HandlerReply>>),
 }
 
 impl std::fmt::Debug for ReplyTo {
@@ -162,56 +125,19 @@ impl Slot {
     }
 
     /// Answers once; later answers are ignored.
-    fn resolve(&self, reply: Option<RemoteReply>) {
+    fn resolve(&self, reply: Option<HandlerReply>) {
         match self.reply.lock().take() {
             Some(ReplyTo::Local(tx)) => {
                 if let Some(reply) = reply {
                     let _ = tx.send(reply);
                 }
             }
-            Some(ReplyTo::Forwarded(back)) => back(reply),
+            Some(ReplyTo::Forwarded(back)) => {
+                let _ = back.send(reply);
+            }
             None => {}
         }
     }
-}
-
-/// The cluster's side of `Handle` streams: offers messages to groups that have no stream on
-/// this node, through the shared state (see `bus::redis`).
-pub trait Forwarder: Send + Sync + 'static {
-    /// Offers `delivery` to every group elsewhere that handles its action, except `exclude`;
-    /// resolves with the first reply.
-    fn forward(
-        &self,
-        delivery: Delivery,
-        exclude: Vec<Box<str>>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>>;
-    /// Sends a lifecycle event to every group elsewhere that asked for them, except `exclude`.
-    fn forward_event(&self, delivery: Delivery, exclude: Vec<Box<str>>);
-    /// The streams on this node changed (joined or left).
-    fn membership_changed(&self);
-}
-
-/// What forwarding a message to other nodes came to.
-#[derive(Debug)]
-pub enum Forwarded {
-    /// The first reply.
-    Reply(RemoteReply),
-    /// No group elsewhere handles the action.
-    NoGroups,
-    /// Groups exist, but none took the message or every stream holding it ended.
-    Failed,
-}
-
-/// A group on this node: its name, the actions its streams handle, and whether any asked for
-/// lifecycle events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalGroup {
-    /// Group name.
-    pub name: Box<str>,
-    /// Actions handled by at least one of its streams here.
-    pub actions: Vec<Box<str>>,
-    /// Whether a stream here asked for lifecycle events.
-    pub lifecycle: bool,
 }
 
 /// A stream's membership; leaving (on drop) answers its in-flight deliveries with 503.
@@ -255,26 +181,38 @@ enum Offer {
 }
 
 impl Remote {
-    /// An empty registry whose deliveries wait at most `timeout` for a reply.
-    pub fn new(timeout: Duration) -> Self {
+    /// An empty registry whose deliveries wait at most `timeout` for a reply; in cluster
+    /// mode, `link` reaches the streams of other nodes.
+    pub fn new(timeout: Duration, link: Option<LocalEnd>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 next_id: AtomicU64::new(1),
                 timeout,
-                forwarder: std::sync::OnceLock::new(),
+                link,
             }),
         }
     }
 
-    /// Cluster mode: where messages for groups with no stream here go.
-    pub fn set_forwarder(&self, forwarder: Arc<dyn Forwarder>) {
-        let _ = self.shared.forwarder.set(forwarder);
+    /// The streams here changed (joined or left): tell the bus, which advertises the groups.
+    fn changed(&self) {
+        if let Some(link) = &self.shared.link {
+            link.groups.send_replace(self.local_groups());
+        }
     }
 
-    fn changed(&self) {
-        if let Some(f) = self.shared.forwarder.get() {
-            f.membership_changed();
+    /// Hands `outbound` to the bus without waiting; `false` when the bus is gone or behind.
+    fn to_bus(&self, outbound: Outbound) -> bool {
+        let Some(link) = &self.shared.link else {
+            return false;
+        };
+        match link.outbound.try_send(outbound) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("cluster bus behind: a Handle message for other nodes was refused");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -301,34 +239,36 @@ impl Remote {
             .collect()
     }
 
-    /// Hands a message forwarded by another node to a stream of `group` here; `back` gets
-    /// the reply (or `None` if the stream ends first). Returns false when no stream of the
-    /// group here could take it.
-    pub fn deliver_forwarded(
-        &self,
-        group: &str,
-        mut delivery: Delivery,
-        back: Box<dyn FnOnce(Option<RemoteReply>) + Send>,
-    ) -> bool {
-        let lifecycle = delivery.action.starts_with('$');
+    /// Hands a message forwarded by another node to a stream of its group here. Its reply
+    /// sender gets the reply, or `None` at once when no stream of the group here takes it (or
+    /// later, when the stream that took it ends first).
+    pub fn deliver_forwarded(&self, inbound: Inbound) {
+        let Inbound {
+            group,
+            mut delivery,
+            reply,
+        } = inbound;
         let mut state = self.shared.state.lock();
         let State { groups, pending } = &mut *state;
-        let Some(group) = groups.get_mut(group) else {
-            return false;
+        let Some(group) = groups.get_mut(&group) else {
+            let _ = reply.send(None);
+            return;
         };
-        if lifecycle {
-            return matches!(group.offer(&delivery, |m| m.lifecycle), Offer::Sent(_));
+        if delivery.is_lifecycle() {
+            group.offer(&delivery, |m| m.lifecycle);
+            return;
         }
         delivery.delivery_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let action = delivery.action.clone();
         match group.offer(&delivery, |m| m.actions.contains(&*action)) {
             Offer::Sent(member) => {
-                let slot = Slot::new(ReplyTo::Forwarded(back));
+                let slot = Slot::new(ReplyTo::Forwarded(reply));
                 slot.copies.lock().push(delivery.delivery_id);
                 pending.insert(delivery.delivery_id, Pending { member, slot });
-                true
             }
-            _ => false,
+            _ => {
+                let _ = reply.send(None);
+            }
         }
     }
 
@@ -437,11 +377,21 @@ impl Remote {
             }
         }
         delivery.delivery_id = 0;
-        let forward = self
-            .shared
-            .forwarder
-            .get()
-            .map(|f| f.forward(delivery, here));
+        let forward = self.shared.link.is_some().then(|| {
+            let (outcome, rx) = oneshot::channel();
+            let sent = self.to_bus(Outbound::Forward {
+                delivery,
+                exclude: here,
+                outcome,
+            });
+            let forwarded: ForwardFuture = Box::pin(async move {
+                match rx.await {
+                    Ok(forwarded) if sent => forwarded,
+                    _ => Forwarded::Failed,
+                }
+            });
+            forwarded
+        });
         if sent.is_empty() && forward.is_none() {
             return Outcome::Reply(if busy {
                 request.reply(503, "handlers busy")
@@ -478,10 +428,10 @@ impl Remote {
     async fn await_reply(
         &self,
         slot: Arc<Slot>,
-        mut local: oneshot::Receiver<RemoteReply>,
+        mut local: oneshot::Receiver<HandlerReply>,
         mut local_pending: bool,
-        forward: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>>>,
-    ) -> Result<RemoteReply, Unanswered> {
+        forward: Option<ForwardFuture>,
+    ) -> Result<HandlerReply, Unanswered> {
         let deadline = tokio::time::sleep(self.shared.timeout);
         tokio::pin!(deadline);
         let mut forward_pending = forward.is_some();
@@ -522,7 +472,7 @@ impl Remote {
 
     /// Takes a member's reply. A reply to a delivery that is no longer pending (answered by
     /// another group, or timed out) is ignored.
-    pub fn reply(&self, member: &Member, reply: RemoteReply) -> Result<(), MemberError> {
+    pub fn reply(&self, member: &Member, reply: HandlerReply) -> Result<(), MemberError> {
         let slot = {
             let state = self.shared.state.lock();
             match state.pending.get(&reply.delivery_id) {
@@ -577,8 +527,11 @@ impl Remote {
                 }
             }
         }
-        if let Some(forwarder) = self.shared.forwarder.get() {
-            forwarder.forward_event(delivery, here);
+        if self.shared.link.is_some() {
+            self.to_bus(Outbound::Event {
+                delivery,
+                exclude: here,
+            });
         }
     }
 
@@ -616,6 +569,9 @@ impl Remote {
         self.changed();
     }
 }
+
+/// What offering a message to other nodes will come to.
+type ForwardFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>>;
 
 /// Why a message got no reply.
 enum Unanswered {

@@ -45,33 +45,34 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use rand::RngCore;
-use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink},
-    Script,
-};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::AttachError;
+use super::{AttachError, Bus};
 use crate::{
     config::Limits,
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
-    handlers::remote::{Remote, RemoteReply},
-    protocol::{push_frame, Channel, Frame},
-    registry::{now_ms, ClusterFeed, Conn, Ending, Refusal, Registry, Relay},
+    handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
+    protocol::{Channel, Frame},
+    registry::{now_ms, ClusterFeed, Conn, Ending, Refusal, Registry},
 };
 
+mod pubsub;
 mod queue;
+mod relay;
+mod scripts;
+
+use scripts::Scripts;
 
 /// How often a node renews its heartbeat.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node whose heartbeat is older than this is dead, and its sockets' ids may resume elsewhere.
-pub const LEASE: Duration = Duration::from_secs(3);
+pub(crate) const LEASE: Duration = Duration::from_secs(3);
 /// Time to live of a live socket's keys, renewed by its node every [`LIVE_RENEW`].
 const LIVE_TTL: Duration = Duration::from_secs(600);
 const LIVE_RENEW: Duration = Duration::from_secs(120);
@@ -86,102 +87,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pushes published per pipeline.
 const RELAY_BATCH: usize = 256;
-
-const ISSUE: &str = r"
-redis.call('HSET', KEYS[1], 'state', 'issued', 'exp', ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
-return 1";
-
-/// KEYS: s, subs, nodes. ARGV: now, node, exp, grace, lease, live_ttl.
-/// Returns {'ok', channels...} or {'expired'|'in_use'|'ended'}.
-const ATTACH: &str = r"
-local now = tonumber(ARGV[1]); local exp = tonumber(ARGV[3])
-local grace = tonumber(ARGV[4]); local lease = tonumber(ARGV[5])
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'until')
-local state = s[1]
-if state == 'dead' then return {'ended'} end
-if state == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  if hb + lease > now then return {'in_use'} end
-  if now >= hb + lease + grace then return {'ended'} end
-elseif state == 'grace' then
-  if now >= tonumber(s[3]) then return {'ended'} end
-else
-  if now >= exp then return {'expired'} end
-end
-redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp)
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-local result = redis.call('SMEMBERS', KEYS[2])
-table.insert(result, 1, 'ok')
-return result";
-
-/// KEYS: s, subs. ARGV: node, now, resumable (0/1), grace.
-const DETACH: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
-if s[1] ~= 'live' or s[2] ~= ARGV[1] then return 0 end
-local now = tonumber(ARGV[2]); local grace = tonumber(ARGV[4]); local exp = tonumber(s[3]) or now
-if ARGV[3] == '1' and grace > 0 then
-  redis.call('HSET', KEYS[1], 'state', 'grace', 'until', now + grace)
-  local ttl = math.max(now + grace, exp) - now + 1000
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-else
-  redis.call('HSET', KEYS[1], 'state', 'dead')
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], math.max(exp - now, 0) + 1000)
-end
-return 1";
-
-/// KEYS: s, subs, nodes. ARGV: now, lease, add (1) or remove (0), channels...
-/// Returns {'unknown'} or {'offline'} or {'live', node}.
-const SUBSCRIBE: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node')
-if not s[1] or s[1] == 'dead' then return {'unknown'} end
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-else
-  redis.call('SREM', KEYS[2], unpack(ARGV, 4))
-end
-if s[1] == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  if hb + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return {'live', s[2]} end
-end
-return {'offline'}";
-
-/// KEYS: s, subs, nodes. ARGV: now, lease, end (1: mark dead).
-/// Returns {'unknown'} or {'offline'} or {'live', node}.
-const HOLDER: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
-if not s[1] or s[1] == 'dead' then return {'unknown'} end
-local live = false
-if s[1] == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  live = hb + tonumber(ARGV[2]) > tonumber(ARGV[1])
-end
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'dead')
-  redis.call('DEL', KEYS[2])
-  local exp = tonumber(s[3]) or 0
-  redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
-end
-if live then return {'live', s[2]} end
-return {'offline'}";
-
-/// Re-records a socket live on this node after Redis came back empty (a restart without
-/// persistence); leaves existing state alone. KEYS: s, subs. ARGV: node, exp, live_ttl,
-/// channels...
-const RESTORE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if #ARGV > 3 then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return 1";
 
 /// A command for the node holding a socket, or an acknowledgement.
 #[derive(Debug, Serialize, Deserialize)]
@@ -221,13 +126,13 @@ enum Command {
 
 /// What the origin of a forwarded message hears back.
 enum ForwardEvent {
-    Reply(RemoteReply),
+    Reply(HandlerReply),
     Unhandled,
 }
 
 /// The bus over Redis.
 #[derive(Debug)]
-pub struct RedisBus {
+pub(crate) struct RedisBus {
     registry: Registry,
     node: String,
     prefix: String,
@@ -245,15 +150,20 @@ pub struct RedisBus {
     next_rid: AtomicU64,
     grace: Duration,
     scripts: Scripts,
-    /// This node's `Handle` streams.
-    remote: Remote,
-    /// Forwarded client messages waiting for a reply from another node.
-    forwards: Mutex<HashMap<u64, tokio::sync::mpsc::Sender<ForwardEvent>>>,
-    /// Wakes the task that follows this node's `Handle` groups.
-    groups_changed: tokio::sync::Notify,
-    /// Tracks the consumer tasks of the groups.
+    /// How long a stream here may take to answer a message another node forwarded.
+    handler_timeout: Duration,
+    /// The `Handle` groups with streams on this node (published by the local side).
+    groups: watch::Receiver<Vec<LocalGroup>>,
+    /// Messages forwarded by other nodes, for the streams here.
+    inbound: mpsc::Sender<Inbound>,
+    /// Forwarded client messages waiting for a reply from another node; an entry is removed
+    /// by its waiter when it ends, however it ends.
+    forwards: Mutex<HashMap<u64, mpsc::Sender<ForwardEvent>>>,
+    /// Every task the bus spawns; the node's drain waits for them.
     tracker: TaskTracker,
-    /// This bus, for futures that outlive a borrow of it.
+    /// Set for good when one of the bus's tasks died: the node is not ready from then on.
+    broken: Mutex<Option<String>>,
+    /// This bus, for tasks spawned from `&self` (a weak pointer: no cycle).
     me: std::sync::Weak<RedisBus>,
 }
 
@@ -261,16 +171,6 @@ pub struct RedisBus {
 struct PubSub {
     sink: Option<PubSubSink>,
     subscribed: HashSet<Channel>,
-}
-
-#[derive(Debug)]
-struct Scripts {
-    issue: Script,
-    attach: Script,
-    detach: Script,
-    subscribe: Script,
-    holder: Script,
-    restore: Script,
 }
 
 /// Where a digest's socket is.
@@ -284,13 +184,13 @@ impl RedisBus {
     /// Connects lazily to `url`, and starts the tasks that keep this node in the cluster
     /// (they stop when `halt` is cancelled). The node reports itself not ready until Redis
     /// answers.
-    #[allow(clippy::too_many_arguments)] // one call site, in `run`
-    pub fn start(
+    #[allow(clippy::too_many_arguments)] // one call site, in `Node::start`
+    pub(crate) fn start(
         url: &str,
         prefix: &str,
         registry: Registry,
         feed: ClusterFeed,
-        remote: Remote,
+        link: ClusterEnd,
         limits: &Limits,
         halt: CancellationToken,
         tracker: &TaskTracker,
@@ -321,46 +221,67 @@ impl RedisBus {
             acks: Mutex::new(HashMap::new()),
             next_rid: AtomicU64::new(1),
             grace: limits.reconnect_grace,
-            scripts: Scripts {
-                issue: Script::new(ISSUE),
-                attach: Script::new(ATTACH),
-                detach: Script::new(DETACH),
-                subscribe: Script::new(SUBSCRIBE),
-                holder: Script::new(HOLDER),
-                restore: Script::new(RESTORE),
-            },
-            remote: remote.clone(),
+            scripts: Scripts::new(),
+            handler_timeout: limits.handler_timeout,
+            groups: link.groups,
+            inbound: link.inbound,
             forwards: Mutex::new(HashMap::new()),
-            groups_changed: tokio::sync::Notify::new(),
             tracker: tracker.clone(),
+            broken: Mutex::new(None),
         });
-        remote.set_forwarder(bus.clone());
         tracing::info!(node = %bus.node, prefix, "cluster mode on Redis");
-        tracker.spawn(bus.clone().supervise(halt.clone()));
-        tracker.spawn(bus.clone().relay(feed, halt.clone()));
-        tracker.spawn(bus.clone().reconcile(halt.clone()));
-        tracker.spawn(bus.clone().follow_groups(halt.clone()));
-        tracker.spawn(bus.clone().heartbeat(halt));
+        bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
+        bus.spawn_task("relay", bus.clone().relay(feed, halt.clone()), &halt);
+        bus.spawn_task("interest", bus.clone().reconcile(halt.clone()), &halt);
+        bus.spawn_task(
+            "handle groups",
+            bus.clone().follow_groups(halt.clone()),
+            &halt,
+        );
+        bus.spawn_task(
+            "handle hand-off",
+            bus.clone().hand_off(link.outbound, halt.clone()),
+            &halt,
+        );
+        bus.spawn_task("heartbeat", bus.clone().heartbeat(halt.clone()), &halt);
         Ok(bus)
     }
 
-    fn this(&self) -> Option<Arc<Self>> {
-        self.me.upgrade()
+    /// Runs one of the bus's long-lived tasks. Should it end before the node halts (a panic,
+    /// a bug), the node is marked not ready for good: it can no longer keep its part of the
+    /// cluster, and an orchestrator should replace it.
+    fn spawn_task<F>(self: &Arc<Self>, name: &'static str, task: F, halt: &CancellationToken)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.tracker.spawn(task);
+        let (bus, halt) = (Arc::downgrade(self), halt.clone());
+        self.tracker.spawn(async move {
+            let result = handle.await;
+            if halt.is_cancelled() {
+                return;
+            }
+            let why = match result {
+                Ok(()) => format!("cluster bus task {name:?} stopped"),
+                Err(err) => format!("cluster bus task {name:?} failed: {err}"),
+            };
+            tracing::error!(reason = %why, "the node can no longer take part in the cluster");
+            if let Some(bus) = bus.upgrade() {
+                *bus.broken.lock() = Some(why);
+            }
+        });
     }
 
-    /// The node's registry.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    /// This node's id in the cluster.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    /// `Ok` when Redis answers; else why not.
-    pub fn readiness(&self) -> Result<(), String> {
-        self.not_ready.lock().clone().map_or(Ok(()), Err)
+    /// Spawns a short task of the bus (a socket's end, a reply to another node), tracked like
+    /// every other; it holds the bus until it ends.
+    fn spawn_short<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some(bus) = self.me.upgrade() {
+            self.tracker.spawn(task(bus));
+        }
     }
 
     fn key(&self, kind: &str, digest: &Digest) -> String {
@@ -385,8 +306,68 @@ impl RedisBus {
         Error::ClusterUnavailable(reason)
     }
 
+    /// Applies a subscription change to a socket on this node; subscribes this node to the
+    /// channels in Redis before returning, so no push is missed.
+    async fn apply_subscribe(&self, digest: &Digest, channels: &[Channel], add: bool) {
+        let applied = if add {
+            self.registry.subscribe(digest, channels)
+        } else {
+            self.registry.unsubscribe(digest, channels)
+        };
+        if let Err(err) = applied {
+            tracing::debug!(%err, "subscription change for a socket no longer here");
+        }
+        if add {
+            self.ensure_subscribed(channels).await;
+        }
+    }
+
+    async fn holder(&self, digest: &Digest, end: bool) -> Result<Holder, Error> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = self
+            .scripts
+            .holder
+            .key(self.key("s", digest))
+            .key(self.key("subs", digest))
+            .key(self.nodes_key())
+            .arg(now_ms())
+            .arg(LEASE.as_millis() as u64)
+            .arg(u8::from(end))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        Ok(parse_holder(reply))
+    }
+
+    async fn command(&self, node: &str, command: &Command) -> Result<(), Error> {
+        let text = serde_json::to_string(command).expect("commands serialize");
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(self.node_topic(node))
+            .arg(text)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for RedisBus {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// `Ok` when Redis answers and every task of the bus runs; else why not.
+    fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.broken.lock().clone() {
+            return Err(why);
+        }
+        self.not_ready.lock().clone().map_or(Ok(()), Err)
+    }
+
     /// Mints credentials and records them as issued.
-    pub async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+    async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
         let creds = self.registry.mint(ttl)?;
         let mut conn = self.conn.clone();
         self.scripts
@@ -401,7 +382,7 @@ impl RedisBus {
 
     /// Adds (or removes) `digest`'s subscriptions in Redis, and on the node holding its socket
     /// before returning. Returns whether a socket is live.
-    pub async fn subscribe(
+    async fn subscribe(
         &self,
         digest: &Digest,
         channels: &[Channel],
@@ -452,48 +433,8 @@ impl RedisBus {
         }
     }
 
-    /// Applies a subscription change to a socket on this node; subscribes this node to the
-    /// channels in Redis before returning, so no push is missed.
-    async fn apply_subscribe(&self, digest: &Digest, channels: &[Channel], add: bool) {
-        let applied = if add {
-            self.registry.subscribe(digest, channels)
-        } else {
-            self.registry.unsubscribe(digest, channels)
-        };
-        if let Err(err) = applied {
-            tracing::debug!(%err, "subscription change for a socket no longer here");
-        }
-        if add {
-            self.ensure_subscribed(channels).await;
-        }
-    }
-
-    async fn holder(&self, digest: &Digest, end: bool) -> Result<Holder, Error> {
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = self
-            .scripts
-            .holder
-            .key(self.key("s", digest))
-            .key(self.key("subs", digest))
-            .key(self.nodes_key())
-            .arg(now_ms())
-            .arg(LEASE.as_millis() as u64)
-            .arg(u8::from(end))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
-        Ok(parse_holder(reply))
-    }
-
     /// Sends to `digest`'s socket wherever it is. Returns whether one was live.
-    pub async fn send(
-        &self,
-        digest: &Digest,
-        channel: &Channel,
-        json: &str,
-    ) -> Result<bool, Error> {
-        // Checked and encoded once, wherever the socket is.
-        let frame = push_frame(channel, &self.registry.check_payload(json)?);
+    async fn send(&self, digest: &Digest, frame: Frame) -> Result<bool, Error> {
         match self.holder(digest, false).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
@@ -513,7 +454,7 @@ impl RedisBus {
     }
 
     /// Ends `digest`'s credentials everywhere and closes its socket wherever it is.
-    pub async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+    async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
         match self.holder(digest, true).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
@@ -535,7 +476,7 @@ impl RedisBus {
 
     /// Accepts a handshake's credentials cluster-wide and binds the socket here with the
     /// digest's subscriptions (this node subscribed to them in Redis before it returns).
-    pub async fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, AttachError> {
+    async fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, AttachError> {
         self.readiness().map_err(AttachError::Unavailable)?;
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self
@@ -567,11 +508,12 @@ impl RedisBus {
     }
 
     /// Records a socket's end in Redis (in the background: the socket is already gone here).
-    pub fn detach(self: &Arc<Self>, digest: Digest, ending: Ending) {
-        let bus = self.clone();
-        // Not on the tracker: it must run during the drain, and it is bounded by the command
-        // timeout.
-        tokio::spawn(async move {
+    fn detach(&self, conn: &Conn, ending: Ending) {
+        self.registry.detach(conn, ending);
+        let digest = conn.digest();
+        // Runs during the drain too (the tracker is waited on after the sockets are gone), and
+        // is bounded by the command timeout.
+        self.spawn_short(move |bus| async move {
             let mut conn = bus.conn.clone();
             let result = bus
                 .scripts
@@ -590,372 +532,8 @@ impl RedisBus {
         });
     }
 
-    async fn command(&self, node: &str, command: &Command) -> Result<(), Error> {
-        let text = serde_json::to_string(command).expect("commands serialize");
-        let mut conn = self.conn.clone();
-        redis::cmd("PUBLISH")
-            .arg(self.node_topic(node))
-            .arg(text)
-            .query_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
-        Ok(())
-    }
-
-    /// Subscribes this node to `channels` in Redis (those it is not subscribed to yet), and
-    /// waits for Redis to confirm.
-    pub async fn ensure_subscribed(&self, channels: &[Channel]) {
-        let mut pubsub = self.pubsub.lock().await;
-        let missing: Vec<Channel> = channels
-            .iter()
-            .filter(|c| !pubsub.subscribed.contains(*c))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let Some(sink) = pubsub.sink.as_mut() else {
-            // Redis is down; the reconnection re-subscribes everything in use.
-            return;
-        };
-        let topics: Vec<String> = missing.iter().map(|c| self.channel_topic(c)).collect();
-        match sink.subscribe(&topics).await {
-            Ok(()) => pubsub.subscribed.extend(missing),
-            Err(err) => tracing::warn!(%err, "Redis SUBSCRIBE failed"),
-        }
-    }
-
-    /// Follows local interest: subscribes to channels that gained their first local user and
-    /// unsubscribes from channels that lost their last.
-    async fn reconcile(self: Arc<Self>, halt: CancellationToken) {
-        loop {
-            let changed = tokio::select! {
-                changed = self.registry.changed_channels() => changed,
-                _ = halt.cancelled() => return,
-            };
-            let mut pubsub = self.pubsub.lock().await;
-            let (mut add, mut remove) = (Vec::new(), Vec::new());
-            for channel in changed {
-                let wanted = self.registry.has_interest(&channel);
-                let have = pubsub.subscribed.contains(&channel);
-                if wanted && !have {
-                    add.push(channel);
-                } else if !wanted && have {
-                    remove.push(channel);
-                }
-            }
-            let Some(sink) = pubsub.sink.as_mut() else {
-                continue;
-            };
-            if !add.is_empty() {
-                let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
-                if sink.subscribe(&topics).await.is_ok() {
-                    pubsub.subscribed.extend(add);
-                }
-            }
-            if !remove.is_empty() {
-                let topics: Vec<String> = remove.iter().map(|c| self.channel_topic(c)).collect();
-                let sink = pubsub.sink.as_mut().expect("checked above");
-                if sink.unsubscribe(&topics).await.is_ok() {
-                    for channel in &remove {
-                        pubsub.subscribed.remove(channel);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Keeps a pub/sub connection: connects with back-off, subscribes to this node's topic and
-    /// every channel in use, and handles what arrives until the connection drops.
-    async fn supervise(self: Arc<Self>, halt: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let connected = tokio::select! {
-                connected = self.connect_pubsub() => connected,
-                _ = halt.cancelled() => return,
-            };
-            match connected {
-                Ok(mut stream) => {
-                    if let Err(err) = self.restore_live().await {
-                        let reason = format!("Redis unreachable: {err}");
-                        tracing::warn!(%reason, retry_in = ?backoff);
-                        *self.not_ready.lock() = Some(reason);
-                        self.pubsub.lock().await.sink = None;
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = halt.cancelled() => return,
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        continue;
-                    }
-                    backoff = BACKOFF_MIN;
-                    *self.not_ready.lock() = None;
-                    tracing::info!("connected to Redis");
-                    loop {
-                        let message = tokio::select! {
-                            message = stream.next() => message,
-                            _ = halt.cancelled() => return,
-                        };
-                        match message {
-                            Some(message) => self.on_message(&message).await,
-                            None => break,
-                        }
-                    }
-                    let reason = "lost the Redis connection; reconnecting".to_owned();
-                    tracing::warn!("{reason}");
-                    *self.not_ready.lock() = Some(reason);
-                    let mut pubsub = self.pubsub.lock().await;
-                    pubsub.sink = None;
-                    pubsub.subscribed.clear();
-                }
-                Err(err) => {
-                    let reason = format!("Redis unreachable: {err}");
-                    tracing::warn!(%reason, retry_in = ?backoff);
-                    *self.not_ready.lock() = Some(reason);
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = halt.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    /// Renews this node's heartbeat and records its live sockets in Redis where Redis has lost
-    /// them (a restart without persistence).
-    async fn restore_live(&self) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("ZADD")
-            .arg(self.nodes_key())
-            .arg(now_ms())
-            .arg(&self.node)
-            .query_async::<i64>(&mut conn)
-            .await?;
-        let mut restored = 0;
-        for (digest, expires_at_ms, channels) in self.registry.live_sessions() {
-            let mut invocation = self.scripts.restore.prepare_invoke();
-            invocation
-                .key(self.key("s", &digest))
-                .key(self.key("subs", &digest))
-                .arg(&self.node)
-                .arg(expires_at_ms)
-                .arg(LIVE_TTL.as_millis() as u64);
-            for channel in &channels {
-                invocation.arg(channel.as_str());
-            }
-            restored += invocation.invoke_async::<i64>(&mut conn).await?;
-        }
-        if restored > 0 {
-            tracing::info!(sockets = restored, "restored live sockets' state in Redis");
-        }
-        Ok(())
-    }
-
-    async fn connect_pubsub(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {
-        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
-        let (mut sink, stream) = pubsub.split();
-        let mut state = self.pubsub.lock().await;
-        sink.subscribe(self.node_topic(&self.node)).await?;
-        let interest = self.registry.interest();
-        for chunk in interest.chunks(1000) {
-            let topics: Vec<String> = chunk.iter().map(|c| self.channel_topic(c)).collect();
-            sink.subscribe(&topics).await?;
-        }
-        state.subscribed = interest.into_iter().collect();
-        state.sink = Some(sink);
-        Ok(stream)
-    }
-
-    async fn on_message(&self, message: &redis::Msg) {
-        let topic = message.get_channel_name();
-        let payload = message.get_payload_bytes();
-        if let Some(channel) = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|t| t.strip_prefix(":ch:"))
-        {
-            match self.decode_push(channel, payload) {
-                Some(Some(relay)) => {
-                    self.registry.deliver_relayed(&relay);
-                }
-                Some(None) => {} // our own push, delivered when it was accepted
-                None => tracing::warn!(%channel, "malformed push from Redis dropped"),
-            }
-        } else if topic == self.node_topic(&self.node) {
-            match serde_json::from_slice::<Command>(payload) {
-                Ok(command) => self.on_command(command).await,
-                Err(err) => tracing::warn!(%err, "malformed node command dropped"),
-            }
-        }
-    }
-
-    /// `None`: malformed. `Some(None)`: this node's own push.
-    fn decode_push(&self, channel: &str, payload: &[u8]) -> Option<Option<Relay>> {
-        let newline = payload.iter().position(|b| *b == b'\n')?;
-        let header = std::str::from_utf8(&payload[..newline]).ok()?;
-        let (origin, at) = header.split_once(':')?;
-        if origin == self.node {
-            return Some(None);
-        }
-        let frame = String::from_utf8(payload[newline + 1..].to_vec()).ok()?;
-        let payload_at: usize = at.parse().ok()?;
-        if payload_at >= frame.len() || !frame.is_char_boundary(payload_at) {
-            return None;
-        }
-        Some(Some(Relay {
-            channel: Channel::new(channel).ok()?,
-            frame: Frame::from(frame),
-            payload_at,
-        }))
-    }
-
-    async fn on_command(&self, command: Command) {
-        match command {
-            Command::Subscribe {
-                from,
-                rid,
-                digest,
-                channels,
-                add,
-            } => {
-                let channels: Vec<Channel> = channels
-                    .iter()
-                    .filter_map(|c| Channel::new(c).ok())
-                    .collect();
-                if let Ok(digest) = digest.parse() {
-                    self.apply_subscribe(&digest, &channels, add).await;
-                }
-                let _ = self.command(&from, &Command::Ack { rid }).await;
-            }
-            Command::Send { digest, frame } => {
-                if let Ok(digest) = digest.parse() {
-                    let _ = self.registry.send_frame(&digest, &Frame::from(frame));
-                }
-            }
-            Command::Disconnect {
-                digest,
-                code,
-                reason,
-            } => {
-                if let Ok(digest) = digest.parse() {
-                    let _ = self
-                        .registry
-                        .disconnect(&digest, Close::Application { code, reason });
-                }
-            }
-            Command::Ack { rid } => {
-                if let Some(tx) = self.acks.lock().remove(&rid) {
-                    let _ = tx.send(());
-                }
-            }
-            Command::Reply {
-                rid,
-                status,
-                headers,
-                body,
-            } => {
-                let body = body.and_then(|b| crate::protocol::Json::parse(&b).ok());
-                let reply = RemoteReply {
-                    delivery_id: 0,
-                    status,
-                    headers,
-                    body,
-                };
-                if let Some(tx) = self.forwards.lock().get(&rid) {
-                    let _ = tx.try_send(ForwardEvent::Reply(reply));
-                }
-            }
-            Command::Unhandled { rid } => {
-                if let Some(tx) = self.forwards.lock().get(&rid) {
-                    let _ = tx.try_send(ForwardEvent::Unhandled);
-                }
-            }
-        }
-    }
-
-    /// Publishes this node's pushes, in order, pipelined.
-    async fn relay(self: Arc<Self>, mut feed: ClusterFeed, halt: CancellationToken) {
-        let mut batch = Vec::with_capacity(RELAY_BATCH);
-        loop {
-            let n = tokio::select! {
-                n = feed.relay.recv_many(&mut batch, RELAY_BATCH) => n,
-                _ = halt.cancelled() => return,
-            };
-            if n == 0 {
-                return;
-            }
-            if self.readiness().is_err() {
-                self.registry.metrics().relay_dropped.inc_by(n as u64);
-                batch.clear();
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            for relay in batch.drain(..) {
-                let mut message = format!("{}:{}\n", self.node, relay.payload_at).into_bytes();
-                message.extend_from_slice(relay.frame.as_bytes());
-                pipe.cmd("PUBLISH")
-                    .arg(self.channel_topic(&relay.channel))
-                    .arg(message)
-                    .ignore();
-            }
-            let mut conn = self.conn.clone();
-            if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                self.registry.metrics().relay_dropped.inc_by(n as u64);
-                tracing::warn!(%err, pushes = n, "cross-node pushes dropped: Redis PUBLISH failed");
-            }
-        }
-    }
-
-    /// Renews this node's heartbeat, and the keys of its live sockets.
-    async fn heartbeat(self: Arc<Self>, halt: CancellationToken) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        let mut last_renew = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = halt.cancelled() => break,
-            }
-            let mut conn = self.conn.clone();
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZADD")
-                .arg(self.nodes_key())
-                .arg(now_ms())
-                .arg(&self.node)
-                .ignore();
-            // A deployment that stops leaves nothing behind for long.
-            pipe.cmd("PEXPIRE")
-                .arg(self.nodes_key())
-                .arg(NODES_TTL.as_millis() as u64)
-                .ignore();
-            self.advertise(&mut pipe, &self.remote.local_groups());
-            if last_renew.elapsed() >= LIVE_RENEW {
-                last_renew = tokio::time::Instant::now();
-                for digest in self.registry.live_digests() {
-                    for kind in ["s", "subs"] {
-                        pipe.cmd("PEXPIRE")
-                            .arg(self.key(kind, &digest))
-                            .arg(LIVE_TTL.as_millis() as u64)
-                            .ignore();
-                    }
-                }
-            }
-            if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                tracing::debug!(%err, "heartbeat failed");
-            }
-        }
-        // Leaving: backdate our heartbeat by a lease, so ids still marked live here (their
-        // socket's end may not have reached Redis) can resume elsewhere at once, within grace.
-        let mut conn = self.conn.clone();
-        let _ = redis::cmd("ZADD")
-            .arg(self.nodes_key())
-            .arg(now_ms().saturating_sub(LEASE.as_millis() as u64))
-            .arg(&self.node)
-            .query_async::<i64>(&mut conn)
-            .await;
+    async fn listen(&self, channels: &[Channel]) {
+        self.ensure_subscribed(channels).await;
     }
 }
 

@@ -1,6 +1,8 @@
 //! `Handle` streams across nodes: advertising this node's groups, the per-group Redis stream
-//! queues (`XADD` / `XREADGROUP`), and the [`Forwarder`] that offers a client message to groups
-//! with no stream on its node. See the parent module's "Handle streams across nodes".
+//! queues (`XADD` / `XREADGROUP`), and the hand-off task that offers a client message to groups
+//! with no stream on its node. What crosses is [`handoff`](crate::handoff)'s types: this side
+//! moves them, the local streams answer them. See the parent module's "Handle streams across
+//! nodes".
 
 use std::{
     collections::{HashMap, HashSet},
@@ -8,12 +10,13 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, HEARTBEAT, NODES_TTL};
 use crate::{
     credentials::Digest,
-    handlers::remote::{Delivery, Forwarded, Forwarder, LocalGroup, RemoteReply},
+    handoff::{Delivery, Forwarded, Inbound, LocalGroup, Outbound},
     registry::now_ms,
 };
 
@@ -122,8 +125,9 @@ impl RedisBus {
     /// whose last stream left.
     pub(super) async fn follow_groups(self: Arc<Self>, halt: CancellationToken) {
         let mut consumers: HashMap<Box<str>, CancellationToken> = HashMap::new();
+        let mut watched = self.groups.clone();
         loop {
-            let groups = self.remote.local_groups();
+            let groups = watched.borrow_and_update().clone();
             let names: HashSet<Box<str>> = groups.iter().map(|g| g.name.clone()).collect();
             consumers.retain(|name, stop| {
                 let keep = names.contains(name);
@@ -150,7 +154,7 @@ impl RedisBus {
             let mut conn = self.conn.clone();
             let _ = pipe.query_async::<()>(&mut conn).await;
             tokio::select! {
-                _ = self.groups_changed.notified() => {}
+                changed = watched.changed() => if changed.is_err() { return },
                 _ = halt.cancelled() => return,
             }
         }
@@ -216,7 +220,7 @@ impl RedisBus {
                     let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
                     let mut ids = Vec::new();
                     for entry in entries {
-                        self.take_forwarded(&group, &entry);
+                        self.take_forwarded(&group, &entry).await;
                         ids.push(entry.id);
                     }
                     if !ids.is_empty() {
@@ -241,13 +245,16 @@ impl RedisBus {
         }
     }
 
-    fn take_forwarded(self: &Arc<Self>, group: &str, entry: &redis::streams::StreamId) {
+    /// Hands one queued message to the streams here; a reply (or the news that no stream
+    /// here took it) goes back to the node that queued it.
+    async fn take_forwarded(self: &Arc<Self>, group: &str, entry: &redis::streams::StreamId) {
         let field = |name: &str| entry.get::<String>(name);
         let (Some(origin), Some(rid), Some(digest)) = (
             field("origin"),
             field("rid").and_then(|r| r.parse::<u64>().ok()),
             field("digest").and_then(|d| d.parse::<Digest>().ok()),
         ) else {
+            self.registry.metrics().bus_malformed.inc();
             tracing::warn!(group, "malformed handler queue entry dropped");
             return;
         };
@@ -262,33 +269,108 @@ impl RedisBus {
             id,
             json: field("json").unwrap_or_default().into(),
         };
-        if delivery.action.starts_with('$') {
-            self.remote
-                .deliver_forwarded(group, delivery, Box::new(|_| {}));
+        let lifecycle = delivery.is_lifecycle();
+        let (reply, answer) = oneshot::channel();
+        let inbound = Inbound {
+            group: group.into(),
+            delivery,
+            reply,
+        };
+        // Waits while the streams here are behind: the queue in Redis holds the rest.
+        if self.inbound.send(inbound).await.is_err() || lifecycle {
             return;
         }
-        let bus = self.clone();
-        let back_origin = origin.clone();
-        let back = Box::new(move |reply: Option<RemoteReply>| {
-            let command = match reply {
-                Some(r) => Command::Reply {
-                    rid,
-                    status: r.status,
-                    headers: r.headers,
-                    body: r.body.map(|b| b.as_str().to_owned()),
-                },
-                None => Command::Unhandled { rid },
-            };
-            tokio::spawn(async move {
-                let _ = bus.command(&back_origin, &command).await;
-            });
-        });
-        if !self.remote.deliver_forwarded(group, delivery, back) {
+        let timeout = self.handler_timeout;
+        self.tracker.spawn({
             let bus = self.clone();
-            tokio::spawn(async move {
-                let _ = bus.command(&origin, &Command::Unhandled { rid }).await;
-            });
+            async move {
+                // The origin gives up after the same time; after it, a reply is useless.
+                let reply = tokio::time::timeout(timeout, answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                let command = match reply {
+                    Some(r) => Command::Reply {
+                        rid,
+                        status: r.status,
+                        headers: r.headers,
+                        body: r.body.map(|b| b.as_str().to_owned()),
+                    },
+                    None => Command::Unhandled { rid },
+                };
+                let _ = bus.command(&origin, &command).await;
+            }
+        });
+    }
+
+    /// Takes the local side's requests: each message for other nodes, and each lifecycle
+    /// event, is handled on a task of its own.
+    pub(super) async fn hand_off(
+        self: Arc<Self>,
+        mut requests: mpsc::Receiver<Outbound>,
+        halt: CancellationToken,
+    ) {
+        loop {
+            let request = tokio::select! {
+                request = requests.recv() => request,
+                _ = halt.cancelled() => return,
+            };
+            let Some(request) = request else { return };
+            let bus = self.clone();
+            match request {
+                Outbound::Forward {
+                    delivery,
+                    exclude,
+                    outcome,
+                } => {
+                    self.tracker.spawn(async move {
+                        let forwarded = bus.forward(delivery, exclude).await;
+                        let _ = outcome.send(forwarded);
+                    });
+                }
+                Outbound::Event { delivery, exclude } => {
+                    self.tracker.spawn(async move {
+                        let groups = bus.groups_for(LIFECYCLE, &exclude).await;
+                        if !groups.is_empty() {
+                            bus.enqueue(&groups, 0, &delivery).await;
+                        }
+                    });
+                }
+            }
         }
+    }
+
+    /// Offers `delivery` to every group elsewhere that handles its action, except `exclude`;
+    /// resolves with the first reply.
+    async fn forward(self: &Arc<Self>, delivery: Delivery, exclude: Vec<Box<str>>) -> Forwarded {
+        let groups = self.groups_for(&delivery.action, &exclude).await;
+        if groups.is_empty() {
+            return Forwarded::NoGroups;
+        }
+        let rid = self.next_rid.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel(groups.len() + 1);
+        self.forwards.lock().insert(rid, tx);
+        let _guard = ForwardGuard {
+            bus: self.clone(),
+            rid,
+        };
+        if !self.enqueue(&groups, rid, &delivery).await {
+            return Forwarded::Failed;
+        }
+        let mut outstanding = groups.len();
+        while let Some(event) = rx.recv().await {
+            match event {
+                ForwardEvent::Reply(reply) => return Forwarded::Reply(reply),
+                ForwardEvent::Unhandled => {
+                    outstanding -= 1;
+                    if outstanding == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Forwarded::Failed
     }
 }
 
@@ -301,62 +383,5 @@ struct ForwardGuard {
 impl Drop for ForwardGuard {
     fn drop(&mut self) {
         self.bus.forwards.lock().remove(&self.rid);
-    }
-}
-
-impl Forwarder for RedisBus {
-    fn forward(
-        &self,
-        delivery: Delivery,
-        exclude: Vec<Box<str>>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Forwarded> + Send>> {
-        let Some(bus) = self.this() else {
-            return Box::pin(async { Forwarded::NoGroups });
-        };
-        Box::pin(async move {
-            let groups = bus.groups_for(&delivery.action, &exclude).await;
-            if groups.is_empty() {
-                return Forwarded::NoGroups;
-            }
-            let rid = bus.next_rid.fetch_add(1, Ordering::Relaxed);
-            let (tx, mut rx) = tokio::sync::mpsc::channel(groups.len() + 1);
-            bus.forwards.lock().insert(rid, tx);
-            let _guard = ForwardGuard {
-                bus: bus.clone(),
-                rid,
-            };
-            if !bus.enqueue(&groups, rid, &delivery).await {
-                return Forwarded::Failed;
-            }
-            let mut outstanding = groups.len();
-            while let Some(event) = rx.recv().await {
-                match event {
-                    ForwardEvent::Reply(reply) => return Forwarded::Reply(reply),
-                    ForwardEvent::Unhandled => {
-                        outstanding -= 1;
-                        if outstanding == 0 {
-                            break;
-                        }
-                    }
-                }
-            }
-            Forwarded::Failed
-        })
-    }
-
-    fn forward_event(&self, delivery: Delivery, exclude: Vec<Box<str>>) {
-        let Some(bus) = self.this() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let groups = bus.groups_for(LIFECYCLE, &exclude).await;
-            if !groups.is_empty() {
-                bus.enqueue(&groups, 0, &delivery).await;
-            }
-        });
-    }
-
-    fn membership_changed(&self) {
-        self.groups_changed.notify_one();
     }
 }

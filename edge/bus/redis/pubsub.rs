@@ -1,0 +1,349 @@
+//! The pub/sub side of the Redis bus: one connection per node, subscribed to this node's
+//! command topic and to the channels its sockets and listeners use (following the registry's
+//! interest); what arrives is decoded here, and a message that does not decode is counted
+//! (`channelgate_bus_malformed_total`) and dropped, never trusted.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL};
+use crate::{
+    error::Close,
+    handoff::HandlerReply,
+    protocol::{Channel, Frame, Json},
+    registry::{now_ms, Relay},
+};
+
+impl RedisBus {
+    /// Subscribes this node to `channels` in Redis (those it is not subscribed to yet), and
+    /// waits for Redis to confirm.
+    pub(super) async fn ensure_subscribed(&self, channels: &[Channel]) {
+        let mut pubsub = self.pubsub.lock().await;
+        let missing: Vec<Channel> = channels
+            .iter()
+            .filter(|c| !pubsub.subscribed.contains(*c))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let Some(sink) = pubsub.sink.as_mut() else {
+            // Redis is down; the reconnection re-subscribes everything in use.
+            return;
+        };
+        let topics: Vec<String> = missing.iter().map(|c| self.channel_topic(c)).collect();
+        match sink.subscribe(&topics).await {
+            Ok(()) => pubsub.subscribed.extend(missing),
+            Err(err) => tracing::warn!(%err, "Redis SUBSCRIBE failed"),
+        }
+    }
+
+    /// Follows local interest: subscribes to channels that gained their first local user and
+    /// unsubscribes from channels that lost their last.
+    pub(super) async fn reconcile(self: Arc<Self>, halt: CancellationToken) {
+        loop {
+            let changed = tokio::select! {
+                changed = self.registry.changed_channels() => changed,
+                _ = halt.cancelled() => return,
+            };
+            let mut pubsub = self.pubsub.lock().await;
+            let (mut add, mut remove) = (Vec::new(), Vec::new());
+            for channel in changed {
+                let wanted = self.registry.has_interest(&channel);
+                let have = pubsub.subscribed.contains(&channel);
+                if wanted && !have {
+                    add.push(channel);
+                } else if !wanted && have {
+                    remove.push(channel);
+                }
+            }
+            let Some(sink) = pubsub.sink.as_mut() else {
+                continue;
+            };
+            if !add.is_empty() {
+                let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
+                if sink.subscribe(&topics).await.is_ok() {
+                    pubsub.subscribed.extend(add);
+                }
+            }
+            if !remove.is_empty() {
+                let topics: Vec<String> = remove.iter().map(|c| self.channel_topic(c)).collect();
+                let sink = pubsub.sink.as_mut().expect("checked above");
+                if sink.unsubscribe(&topics).await.is_ok() {
+                    for channel in &remove {
+                        pubsub.subscribed.remove(channel);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps a pub/sub connection: connects with back-off, subscribes to this node's topic and
+    /// every channel in use, and handles what arrives until the connection drops.
+    pub(super) async fn supervise(self: Arc<Self>, halt: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let connected = tokio::select! {
+                connected = self.connect_pubsub() => connected,
+                _ = halt.cancelled() => return,
+            };
+            match connected {
+                Ok(mut stream) => {
+                    if let Err(err) = self.restore_live().await {
+                        let reason = format!("Redis unreachable: {err}");
+                        tracing::warn!(%reason, retry_in = ?backoff);
+                        *self.not_ready.lock() = Some(reason);
+                        self.pubsub.lock().await.sink = None;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = halt.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                    backoff = BACKOFF_MIN;
+                    *self.not_ready.lock() = None;
+                    tracing::info!("connected to Redis");
+                    loop {
+                        let message = tokio::select! {
+                            message = stream.next() => message,
+                            _ = halt.cancelled() => return,
+                        };
+                        match message {
+                            Some(message) => self.on_message(&message).await,
+                            None => break,
+                        }
+                    }
+                    let reason = "lost the Redis connection; reconnecting".to_owned();
+                    tracing::warn!("{reason}");
+                    *self.not_ready.lock() = Some(reason);
+                    let mut pubsub = self.pubsub.lock().await;
+                    pubsub.sink = None;
+                    pubsub.subscribed.clear();
+                }
+                Err(err) => {
+                    let reason = format!("Redis unreachable: {err}");
+                    tracing::warn!(%reason, retry_in = ?backoff);
+                    *self.not_ready.lock() = Some(reason);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = halt.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Renews this node's heartbeat and records its live sockets in Redis where Redis has lost
+    /// them (a restart without persistence).
+    async fn restore_live(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZADD")
+            .arg(self.nodes_key())
+            .arg(now_ms())
+            .arg(&self.node)
+            .query_async::<i64>(&mut conn)
+            .await?;
+        let mut restored = 0;
+        for (digest, expires_at_ms, channels) in self.registry.live_sessions() {
+            let mut invocation = self.scripts.restore.prepare_invoke();
+            invocation
+                .key(self.key("s", &digest))
+                .key(self.key("subs", &digest))
+                .arg(&self.node)
+                .arg(expires_at_ms)
+                .arg(LIVE_TTL.as_millis() as u64);
+            for channel in &channels {
+                invocation.arg(channel.as_str());
+            }
+            restored += invocation.invoke_async::<i64>(&mut conn).await?;
+        }
+        if restored > 0 {
+            tracing::info!(sockets = restored, "restored live sockets' state in Redis");
+        }
+        Ok(())
+    }
+
+    async fn connect_pubsub(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {
+        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
+        let (mut sink, stream) = pubsub.split();
+        let mut state = self.pubsub.lock().await;
+        sink.subscribe(self.node_topic(&self.node)).await?;
+        let interest = self.registry.interest();
+        for chunk in interest.chunks(1000) {
+            let topics: Vec<String> = chunk.iter().map(|c| self.channel_topic(c)).collect();
+            sink.subscribe(&topics).await?;
+        }
+        state.subscribed = interest.into_iter().collect();
+        state.sink = Some(sink);
+        Ok(stream)
+    }
+
+    async fn on_message(&self, message: &redis::Msg) {
+        let topic = message.get_channel_name();
+        let payload = message.get_payload_bytes();
+        if let Some(channel) = topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.strip_prefix(":ch:"))
+        {
+            match decode_push(&self.node, channel, payload) {
+                Ok(Some(relay)) => {
+                    self.registry.deliver_relayed(&relay);
+                }
+                Ok(None) => {} // our own push, delivered when it was accepted
+                Err(why) => {
+                    self.registry.metrics().bus_malformed.inc();
+                    tracing::warn!(%channel, why, "malformed push from Redis dropped");
+                }
+            }
+        } else if topic == self.node_topic(&self.node) {
+            match serde_json::from_slice::<Command>(payload) {
+                Ok(command) => self.on_command(command).await,
+                Err(err) => {
+                    self.registry.metrics().bus_malformed.inc();
+                    tracing::warn!(%err, "malformed node command dropped");
+                }
+            }
+        }
+    }
+
+    async fn on_command(&self, command: Command) {
+        match command {
+            Command::Subscribe {
+                from,
+                rid,
+                digest,
+                channels,
+                add,
+            } => {
+                let channels: Vec<Channel> = channels
+                    .iter()
+                    .filter_map(|c| Channel::new(c).ok())
+                    .collect();
+                if let Ok(digest) = digest.parse() {
+                    self.apply_subscribe(&digest, &channels, add).await;
+                }
+                let _ = self.command(&from, &Command::Ack { rid }).await;
+            }
+            Command::Send { digest, frame } => {
+                if let Ok(digest) = digest.parse() {
+                    let _ = self.registry.send_frame(&digest, &Frame::from(frame));
+                }
+            }
+            Command::Disconnect {
+                digest,
+                code,
+                reason,
+            } => {
+                if let Ok(digest) = digest.parse() {
+                    let _ = self
+                        .registry
+                        .disconnect(&digest, Close::Application { code, reason });
+                }
+            }
+            Command::Ack { rid } => {
+                if let Some(tx) = self.acks.lock().remove(&rid) {
+                    let _ = tx.send(());
+                }
+            }
+            Command::Reply {
+                rid,
+                status,
+                headers,
+                body,
+            } => {
+                let body = body.and_then(|b| Json::parse(&b).ok());
+                let reply = HandlerReply {
+                    delivery_id: 0,
+                    status,
+                    headers,
+                    body,
+                };
+                if let Some(tx) = self.forwards.lock().get(&rid) {
+                    let _ = tx.try_send(ForwardEvent::Reply(reply));
+                }
+            }
+            Command::Unhandled { rid } => {
+                if let Some(tx) = self.forwards.lock().get(&rid) {
+                    let _ = tx.try_send(ForwardEvent::Unhandled);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a push another node published: `{origin node}:{payload offset}\n{frame}`.
+/// `Ok(None)` for this node's own push; `Err` (why) for anything that is not a well-formed
+/// push frame, so a bad message can never reach a socket or panic the pub/sub task.
+pub(super) fn decode_push(
+    this_node: &str,
+    channel: &str,
+    message: &[u8],
+) -> Result<Option<Relay>, &'static str> {
+    let newline = message
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("no header line")?;
+    let (header, frame) = (&message[..newline], &message[newline + 1..]);
+    let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
+    let (origin, at) = header.split_once(':').ok_or("header without ':'")?;
+    if origin == this_node {
+        return Ok(None);
+    }
+    let channel = Channel::new(channel).map_err(|_| "bad channel name")?;
+    let payload_at: usize = at.parse().map_err(|_| "bad payload offset")?;
+    let frame = std::str::from_utf8(frame).map_err(|_| "frame is not UTF-8")?;
+    // The payload runs from `payload_at` to the frame's closing brace.
+    if !frame.ends_with('}') || payload_at >= frame.len() || !frame.is_char_boundary(payload_at) {
+        return Err("payload offset outside the frame");
+    }
+    Ok(Some(Relay {
+        channel,
+        frame: Frame::from(frame.to_owned()),
+        payload_at,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_from_other_nodes_decode_and_bad_ones_are_refused_without_panicking() {
+        let frame = r#"{"channel":"c","payload":"é"}"#;
+        let at = frame.find("\"é").unwrap();
+        let good = format!("other:{at}\n{frame}");
+        let relay = decode_push("me", "c", good.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            &relay.frame[relay.payload_at..relay.frame.len() - 1],
+            "\"é\""
+        );
+        assert!(
+            decode_push("me", "c", format!("me:{at}\n{frame}").as_bytes())
+                .unwrap()
+                .is_none()
+        );
+        let bad: &[&[u8]] = &[
+            b"",
+            b"no newline",
+            b"other\n{}",
+            b"other:x\n{}",
+            b"other:99\n{}",
+            b"other:1\n{\"a\":\"\xc3\xa9\"",
+            "other:3\n{\"é\"}".as_bytes(),
+            b"other:2\n\xff\xfe}",
+            b"\xff:0\n{}",
+        ];
+        for message in bad {
+            assert!(decode_push("me", "c", message).is_err(), "{message:?}");
+        }
+        assert!(decode_push("me", "bad channel", good.as_bytes()).is_err());
+    }
+}
