@@ -7,7 +7,7 @@ use tonic::{service::Interceptor, Request, Status};
 
 /// Checks the bearer token of each call.
 #[derive(Clone)]
-pub struct BearerAuth {
+pub(crate) struct BearerAuth {
     tokens: std::sync::Arc<[Box<[u8]>]>,
 }
 
@@ -21,7 +21,7 @@ impl std::fmt::Debug for BearerAuth {
 
 impl BearerAuth {
     /// Accepts any of `tokens`; none means no authentication.
-    pub fn new(tokens: &[String]) -> Self {
+    pub(crate) fn new(tokens: &[String]) -> Self {
         Self {
             tokens: tokens
                 .iter()

@@ -5,30 +5,36 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use crate::{
+use edge::{
     credentials::{Credentials, Digest},
     error::{code, Close, Error},
-    handlers::remote::RemoteReply,
-    pb,
-    protocol::Channel,
-    protocol::Json,
+    handoff::HandlerReply,
+    protocol::{Channel, Json},
     registry::Stats,
 };
+
+use crate::{pb, status::status};
 
 /// Longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
 
 /// Checks every channel name.
-pub(crate) fn channels(names: &[String]) -> Result<Vec<Channel>, Error> {
+pub(crate) fn channels(names: &[String]) -> Result<Vec<Channel>, Status> {
     names
         .iter()
-        .map(|n| Channel::new(n).map_err(Error::from))
+        .map(|n| Channel::new(n).map_err(|e| status(e.into())))
         .collect()
 }
 
+/// Checks one channel name.
+pub(crate) fn channel(name: &str) -> Result<Channel, Status> {
+    Channel::new(name).map_err(|e| status(e.into()))
+}
+
 /// Parses a digest.
-pub(crate) fn digest(text: &str) -> Result<Digest, Error> {
-    Ok(text.parse()?)
+pub(crate) fn digest(text: &str) -> Result<Digest, Status> {
+    text.parse()
+        .map_err(|e: edge::credentials::BadDigest| status(e.into()))
 }
 
 /// A TTL in milliseconds; 0 means the default.
@@ -36,15 +42,17 @@ pub(crate) fn ttl(ms: u64) -> Option<Duration> {
     (ms != 0).then(|| Duration::from_millis(ms))
 }
 
-/// An application close: code in 4000..=4999 (0 means 4000), reason at most 123 bytes.
-pub(crate) fn close(code: u32, reason: String) -> Result<Close, Error> {
+/// An application close: code in 4000..=4099 (0 means 4000), reason at most 123 bytes.
+/// `Disconnect` ends the credentials, so only the "do not reconnect" range is allowed: a code
+/// in 4100..=4299 would send the client back to credentials that are already dead.
+pub(crate) fn close(code: u32, reason: String) -> Result<Close, Status> {
     let code = match code {
         0 => code::APPLICATION,
-        c @ 4000..=4999 => c as u16,
-        _ => return Err(Error::BadClose),
+        c @ 4000..=4099 => c as u16,
+        _ => return Err(status(Error::BadClose)),
     };
     if reason.len() > MAX_CLOSE_REASON {
-        return Err(Error::BadClose);
+        return Err(status(Error::BadClose));
     }
     let reason = if reason.is_empty() {
         "disconnected by the application".to_owned()
@@ -78,7 +86,7 @@ impl From<Stats> for pb::StatsResponse {
 }
 
 /// A `Handle` reply: status in 100..=599, `body_json` empty (null) or valid JSON.
-pub(crate) fn remote_reply(reply: pb::Reply) -> Result<RemoteReply, Status> {
+pub(crate) fn remote_reply(reply: pb::Reply) -> Result<HandlerReply, Status> {
     let status = u16::try_from(reply.status)
         .ok()
         .filter(|s| (100..=599).contains(s))
@@ -94,7 +102,7 @@ pub(crate) fn remote_reply(reply: pb::Reply) -> Result<RemoteReply, Status> {
     };
     let mut headers: Vec<(String, String)> = reply.headers.into_iter().collect();
     headers.sort();
-    Ok(RemoteReply {
+    Ok(HandlerReply {
         delivery_id: reply.delivery_id,
         status,
         headers,

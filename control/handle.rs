@@ -5,26 +5,18 @@
 
 use std::pin::Pin;
 
+use edge::{handlers::remote::Member, handoff::Delivery, registry::Listener, Gateway};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Status, Streaming};
 
-use super::convert;
-use crate::{
-    handlers::{
-        remote::{Delivery, Member, Remote},
-        Handlers,
-    },
-    pb,
-    registry::Listener,
-};
+use crate::{convert, pb, status};
 
 /// A boxed response stream.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The `Listen` stream of `listener`: every push, then `RESOURCE_EXHAUSTED` if it fell behind.
-pub(crate) fn listen(listener: Listener, halt: CancellationToken) -> BoxStream<pb::ListenEvent> {
+pub(crate) fn listen(listener: Listener, gateway: &Gateway) -> BoxStream<pb::ListenEvent> {
     let events = futures_util::stream::unfold(Some(listener), |state| async move {
         let mut listener = state?;
         match listener.recv().await {
@@ -44,15 +36,13 @@ pub(crate) fn listen(listener: Listener, halt: CancellationToken) -> BoxStream<p
             None => None,
         }
     });
-    Box::pin(events.take_until(halt.cancelled_owned()))
+    Box::pin(events.take_until(gateway.halted()))
 }
 
 /// Runs a `Handle` stream: takes the registration, then relays deliveries out and replies in.
 pub(crate) async fn handle(
-    handlers: &Handlers,
+    gateway: &Gateway,
     mut inbound: Streaming<pb::HandleRequest>,
-    halt: CancellationToken,
-    tracker: &TaskTracker,
 ) -> Result<BoxStream<pb::ClientMessage>, Status> {
     let register = match inbound.message().await? {
         Some(pb::HandleRequest {
@@ -64,25 +54,19 @@ pub(crate) async fn handle(
             ))
         }
     };
-    if let Some(action) = register.actions.iter().find(|a| handlers.is_builtin(a)) {
-        return Err(Status::invalid_argument(format!(
-            "action {action:?} is handled by the gateway itself"
-        )));
-    }
-    let remote = handlers.remote().clone();
-    let (member, deliveries) = remote
+    let (member, deliveries) = gateway
         .join(&register.group, register.actions, register.lifecycle_events)
-        .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        .map_err(status::member)?;
     tracing::info!(group = %register.group, "Handle stream joined");
 
     // Replies come in on a task of their own; it owns the membership, so the member leaves
     // (and its in-flight deliveries get 503) when the inbound side ends or breaks a rule.
     let (failed_tx, failed_rx) = oneshot::channel::<Status>();
-    let stop = halt.clone();
-    tracker.spawn(async move {
+    let (replies, halted) = (gateway.clone(), gateway.halted());
+    gateway.spawn(async move {
         let failure = tokio::select! {
-            failure = relay_replies(&remote, &member, &mut inbound) => failure,
-            _ = stop.cancelled() => None,
+            failure = relay_replies(&replies, &member, &mut inbound) => failure,
+            _ = halted => None,
         };
         drop(member);
         if let Some(status) = failure {
@@ -101,12 +85,12 @@ pub(crate) async fn handle(
             }
         },
     );
-    Ok(Box::pin(out.take_until(halt.cancelled_owned())))
+    Ok(Box::pin(out.take_until(gateway.halted())))
 }
 
 /// Takes replies until the stream ends (`None`) or sends something invalid (its status).
 async fn relay_replies(
-    remote: &Remote,
+    gateway: &Gateway,
     member: &Member,
     inbound: &mut Streaming<pb::HandleRequest>,
 ) -> Option<Status> {
@@ -126,8 +110,8 @@ async fn relay_replies(
             Ok(reply) => reply,
             Err(status) => return Some(status),
         };
-        if let Err(err) = remote.reply(member, reply) {
-            return Some(Status::invalid_argument(err.to_string()));
+        if let Err(err) = gateway.reply(member, reply) {
+            return Some(status::member(err));
         }
     }
 }

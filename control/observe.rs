@@ -16,17 +16,17 @@ use std::{
 
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
+use edge::metrics::Metrics;
 
 /// Counts requests into `channelgate_control_requests_total`.
 #[derive(Debug, Clone)]
-pub(super) struct ObserveLayer {
+pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
 }
 
 impl ObserveLayer {
     /// A layer counting into `metrics`.
-    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self { metrics }
     }
 }
@@ -43,7 +43,7 @@ impl<S> Layer<S> for ObserveLayer {
 
 /// The service of [`ObserveLayer`].
 #[derive(Debug, Clone)]
-pub(super) struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
@@ -81,7 +81,7 @@ where
             "other".to_owned()
         };
         let metrics = self.metrics.clone();
-        let limit = (!CLIENT_STREAMS.contains(&path)).then_some(super::REQUEST_TIMEOUT);
+        let limit = (!CLIENT_STREAMS.contains(&path)).then_some(crate::server::REQUEST_TIMEOUT);
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = match limit {

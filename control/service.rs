@@ -1,46 +1,32 @@
 //! `impl pb::control_server::Control`: decode the request (through `convert`), call the
-//! registry, encode the answer. No logic of its own.
+//! [`Gateway`], encode the answer. No logic of its own.
 
+use edge::Gateway;
 use futures_util::StreamExt;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{
+use crate::{
     convert,
     handle::{self, BoxStream},
+    pb,
+    status::status,
 };
-use crate::{bus::Bus, handlers::Handlers, pb};
 
-/// The Control service over a node's registry and handlers.
+/// The Control service over a node's [`Gateway`].
 #[derive(Debug, Clone)]
-pub struct ControlService {
-    bus: Bus,
-    handlers: Handlers,
-    /// Ends the streaming calls when the node halts.
-    halt: CancellationToken,
-    /// Tracks the tasks the streaming calls spawn.
-    tracker: TaskTracker,
+pub(crate) struct ControlService {
+    gateway: Gateway,
 }
 
 impl ControlService {
-    /// A service driving `bus` and `handlers`.
-    pub fn new(
-        bus: Bus,
-        handlers: Handlers,
-        halt: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Self {
-        Self {
-            bus,
-            handlers,
-            halt,
-            tracker,
-        }
+    /// A service driving `gateway`.
+    pub(crate) fn new(gateway: Gateway) -> Self {
+        Self { gateway }
     }
 
     fn push(&self, request: &pb::PushRequest) -> Result<u64, Status> {
         let channels = convert::channels(&request.channels)?;
-        Ok(self.bus.push(&channels, &request.json)?)
+        self.gateway.push(&channels, &request.json).map_err(status)
     }
 }
 
@@ -51,13 +37,13 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::IssueConnectionRequest>,
     ) -> Result<Response<pb::IssueConnectionResponse>, Status> {
         let r = request.get_ref();
-        let ttl = convert::ttl(r.ttl_ms);
         // Checked before minting, so a bad channel leaves no credentials behind.
         let channels = convert::channels(&r.channels)?;
-        let creds = self.bus.issue(ttl).await?;
-        if !channels.is_empty() {
-            self.bus.subscribe(&creds.digest, &channels).await?;
-        }
+        let creds = self
+            .gateway
+            .issue(convert::ttl(r.ttl_ms), &channels)
+            .await
+            .map_err(status)?;
         Ok(Response::new(creds.into()))
     }
 
@@ -68,7 +54,11 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
         let channels = convert::channels(&r.channels)?;
-        let live = self.bus.subscribe(&digest, &channels).await?;
+        let live = self
+            .gateway
+            .subscribe(&digest, &channels)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::SubscribeResponse { live }))
     }
 
@@ -79,7 +69,11 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
         let channels = convert::channels(&r.channels)?;
-        let live = self.bus.unsubscribe(&digest, &channels).await?;
+        let live = self
+            .gateway
+            .unsubscribe(&digest, &channels)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::UnsubscribeResponse { live }))
     }
 
@@ -108,7 +102,7 @@ impl pb::control_server::Control for ControlService {
             pushes += 1;
             // Flow control: while the node's writers are far behind, take the next push a
             // little later (HTTP/2 then holds the publisher back) instead of queueing more.
-            self.bus.registry().backlog().pace().await;
+            self.gateway.pace().await;
         }
         Ok(Response::new(pb::PushStreamResponse { pushes, queued }))
     }
@@ -119,8 +113,12 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         let r = request.get_ref();
         let digest = convert::digest(&r.digest)?;
-        let channel = convert::channels(std::slice::from_ref(&r.channel))?.remove(0);
-        let queued = self.bus.send(&digest, &channel, &r.json).await?;
+        let channel = convert::channel(&r.channel)?;
+        let queued = self
+            .gateway
+            .send(&digest, &channel, &r.json)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::SendResponse { queued }))
     }
 
@@ -131,7 +129,11 @@ impl pb::control_server::Control for ControlService {
         let r = request.into_inner();
         let digest = convert::digest(&r.digest)?;
         let close = convert::close(r.code, r.reason)?;
-        let closed = self.bus.disconnect(&digest, close).await?;
+        let closed = self
+            .gateway
+            .disconnect(&digest, close)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DisconnectResponse { closed }))
     }
 
@@ -142,8 +144,7 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let only = convert::channels(&r.channels)?;
         Ok(Response::new(
-            self.bus
-                .registry()
+            self.gateway
                 .stats(r.per_channel || !only.is_empty(), &only)
                 .into(),
         ))
@@ -156,8 +157,8 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
         let channels = convert::channels(&request.get_ref().channels)?;
-        let listener = self.bus.listen(&channels).await?;
-        Ok(Response::new(handle::listen(listener, self.halt.clone())))
+        let listener = self.gateway.listen(&channels).await.map_err(status)?;
+        Ok(Response::new(handle::listen(listener, &self.gateway)))
     }
 
     type HandleStream = BoxStream<pb::ClientMessage>;
@@ -166,13 +167,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<Streaming<pb::HandleRequest>>,
     ) -> Result<Response<Self::HandleStream>, Status> {
-        let stream = handle::handle(
-            &self.handlers,
-            request.into_inner(),
-            self.halt.clone(),
-            &self.tracker,
-        )
-        .await?;
+        let stream = handle::handle(&self.gateway, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 }

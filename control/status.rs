@@ -2,26 +2,30 @@
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use edge::{error::Error, handlers::remote::MemberError};
 
-impl From<Error> for Status {
-    fn from(err: Error) -> Self {
-        let code = match &err {
-            Error::BadChannel(_)
-            | Error::NoChannels
-            | Error::TooManyChannels { .. }
-            | Error::BadDigest(_)
-            | Error::BadJson(_)
-            | Error::BadClose
-            | Error::BadTtl { .. } => Code::InvalidArgument,
-            Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
-            Error::UnknownDigest => Code::NotFound,
-            Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
-            Error::WeakSecret(_)
-            | Error::BadUpstream(_)
-            | Error::ClusterNeedsSecret
-            | Error::Io { .. } => Code::Internal,
-        };
-        Status::new(code, err.to_string())
-    }
+/// The gRPC status of an edge error.
+pub(crate) fn status(err: Error) -> Status {
+    let code = match &err {
+        Error::BadChannel(_)
+        | Error::NoChannels
+        | Error::TooManyChannels { .. }
+        | Error::BadDigest(_)
+        | Error::BadJson(_)
+        | Error::BadClose
+        | Error::BadTtl { .. } => Code::InvalidArgument,
+        Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
+        Error::UnknownDigest => Code::NotFound,
+        Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
+        Error::WeakSecret(_)
+        | Error::BadUpstream(_)
+        | Error::ClusterNeedsSecret
+        | Error::Io { .. } => Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+/// The gRPC status of a `Handle` stream's mistake.
+pub(crate) fn member(err: MemberError) -> Status {
+    Status::invalid_argument(err.to_string())
 }

@@ -46,16 +46,16 @@ use crate::{
     fanout::Next,
     handlers::{remote, Outcome, Request, Socket},
     limit::TokenBucket,
+    node::Edge,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, Ending},
-    server::Edge,
 };
 
 /// A writer keeps its batch buffer between writes up to this many frames of capacity.
 const BATCH_KEEP: usize = 64;
 
 /// How long the closing handshake, or a write in progress when the socket is closed, may take.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the socket's loops ended.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ impl End {
 /// Not an `async fn`: the WebSocket is built and split before the future exists, so the
 /// future does not keep a dead copy of the whole stream beside the two halves for the
 /// socket's lifetime.
-pub fn run<'e, S>(
+pub(crate) fn run<'e, S>(
     io: S,
     pre_read: &[u8],
     conn: Arc<Conn>,
@@ -195,12 +195,8 @@ async fn finish<S>(
     });
     match &end {
         End::Closing(close) => {
-            let level_debug = close.is_expected();
-            if level_debug {
-                tracing::debug!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
-            } else {
-                tracing::warn!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
-            }
+            // Every close the gateway decides is a peer's doing or the node's drain: debug.
+            tracing::debug!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
             let frame = CloseFrame {
                 code: CloseCode::from(close.code()),
                 reason: close.reason().into(),
@@ -385,7 +381,7 @@ fn queue_reply(conn: &Conn, reply: &Reply, edge: &Edge) {
     let frame = reply.encode();
     metrics.bytes_out.inc_by(frame.len() as u64);
     conn.outbox
-        .push(&frame, edge.registry.limits().outbound_queue_bytes);
+        .push(&frame, edge.registry.limits().outbound_queue);
 }
 
 /// Routes one client text message to its handler. Returns the reply to queue now, if any; a
@@ -477,13 +473,14 @@ mod tests {
     #[tokio::test]
     async fn future_sizes() {
         use crate::{
-            bus::Bus, config::Config, credentials::Secrets, handlers::remote::Remote,
+            bus::memory::Memory, config::Config, credentials::Secrets, handlers::remote::Remote,
             registry::Registry,
         };
         let config = Config::default();
         let registry = Registry::new(
             Secrets::new(b"size test secret 0123456789abcdef", None).unwrap(),
             config.limits.clone(),
+            Arc::default(),
         );
         let creds = registry.issue(None).unwrap();
         let verified = registry
@@ -492,8 +489,8 @@ mod tests {
         let conn = registry.attach(&verified).unwrap();
         let edge = Arc::new(
             Edge::new(
-                Bus::memory(registry),
-                Remote::new(Duration::from_secs(1)),
+                Arc::new(Memory::new(registry)),
+                Remote::new(Duration::from_secs(1), None),
                 config,
                 Default::default(),
                 Default::default(),

@@ -1,7 +1,7 @@
 //! Errors at the edge's boundaries and the one table of WebSocket close codes.
 //!
 //! * [`Close`] is every reason the gateway ends a socket; [`Close::code`] is the only place a
-//!   close code is chosen. Ranges: 1000-1011 as in RFC 6455; 4000-4099 "do not reconnect";
+//!   close code is chosen. Ranges: 1000-1008 as in RFC 6455; 4000-4099 "do not reconnect";
 //!   4100-4199 "reconnect with back-off"; 4200-4299 "reconnect now".
 //! * [`Error`] is what the control plane and the embedding API can get wrong, mapped to gRPC
 //!   statuses in `control/status.rs` and nowhere else.
@@ -22,12 +22,11 @@ pub enum Close {
     InvalidPayload,
     /// 1008: a message larger than the inbound limit, or another policy violation.
     Policy(&'static str),
-    /// 1011: a bug or an internal failure.
-    Internal,
     /// 4000-4099 (default 4000): the application disconnected the socket; its credentials are
     /// dead. The application picks the code and the reason.
     Application {
-        /// A code in 4000..=4999.
+        /// A code in 4000..=4099: the "do not reconnect" range, because the credentials are
+        /// dead (an application that wants the client back issues new ones).
         code: u16,
         /// Sent to the client (at most 123 bytes).
         reason: String,
@@ -51,8 +50,6 @@ pub mod code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation (e.g. message too large).
     pub const POLICY: u16 = 1008;
-    /// Internal error.
-    pub const INTERNAL: u16 = 1011;
     /// Disconnected by the application (default code of `Disconnect`).
     pub const APPLICATION: u16 = 4000;
     /// Too slow: outbound queue full.
@@ -76,7 +73,6 @@ impl Close {
             Self::Protocol => code::PROTOCOL,
             Self::InvalidPayload => code::INVALID_PAYLOAD,
             Self::Policy(_) => code::POLICY,
-            Self::Internal => code::INTERNAL,
             Self::Application { code, .. } => *code,
             Self::TooSlow => code::TOO_SLOW,
             Self::IdleTimeout => code::IDLE_TIMEOUT,
@@ -90,7 +86,6 @@ impl Close {
             Self::Protocol => "protocol error",
             Self::InvalidPayload => "invalid UTF-8",
             Self::Policy(why) => why,
-            Self::Internal => "internal error",
             Self::Application { reason, .. } => reason,
             Self::TooSlow => "too slow: outbound queue full",
             Self::IdleTimeout => "idle timeout",
@@ -102,11 +97,6 @@ impl Close {
     /// that is not a [`Close`] of the gateway's).
     pub fn allows_resume(&self) -> bool {
         !matches!(self, Self::Application { .. })
-    }
-
-    /// Whether this is a peer's doing (logged at `debug`) rather than ours (`warn`).
-    pub fn is_expected(&self) -> bool {
-        !matches!(self, Self::Internal)
     }
 }
 
@@ -142,8 +132,11 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// A close code outside 4000..=4999, or a reason over 123 bytes.
-    #[error("close code must be in 4000..=4999 and the reason at most 123 bytes")]
+    /// A close code outside 4000..=4099, or a reason over 123 bytes.
+    #[error(
+        "close code must be in 4000..=4099 (disconnected: do not reconnect) and the reason at \
+         most 123 bytes"
+    )]
     BadClose,
     /// A credential TTL outside the allowed range.
     #[error("ttl must be at most {max_ms} ms")]

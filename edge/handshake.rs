@@ -19,12 +19,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
-use crate::{bus::AttachError, conn, handlers::Socket, registry::Ending, server::Edge};
+use crate::{bus::AttachError, conn, handlers::Socket, node::Edge, registry::Ending};
 
 type Body = Full<Bytes>;
 
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
-pub async fn serve_http<S>(
+pub(crate) async fn serve_http<S>(
     stream: S,
     peer: SocketAddr,
     edge: Arc<Edge>,
@@ -92,11 +92,11 @@ where
 }
 
 /// Where the edge serves the browser client.
-pub const CLIENT_SCRIPT_PATH: &str = "/channelgate.js";
+pub(crate) const CLIENT_SCRIPT_PATH: &str = "/channelgate.js";
 
 /// The browser client (`clients/js/channelgate.js`), built into the binary so it always matches
 /// the node's protocol.
-pub const CLIENT_SCRIPT: &str = include_str!("../clients/js/channelgate.js");
+pub(crate) const CLIENT_SCRIPT: &str = include_str!("../clients/js/channelgate.js");
 
 /// The client with revalidation: a strong ETag from its content, a short `max-age` so a new node
 /// version reaches pages soon, `304` when the page already has it. Any origin may load it (it is

@@ -108,6 +108,15 @@ async fn invalid_requests_get_their_status_codes() {
         code_of(c.disconnect(disconnect(5000, "")).await),
         Code::InvalidArgument
     );
+    // Disconnect ends the credentials, so the codes that tell a client to reconnect (4100-4299)
+    // or that no range defines are refused: one close-code contract for node and client.
+    for code in [4100, 4101, 4200, 4299, 4300, 4999] {
+        assert_eq!(
+            code_of(c.disconnect(disconnect(code, "")).await),
+            Code::InvalidArgument,
+            "code {code}"
+        );
+    }
     assert_eq!(
         code_of(c.disconnect(disconnect(4000, &"r".repeat(124))).await),
         Code::InvalidArgument
@@ -213,9 +222,10 @@ async fn stats_report_connections_channels_and_subscriptions() {
 
 #[tokio::test]
 async fn control_tokens_are_required_when_configured() {
-    let gw =
-        Gateway::start_with(|c| c.control_tokens = vec!["old-token".into(), "new-token".into()])
-            .await;
+    let gw = Gateway::start_with(|c| {
+        c.control_token = Some(vec!["old-token".into(), "new-token".into()])
+    })
+    .await;
     let mut c = ControlClient::connect(format!("http://{}", gw.grpc))
         .await
         .unwrap();
@@ -244,7 +254,7 @@ async fn control_tokens_are_required_when_configured() {
 
 #[tokio::test]
 async fn grpc_health_and_reflection_answer_even_with_tokens() {
-    let gw = Gateway::start_with(|c| c.control_tokens = vec!["secret-token".into()]).await;
+    let gw = Gateway::start_with(|c| c.control_token = Some(vec!["secret-token".into()])).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.grpc))
         .unwrap()
         .connect()
@@ -301,7 +311,7 @@ async fn mutual_tls_on_the_control_plane() {
         pki.path("ca.pem"),
     );
     let gw = Gateway::start_with(move |c| {
-        c.grpc_tls = Some((cert, key));
+        (c.grpc_tls_cert, c.grpc_tls_key) = (Some(cert), Some(key));
         c.grpc_client_ca = Some(ca);
     })
     .await;

@@ -186,8 +186,8 @@ async fn push_stream_delivers_in_order() {
 #[tokio::test]
 async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_everything() {
     let gw = Gateway::start_with(|c| {
-        c.limits.outbound_queue_bytes = 256 << 10;
-        c.limits.max_push_bytes = 64 << 10;
+        c.limits.outbound_queue = 256 << 10;
+        c.limits.max_push_size = 64 << 10;
     })
     .await;
     let (_, mut slow) = gw.subscriber(&["firehose"]).await;

@@ -68,7 +68,7 @@ async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
     std::fs::copy(first.path("server.pem"), live.path("server.pem")).unwrap();
     std::fs::copy(first.path("server.key"), live.path("server.key")).unwrap();
     let (cert, key) = (live.path("server.pem"), live.path("server.key"));
-    let gw = Gateway::start_with(move |c| c.tls = Some((cert, key))).await;
+    let gw = Gateway::start_with(move |c| (c.tls_cert, c.tls_key) = (Some(cert), Some(key))).await;
 
     let creds = gw.issue().await;
     gw.subscribe(&creds, &["secure"]).await;

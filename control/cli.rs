@@ -1,0 +1,385 @@
+//! The binary's client subcommands (`issue`, `subscribe`, `push`, `listen`, `connect`, ...):
+//! clients of a node's control plane (through [`Client`]) and of its client plane, for
+//! operators and scripts. Results are JSON lines on standard output.
+
+use std::{io::Read as _, process::ExitCode};
+
+use clap::Subcommand;
+
+use crate::client::{Client, ClientError};
+
+/// Why a client subcommand failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The control plane could not be reached.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The node refused the call (exit code 2).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The node refused the WebSocket handshake.
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    /// The WebSocket failed.
+    #[error("WebSocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// An argument that cannot be used.
+    #[error("invalid {0}")]
+    Invalid(String),
+    /// Reading or writing a local stream failed.
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+}
+
+impl CliError {
+    /// The process exit code: 2 for a call the node refused, 1 otherwise.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Status(_) | Self::Refused(_) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// The client subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint connection credentials; prints them as JSON (or shell variables with --env).
+    Issue {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Time to live of the credentials (e.g. 5m); the node's default when absent.
+        #[arg(long)]
+        ttl: Option<crate::config::HumanDuration>,
+        /// Print `export CONNECTION_ID=..` (and SOCKET_KEY, DIGEST) lines for `eval` in a shell.
+        #[arg(long)]
+        env: bool,
+        /// Subscribe the new credentials to this channel in the same call (repeatable).
+        #[arg(long = "channel", value_name = "CHANNEL")]
+        channels: Vec<String>,
+    },
+    /// Open a WebSocket as a client would: prints every frame it receives as a line, and sends
+    /// each line of standard input as a text frame.
+    Connect {
+        /// WebSocket endpoint of the node.
+        #[arg(
+            long,
+            env = "CHANNELGATE_WS_URL",
+            default_value = "ws://127.0.0.1:8080/ws"
+        )]
+        url: String,
+        /// The connection id.
+        #[arg(long, env = "CONNECTION_ID")]
+        id: String,
+        /// The socket key (sent in the `socket_key` cookie).
+        #[arg(long, env = "SOCKET_KEY", hide_env_values = true)]
+        key: String,
+    },
+    /// Subscribe a connection (by digest) to channels.
+    Subscribe {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The connection's digest.
+        digest: String,
+        /// Channel names.
+        #[arg(required = true)]
+        channels: Vec<String>,
+    },
+    /// Unsubscribe a connection (by digest) from channels.
+    Unsubscribe {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The connection's digest.
+        digest: String,
+        /// Channel names.
+        #[arg(required = true)]
+        channels: Vec<String>,
+    },
+    /// Push JSON to a channel (from the argument, or standard input when absent or `-`).
+    Push {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Channel name.
+        channel: String,
+        /// JSON text.
+        json: Option<String>,
+    },
+    /// Send JSON to one connection, framed as a push on CHANNEL.
+    Send {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The connection's digest.
+        digest: String,
+        /// Channel name shown to the client.
+        channel: String,
+        /// JSON text (standard input when absent or `-`).
+        json: Option<String>,
+    },
+    /// Close a connection and end its credentials.
+    Disconnect {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The connection's digest.
+        digest: String,
+        /// Close code, 4000-4099 (the client does not reconnect: the credentials are dead).
+        #[arg(long, default_value_t = 4000)]
+        code: u32,
+        /// Close reason.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Print every push to the channels as a JSON line `{"channel":..,"json":..}` until
+    /// interrupted.
+    Listen {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Channel names.
+        #[arg(required = true)]
+        channels: Vec<String>,
+    },
+    /// Print the node's counts as JSON.
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Include per-channel subscriber counts (all channels, or only those named).
+        #[arg(long)]
+        per_channel: bool,
+        /// Only these channels.
+        channels: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// Control plane URL of the node.
+    #[arg(
+        long,
+        env = "CHANNELGATE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+    /// Bearer token for the control plane.
+    #[arg(long, env = "CHANNELGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA (PEM) to verify a TLS control plane with (use an https:// --server). The
+    /// environment names differ from `serve`'s CHANNELGATE_TLS_*, which are the node's own
+    /// certificate.
+    #[arg(long, env = "CHANNELGATE_CLIENT_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; with --tls-key.
+    #[arg(
+        long,
+        env = "CHANNELGATE_CLIENT_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM) for mutual TLS; with --tls-cert.
+    #[arg(
+        long,
+        env = "CHANNELGATE_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> Result<Client, CliError> {
+        let mut builder = Client::builder(self.server.clone()).token_opt(self.token.clone());
+        if let Some(ca) = &self.tls_ca {
+            builder = builder.tls_ca(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            builder = builder.identity(cert, key);
+        }
+        Ok(builder.connect().await?)
+    }
+}
+
+fn json_arg(json: Option<String>) -> Result<String, CliError> {
+    match json.as_deref() {
+        Some("-") | None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| CliError::Io("reading JSON from standard input", e))?;
+            Ok(text)
+        }
+        Some(text) => Ok(text.to_owned()),
+    }
+}
+
+/// Runs one client subcommand; prints its result as JSON on standard output.
+pub async fn run(command: Command) -> Result<ExitCode, CliError> {
+    let print = |value: serde_json::Value| println!("{value}");
+    match command {
+        Command::Connect { url, id, key } => return websocket(&url, &id, &key).await,
+        Command::Issue {
+            client,
+            ttl,
+            env,
+            channels,
+        } => {
+            let r = client
+                .connect()
+                .await?
+                .issue(ttl.map(|t| t.0), &channels)
+                .await?;
+            if env {
+                println!(
+                    "export CONNECTION_ID={}\nexport SOCKET_KEY={}\nexport DIGEST={}",
+                    r.connection_id, r.socket_key, r.digest
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            print(serde_json::json!({
+                "connection_id": r.connection_id,
+                "socket_key": r.socket_key,
+                "digest": r.digest,
+                "expires_at_unix_ms": r.expires_at_unix_ms,
+            }));
+        }
+        Command::Subscribe {
+            client,
+            digest,
+            channels,
+        } => {
+            let live = client
+                .connect()
+                .await?
+                .subscribe(&digest, &channels)
+                .await?;
+            print(serde_json::json!({ "live": live }));
+        }
+        Command::Unsubscribe {
+            client,
+            digest,
+            channels,
+        } => {
+            let live = client
+                .connect()
+                .await?
+                .unsubscribe(&digest, &channels)
+                .await?;
+            print(serde_json::json!({ "live": live }));
+        }
+        Command::Push {
+            client,
+            channel,
+            json,
+        } => {
+            let json = json_arg(json)?;
+            let queued = client.connect().await?.push(&[channel], &json).await?;
+            print(serde_json::json!({ "queued": queued }));
+        }
+        Command::Send {
+            client,
+            digest,
+            channel,
+            json,
+        } => {
+            let json = json_arg(json)?;
+            let queued = client
+                .connect()
+                .await?
+                .send(&digest, &channel, &json)
+                .await?;
+            print(serde_json::json!({ "queued": queued }));
+        }
+        Command::Disconnect {
+            client,
+            digest,
+            code,
+            reason,
+        } => {
+            let closed = client
+                .connect()
+                .await?
+                .disconnect(&digest, code, &reason)
+                .await?;
+            print(serde_json::json!({ "closed": closed }));
+        }
+        Command::Listen { client, channels } => {
+            let mut events = client.connect().await?.listen(&channels).await?;
+            while let Some(event) = events.message().await? {
+                print(serde_json::json!({ "channel": event.channel, "json": event.json }));
+            }
+        }
+        Command::Stats {
+            client,
+            per_channel,
+            channels,
+        } => {
+            let r = client
+                .connect()
+                .await?
+                .stats(per_channel, &channels)
+                .await?;
+            print(serde_json::json!({
+                "connections": r.connections,
+                "channels": r.channels,
+                "subscriptions": r.subscriptions,
+                "sessions": r.sessions,
+                "channel_subscribers": r.channel_subscribers,
+            }));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn websocket(url: &str, id: &str, key: &str) -> Result<ExitCode, CliError> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncBufReadExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let mut request = format!("{url}?socket_connection_id={id}")
+        .into_client_request()
+        .map_err(|e| CliError::Invalid(format!("--url: {e}")))?;
+    request.headers_mut().insert(
+        "cookie",
+        format!("socket_key={key}")
+            .parse()
+            .map_err(|_| CliError::Invalid("--key is not a valid cookie value".into()))?,
+    );
+    let (ws, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            return Err(CliError::Refused(format!(
+                "{} {}",
+                response.status(),
+                body.trim()
+            )));
+        }
+        Err(err) => return Err(CliError::WebSocket(err)),
+    };
+    eprintln!("connected; type JSON messages, one per line");
+    let (mut sink, mut stream) = ws.split();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => println!("{text}"),
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    eprintln!("closed by the server: {code} {reason}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(CliError::WebSocket(err)),
+                None => return Ok(ExitCode::SUCCESS),
+            },
+            line = lines.next_line(), if stdin_open => match line.map_err(|e| CliError::Io("reading standard input", e))? {
+                Some(line) if !line.trim().is_empty() => sink.send(Message::text(line)).await.map_err(CliError::WebSocket)?,
+                Some(_) => {}
+                None => stdin_open = false,
+            },
+        }
+    }
+}

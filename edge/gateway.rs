@@ -1,0 +1,155 @@
+//! [`Gateway`]: the one door through which the control plane (or a program embedding the edge)
+//! drives a node: issue, subscribe, unsubscribe, push, send, disconnect, stats, listen, and
+//! joining and replying as a `Handle` stream.
+//!
+//! Every operation works the same on one node or across a cluster: the [`Bus`] decides where
+//! state lives. Nothing here knows gRPC; `control/` converts its messages to these calls.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::{
+    bus::Bus,
+    credentials::{Credentials, Digest},
+    error::{Close, Error},
+    handlers::remote::{Member, MemberError},
+    handoff::{Delivery, HandlerReply},
+    metrics::Metrics,
+    node::Edge,
+    protocol::Channel,
+    registry::{Listener, Stats},
+};
+
+/// A node's operations. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    edge: Arc<Edge>,
+}
+
+impl Gateway {
+    pub(crate) fn new(edge: Arc<Edge>) -> Self {
+        Self { edge }
+    }
+
+    fn bus(&self) -> &dyn Bus {
+        &*self.edge.bus
+    }
+
+    /// Mints credentials valid for `ttl` (the node's default when `None`) and, when `channels`
+    /// is not empty, subscribes them in the same call. Channels are checked before anything is
+    /// minted, so a refused call leaves no credentials behind.
+    pub async fn issue(
+        &self,
+        ttl: Option<Duration>,
+        channels: &[Channel],
+    ) -> Result<Credentials, Error> {
+        if !channels.is_empty() {
+            crate::registry::check_channel_count(channels)?;
+        }
+        let creds = self.bus().issue(ttl).await?;
+        if !channels.is_empty() {
+            self.bus().subscribe(&creds.digest, channels, true).await?;
+        }
+        Ok(creds)
+    }
+
+    /// Subscribes `digest` to `channels`; returns whether its socket is live (on any node).
+    pub async fn subscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        self.bus().subscribe(digest, channels, true).await
+    }
+
+    /// Unsubscribes `digest` from `channels`; returns whether its socket is live.
+    pub async fn unsubscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+        self.bus().subscribe(digest, channels, false).await
+    }
+
+    /// Pushes `json` to `channels`; returns the sockets it was queued to on this node.
+    pub fn push(&self, channels: &[Channel], json: &str) -> Result<u64, Error> {
+        self.edge.registry.push(channels, json)
+    }
+
+    /// Waits a little while the node's writers are far behind, so a publisher that streams
+    /// pushes is held back instead of overflowing subscriber queues (see `Backlog::pace`).
+    pub async fn pace(&self) {
+        self.edge.registry.backlog().pace().await;
+    }
+
+    /// Sends `json` to `digest`'s socket, framed as a push on `channel`; returns whether a live
+    /// socket was found.
+    pub async fn send(
+        &self,
+        digest: &Digest,
+        channel: &Channel,
+        json: &str,
+    ) -> Result<bool, Error> {
+        let frame = crate::protocol::push_frame(channel, &self.edge.registry.check_payload(json)?);
+        self.bus().send(digest, frame).await
+    }
+
+    /// Ends `digest`'s credentials and closes its socket with `close`; returns whether one
+    /// was live.
+    pub async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+        self.bus().disconnect(digest, close).await
+    }
+
+    /// Counts of what this node holds; per channel when `per_channel` (only `only`, when not
+    /// empty).
+    pub fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
+        self.edge.registry.stats(per_channel, only)
+    }
+
+    /// Starts a `Listen` stream on `channels`; in a cluster, pushes from every node reach it
+    /// once this returns.
+    pub async fn listen(&self, channels: &[Channel]) -> Result<Listener, Error> {
+        let listener = self.edge.registry.listen(channels)?;
+        self.bus().listen(channels).await;
+        Ok(listener)
+    }
+
+    /// Joins `group` as a `Handle` stream handling `actions` (and lifecycle events when
+    /// `lifecycle`). Returns the membership (leaving on drop) and the stream's deliveries.
+    pub fn join(
+        &self,
+        group: &str,
+        actions: Vec<String>,
+        lifecycle: bool,
+    ) -> Result<(Member, mpsc::Receiver<Delivery>), MemberError> {
+        if let Some(action) = actions.iter().find(|a| self.edge.handlers.is_builtin(a)) {
+            return Err(MemberError::BadRegistration(format!(
+                "action {action:?} is handled by the gateway itself"
+            )));
+        }
+        self.edge.handlers.remote().join(group, actions, lifecycle)
+    }
+
+    /// Takes a `Handle` stream's reply to one of its deliveries.
+    pub fn reply(&self, member: &Member, reply: HandlerReply) -> Result<(), MemberError> {
+        self.edge.handlers.remote().reply(member, reply)
+    }
+
+    /// `Ok` when the node can take traffic; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.bus().readiness()
+    }
+
+    /// The node's metrics (the control plane counts its requests here too).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.edge.registry.metrics_arc()
+    }
+
+    /// Resolves once the node halts (its sockets are gone): long-lived calls end then.
+    pub fn halted(&self) -> WaitForCancellationFutureOwned {
+        self.edge.halt.clone().cancelled_owned()
+    }
+
+    /// Runs `task` on the node's task tracker, so the node's drain waits for it.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.edge.tracker.spawn(task)
+    }
+}
