@@ -26,18 +26,11 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use channelgate::pb::{
-    control_client::ControlClient, handle_request::Kind, HandleRequest, IssueConnectionRequest,
-    PushRequest, Register, Reply,
-};
+use channelgate::client::Client;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    metadata::MetadataValue, service::interceptor::InterceptedService, transport::Channel, Request,
-};
 
 /// The one room of this example.
 pub(crate) const ROOM: &str = "chat:lobby";
@@ -64,27 +57,10 @@ pub(crate) struct ChatConfig {
     pub(crate) gateway_port: u16,
 }
 
-type Control = ControlClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds `authorization: Bearer ...` when a token is configured.
-#[derive(Debug, Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-        }
-        Ok(request)
-    }
-}
-
 #[derive(Debug)]
 struct Chat {
     config: ChatConfig,
-    control: Control,
+    control: Client,
     state: Mutex<Records>,
 }
 
@@ -104,12 +80,10 @@ pub(crate) async fn serve(
     config: ChatConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(config.control.clone())?.connect_lazy();
-    let token = match &config.token {
-        Some(token) => Some(format!("Bearer {token}").parse()?),
-        None => None,
-    };
-    let control = ControlClient::with_interceptor(channel, Bearer(token));
+    // Lazy: the app may start before the gateway does.
+    let control = Client::builder(config.control.clone())
+        .token_opt(config.token.clone())
+        .connect_lazy()?;
     let chat = Arc::new(Chat {
         config,
         control,
@@ -140,16 +114,9 @@ async fn page(
     headers: HeaderMap,
 ) -> Response {
     let name = clean_name(query.name.as_deref());
-    let issued = chat
-        .control
-        .clone()
-        .issue_connection(IssueConnectionRequest {
-            ttl_ms: 0,
-            channels: vec![ROOM.into()],
-        })
-        .await;
+    let issued = chat.control.issue(None, &[ROOM]).await;
     let creds = match issued {
-        Ok(response) => response.into_inner(),
+        Ok(creds) => creds,
         Err(status) => {
             tracing::warn!(%status, "IssueConnection failed");
             return (
@@ -275,11 +242,7 @@ async fn post(
 
 async fn push(chat: &Chat, payload: &Value) -> Result<(), tonic::Status> {
     chat.control
-        .clone()
-        .push(PushRequest {
-            channels: vec![ROOM.into()],
-            json: payload.to_string(),
-        })
+        .push(&[ROOM], &payload.to_string())
         .await
         .map(drop)
 }
@@ -305,23 +268,9 @@ async fn handle_typing(chat: Arc<Chat>, shutdown: CancellationToken) {
 }
 
 async fn typing_stream(chat: &Chat) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(HandleRequest {
-        kind: Some(Kind::Register(Register {
-            group: "chat".into(),
-            actions: vec!["typing".into()],
-            lifecycle_events: false,
-        })),
-    })
-    .await?;
-    let mut messages = chat
-        .control
-        .clone()
-        .handle(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut handler = chat.control.handle("chat", &["typing"], false).await?;
     tracing::info!("serving the `typing` action");
-    while let Some(message) = messages.message().await? {
+    while let Some(message) = handler.next().await? {
         let name = chat.state.lock().sockets.get(&message.digest).cloned();
         let (status, body) = match name {
             Some(name) => match push(chat, &json!({"type": "typing", "name": name})).await {
@@ -330,15 +279,9 @@ async fn typing_stream(chat: &Chat) -> anyhow::Result<()> {
             },
             None => (403, json!({"error": "unknown socket"})),
         };
-        tx.send(HandleRequest {
-            kind: Some(Kind::Reply(Reply {
-                delivery_id: message.delivery_id,
-                status,
-                headers: HashMap::new(),
-                body_json: body.to_string(),
-            })),
-        })
-        .await?;
+        handler
+            .reply(message.delivery_id, status, &body.to_string())
+            .await?;
     }
     Ok(())
 }

@@ -364,3 +364,110 @@ async fn mutual_tls_on_the_control_plane() {
     };
     assert!(plain, "a plaintext client was served");
 }
+
+/// Many tools (Python's grpcio-reflection, older grpcurl, Postman) ask for reflection v1alpha
+/// only; both versions list the Control service.
+#[tokio::test]
+async fn reflection_answers_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let gw = Gateway::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies = alpha
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reply");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("expected a service list, got {reply:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "channelgate.v1.Control"),
+        "{list:?}"
+    );
+
+    let mut stable = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut replies = stable
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .expect("v1 reflection is served")
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reply");
+    assert!(format!("{reply:?}").contains("channelgate.v1.Control"));
+}
+
+/// The typed client (`channelgate::client`) drives every call of a node: the one the CLI and
+/// the chat example use.
+#[tokio::test]
+async fn the_typed_client_drives_a_node() {
+    use channelgate::client::Client;
+    let gw = Gateway::start_with(|c| c.control_token = Some(vec!["t0ken".into()])).await;
+    let url = format!("http://{}", gw.grpc);
+    let without = Client::connect(url.clone()).await.unwrap();
+    let refused = without.stats(false, &["a"]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    let client = Client::builder(url).token("t0ken").connect().await.unwrap();
+    let creds = client.issue(None, &["room"]).await.unwrap();
+    assert!(
+        !format!("{creds:?}").contains(&creds.socket_key),
+        "the key stays out of Debug"
+    );
+    let mut ws = gw
+        .connect(&crate::support::Creds {
+            id: creds.connection_id.clone(),
+            key: creds.socket_key.clone(),
+            digest: creds.digest.clone(),
+            expires_at_ms: creds.expires_at_unix_ms,
+        })
+        .await;
+    let mut listen = client.listen(&["room"]).await.unwrap();
+    assert_eq!(client.push(&["room"], r#"{"n":1}"#).await.unwrap(), 1);
+    assert_eq!(ws.recv_push().await.1, serde_json::json!({"n": 1}));
+    assert_eq!(listen.message().await.unwrap().unwrap().json, r#"{"n":1}"#);
+    assert!(client.send(&creds.digest, "me", "2").await.unwrap());
+    assert_eq!(ws.recv_push().await, ("me".into(), serde_json::json!(2)));
+    assert!(client.subscribe(&creds.digest, &["other"]).await.unwrap());
+    assert!(client.unsubscribe(&creds.digest, &["other"]).await.unwrap());
+    let stats = client.stats(true, &["room"]).await.unwrap();
+    assert_eq!(stats.channel_subscribers.get("room"), Some(&1));
+
+    let mut handler = client.handle("app", &["hello"], false).await.unwrap();
+    ws.send_text(r#"{"action":"hello","id":7}"#).await;
+    let message = handler.next().await.unwrap().expect("a client message");
+    assert_eq!(message.action, "hello");
+    handler
+        .reply(message.delivery_id, 200, r#"{"hi":true}"#)
+        .await
+        .unwrap();
+    let reply = ws.recv_json().await;
+    assert_eq!(
+        (reply["id"].clone(), reply["status"].clone()),
+        (7.into(), 200.into())
+    );
+
+    assert!(client.disconnect(&creds.digest, 4001, "bye").await.unwrap());
+    assert_eq!(code(&ws.expect_close().await), 4001);
+}

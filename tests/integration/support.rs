@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use channelgate::{
+    client::{self, Client},
     config::Config,
     pb::{self, control_client::ControlClient},
     Listeners,
@@ -31,7 +32,10 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub struct Gateway {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The generated client, for tests that probe the wire (status codes, raw requests).
     pub control: ControlClient<Channel>,
+    /// The typed client (`channelgate::client`), which the scenario helpers use.
+    pub client: Client,
     stop: CancellationToken,
     task: Option<JoinHandle<Result<(), channelgate::error::Error>>>,
 }
@@ -47,24 +51,31 @@ pub struct Creds {
 
 impl From<pb::IssueConnectionResponse> for Creds {
     fn from(r: pb::IssueConnectionResponse) -> Self {
+        client::Credentials::from(r).into()
+    }
+}
+
+impl From<client::Credentials> for Creds {
+    fn from(c: client::Credentials) -> Self {
         Self {
-            id: r.connection_id,
-            key: r.socket_key,
-            digest: r.digest,
-            expires_at_ms: r.expires_at_unix_ms,
+            id: c.connection_id,
+            key: c.socket_key,
+            digest: c.digest,
+            expires_at_ms: c.expires_at_unix_ms,
         }
     }
 }
 
+const NO_CHANNELS: &[&str] = &[];
+
 /// Issues credentials through the control plane at `grpc` (a node run as a process).
 pub async fn issue_at(grpc: &str) -> Creds {
-    ControlClient::connect(format!("http://{grpc}"))
+    Client::connect(format!("http://{grpc}"))
         .await
         .expect("control plane answers")
-        .issue_connection(pb::IssueConnectionRequest::default())
+        .issue(None, NO_CHANNELS)
         .await
         .expect("IssueConnection")
-        .into_inner()
         .into()
 }
 
@@ -109,10 +120,14 @@ impl Gateway {
         let control = ControlClient::connect(format!("http://{grpc}"))
             .await
             .expect("control plane answers");
+        let client = Client::connect(format!("http://{grpc}"))
+            .await
+            .expect("control plane answers");
         Self {
             http,
             grpc,
             control,
+            client,
             stop,
             task: Some(task),
         }
@@ -131,58 +146,35 @@ impl Gateway {
     }
 
     pub async fn issue_ttl(&self, ttl_ms: u64) -> Creds {
-        self.control()
-            .issue_connection(pb::IssueConnectionRequest {
-                ttl_ms,
-                channels: vec![],
-            })
+        let ttl = (ttl_ms != 0).then(|| Duration::from_millis(ttl_ms));
+        self.client
+            .issue(ttl, NO_CHANNELS)
             .await
             .expect("IssueConnection")
-            .into_inner()
             .into()
     }
 
     pub async fn subscribe(&self, creds: &Creds, channels: &[&str]) -> bool {
-        self.control()
-            .subscribe(pb::SubscribeRequest {
-                digest: creds.digest.clone(),
-                channels: channels.iter().map(|c| c.to_string()).collect(),
-            })
+        self.client
+            .subscribe(&creds.digest, channels)
             .await
             .expect("Subscribe")
-            .into_inner()
-            .live
     }
 
     pub async fn unsubscribe(&self, creds: &Creds, channels: &[&str]) {
-        self.control()
-            .unsubscribe(pb::UnsubscribeRequest {
-                digest: creds.digest.clone(),
-                channels: channels.iter().map(|c| c.to_string()).collect(),
-            })
+        self.client
+            .unsubscribe(&creds.digest, channels)
             .await
             .expect("Unsubscribe");
     }
 
     /// Pushes `json` to `channel`; returns how many sockets it was queued to.
     pub async fn push(&self, channel: &str, json: &str) -> u64 {
-        self.control()
-            .push(pb::PushRequest {
-                channels: vec![channel.into()],
-                json: json.into(),
-            })
-            .await
-            .expect("Push")
-            .into_inner()
-            .queued
+        self.client.push(&[channel], json).await.expect("Push")
     }
 
     pub async fn stats(&self) -> pb::StatsResponse {
-        self.control()
-            .stats(pb::StatsRequest::default())
-            .await
-            .expect("Stats")
-            .into_inner()
+        self.client.stats(false, NO_CHANNELS).await.expect("Stats")
     }
 
     /// Waits until the node reports `n` live sockets.
