@@ -44,7 +44,7 @@ use tokio_tungstenite::{
 use crate::{
     error::Close,
     fanout::Next,
-    handlers::{remote, Outcome, Request, Socket},
+    handlers::{Outcome, Request, Socket},
     limit::TokenBucket,
     node::Edge,
     protocol::{parse_inbound, Frame, Reply},
@@ -144,9 +144,7 @@ async fn run_split<S>(
 {
     let conn = &conn;
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
-    edge.handlers
-        .remote()
-        .lifecycle(remote::CONNECT, &socket, "{}");
+    edge.handlers.connected(&socket);
     let end = tokio::select! {
         end = write_loop(&mut sink, conn, edge) => end,
         end = read_loop(&mut stream, conn, &socket, edge) => end,
@@ -185,9 +183,7 @@ async fn finish<S>(
             serde_json::json!({"code": close.code(), "reason": close.reason()}).to_string()
         }
     };
-    edge.handlers
-        .remote()
-        .lifecycle(remote::DISCONNECT, socket, &detail);
+    edge.handlers.disconnected(socket, &detail);
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {
         End::Closing(close) => close.clone(),
@@ -400,7 +396,6 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
     if socket.inflight.load(Ordering::Relaxed) >= max {
         return Some(request.reply(429, "too many messages in flight"));
     }
-    let call_route = &*request.action == crate::handlers::call_route::ACTION;
     match edge.handlers.dispatch(request) {
         Outcome::Reply(reply) => Some(reply),
         Outcome::NoReply => None,
@@ -408,16 +403,8 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
             socket.inflight.fetch_add(1, Ordering::Relaxed);
             let (conn, socket, task_edge) = (conn.clone(), socket.clone(), edge.clone());
             edge.tracker.spawn(async move {
-                let started = Instant::now();
                 let reply = future.await;
                 socket.inflight.fetch_sub(1, Ordering::Relaxed);
-                let metrics = task_edge.registry.metrics();
-                let histogram = if call_route {
-                    &metrics.call_route_seconds
-                } else {
-                    &metrics.handle_seconds
-                };
-                histogram.observe(started.elapsed().as_secs_f64());
                 if let Some(reply) = reply {
                     queue_reply(&conn, &reply, &task_edge);
                 }

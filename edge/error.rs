@@ -147,9 +147,9 @@ pub enum Error {
     /// A deployment secret that is too short.
     #[error(transparent)]
     WeakSecret(#[from] WeakSecret),
-    /// The `call-route` upstream is not a usable URL.
-    #[error(transparent)]
-    BadUpstream(#[from] crate::handlers::call_route::BadUpstream),
+    /// The `call-route` upstream is not a usable URL (why).
+    #[error("{0}")]
+    BadUpstream(String),
     /// Cluster mode: Redis could not be reached.
     #[error("cluster state unavailable: {0}")]
     ClusterUnavailable(String),

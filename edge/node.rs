@@ -107,8 +107,9 @@ impl Edge {
             config.upstream.as_deref(),
             limits.upstream_timeout,
             &config.key_cookie,
-        )?;
-        let handlers = Handlers::new(call_route, remote);
+        )
+        .map_err(|err| Error::BadUpstream(err.to_string()))?;
+        let handlers = Handlers::new(call_route, remote, bus.registry().metrics());
         let tls = match config.tls() {
             Some((cert, key)) => Some(Tls::load(cert, key)?),
             None => None,

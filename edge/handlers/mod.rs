@@ -23,10 +23,12 @@ use std::{
     sync::{atomic::AtomicUsize, Arc},
 };
 
+use prometheus::Histogram;
 use serde_json::value::RawValue;
 
 use crate::{
     credentials::Digest,
+    metrics::Metrics,
     protocol::{Frame, Reply},
 };
 
@@ -123,10 +125,21 @@ where
 }
 
 /// The action table. Built-in and embedded handlers take precedence over `Handle` streams.
+/// It also times the handlers that answer later (`call-route` and `Handle` round trips), so
+/// the socket's task knows no handler by name.
 #[derive(Clone)]
 pub struct Handlers {
-    table: HashMap<Box<str>, Arc<dyn Handler>>,
+    table: HashMap<Box<str>, Entry>,
     remote: remote::Remote,
+    /// Round trips of `Handle` streams.
+    handle_seconds: Histogram,
+}
+
+/// A handler, and the histogram its pending replies are timed in (if any).
+#[derive(Clone)]
+struct Entry {
+    handler: Arc<dyn Handler>,
+    latency: Option<Histogram>,
 }
 
 impl fmt::Debug for Handlers {
@@ -138,22 +151,38 @@ impl fmt::Debug for Handlers {
 }
 
 impl Handlers {
-    /// The built-in table: `ping`, `call-route`, and `Handle` streams for everything else.
-    pub fn new(call_route: call_route::CallRoute, remote: remote::Remote) -> Self {
+    /// The built-in table: `ping`, `call-route`, and `Handle` streams for everything else,
+    /// timed into `metrics`.
+    pub fn new(
+        call_route: call_route::CallRoute,
+        remote: remote::Remote,
+        metrics: &Metrics,
+    ) -> Self {
         let mut handlers = Self {
             table: HashMap::new(),
             remote,
+            handle_seconds: metrics.handle_seconds.clone(),
         };
         handlers.insert("ping", |request: Request| {
             Outcome::Reply(request.reply(200, "pong"))
         });
-        handlers.insert(call_route::ACTION, call_route);
+        handlers.table.insert(
+            call_route::ACTION.into(),
+            Entry {
+                handler: Arc::new(call_route),
+                latency: Some(metrics.call_route_seconds.clone()),
+            },
+        );
         handlers
     }
 
     /// Adds (or replaces) the handler of `action`.
     pub fn insert(&mut self, action: &str, handler: impl Handler) {
-        self.table.insert(action.into(), Arc::new(handler));
+        let entry = Entry {
+            handler: Arc::new(handler),
+            latency: None,
+        };
+        self.table.insert(action.into(), entry);
     }
 
     /// Whether `action` is handled by the gateway itself (and so cannot be claimed by a
@@ -167,11 +196,34 @@ impl Handlers {
         &self.remote
     }
 
-    /// Routes a message to its handler.
+    /// Routes a message to its handler. A reply that comes later is timed in the handler's
+    /// histogram.
     pub fn dispatch(&self, request: Request) -> Outcome {
-        match self.table.get(&*request.action) {
-            Some(handler) => handler.handle(request),
-            None => self.remote.handle(request),
+        let (outcome, latency) = match self.table.get(&*request.action) {
+            Some(entry) => (entry.handler.handle(request), entry.latency.as_ref()),
+            None => (self.remote.handle(request), Some(&self.handle_seconds)),
+        };
+        match (outcome, latency) {
+            (Outcome::Pending(future), Some(histogram)) => {
+                let histogram = histogram.clone();
+                Outcome::Pending(Box::pin(async move {
+                    let timer = histogram.start_timer();
+                    let reply = future.await;
+                    timer.observe_duration();
+                    reply
+                }))
+            }
+            (outcome, _) => outcome,
         }
+    }
+
+    /// Tells the `Handle` streams that asked for lifecycle events that a socket opened.
+    pub fn connected(&self, socket: &Socket) {
+        self.remote.lifecycle(remote::CONNECT, socket, "{}");
+    }
+
+    /// Tells them that a socket closed; `detail` is a small JSON object (code, reason).
+    pub fn disconnected(&self, socket: &Socket, detail: &str) {
+        self.remote.lifecycle(remote::DISCONNECT, socket, detail);
     }
 }
