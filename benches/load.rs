@@ -491,6 +491,7 @@ async fn push_latencies(
             .push(pb::PushRequest {
                 channels: vec![channel.into()],
                 json: format!(r#"{{"seq":{i}}}"#),
+                ..Default::default()
             })
             .await?;
         next_json_where(ws, |v| v["payload"]["seq"] == i).await?;
@@ -686,6 +687,7 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             .send(pb::PushRequest {
                 channels: vec![channels[c].clone()],
                 json,
+                ..Default::default()
             })
             .await
             .is_err()

@@ -308,11 +308,23 @@ impl Client {
 
     /// `Push`: returns the sockets the push was queued to on the node that took it.
     pub async fn push(&self, channels: &[impl AsRef<str>], json: &str) -> Result<u64, Status> {
+        Ok(self.push_keyed(channels, json, None).await?.queued)
+    }
+
+    /// `Push` with an optional idempotency key (a retry with the same key within the window is
+    /// taken once); returns the sockets queued to and each channel's new position.
+    pub async fn push_keyed(
+        &self,
+        channels: &[impl AsRef<str>],
+        json: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<pb::PushResponse, Status> {
         let request = pb::PushRequest {
             channels: strings(channels),
             json: json.to_owned(),
+            idempotency_key: idempotency_key.unwrap_or_default().to_owned(),
         };
-        Ok(self.raw().push(request).await?.into_inner().queued)
+        Ok(self.raw().push(request).await?.into_inner())
     }
 
     /// `PushStream`: many pushes over one call; returns `(pushes, queued)`.
@@ -322,6 +334,27 @@ impl Client {
     ) -> Result<(u64, u64), Status> {
         let r = self.raw().push_stream(pushes).await?.into_inner();
         Ok((r.pushes, r.queued))
+    }
+
+    /// `History`: up to `limit` pushes of `channel` after `since` (`(epoch, offset)`; an empty
+    /// epoch checks none), or before it when `reverse`, and the channel's position.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Option<(&str, u64)>,
+        limit: u32,
+        reverse: bool,
+    ) -> Result<pb::HistoryResponse, Status> {
+        let request = pb::HistoryRequest {
+            channel: channel.to_owned(),
+            since: since.map(|(epoch, offset)| pb::Position {
+                epoch: epoch.to_owned(),
+                offset,
+            }),
+            limit,
+            reverse,
+        };
+        Ok(self.raw().history(request).await?.into_inner())
     }
 
     /// `Send`: to one socket, framed as a push on `channel`; returns whether it was queued.
@@ -364,8 +397,23 @@ impl Client {
         &self,
         channels: &[impl AsRef<str>],
     ) -> Result<Streaming<pb::ListenEvent>, Status> {
+        self.listen_from(channels, HashMap::new()).await
+    }
+
+    /// `Listen` that first replays each channel in `since` from that position (channel →
+    /// `(epoch, offset)`), then streams live, with no gap and no duplicate between them; an
+    /// event with `gap` set says history did not reach back.
+    pub async fn listen_from(
+        &self,
+        channels: &[impl AsRef<str>],
+        since: HashMap<String, (String, u64)>,
+    ) -> Result<Streaming<pb::ListenEvent>, Status> {
         let request = pb::ListenRequest {
             channels: strings(channels),
+            since: since
+                .into_iter()
+                .map(|(channel, (epoch, offset))| (channel, pb::Position { epoch, offset }))
+                .collect(),
         };
         Ok(self.raw().listen(request).await?.into_inner())
     }

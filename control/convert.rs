@@ -5,12 +5,15 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use std::collections::HashMap;
+
 use edge::{
+    bus::{HistoryQuery, Page},
     credentials::{Credentials, Digest},
     error::{code, Close, Error},
     handoff::HandlerReply,
-    protocol::{Channel, Json},
-    registry::Stats,
+    protocol::{valid_epoch, Channel, Json, Position},
+    registry::{Pushed, Stats},
 };
 
 use crate::{pb, status::status};
@@ -108,4 +111,121 @@ pub(crate) fn remote_reply(reply: pb::Reply) -> Result<HandlerReply, Status> {
         headers,
         body,
     })
+}
+
+/// An idempotency key: empty means none (checked by the gateway).
+pub(crate) fn idempotency_key(key: &str) -> Option<&str> {
+    (!key.is_empty()).then_some(key)
+}
+
+fn position(channel: &Channel, p: &Position) -> pb::ChannelPosition {
+    pb::ChannelPosition {
+        channel: channel.to_string(),
+        epoch: p.epoch.to_string(),
+        offset: p.offset,
+    }
+}
+
+impl From<Pushed> for pb::PushResponse {
+    fn from(p: Pushed) -> Self {
+        Self {
+            queued: p.queued,
+            positions: p.positions.iter().map(|(c, p)| position(c, p)).collect(),
+        }
+    }
+}
+
+/// What a `PushStream` did: its pushes, the sockets they were queued to, and the position of
+/// each channel's last push.
+#[derive(Debug, Default)]
+pub(crate) struct StreamSummary {
+    pub(crate) pushes: u64,
+    queued: u64,
+    last: Vec<(Channel, Position)>,
+    index: HashMap<Channel, usize>,
+}
+
+impl StreamSummary {
+    /// Counts one resolved push.
+    pub(crate) fn add(&mut self, pushed: Pushed) {
+        self.pushes += 1;
+        self.queued += pushed.queued;
+        for (channel, position) in pushed.positions {
+            match self.index.get(&channel) {
+                Some(&i) => self.last[i].1 = position,
+                None => {
+                    self.index.insert(channel.clone(), self.last.len());
+                    self.last.push((channel, position));
+                }
+            }
+        }
+    }
+}
+
+impl From<StreamSummary> for pb::PushStreamResponse {
+    fn from(s: StreamSummary) -> Self {
+        Self {
+            pushes: s.pushes,
+            queued: s.queued,
+            positions: s.last.iter().map(|(c, p)| position(c, p)).collect(),
+        }
+    }
+}
+
+/// A `History` request's query.
+pub(crate) fn history_query(r: &pb::HistoryRequest) -> HistoryQuery {
+    HistoryQuery {
+        epoch: r
+            .since
+            .as_ref()
+            .map(|s| s.epoch.clone())
+            .filter(|e| !e.is_empty()),
+        from: r.since.as_ref().map(|s| s.offset).filter(|o| *o > 0),
+        limit: r.limit as usize,
+        reverse: r.reverse,
+    }
+}
+
+impl From<Position> for pb::Position {
+    fn from(p: Position) -> Self {
+        Self {
+            epoch: p.epoch.to_string(),
+            offset: p.offset,
+        }
+    }
+}
+
+/// A `History` answer.
+pub(crate) fn history_page((position, page): Page) -> pb::HistoryResponse {
+    pb::HistoryResponse {
+        epoch: position.epoch.to_string(),
+        offset: position.offset,
+        publications: page
+            .into_iter()
+            .map(|(offset, json)| pb::Publication { offset, json })
+            .collect(),
+    }
+}
+
+/// `Listen`'s starting positions: valid channel names and epochs.
+pub(crate) fn since(
+    map: &HashMap<String, pb::Position>,
+) -> Result<HashMap<Channel, Position>, Status> {
+    map.iter()
+        .map(|(name, p)| {
+            let channel = channel(name)?;
+            if !valid_epoch(&p.epoch) {
+                return Err(Status::invalid_argument(format!(
+                    "since[{name:?}]: an epoch is 1 to 64 characters of [0-9a-zA-Z_-]"
+                )));
+            }
+            Ok((
+                channel,
+                Position {
+                    epoch: p.epoch.as_str().into(),
+                    offset: p.offset,
+                },
+            ))
+        })
+        .collect()
 }

@@ -15,7 +15,8 @@ use crate::{convert, pb, status};
 /// A boxed response stream.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The `Listen` stream of `listener`: every push, then `RESOURCE_EXHAUSTED` if it fell behind.
+/// The `Listen` stream of `listener`: every push (and gap), then `RESOURCE_EXHAUSTED` if it
+/// fell behind.
 pub(crate) fn listen(listener: Listener, gateway: &Gateway) -> BoxStream<pb::ListenEvent> {
     let events = futures_util::stream::unfold(Some(listener), |state| async move {
         let mut listener = state?;
@@ -23,7 +24,10 @@ pub(crate) fn listen(listener: Listener, gateway: &Gateway) -> BoxStream<pb::Lis
             Some(event) => Some((
                 Ok(pb::ListenEvent {
                     channel: event.channel.to_string(),
-                    json: event.json.to_string(),
+                    json: event.json().unwrap_or_default().to_owned(),
+                    offset: event.position.offset,
+                    epoch: event.position.epoch.to_string(),
+                    gap: event.is_gap(),
                 }),
                 Some(listener),
             )),

@@ -24,11 +24,20 @@ impl ControlService {
         Self { gateway }
     }
 
-    fn push(&self, request: &pb::PushRequest) -> Result<u64, Status> {
+    /// Submits one push of a request; the ticket resolves to its outcome.
+    async fn submit(&self, request: &pb::PushRequest) -> Result<edge::bus::PushTicket, Status> {
         let channels = convert::channels(&request.channels)?;
-        self.gateway.push(&channels, &request.json).map_err(status)
+        let key = convert::idempotency_key(&request.idempotency_key);
+        self.gateway
+            .submit(&channels, &request.json, key)
+            .await
+            .map_err(status)
     }
 }
+
+/// Pushes of one `PushStream` submitted and not yet resolved: a publisher keeps this many in
+/// flight (one round trip to Redis covers many in cluster mode).
+const PUSH_STREAM_IN_FLIGHT: usize = 256;
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
@@ -81,8 +90,12 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
-        let queued = self.push(request.get_ref())?;
-        Ok(Response::new(pb::PushResponse { queued }))
+        let pushed = self
+            .submit(request.get_ref())
+            .await?
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pushed.into()))
     }
 
     async fn push_stream(
@@ -90,21 +103,47 @@ impl pb::control_server::Control for ControlService {
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushStreamResponse>, Status> {
         let mut stream = request.into_inner();
-        let (mut pushes, mut queued) = (0u64, 0u64);
+        let mut summary = convert::StreamSummary::default();
+        let mut in_flight = std::collections::VecDeque::new();
+        let failed = |n: u64, status: Status| {
+            Status::new(
+                status.code(),
+                format!("push {n} of the stream: {}", status.message()),
+            )
+        };
         while let Some(push) = stream.next().await {
             let push = push?;
-            queued += self.push(&push).map_err(|status| {
-                Status::new(
-                    status.code(),
-                    format!("push {} of the stream: {}", pushes + 1, status.message()),
-                )
-            })?;
-            pushes += 1;
+            let n = summary.pushes + in_flight.len() as u64 + 1;
+            in_flight.push_back(self.submit(&push).await.map_err(|s| failed(n, s))?);
+            if in_flight.len() >= PUSH_STREAM_IN_FLIGHT {
+                if let Some(ticket) = in_flight.pop_front() {
+                    let n = summary.pushes + 1;
+                    summary.add(ticket.await.map_err(|e| failed(n, status(e)))?);
+                }
+            }
             // Flow control: while the node's writers are far behind, take the next push a
             // little later (HTTP/2 then holds the publisher back) instead of queueing more.
             self.gateway.pace().await;
         }
-        Ok(Response::new(pb::PushStreamResponse { pushes, queued }))
+        while let Some(ticket) = in_flight.pop_front() {
+            let n = summary.pushes + 1;
+            summary.add(ticket.await.map_err(|e| failed(n, status(e)))?);
+        }
+        Ok(Response::new(summary.into()))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let r = request.into_inner();
+        let channel = convert::channel(&r.channel)?;
+        let page = self
+            .gateway
+            .history(&channel, convert::history_query(&r))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::history_page(page)))
     }
 
     async fn send(
@@ -156,8 +195,14 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
-        let channels = convert::channels(&request.get_ref().channels)?;
-        let listener = self.gateway.listen(&channels).await.map_err(status)?;
+        let r = request.get_ref();
+        let channels = convert::channels(&r.channels)?;
+        let since = convert::since(&r.since)?;
+        let listener = self
+            .gateway
+            .listen(&channels, &since)
+            .await
+            .map_err(status)?;
         Ok(Response::new(handle::listen(listener, &self.gateway)))
     }
 

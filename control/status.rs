@@ -13,8 +13,12 @@ pub(crate) fn status(err: Error) -> Status {
         | Error::BadDigest(_)
         | Error::BadJson(_)
         | Error::BadClose
+        | Error::BadIdempotencyKey { .. }
         | Error::BadTtl { .. } => Code::InvalidArgument,
-        Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
+        Error::PayloadTooLarge { .. } | Error::TooManyIdempotencyKeys { .. } => {
+            Code::ResourceExhausted
+        }
+        Error::EpochChanged { .. } => Code::FailedPrecondition,
         Error::UnknownDigest => Code::NotFound,
         Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
         Error::WeakSecret(_)

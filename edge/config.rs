@@ -187,6 +187,9 @@ macro_rules! settings {
         pub struct Limits {
             $( $(#[doc = $ldoc])* #[doc = concat!("Default: ", settings!(@show $ldef), ".")]
                pub $lname: settings!(@ty $ldef $lty), )*
+            /// Per-namespace overrides of the history settings (the file's `[namespaces.NAME]`
+            /// tables; no flag or variable). Default: none.
+            pub namespaces: Namespaces,
         }
 
         impl Default for Config {
@@ -200,7 +203,10 @@ macro_rules! settings {
 
         impl Default for Limits {
             fn default() -> Self {
-                Self { $( $lname: settings!(@default $lname $lkind $ldef), )* }
+                Self {
+                    $( $lname: settings!(@default $lname $lkind $ldef), )*
+                    namespaces: Namespaces::default(),
+                }
             }
         }
 
@@ -219,6 +225,9 @@ macro_rules! settings {
             /// TOML file with any of these settings (keys as the flag names without `--`).
             #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
             pub config: Option<PathBuf>,
+            /// The file's `[namespaces.NAME]` tables (file only).
+            #[arg(skip)]
+            pub namespaces: Option<Namespaces>,
             $( $(#[doc = $cdoc])*
                #[arg(long, env = $cenv, value_name = $cvalue, value_parser = kind::$ckind::parse,
                      help = concat!($($cdoc),*, " [default: ", settings!(@show $cdef), "]").trim_start(), $($carg)*)]
@@ -240,6 +249,10 @@ macro_rules! settings {
                     // Only kebab-case keys: `ping_interval` is as unknown as `lisen`.
                     let field = if key.contains('_') { String::new() } else { field };
                     let named = |e: String| format!("{key}: {e}");
+                    if key == "namespaces" {
+                        settings.namespaces = Some(Namespaces::from_toml(value).map_err(named)?);
+                        continue;
+                    }
                     match field.as_str() {
                         $( stringify!($cname) => settings.$cname = Some(kind::$ckind::de(value).map_err(named)?), )*
                         $( stringify!($lname) => settings.$lname = Some(kind::$lkind::de(value).map_err(named)?), )*
@@ -253,6 +266,7 @@ macro_rules! settings {
             pub fn merge(self, other: Settings) -> Settings {
                 Settings {
                     config: self.config.or(other.config),
+                    namespaces: self.namespaces.or(other.namespaces),
                     $( $cname: self.$cname.or(other.$cname), )*
                     $( $lname: self.$lname.or(other.$lname), )*
                 }
@@ -263,6 +277,9 @@ macro_rules! settings {
                 let mut config = Config::default();
                 $( settings!(@apply config.$cname, self.$cname, $cdef); )*
                 $( settings!(@apply config.limits.$lname, self.$lname, $ldef); )*
+                if let Some(namespaces) = self.namespaces {
+                    config.limits.namespaces = namespaces;
+                }
                 config.check()?;
                 Ok(config)
             }
@@ -394,6 +411,24 @@ settings! {
         /// WebSocket handshakes per second from one client address (burst: twice that); over
         /// it 429. 0: no limit.
         handshake_rate_per_ip: u32 = "0" [rate] "CHANNELGATE_HANDSHAKE_RATE_PER_IP" "N";
+        /// Pushes each channel keeps for recovery and History (per namespace in the file's
+        /// [namespaces.NAME] tables). 0 keeps none; offsets still count.
+        history_size: usize = "1000" [count] "CHANNELGATE_HISTORY_SIZE" "N";
+        /// How long a channel keeps a push (per namespace in the file); 0s keeps none. The
+        /// default covers the reconnect grace with room to spare.
+        history_ttl: Duration = "2m" [dur] "CHANNELGATE_HISTORY_TTL" "DURATION";
+        /// Most bytes of pushes one node keeps for all channels together; over it, a push
+        /// evicts its own channel's oldest. Cluster mode keeps history in Redis, and this
+        /// bounds the node's copy.
+        history_memory: usize = "256MiB" [size] "CHANNELGATE_HISTORY_MEMORY" "BYTES";
+        /// Most missed pushes one recovery replays per channel; more, and the client gets
+        /// recovered:false and no replay.
+        recovery_max: usize = "1000" [count] "CHANNELGATE_RECOVERY_MAX" "N";
+        /// How long a channel's position (epoch and last offset) is kept after its last push
+        /// or subscriber; a client that comes back later gets recovered:false.
+        position_ttl: Duration = "1h" [dur] "CHANNELGATE_POSITION_TTL" "DURATION";
+        /// A Push retried with the same idempotency key within this window is accepted once.
+        idempotency_window: Duration = "5m" [dur] "CHANNELGATE_IDEMPOTENCY_WINDOW" "DURATION";
     }
 }
 
@@ -405,6 +440,78 @@ impl<T: fmt::Debug> fmt::Debug for Redacted<'_, T> {
         match self.0 {
             "secret" | "previous_secret" | "control_token" => f.write_str("<redacted>"),
             _ => self.1.fmt(f),
+        }
+    }
+}
+
+/// Per-namespace history settings: a channel's namespace is its name up to the first `:`
+/// (`chat:room-1` is in `chat`; a name without `:` is in no namespace). In the file:
+///
+/// ```toml
+/// [namespaces.chat]
+/// history-size = 5000
+/// history-ttl = "10m"
+/// [namespaces.cursor]
+/// history-size = 0
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespaces(pub std::collections::BTreeMap<String, NamespacePolicy>);
+
+/// One namespace's overrides; what it leaves out comes from the node-wide settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamespacePolicy {
+    /// Overrides `history-size`.
+    pub history_size: Option<usize>,
+    /// Overrides `history-ttl`.
+    pub history_ttl: Option<Duration>,
+}
+
+impl Namespaces {
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        let toml::Value::Table(table) = value else {
+            return Err("expected tables: [namespaces.NAME]".into());
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for (name, value) in table {
+            if name.is_empty() || name.contains(':') || !name.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "{name:?} is not a namespace name (printable ASCII, no ':')"
+                ));
+            }
+            let toml::Value::Table(fields) = value else {
+                return Err(format!("{name}: expected a table"));
+            };
+            let mut policy = NamespacePolicy::default();
+            for (key, value) in fields {
+                let named = |e: String| format!("{name}.{key}: {e}");
+                match key.as_str() {
+                    "history-size" => policy.history_size = Some(kind::count::de(value).map_err(named)?),
+                    "history-ttl" => policy.history_ttl = Some(kind::dur::de(value).map_err(named)?),
+                    _ => {
+                        return Err(format!(
+                            "{name}: unknown key `{key}` (a namespace takes history-size and history-ttl)"
+                        ))
+                    }
+                }
+            }
+            out.insert(name, policy);
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Limits {
+    /// The history policy of `channel`: its namespace's overrides, else the node's settings.
+    pub fn history_policy(&self, channel: &str) -> crate::registry::Policy {
+        let over = channel
+            .split_once(':')
+            .and_then(|(ns, _)| self.namespaces.0.get(ns))
+            .copied()
+            .unwrap_or_default();
+        crate::registry::Policy {
+            size: over.history_size.unwrap_or(self.history_size),
+            ttl: over.history_ttl.unwrap_or(self.history_ttl),
         }
     }
 }
@@ -676,6 +783,36 @@ mod tests {
             let err = Settings::parse_toml(bad).unwrap_err();
             let key = bad.split(' ').next().unwrap();
             assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn namespaces_override_the_history_policy_of_their_channels() {
+        let file = Settings::parse_toml(
+            "history-size = 50\n[namespaces.chat]\nhistory-size = 5000\nhistory-ttl = \"10m\"\n\
+             [namespaces.cursor]\nhistory-size = 0\n",
+        )
+        .unwrap();
+        let limits = file.into_config().unwrap().limits;
+        let policy = |c: &str| limits.history_policy(c);
+        assert_eq!(policy("chat:room-1").size, 5000);
+        assert_eq!(policy("chat:room-1").ttl, Duration::from_secs(600));
+        assert_eq!(policy("cursor:x").size, 0);
+        assert_eq!(
+            policy("cursor:x").ttl,
+            Duration::from_secs(120),
+            "not overridden"
+        );
+        assert_eq!(policy("chat").size, 50, "no `:`, no namespace");
+        assert_eq!(policy("other:x").size, 50);
+        for bad in [
+            "[namespaces.chat]\nhistory-size = \"lots\"",
+            "[namespaces.chat]\nsize = 1",
+            "namespaces = 1",
+            "[namespaces.\"a:b\"]\nhistory-size = 1",
+        ] {
+            let err = Settings::parse_toml(bad).unwrap_err();
+            assert!(err.contains("namespaces"), "{bad}: {err}");
         }
     }
 

@@ -473,7 +473,7 @@ mod tests {
         let verified = registry
             .verify(&creds.connection_id, &creds.socket_key)
             .unwrap();
-        let conn = registry.attach(&verified).unwrap();
+        let conn = registry.attach(&verified, None).unwrap();
         let edge = Arc::new(
             Edge::new(
                 Arc::new(Memory::new(registry)),

@@ -147,6 +147,24 @@ pub enum Error {
     /// A deployment secret that is too short.
     #[error(transparent)]
     WeakSecret(#[from] WeakSecret),
+    /// `History` from an epoch that is no longer the channel's: its past was lost.
+    #[error("the channel's epoch changed (its history was lost); it is now at epoch {} offset {}", position.epoch, position.offset)]
+    EpochChanged {
+        /// Where the channel stands now.
+        position: crate::protocol::Position,
+    },
+    /// An idempotency key outside the rules.
+    #[error("an idempotency key is 1 to {max} bytes of printable ASCII")]
+    BadIdempotencyKey {
+        /// The longest key.
+        max: usize,
+    },
+    /// The node keeps as many idempotency records as it may.
+    #[error("too many idempotency keys within the window (at most {max}); retry later")]
+    TooManyIdempotencyKeys {
+        /// The limit.
+        max: usize,
+    },
     /// The `call-route` upstream is not a usable URL (why).
     #[error("{0}")]
     BadUpstream(String),

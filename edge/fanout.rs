@@ -203,6 +203,26 @@ impl Outbox {
         Enqueued::Queued
     }
 
+    /// Puts `frame` ahead of everything queued (the `connected` frame, written once the
+    /// socket's channels were joined), counted in the backlog. Ignores the byte limit: it is
+    /// called once per socket, before its writer starts. Never waits.
+    pub fn prepend(&self, frame: &Frame) {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return;
+        }
+        state.frames.push_front(frame.clone());
+        state.bytes += frame.len();
+        drop(state);
+        self.backlog.add(frame.len());
+        self.ready.notify_one();
+    }
+
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
     /// Asks the writer for a ping (the node's heartbeat). Never waits.
     pub fn ping(&self) {
         let mut state = self.state.lock();

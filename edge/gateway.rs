@@ -1,26 +1,29 @@
 //! [`Gateway`]: the one door through which the control plane (or a program embedding the edge)
-//! drives a node: issue, subscribe, unsubscribe, push, send, disconnect, stats, listen, and
-//! joining and replying as a `Handle` stream.
+//! drives a node: issue, subscribe, unsubscribe, push, history, send, disconnect, stats,
+//! listen, and joining and replying as a `Handle` stream.
 //!
 //! Every operation works the same on one node or across a cluster: the [`Bus`] decides where
 //! state lives. Nothing here knows gRPC; `control/` converts its messages to these calls.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::{
-    bus::Bus,
+    bus::{Bus, HistoryQuery, Page, PushTicket},
     credentials::{Credentials, Digest},
     error::{Close, Error},
     handlers::remote::{Member, MemberError},
     handoff::{Delivery, HandlerReply},
     metrics::Metrics,
     node::Edge,
-    protocol::Channel,
-    registry::{Listener, Stats},
+    protocol::{Channel, Position},
+    registry::{check_idempotency_key, Listener, Pushed, Stats},
 };
+
+/// Most pushes one `History` call returns.
+pub const MAX_HISTORY_PAGE: usize = 1000;
 
 /// A node's operations. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -65,9 +68,43 @@ impl Gateway {
         self.bus().subscribe(digest, channels, false).await
     }
 
-    /// Pushes `json` to `channels`; returns the sockets it was queued to on this node.
-    pub fn push(&self, channels: &[Channel], json: &str) -> Result<u64, Error> {
-        self.edge.registry.push(channels, json)
+    /// Pushes `json` to `channels`: each channel gives it its next offset. Returns each
+    /// channel's new position and the sockets it was queued to on this node. With an
+    /// idempotency `key`, a retry within the window is accepted once: a channel that already
+    /// took this key takes nothing and answers with the first push's position.
+    pub async fn push(
+        &self,
+        channels: &[Channel],
+        json: &str,
+        key: Option<&str>,
+    ) -> Result<Pushed, Error> {
+        self.submit(channels, json, key).await?.await
+    }
+
+    /// Submits a push as [`Gateway::push`] does and returns once it is ordered against this
+    /// node's other pushes; the ticket resolves to its outcome. A streaming publisher submits
+    /// the next push before the last one resolved, and the order holds.
+    pub async fn submit(
+        &self,
+        channels: &[Channel],
+        json: &str,
+        key: Option<&str>,
+    ) -> Result<PushTicket, Error> {
+        crate::registry::check_channel_count(channels)?;
+        let json = self.edge.registry.check_payload(json)?;
+        if let Some(key) = key {
+            check_idempotency_key(key)?;
+        }
+        self.bus().submit(channels, &json, key).await
+    }
+
+    /// A page of `channel`'s history (at most [`MAX_HISTORY_PAGE`] pushes) and its position.
+    pub async fn history(&self, channel: &Channel, query: HistoryQuery) -> Result<Page, Error> {
+        let query = HistoryQuery {
+            limit: query.limit.min(MAX_HISTORY_PAGE),
+            ..query
+        };
+        self.bus().history(channel, &query).await
     }
 
     /// Waits a little while the node's writers are far behind, so a publisher that streams
@@ -84,7 +121,7 @@ impl Gateway {
         channel: &Channel,
         json: &str,
     ) -> Result<bool, Error> {
-        let frame = crate::protocol::push_frame(channel, &self.edge.registry.check_payload(json)?);
+        let frame = crate::protocol::send_frame(channel, &self.edge.registry.check_payload(json)?);
         self.bus().send(digest, frame).await
     }
 
@@ -101,11 +138,16 @@ impl Gateway {
     }
 
     /// Starts a `Listen` stream on `channels`; in a cluster, pushes from every node reach it
-    /// once this returns.
-    pub async fn listen(&self, channels: &[Channel]) -> Result<Listener, Error> {
-        let listener = self.edge.registry.listen(channels)?;
-        self.bus().listen(channels).await;
-        Ok(listener)
+    /// once this returns. For a channel in `since`, the pushes after that position come first
+    /// (or one gap event, when history does not reach back), then live ones, with no gap and no
+    /// duplicate between them.
+    pub async fn listen(
+        &self,
+        channels: &[Channel],
+        since: &HashMap<Channel, Position>,
+    ) -> Result<Listener, Error> {
+        crate::registry::check_channel_count(channels)?;
+        self.bus().listen(channels, since).await
     }
 
     /// Joins `group` as a `Handle` stream handling `actions` (and lifecycle events when

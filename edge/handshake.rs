@@ -19,7 +19,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
-use crate::{bus::AttachError, conn, handlers::Socket, node::Edge, registry::Ending};
+use crate::{
+    bus::AttachError, conn, handlers::Socket, node::Edge, protocol::Recover, registry::Ending,
+};
 
 type Body = Full<Bytes>;
 
@@ -144,6 +146,9 @@ fn metrics(edge: &Edge) -> Response<Body> {
     metrics.channels.set(stats.channels as i64);
     metrics.sessions.set(stats.sessions as i64);
     metrics
+        .history_bytes
+        .set(i64::try_from(edge.registry.history_bytes()).unwrap_or(i64::MAX));
+    metrics
         .bus_ready
         .set(i64::from(edge.bus.readiness().is_ok()));
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
@@ -183,6 +188,10 @@ enum Refusal {
     InUse,
     /// 403: id already used (clean close, disconnect, grace over).
     Used,
+    /// 403: id not recorded where the gateway keeps its state (issued before it lost it).
+    Unknown,
+    /// 400: a `recover` parameter that does not parse.
+    BadRecover(&'static str),
     /// 503: node full or draining.
     Unavailable,
     /// 429: the client's address holds `max_connections_per_ip` sockets.
@@ -203,6 +212,8 @@ impl Refusal {
             Refusal::Expired => "expired",
             Refusal::InUse => "in_use",
             Refusal::Used => "used",
+            Refusal::Unknown => "unknown",
+            Refusal::BadRecover(_) => "bad_recover",
             Refusal::Unavailable => "unavailable",
             Refusal::TooManyFromIp => "too_many_from_ip",
             Refusal::HandshakeRate => "handshake_rate",
@@ -220,14 +231,17 @@ impl Refusal {
             Expired => (StatusCode::FORBIDDEN, "credentials expired\n"),
             InUse => (StatusCode::FORBIDDEN, "connection id already in use\n"),
             Used => (StatusCode::FORBIDDEN, "connection id already used\n"),
+            Unknown => (StatusCode::FORBIDDEN, "connection id unknown: issued before the gateway lost its state; get new credentials\n"),
+            BadRecover(why) => {
+                let mut response = text(StatusCode::BAD_REQUEST, "");
+                *response.body_mut() = Full::new(Bytes::from(format!("{why}\n")));
+                return close(response);
+            }
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "no capacity, try another node\n"),
             TooManyFromIp => (StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
             HandshakeRate => (StatusCode::TOO_MANY_REQUESTS, "too many handshakes from this address; retry later\n"),
         };
-        let mut response = text(status, body);
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut response = close(text(status, body));
         if self == NotUpgrade {
             response.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
@@ -236,6 +250,14 @@ impl Refusal {
         }
         response
     }
+}
+
+/// Marks a refusal's connection to close after the answer.
+fn close(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 async fn upgrade<S>(
@@ -256,8 +278,16 @@ where
         tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
         return Err(Refusal::Origin);
     }
-    let (connection_id, query_key) = query_credentials(req.uri().query());
+    let Query {
+        connection_id,
+        key: query_key,
+        recover,
+    } = parse_query(req.uri().query());
     let connection_id = connection_id.ok_or(Refusal::MissingId)?;
+    let recover = recover
+        .map(|text| Recover::parse(&text))
+        .transpose()
+        .map_err(Refusal::BadRecover)?;
     let socket_key = cookie(headers, &edge.config.key_cookie)
         .or(query_key)
         .or_else(|| {
@@ -286,15 +316,20 @@ where
         tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
         Refusal::TooManyFromIp
     })?;
-    let conn = edge.bus.attach(&verified).await.map_err(|err| {
-        tracing::debug!(%peer, %connection_id, %err, "handshake refused");
-        match err {
-            AttachError::Refused(crate::registry::Refusal::Expired) => Refusal::Expired,
-            AttachError::Refused(crate::registry::Refusal::AlreadyLive) => Refusal::InUse,
-            AttachError::Refused(crate::registry::Refusal::Ended) => Refusal::Used,
-            AttachError::Unavailable(_) => Refusal::Unavailable,
-        }
-    })?;
+    let conn = edge
+        .bus
+        .attach(&verified, recover.as_ref())
+        .await
+        .map_err(|err| {
+            tracing::debug!(%peer, %connection_id, %err, "handshake refused");
+            match err {
+                AttachError::Refused(crate::registry::Refusal::Expired) => Refusal::Expired,
+                AttachError::Refused(crate::registry::Refusal::AlreadyLive) => Refusal::InUse,
+                AttachError::Refused(crate::registry::Refusal::Ended) => Refusal::Used,
+                AttachError::Refused(crate::registry::Refusal::Unknown) => Refusal::Unknown,
+                AttachError::Unavailable(_) => Refusal::Unavailable,
+            }
+        })?;
 
     let cookies = req.headers().get(header::COOKIE).cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -427,17 +462,34 @@ impl Drop for IpSlot {
     }
 }
 
-/// `socket_connection_id` and `socket_key` from the query string.
-fn query_credentials(query: Option<&str>) -> (Option<String>, Option<String>) {
-    let (mut id, mut key) = (None, None);
+/// What the handshake reads from the query string.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Query {
+    /// `socket_connection_id`.
+    connection_id: Option<String>,
+    /// `socket_key` (non-browser clients).
+    key: Option<String>,
+    /// `recover`: what the client last saw per channel (JSON), and that it wants positions.
+    recover: Option<String>,
+}
+
+/// `socket_connection_id`, `socket_key` and `recover` from the query string (the first of each).
+fn parse_query(query: Option<&str>) -> Query {
+    let mut out = Query::default();
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*name {
-            "socket_connection_id" if id.is_none() => id = Some(value.into_owned()),
-            "socket_key" if key.is_none() => key = Some(value.into_owned()),
-            _ => {}
+        let slot = match &*name {
+            "socket_connection_id" => &mut out.connection_id,
+            "socket_key" => &mut out.key,
+            "recover" => &mut out.recover,
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = Some(value.into_owned());
         }
     }
-    (id.filter(|v| !v.is_empty()), key.filter(|v| !v.is_empty()))
+    out.connection_id = out.connection_id.filter(|v| !v.is_empty());
+    out.key = out.key.filter(|v| !v.is_empty());
+    out
 }
 
 /// The value of cookie `name`, from any `Cookie` header.
@@ -514,12 +566,18 @@ mod tests {
 
     #[test]
     fn credentials_are_found_in_query_and_cookie() {
-        let (id, key) = query_credentials(Some("a=1&socket_connection_id=abc&socket_key=k%2B1"));
-        assert_eq!((id.as_deref(), key.as_deref()), (Some("abc"), Some("k+1")));
+        let q = parse_query(Some(
+            "a=1&socket_connection_id=abc&socket_key=k%2B1&recover=%7B%7D",
+        ));
         assert_eq!(
-            query_credentials(Some("socket_connection_id=")),
-            (None, None)
+            (
+                q.connection_id.as_deref(),
+                q.key.as_deref(),
+                q.recover.as_deref()
+            ),
+            (Some("abc"), Some("k+1"), Some("{}"))
         );
+        assert_eq!(parse_query(Some("socket_connection_id=")), Query::default());
         let h = headers(&[
             ("cookie", "session=s1; socket_key=\"xyz\""),
             ("cookie", "b=2"),

@@ -66,6 +66,8 @@ use crate::{
 const HEARTBEAT_SLICES: u64 = 8;
 /// How often expired sessions are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Channels (expired history, unused positions) are swept every this many session sweeps.
+const CHANNEL_SWEEP_EVERY: u64 = 5;
 
 /// Runs `tick` every `period` (late ticks are delayed, not bunched) until `stop`.
 async fn every(period: Duration, stop: CancellationToken, mut tick: impl FnMut()) {
@@ -123,12 +125,11 @@ impl Node {
                 }
                 let (local, cluster, inbound) = handoff::link();
                 let remote = Remote::new(limits.handler_timeout, Some(local));
-                let (registry, feed) = Registry::clustered(secrets, limits.clone(), metrics);
+                let registry = Registry::clustered(secrets, limits.clone(), metrics);
                 let bus = RedisBus::start(
                     url,
                     &config.redis_prefix,
                     registry,
-                    feed,
                     cluster,
                     limits,
                     halt.clone(),
@@ -186,9 +187,15 @@ impl Node {
         tracker.spawn(server::serve(client, edge.clone()));
         tracker.spawn({
             let edge = edge.clone();
+            let mut tick = 0u64;
             every(SWEEP_INTERVAL, edge.shutdown.clone(), move || {
                 edge.registry.sweep();
                 edge.sweep_handshake_buckets();
+                // Channels are many and rarely expire: swept less often than sessions.
+                if tick.is_multiple_of(CHANNEL_SWEEP_EVERY) {
+                    edge.registry.sweep_channels();
+                }
+                tick += 1;
             })
         });
         // The heartbeat: pings every socket once per ping interval, in slices so they do not

@@ -20,8 +20,14 @@ pub struct Metrics {
     pub slow_closes: IntCounter,
     /// Frames dropped because their socket was already closing.
     pub dropped: IntCounter,
-    /// Pushes not relayed to other nodes (cluster bus behind or Redis down).
-    pub relay_dropped: IntCounter,
+    /// Recoveries at connect and `Listen` start, by result (`recovered`, `gap`).
+    pub recoveries: IntCounterVec,
+    /// Pushes replayed to recovering sockets.
+    pub replayed: IntCounter,
+    /// Gaps signalled in live streams (pushes lost in the cluster bus, Redis that lost data).
+    pub gaps: IntCounter,
+    /// Bytes of pushes retained for recovery (set at scrape time).
+    pub history_bytes: IntGauge,
     /// Messages from the cluster bus that did not decode (counted and dropped).
     pub bus_malformed: IntCounter,
     /// WebSocket handshakes by result (`accepted`, or the refusal reason).
@@ -109,9 +115,22 @@ impl Metrics {
                 "channelgate_dropped_frames_total",
                 "Frames dropped because their socket was closing.",
             ),
-            relay_dropped: counter(
-                "channelgate_relay_dropped_total",
-                "Pushes not relayed to other nodes.",
+            recoveries: counter_vec(
+                "channelgate_recoveries_total",
+                "Recoveries of missed pushes at connect, by result.",
+                "result",
+            ),
+            replayed: counter(
+                "channelgate_replayed_total",
+                "Pushes replayed to recovering sockets.",
+            ),
+            gaps: counter(
+                "channelgate_gaps_total",
+                "Gaps signalled in live streams (recovered:false).",
+            ),
+            history_bytes: gauge(
+                "channelgate_history_bytes",
+                "Bytes of pushes retained for recovery.",
             ),
             bus_malformed: counter(
                 "channelgate_bus_malformed_total",

@@ -1,10 +1,17 @@
 //! The client wire protocol: JSON text frames between the edge and a WebSocket client.
 //!
 //! Server to client:
-//! * push: `{"channel":"<name>","payload":<json>}`; the payload is the application's JSON text,
-//!   byte for byte.
+//! * push: `{"channel":"<name>","offset":<n>,"payload":<json>}`; the payload is the
+//!   application's JSON text, byte for byte, and `offset` its place in the channel's stream.
+//!   A `Send` to one socket is `{"channel":"<name>","payload":<json>}` (no offset).
 //! * reply: `{"id":<client id>,"status":<int>,"headers":{..},"body":<json>}`; clients tell replies
 //!   from pushes by the `id` key (`null` when the message's id could not be read).
+//! * positions, only to sockets that asked for them (the handshake's `recover` parameter):
+//!   `{"connected":{"resumed":<bool>,"channels":{"<name>":{"epoch":..,"offset":..,"recovered":..}}}}`
+//!   first, `{"channel":"<name>","epoch":"<e>","offset":<n>}` when a live socket is subscribed,
+//!   and `{"channel":"<name>","recovered":false,"epoch":"<e>","offset":<n>}` when the node could
+//!   not deliver everything before that position. In all three, the next push on the channel has
+//!   offset `n + 1`.
 //!
 //! Client to server: `{"action":"<name>","id":<number or string>, ..fields}`.
 //!
@@ -101,8 +108,9 @@ impl Json {
     }
 }
 
-/// Encodes a push envelope once: `{"channel":"<name>","payload":<json>}`.
-pub fn push_frame(channel: &Channel, payload: &Json) -> Frame {
+/// Encodes a `Send` envelope: `{"channel":"<name>","payload":<json>}` (no offset: a message
+/// to one socket is not part of the channel's stream).
+pub fn send_frame(channel: &Channel, payload: &Json) -> Frame {
     let payload = payload.as_str();
     let mut out = String::with_capacity(32 + channel.len() + payload.len());
     out.push_str(r#"{"channel":"#);
@@ -111,6 +119,178 @@ pub fn push_frame(channel: &Channel, payload: &Json) -> Frame {
     out.push_str(payload);
     out.push('}');
     Frame::from(out)
+}
+
+/// Encodes a push once: `{"channel":"<name>","offset":<n>,"payload":<json>}`. Returns the frame
+/// and where the payload starts in it (it ends one byte before the frame does). `payload` must
+/// be JSON text (checked by the caller: [`Json`], or bytes another node checked).
+pub fn push_frame(channel: &Channel, offset: u64, payload: &str) -> (Frame, usize) {
+    let mut out = String::with_capacity(48 + channel.len() + payload.len());
+    out.push_str(r#"{"channel":"#);
+    push_json_string(&mut out, channel);
+    out.push_str(r#","offset":"#);
+    push_u64(&mut out, offset);
+    out.push_str(r#","payload":"#);
+    let payload_at = out.len();
+    out.push_str(payload);
+    out.push('}');
+    (Frame::from(out), payload_at)
+}
+
+fn push_u64(out: &mut String, n: u64) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "{n}");
+}
+
+/// A channel's epoch: an opaque name for one unbroken history of the channel. It changes
+/// whenever the store lost the channel's past (a single node restarted, a Redis that came back
+/// empty, a position kept past `position-ttl`). 1 to [`MAX_EPOCH_LEN`] characters of `[0-9a-zA-Z_-]`.
+pub type Epoch = Arc<str>;
+
+/// Longest epoch accepted from a client or from Redis.
+pub const MAX_EPOCH_LEN: usize = 64;
+
+/// Checks an epoch's characters; epochs are written into frames unescaped.
+pub fn valid_epoch(epoch: &str) -> bool {
+    !epoch.is_empty()
+        && epoch.len() <= MAX_EPOCH_LEN
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A new random epoch (16 hex digits).
+pub fn new_epoch() -> Epoch {
+    use rand::RngCore;
+    let mut bytes = [0u8; 8];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes).into()
+}
+
+/// Where a channel's stream stands: its epoch and the offset of its last push (0: none yet).
+/// The next push has offset `offset + 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The channel's epoch.
+    pub epoch: Epoch,
+    /// The offset of its last push.
+    pub offset: u64,
+}
+
+/// `{"channel":"<name>","epoch":"<e>","offset":<n>}`: a live socket was subscribed at this
+/// position.
+pub fn position_frame(channel: &Channel, position: &Position) -> Frame {
+    let mut out = String::with_capacity(64 + channel.len());
+    out.push_str(r#"{"channel":"#);
+    push_json_string(&mut out, channel);
+    push_position(&mut out, position);
+    out.push('}');
+    Frame::from(out)
+}
+
+/// `{"channel":"<name>","recovered":false,"epoch":"<e>","offset":<n>}`: what came before this
+/// position could not all be delivered; the next push has offset `n + 1`.
+pub fn gap_frame(channel: &Channel, position: &Position) -> Frame {
+    let mut out = String::with_capacity(80 + channel.len());
+    out.push_str(r#"{"channel":"#);
+    push_json_string(&mut out, channel);
+    out.push_str(r#","recovered":false"#);
+    push_position(&mut out, position);
+    out.push('}');
+    Frame::from(out)
+}
+
+fn push_position(out: &mut String, position: &Position) {
+    out.push_str(r#","epoch":""#);
+    out.push_str(&position.epoch);
+    out.push_str(r#"","offset":"#);
+    push_u64(out, position.offset);
+}
+
+/// A channel's state when a socket connected, for the `connected` frame: where its stream
+/// continues from, and (when the client asked to recover it) whether every push it missed is
+/// in the frames that follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The channel.
+    pub channel: Channel,
+    /// The next push on it has offset `position.offset + 1`.
+    pub position: Position,
+    /// `None` when the client did not ask to recover this channel.
+    pub recovered: Option<bool>,
+}
+
+/// The first frame of a socket that asked for positions:
+/// `{"connected":{"resumed":<bool>,"channels":{"<name>":{"epoch":"<e>","offset":<n>[,"recovered":<bool>]}}}}`.
+pub fn connected_frame(resumed: bool, joined: &[Joined]) -> Frame {
+    let mut out = String::with_capacity(48 + joined.len() * 64);
+    out.push_str(r#"{"connected":{"resumed":"#);
+    out.push_str(if resumed { "true" } else { "false" });
+    out.push_str(r#","channels":{"#);
+    for (i, j) in joined.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_string(&mut out, &j.channel);
+        out.push_str(r#":{"epoch":""#);
+        out.push_str(&j.position.epoch);
+        out.push_str(r#"","offset":"#);
+        push_u64(&mut out, j.position.offset);
+        if let Some(recovered) = j.recovered {
+            out.push_str(r#","recovered":"#);
+            out.push_str(if recovered { "true" } else { "false" });
+        }
+        out.push('}');
+    }
+    out.push_str("}}}");
+    Frame::from(out)
+}
+
+/// What a reconnecting client last saw, per channel: the handshake's `recover` parameter, a
+/// JSON object `{"<channel>":{"epoch":"<e>","offset":<n>}, ...}` (`{}` when it has nothing yet).
+/// A socket that sends one, even empty, gets position frames.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recover(pub std::collections::HashMap<Channel, Position>);
+
+/// Longest `recover` parameter, in bytes (after URL decoding).
+pub const MAX_RECOVER_LEN: usize = 64 << 10;
+
+impl Recover {
+    /// Parses the `recover` parameter; the error says what is wrong, for the 400 answer.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Seen<'a> {
+            #[serde(borrow)]
+            epoch: std::borrow::Cow<'a, str>,
+            offset: u64,
+        }
+        if text.len() > MAX_RECOVER_LEN {
+            return Err("recover parameter too long");
+        }
+        let map: std::collections::HashMap<std::borrow::Cow<'_, str>, Seen<'_>> =
+            serde_json::from_str(text).map_err(|_| {
+                "recover must be a JSON object of {\"<channel>\":{\"epoch\":\"..\",\"offset\":n}}"
+            })?;
+        if map.len() > crate::registry::MAX_CHANNELS_PER_CALL {
+            return Err("recover names too many channels");
+        }
+        let mut out = std::collections::HashMap::with_capacity(map.len());
+        for (channel, seen) in map {
+            let channel = Channel::new(&channel).map_err(|_| "recover names an invalid channel")?;
+            if !valid_epoch(&seen.epoch) {
+                return Err("recover carries an invalid epoch");
+            }
+            out.insert(
+                channel,
+                Position {
+                    epoch: seen.epoch.as_ref().into(),
+                    offset: seen.offset,
+                },
+            );
+        }
+        Ok(Self(out))
+    }
 }
 
 fn push_json_string(out: &mut String, s: &str) {
@@ -276,18 +456,75 @@ mod tests {
     }
 
     #[test]
-    fn push_frame_is_channel_and_payload_unchanged() {
+    fn push_frame_is_channel_offset_and_payload_unchanged() {
         let ch = Channel::new("room:1").unwrap();
         let payload = Json::parse(r#" {"b": 1,  "a":[1.50,"x"]} "#).unwrap();
-        let frame = push_frame(&ch, &payload);
+        let (frame, at) = push_frame(&ch, 17, payload.as_str());
         assert_eq!(
             frame.as_str(),
-            r#"{"channel":"room:1","payload":{"b": 1,  "a":[1.50,"x"]}}"#
+            r#"{"channel":"room:1","offset":17,"payload":{"b": 1,  "a":[1.50,"x"]}}"#
         );
+        assert_eq!(&frame[at..frame.len() - 1], payload.as_str());
         let ch = Channel::new(r#"q"\"#).unwrap();
-        let frame = push_frame(&ch, &Json::parse("null").unwrap());
+        let (frame, _) = push_frame(&ch, 1, "null");
         let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
         assert_eq!(v["channel"], r#"q"\"#);
+        assert_eq!(
+            send_frame(&ch, &Json::null()).as_str(),
+            r#"{"channel":"q\"\\","payload":null}"#
+        );
+    }
+
+    #[test]
+    fn position_frames_are_json_and_recover_parameters_are_checked() {
+        let ch = Channel::new("c").unwrap();
+        let at = Position {
+            epoch: "e1".into(),
+            offset: 7,
+        };
+        assert_eq!(
+            position_frame(&ch, &at).as_str(),
+            r#"{"channel":"c","epoch":"e1","offset":7}"#
+        );
+        assert_eq!(
+            gap_frame(&ch, &at).as_str(),
+            r#"{"channel":"c","recovered":false,"epoch":"e1","offset":7}"#
+        );
+        let joined = [
+            Joined {
+                channel: ch.clone(),
+                position: at.clone(),
+                recovered: Some(true),
+            },
+            Joined {
+                channel: Channel::new("d").unwrap(),
+                position: at.clone(),
+                recovered: None,
+            },
+        ];
+        let v: serde_json::Value =
+            serde_json::from_str(connected_frame(true, &joined).as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"connected":{"resumed":true,"channels":{
+                "c":{"epoch":"e1","offset":7,"recovered":true},"d":{"epoch":"e1","offset":7}}}})
+        );
+        let r = Recover::parse(r#"{"c":{"epoch":"e1","offset":7}}"#).unwrap();
+        assert_eq!(r.0.get(&ch), Some(&at));
+        assert_eq!(Recover::parse("{}").unwrap(), Recover::default());
+        for bad in [
+            "",
+            "[]",
+            r#"{"c":{"epoch":"e1"}}"#,
+            r#"{"c":{"epoch":"e\"1","offset":7}}"#,
+            r#"{"c":{"epoch":"","offset":7}}"#,
+            r#"{"bad name":{"epoch":"e1","offset":7}}"#,
+            r#"{"c":{"epoch":"e1","offset":-1}}"#,
+            r#"{"c":{"epoch":"e1","offset":1,"x":2}}"#,
+        ] {
+            assert!(Recover::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Recover::parse(&"x".repeat(MAX_RECOVER_LEN + 1)).is_err());
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The single-node bus: every operation goes to this node's [`Registry`].
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use super::{AttachError, Bus};
+use super::{AttachError, Bus, HistoryQuery, Page, PushTicket};
 use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
-    protocol::{Channel, Frame},
-    registry::{Conn, Ending, Registry},
+    protocol::{Channel, Frame, Json, Position, Recover},
+    registry::{Conn, Ending, Listener, Registry},
 };
 
 /// The bus of a node on its own.
@@ -57,10 +57,40 @@ impl Bus for Memory {
         self.registry.disconnect(digest, close)
     }
 
-    async fn listen(&self, _channels: &[Channel]) {}
+    async fn submit(
+        &self,
+        channels: &[Channel],
+        json: &Json,
+        key: Option<&str>,
+    ) -> Result<PushTicket, Error> {
+        let pushed = self.registry.push(channels, json, key)?;
+        Ok(Box::pin(std::future::ready(Ok(pushed))))
+    }
 
-    async fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, AttachError> {
-        Ok(self.registry.attach(verified)?)
+    async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {
+        self.registry.history(
+            channel,
+            query.epoch.as_deref(),
+            query.from,
+            query.limit,
+            query.reverse,
+        )
+    }
+
+    async fn listen(
+        &self,
+        channels: &[Channel],
+        since: &HashMap<Channel, Position>,
+    ) -> Result<Listener, Error> {
+        self.registry.listen(channels, since, &HashMap::new())
+    }
+
+    async fn attach(
+        &self,
+        verified: &Verified,
+        recover: Option<&Recover>,
+    ) -> Result<Arc<Conn>, AttachError> {
+        Ok(self.registry.attach(verified, recover)?)
     }
 
     fn detach(&self, conn: &Conn, ending: Ending) {

@@ -9,20 +9,45 @@
 //!
 //! A bus moves state and bytes; it runs no handler logic. Client messages for `Handle` streams
 //! on other nodes cross through the [`handoff`](crate::handoff) link, which the bus carries.
-//! Pushes always reach this node's sockets at once, whatever state the bus is in: the registry
-//! delivers them and hands them to the bus afterwards ([`Registry::clustered`]).
+//!
+//! Pushes get their offsets where the channel's history lives: in the registry on one node; in
+//! Redis in cluster mode, where one script per push per channel gives the offset, keeps the push
+//! and publishes it, so every node sees one order. The registry then delivers in that order
+//! ([`Registry::offer`]).
 
 pub(crate) mod memory;
 pub(crate) mod redis;
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use std::collections::HashMap;
+
 use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
-    protocol::{Channel, Frame},
-    registry::{Conn, Ending, Refusal, Registry},
+    protocol::{Channel, Frame, Json, Position, Recover},
+    registry::{Conn, Ending, Listener, Pushed, Refusal, Registry},
 };
+
+/// A submitted push: resolves to what it did.
+pub type PushTicket =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Pushed, Error>> + Send>>;
+
+/// A page of a channel's history: its position and the pushes asked for, `(offset, JSON)`.
+pub type Page = (Position, Vec<(u64, String)>);
+
+/// What a `History` call asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Refuse the call (`EpochChanged`) when the channel's epoch is no longer this one.
+    pub epoch: Option<String>,
+    /// Pushes after this offset (before it, when `reverse`); `None`: from the oldest (newest).
+    pub from: Option<u64>,
+    /// Most pushes to return; 0 returns the position only.
+    pub limit: usize,
+    /// Newest first.
+    pub reverse: bool,
+}
 
 /// Why a handshake's credentials were not accepted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,12 +89,36 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     /// was live.
     async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error>;
 
-    /// Makes pushes to `channels` from every node reach this node (a `Listen` stream started);
-    /// returns once they do.
-    async fn listen(&self, channels: &[Channel]);
+    /// Pushes checked JSON to `channels`, each getting its channel's next offset; with an
+    /// idempotency `key`, a channel that already took a push with it takes nothing and reports
+    /// the first push's position. The push is ordered (against this node's other pushes) when
+    /// this returns; the ticket resolves once every channel took it. So a publisher may submit
+    /// many pushes before the first resolves, and they keep their order.
+    async fn submit(
+        &self,
+        channels: &[Channel],
+        json: &Json,
+        key: Option<&str>,
+    ) -> Result<PushTicket, Error>;
 
-    /// Accepts a handshake's credentials and binds the socket here with its subscriptions.
-    async fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, AttachError>;
+    /// A page of `channel`'s history.
+    async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error>;
+
+    /// Starts a `Listen` stream on `channels`, replaying from `since` where given; pushes from
+    /// every node reach it once this returns.
+    async fn listen(
+        &self,
+        channels: &[Channel],
+        since: &HashMap<Channel, Position>,
+    ) -> Result<Listener, Error>;
+
+    /// Accepts a handshake's credentials and binds the socket here with its subscriptions,
+    /// recovering what it missed where `recover` says what it saw.
+    async fn attach(
+        &self,
+        verified: &Verified,
+        recover: Option<&Recover>,
+    ) -> Result<Arc<Conn>, AttachError>;
 
     /// Unbinds a socket that ended (recording it beyond this node in the background).
     fn detach(&self, conn: &Conn, ending: Ending);

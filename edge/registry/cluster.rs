@@ -1,72 +1,35 @@
-//! The cluster room: what the registry tells a cluster bus. Pushes accepted on this node go to
-//! the bus in the order they were delivered here ([`ClusterFeed`]); channels that gained their
-//! first or lost their last local subscriber or listener are collected for the bus to follow.
-//! Empty on a single node.
+//! The cluster room: what the registry tells a cluster bus. Channels that gained their first or
+//! lost their last local subscriber or listener are collected for the bus to follow (subscribe
+//! or unsubscribe in Redis); channels whose copy here may have fallen behind Redis (a hole in
+//! the pub/sub stream, a new subscription, a lost connection) are collected for the bus to read
+//! from Redis. Empty on a single node.
 
 use std::{collections::HashSet, sync::Arc};
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::Registry;
-use crate::{
-    config::Limits,
-    credentials::Secrets,
-    metrics::Metrics,
-    protocol::{Channel, Frame},
-};
+use crate::{config::Limits, credentials::Secrets, metrics::Metrics, protocol::Channel};
 
 /// What the registry tells the cluster bus (set once, at construction).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct ClusterHooks {
-    /// Pushes to relay to other nodes. Bounded: while the bus cannot keep up (Redis down or
-    /// slow) pushes still reach local sockets, and the relay drops with a count.
-    pub(super) relay: mpsc::Sender<Relay>,
     /// Channels that gained their first or lost their last local subscriber or listener.
-    pub(super) changed: Mutex<HashSet<Channel>>,
+    changed: Mutex<HashSet<Channel>>,
     /// Wakes the bus when `changed` gains an entry.
-    pub(super) changed_notify: tokio::sync::Notify,
+    changed_notify: Notify,
+    /// Channels to bring up to date from Redis.
+    behind: Mutex<HashSet<Channel>>,
+    /// Wakes the bus when `behind` gains an entry.
+    behind_notify: Notify,
 }
-
-/// A push accepted by this node, for other nodes: the encoded frame and where its payload
-/// starts, so receivers pass the bytes through without re-encoding.
-#[derive(Debug, Clone)]
-pub struct Relay {
-    /// The channel.
-    pub channel: Channel,
-    /// The encoded push frame.
-    pub frame: Frame,
-    /// Byte offset of the payload within `frame` (it ends one byte before the frame does).
-    pub payload_at: usize,
-}
-
-/// The bus's end of the cluster hooks.
-#[derive(Debug)]
-pub struct ClusterFeed {
-    /// Pushes to relay, in order.
-    pub relay: mpsc::Receiver<Relay>,
-}
-
-/// Pushes the relay may hold before it drops.
-pub const RELAY_BUFFER: usize = 65_536;
 
 impl Registry {
-    /// A registry for cluster mode (see [`Registry::new`]), and the feed its bus consumes.
-    pub fn clustered(
-        secrets: Secrets,
-        limits: Limits,
-        metrics: Arc<Metrics>,
-    ) -> (Self, ClusterFeed) {
-        let (tx, rx) = mpsc::channel(RELAY_BUFFER);
-        let hooks = ClusterHooks {
-            relay: tx,
-            changed: Mutex::new(HashSet::new()),
-            changed_notify: tokio::sync::Notify::new(),
-        };
-        (
-            Self::build(secrets, limits, metrics, Some(hooks)),
-            ClusterFeed { relay: rx },
-        )
+    /// A registry for cluster mode (see [`Registry::new`]): offsets come from Redis, through
+    /// [`Registry::offer`] and [`Registry::caught_up`].
+    pub fn clustered(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self::build(secrets, limits, metrics, Some(ClusterHooks::default()))
     }
 
     /// Whether this registry belongs to a cluster.
@@ -82,36 +45,55 @@ impl Registry {
         }
     }
 
+    /// Asks the bus to read `channel`'s position (and what this node missed) from Redis.
+    pub fn want_catch_up(&self, channel: &Channel) {
+        if let Some(hooks) = &self.shared.cluster {
+            if hooks.behind.lock().insert(channel.clone()) {
+                hooks.behind_notify.notify_one();
+            }
+        }
+    }
+
     /// Waits for, then takes, the channels whose local interest changed (cluster mode).
     pub async fn changed_channels(&self) -> Vec<Channel> {
         let Some(hooks) = &self.shared.cluster else {
             return std::future::pending().await;
         };
-        loop {
-            {
-                let mut changed = hooks.changed.lock();
-                if !changed.is_empty() {
-                    return changed.drain().collect();
-                }
-            }
-            hooks.changed_notify.notified().await;
-        }
+        take(&hooks.changed, &hooks.changed_notify).await
     }
 
-    /// Whether a local socket or listener uses `channel`.
+    /// Waits for, then takes, the channels to bring up to date from Redis (cluster mode).
+    pub async fn behind_channels(&self) -> Vec<Channel> {
+        let Some(hooks) = &self.shared.cluster else {
+            return std::future::pending().await;
+        };
+        take(&hooks.behind, &hooks.behind_notify).await
+    }
+
+    /// Whether this node follows `channel` (cluster mode: a local socket or listener uses it,
+    /// or one is about to).
     pub fn has_interest(&self, channel: &Channel) -> bool {
-        self.shared.channels.contains_key(channel) || self.shared.listeners.contains_key(channel)
+        self.shared.channels.contains_key(channel)
     }
 
-    /// Every channel a local socket or listener uses.
+    /// Every channel this node follows.
     pub fn interest(&self) -> Vec<Channel> {
-        let mut all: HashSet<Channel> = self
-            .shared
+        self.shared
             .channels
             .iter()
-            .map(|e| e.key().clone())
-            .collect();
-        all.extend(self.shared.listeners.iter().map(|e| e.key().clone()));
-        all.into_iter().collect()
+            .map(|slot| slot.key().clone())
+            .collect()
+    }
+}
+
+async fn take(set: &Mutex<HashSet<Channel>>, notify: &Notify) -> Vec<Channel> {
+    loop {
+        {
+            let mut set = set.lock();
+            if !set.is_empty() {
+                return set.drain().collect();
+            }
+        }
+        notify.notified().await;
     }
 }

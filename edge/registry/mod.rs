@@ -6,15 +6,19 @@
 //! One file per kind of data, each owning its part of [`Shared`] and the methods that change it:
 //! * [`sessions`]: credentials known here and their state machine (below), the live count, the
 //!   clocks; minting, attaching and detaching sockets, subscriptions by digest, the heartbeat;
-//! * [`channels`]: the channel index (live subscribers per channel) and delivery: a push is
-//!   encoded once and queued to every subscriber without waiting;
-//! * [`listeners`]: `Listen` streams per channel;
-//! * [`cluster`]: what the registry tells a cluster bus: pushes accepted here, in order, and the
-//!   channels whose local interest changed.
+//! * [`channels`]: the channel index (one state per channel: live subscribers, listeners,
+//!   history) and delivery: a push gets its offset, is encoded once and queued to every
+//!   subscriber without waiting;
+//! * [`history`]: a channel's position (epoch, last offset) and its last pushes, within bounds;
+//!   recovery reads from here; in cluster mode, the sequencer that orders pushes from Redis;
+//! * [`listeners`]: `Listen` streams, which sit in the channels they listen to;
+//! * [`idempotency`]: which `Push` keys each channel took (single node);
+//! * [`cluster`]: what the registry tells a cluster bus: channels whose local interest changed,
+//!   and channels to bring up to date from Redis.
 //!
-//! History (the last pushes of a channel, for recovery) and presence (who is subscribed, across
-//! nodes) are rooms still to come: each will own its data beside these, and a push reaches
-//! history from [`channels`]' delivery the way it reaches [`listeners`] now.
+//! Presence (who is subscribed, across nodes) is the room still to come: it will own its data
+//! beside these, fed from [`sessions`]' attach and detach the way [`history`] is fed from
+//! [`channels`]' delivery.
 //!
 //! The node owns the [`Metrics`]; the registry counts into them.
 //!
@@ -36,12 +40,14 @@
 //!
 //! # Locking
 //! Locks are taken in one order: a session's map shard, then a channel's map shard, then that
-//! channel's subscriber list. A push takes only the last two, briefly, and never waits on a
-//! socket: it calls [`Outbox::push`](crate::fanout::Outbox::push). No lock is held across an
-//! await.
+//! channel's state, then the idempotency records. A push takes only the last two, briefly, and
+//! never waits on a socket: it calls [`Outbox::push`](crate::fanout::Outbox::push). No lock is
+//! held across an await.
 
 mod channels;
 mod cluster;
+mod history;
+mod idempotency;
 mod listeners;
 mod sessions;
 #[cfg(test)]
@@ -63,7 +69,9 @@ use crate::{
     protocol::{Channel, Json},
 };
 
-pub use cluster::{ClusterFeed, Relay, RELAY_BUFFER};
+pub use channels::{Fetched, Pushed};
+pub use history::{Policy, ENTRY_BYTES};
+pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
 pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
 
@@ -90,16 +98,21 @@ struct Shared {
     live: AtomicUsize,
     /// [`sessions`]: a number for each socket, unique on this node.
     next_serial: AtomicU64,
-    /// [`channels`]: live subscribers per channel. An entry exists only while it has one.
-    channels: DashMap<Channel, Arc<channels::Subscribers>>,
+    /// [`channels`]: each channel's subscribers, listeners and history (see `channels` for how
+    /// long an entry stays).
+    channels: DashMap<Channel, channels::Slot>,
     /// [`channels`]: bytes queued in all outboxes, for publishers that pace themselves.
     backlog: Arc<Backlog>,
-    /// [`listeners`]: `Listen` streams per channel. An entry exists only while it has one.
-    listeners: DashMap<Channel, Vec<listeners::ListenerEntry>>,
+    /// [`history`]: the node's budget of retained push bytes (`history-memory`).
+    budget: Arc<history::Budget>,
     /// [`listeners`]: a number for each stream.
     next_listener: AtomicU64,
-    /// [`cluster`], cluster mode only: pushes accepted here, handed to the bus in the order
-    /// they were delivered locally, and the channels whose local interest changed.
+    /// [`idempotency`]: `Push` keys taken within the window, by channel and key.
+    idempotency: DashMap<(Channel, Box<str>), idempotency::Record>,
+    /// [`idempotency`]: the records in the order they expire.
+    expiries: idempotency::Expiries,
+    /// [`cluster`], cluster mode only: the channels whose local interest changed, and those to
+    /// bring up to date from Redis.
     cluster: Option<cluster::ClusterHooks>,
     /// The node's metrics.
     metrics: Arc<Metrics>,
@@ -135,16 +148,18 @@ impl Registry {
         Self {
             shared: Arc::new(Shared {
                 secrets,
-                limits,
                 sessions: DashMap::new(),
                 live: AtomicUsize::new(0),
                 next_serial: AtomicU64::new(1),
                 channels: DashMap::new(),
                 backlog: Arc::default(),
-                listeners: DashMap::new(),
+                budget: Arc::new(history::Budget::new(limits.history_memory)),
                 next_listener: AtomicU64::new(1),
+                idempotency: DashMap::new(),
+                expiries: Default::default(),
                 cluster,
                 metrics,
+                limits,
             }),
         }
     }
@@ -185,26 +200,10 @@ impl Registry {
             .iter()
             .map(|s| s.channels.len() as u64)
             .sum();
-        let count = |subscribers: &channels::Subscribers| subscribers.lock().len() as u64;
-        let per_channel = if !per_channel {
-            Vec::new()
-        } else if only.is_empty() {
-            shared
-                .channels
-                .iter()
-                .map(|e| (e.key().to_string(), count(e.value())))
-                .collect()
-        } else {
-            only.iter()
-                .map(|c| {
-                    let n = shared.channels.get(c).map_or(0, |s| count(&s));
-                    (c.to_string(), n)
-                })
-                .collect()
-        };
+        let (channels, per_channel) = self.channel_counts(per_channel, only);
         Stats {
             connections: shared.live.load(std::sync::atomic::Ordering::Relaxed) as u64,
-            channels: shared.channels.len() as u64,
+            channels,
             subscriptions,
             sessions: shared.sessions.len() as u64,
             per_channel,

@@ -14,12 +14,15 @@ use std::{
 
 use dashmap::{mapref::entry::Entry, mapref::one::RefMut};
 
-use super::{check_channel_count, Registry};
+use super::{
+    channels::{Fetched, Join},
+    check_channel_count, Registry,
+};
 use crate::{
     credentials::{CredentialError, Credentials, Digest, Verified},
     error::{Close, Error},
     fanout::{Backlog, Outbox},
-    protocol::Channel,
+    protocol::{connected_frame, Channel, Joined, Recover},
 };
 
 /// The current Unix time in milliseconds.
@@ -77,15 +80,19 @@ pub struct Conn {
     last_seen_ms: AtomicU64,
     /// Bounded outbound queue; closed by whoever ends the socket, drained by its writer.
     pub(crate) outbox: Outbox,
+    /// The client asked for positions (the handshake's `recover`): it gets the `connected`
+    /// frame, position frames on live subscribes, and gap frames.
+    pub(super) positions: bool,
 }
 
 impl Conn {
-    fn new(serial: u64, digest: Digest, backlog: &Arc<Backlog>) -> Self {
+    fn new(serial: u64, digest: Digest, backlog: &Arc<Backlog>, positions: bool) -> Self {
         Self {
             serial,
             digest,
             last_seen_ms: AtomicU64::new(monotonic_ms()),
             outbox: Outbox::new(backlog.clone()),
+            positions,
         }
     }
 
@@ -122,6 +129,11 @@ pub enum Refusal {
     /// The id's connection ended (clean close, `Disconnect`, or grace over).
     #[error("connection id already used")]
     Ended,
+    /// Signed by this deployment but not recorded where the gateway keeps its state: issued
+    /// before this node (single node) or Redis (cluster) lost that state, so whether it was
+    /// used cannot be known. Refused, so a loss never reopens ended credentials.
+    #[error("connection id unknown here: issued before the gateway lost its state")]
+    Unknown,
 }
 
 /// How a socket ended, as far as its credentials are concerned.
@@ -155,12 +167,36 @@ impl Registry {
         std::mem::replace(&mut session.state, next)
     }
 
-    fn new_conn(&self, digest: Digest) -> Arc<Conn> {
+    fn new_conn(&self, digest: Digest, positions: bool) -> Arc<Conn> {
         Arc::new(Conn::new(
             self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
             digest,
             &self.shared.backlog,
+            positions,
         ))
+    }
+
+    /// Joins a new socket to its channels, replaying what it missed where it asked to recover,
+    /// and (when it asked for positions) puts the `connected` frame first in its queue.
+    fn join_all<'a>(
+        &self,
+        conn: &Arc<Conn>,
+        channels: impl Iterator<Item = &'a Channel>,
+        recover: Option<&Recover>,
+        fetched: Option<&std::collections::HashMap<Channel, Fetched>>,
+        resumed: bool,
+    ) {
+        let mut joined: Vec<Joined> = Vec::new();
+        for channel in channels {
+            let how = Join::Connect {
+                since: recover.and_then(|r| r.0.get(channel)),
+                fetched: fetched.and_then(|f| f.get(channel)),
+            };
+            joined.extend(self.join(channel, conn, how));
+        }
+        if recover.is_some() {
+            conn.outbox.prepend(&connected_frame(resumed, &joined));
+        }
     }
 
     /// Mints credentials without recording them here (cluster mode keeps them in Redis).
@@ -197,44 +233,50 @@ impl Registry {
         Ok(creds)
     }
 
-    /// Binds a new socket to verified credentials: refuses an expired, live or ended id, and
-    /// hands the socket every channel its digest is subscribed to.
-    pub fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, Refusal> {
+    /// Binds a new socket to verified credentials: refuses an expired, live, ended or unknown
+    /// id, and hands the socket every channel its digest is subscribed to (replaying what it
+    /// missed where `recover` says what it saw).
+    pub fn attach(
+        &self,
+        verified: &Verified,
+        recover: Option<&Recover>,
+    ) -> Result<Arc<Conn>, Refusal> {
         let now = now_ms();
         let mut session = match self.shared.sessions.entry(verified.digest) {
-            Entry::Vacant(vacant) => {
-                // Signed by this deployment but unknown here (issued before a restart, or by
-                // another node): the signature is the authority.
-                if now >= verified.expires_at_ms {
-                    return Err(Refusal::Expired);
-                }
-                vacant.insert(Session::issued(verified.expires_at_ms))
-            }
+            // Signed by this deployment but never recorded here: issued before a restart.
+            Entry::Vacant(_) if now >= verified.expires_at_ms => return Err(Refusal::Expired),
+            Entry::Vacant(_) => return Err(Refusal::Unknown),
             Entry::Occupied(occupied) => occupied.into_ref(),
         };
-        match session.state {
+        let resumed = match session.state {
             State::Issued if now >= session.expires_at_ms => return Err(Refusal::Expired),
-            State::Issued => {}
-            State::Grace { until_ms } if now < until_ms => {}
+            State::Issued => false,
+            State::Grace { until_ms } if now < until_ms => true,
             State::Grace { .. } => {
                 self.set_state(&mut session, State::Dead);
                 return Err(Refusal::Ended);
             }
             State::Live(_) => return Err(Refusal::AlreadyLive),
             State::Dead => return Err(Refusal::Ended),
-        }
-        let conn = self.new_conn(verified.digest);
-        for channel in &session.channels {
-            self.add_subscriber(channel, &conn);
-        }
+        };
+        let conn = self.new_conn(verified.digest, recover.is_some());
+        self.join_all(&conn, session.channels.iter(), recover, None, resumed);
         self.set_state(&mut session, State::Live(conn.clone()));
         Ok(conn)
     }
 
     /// Binds a socket whose credentials the cluster already accepted, with the subscriptions
-    /// the cluster holds for its digest; replaces whatever this node remembered of it.
-    pub fn attach_accepted(&self, verified: &Verified, channels: Vec<Channel>) -> Arc<Conn> {
-        let conn = self.new_conn(verified.digest);
+    /// the cluster holds for its digest (and what the bus read from Redis for recovery);
+    /// replaces whatever this node remembered of it.
+    pub fn attach_accepted(
+        &self,
+        verified: &Verified,
+        channels: Vec<Channel>,
+        recover: Option<&Recover>,
+        fetched: &std::collections::HashMap<Channel, Fetched>,
+        resumed: bool,
+    ) -> Arc<Conn> {
+        let conn = self.new_conn(verified.digest, recover.is_some());
         let mut session = self
             .shared
             .sessions
@@ -250,9 +292,13 @@ impl Registry {
             self.set_state(&mut session, State::Issued);
         }
         session.channels = channels.into_iter().collect();
-        for channel in &session.channels {
-            self.add_subscriber(channel, &conn);
-        }
+        self.join_all(
+            &conn,
+            session.channels.iter(),
+            recover,
+            Some(fetched),
+            resumed,
+        );
         self.set_state(&mut session, State::Live(conn.clone()));
         conn
     }
@@ -291,7 +337,7 @@ impl Registry {
         for channel in channels {
             if session.channels.insert(channel.clone()) {
                 if let Some(conn) = &live {
-                    self.add_subscriber(channel, conn);
+                    self.join(channel, conn, Join::Live);
                 }
             }
         }
@@ -314,6 +360,15 @@ impl Registry {
             }
         }
         Ok(live.is_some())
+    }
+
+    /// `digest`'s socket if it is live here; an unknown or ended digest is an error.
+    pub(super) fn live_conn(&self, digest: &Digest) -> Result<Option<Arc<Conn>>, Error> {
+        let session = self.known_session(digest)?;
+        Ok(match &session.state {
+            State::Live(conn) => Some(conn.clone()),
+            _ => None,
+        })
     }
 
     pub(super) fn known_session(

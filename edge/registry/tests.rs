@@ -1,9 +1,14 @@
 //! Unit tests of the registry's rooms together, without sockets.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use super::*;
-use crate::{credentials::Credentials, error::Close, fanout::Batch};
+use crate::{
+    credentials::Credentials,
+    error::Close,
+    fanout::Batch,
+    protocol::{Position, Recover},
+};
 
 fn registry() -> Registry {
     Registry::new(
@@ -19,7 +24,14 @@ fn ch(name: &str) -> Channel {
 
 fn connect(r: &Registry, c: &Credentials) -> Arc<Conn> {
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    r.attach(&v).unwrap()
+    r.attach(&v, None).unwrap()
+}
+
+/// Pushes `json` to `channel`; returns the sockets it was queued to.
+fn push(r: &Registry, channel: &str, json: &str) -> u64 {
+    r.push(&[ch(channel)], &Json::parse(json).unwrap(), None)
+        .unwrap()
+        .queued
 }
 
 async fn frames(conn: &Conn) -> Vec<String> {
@@ -35,8 +47,11 @@ async fn subscriptions_made_before_connect_apply_on_connect() {
     let c = r.issue(None).unwrap();
     assert!(!r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap());
     let conn = connect(&r, &c);
-    assert_eq!(r.push(&[ch("b")], "1").unwrap(), 1);
-    assert_eq!(frames(&conn).await, [r#"{"channel":"b","payload":1}"#]);
+    assert_eq!(push(&r, "b", "1"), 1);
+    assert_eq!(
+        frames(&conn).await,
+        [r#"{"channel":"b","offset":1,"payload":1}"#]
+    );
 }
 
 #[tokio::test]
@@ -49,8 +64,8 @@ async fn fan_out_counts_every_subscriber_in_the_backlog_until_written() {
             connect(&r, &c)
         })
         .collect();
-    assert_eq!(r.push(&[ch("a")], "1").unwrap(), 3);
-    let len = r#"{"channel":"a","payload":1}"#.len();
+    assert_eq!(push(&r, "a", "1"), 3);
+    let len = r#"{"channel":"a","offset":1,"payload":1}"#.len();
     assert_eq!(r.backlog().bytes(), 3 * len);
     for conn in &conns {
         frames(conn).await; // taken and settled, as a writer does
@@ -63,10 +78,10 @@ fn ids_are_single_use() {
     let r = registry();
     let c = r.issue(None).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    let conn = r.attach(&v).unwrap();
-    assert_eq!(r.attach(&v).unwrap_err(), Refusal::AlreadyLive);
+    let conn = r.attach(&v, None).unwrap();
+    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::AlreadyLive);
     r.detach(&conn, Ending::Final);
-    assert_eq!(r.attach(&v).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Ended);
     assert!(matches!(
         r.subscribe(&c.digest, &[ch("a")]),
         Err(Error::UnknownDigest)
@@ -81,9 +96,9 @@ fn resumable_drop_keeps_subscriptions_within_grace() {
     let conn = connect(&r, &c);
     r.detach(&conn, Ending::Resumable);
     assert_eq!(r.stats(false, &[]).connections, 0);
-    assert_eq!(r.push(&[ch("a")], "1").unwrap(), 0);
+    assert_eq!(push(&r, "a", "1"), 0);
     let again = connect(&r, &c);
-    assert_eq!(r.push(&[ch("a")], "1").unwrap(), 1);
+    assert_eq!(push(&r, "a", "1"), 1);
     // The old socket's late detach must not end the new one.
     r.detach(&conn, Ending::Final);
     assert_eq!(r.stats(false, &[]).connections, 1);
@@ -102,10 +117,10 @@ fn disconnect_ends_credentials_and_closes_outbox() {
     };
     assert!(r.disconnect(&c.digest, close).unwrap());
     assert!(conn.outbox.is_closed());
-    assert_eq!(r.push(&[ch("a")], "1").unwrap(), 0);
+    assert_eq!(push(&r, "a", "1"), 0);
     r.detach(&conn, Ending::Resumable);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Ended);
     let s = r.stats(true, &[]);
     assert_eq!((s.connections, s.channels, s.subscriptions), (0, 0, 0));
 }
@@ -116,7 +131,18 @@ fn expired_credentials_are_refused() {
     let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
     let c = secrets.issue(now_ms() - 1);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v).unwrap_err(), Refusal::Expired);
+    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Expired);
+}
+
+#[test]
+fn an_id_this_registry_never_recorded_is_refused() {
+    // Signed with the deployment's secret, but issued before this node (re)started: whether it
+    // was used cannot be known, so it is refused, never reopened.
+    let r = registry();
+    let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
+    let c = secrets.issue(now_ms() + 60_000);
+    let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Unknown);
 }
 
 #[test]
@@ -127,7 +153,7 @@ fn invalid_calls_are_refused() {
         r.subscribe(&c.digest, &[]),
         Err(Error::NoChannels)
     ));
-    assert!(matches!(r.push(&[ch("a")], "{"), Err(Error::BadJson(_))));
+    assert!(matches!(r.check_payload("{"), Err(Error::BadJson(_))));
     let other: Digest = "00".repeat(32).parse().unwrap();
     assert!(matches!(
         r.subscribe(&other, &[ch("a")]),
@@ -162,19 +188,19 @@ fn the_live_count_follows_every_transition() {
     let c = r.issue(None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    let first = r.attach(&v).unwrap();
+    let first = r.attach(&v, None).unwrap();
     assert_eq!(live(&r), 1);
     // The cluster hands the id to a new socket here: the old one is closed, still one live.
-    let second = r.attach_accepted(&v, vec![ch("a"), ch("b")]);
+    let second = r.attach_accepted(&v, vec![ch("a"), ch("b")], None, &HashMap::new(), false);
     assert!(first.outbox.is_closed());
     assert_eq!(live(&r), 1);
-    assert_eq!(r.push(&[ch("b")], "1").unwrap(), 1);
+    assert_eq!(push(&r, "b", "1"), 1);
     // A late detach of the replaced socket changes nothing.
     r.detach(&first, Ending::Resumable);
     assert_eq!(live(&r), 1);
     r.detach(&second, Ending::Resumable);
     assert_eq!(live(&r), 0);
-    let third = r.attach(&v).unwrap();
+    let third = r.attach(&v, None).unwrap();
     assert_eq!(live(&r), 1);
     assert!(r.disconnect(&c.digest, Close::GoingAway).unwrap());
     assert_eq!(live(&r), 0);
@@ -184,4 +210,170 @@ fn the_live_count_follows_every_transition() {
     assert_eq!(live(&r), 0);
     let s = r.stats(false, &[]);
     assert_eq!((s.channels, s.subscriptions), (0, 0));
+}
+
+fn recover_from(entries: &[(&str, &Position)]) -> Recover {
+    Recover(entries.iter().map(|(c, p)| (ch(c), (*p).clone())).collect())
+}
+
+fn json(frame: &str) -> serde_json::Value {
+    serde_json::from_str(frame).unwrap()
+}
+
+#[tokio::test]
+async fn a_resumed_socket_gets_exactly_what_it_missed_then_live_pushes() {
+    let r = registry();
+    let c = r.issue(None).unwrap();
+    r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap();
+    let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+    let conn = r.attach(&v, Some(&Recover::default())).unwrap();
+    let first = frames(&conn).await;
+    let connected = json(&first[0]);
+    assert_eq!(connected["connected"]["resumed"], false);
+    let epoch = connected["connected"]["channels"]["a"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(connected["connected"]["channels"]["a"]["offset"], 0);
+    for i in 1..=3 {
+        push(&r, "a", &i.to_string());
+    }
+    assert_eq!(frames(&conn).await.len(), 3);
+    r.detach(&conn, Ending::Resumable);
+    for i in 4..=6 {
+        push(&r, "a", &i.to_string());
+    }
+    let seen = Position {
+        epoch: epoch.as_str().into(),
+        offset: 3,
+    };
+    let again = r.attach(&v, Some(&recover_from(&[("a", &seen)]))).unwrap();
+    push(&r, "a", "7");
+    let got: Vec<_> = frames(&again).await.iter().map(|f| json(f)).collect();
+    assert_eq!(got[0]["connected"]["resumed"], true);
+    assert_eq!(got[0]["connected"]["channels"]["a"]["recovered"], true);
+    assert_eq!(
+        got[0]["connected"]["channels"]["a"]["offset"], 3,
+        "continues from what it saw"
+    );
+    assert!(
+        got[0]["connected"]["channels"]["b"]["recovered"].is_null(),
+        "not asked"
+    );
+    let offsets: Vec<_> = got[1..]
+        .iter()
+        .map(|f| f["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [4, 5, 6, 7]);
+}
+
+#[tokio::test]
+async fn history_that_does_not_reach_back_means_a_gap_and_no_replay() {
+    let limits = Limits {
+        history_size: 2,
+        ..Limits::default()
+    };
+    let r = Registry::new(
+        Secrets::new(b"registry test secret 0123456789", None).unwrap(),
+        limits,
+        Arc::default(),
+    );
+    let c = r.issue(None).unwrap();
+    r.subscribe(&c.digest, &[ch("a")]).unwrap();
+    for i in 1..=5 {
+        push(&r, "a", &i.to_string());
+    }
+    let epoch = r.position(&ch("a")).unwrap().epoch;
+    let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+    let stale = Position {
+        epoch: epoch.clone(),
+        offset: 1,
+    };
+    let conn = r.attach(&v, Some(&recover_from(&[("a", &stale)]))).unwrap();
+    let got = frames(&conn).await;
+    assert_eq!(got.len(), 1, "no partial replay: {got:?}");
+    let a = &json(&got[0])["connected"]["channels"]["a"];
+    assert_eq!(
+        (a["recovered"].as_bool(), a["offset"].as_u64()),
+        (Some(false), Some(5))
+    );
+    r.detach(&conn, Ending::Resumable);
+    let old_epoch = Position {
+        epoch: "0123456789abcdef".into(),
+        offset: 5,
+    };
+    let conn = r
+        .attach(&v, Some(&recover_from(&[("a", &old_epoch)])))
+        .unwrap();
+    let a = json(&frames(&conn).await[0]);
+    assert_eq!(a["connected"]["channels"]["a"]["recovered"], false);
+    assert_eq!(a["connected"]["channels"]["a"]["epoch"], &*epoch);
+}
+
+#[test]
+fn an_idempotent_push_is_taken_once() {
+    let r = registry();
+    let c = r.issue(None).unwrap();
+    r.subscribe(&c.digest, &[ch("a")]).unwrap();
+    let _conn = connect(&r, &c);
+    let payload = Json::parse("1").unwrap();
+    let first = r.push(&[ch("a"), ch("b")], &payload, Some("k-1")).unwrap();
+    let retry = r.push(&[ch("a"), ch("b")], &payload, Some("k-1")).unwrap();
+    assert_eq!(first.queued, 1);
+    assert_eq!(retry.queued, 0, "a retry is not delivered again");
+    assert_eq!(first.positions, retry.positions);
+    let other = r.push(&[ch("a")], &payload, Some("k-2")).unwrap();
+    assert_eq!(other.positions[0].1.offset, 2);
+}
+
+#[tokio::test]
+async fn a_listener_from_a_position_replays_then_streams_live() {
+    let r = registry();
+    for i in 1..=3 {
+        push(&r, "a", &i.to_string());
+    }
+    let at = Position {
+        offset: 1,
+        ..r.position(&ch("a")).unwrap()
+    };
+    let since: HashMap<Channel, Position> = [(ch("a"), at.clone())].into();
+    let mut listener = r.listen(&[ch("a")], &since, &HashMap::new()).unwrap();
+    push(&r, "a", "4");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let event = listener.recv().await.unwrap();
+        got.push((event.position.offset, event.json().unwrap().to_owned()));
+    }
+    assert_eq!(got, [(2, "2".into()), (3, "3".into()), (4, "4".into())]);
+    let gone = Position {
+        epoch: "elsewhere".into(),
+        offset: 1,
+    };
+    let since: HashMap<Channel, Position> = [(ch("a"), gone)].into();
+    let mut listener = r.listen(&[ch("a")], &since, &HashMap::new()).unwrap();
+    let event = listener.recv().await.unwrap();
+    assert!(event.is_gap());
+    assert_eq!(event.position.offset, 4);
+}
+
+#[test]
+fn unused_channels_are_forgotten_after_their_position_expires() {
+    let limits = Limits {
+        position_ttl: Duration::ZERO,
+        history_ttl: Duration::ZERO,
+        ..Limits::default()
+    };
+    let r = Registry::new(
+        Secrets::new(b"registry test secret 0123456789", None).unwrap(),
+        limits,
+        Arc::default(),
+    );
+    push(&r, "a", "1");
+    assert_eq!(r.history_bytes(), 0, "a ttl of 0 keeps nothing");
+    r.sweep_channels();
+    assert_eq!(
+        r.position(&ch("a")).unwrap().offset,
+        0,
+        "a new epoch starts over"
+    );
 }

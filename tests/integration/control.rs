@@ -54,6 +54,7 @@ async fn invalid_requests_get_their_status_codes() {
     let push = |channels: Vec<String>, json: &str| pb::PushRequest {
         channels,
         json: json.into(),
+        ..Default::default()
     };
     assert_eq!(
         code_of(c.push(push(vec!["a".into()], "{not json")).await),

@@ -71,18 +71,62 @@ async fn zero_grace_is_strict() {
     assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
 }
 
+/// Rotation is a rolling restart of a cluster: the state of issued ids lives in Redis, so a
+/// node started with the new secret (and the old one as previous) accepts ids the old nodes
+/// issued; a node without the old secret refuses them.
 #[tokio::test]
 async fn ids_signed_with_the_previous_secret_are_accepted_after_rotation() {
-    let old = Gateway::start_with(|c| c.secret = Some("the old deployment secret".into())).await;
+    let prefix = crate::cluster::unique_prefix("rotation");
+    let node = |secret: &'static str, previous: Option<&'static str>| {
+        let prefix = prefix.clone();
+        Gateway::start_with(move |c| {
+            c.redis = Some(crate::cluster::REDIS.into());
+            c.redis_prefix = prefix;
+            c.secret = Some(secret.into());
+            c.previous_secret = previous.map(Into::into);
+        })
+    };
+    let old = node("the old deployment secret", None).await;
     let creds = old.issue().await;
-    let rotated = Gateway::start_with(|c| {
-        c.secret = Some("the new deployment secret".into());
-        c.previous_secret = Some("the old deployment secret".into());
-    })
+    let rotated = node(
+        "the new deployment secret",
+        Some("the old deployment secret"),
+    )
     .await;
+    crate::support::wait_until(|| async { rotated.http_get("/readyz", &[]).await.0 == 200 }).await;
     rotated.connect(&creds).await;
     let fresh = old.issue().await;
-    let unrotated =
-        Gateway::start_with(|c| c.secret = Some("the new deployment secret".into())).await;
+    let unrotated = node("the new deployment secret", None).await;
     assert_eq!(unrotated.try_connect(&fresh).await.err(), Some(403));
+}
+
+/// A single node keeps the state of its ids in memory: after a restart it cannot know whether
+/// an id it issued before was used, so it refuses it (the client gets new credentials) rather
+/// than reopen ended ones.
+#[tokio::test]
+async fn a_restarted_single_node_refuses_ids_issued_before_it_started() {
+    let secret = "one deployment secret for both";
+    let before = Gateway::start_with(|c| c.secret = Some(secret.into())).await;
+    let (used, ws) = before.subscriber(&[]).await;
+    ws.close().await;
+    let unused = before.issue().await;
+    before.shutdown().await;
+    let after = Gateway::start_with(|c| c.secret = Some(secret.into())).await;
+    assert_eq!(
+        after.try_connect(&used).await.err(),
+        Some(403),
+        "ended: stays ended"
+    );
+    assert_eq!(
+        after.try_connect(&unused).await.err(),
+        Some(403),
+        "unknown: refused"
+    );
+    let (status, body) = after.http_get("/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#"channelgate_handshakes_total{result="unknown"} 2"#),
+        "{body}"
+    );
+    after.subscriber(&[]).await;
 }

@@ -20,14 +20,14 @@ async fn one_and_two_subscribers_receive_channel_and_payload() {
     assert_eq!(gw.push("news", r#"{"n":1}"#).await, 1);
     assert_eq!(
         a.recv_json().await,
-        json!({"channel":"news","payload":{"n":1}})
+        json!({"channel":"news","offset":1,"payload":{"n":1}})
     );
     let (_, mut b) = gw.subscriber(&["news"]).await;
     assert_eq!(gw.push("news", r#"{"n":2}"#).await, 2);
     for ws in [&mut a, &mut b] {
         assert_eq!(
             ws.recv_json().await,
-            json!({"channel":"news","payload":{"n":2}})
+            json!({"channel":"news","offset":2,"payload":{"n":2}})
         );
     }
 }
@@ -40,7 +40,7 @@ async fn the_payload_arrives_byte_for_byte() {
     match ws.next_message().await {
         Some(Message::Text(t)) => assert_eq!(
             t.as_str(),
-            r#"{"channel":"raw","payload":{"b":1.50, "a" : [ "x" ]}}"#
+            r#"{"channel":"raw","offset":1,"payload":{"b":1.50, "a" : [ "x" ]}}"#
         ),
         other => panic!("{other:?}"),
     }
@@ -135,6 +135,7 @@ async fn concurrent_publishers_are_seen_in_one_order_by_every_subscriber() {
                     .push(pb::PushRequest {
                         channels: vec!["c".into()],
                         json,
+                        ..Default::default()
                     })
                     .await
                     .unwrap();
@@ -170,6 +171,7 @@ async fn push_stream_delivers_in_order() {
     let pushes = (0..200).map(|i| pb::PushRequest {
         channels: vec!["s".into()],
         json: i.to_string(),
+        ..Default::default()
     });
     let r = gw
         .control()

@@ -224,6 +224,7 @@ async fn listen_receives_pushes() {
         .control()
         .listen(pb::ListenRequest {
             channels: vec!["news".into(), "alerts".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

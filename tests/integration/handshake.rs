@@ -221,9 +221,10 @@ async fn metrics_follow_traffic() {
     );
     assert_eq!(metric(&after, "channelgate_pushes_total"), 1.0);
     assert_eq!(metric(&after, "channelgate_deliveries_total"), 1.0);
-    // The push frame `{"channel":"m","payload":1}` (27 bytes) and the pong reply.
+    // The push frame and the pong reply.
+    let push = r#"{"channel":"m","offset":1,"payload":1}"#.len() as f64;
     let pong = r#"{"id":1,"status":200,"headers":{},"body":"pong"}"#.len() as f64;
-    assert_eq!(metric(&after, "channelgate_bytes_out_total"), 27.0 + pong);
+    assert_eq!(metric(&after, "channelgate_bytes_out_total"), push + pong);
     assert_eq!(metric(&after, "channelgate_messages_in_total"), 1.0);
     assert_eq!(
         metric(&after, "channelgate_replies_total{status=\"200\"}"),

@@ -79,7 +79,7 @@ async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
     let frame = next_frame(&mut ws).await;
     assert_eq!(
         frame.to_text().unwrap(),
-        r#"{"channel":"secure","payload":1}"#
+        r#"{"channel":"secure","offset":1,"payload":1}"#
     );
 
     // New certificate on disk, then SIGHUP: new handshakes see it.
@@ -110,6 +110,6 @@ async fn wss_works_and_a_sighup_reload_keeps_live_sockets() {
     let frame = next_frame(&mut ws).await;
     assert_eq!(
         frame.to_text().unwrap(),
-        r#"{"channel":"secure","payload":2}"#
+        r#"{"channel":"secure","offset":2,"payload":2}"#
     );
 }

@@ -6,20 +6,38 @@
 //! | `P:s:{digest}` | hash `state, exp, until, node` | the credentials' state: `issued`, `live` (on `node`), `grace` (until `until`), `dead` | until the id expires (longer while live or in grace) |
 //! | `P:subs:{digest}` | set | the digest's channels | as `P:s:{digest}`; deleted when dead |
 //! | `P:nodes` | sorted set | node id → last heartbeat (ms) | heartbeats every second |
+//! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
+//! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
+//! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
-//! Pub/sub channels: `P:ch:{channel}` carries pushes (a node subscribes only to channels its
+//! Every key of a channel carries the channel name as its Redis Cluster hash tag (`{C}`), so a
+//! channel's script touches one slot.
+//!
+//! Pub/sub channels: `P:ch:{C}` carries pushes to `C` (a node subscribes only to channels its
 //! sockets or listeners use); `P:node:{id}` carries commands for one node's sockets.
 //!
 //! # A push
-//! The node that accepts a push delivers it to its own sockets, then `PUBLISH`es the encoded
-//! frame once (one command per channel, pipelined): `{node id}:{payload offset}\n{frame}`.
-//! Other nodes pass the frame's bytes to their sockets without re-encoding; a node ignores its
-//! own pushes. One publisher connection per node keeps its pushes in order.
+//! One script per push per channel ([`scripts::PUSH`]) gives the push the channel's next offset,
+//! appends it to the channel's log, records its idempotency key, and `PUBLISH`es
+//! `{epoch} {offset}\n{payload}`, all atomically, so one channel has one order whichever node
+//! accepted the push. A node's pushes go through one publisher task, pipelined, so they keep
+//! the order they were made in. The accepting node delivers to its own sockets when the script
+//! answers; every node (the accepting one too) takes pushes from pub/sub, and the registry
+//! delivers each offset once, in order, holding early ones. Cost: one script per push per
+//! channel, and the publish it makes.
+//!
+//! # Catching up
+//! A node's copy of a channel can fall behind Redis: it just subscribed, its pub/sub connection
+//! dropped, or the stream skipped an offset. The registry marks such channels; a task of the bus
+//! reads each one's position and the pushes after the node's last offset ([`scripts::READ`]) and
+//! hands them back: missed pushes are delivered in order; what Redis no longer holds, or a new
+//! epoch (Redis lost its data), becomes a gap frame (`recovered:false`) to the channel's sockets.
 //!
 //! # Liveness
 //! A `live` mark counts only while its node's heartbeat is fresh (within [`LEASE`]). When a node
 //! dies, its sockets may resume elsewhere within the reconnect grace, counted from its last
-//! heartbeat. State changes are Lua scripts, so two nodes never both accept one id.
+//! heartbeat. State changes are Lua scripts, so two nodes never both accept one id; an id with
+//! no state at all (issued before Redis lost its data) is refused.
 //!
 //! # Handle streams across nodes
 //! Each node advertises the groups of its `Handle` streams in `P:act:{action}` (sorted set of
@@ -32,9 +50,10 @@
 //! redelivered (the client would have given up). Each queue is capped (`MAXLEN ~ 10000`).
 //!
 //! # Faults
-//! While Redis is unreachable, sockets on this node keep receiving pushes made on this node;
-//! `/readyz` reports the reason; calls that need shared state fail with `UNAVAILABLE`; new
-//! handshakes get 503. The node reconnects with back-off and re-subscribes its channels.
+//! While Redis is unreachable, calls that need it fail with `UNAVAILABLE` (pushes included:
+//! an offset comes from Redis, and a push no other node could see would be a silent loss);
+//! `/readyz` reports the reason; new handshakes get 503; sockets stay connected. The node
+//! reconnects with back-off, re-subscribes its channels and catches each one up.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -52,20 +71,23 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{AttachError, Bus};
+use super::{AttachError, Bus, HistoryQuery, Page, PushTicket};
 use crate::{
     config::Limits,
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
-    protocol::{Channel, Frame},
-    registry::{now_ms, ClusterFeed, Conn, Ending, Refusal, Registry},
+    protocol::{Channel, Frame, Json, Position, Recover},
+    registry::{now_ms, Conn, Ending, Listener, Refusal, Registry},
 };
 
+mod history;
 mod pubsub;
 mod queue;
 mod relay;
 mod scripts;
+
+use relay::PushJob;
 
 use scripts::Scripts;
 
@@ -85,8 +107,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Redis commands time out after this (the node then reports itself not ready).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pushes published per pipeline.
-const RELAY_BATCH: usize = 256;
+/// Push scripts per pipeline.
+const PUSH_BATCH: usize = 256;
+/// Pushes waiting for the publisher task; a publisher beyond it waits its turn.
+const PUSH_QUEUE: usize = 16_384;
 
 /// A command for the node holding a socket, or an acknowledgement.
 #[derive(Debug, Serialize, Deserialize)]
@@ -165,6 +189,11 @@ pub(crate) struct RedisBus {
     broken: Mutex<Option<String>>,
     /// This bus, for tasks spawned from `&self` (a weak pointer: no cycle).
     me: std::sync::Weak<RedisBus>,
+    /// Pushes for the publisher task, which runs their scripts in order; closed when the
+    /// publisher stops (the node halts).
+    pushes: mpsc::Sender<PushJob>,
+    /// The node's limits (history policies, windows).
+    limits: Limits,
 }
 
 #[derive(Debug, Default)]
@@ -189,7 +218,6 @@ impl RedisBus {
         url: &str,
         prefix: &str,
         registry: Registry,
-        feed: ClusterFeed,
         link: ClusterEnd,
         limits: &Limits,
         halt: CancellationToken,
@@ -209,7 +237,10 @@ impl RedisBus {
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
+        let (pushes, jobs) = mpsc::channel(PUSH_QUEUE);
         let bus = Arc::new_cyclic(|me| Self {
+            pushes,
+            limits: limits.clone(),
             me: me.clone(),
             registry,
             node: hex::encode(id),
@@ -231,7 +262,8 @@ impl RedisBus {
         });
         tracing::info!(node = %bus.node, prefix, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
-        bus.spawn_task("relay", bus.clone().relay(feed, halt.clone()), &halt);
+        bus.spawn_task("publisher", bus.clone().publish(jobs, halt.clone()), &halt);
+        bus.spawn_task("catch-up", bus.clone().catch_up(halt.clone()), &halt);
         bus.spawn_task("interest", bus.clone().reconcile(halt.clone()), &halt);
         bus.spawn_task(
             "handle groups",
@@ -292,8 +324,14 @@ impl RedisBus {
         format!("{}:nodes", self.prefix)
     }
 
+    /// The pub/sub channel of `channel`'s pushes; `channel_key` adds a suffix for its keys.
+    /// The channel name is the hash tag of both.
     fn channel_topic(&self, channel: &str) -> String {
-        format!("{}:ch:{channel}", self.prefix)
+        format!("{}:ch:{{{channel}}}", self.prefix)
+    }
+
+    fn channel_key(&self, channel: &str, kind: &str) -> String {
+        format!("{}:ch:{{{channel}}}:{kind}", self.prefix)
     }
 
     fn node_topic(&self, node: &str) -> String {
@@ -306,9 +344,15 @@ impl RedisBus {
         Error::ClusterUnavailable(reason)
     }
 
-    /// Applies a subscription change to a socket on this node; subscribes this node to the
-    /// channels in Redis before returning, so no push is missed.
+    /// Applies a subscription change to a socket on this node. New channels are subscribed to
+    /// in Redis and brought up to date first, so the socket misses nothing and (when it asked
+    /// for positions) hears where it starts.
     async fn apply_subscribe(&self, digest: &Digest, channels: &[Channel], add: bool) {
+        if add {
+            if let Err(err) = self.follow(channels, None).await {
+                tracing::debug!(%err, "channels not brought up to date before a subscribe; the catch-up task will");
+            }
+        }
         let applied = if add {
             self.registry.subscribe(digest, channels)
         } else {
@@ -316,9 +360,6 @@ impl RedisBus {
         };
         if let Err(err) = applied {
             tracing::debug!(%err, "subscription change for a socket no longer here");
-        }
-        if add {
-            self.ensure_subscribed(channels).await;
         }
     }
 
@@ -475,8 +516,13 @@ impl Bus for RedisBus {
     }
 
     /// Accepts a handshake's credentials cluster-wide and binds the socket here with the
-    /// digest's subscriptions (this node subscribed to them in Redis before it returns).
-    async fn attach(&self, verified: &Verified) -> Result<Arc<Conn>, AttachError> {
+    /// digest's subscriptions: this node subscribes to them in Redis and brings them up to date
+    /// (reading what recovery needs beyond its own history) before the socket joins them.
+    async fn attach(
+        &self,
+        verified: &Verified,
+        recover: Option<&Recover>,
+    ) -> Result<Arc<Conn>, AttachError> {
         self.readiness().map_err(AttachError::Unavailable)?;
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self
@@ -499,18 +545,89 @@ impl Bus for RedisBus {
             Some("ok") => {}
             Some("expired") => return Err(Refusal::Expired.into()),
             Some("in_use") => return Err(Refusal::AlreadyLive.into()),
+            Some("unknown") => return Err(Refusal::Unknown.into()),
             _ => return Err(Refusal::Ended.into()),
         }
+        let resumed = reply.next().as_deref() == Some("resumed");
         let channels: Vec<Channel> = reply.filter_map(|c| Channel::new(&c).ok()).collect();
-        let socket = self.registry.attach_accepted(verified, channels.clone());
-        self.ensure_subscribed(&channels).await;
-        Ok(socket)
+        let since = recover.map(|r| &r.0);
+        let fetched = match self.follow(&channels, since).await {
+            Ok(fetched) => fetched,
+            Err(err) => {
+                // Redis marked the id live here; give it back (resumable) before refusing.
+                self.record_end(verified.digest, Ending::Resumable);
+                return Err(AttachError::Unavailable(err.to_string()));
+            }
+        };
+        Ok(self
+            .registry
+            .attach_accepted(verified, channels, recover, &fetched, resumed))
+    }
+
+    async fn submit(
+        &self,
+        channels: &[Channel],
+        json: &Json,
+        key: Option<&str>,
+    ) -> Result<PushTicket, Error> {
+        self.readiness().map_err(Error::ClusterUnavailable)?;
+        let payload: Arc<str> = json.as_str().into();
+        let mut replies = Vec::with_capacity(channels.len());
+        for channel in channels {
+            let (reply, answer) = oneshot::channel();
+            let job = PushJob {
+                channel: channel.clone(),
+                payload: payload.clone(),
+                key: key.map(Into::into),
+                reply,
+            };
+            self.pushes
+                .send(job)
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            replies.push((channel.clone(), answer));
+        }
+        let registry = self.registry.clone();
+        Ok(Box::pin(async move {
+            let mut pushed = crate::registry::Pushed::default();
+            for (channel, answer) in replies {
+                let (position, duplicate) = answer.await.map_err(|_| Error::ShuttingDown)??;
+                if !duplicate {
+                    // Deliver here at once; the copy that comes back over pub/sub is dropped.
+                    pushed.queued += registry
+                        .offer(&channel, &position.epoch, position.offset, &payload, false)
+                        .unwrap_or(0);
+                }
+                pushed.positions.push((channel, position));
+            }
+            Ok(pushed)
+        }))
+    }
+
+    async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {
+        self.read_history(channel, query).await
+    }
+
+    async fn listen(
+        &self,
+        channels: &[Channel],
+        since: &HashMap<Channel, Position>,
+    ) -> Result<Listener, Error> {
+        // Subscribed and up to date before the listener joins, so it misses nothing.
+        let fetched = self.follow(channels, Some(since)).await?;
+        self.registry.listen(channels, since, &fetched)
     }
 
     /// Records a socket's end in Redis (in the background: the socket is already gone here).
     fn detach(&self, conn: &Conn, ending: Ending) {
         self.registry.detach(conn, ending);
-        let digest = conn.digest();
+        self.record_end(conn.digest(), ending);
+    }
+}
+
+impl RedisBus {
+    /// Records in Redis (in the background) that `digest`'s socket on this node ended.
+    fn record_end(&self, digest: Digest, ending: Ending) {
         // Runs during the drain too (the tracker is waited on after the sockets are gone), and
         // is bounded by the command timeout.
         self.spawn_short(move |bus| async move {
@@ -530,10 +647,6 @@ impl Bus for RedisBus {
                 tracing::warn!(%err, "could not record a socket's end in Redis; its id frees up when this node's heartbeat lapses");
             }
         });
-    }
-
-    async fn listen(&self, channels: &[Channel]) {
-        self.ensure_subscribed(channels).await;
     }
 }
 

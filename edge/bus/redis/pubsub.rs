@@ -1,7 +1,9 @@
 //! The pub/sub side of the Redis bus: one connection per node, subscribed to this node's
 //! command topic and to the channels its sockets and listeners use (following the registry's
 //! interest); what arrives is decoded here, and a message that does not decode is counted
-//! (`channelgate_bus_malformed_total`) and dropped, never trusted.
+//! (`channelgate_bus_malformed_total`) and dropped, never trusted. Pushes go to the registry's
+//! sequencer ([`Registry::offer`](crate::registry::Registry::offer)), which delivers them in
+//! offset order; after a reconnection, every channel is caught up from Redis.
 
 use std::sync::Arc;
 
@@ -10,16 +12,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL};
 use crate::{
-    error::Close,
+    error::{Close, Error},
     handoff::HandlerReply,
-    protocol::{Channel, Frame, Json},
-    registry::{now_ms, Relay},
+    protocol::{valid_epoch, Channel, Epoch, Frame, Json},
+    registry::now_ms,
 };
 
 impl RedisBus {
     /// Subscribes this node to `channels` in Redis (those it is not subscribed to yet), and
-    /// waits for Redis to confirm.
-    pub(super) async fn ensure_subscribed(&self, channels: &[Channel]) {
+    /// waits for Redis to confirm; an error when Redis cannot be reached.
+    pub(super) async fn ensure_subscribed(&self, channels: &[Channel]) -> Result<(), Error> {
         let mut pubsub = self.pubsub.lock().await;
         let missing: Vec<Channel> = channels
             .iter()
@@ -27,16 +29,24 @@ impl RedisBus {
             .cloned()
             .collect();
         if missing.is_empty() {
-            return;
+            return Ok(());
         }
         let Some(sink) = pubsub.sink.as_mut() else {
             // Redis is down; the reconnection re-subscribes everything in use.
-            return;
+            return Err(Error::ClusterUnavailable(
+                "Redis pub/sub is reconnecting".into(),
+            ));
         };
         let topics: Vec<String> = missing.iter().map(|c| self.channel_topic(c)).collect();
         match sink.subscribe(&topics).await {
-            Ok(()) => pubsub.subscribed.extend(missing),
-            Err(err) => tracing::warn!(%err, "Redis SUBSCRIBE failed"),
+            Ok(()) => {
+                pubsub.subscribed.extend(missing);
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(%err, "Redis SUBSCRIBE failed");
+                Err(Error::ClusterUnavailable(format!("Redis SUBSCRIBE: {err}")))
+            }
         }
     }
 
@@ -57,6 +67,9 @@ impl RedisBus {
                     add.push(channel);
                 } else if !wanted && have {
                     remove.push(channel);
+                } else if wanted {
+                    // Its state may be new (left and came back): read where it stands.
+                    self.registry.want_catch_up(&channel);
                 }
             }
             let Some(sink) = pubsub.sink.as_mut() else {
@@ -65,6 +78,11 @@ impl RedisBus {
             if !add.is_empty() {
                 let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
                 if sink.subscribe(&topics).await.is_ok() {
+                    // Subscribed: now the channel's position read from Redis is one the
+                    // stream continues.
+                    for channel in &add {
+                        self.registry.want_catch_up(channel);
+                    }
                     pubsub.subscribed.extend(add);
                 }
             }
@@ -106,6 +124,18 @@ impl RedisBus {
                     backoff = BACKOFF_MIN;
                     *self.not_ready.lock() = None;
                     tracing::info!("connected to Redis");
+                    // Whatever was pushed while the stream was down is read from Redis.
+                    let subscribed: Vec<Channel> = self
+                        .pubsub
+                        .lock()
+                        .await
+                        .subscribed
+                        .iter()
+                        .cloned()
+                        .collect();
+                    for channel in self.registry.resync(&subscribed) {
+                        self.registry.want_catch_up(&channel);
+                    }
                     loop {
                         let message = tokio::select! {
                             message = stream.next() => message,
@@ -191,13 +221,19 @@ impl RedisBus {
         let payload = message.get_payload_bytes();
         if let Some(channel) = topic
             .strip_prefix(&self.prefix)
-            .and_then(|t| t.strip_prefix(":ch:"))
+            .and_then(|t| t.strip_prefix(":ch:{"))
+            .and_then(|t| t.strip_suffix('}'))
         {
-            match decode_push(&self.node, channel, payload) {
-                Ok(Some(relay)) => {
-                    self.registry.deliver_relayed(&relay);
+            match decode_push(channel, payload) {
+                Ok(push) => {
+                    self.registry.offer(
+                        &push.channel,
+                        &push.epoch,
+                        push.offset,
+                        push.payload,
+                        true,
+                    );
                 }
-                Ok(None) => {} // our own push, delivered when it was accepted
                 Err(why) => {
                     self.registry.metrics().bus_malformed.inc();
                     tracing::warn!(%channel, why, "malformed push from Redis dropped");
@@ -279,36 +315,47 @@ impl RedisBus {
     }
 }
 
-/// Decodes a push another node published: `{origin node}:{payload offset}\n{frame}`.
-/// `Ok(None)` for this node's own push; `Err` (why) for anything that is not a well-formed
-/// push frame, so a bad message can never reach a socket or panic the pub/sub task.
-pub(super) fn decode_push(
-    this_node: &str,
+/// A push as published by a push script: `{epoch} {offset}\n{payload}`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Published<'a> {
+    pub(super) channel: Channel,
+    pub(super) epoch: Epoch,
+    pub(super) offset: u64,
+    /// The JSON text, as the accepting node checked it.
+    pub(super) payload: &'a str,
+}
+
+/// Decodes a published push; `Err` (why) for anything that is not well-formed, so a bad
+/// message can never reach a socket or panic the pub/sub task.
+pub(super) fn decode_push<'a>(
     channel: &str,
-    message: &[u8],
-) -> Result<Option<Relay>, &'static str> {
+    message: &'a [u8],
+) -> Result<Published<'a>, &'static str> {
     let newline = message
         .iter()
         .position(|b| *b == b'\n')
         .ok_or("no header line")?;
-    let (header, frame) = (&message[..newline], &message[newline + 1..]);
+    let (header, payload) = (&message[..newline], &message[newline + 1..]);
     let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
-    let (origin, at) = header.split_once(':').ok_or("header without ':'")?;
-    if origin == this_node {
-        return Ok(None);
+    let (epoch, offset) = header.split_once(' ').ok_or("header without ' '")?;
+    if !valid_epoch(epoch) {
+        return Err("bad epoch");
+    }
+    let offset: u64 = offset.parse().map_err(|_| "bad offset")?;
+    if offset == 0 {
+        return Err("offset 0");
     }
     let channel = Channel::new(channel).map_err(|_| "bad channel name")?;
-    let payload_at: usize = at.parse().map_err(|_| "bad payload offset")?;
-    let frame = std::str::from_utf8(frame).map_err(|_| "frame is not UTF-8")?;
-    // The payload runs from `payload_at` to the frame's closing brace.
-    if !frame.ends_with('}') || payload_at >= frame.len() || !frame.is_char_boundary(payload_at) {
-        return Err("payload offset outside the frame");
+    let payload = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8")?;
+    if payload.trim().is_empty() {
+        return Err("empty payload");
     }
-    Ok(Some(Relay {
+    Ok(Published {
         channel,
-        frame: Frame::from(frame.to_owned()),
-        payload_at,
-    }))
+        epoch: epoch.into(),
+        offset,
+        payload,
+    })
 }
 
 #[cfg(test)]
@@ -316,34 +363,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pushes_from_other_nodes_decode_and_bad_ones_are_refused_without_panicking() {
-        let frame = r#"{"channel":"c","payload":"é"}"#;
-        let at = frame.find("\"é").unwrap();
-        let good = format!("other:{at}\n{frame}");
-        let relay = decode_push("me", "c", good.as_bytes()).unwrap().unwrap();
+    fn published_pushes_decode_and_bad_ones_are_refused_without_panicking() {
+        let push = decode_push("c", "e1f2 17\n{\"a\":\"é\"}".as_bytes()).unwrap();
         assert_eq!(
-            &relay.frame[relay.payload_at..relay.frame.len() - 1],
-            "\"é\""
-        );
-        assert!(
-            decode_push("me", "c", format!("me:{at}\n{frame}").as_bytes())
-                .unwrap()
-                .is_none()
+            (&*push.epoch, push.offset, push.payload),
+            ("e1f2", 17, "{\"a\":\"é\"}")
         );
         let bad: &[&[u8]] = &[
             b"",
             b"no newline",
-            b"other\n{}",
-            b"other:x\n{}",
-            b"other:99\n{}",
-            b"other:1\n{\"a\":\"\xc3\xa9\"",
-            "other:3\n{\"é\"}".as_bytes(),
-            b"other:2\n\xff\xfe}",
-            b"\xff:0\n{}",
+            b"e1 x\n{}",
+            b"e1\n{}",
+            b"e1 0\n{}",
+            b"e 1 2\n{}",
+            b"e\"1 2\n{}",
+            b"e1 2\n",
+            b"e1 2\n\xff\xfe",
+            b"\xff 1\n{}",
+            b"e1 99999999999999999999999\n1",
         ];
         for message in bad {
-            assert!(decode_push("me", "c", message).is_err(), "{message:?}");
+            assert!(decode_push("c", message).is_err(), "{message:?}");
         }
-        assert!(decode_push("me", "bad channel", good.as_bytes()).is_err());
+        assert!(decode_push("bad channel", b"e 1\n1").is_err());
     }
 }

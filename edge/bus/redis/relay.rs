@@ -1,45 +1,133 @@
-//! This node's periodic writes to Redis: its pushes, published in order and pipelined, and its
-//! heartbeat (which also renews its live sockets' keys and advertises its `Handle` groups).
+//! This node's writes to Redis that keep time: its pushes, each one's script run in order and
+//! pipelined ([`PushJob`], the publisher task), and its heartbeat (which also renews its live
+//! sockets' keys and advertises its `Handle` groups).
 
 use std::sync::Arc;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{super::Bus, RedisBus, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, RELAY_BATCH};
-use crate::registry::{now_ms, ClusterFeed};
+use super::{super::Bus, RedisBus, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, PUSH_BATCH};
+use crate::{
+    error::Error,
+    protocol::{new_epoch, valid_epoch, Channel, Position},
+    registry::now_ms,
+};
+
+/// One push to one channel, for the publisher task.
+#[derive(Debug)]
+pub(super) struct PushJob {
+    pub(super) channel: Channel,
+    /// The checked JSON text.
+    pub(super) payload: Arc<str>,
+    /// The push's idempotency key, if any.
+    pub(super) key: Option<Box<str>>,
+    /// The position the push got, and whether it was a retry already taken.
+    pub(super) reply: oneshot::Sender<Result<(Position, bool), Error>>,
+}
 
 impl RedisBus {
-    /// Publishes this node's pushes, in order, pipelined.
-    pub(super) async fn relay(self: Arc<Self>, mut feed: ClusterFeed, halt: CancellationToken) {
-        let mut batch = Vec::with_capacity(RELAY_BATCH);
+    /// Runs the scripts of this node's pushes in the order they were submitted, up to
+    /// [`PUSH_BATCH`] in one pipeline, and answers each.
+    pub(super) async fn publish(
+        self: Arc<Self>,
+        mut jobs: mpsc::Receiver<PushJob>,
+        halt: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(PUSH_BATCH);
         loop {
             let n = tokio::select! {
-                n = feed.relay.recv_many(&mut batch, RELAY_BATCH) => n,
+                n = jobs.recv_many(&mut batch, PUSH_BATCH) => n,
                 _ = halt.cancelled() => return,
             };
             if n == 0 {
                 return;
             }
-            if self.readiness().is_err() {
-                self.registry.metrics().relay_dropped.inc_by(n as u64);
-                batch.clear();
+            if let Err(why) = self.readiness() {
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(Error::ClusterUnavailable(why.clone())));
+                }
                 continue;
             }
-            let mut pipe = redis::pipe();
-            for relay in batch.drain(..) {
-                let mut message = format!("{}:{}\n", self.node, relay.payload_at).into_bytes();
-                message.extend_from_slice(relay.frame.as_bytes());
-                pipe.cmd("PUBLISH")
-                    .arg(self.channel_topic(&relay.channel))
-                    .arg(message)
-                    .ignore();
-            }
-            let mut conn = self.conn.clone();
-            if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                self.registry.metrics().relay_dropped.inc_by(n as u64);
-                tracing::warn!(%err, pushes = n, "cross-node pushes dropped: Redis PUBLISH failed");
+            let results = self.run_pushes(&batch).await;
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
             }
         }
+    }
+
+    /// One pipeline: the push script for each job, in order.
+    async fn run_pushes(&self, batch: &[PushJob]) -> Vec<Result<(Position, bool), Error>> {
+        let limits = &self.limits;
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        // Loaded with each pipeline, so a Redis that restarted (and lost its script cache)
+        // never fails a batch with NOSCRIPT.
+        pipe.load_script(&self.scripts.push).ignore();
+        for job in batch {
+            let policy = limits.history_policy(&job.channel);
+            let meta = self.channel_key(&job.channel, "m");
+            let idempotency = match &job.key {
+                Some(key) => self.channel_key(&job.channel, &format!("i:{key}")),
+                None => meta.clone(),
+            };
+            let mut invocation = self.scripts.push.prepare_invoke();
+            invocation
+                .key(&meta)
+                .key(self.channel_key(&job.channel, "l"))
+                .key(idempotency)
+                .arg(&*new_epoch())
+                .arg(&*job.payload)
+                .arg(policy.size)
+                .arg(policy.ttl.as_millis() as u64)
+                .arg(limits.position_ttl.as_millis() as u64)
+                .arg(self.channel_topic(&job.channel))
+                .arg(now)
+                .arg(limits.idempotency_window.as_millis() as u64)
+                .arg(u8::from(job.key.is_some()));
+            pipe.invoke_script(&invocation);
+        }
+        pipe.ignore_errors();
+        let mut conn = self.conn.clone();
+        let results: Vec<redis::RedisResult<redis::Value>> = match pipe.query_async(&mut conn).await
+        {
+            Ok(results) => results,
+            Err(err) => {
+                let err = self.unavailable(&err);
+                return batch
+                    .iter()
+                    .map(|_| Err(Error::ClusterUnavailable(err.to_string())))
+                    .collect();
+            }
+        };
+        let mut results = results.into_iter();
+        batch
+            .iter()
+            .map(|_| {
+                let value = results
+                    .next()
+                    .ok_or_else(|| {
+                        Error::ClusterUnavailable("Redis answered too few pushes".into())
+                    })?
+                    .map_err(|e| self.unavailable(&e))?;
+                let (epoch, offset, duplicate): (String, u64, u8) = redis::from_redis_value(value)
+                    .map_err(|e| {
+                        Error::ClusterUnavailable(format!("unexpected push answer: {e}"))
+                    })?;
+                if !valid_epoch(&epoch) {
+                    return Err(Error::ClusterUnavailable(
+                        "Redis holds a malformed epoch".into(),
+                    ));
+                }
+                Ok((
+                    Position {
+                        epoch: epoch.into(),
+                        offset,
+                    },
+                    duplicate == 1,
+                ))
+            })
+            .collect()
     }
 
     /// Renews this node's heartbeat, and the keys of its live sockets.

@@ -9,7 +9,9 @@ redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
 return 1";
 
 /// KEYS: s, subs, nodes. ARGV: now, node, exp, grace, lease, live_ttl.
-/// Returns {'ok', channels...} or {'expired'|'in_use'|'ended'}.
+/// Returns {'ok', 'fresh'|'resumed', channels...} or {'expired'|'in_use'|'ended'|'unknown'}.
+/// An id with no state here was issued before Redis lost its data (issuing records every id):
+/// it is refused, so a Redis that comes back empty never reopens ended credentials.
 pub(super) const ATTACH: &str = r"
 local now = tonumber(ARGV[1]); local exp = tonumber(ARGV[3])
 local grace = tonumber(ARGV[4]); local lease = tonumber(ARGV[5])
@@ -24,11 +26,13 @@ elseif state == 'grace' then
   if now >= tonumber(s[3]) then return {'ended'} end
 else
   if now >= exp then return {'expired'} end
+  if not state then return {'unknown'} end
 end
 redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 local result = redis.call('SMEMBERS', KEYS[2])
+table.insert(result, 1, state == 'issued' and 'fresh' or 'resumed')
 table.insert(result, 1, 'ok')
 return result";
 
@@ -99,6 +103,89 @@ if #ARGV > 3 then
 end
 return 1";
 
+/// One push to one channel: gives it the channel's next offset (creating the channel's epoch
+/// when Redis has none), keeps it in the channel's log (capped, with a time to live), publishes
+/// it, and records its idempotency key, all at once; so every node sees one order, and a
+/// retried push with the same key is taken once.
+/// KEYS: meta, log, idempotency (the meta key again when there is no key).
+/// ARGV: candidate epoch, payload, history size, history ttl (ms), position ttl (ms), topic,
+/// now (ms), idempotency window (ms), has key (0/1).
+/// Returns {epoch, offset, duplicate (0/1)}.
+pub(super) const PUSH: &str = r"
+if ARGV[9] == '1' then
+  local prior = redis.call('GET', KEYS[3])
+  if prior then
+    local sp = string.find(prior, ' ', 1, true)
+    return {string.sub(prior, 1, sp - 1), tonumber(string.sub(prior, sp + 1)), 1}
+  end
+end
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
+  -- Pushes past their time to live leave first, a few per push, so the log keeps up.
+  local cut = nil
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 2)) do
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 't' and tonumber(f[i + 1]) + tonumber(ARGV[4]) <= tonumber(ARGV[7]) then
+        cut = tonumber(string.sub(e[1], 3))
+      end
+    end
+  end
+  if cut then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (cut + 1)) end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. offset, 't', ARGV[7], 'p', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. offset .. '\n' .. ARGV[2])
+if ARGV[9] == '1' then
+  redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ARGV[8])
+end
+return {epoch, offset, 0}";
+
+/// A channel's position and some of its log, read at once (so they agree): the position only,
+/// the pushes after an offset (oldest first), or before one (newest first; 0: from the newest).
+/// Creates the channel's epoch when Redis has none, so a position read here is the one later
+/// pushes continue.
+/// KEYS: meta, log. ARGV: candidate epoch, position ttl (ms), mode ('pos'|'after'|'before'),
+/// offset, count.
+/// Returns {epoch, last offset, then offset, time (ms), payload for each push}.
+pub(super) const READ: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local result = {epoch, tonumber(redis.call('HGET', KEYS[1], 'o'))}
+local entries = {}
+local count = tonumber(ARGV[5])
+if ARGV[3] == 'after' and count > 0 then
+  entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[4], '+', 'COUNT', count)
+elseif ARGV[3] == 'before' and count > 0 then
+  local from = '+'
+  if tonumber(ARGV[4]) > 0 then from = '(0-' .. ARGV[4] end
+  entries = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', count)
+end
+for _, e in ipairs(entries) do
+  local id = e[1]
+  local fields = e[2]
+  local t, p = '0', 'null'
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' then t = fields[i + 1] elseif fields[i] == 'p' then p = fields[i + 1] end
+  end
+  table.insert(result, tonumber(string.sub(id, 3)))
+  table.insert(result, tonumber(t))
+  table.insert(result, p)
+end
+return result";
+
 /// The scripts, loaded once per node (redis-rs sends `EVALSHA`, and the source on `NOSCRIPT`).
 #[derive(Debug)]
 pub(super) struct Scripts {
@@ -108,6 +195,8 @@ pub(super) struct Scripts {
     pub(super) subscribe: Script,
     pub(super) holder: Script,
     pub(super) restore: Script,
+    pub(super) push: Script,
+    pub(super) read: Script,
 }
 
 impl Scripts {
@@ -119,6 +208,8 @@ impl Scripts {
             subscribe: Script::new(SUBSCRIBE),
             holder: Script::new(HOLDER),
             restore: Script::new(RESTORE),
+            push: Script::new(PUSH),
+            read: Script::new(READ),
         }
     }
 }

@@ -1,0 +1,281 @@
+//! Reading channels' positions and logs from Redis ([`scripts::READ`](super::scripts::READ)):
+//! following channels before a socket or listener joins them (subscribed, position known, what
+//! recovery needs read), the catch-up task that brings channels the registry marked back in
+//! step, and `History` pages.
+
+use std::{collections::HashMap, sync::Arc};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisBus, BACKOFF_MAX, BACKOFF_MIN};
+use crate::{
+    bus::{HistoryQuery, Page},
+    error::Error,
+    protocol::{new_epoch, valid_epoch, Channel, Position},
+    registry::{now_ms, Fetched},
+};
+
+/// Most pushes one catch-up read takes; a channel further behind is read again.
+const CATCH_UP_BATCH: usize = 1000;
+/// Channels read in one pipeline.
+const READ_BATCH: usize = 256;
+
+/// What to read of one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Read {
+    /// Its position only.
+    Position,
+    /// Its position and up to `count` pushes after `offset`, oldest first.
+    After { offset: u64, count: usize },
+    /// Its position and up to `count` pushes before `offset` (0: the newest), newest first.
+    Before { offset: u64, count: usize },
+}
+
+impl RedisBus {
+    /// Makes this node follow `channels` before a socket or listener joins them: their states
+    /// exist here, this node is subscribed to them in Redis, and each one's position is known.
+    /// For channels in `since` whose history here does not reach back to that position, it
+    /// also reads the pushes after it; those reads are returned, for the registry's recovery.
+    pub(super) async fn follow(
+        &self,
+        channels: &[Channel],
+        since: Option<&HashMap<Channel, Position>>,
+    ) -> Result<HashMap<Channel, Fetched>, Error> {
+        self.registry.prepare(channels);
+        self.ensure_subscribed(channels).await?;
+        let max = self.limits.recovery_max;
+        let mut asks = Vec::new();
+        for channel in channels {
+            let first = self.registry.catch_up_from(channel) == Some(None);
+            let wanted = since
+                .and_then(|s| s.get(channel))
+                .filter(|position| !self.registry.covers(channel, position));
+            let read = match wanted {
+                Some(position) => Read::After {
+                    offset: position.offset,
+                    count: max + 1,
+                },
+                None if first => Read::Position,
+                None => continue,
+            };
+            asks.push((channel.clone(), first, wanted.is_some(), read));
+        }
+        let mut fetched = HashMap::new();
+        for chunk in asks.chunks(READ_BATCH) {
+            let reads: Vec<(&Channel, Read)> = chunk.iter().map(|(c, _, _, r)| (c, *r)).collect();
+            let results = self.read_many(&reads).await?;
+            for ((channel, first, wanted, _), read) in chunk.iter().zip(results) {
+                let read = read?;
+                if *first {
+                    self.registry.caught_up(channel, None, &read);
+                }
+                if *wanted {
+                    fetched.insert(channel.clone(), read);
+                }
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Brings the channels the registry marks back in step with Redis, until the node halts. A
+    /// read that fails marks its channels again after a back-off.
+    pub(super) async fn catch_up(self: Arc<Self>, halt: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let channels = tokio::select! {
+                channels = self.registry.behind_channels() => channels,
+                _ = halt.cancelled() => return,
+            };
+            let mut failed = false;
+            for chunk in channels.chunks(READ_BATCH) {
+                let asks: Vec<(Channel, Option<u64>)> = chunk
+                    .iter()
+                    .filter_map(|c| {
+                        self.registry
+                            .catch_up_from(c)
+                            .map(|after| (c.clone(), after))
+                    })
+                    .collect();
+                let reads: Vec<(&Channel, Read)> = asks
+                    .iter()
+                    .map(|(c, after)| {
+                        let read = match after {
+                            None => Read::Position,
+                            Some(offset) => Read::After {
+                                offset: *offset,
+                                count: CATCH_UP_BATCH,
+                            },
+                        };
+                        (c, read)
+                    })
+                    .collect();
+                match self.read_many(&reads).await {
+                    Ok(results) => {
+                        for ((channel, after), read) in asks.iter().zip(results) {
+                            match read {
+                                Ok(read) => self.registry.caught_up(channel, *after, &read),
+                                Err(err) => {
+                                    tracing::warn!(%channel, %err, "catching a channel up failed");
+                                    failed = true;
+                                    self.registry.want_catch_up(channel);
+                                }
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(%err, channels = asks.len(), "catching channels up failed; retrying");
+                        failed = true;
+                        for (channel, _) in &asks {
+                            self.registry.want_catch_up(channel);
+                        }
+                    }
+                }
+            }
+            if failed {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = halt.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
+        }
+    }
+
+    /// A `History` page, read from Redis.
+    pub(super) async fn read_history(
+        &self,
+        channel: &Channel,
+        query: &HistoryQuery,
+    ) -> Result<Page, Error> {
+        let read = match (query.limit, query.reverse) {
+            (0, _) => Read::Position,
+            (count, false) => Read::After {
+                offset: query.from.unwrap_or(0),
+                count,
+            },
+            (count, true) => Read::Before {
+                offset: query.from.unwrap_or(0),
+                count,
+            },
+        };
+        let fetched = self
+            .read_many(&[(channel, read)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::ClusterUnavailable("Redis answered no read".into())))?;
+        if query
+            .epoch
+            .as_deref()
+            .is_some_and(|e| *e != *fetched.position.epoch)
+        {
+            return Err(Error::EpochChanged {
+                position: fetched.position,
+            });
+        }
+        let ttl = self.limits.history_policy(channel).ttl.as_millis() as u64;
+        let now = now_ms();
+        let page = fetched
+            .entries
+            .into_iter()
+            .filter(|(_, at_ms, _)| at_ms.saturating_add(ttl) > now)
+            .map(|(offset, _, payload)| (offset, payload.to_string()))
+            .collect();
+        Ok((fetched.position, page))
+    }
+
+    /// Runs one read script per channel, pipelined. The outer error is Redis being out of
+    /// reach; an inner one, a channel whose answer did not make sense.
+    pub(super) async fn read_many(
+        &self,
+        reads: &[(&Channel, Read)],
+    ) -> Result<Vec<Result<Fetched, Error>>, Error> {
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let position_ttl = self.limits.position_ttl.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.scripts.read).ignore();
+        for (channel, read) in reads {
+            let (mode, offset, count) = match *read {
+                Read::Position => ("pos", 0, 0),
+                Read::After { offset, count } => ("after", offset, count),
+                Read::Before { offset, count } => ("before", offset, count),
+            };
+            let mut invocation = self.scripts.read.prepare_invoke();
+            invocation
+                .key(self.channel_key(channel, "m"))
+                .key(self.channel_key(channel, "l"))
+                .arg(&*new_epoch())
+                .arg(position_ttl)
+                .arg(mode)
+                .arg(offset)
+                .arg(count);
+            pipe.invoke_script(&invocation);
+        }
+        pipe.ignore_errors();
+        let mut conn = self.conn.clone();
+        let results: Vec<redis::RedisResult<redis::Value>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        let mut results = results.into_iter();
+        Ok(reads
+            .iter()
+            .map(|(_, read)| {
+                let value = results
+                    .next()
+                    .ok_or_else(|| {
+                        Error::ClusterUnavailable("Redis answered too few reads".into())
+                    })?
+                    .map_err(|e| self.unavailable(&e))?;
+                parse_read(value, *read)
+            })
+            .collect())
+    }
+}
+
+/// Parses a read script's answer: `{epoch, last, (offset, time, payload)...}`.
+fn parse_read(value: redis::Value, read: Read) -> Result<Fetched, Error> {
+    let bad =
+        |why: &str| Error::ClusterUnavailable(format!("unexpected read answer from Redis: {why}"));
+    let items: Vec<redis::Value> =
+        redis::from_redis_value(value).map_err(|e| bad(&e.to_string()))?;
+    let mut items = items.into_iter();
+    let epoch: String = items
+        .next()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .ok_or_else(|| bad("no epoch"))?;
+    if !valid_epoch(&epoch) {
+        return Err(bad("malformed epoch"));
+    }
+    let last: u64 = items
+        .next()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .ok_or_else(|| bad("no offset"))?;
+    let mut entries = Vec::new();
+    while let Some(offset) = items.next() {
+        let (Some(at), Some(payload)) = (items.next(), items.next()) else {
+            return Err(bad("a truncated entry"));
+        };
+        let offset: u64 = redis::from_redis_value(offset).map_err(|e| bad(&e.to_string()))?;
+        let at: u64 = redis::from_redis_value(at).map_err(|e| bad(&e.to_string()))?;
+        let payload: String = redis::from_redis_value(payload).map_err(|e| bad(&e.to_string()))?;
+        entries.push((offset, at, Arc::<str>::from(payload)));
+    }
+    let complete = match read {
+        Read::After { count, .. } => {
+            entries.len() < count || entries.last().is_some_and(|e| e.0 >= last)
+        }
+        _ => true,
+    };
+    Ok(Fetched {
+        position: Position {
+            epoch: epoch.into(),
+            offset: last,
+        },
+        entries,
+        complete,
+    })
+}
