@@ -1,5 +1,6 @@
 // channelgate browser client: one WebSocket to a channelgate edge, channel pushes, replies
-// matched to requests, `call-route`, reconnect within the grace period, keepalive.
+// matched to requests, `call-route`, reconnect within the grace period, keepalive, and
+// recovery of the pushes missed while away.
 //
 // A plain ES module with no dependencies and no build step. The edge serves it at
 // `/channelgate.js`; it also runs in Node 20+ (`--experimental-websocket`) and Node 22+.
@@ -24,8 +25,17 @@
 // the grace period since the last open socket has passed: the credentials are dead then, and
 // the client fires "expired" so the page can fetch new ones (usually by reloading).
 //
+// Recovery: the client remembers, per channel, the epoch and offset of the last push it saw
+// (in sessionStorage too, so a page refresh keeps them), and sends them when it connects. The
+// gateway then replays every push missed since, in order, before live ones, or says that it
+// cannot ("gap"): the page should then reload what it shows of that channel.
+//
 // Events (an EventTarget; `event.detail` carries the fields):
-//   "open"         {resumed}            the socket is open (resumed: after a reconnect)
+//   "open"         {resumed, recovered} the socket is open (resumed: the same credentials after
+//                                       a drop; recovered: every channel it asked to recover
+//                                       was, and it asked for at least one)
+//   "gap"          {channel, epoch, offset} pushes to `channel` before `offset + 1` were missed
+//                                       and cannot be replayed: reload that channel's state
 //   "close"        {code, reason}       the socket closed (a reconnect may follow)
 //   "reconnecting" {attempt, delay}     a reconnect is scheduled in `delay` ms
 //   "closed"       {code, reason}       closed for good by the application (1000, 4000-4099)
@@ -62,7 +72,11 @@ const DEFAULTS = Object.freeze({
   backoffInitial: 250, // ms, first reconnect delay ceiling
   backoffMax: 5_000, // ms, largest reconnect delay ceiling
   maxQueued: 256, // messages held while (re)connecting
+  recover: true, // ask the gateway to replay pushes missed while away
 });
+
+/** Where positions are kept across page loads (per gateway endpoint). */
+const STORAGE_PREFIX = "channelgate.positions:";
 
 /** A reply or a timeout for one request. */
 export class TimeoutError extends Error {
@@ -93,6 +107,9 @@ export class Channelgate extends EventTarget {
    * @param {number} [options.keepalive] ms between pings while idle (20 s; 0 = off)
    * @param {number} [options.backoffInitial] ms (250)
    * @param {number} [options.backoffMax] ms (5 s)
+   * @param {boolean} [options.recover] replay pushes missed while away (true)
+   * @param {Storage|null} [options.storage] where positions survive a page refresh
+   *   (default: sessionStorage when there is one; null: nowhere)
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket constructor (default: global)
    */
   constructor(options = {}) {
@@ -104,6 +121,13 @@ export class Channelgate extends EventTarget {
       throw new Error("channelgate: no connection id (body data-socket-connection-id)");
     }
     this.url = endpoint(options.url ?? body?.dataset.socketUrl, this.connectionId, options.socketKey);
+    this.storage = options.storage === undefined ? storage() : options.storage;
+    this.storageKey = STORAGE_PREFIX + this.url.split("?")[0];
+    this.positions = this.options.recover ? loadPositions(this.storage, this.storageKey) : new Map();
+    this.asked = new Map(); // what the current socket asked to recover
+    this.dirty = false;
+    this.saveTimer = null;
+    globalThis.addEventListener?.("pagehide", () => this.#save());
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.state = "idle"; // idle | connecting | open | reconnecting | closed | expired
     this.socket = null;
@@ -116,6 +140,7 @@ export class Channelgate extends EventTarget {
     this.opened = false;
     this.reconnectTimer = null;
     this.keepaliveTimer = null;
+    this.resumedSocket = false;
     this.lastReceived = 0;
   }
 
@@ -126,8 +151,9 @@ export class Channelgate extends EventTarget {
   }
 
   /**
-   * Calls `fn(payload, channel)` for every push to `channel` ("*" for every channel).
-   * Returns a function that removes the handler.
+   * Calls `fn(payload, channel, offset)` for every push to `channel` ("*" for every channel);
+   * `offset` is the push's place in the channel's stream (undefined for a `Send` to this one
+   * socket). Returns a function that removes the handler.
    */
   on(channel, fn) {
     let set = this.handlers.get(channel);
@@ -180,8 +206,13 @@ export class Channelgate extends EventTarget {
   #dial() {
     this.#setState(this.opened ? "reconnecting" : "connecting");
     let socket;
+    let url = this.url;
+    if (this.options.recover) {
+      this.asked = new Map(this.positions);
+      url += "&recover=" + encodeURIComponent(JSON.stringify(Object.fromEntries(this.asked)));
+    }
     try {
-      socket = new this.WebSocket(this.url);
+      socket = new this.WebSocket(url);
     } catch (err) {
       // A malformed URL, or a page not allowed to connect: nothing to retry.
       this.#stop("closed", CLOSE.ABNORMAL, String(err));
@@ -197,7 +228,10 @@ export class Channelgate extends EventTarget {
       this.#setState("open");
       for (const { frame } of this.queue.splice(0)) socket.send(frame);
       this.#armKeepalive();
-      this.#emit("open", { resumed });
+      // With recovery on, the gateway's first frame (`connected`) says what was recovered;
+      // "open" waits for it.
+      this.resumedSocket = resumed;
+      if (!this.options.recover) this.#emit("open", { resumed, recovered: false });
     };
     socket.onmessage = (event) => {
       this.lastReceived = Date.now();
@@ -223,11 +257,33 @@ export class Channelgate extends EventTarget {
       return; // the gateway only sends JSON; ignore anything else
     }
     if (message === null || typeof message !== "object") return;
+    if ("connected" in message) {
+      this.#connected(message.connected);
+      return;
+    }
     if ("channel" in message && !("status" in message)) {
-      for (const key of [message.channel, "*"]) {
+      const channel = message.channel;
+      if (!("payload" in message)) {
+        // A position: where a new subscription starts, or a gap.
+        this.#position(channel, message.epoch, message.offset);
+        if (message.recovered === false) {
+          this.#emit("gap", { channel, epoch: message.epoch, offset: message.offset });
+        }
+        return;
+      }
+      const offset = message.offset;
+      if (offset !== undefined) {
+        const known = this.positions.get(channel);
+        if (known && offset <= known.offset) return; // seen already
+        if (known) {
+          known.offset = offset;
+          this.#changed();
+        }
+      }
+      for (const key of [channel, "*"]) {
         for (const fn of this.handlers.get(key) ?? []) {
           try {
-            fn(message.payload, message.channel);
+            fn(message.payload, channel, offset);
           } catch (err) {
             queueMicrotask(() => {
               throw err; // report the handler's error without stopping delivery
@@ -249,6 +305,49 @@ export class Channelgate extends EventTarget {
         return;
       }
       this.#settle(message.id, reply, null);
+    }
+  }
+
+  // The socket's first frame: every channel it is subscribed to, where each continues from,
+  // and (for those it asked about) whether what it missed follows.
+  #connected({ channels = {} } = {}) {
+    this.positions = new Map();
+    let recovered = this.asked.size > 0;
+    const gaps = [];
+    for (const [channel, at] of Object.entries(channels)) {
+      this.positions.set(channel, { epoch: at.epoch, offset: at.offset });
+      if (at.recovered === false) {
+        recovered = false;
+        gaps.push({ channel, epoch: at.epoch, offset: at.offset });
+      }
+    }
+    this.#changed();
+    this.#emit("open", { resumed: this.resumedSocket, recovered });
+    for (const gap of gaps) this.#emit("gap", gap);
+  }
+
+  #position(channel, epoch, offset) {
+    if (typeof epoch !== "string" || typeof offset !== "number") return;
+    this.positions.set(channel, { epoch, offset });
+    this.#changed();
+  }
+
+  // Positions are saved at most once a second, and when the page goes away.
+  #changed() {
+    this.dirty = true;
+    if (!this.storage || this.saveTimer) return;
+    this.saveTimer = setTimeout(() => this.#save(), 1000);
+  }
+
+  #save() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = null;
+    if (!this.dirty || !this.storage) return;
+    this.dirty = false;
+    try {
+      this.storage.setItem(this.storageKey, JSON.stringify(Object.fromEntries(this.positions)));
+    } catch {
+      // Storage full or denied: recovery then covers reconnects, not page refreshes.
     }
   }
 
@@ -301,6 +400,7 @@ export class Channelgate extends EventTarget {
       this.#settle(id, null, new ConnectionError(`channelgate is ${state}`));
     }
     this.queue = [];
+    this.#save();
     this.#setState(state);
     if (state === "expired") this.#emit("expired", {});
     else this.#emit("closed", { code, reason });
@@ -347,6 +447,29 @@ export class Channelgate extends EventTarget {
 /** Creates a client and opens it: `connect()` in a page, `connect({...})` elsewhere. */
 export function connect(options) {
   return new Channelgate(options).open();
+}
+
+function storage() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null; // denied (sandboxed frames, privacy settings)
+  }
+}
+
+function loadPositions(store, key) {
+  const positions = new Map();
+  try {
+    const saved = JSON.parse(store?.getItem(key) ?? "{}");
+    for (const [channel, at] of Object.entries(saved ?? {})) {
+      if (typeof at?.epoch === "string" && Number.isSafeInteger(at?.offset)) {
+        positions.set(channel, { epoch: at.epoch, offset: at.offset });
+      }
+    }
+  } catch {
+    // Nothing usable saved: start without positions.
+  }
+  return positions;
 }
 
 function endpoint(base, connectionId, socketKey) {

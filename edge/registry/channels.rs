@@ -491,8 +491,18 @@ impl Registry {
                     self.gap(channel, state, read.position.clone());
                 }
                 Some(_) if after.is_none() => {}
-                Some(_) => {
+                Some(epoch) => {
                     for (offset, _, payload) in &read.entries {
+                        let next = state.history.last + 1;
+                        if *offset > next {
+                            // Redis no longer has what came before this one: say so, then go on
+                            // from here, so no more is lost than was.
+                            let position = Position {
+                                epoch: epoch.clone(),
+                                offset: offset - 1,
+                            };
+                            self.gap(channel, state, position);
+                        }
                         if *offset == state.history.last + 1 {
                             self.deliver(channel, state, *offset, payload);
                         }

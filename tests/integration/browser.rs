@@ -10,21 +10,19 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
     time::Duration,
 };
 
 use axum::{response::Html, routing::get, Router};
 use fantoccini::{Client, ClientBuilder, Locator};
-use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     chat_app::{self, ChatConfig},
-    support::{Gateway, PATIENCE},
+    support::{Gateway, Proxy, PATIENCE},
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -318,41 +316,5 @@ impl Drop for ChromeDriver {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A TCP proxy to `target` whose open connections `cut` closes (no WebSocket close frame: to
-/// both ends it looks like the network failed).
-struct Proxy {
-    addr: SocketAddr,
-    generation: Arc<Mutex<CancellationToken>>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let generation = Arc::new(Mutex::new(CancellationToken::new()));
-        let current = generation.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let cut = current.lock().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self { addr, generation }
-    }
-
-    fn cut(&self) {
-        let old = std::mem::replace(&mut *self.generation.lock(), CancellationToken::new());
-        old.cancel();
     }
 }

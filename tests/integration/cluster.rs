@@ -12,7 +12,7 @@ use crate::support::{connect_at, issue_at, spawn_binary, wait_until, Creds, Gate
 use channelgate::pb;
 
 pub const REDIS: &str = "redis://127.0.0.1:6379";
-const SECRET: &str = "cluster-test-secret-0123456789abcdef";
+pub const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 
 /// A key prefix of this test's own (and Redis made ready for it, see `setup::redis`).
 pub fn unique_prefix(name: &str) -> String {
@@ -228,13 +228,13 @@ async fn listen_on_one_node_hears_pushes_through_another() {
 }
 
 /// A private `redis-server` on a free port, stopped on drop.
-struct PrivateRedis {
-    port: u16,
+pub struct PrivateRedis {
+    pub port: u16,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
-    fn start_on(port: u16) -> Self {
+    pub fn start_on(port: u16) -> Self {
         crate::setup::redis();
         let child = Command::new("redis-server")
             .args([
@@ -266,7 +266,7 @@ impl PrivateRedis {
         redis
     }
 
-    fn start() -> Self {
+    pub fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -275,11 +275,11 @@ impl PrivateRedis {
         Self::start_on(port)
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -15,6 +15,7 @@ mod credentials;
 mod fanout;
 mod handle;
 mod handshake;
+mod history;
 mod js_client;
 mod messages;
 mod setup;

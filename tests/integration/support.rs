@@ -91,6 +91,26 @@ pub async fn connect_at(http: &str, creds: &Creds) -> Ws {
     Ws { ws }
 }
 
+/// Connects to the client plane at `http` with the `recover` parameter (see
+/// [`Gateway::connect_recovering`]); on refusal returns the HTTP status.
+pub async fn connect_recovering_at(http: &str, creds: &Creds, recover: &Value) -> Result<Ws, u16> {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("socket_connection_id", &creds.id)
+        .append_pair("socket_key", &creds.key)
+        .append_pair("recover", &recover.to_string())
+        .finish();
+    let request = format!("ws://{http}/ws?{query}")
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(Ws { ws }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(err) => panic!("handshake failed without an HTTP answer: {err}"),
+    }
+}
+
 pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -206,6 +226,18 @@ impl Gateway {
         );
         self.connect_request(url.into_client_request().unwrap())
             .await
+    }
+
+    /// Connects asking for positions and recovery: `recover` is the handshake's `recover`
+    /// parameter (`{}` for none yet), through the client plane at `via` (a proxy) or this
+    /// node's.
+    pub async fn connect_recovering(
+        &self,
+        creds: &Creds,
+        recover: &Value,
+        via: Option<SocketAddr>,
+    ) -> Result<Ws, u16> {
+        connect_recovering_at(&via.unwrap_or(self.http).to_string(), creds, recover).await
     }
 
     /// Runs a handshake; on refusal returns the HTTP status.
@@ -328,6 +360,25 @@ impl Ws {
             v["channel"].as_str().unwrap().to_owned(),
             v["payload"].clone(),
         )
+    }
+
+    /// The first frame of a socket that asked for positions: `{"connected":{..}}`'s inside.
+    pub async fn connected(&mut self) -> Value {
+        let v = self.recv_json().await;
+        assert!(
+            v.get("connected").is_some(),
+            "expected the connected frame, got {v}"
+        );
+        v["connected"].clone()
+    }
+
+    /// The next push: `(offset, payload)`; panics on anything else.
+    pub async fn recv_offset(&mut self) -> (u64, Value) {
+        let v = self.recv_json().await;
+        let offset = v["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("expected a push with an offset, got {v}"));
+        (offset, v["payload"].clone())
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -591,5 +642,41 @@ impl TestPki {
 impl Drop for TestPki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy to `target` whose open connections `cut` closes (no WebSocket close frame: to
+/// both ends it looks like the network failed).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    generation: std::sync::Arc<parking_lot::Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = std::sync::Arc::new(parking_lot::Mutex::new(CancellationToken::new()));
+        let current = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let cut = current.lock().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, generation }
+    }
+
+    pub fn cut(&self) {
+        let old = std::mem::replace(&mut *self.generation.lock(), CancellationToken::new());
+        old.cancel();
     }
 }

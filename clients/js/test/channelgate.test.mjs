@@ -114,6 +114,7 @@ async function issue(...channels) {
 async function proxy() {
   const sockets = new Set();
   let frozen = false;
+  let port;
   const server = createTcpServer((client) => {
     const [host, port] = edge.split(":");
     const upstream = tcpConnect(Number(port), host);
@@ -145,7 +146,42 @@ async function proxy() {
       server.close();
       this.cut();
     },
+    /** Cuts what is open and refuses new connections until `resume`. */
+    async pause() {
+      port = server.address().port;
+      server.close();
+      this.cut();
+    },
+    /** Accepts again, on the same port. */
+    async resume() {
+      server.listen(port, "127.0.0.1");
+      await once(server, "listening");
+    },
   };
+}
+
+/** Waits until `condition()` holds. */
+async function until(condition) {
+  const deadline = Date.now() + PATIENCE;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** A Storage in memory (Node has no sessionStorage). */
+function memoryStorage() {
+  const items = new Map();
+  return {
+    getItem: (key) => items.get(key) ?? null,
+    setItem: (key, value) => items.set(key, String(value)),
+    removeItem: (key) => items.delete(key),
+  };
+}
+
+/** Pushes `payloads` to `channel` in one PushStream-free loop of CLI calls. */
+async function pushAll(channel, payloads) {
+  for (const payload of payloads) await cli("push", channel, JSON.stringify(payload));
 }
 
 /** Resolves with the first `type` event's detail. */
@@ -319,4 +355,66 @@ test("close codes map to the documented plans", () => {
   assert.equal(closePlan(1011), "backoff");
   assert.equal(closePlan(4200), "now");
   assert.equal(closePlan(4299), "now");
+});
+
+test("a socket cut while pushes are made gets every push once, in order, then live ones", async () => {
+  const creds = await issue("room:recover");
+  const tcp = await proxy();
+  const gate = await open(creds, { url: tcp.url, backoffInitial: 50, backoffMax: 100, storage: null });
+  const got = [];
+  gate.on("room:recover", (payload, _channel, offset) => got.push([payload, offset]));
+  await pushAll("room:recover", [1, 2, 3]);
+  await until(() => got.length === 3);
+  await tcp.pause();
+  await next(gate, "close");
+  await pushAll("room:recover", [4, 5, 6, 7, 8, 9, 10]); // while the socket is away
+  const reopened = next(gate, "open");
+  await tcp.resume();
+  assert.deepEqual(await reopened, { resumed: true, recovered: true });
+  await pushAll("room:recover", [11]);
+  await until(() => got.length >= 11);
+  assert.deepEqual(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11].map((n) => [n, n]));
+  gate.close();
+  tcp.close();
+});
+
+test("a position from a lost epoch is a gap event, and open says recovered: false", async () => {
+  const creds = await issue("room:gap");
+  await pushAll("room:gap", [1, 2]);
+  const storage = memoryStorage();
+  const url = `ws://${edge}/ws`;
+  storage.setItem(`channelgate.positions:${url}`, JSON.stringify({ "room:gap": { epoch: "stale", offset: 9 } }));
+  const gate = connect({ url, connectionId: creds.connection_id, socketKey: creds.socket_key, storage });
+  const gap = next(gate, "gap");
+  assert.deepEqual(await next(gate, "open"), { resumed: false, recovered: false });
+  const detail = await gap;
+  assert.equal(detail.channel, "room:gap");
+  assert.equal(detail.offset, 2, "the channel's current position");
+  assert.notEqual(detail.epoch, "stale");
+  const payload = pushed(gate, "room:gap");
+  await pushAll("room:gap", [3]);
+  assert.equal(await payload, 3);
+  gate.close();
+});
+
+test("positions kept in storage let a new page's credentials recover what was missed", async () => {
+  const storage = memoryStorage();
+  const url = `ws://${edge}/ws`;
+  const first = await issue("room:refresh");
+  const page1 = connect({ url, connectionId: first.connection_id, socketKey: first.socket_key, storage });
+  await next(page1, "open");
+  const seen = [];
+  page1.on("room:refresh", (payload) => seen.push(payload));
+  await pushAll("room:refresh", [1, 2]);
+  await until(() => seen.length === 2);
+  page1.close(); // the page goes away (its positions are saved)
+  await pushAll("room:refresh", [3, 4, 5]); // while no page is open
+  const second = await issue("room:refresh"); // the reloaded page's new credentials
+  const page2 = connect({ url, connectionId: second.connection_id, socketKey: second.socket_key, storage });
+  const again = [];
+  page2.on("room:refresh", (payload) => again.push(payload));
+  assert.deepEqual(await next(page2, "open"), { resumed: false, recovered: true });
+  await until(() => again.length === 3);
+  assert.deepEqual(again, [3, 4, 5]);
+  page2.close();
 });
