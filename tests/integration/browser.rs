@@ -30,7 +30,7 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_works_in_a_real_browser() {
-    let out = output_dir();
+    let out = output_dir("chat");
 
     // The chat app's address comes first: the gateway needs it as upstream and allowed Origin.
     let chat_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -148,6 +148,124 @@ async fn chat_works_in_a_real_browser() {
     println!("screenshots in {}", out.display());
 }
 
+/// A page of the browser client that logs every push to `feed` (`window.got`: payloads in the
+/// order its handler saw them, `window.opens`: each `open` event's detail). Every load gets new
+/// credentials subscribed to `feed`, as an application's page route would mint them.
+async fn feed_site(gw: &Gateway, socket_url: String) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, edge) = (gw.client.clone(), gw.http);
+    let app = Router::new().route(
+        "/",
+        get(move || {
+            let (client, socket_url) = (client.clone(), socket_url.clone());
+            async move {
+                let creds = client.issue(None, &["feed"]).await.unwrap();
+                let page = format!(
+                    r#"<!doctype html><html><body data-socket-connection-id="{id}" data-socket-url="{socket_url}">
+<h1>feed</h1><pre id="log"></pre>
+<script type="module">
+import {{ connect }} from "http://{edge}/channelgate.js";
+window.got = []; window.opens = []; window.gaps = [];
+const gate = connect({{ backoffInitial: 100, backoffMax: 300 }});
+window.gate = gate;
+gate.on("feed", (payload, channel, offset) => {{
+  window.got.push(payload);
+  document.getElementById("log").textContent += `${{offset}}: ${{payload}}\n`;
+}});
+gate.addEventListener("open", (e) => window.opens.push(e.detail));
+gate.addEventListener("gap", (e) => window.gaps.push(e.detail));
+</script></body></html>"#,
+                    id = creds.connection_id,
+                );
+                let cookie = format!("socket_key={}; Path=/; SameSite=Lax", creds.socket_key);
+                ([(axum::http::header::SET_COOKIE, cookie)], Html(page))
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The page's `window.got` (payloads seen by its handler, in order) once it holds `n`.
+async fn feed_after(page: &Client, n: usize) -> Vec<u64> {
+    wait_js(page, &format!("return window.got?.length >= {n}")).await;
+    let got = page.execute("return window.got", vec![]).await.unwrap();
+    serde_json::from_value(got).unwrap()
+}
+
+/// Pushes `range` to `feed`, 5 ms apart.
+async fn push_feed(gw: &Gateway, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        gw.push("feed", &n.to_string()).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_gets_every_push_once_in_order_across_a_cut_and_a_refresh() {
+    let out = output_dir("recovery");
+    let gw = Gateway::start().await;
+    let proxy = Proxy::start(gw.http).await;
+    let site = feed_site(&gw, format!("ws://{}/ws", proxy.addr)).await;
+    let driver = ChromeDriver::start();
+    let page = driver.browser(&out.join("profile")).await;
+    page.goto(&format!("http://{site}/")).await.unwrap();
+    wait_js(&page, "return window.opens?.length === 1").await;
+
+    // Pushes flow; the connection is cut in the middle of them; the page reconnects on its own
+    // and recovers what it missed.
+    push_feed(&gw, 1..=20).await;
+    assert_eq!(feed_after(&page, 20).await, (1..=20).collect::<Vec<_>>());
+    let pushing = {
+        let client = gw.client.clone();
+        tokio::spawn(async move {
+            for n in 21..=60u64 {
+                client.push(&["feed"], &n.to_string()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.cut();
+    pushing.await.unwrap();
+    assert_eq!(
+        feed_after(&page, 60).await,
+        (1..=60).collect::<Vec<_>>(),
+        "every push once, in order"
+    );
+    let opens = page.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(
+        opens[1],
+        json!({"resumed": true, "recovered": true}),
+        "{opens}"
+    );
+    screenshot(&page, &out.join("after-cut.png")).await;
+
+    // The page goes away (its positions stay in sessionStorage), pushes go on, the page comes
+    // back with new credentials and resumes from where it was.
+    page.goto("about:blank").await.unwrap();
+    push_feed(&gw, 61..=75).await;
+    page.goto(&format!("http://{site}/")).await.unwrap();
+    assert_eq!(
+        feed_after(&page, 15).await,
+        (61..=75).collect::<Vec<_>>(),
+        "what it missed, from sessionStorage"
+    );
+    let opens = page.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(
+        opens[0],
+        json!({"resumed": false, "recovered": true}),
+        "{opens}"
+    );
+    push_feed(&gw, 76..=76).await;
+    assert_eq!(feed_after(&page, 16).await, (61..=76).collect::<Vec<_>>());
+    let gaps = page.execute("return window.gaps", vec![]).await.unwrap();
+    assert_eq!(gaps, json!([]));
+    screenshot(&page, &out.join("after-refresh.png")).await;
+    page.close().await.unwrap();
+}
+
 /// Types `text` into the page's box and presses Send, as a user would.
 async fn say(page: &Client, text: &str) {
     let input = page.find(Locator::Css("#text")).await.unwrap();
@@ -228,8 +346,10 @@ gate.addEventListener("state", (e) => (document.getElementById("state").textCont
     addr
 }
 
-fn output_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+fn output_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("browser")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
