@@ -95,7 +95,8 @@ pub enum Command {
         #[arg(required = true)]
         channels: Vec<String>,
     },
-    /// Push JSON to a channel (from the argument, or standard input when absent or `-`).
+    /// Push JSON to a channel (from the argument, or standard input when absent or `-`);
+    /// prints the sockets it was queued to here and the channel's new position.
     Push {
         #[command(flatten)]
         client: ClientArgs,
@@ -103,6 +104,25 @@ pub enum Command {
         channel: String,
         /// JSON text.
         json: Option<String>,
+        /// Idempotency key: a retry with the same key within the window is taken once.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Print a page of a channel's history as JSON: its position and the pushes.
+    History {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Channel name.
+        channel: String,
+        /// Pushes after this position (before it, with --reverse): EPOCH:OFFSET, or OFFSET.
+        #[arg(long)]
+        since: Option<String>,
+        /// Most pushes to print (at most 1000; 0: the position only).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Newest first.
+        #[arg(long)]
+        reverse: bool,
     },
     /// Send JSON to one connection, framed as a push on CHANNEL.
     Send {
@@ -128,14 +148,18 @@ pub enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Print every push to the channels as a JSON line `{"channel":..,"json":..}` until
-    /// interrupted.
+    /// Print every push to the channels as a JSON line
+    /// `{"channel":..,"json":..,"epoch":..,"offset":..}` until interrupted (a line with
+    /// `"gap":true` when pushes before its position cannot be replayed).
     Listen {
         #[command(flatten)]
         client: ClientArgs,
         /// Channel names.
         #[arg(required = true)]
         channels: Vec<String>,
+        /// Replay a channel from a position first: CHANNEL=EPOCH:OFFSET (repeatable).
+        #[arg(long = "since", value_name = "CHANNEL=EPOCH:OFFSET")]
+        since: Vec<String>,
     },
     /// Print the node's counts as JSON.
     Stats {
@@ -210,6 +234,15 @@ fn json_arg(json: Option<String>) -> Result<String, CliError> {
     }
 }
 
+/// A position argument: `EPOCH:OFFSET`, or `OFFSET` (no epoch check).
+fn position_arg(text: &str) -> Result<(String, u64), CliError> {
+    let (epoch, offset) = text.rsplit_once(':').unwrap_or(("", text));
+    let offset = offset
+        .parse()
+        .map_err(|_| CliError::Invalid(format!("position {text:?}: EPOCH:OFFSET or OFFSET")))?;
+    Ok((epoch.to_owned(), offset))
+}
+
 /// Runs one client subcommand; prints its result as JSON on standard output.
 pub async fn run(command: Command) -> Result<ExitCode, CliError> {
     let print = |value: serde_json::Value| println!("{value}");
@@ -268,10 +301,48 @@ pub async fn run(command: Command) -> Result<ExitCode, CliError> {
             client,
             channel,
             json,
+            key,
         } => {
             let json = json_arg(json)?;
-            let queued = client.connect().await?.push(&[channel], &json).await?;
-            print(serde_json::json!({ "queued": queued }));
+            let r = client
+                .connect()
+                .await?
+                .push_keyed(&[channel], &json, key.as_deref())
+                .await?;
+            let positions: serde_json::Map<String, serde_json::Value> = r
+                .positions
+                .iter()
+                .map(|p| {
+                    let at = serde_json::json!({ "epoch": p.epoch, "offset": p.offset });
+                    (p.channel.clone(), at)
+                })
+                .collect();
+            print(serde_json::json!({ "queued": r.queued, "positions": positions }));
+        }
+        Command::History {
+            client,
+            channel,
+            since,
+            limit,
+            reverse,
+        } => {
+            let since = since.as_deref().map(position_arg).transpose()?;
+            let r = client
+                .connect()
+                .await?
+                .history(
+                    &channel,
+                    since.as_ref().map(|(e, o)| (e.as_str(), *o)),
+                    limit,
+                    reverse,
+                )
+                .await?;
+            let pushes: Vec<serde_json::Value> = r
+                .publications
+                .iter()
+                .map(|p| serde_json::json!({ "offset": p.offset, "json": p.json }))
+                .collect();
+            print(serde_json::json!({ "epoch": r.epoch, "offset": r.offset, "pushes": pushes }));
         }
         Command::Send {
             client,
@@ -300,10 +371,37 @@ pub async fn run(command: Command) -> Result<ExitCode, CliError> {
                 .await?;
             print(serde_json::json!({ "closed": closed }));
         }
-        Command::Listen { client, channels } => {
-            let mut events = client.connect().await?.listen(&channels).await?;
+        Command::Listen {
+            client,
+            channels,
+            since,
+        } => {
+            let since = since
+                .iter()
+                .map(|arg| {
+                    let (channel, at) = arg.split_once('=').ok_or_else(|| {
+                        CliError::Invalid(format!("--since {arg:?}: CHANNEL=EPOCH:OFFSET"))
+                    })?;
+                    Ok((channel.to_owned(), position_arg(at)?))
+                })
+                .collect::<Result<_, CliError>>()?;
+            let mut events = client
+                .connect()
+                .await?
+                .listen_from(&channels, since)
+                .await?;
             while let Some(event) = events.message().await? {
-                print(serde_json::json!({ "channel": event.channel, "json": event.json }));
+                let mut line = serde_json::json!({
+                    "channel": event.channel,
+                    "json": event.json,
+                    "epoch": event.epoch,
+                    "offset": event.offset,
+                });
+                if event.gap {
+                    line["gap"] = true.into();
+                    line["json"] = serde_json::Value::Null;
+                }
+                print(line);
             }
         }
         Command::Stats {

@@ -68,15 +68,43 @@ async fn every_control_subcommand_works_as_a_process() {
     let (code, out) = cg(&gw, &["subscribe", &creds.digest, "news"], None).await;
     assert_eq!((code, json_line(&out)), (0, json!({"live": true})));
     let (code, out) = cg(&gw, &["push", "news", r#"{"a":1}"#], None).await;
-    assert_eq!((code, json_line(&out)), (0, json!({"queued": 1})));
+    let pushed = json_line(&out);
+    assert_eq!((code, &pushed["queued"]), (0, &json!(1)), "{pushed}");
+    assert_eq!(pushed["positions"]["news"]["offset"], 1, "{pushed}");
+    let epoch = pushed["positions"]["news"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(ws.recv_push().await, ("news".into(), json!({"a":1})));
+    // A retry with the same key is taken once.
+    for _ in 0..2 {
+        let (code, out) = cg(&gw, &["push", "news", "2", "--key", "k1"], None).await;
+        assert_eq!(
+            (code, &json_line(&out)["positions"]["news"]["offset"]),
+            (0, &json!(2))
+        );
+    }
+    assert_eq!(ws.recv_push().await.1, json!(2));
+    let (code, out) = cg(
+        &gw,
+        &["history", "news", "--since", &format!("{epoch}:1")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code, json_line(&out)),
+        (
+            0,
+            json!({"epoch": epoch, "offset": 2, "pushes": [{"offset": 2, "json": "2"}]})
+        )
+    );
     let (code, _) = cg(&gw, &["push", "news"], Some(r#"{"from":"stdin"}"#)).await;
     assert_eq!(code, 0);
     assert_eq!(ws.recv_push().await.1, json!({"from":"stdin"}));
     let (code, _) = cg(&gw, &["unsubscribe", &creds.digest, "news"], None).await;
     assert_eq!(code, 0);
     let (_, out) = cg(&gw, &["push", "news", "1"], None).await;
-    assert_eq!(json_line(&out), json!({"queued": 0}));
+    assert_eq!(json_line(&out)["queued"], 0);
 
     // send, stats, disconnect.
     let (code, out) = cg(&gw, &["send", &creds.digest, "direct", "\"hi\""], None).await;
@@ -149,9 +177,15 @@ async fn listen_prints_each_push_as_a_json_line() {
     })
     .await
     .unwrap();
+    let event = json_line(&line);
     assert_eq!(
-        json_line(&line),
-        json!({"channel":"alerts","json":r#"{"level":"high"}"#})
+        (&event["channel"], &event["json"]),
+        (&json!("alerts"), &json!(r#"{"level":"high"}"#)),
+        "{event}"
+    );
+    assert!(
+        event["offset"].as_u64().unwrap() >= 1 && event["epoch"].is_string(),
+        "{event}"
     );
 }
 
