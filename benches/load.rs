@@ -21,6 +21,11 @@
 //!   fast as the node accepts) over one `PushStream`, for `--duration` seconds. Reports
 //!   deliveries/s, latency percentiles, lost/duplicated/out-of-order counts, the node's CPU
 //!   time per delivery, and the generator's own CPU.
+//! * `recovery`: a recovery storm. N sockets (asking for positions) over `--channels` channels
+//!   drop at once; `--misses` pushes are made to each channel while they are away; then all
+//!   reconnect with the position they last saw. Reports the time until every socket has
+//!   received everything it missed (each checks it got offsets 1..=misses, once, in order),
+//!   the node's CPU for the storm, and lost/duplicated/out-of-order counts.
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
@@ -84,6 +89,9 @@ struct Args {
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
+    /// Pushes each channel gets while the sockets are away (`recovery`).
+    #[arg(long, default_value_t = 100)]
+    misses: u64,
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -265,6 +273,7 @@ async fn main() -> anyhow::Result<()> {
         "handle" => handle(&args).await,
         "push-latency" => push_latency(&args).await,
         "fanout" => fanout(&args).await,
+        "recovery" => recovery(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -806,6 +815,200 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "node_cpu_us_per_delivery": per_delivery, "node_cpu_us_per_handshake": per_handshake,
             "generator_cpu_pct": gen_cpu as f64 / 1e4 / secs,
+        })
+    );
+    Ok(())
+}
+
+/// The `recovery` scenario (see the module's documentation).
+async fn recovery(args: &Args) -> anyhow::Result<()> {
+    let mut control = ControlClient::connect(args.control.clone()).await?;
+    let channels: Vec<String> = (0..args.channels.max(1))
+        .map(|c| format!("storm-{c}"))
+        .collect();
+    let names = &channels;
+    // Connect, asking for positions; remember each socket's credentials and its channel's epoch.
+    type Connected = (usize, pb::IssueConnectionResponse, String, RawWs);
+    let connected: Vec<anyhow::Result<Connected>> = stream::iter(0..args.sockets)
+        .map(|i| {
+            let mut control = control.clone();
+            async move {
+                let c = i % names.len();
+                let creds = issue(&mut control, &names[c]).await?;
+                let path = format!("{}&recover=%7B%7D", ws_path(&creds));
+                let mut ws =
+                    RawWs::handshake(tcp_from(args, i).await?, &args.ws.to_string(), &path).await?;
+                let mut epoch = None;
+                while epoch.is_none() {
+                    let read = ws
+                        .read_until(|text| {
+                            let text = String::from_utf8_lossy(text);
+                            let v: serde_json::Value =
+                                serde_json::from_str(&text).unwrap_or_default();
+                            epoch = v["connected"]["channels"][&names[c]]["epoch"]
+                                .as_str()
+                                .map(str::to_owned);
+                            epoch.is_some()
+                        })
+                        .await?;
+                    if matches!(read, Read::Closed) {
+                        bail!("closed before the connected frame");
+                    }
+                }
+                Ok((c, creds, epoch.unwrap_or_default(), ws))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let failed = connected.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(err)) = connected.iter().find(|r| r.is_err()) {
+        eprintln!("first connect failure: {err:#}");
+    }
+    let (sockets, open): (Vec<_>, Vec<_>) = connected
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|(c, creds, epoch, ws)| ((c, creds, epoch), ws))
+        .unzip();
+    // All drop at once, without a close frame, as a network failure would do.
+    drop(open);
+    // Every socket is gone once the node counts none.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats = control
+            .stats(pb::StatsRequest::default())
+            .await?
+            .into_inner();
+        if stats.connections == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{} sockets still open after the drop", stats.connections);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The misses: pushed while nobody is connected.
+    let pad = "x".repeat(args.payload.saturating_sub(20));
+    let pushes: Vec<pb::PushRequest> = (1..=args.misses)
+        .flat_map(|n| channels.iter().map(move |c| (c.clone(), n)))
+        .map(|(channel, n)| pb::PushRequest {
+            channels: vec![channel],
+            json: format!(r#"{{"s":{n},"p":"{pad}"}}"#),
+            ..Default::default()
+        })
+        .collect();
+    control.push_stream(stream::iter(pushes)).await?;
+
+    // The storm: everybody reconnects with what it saw (offset 0) and reads until it has all.
+    let node_cpu_start = args.pid.map(cpu_us).transpose()?;
+    let started = Instant::now();
+    let misses = args.misses;
+    // Per socket: the last offset in a row, duplicates, out of order, recovered, done at (s).
+    type Outcome = (u64, u64, u64, bool, f64);
+    let results: Vec<anyhow::Result<Outcome>> = stream::iter(sockets.into_iter().enumerate())
+        .map(|(i, (c, creds, epoch))| {
+            let names = names.clone();
+            async move {
+                let recover = format!(r#"{{"{}":{{"epoch":"{epoch}","offset":0}}}}"#, names[c]);
+                let path = format!(
+                    "{}&recover={}",
+                    ws_path(&creds),
+                    form_urlencoded::byte_serialize(recover.as_bytes()).collect::<String>()
+                );
+                let mut ws =
+                    RawWs::handshake(tcp_from(args, i).await?, &args.ws.to_string(), &path).await?;
+                let (mut next, mut dup, mut reordered, mut recovered) = (1u64, 0u64, 0u64, false);
+                while next <= misses {
+                    let read = ws
+                        .read_until(|text| {
+                            if text.starts_with(b"{\"connected\"") {
+                                recovered = text.windows(16).any(|w| w == b"\"recovered\":true");
+                                return false;
+                            }
+                            let Some(offset) = field(text, b"\"offset\":") else {
+                                return false;
+                            };
+                            match offset.cmp(&next) {
+                                std::cmp::Ordering::Equal => next += 1,
+                                std::cmp::Ordering::Less => dup += 1,
+                                std::cmp::Ordering::Greater => {
+                                    reordered += 1;
+                                    next = offset + 1;
+                                }
+                            }
+                            next > misses
+                        })
+                        .await?;
+                    if matches!(read, Read::Closed) {
+                        break;
+                    }
+                }
+                Ok((
+                    next - 1,
+                    dup,
+                    reordered,
+                    recovered,
+                    started.elapsed().as_secs_f64(),
+                ))
+            }
+        })
+        .buffer_unordered(args.sockets.max(1))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    let node_cpu = match (node_cpu_start, args.pid.map(cpu_us).transpose()?) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let storm_failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
+        eprintln!("first reconnect failure: {err:#}");
+    }
+    let ok: Vec<_> = results.into_iter().filter_map(Result::ok).collect();
+    let received: u64 = ok.iter().map(|r| r.0).sum();
+    let lost = (ok.len() as u64 * misses).saturating_sub(received);
+    let dup: u64 = ok.iter().map(|r| r.1).sum();
+    let reordered: u64 = ok.iter().map(|r| r.2).sum();
+    let unrecovered = ok.iter().filter(|r| !r.3).count();
+    let mut done: Vec<f64> = ok.iter().map(|r| r.4).collect();
+    done.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        done.get(((done.len() as f64 * q) as usize).min(done.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "scenario recovery: {} sockets on {} channels, {} missed pushes each",
+        args.sockets,
+        channels.len(),
+        misses
+    );
+    println!(
+        "connected       {} ({} failed), then all dropped",
+        args.sockets - failed,
+        failed
+    );
+    println!(
+        "storm           every socket recovered in {:.2} s (p50 {:.2} s, p99 {:.2} s); {} reconnects failed, {} not recovered",
+        elapsed.as_secs_f64(), pct(0.5), pct(0.99), storm_failed, unrecovered
+    );
+    println!("replayed        {received} pushes; lost/dup/order {lost} / {dup} / {reordered}");
+    if let Some(cpu) = node_cpu {
+        println!(
+            "node CPU        {:.2} s for the storm ({:.1} us per socket, {:.2} us per replayed push)",
+            cpu as f64 / 1e6,
+            cpu as f64 / ok.len().max(1) as f64,
+            cpu as f64 / received.max(1) as f64
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "recovery", "sockets": args.sockets, "channels": channels.len(), "misses": misses,
+            "connected": args.sockets - failed, "reconnect_failed": storm_failed, "not_recovered": unrecovered,
+            "storm_seconds": elapsed.as_secs_f64(), "p50_seconds": pct(0.5), "p99_seconds": pct(0.99),
+            "replayed": received, "lost": lost, "duplicated": dup, "reordered": reordered,
+            "node_cpu_us": node_cpu,
         })
     );
     Ok(())

@@ -72,9 +72,22 @@ impl RawWs {
     /// Handles every complete frame already buffered, then reads once more (waiting for data).
     /// Text frames go to `on_text`; pings are answered.
     pub(crate) async fn read(&mut self, mut on_text: impl FnMut(&[u8])) -> anyhow::Result<Read> {
+        self.read_until(|text| {
+            on_text(text);
+            false
+        })
+        .await
+    }
+
+    /// As [`read`](Self::read), but returns as soon as `on_text` says it has what it waits for
+    /// (`true`), without waiting for more data.
+    pub(crate) async fn read_until(
+        &mut self,
+        mut on_text: impl FnMut(&[u8]) -> bool,
+    ) -> anyhow::Result<Read> {
         while let Some((opcode, range)) = self.next_frame().context("bad frame from the node")? {
             match opcode {
-                0x1 => on_text(&self.buf[range]),
+                0x1 if on_text(&self.buf[range.clone()]) => return Ok(Read::More),
                 0x8 => return Ok(Read::Closed),
                 0x9 => {
                     let payload = self.buf[range].to_vec();

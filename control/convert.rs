@@ -141,8 +141,8 @@ impl From<Pushed> for pb::PushResponse {
 pub(crate) struct StreamSummary {
     pub(crate) pushes: u64,
     queued: u64,
-    last: Vec<(Channel, Position)>,
-    index: HashMap<Channel, usize>,
+    /// One hash per push and channel: a fast hasher, since a stream may push to many channels.
+    last: foldhash::HashMap<Channel, Position>,
 }
 
 impl StreamSummary {
@@ -151,13 +151,7 @@ impl StreamSummary {
         self.pushes += 1;
         self.queued += pushed.queued;
         for (channel, position) in pushed.positions {
-            match self.index.get(&channel) {
-                Some(&i) => self.last[i].1 = position,
-                None => {
-                    self.index.insert(channel.clone(), self.last.len());
-                    self.last.push((channel, position));
-                }
-            }
+            self.last.insert(channel, position);
         }
     }
 }

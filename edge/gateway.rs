@@ -95,6 +95,9 @@ impl Gateway {
         if let Some(key) = key {
             check_idempotency_key(key)?;
         }
+        if let Some(done) = self.bus().push_now(channels, &json, key) {
+            return Ok(PushTicket::Ready(Some(done)));
+        }
         self.bus().submit(channels, &json, key).await
     }
 

@@ -7,7 +7,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Registry},
+    registry::{Conn, Ending, Listener, Pushed, Registry},
 };
 
 /// The bus of a node on its own.
@@ -64,7 +64,16 @@ impl Bus for Memory {
         key: Option<&str>,
     ) -> Result<PushTicket, Error> {
         let pushed = self.registry.push(channels, json, key)?;
-        Ok(Box::pin(std::future::ready(Ok(pushed))))
+        Ok(PushTicket::Ready(Some(Ok(pushed))))
+    }
+
+    fn push_now(
+        &self,
+        channels: &[Channel],
+        json: &Json,
+        key: Option<&str>,
+    ) -> Option<Result<Pushed, Error>> {
+        Some(self.registry.push(channels, json, key))
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {

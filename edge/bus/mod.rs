@@ -29,9 +29,39 @@ use crate::{
     registry::{Conn, Ending, Listener, Pushed, Refusal, Registry},
 };
 
-/// A submitted push: resolves to what it did.
-pub type PushTicket =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Pushed, Error>> + Send>>;
+/// A submitted push: resolves to what it did. A push that is done when submitted (one node)
+/// costs no allocation.
+pub enum PushTicket {
+    /// Done already.
+    Ready(Option<Result<Pushed, Error>>),
+    /// Waits for the bus (Redis answers each channel's script).
+    Pending(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Pushed, Error>> + Send>>),
+}
+
+impl fmt::Debug for PushTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ready(_) => f.write_str("PushTicket::Ready"),
+            Self::Pending(_) => f.write_str("PushTicket::Pending"),
+        }
+    }
+}
+
+impl std::future::Future for PushTicket {
+    type Output = Result<Pushed, Error>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Ready(done) => {
+                std::task::Poll::Ready(done.take().unwrap_or_else(|| Err(Error::ShuttingDown)))
+            }
+            Self::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
 
 /// A page of a channel's history: its position and the pushes asked for, `(offset, JSON)`.
 pub type Page = (Position, Vec<(u64, String)>);
@@ -100,6 +130,17 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
         json: &Json,
         key: Option<&str>,
     ) -> Result<PushTicket, Error>;
+
+    /// For a bus that pushes without waiting (one node): does [`Bus::submit`]'s work now and
+    /// returns its outcome; `None` for a bus that must wait (then call `submit`).
+    fn push_now(
+        &self,
+        _channels: &[Channel],
+        _json: &Json,
+        _key: Option<&str>,
+    ) -> Option<Result<Pushed, Error>> {
+        None
+    }
 
     /// A page of `channel`'s history.
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error>;

@@ -87,8 +87,9 @@ pub struct Fetched {
 pub struct Pushed {
     /// Sockets it was queued to here, summed over its channels.
     pub queued: u64,
-    /// Each channel's position after the push, in the order the channels were given.
-    pub positions: Vec<(Channel, Position)>,
+    /// Each channel's position after the push, in the order the channels were given (inline
+    /// for the usual one channel: no allocation per push).
+    pub positions: smallvec::SmallVec<[(Channel, Position); 1]>,
 }
 
 /// How a socket joins a channel.

@@ -328,3 +328,31 @@ async fn the_load_generator_measures_idle_sockets() {
     assert!(report["node_cpu_us_per_handshake"].is_number(), "{report}");
     assert!(report["rss_per_socket"].is_number(), "{report}");
 }
+
+/// The generator's recovery storm (issue 12's benchmark): tiny sizes, everything recovered.
+#[tokio::test]
+async fn the_load_generator_runs_a_recovery_storm() {
+    let gw = Gateway::start().await;
+    let report = run_generator(
+        &gw,
+        &[
+            "--scenario",
+            "recovery",
+            "--sockets",
+            "40",
+            "--channels",
+            "4",
+            "--misses",
+            "25",
+        ],
+    )
+    .await;
+    assert_eq!(report["connected"], 40, "{report}");
+    assert_eq!(report["reconnect_failed"], 0, "{report}");
+    assert_eq!(report["not_recovered"], 0, "{report}");
+    assert_eq!(report["replayed"], 40 * 25, "{report}");
+    assert_eq!(
+        (report["lost"].as_u64(), report["duplicated"].as_u64()),
+        (Some(0), Some(0))
+    );
+}

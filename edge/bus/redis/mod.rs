@@ -588,7 +588,7 @@ impl Bus for RedisBus {
             replies.push((channel.clone(), answer));
         }
         let registry = self.registry.clone();
-        Ok(Box::pin(async move {
+        Ok(PushTicket::Pending(Box::pin(async move {
             let mut pushed = crate::registry::Pushed::default();
             for (channel, answer) in replies {
                 let (position, duplicate) = answer.await.map_err(|_| Error::ShuttingDown)??;
@@ -601,7 +601,7 @@ impl Bus for RedisBus {
                 pushed.positions.push((channel, position));
             }
             Ok(pushed)
-        }))
+        })))
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {

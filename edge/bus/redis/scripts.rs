@@ -128,9 +128,12 @@ end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
-  -- Pushes past their time to live leave first, a few per push, so the log keeps up.
+  -- Pushes past their time to live leave: every 16th push looks at the oldest 32, so the log
+  -- keeps up at a fraction of a command per push.
   local cut = nil
-  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 2)) do
+  local oldest = {}
+  if offset % 16 == 0 then oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 32) end
+  for _, e in ipairs(oldest) do
     local f = e[2]
     for i = 1, #f, 2 do
       if f[i] == 't' and tonumber(f[i + 1]) + tonumber(ARGV[4]) <= tonumber(ARGV[7]) then
