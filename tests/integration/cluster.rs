@@ -216,11 +216,7 @@ async fn listen_on_one_node_hears_pushes_through_another() {
         .unwrap()
         .into_inner();
     a.push("events", r#"{"x":1}"#).await;
-    let e = tokio::time::timeout(PATIENCE, events.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let e = crate::support::next_event(&mut events).await;
     assert_eq!(
         (e.channel.as_str(), e.json.as_str()),
         ("events", r#"{"x":1}"#)

@@ -307,6 +307,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The next event of a `Listen` stream, failing the test after [`PATIENCE`].
+pub async fn next_event(events: &mut tonic::Streaming<pb::ListenEvent>) -> pb::ListenEvent {
+    tokio::time::timeout(PATIENCE, events.message())
+        .await
+        .expect("a Listen event in time")
+        .expect("the Listen stream is fine")
+        .expect("the Listen stream goes on")
+}
+
 /// Polls `condition` until it holds, failing the test after [`PATIENCE`].
 pub async fn wait_until<F, Fut>(mut condition: F)
 where

@@ -214,24 +214,11 @@ impl RedisBus {
                 .arg(count);
             pipe.invoke_script(&invocation);
         }
-        pipe.ignore_errors();
-        let mut conn = self.conn.clone();
-        let results: Vec<redis::RedisResult<redis::Value>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
-        let mut results = results.into_iter();
+        let answers = self.run_pipeline(pipe, reads.len()).await?;
         Ok(reads
             .iter()
-            .map(|(_, read)| {
-                let value = results
-                    .next()
-                    .ok_or_else(|| {
-                        Error::ClusterUnavailable("Redis answered too few reads".into())
-                    })?
-                    .map_err(|e| self.unavailable(&e))?;
-                parse_read(value, *read)
-            })
+            .zip(answers)
+            .map(|((_, read), answer)| parse_read(answer?, *read))
             .collect())
     }
 }

@@ -338,6 +338,32 @@ impl RedisBus {
         format!("{}:node:{node}", self.prefix)
     }
 
+    /// Runs a pipeline of `n` script invocations (with `ignore_errors`): one answer per
+    /// invocation; the outer error when Redis is out of reach.
+    async fn run_pipeline(
+        &self,
+        mut pipe: redis::Pipeline,
+        n: usize,
+    ) -> Result<Vec<Result<redis::Value, Error>>, Error> {
+        pipe.ignore_errors();
+        let mut conn = self.conn.clone();
+        let results: Vec<redis::RedisResult<redis::Value>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        let mut results = results.into_iter();
+        Ok((0..n)
+            .map(|_| {
+                results
+                    .next()
+                    .ok_or_else(|| {
+                        Error::ClusterUnavailable("Redis answered too few commands".into())
+                    })?
+                    .map_err(|e| self.unavailable(&e))
+            })
+            .collect())
+    }
+
     fn unavailable(&self, err: &redis::RedisError) -> Error {
         let reason = format!("Redis: {err}");
         tracing::warn!(%reason, "cluster call failed");

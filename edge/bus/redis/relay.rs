@@ -87,31 +87,24 @@ impl RedisBus {
                 .arg(u8::from(job.key.is_some()));
             pipe.invoke_script(&invocation);
         }
-        pipe.ignore_errors();
-        let mut conn = self.conn.clone();
-        let results: Vec<redis::RedisResult<redis::Value>> = match pipe.query_async(&mut conn).await
-        {
-            Ok(results) => results,
+        let answers = match self.run_pipeline(pipe, batch.len()).await {
+            Ok(answers) => answers,
             Err(err) => {
-                let err = self.unavailable(&err);
+                let reason = match err {
+                    Error::ClusterUnavailable(reason) => reason,
+                    other => other.to_string(),
+                };
                 return batch
                     .iter()
-                    .map(|_| Err(Error::ClusterUnavailable(err.to_string())))
+                    .map(|_| Err(Error::ClusterUnavailable(reason.clone())))
                     .collect();
             }
         };
-        let mut results = results.into_iter();
-        batch
-            .iter()
-            .map(|_| {
-                let value = results
-                    .next()
-                    .ok_or_else(|| {
-                        Error::ClusterUnavailable("Redis answered too few pushes".into())
-                    })?
-                    .map_err(|e| self.unavailable(&e))?;
-                let (epoch, offset, duplicate): (String, u64, u8) = redis::from_redis_value(value)
-                    .map_err(|e| {
+        answers
+            .into_iter()
+            .map(|answer| {
+                let (epoch, offset, duplicate): (String, u64, u8) =
+                    redis::from_redis_value(answer?).map_err(|e| {
                         Error::ClusterUnavailable(format!("unexpected push answer: {e}"))
                     })?;
                 if !valid_epoch(&epoch) {
