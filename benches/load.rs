@@ -21,6 +21,9 @@
 //!   fast as the node accepts) over one `PushStream`, for `--duration` seconds. Reports
 //!   deliveries/s, latency percentiles, lost/duplicated/out-of-order counts, the node's CPU
 //!   time per delivery, and the generator's own CPU.
+//! * `calls`: unary control calls (`IssueConnection` then `Subscribe`, as a page render does)
+//!   with `--in-flight` of them at once over `--connections` HTTP/2 connections, `--requests`
+//!   in all. Reports calls/s, failures by gRPC status, and the node's CPU per call.
 //! * `recovery`: a recovery storm. N sockets (asking for positions) over `--channels` channels
 //!   drop at once; `--misses` pushes are made to each channel while they are away; then all
 //!   reconnect with the position they last saw. Reports the time until every socket has
@@ -89,6 +92,12 @@ struct Args {
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
+    /// Calls in flight at once (`calls`).
+    #[arg(long, default_value_t = 500)]
+    in_flight: usize,
+    /// HTTP/2 connections to the control plane (`calls`).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Pushes each channel gets while the sockets are away (`recovery`).
     #[arg(long, default_value_t = 100)]
     misses: u64,
@@ -274,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
         "push-latency" => push_latency(&args).await,
         "fanout" => fanout(&args).await,
         "recovery" => recovery(&args).await,
+        "calls" => calls(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -815,6 +825,74 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "node_cpu_us_per_delivery": per_delivery, "node_cpu_us_per_handshake": per_handshake,
             "generator_cpu_pct": gen_cpu as f64 / 1e4 / secs,
+        })
+    );
+    Ok(())
+}
+
+/// The `calls` scenario (see the module's documentation).
+async fn calls(args: &Args) -> anyhow::Result<()> {
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(ControlClient::connect(args.control.clone()).await?);
+    }
+    let node_cpu_start = args.pid.map(cpu_us).transpose()?;
+    let started = Instant::now();
+    let clients = &clients;
+    let outcomes: Vec<Result<(), tonic::Code>> = stream::iter(0..args.requests)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            async move {
+                let creds = issue(&mut client, "calls").await.map_err(|e| {
+                    e.downcast_ref::<tonic::Status>()
+                        .map_or(tonic::Code::Unknown, tonic::Status::code)
+                })?;
+                client
+                    .subscribe(pb::SubscribeRequest {
+                        digest: creds.digest,
+                        channels: vec!["calls-more".into()],
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|status| status.code())
+            }
+        })
+        .buffer_unordered(args.in_flight.max(1))
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let node_cpu = match (node_cpu_start, args.pid.map(cpu_us).transpose()?) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
+    for code in outcomes.iter().filter_map(|o| o.err()) {
+        *failures.entry(format!("{code:?}")).or_default() += 1;
+    }
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    // Two calls per request (IssueConnection, Subscribe).
+    let calls = 2 * args.requests;
+    println!(
+        "scenario calls: {} requests (IssueConnection + Subscribe), {} in flight over {} connection(s)",
+        args.requests, args.in_flight, args.connections
+    );
+    println!(
+        "done            {ok} ok in {elapsed:.2} s ({:.0} calls/s); failures {failures:?}",
+        calls as f64 / elapsed
+    );
+    if let Some(cpu) = node_cpu {
+        println!(
+            "node CPU        {:.1} us per call",
+            cpu as f64 / calls as f64
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "calls", "requests": args.requests, "in_flight": args.in_flight,
+            "connections": args.connections, "ok": ok, "failures": failures,
+            "calls_per_s": calls as f64 / elapsed,
+            "node_cpu_us_per_call": node_cpu.map(|c| c as f64 / calls as f64),
         })
     );
     Ok(())

@@ -273,6 +273,11 @@ where
         return Err(Refusal::HandshakeRate);
     }
     let headers = req.headers();
+    // RFC 6455 4.1: the opening handshake is an HTTP/1.1 (or later) GET.
+    if req.version() < http::Version::HTTP_11 {
+        tracing::debug!(%peer, version = ?req.version(), "handshake refused: WebSocket needs HTTP/1.1");
+        return Err(Refusal::NotUpgrade);
+    }
     let accept_key = websocket_accept_key(req.method(), headers).ok_or(Refusal::NotUpgrade)?;
     if !origin_allowed(headers, &edge.config.allowed_origins) {
         tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");

@@ -472,3 +472,50 @@ async fn the_typed_client_drives_a_node() {
     assert!(client.disconnect(&creds.digest, 4001, "bye").await.unwrap());
     assert_eq!(code(&ws.expect_close().await), 4001);
 }
+
+/// A page-render burst: many `IssueConnection` + `Subscribe` calls in flight at once over one
+/// HTTP/2 connection, and over sixteen. Every call succeeds.
+async fn burst(gw: &Gateway, connections: usize, in_flight: usize) {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(
+            channelgate::client::Client::connect(format!("http://{}", gw.grpc))
+                .await
+                .unwrap(),
+        );
+    }
+    // Each call its own task, as in a server rendering pages on many threads.
+    let calls: Vec<_> = (0..in_flight)
+        .map(|i| {
+            let client = clients[i % connections].clone();
+            tokio::spawn(async move {
+                let creds = client.issue(None, &[] as &[&str]).await?;
+                client.subscribe(&creds.digest, &["burst"]).await
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("the call's task"))
+        .collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {in_flight} calls failed over {connections} connection(s), e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_calls_in_flight_over_one_connection_all_succeed() {
+    let gw = Gateway::start().await;
+    burst(&gw, 1, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_calls_in_flight_over_sixteen_connections_all_succeed() {
+    let gw = Gateway::start().await;
+    burst(&gw, 16, 1000).await;
+}

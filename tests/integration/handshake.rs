@@ -270,3 +270,26 @@ async fn an_address_over_its_handshake_rate_gets_429() {
         1.0
     );
 }
+
+/// RFC 6455 needs HTTP/1.1: an upgrade over HTTP/1.0 gets 400 (counted as not an upgrade), not a
+/// `101` followed by a dead socket.
+#[tokio::test]
+async fn an_upgrade_over_http_1_0_is_refused_with_400() {
+    let gw = Gateway::start().await;
+    let creds = gw.issue().await;
+    let request = format!(
+        "GET /ws?socket_connection_id={}&socket_key={} HTTP/1.0\r\nHost: x\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        creds.id, creds.key
+    );
+    let answer = gw.raw_http(&request).await;
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+    let (_, metrics) = gw.http_get("/metrics", &[]).await;
+    assert!(
+        metrics.contains(r#"channelgate_handshakes_total{result="not_upgrade"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"result="accepted""#), "{metrics}");
+    // The credentials were not spent: the same id connects over HTTP/1.1.
+    gw.connect(&creds).await;
+}

@@ -257,6 +257,17 @@ impl Gateway {
         }
     }
 
+    /// Sends `request` as it is to the client plane and returns everything the node answers
+    /// until it closes the connection (or PATIENCE).
+    pub async fn raw_http(&self, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.http).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await;
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
     /// Sends a raw HTTP/1.1 request to the client plane; returns the status and body.
     pub async fn http_get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
