@@ -198,6 +198,12 @@ async fn finish<S>(
                 reason: close.reason().into(),
             };
             let _ = timeout(CLOSE_TIMEOUT, async {
+                // What was queued before the close goes out first (replies to the messages
+                // accepted before a flood, say); the outbox is closed, so the writer stops
+                // once it is empty, and a peer that does not read is given up on.
+                if !matches!(write_loop(&mut sink, conn, edge).await, End::Closing(_)) {
+                    return;
+                }
                 if sink.send(Message::Close(Some(frame))).await.is_ok() {
                     // Wait for the client's close frame (or its end of the stream).
                     while let Some(Ok(_)) = stream.next().await {}

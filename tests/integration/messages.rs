@@ -166,3 +166,72 @@ async fn a_socket_over_its_message_rate_gets_429_then_1008_and_others_do_not_not
     assert_eq!(gw.push("room", "1").await, 1);
     assert_eq!(calm.recv_push().await.1, 1);
 }
+
+/// A close the node decides (a flood, a message too large) comes after every frame queued
+/// before it: the replies to the messages it accepted reach the client first.
+#[tokio::test]
+async fn replies_queued_before_a_policy_close_are_written_before_it() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.message_rate = 1;
+        c.limits.message_burst = 10;
+    })
+    .await;
+    let (_, mut ws) = gw.subscriber(&[]).await;
+    // Sent together: the node reads them all before its writer runs.
+    use futures_util::SinkExt;
+    let frames: Vec<_> = (0..40)
+        .map(|id| {
+            Ok(tokio_tungstenite::tungstenite::Message::text(
+                json!({"action":"ping","id":id}).to_string(),
+            ))
+        })
+        .collect();
+    ws.ws
+        .send_all(&mut futures_util::stream::iter(frames))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    let close = loop {
+        match ws.next_message().await {
+            Some(tokio_tungstenite::tungstenite::Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                statuses.push((v["id"].as_u64().unwrap(), v["status"].as_u64().unwrap()));
+            }
+            Some(tokio_tungstenite::tungstenite::Message::Close(frame)) => break frame.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code(&close), 1008);
+    let pongs: Vec<_> = statuses
+        .iter()
+        .filter(|(_, s)| *s == 200)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        pongs,
+        (0..10).collect::<Vec<_>>(),
+        "every accepted message's reply: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().skip(10).all(|(_, s)| *s == 429),
+        "{statuses:?}"
+    );
+
+    // Too large: the pong queued before it arrives, then 1008.
+    let gw = Gateway::start_with(|c| c.limits.max_message_size = 1024).await;
+    let (_, mut ws) = gw.subscriber(&[]).await;
+    let frames = vec![
+        Ok(tokio_tungstenite::tungstenite::Message::text(
+            json!({"action":"ping","id":1}).to_string(),
+        )),
+        Ok(tokio_tungstenite::tungstenite::Message::text(
+            "x".repeat(4096),
+        )),
+    ];
+    ws.ws
+        .send_all(&mut futures_util::stream::iter(frames))
+        .await
+        .unwrap();
+    assert_eq!(ws.recv_json().await["status"], 200);
+    assert_eq!(code(&ws.expect_close().await), 1008);
+}
