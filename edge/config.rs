@@ -382,6 +382,12 @@ settings! {
         idle_timeout: Duration = "60s" [dur] "CHANNELGATE_IDLE_TIMEOUT" "DURATION";
         /// Time a client has to complete the HTTP upgrade.
         handshake_timeout: Duration = "10s" [dur] "CHANNELGATE_HANDSHAKE_TIMEOUT" "DURATION";
+        /// Most connections in their HTTP phase (accepted, not yet upgraded or done) on this
+        /// node; past it, /healthz, /readyz and /metrics are still answered, upgrades get 503.
+        max_pending_handshakes: usize = "4096" [count] "CHANNELGATE_MAX_PENDING_HANDSHAKES" "N";
+        /// Most connections in their HTTP phase from one client address, counted from accept;
+        /// more are closed at once. 0: no limit.
+        max_pending_per_ip: usize = "64" [count] "CHANNELGATE_MAX_PENDING_PER_IP" "N";
         /// Most live WebSockets on this node; further handshakes get 503.
         max_connections: usize = "100000" [count] "CHANNELGATE_MAX_CONNECTIONS" "N";
         /// Time to live of issued credentials (their first use must come before).
@@ -575,8 +581,15 @@ impl Config {
         if l.max_push_size + 512 > l.outbound_queue {
             return invalid("outbound-queue must exceed max-push-size by at least 512 bytes");
         }
-        if l.max_message_size == 0 || l.max_connections == 0 || l.max_inflight == 0 {
-            return invalid("max-message-size, max-connections and max-inflight must be positive");
+        if l.max_message_size == 0
+            || l.max_connections == 0
+            || l.max_inflight == 0
+            || l.max_pending_handshakes == 0
+        {
+            return invalid(
+                "max-message-size, max-connections, max-inflight and max-pending-handshakes \
+                 must be positive",
+            );
         }
         if l.ping_interval.is_zero() || l.ping_interval >= l.idle_timeout {
             return invalid("ping-interval must be positive and shorter than idle-timeout");

@@ -15,33 +15,39 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
 use crate::{
-    bus::AttachError, conn, handlers::Socket, node::Edge, protocol::Recover, registry::Ending,
+    bus::AttachError,
+    conn,
+    handlers::Socket,
+    node::{Edge, IpSlot, Pending},
+    protocol::Recover,
+    registry::Ending,
 };
 
 type Body = Full<Bytes>;
 
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
-pub(crate) async fn serve_http<S>(
-    stream: S,
-    peer: SocketAddr,
-    edge: Arc<Edge>,
-    permit: OwnedSemaphorePermit,
-) where
+pub(crate) async fn serve_http<S>(stream: S, peer: SocketAddr, edge: Arc<Edge>, pending: Pending)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(stream);
+    let spare = pending.spare();
     let service = service_fn(|req| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(route::<S>(req, peer, &edge).await) }
+        async move { Ok::<_, Infallible>(route::<S>(req, peer, &edge, spare).await) }
     });
+    let header_timeout = if spare {
+        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
+    } else {
+        edge.config.limits.handshake_timeout
+    };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(edge.config.limits.handshake_timeout)
+        .header_read_timeout(header_timeout)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::select! {
@@ -52,17 +58,27 @@ pub(crate) async fn serve_http<S>(
         }
         _ = edge.halt.cancelled() => {}
     }
-    drop(permit);
+    drop(pending);
 }
 
-/// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped.
-async fn route<S>(req: Request<Incoming>, peer: SocketAddr, edge: &Arc<Edge>) -> Response<Body>
+/// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
+/// spare lane (`spare`: every handshake permit was taken) upgrades get 503.
+async fn route<S>(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    edge: &Arc<Edge>,
+    spare: bool,
+) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let path = req.uri().path();
     if path == edge.config.ws_path {
         let handshakes = &edge.registry.metrics().handshakes;
+        if spare {
+            handshakes.with_label_values(&["pending_full"]).inc();
+            return Refusal::Unavailable.response();
+        }
         return match upgrade::<S>(req, peer, edge).await {
             Ok(response) => {
                 handshakes.with_label_values(&["accepted"]).inc();
@@ -145,6 +161,14 @@ fn metrics(edge: &Edge) -> Response<Body> {
     metrics.connections.set(stats.connections as i64);
     metrics.channels.set(stats.channels as i64);
     metrics.sessions.set(stats.sessions as i64);
+    let pending = edge
+        .config
+        .limits
+        .max_pending_handshakes
+        .saturating_sub(edge.handshake_permits.available_permits());
+    metrics
+        .pending_handshakes
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
     metrics
         .history_bytes
         .set(i64::try_from(edge.registry.history_bytes()).unwrap_or(i64::MAX));
@@ -317,7 +341,8 @@ where
         tracing::warn!(%peer, "handshake refused: max-connections reached");
         Refusal::Unavailable
     })?;
-    let ip_slot = IpSlot::take(edge, peer.ip()).ok_or_else(|| {
+    let limit = edge.config.limits.max_connections_per_ip;
+    let ip_slot = IpSlot::take(edge, peer.ip(), limit, |edge| &edge.per_ip).ok_or_else(|| {
         tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
         Refusal::TooManyFromIp
     })?;
@@ -424,46 +449,6 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
                 .iter()
                 .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
         }),
-    }
-}
-
-/// One socket's share of its address's `max_connections_per_ip`; released on drop.
-struct IpSlot {
-    edge: Arc<Edge>,
-    ip: std::net::IpAddr,
-}
-
-impl IpSlot {
-    /// Takes a slot for `ip`, or `None` when the address is at its limit (0: no limit).
-    fn take(edge: &Arc<Edge>, ip: std::net::IpAddr) -> Option<Self> {
-        let max = edge.config.limits.max_connections_per_ip;
-        if max == 0 {
-            return Some(Self {
-                edge: edge.clone(),
-                ip,
-            });
-        }
-        let mut count = edge.per_ip.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            edge: edge.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        if self.edge.config.limits.max_connections_per_ip == 0 {
-            return;
-        }
-        if let Some(mut count) = self.edge.per_ip.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-        }
-        self.edge.per_ip.remove_if(&self.ip, |_, count| *count == 0);
     }
 }
 

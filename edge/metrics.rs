@@ -32,6 +32,8 @@ pub struct Metrics {
     pub bus_malformed: IntCounter,
     /// WebSocket handshakes by result (`accepted`, or the refusal reason).
     pub handshakes: IntCounterVec,
+    /// Client-plane connections closed at accept, by reason (`pending_per_ip`, `pending_full`).
+    pub refused_connections: IntCounterVec,
     /// Client messages received.
     pub messages_in: IntCounter,
     /// Replies to client messages, by status.
@@ -44,6 +46,8 @@ pub struct Metrics {
     pub handle_seconds: Histogram,
     /// Live sockets (set at scrape time).
     pub connections: IntGauge,
+    /// Connections in their HTTP phase holding a handshake permit (set at scrape time).
+    pub pending_handshakes: IntGauge,
     /// Channels with a live subscriber (set at scrape time).
     pub channels: IntGauge,
     /// Credentials known to this node (set at scrape time).
@@ -141,6 +145,11 @@ impl Metrics {
                 "WebSocket handshakes by result.",
                 "result",
             ),
+            refused_connections: counter_vec(
+                "channelgate_refused_connections_total",
+                "Client-plane connections closed at accept, by reason.",
+                "reason",
+            ),
             messages_in: counter("channelgate_messages_in_total", "Client messages received."),
             replies: counter_vec(
                 "channelgate_replies_total",
@@ -161,6 +170,10 @@ impl Metrics {
                 "Handle round trips, client message to reply.",
             ),
             connections: gauge("channelgate_connections", "Live sockets."),
+            pending_handshakes: gauge(
+                "channelgate_pending_handshakes",
+                "Connections in their HTTP phase holding a handshake permit.",
+            ),
             channels: gauge("channelgate_channels", "Channels with a live subscriber."),
             sessions: gauge("channelgate_sessions", "Credentials known to this node."),
             bus_ready: gauge(

@@ -7,7 +7,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use dashmap::DashMap;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -21,9 +21,11 @@ use crate::{
     tls::Tls,
 };
 
-/// Most connections between `accept()` and the WebSocket upgrade (or the end of a plain
-/// HTTP exchange such as `/healthz`).
-pub(crate) const MAX_PENDING_HANDSHAKES: usize = 4096;
+/// Connections served when every handshake permit is taken: `/healthz`, `/readyz` and
+/// `/metrics` are answered, upgrades get 503, and headers must come within [`SPARE_HEADER_TIMEOUT`].
+pub(crate) const SPARE_PERMITS: usize = 64;
+/// How long a connection of the spare lane may take to send its request head.
+pub(crate) const SPARE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Read buffer of a WebSocket, in bytes: small, because most sockets receive little.
 const READ_BUFFER_BYTES: usize = 256;
@@ -54,8 +56,13 @@ pub(crate) struct Edge {
     /// One permit per live WebSocket (`max_connections`); released when the socket's task ends,
     /// so the drain knows when every socket is gone.
     pub(crate) ws_permits: Arc<Semaphore>,
-    /// One permit per connection still in its HTTP phase (see [`MAX_PENDING_HANDSHAKES`]).
+    /// One permit per connection still in its HTTP phase (`max_pending_handshakes`), taken at
+    /// accept and given back when the upgrade is done or the connection ends.
     pub(crate) handshake_permits: Arc<Semaphore>,
+    /// The spare lane, for probes while `handshake_permits` are all taken ([`SPARE_PERMITS`]).
+    pub(crate) spare_permits: Arc<Semaphore>,
+    /// Connections in their HTTP phase per client address (only with `max_pending_per_ip`).
+    pub(crate) pending_per_ip: DashMap<IpAddr, usize>,
     /// Handshake rate per client address (only with `handshake_rate_per_ip`); idle entries
     /// are swept.
     pub(crate) handshake_buckets: DashMap<IpAddr, TokenBucket>,
@@ -124,7 +131,9 @@ impl Edge {
             bus,
             handlers,
             ws_permits: Arc::new(Semaphore::new(limits.max_connections)),
-            handshake_permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            handshake_permits: Arc::new(Semaphore::new(limits.max_pending_handshakes)),
+            spare_permits: Arc::new(Semaphore::new(SPARE_PERMITS)),
+            pending_per_ip: DashMap::new(),
             per_ip: dashmap::DashMap::new(),
             handshake_buckets: dashmap::DashMap::new(),
             tls,
@@ -134,5 +143,95 @@ impl Edge {
             halt,
             tracker,
         })
+    }
+}
+
+/// Where a per-address limit keeps its counts.
+pub(crate) type Counts = fn(&Edge) -> &DashMap<IpAddr, usize>;
+
+/// One connection's share of a per-address limit (`max_connections_per_ip`, or
+/// `max_pending_per_ip`); given back on drop.
+pub(crate) struct IpSlot {
+    edge: Arc<Edge>,
+    ip: IpAddr,
+    /// The counts this slot is taken from; `None` when the limit is off (nothing counted).
+    counts: Option<Counts>,
+}
+
+impl IpSlot {
+    /// Takes a slot for `ip` from `counts` (at most `max` per address; 0: no limit), or `None`
+    /// when the address has them all.
+    pub(crate) fn take(edge: &Arc<Edge>, ip: IpAddr, max: usize, counts: Counts) -> Option<Self> {
+        if max == 0 {
+            return Some(Self {
+                edge: edge.clone(),
+                ip,
+                counts: None,
+            });
+        }
+        let mut count = counts(edge).entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        drop(count);
+        Some(Self {
+            edge: edge.clone(),
+            ip,
+            counts: Some(counts),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some(counts) = self.counts else {
+            return;
+        };
+        let counts = counts(&self.edge);
+        if let Some(mut count) = counts.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+        }
+        counts.remove_if(&self.ip, |_, count| *count == 0);
+    }
+}
+
+/// A connection in its HTTP phase: its address's share of `max_pending_per_ip` and a
+/// handshake permit (or, when those are all taken, a permit of the spare lane). Dropped when
+/// the upgrade is done or the connection ends.
+pub(crate) struct Pending {
+    _slot: IpSlot,
+    _permit: OwnedSemaphorePermit,
+    spare: bool,
+}
+
+impl Pending {
+    /// Admits a connection just accepted from `ip`, or says why not (for the metric).
+    pub(crate) fn admit(edge: &Arc<Edge>, ip: IpAddr) -> Result<Self, &'static str> {
+        let max = edge.config.limits.max_pending_per_ip;
+        let slot =
+            IpSlot::take(edge, ip, max, |edge| &edge.pending_per_ip).ok_or("pending_per_ip")?;
+        if let Ok(permit) = edge.handshake_permits.clone().try_acquire_owned() {
+            return Ok(Self {
+                _slot: slot,
+                _permit: permit,
+                spare: false,
+            });
+        }
+        let permit = edge
+            .spare_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "pending_full")?;
+        Ok(Self {
+            _slot: slot,
+            _permit: permit,
+            spare: true,
+        })
+    }
+
+    /// Whether this connection is on the spare lane (probes only: upgrades get 503).
+    pub(crate) fn spare(&self) -> bool {
+        self.spare
     }
 }

@@ -1,31 +1,44 @@
 //! The client plane's accept loop.
 //!
-//! A permit for a pre-upgrade connection is taken before `accept()`, so a storm of half-open
-//! handshakes cannot grow without bound; the WebSocket itself takes a second permit (from
-//! `max_connections`) at the upgrade, where a full node answers 503.
+//! Every connection is accepted at once and admitted ([`Pending::admit`]) from its first byte
+//! on: one of its address's `max-pending-per-ip` slots (beyond them it is closed at once, so one
+//! address cannot hold the node's pending handshakes), and one of the node's
+//! `max-pending-handshakes` permits; when those are all taken, one of a few spare permits whose
+//! connections may only ask for `/healthz`, `/readyz` and `/metrics` (upgrades get 503), so
+//! probes are answered during a storm of stalled handshakes. The WebSocket itself takes a
+//! permit of `max_connections` at the upgrade, where a full node answers 503.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-use crate::{handshake, node::Edge};
+use crate::{
+    handshake,
+    node::{Edge, Pending},
+};
 
 /// Accepts client-plane connections until the node halts. While it drains, it still answers
 /// `/healthz` and `/readyz` (not ready) and refuses upgrades with 503.
 pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
     loop {
-        let permit = tokio::select! {
-            permit = edge.handshake_permits.clone().acquire_owned() => {
-                permit.expect("the handshake semaphore is never closed")
-            }
-            _ = edge.halt.cancelled() => break,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = edge.halt.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match Pending::admit(&edge, peer.ip()) {
+                    Ok(pending) => pending,
+                    Err(why) => {
+                        edge.registry
+                            .metrics()
+                            .refused_connections
+                            .with_label_values(&[why])
+                            .inc();
+                        tracing::debug!(%peer, why, "connection refused at accept");
+                        continue;
+                    }
+                };
                 // Pushes are small and latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
                 match &edge.tls {

@@ -293,3 +293,89 @@ async fn an_upgrade_over_http_1_0_is_refused_with_400() {
     // The credentials were not spent: the same id connects over HTTP/1.1.
     gw.connect(&creds).await;
 }
+
+/// A connection from `source` that sends the start of an upgrade request and then nothing.
+async fn stall(gw: &Gateway, source: [u8; 4]) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let mut stream = socket.connect(gw.http).await.ok()?;
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Stall: ")
+        .await
+        .ok()?;
+    Some(stream)
+}
+
+/// Stalled handshakes from one address take only that address's pending slots: a client on
+/// another address connects at once, and probes are answered, while the stalls go on.
+#[tokio::test]
+async fn stalled_handshakes_from_one_address_do_not_lock_others_out() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.max_pending_handshakes = 200;
+        c.limits.max_pending_per_ip = 16;
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        stalled.extend(stall(&gw, [127, 0, 0, 2]).await);
+    }
+    let started = std::time::Instant::now();
+    let (status, _) = gw.http_get("/healthz", &[]).await;
+    assert_eq!(status, 200);
+    let (creds, mut ws) = gw.subscriber(&["room"]).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "a client elsewhere waited {:?}",
+        started.elapsed()
+    );
+    gw.push("room", "1").await;
+    assert_eq!(ws.recv_push().await.1, 1);
+    let _ = creds;
+    let (_, metrics) = gw.http_get("/metrics", &[]).await;
+    assert!(
+        metrics.contains(r#"channelgate_refused_connections_total{reason="pending_per_ip"}"#),
+        "{metrics}"
+    );
+    drop(stalled);
+}
+
+/// Stalls from many addresses can take every handshake permit; probes are still answered
+/// (and upgrades get a quick 503) on the spare lane.
+#[tokio::test]
+async fn probes_are_answered_while_every_handshake_permit_is_taken() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.max_pending_handshakes = 64;
+        c.limits.max_pending_per_ip = 16;
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for source in 2..=6u8 {
+        for _ in 0..16 {
+            stalled.extend(stall(&gw, [127, 0, 0, source]).await);
+        }
+    }
+    assert_eq!(stalled.len(), 80);
+    // Every permit is held once the node admitted the stalls (this probe is on the spare lane).
+    crate::support::wait_until(|| async {
+        let (_, metrics) = gw.http_get("/metrics", &[]).await;
+        metrics.contains("channelgate_pending_handshakes 64")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(gw.http_get(path, &[]).await.0, 200, "{path}");
+    }
+    let creds = gw.issue().await;
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(503));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+    // The stalls are gone: upgrades work again.
+    crate::support::wait_until(|| async { gw.try_connect(&creds).await.is_ok() }).await;
+}
