@@ -482,3 +482,104 @@ async fn lifecycle_events_of_a_socket_on_one_node_reach_a_stream_on_another() {
         }
     }
 }
+
+/// What a node does while Redis stalls (`stall` starts it, `resume` ends it): calls that need
+/// Redis fail with UNAVAILABLE within the 2 s deadline (a push, a handshake with 503), the node
+/// turns not ready, live sockets stay up, and everything works again once Redis answers.
+async fn a_stalled_redis_fails_calls_in_time_and_recovers(
+    redis_url: String,
+    stall: impl std::future::Future<Output = ()>,
+    resume: impl std::future::Future<Output = ()>,
+) {
+    let prefix = unique_prefix("stall");
+    let gw = node(&redis_url, &prefix).await;
+    let (waiting, _) = (gw.issue().await, ());
+    let (_live, mut ws) = gw.subscriber(&["room"]).await;
+    stall.await;
+    let deadline = Duration::from_millis(2600);
+    let timed = |started: std::time::Instant| {
+        let took = started.elapsed();
+        assert!(took < deadline, "took {took:?}");
+    };
+    let started = std::time::Instant::now();
+    let status = gw.client.push(&["room"], "1").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    timed(started);
+    let started = std::time::Instant::now();
+    let status = gw.client.issue(None, &["x"]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    timed(started);
+    let started = std::time::Instant::now();
+    assert_eq!(gw.try_connect(&waiting).await.err(), Some(503));
+    timed(started);
+    let (status, reason) = gw.http_get("/readyz", &[]).await;
+    assert_eq!(status, 503, "{reason}");
+    // A burst of calls while it stalls: each fails fast, none waits in a line behind the others.
+    let started = std::time::Instant::now();
+    let calls = (0..200).map(|_| gw.client.subscribe(&waiting.digest, &["y"]));
+    for result in futures_util::future::join_all(calls).await {
+        assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
+    }
+    timed(started);
+
+    resume.await;
+    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
+    assert_eq!(gw.push("room", "\"after\"").await, 1);
+    // The push that timed out may still have been taken once Redis answered (a timeout does
+    // not say which; an idempotency key makes the retry safe): the socket sees it at most once.
+    let mut seen = Vec::new();
+    loop {
+        let (_, payload) = ws.recv_push().await;
+        if payload == "after" {
+            break;
+        }
+        seen.push(payload);
+    }
+    assert!(seen.len() <= 1, "the live socket stayed up: {seen:?}");
+    gw.connect(&waiting).await;
+}
+
+#[tokio::test]
+async fn a_redis_paused_with_client_pause_fails_calls_in_time_and_recovers() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Paused clients cannot unpause it: it ends by itself, after the calls were tried.
+    let pause = Duration::from_secs(6);
+    let paused_at = std::sync::Arc::new(parking_lot::Mutex::new(None));
+    let (set, get) = (paused_at.clone(), paused_at);
+    a_stalled_redis_fails_calls_in_time_and_recovers(
+        url.clone(),
+        async move {
+            let _: () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(pause.as_millis() as u64)
+                .arg("ALL")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            *set.lock() = Some(tokio::time::Instant::now());
+        },
+        async move {
+            let since = get.lock().expect("paused");
+            tokio::time::sleep_until(since + pause).await;
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_behind_a_network_that_drops_packets_fails_calls_in_time_and_recovers() {
+    let redis = PrivateRedis::start();
+    let valve = std::sync::Arc::new(
+        crate::support::Valve::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await,
+    );
+    let (close, open) = (valve.clone(), valve.clone());
+    a_stalled_redis_fails_calls_in_time_and_recovers(
+        format!("redis://{}", valve.addr),
+        async move { close.set_open(false) },
+        async move { open.set_open(true) },
+    )
+    .await;
+}

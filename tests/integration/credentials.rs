@@ -79,12 +79,19 @@ async fn ids_signed_with_the_previous_secret_are_accepted_after_rotation() {
     let prefix = crate::cluster::unique_prefix("rotation");
     let node = |secret: &'static str, previous: Option<&'static str>| {
         let prefix = prefix.clone();
-        Gateway::start_with(move |c| {
-            c.redis = Some(crate::cluster::REDIS.into());
-            c.redis_prefix = prefix;
-            c.secret = Some(secret.into());
-            c.previous_secret = previous.map(Into::into);
-        })
+        async move {
+            let gw = Gateway::start_with(move |c| {
+                c.redis = Some(crate::cluster::REDIS.into());
+                c.redis_prefix = prefix;
+                c.secret = Some(secret.into());
+                c.previous_secret = previous.map(Into::into);
+            })
+            .await;
+            // A cluster node takes calls once it is ready (connected to Redis).
+            crate::support::wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 })
+                .await;
+            gw
+        }
     };
     let old = node("the old deployment secret", None).await;
     let creds = old.issue().await;
@@ -93,7 +100,6 @@ async fn ids_signed_with_the_previous_secret_are_accepted_after_rotation() {
         Some("the old deployment secret"),
     )
     .await;
-    crate::support::wait_until(|| async { rotated.http_get("/readyz", &[]).await.0 == 200 }).await;
     rotated.connect(&creds).await;
     let fresh = old.issue().await;
     let unrotated = node("the new deployment secret", None).await;

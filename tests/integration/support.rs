@@ -700,3 +700,57 @@ impl Proxy {
         old.cancel();
     }
 }
+
+/// A TCP proxy to `target` that can stop forwarding bytes (both ways) while the connections
+/// stay open, as a network that drops packets does, and start again.
+pub struct Valve {
+    pub addr: SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Valve {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(Self::pipe(ri, wo, watch.clone()));
+                tokio::spawn(Self::pipe(ro, wi, watch.clone()));
+            }
+        });
+        Self { addr, open }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut open: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Hold what came while closed; pass it on when open again.
+            if open.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops (`false`) or resumes (`true`) forwarding.
+    pub fn set_open(&self, open: bool) {
+        let _ = self.open.send(open);
+    }
+}

@@ -187,6 +187,10 @@ pub(crate) struct RedisBus {
     tracker: TaskTracker,
     /// Set for good when one of the bus's tasks died: the node is not ready from then on.
     broken: Mutex<Option<String>>,
+    /// Set while Redis does not answer in time (a call or the heartbeat ran past
+    /// [`COMMAND_TIMEOUT`]); cleared by the next heartbeat that gets its answer. Calls fail
+    /// fast meanwhile instead of each waiting out the deadline.
+    stalled: Mutex<Option<String>>,
     /// This bus, for tasks spawned from `&self` (a weak pointer: no cycle).
     me: std::sync::Weak<RedisBus>,
     /// Pushes for the publisher task, which runs their scripts in order; closed when the
@@ -259,6 +263,7 @@ impl RedisBus {
             forwards: Mutex::new(HashMap::new()),
             tracker: tracker.clone(),
             broken: Mutex::new(None),
+            stalled: Mutex::new(None),
         });
         tracing::info!(node = %bus.node, prefix, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
@@ -364,7 +369,36 @@ impl RedisBus {
             .collect())
     }
 
+    /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while
+    /// Redis is down or stalls, instead of each waiting out its deadline).
+    fn ready(&self) -> Result<(), Error> {
+        self.readiness().map_err(Error::ClusterUnavailable)
+    }
+
+    /// Runs `call` (Redis commands) within [`COMMAND_TIMEOUT`] in all; past it, the node counts
+    /// Redis as stalled and the call fails with `UNAVAILABLE`.
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => Err(self.stall()),
+        }
+    }
+
+    /// Records that Redis did not answer in time; the error for the caller.
+    fn stall(&self) -> Error {
+        let reason = format!("Redis did not answer within {COMMAND_TIMEOUT:?}");
+        tracing::warn!(%reason, "Redis stalls");
+        *self.stalled.lock() = Some(reason.clone());
+        Error::ClusterUnavailable(reason)
+    }
+
     fn unavailable(&self, err: &redis::RedisError) -> Error {
+        if err.is_timeout() {
+            return self.stall();
+        }
         let reason = format!("Redis: {err}");
         tracing::warn!(%reason, "cluster call failed");
         Error::ClusterUnavailable(reason)
@@ -430,11 +464,15 @@ impl Bus for RedisBus {
         if let Some(why) = self.broken.lock().clone() {
             return Err(why);
         }
-        self.not_ready.lock().clone().map_or(Ok(()), Err)
+        if let Some(why) = self.not_ready.lock().clone() {
+            return Err(why);
+        }
+        self.stalled.lock().clone().map_or(Ok(()), Err)
     }
 
     /// Mints credentials and records them as issued.
     async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+        self.ready()?;
         let creds = self.registry.mint(ttl)?;
         let mut conn = self.conn.clone();
         self.scripts
@@ -455,6 +493,7 @@ impl Bus for RedisBus {
         channels: &[Channel],
         add: bool,
     ) -> Result<bool, Error> {
+        self.ready()?;
         crate::registry::check_channel_count(channels)?;
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.subscribe.prepare_invoke();
@@ -502,6 +541,7 @@ impl Bus for RedisBus {
 
     /// Sends to `digest`'s socket wherever it is. Returns whether one was live.
     async fn send(&self, digest: &Digest, frame: Frame) -> Result<bool, Error> {
+        self.ready()?;
         match self.holder(digest, false).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
@@ -522,6 +562,7 @@ impl Bus for RedisBus {
 
     /// Ends `digest`'s credentials everywhere and closes its socket wherever it is.
     async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+        self.ready()?;
         match self.holder(digest, true).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
@@ -596,7 +637,7 @@ impl Bus for RedisBus {
         json: &Json,
         key: Option<&str>,
     ) -> Result<PushTicket, Error> {
-        self.readiness().map_err(Error::ClusterUnavailable)?;
+        self.ready()?;
         let payload: Arc<str> = json.as_str().into();
         let mut replies = Vec::with_capacity(channels.len());
         for channel in channels {
@@ -631,6 +672,7 @@ impl Bus for RedisBus {
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {
+        self.ready()?;
         self.read_history(channel, query).await
     }
 
@@ -639,6 +681,7 @@ impl Bus for RedisBus {
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
     ) -> Result<Listener, Error> {
+        self.ready()?;
         // Subscribed and up to date before the listener joins, so it misses nothing.
         let fetched = self.follow(channels, Some(since)).await?;
         self.registry.listen(channels, since, &fetched)

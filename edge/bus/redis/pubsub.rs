@@ -22,6 +22,11 @@ impl RedisBus {
     /// Subscribes this node to `channels` in Redis (those it is not subscribed to yet), and
     /// waits for Redis to confirm; an error when Redis cannot be reached.
     pub(super) async fn ensure_subscribed(&self, channels: &[Channel]) -> Result<(), Error> {
+        self.ready()?;
+        self.within(self.subscribe_now(channels)).await
+    }
+
+    async fn subscribe_now(&self, channels: &[Channel]) -> Result<(), Error> {
         let mut pubsub = self.pubsub.lock().await;
         let missing: Vec<Channel> = channels
             .iter()
@@ -75,9 +80,13 @@ impl RedisBus {
             let Some(sink) = pubsub.sink.as_mut() else {
                 continue;
             };
+            // A Redis that stalls does not hold this task (or the pub/sub lock) past the
+            // deadline; what was not done is redone when the connection comes back.
             if !add.is_empty() {
                 let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
-                if sink.subscribe(&topics).await.is_ok() {
+                let subscribed =
+                    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&topics)).await;
+                if matches!(subscribed, Ok(Ok(()))) {
                     // Subscribed: now the channel's position read from Redis is one the
                     // stream continues.
                     for channel in &add {
@@ -88,8 +97,12 @@ impl RedisBus {
             }
             if !remove.is_empty() {
                 let topics: Vec<String> = remove.iter().map(|c| self.channel_topic(c)).collect();
-                let sink = pubsub.sink.as_mut().expect("checked above");
-                if sink.unsubscribe(&topics).await.is_ok() {
+                let Some(sink) = pubsub.sink.as_mut() else {
+                    continue;
+                };
+                let unsubscribed =
+                    tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&topics)).await;
+                if matches!(unsubscribed, Ok(Ok(()))) {
                     for channel in &remove {
                         pubsub.subscribed.remove(channel);
                     }
@@ -104,7 +117,11 @@ impl RedisBus {
         let mut backoff = BACKOFF_MIN;
         loop {
             let connected = tokio::select! {
-                connected = self.connect_pubsub() => connected,
+                connected = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.connect_pubsub()) => {
+                    connected.unwrap_or_else(|_| {
+                        Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+                    })
+                }
                 _ = halt.cancelled() => return,
             };
             match connected {

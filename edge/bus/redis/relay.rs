@@ -7,7 +7,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{super::Bus, RedisBus, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, PUSH_BATCH};
+use super::{
+    super::Bus, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL,
+    PUSH_BATCH,
+};
 use crate::{
     error::Error,
     protocol::{new_epoch, valid_epoch, Channel, Position},
@@ -156,8 +159,18 @@ impl RedisBus {
                     }
                 }
             }
-            if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                tracing::debug!(%err, "heartbeat failed");
+            // The heartbeat is also the node's probe of Redis: no answer within the deadline
+            // and the node is not ready (calls fail fast) until one comes.
+            match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
+                Ok(Ok(())) => {
+                    if self.stalled.lock().take().is_some() {
+                        tracing::info!("Redis answers again");
+                    }
+                }
+                Ok(Err(err)) if !err.is_timeout() => tracing::debug!(%err, "heartbeat failed"),
+                _ => {
+                    self.stall();
+                }
             }
         }
         // Leaving: backdate our heartbeat by a lease, so ids still marked live here (their
