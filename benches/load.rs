@@ -24,6 +24,12 @@
 //! * `calls`: unary control calls (`IssueConnection` then `Subscribe`, as a page render does)
 //!   with `--in-flight` of them at once over `--connections` HTTP/2 connections, `--requests`
 //!   in all. Reports calls/s, failures by gRPC status, and the node's CPU per call.
+//! * `soak`: `--sockets` sockets over `--channels` channels for `--duration` seconds, pushes at
+//!   `--rate` per second to random channels, and a churn of `--churn` reconnects per second
+//!   (half closing cleanly, half dropping the TCP connection) among a tenth of the sockets.
+//!   Every 10 s: the node's RSS, open file descriptors and sockets; at the end, lost,
+//!   duplicated and out-of-order pushes of the sockets that stayed, and the same figures after
+//!   every client left.
 //! * `recovery`: a recovery storm. N sockets (asking for positions) over `--channels` channels
 //!   drop at once; `--misses` pushes are made to each channel while they are away; then all
 //!   reconnect with the position they last saw. Reports the time until every socket has
@@ -92,6 +98,9 @@ struct Args {
     /// A second node's control plane (same cluster), for `push-latency` across nodes.
     #[arg(long)]
     control_b: Option<String>,
+    /// Reconnects per second (`soak`).
+    #[arg(long, default_value_t = 50)]
+    churn: u64,
     /// Calls in flight at once (`calls`).
     #[arg(long, default_value_t = 500)]
     in_flight: usize,
@@ -284,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
         "fanout" => fanout(&args).await,
         "recovery" => recovery(&args).await,
         "calls" => calls(&args).await,
+        "soak" => soak(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -825,6 +835,217 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "node_cpu_us_per_delivery": per_delivery, "node_cpu_us_per_handshake": per_handshake,
             "generator_cpu_pct": gen_cpu as f64 / 1e4 / secs,
+        })
+    );
+    Ok(())
+}
+
+/// Open file descriptors of `pid`.
+fn open_fds(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The `soak` scenario (see the module's documentation).
+async fn soak(args: &Args) -> anyhow::Result<()> {
+    use rand::Rng;
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
+    let pid = args
+        .pid
+        .context("soak needs --pid (the node's RSS and descriptors)")?;
+    let control = ControlClient::connect(args.control.clone()).await?;
+    let channels: Vec<String> = (0..args.channels.max(1))
+        .map(|c| format!("soak-{c}"))
+        .collect();
+    let rss_start = rss_bytes(pid)?;
+    let fds_start = open_fds(pid)?;
+    let churners = (args.sockets / 10).max(1);
+    let stayers = args.sockets.saturating_sub(churners).max(1);
+    let names = &channels;
+    // The sockets that stay: lean readers, each checking its channel's sequence.
+    let opened: Vec<anyhow::Result<(usize, RawWs)>> = stream::iter(0..stayers)
+        .map(|i| {
+            let mut control = control.clone();
+            async move {
+                let c = i % names.len();
+                open_raw(args, i, &mut control, &names[c])
+                    .await
+                    .map(|ws| (c, ws))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let failed = opened.iter().filter(|o| o.is_err()).count();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut readers = Vec::new();
+    for (c, ws) in opened.into_iter().filter_map(Result::ok) {
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut ws = ws;
+            let (mut received, mut dup, mut reordered, mut last) = (0u64, 0u64, 0u64, 0u64);
+            let mut closed = false;
+            loop {
+                let read = tokio::select! {
+                    read = ws.read(|text| {
+                        let Some(seq) = field(text, b"\"s\":") else { return };
+                        received += 1;
+                        if seq == last {
+                            dup += 1;
+                        } else if seq < last {
+                            reordered += 1;
+                        }
+                        last = last.max(seq);
+                    }) => read,
+                    _ = stop.cancelled() => break,
+                };
+                if !matches!(read, Ok(Read::More)) {
+                    closed = true;
+                    break;
+                }
+            }
+            (c, received, dup, reordered, closed)
+        }));
+    }
+    // The churn: a tenth of the sockets, reconnecting with new credentials, half of them
+    // closing cleanly and half dropping the connection.
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let churn = {
+        let (stop, reconnects, control) = (stop.clone(), reconnects.clone(), control.clone());
+        let (args_ws, sources, rcvbuf, churn_rate, channels) = (
+            args.ws,
+            args.sources,
+            args.rcvbuf,
+            args.churn.max(1),
+            channels.clone(),
+        );
+        let lean = Args {
+            ws: args_ws,
+            sources,
+            rcvbuf,
+            ..Args::parse_from(["soak"])
+        };
+        tokio::spawn(async move {
+            let mut pool: Vec<Option<RawWs>> = (0..churners).map(|_| None).collect();
+            let mut every =
+                tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / churn_rate as f64));
+            let mut n = 0usize;
+            while !stop.is_cancelled() {
+                every.tick().await;
+                let slot = n % pool.len();
+                if let Some(ws) = pool[slot].take() {
+                    if n % 2 == 0 {
+                        let _ = ws.close().await;
+                    } else {
+                        drop(ws);
+                    }
+                }
+                let mut control = control.clone();
+                let channel = &channels[n % channels.len()];
+                if let Ok(ws) = open_raw(&lean, stayers + slot, &mut control, channel).await {
+                    pool[slot] = Some(ws);
+                    reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            drop(pool);
+        })
+    };
+    // The publisher.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
+    let mut push_client = control.clone();
+    let push_call = tokio::spawn(async move {
+        push_client
+            .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let mut seqs = vec![0u64; channels.len()];
+    let started = Instant::now();
+    let deadline = started + std::time::Duration::from_secs(args.duration);
+    let interval = std::time::Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let mut next_at = tokio::time::Instant::now();
+    let mut next_report = started + std::time::Duration::from_secs(10);
+    let mut samples = Vec::new();
+    let mut rng = rand::rng();
+    let pad = "x".repeat(args.payload.saturating_sub(30));
+    println!("scenario soak: {} sockets ({stayers} staying, {churners} churning at {}/s) on {} channels, {} pushes/s, {} s", args.sockets, args.churn, channels.len(), args.rate, args.duration);
+    while Instant::now() < deadline {
+        tokio::time::sleep_until(next_at).await;
+        next_at += interval;
+        let c = rng.random_range(0..channels.len());
+        seqs[c] += 1;
+        let json = format!(r#"{{"c":{c},"s":{},"p":"{pad}"}}"#, seqs[c]);
+        if tx
+            .send(pb::PushRequest {
+                channels: vec![channels[c].clone()],
+                json,
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+        if Instant::now() >= next_report {
+            next_report += std::time::Duration::from_secs(10);
+            let sample = serde_json::json!({
+                "t_s": started.elapsed().as_secs(),
+                "rss": rss_bytes(pid)?,
+                "fds": open_fds(pid)?,
+                "reconnects": reconnects.load(Ordering::Relaxed),
+            });
+            println!("{sample}");
+            samples.push(sample);
+        }
+    }
+    drop(tx);
+    let summary = push_call.await??.into_inner();
+    // Let the last pushes land, then everybody leaves.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    stop.cancel();
+    churn.await?;
+    let mut lost = 0u64;
+    let (mut dup, mut reordered, mut closed, mut received) = (0u64, 0u64, 0usize, 0u64);
+    for r in readers {
+        let (c, got, d, o, was_closed) = r.await?;
+        received += got;
+        lost += seqs[c].saturating_sub(got.saturating_sub(d));
+        dup += d;
+        reordered += o;
+        closed += usize::from(was_closed);
+    }
+    // Every client gone: the node should give back what it held.
+    let mut after = serde_json::Value::Null;
+    for _ in 0..60 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let mut control = control.clone();
+        let stats = control
+            .stats(pb::StatsRequest::default())
+            .await?
+            .into_inner();
+        after = serde_json::json!({
+            "rss": rss_bytes(pid)?, "fds": open_fds(pid)?, "connections": stats.connections,
+            "sessions": stats.sessions,
+        });
+        if stats.connections == 0 {
+            break;
+        }
+    }
+    println!(
+        "stayed {} ({failed} failed to connect, {closed} closed by the node); pushes {}; received {received}; lost/dup/order {lost} / {dup} / {reordered}; reconnects {}",
+        stayers - failed, summary.pushes, reconnects.load(Ordering::Relaxed)
+    );
+    println!("node before: rss {rss_start} fds {fds_start}; after every client left: {after}");
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "soak", "sockets": args.sockets, "stayers": stayers - failed, "churn_per_s": args.churn,
+            "channels": channels.len(), "rate": args.rate, "duration_s": args.duration,
+            "pushes": summary.pushes, "received": received, "lost": lost, "duplicated": dup, "reordered": reordered,
+            "stayers_closed": closed, "reconnects": reconnects.load(Ordering::Relaxed),
+            "before": {"rss": rss_start, "fds": fds_start}, "samples": samples, "after": after,
         })
     );
     Ok(())

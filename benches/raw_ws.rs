@@ -141,6 +141,19 @@ impl RawWs {
         Ok(Some((opcode, payload)))
     }
 
+    /// Closes cleanly as a client would: a close frame with code 1000 (masked, key zero), then
+    /// waits (briefly) for the node's close.
+    pub(crate) async fn close(mut self) -> anyhow::Result<()> {
+        self.stream
+            .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+            .await?;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while matches!(self.read(|_| {}).await, Ok(Read::More)) {}
+        })
+        .await;
+        Ok(())
+    }
+
     /// A masked pong (mask key zero: the payload goes as is).
     async fn pong(&mut self, payload: &[u8]) -> anyhow::Result<()> {
         let mut frame = vec![0x8a, 0x80 | payload.len() as u8, 0, 0, 0, 0];

@@ -356,3 +356,36 @@ async fn the_load_generator_runs_a_recovery_storm() {
         (Some(0), Some(0))
     );
 }
+
+/// The generator's soak (issue 13's): tiny sizes, a few seconds, nothing lost by the sockets
+/// that stayed, every descriptor given back once the clients left.
+#[tokio::test]
+async fn the_load_generator_runs_a_soak() {
+    let gw = Gateway::start().await;
+    let report = run_generator(
+        &gw,
+        &[
+            "--scenario",
+            "soak",
+            "--sockets",
+            "60",
+            "--channels",
+            "6",
+            "--rate",
+            "100",
+            "--churn",
+            "20",
+            "--duration",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(report["stayers"], 54, "{report}");
+    assert_eq!(
+        (report["lost"].as_u64(), report["duplicated"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+    assert!(report["reconnects"].as_u64().unwrap() > 10, "{report}");
+    assert_eq!(report["after"]["connections"], 0, "{report}");
+}
