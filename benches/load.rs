@@ -936,7 +936,7 @@ async fn soak(args: &Args) -> anyhow::Result<()> {
                 every.tick().await;
                 let slot = n % pool.len();
                 if let Some(ws) = pool[slot].take() {
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         let _ = ws.close().await;
                     } else {
                         drop(ws);
