@@ -858,4 +858,44 @@ mod tests {
         };
         assert!(s.into_config().is_err());
     }
+
+    /// Any configuration file: parsed and checked, or refused with a message, never a panic.
+    fn check_config(input: &[u8]) {
+        let Ok(text) = std::str::from_utf8(input) else {
+            return;
+        };
+        if let Ok(settings) = Settings::parse_toml(text) {
+            let _ = settings.into_config();
+        }
+    }
+
+    #[test]
+    fn fuzz_configuration_files() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("config", check_config);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let keys: Vec<String> = SETTINGS.iter().map(SettingDoc::key).collect();
+        let value = prop_oneof![
+            "-?[0-9]{1,22}",
+            "\"[0-9]{0,8}(ns|ms|s|m|h|KiB|MiB|GiB|B)?\"",
+            "\"[ -~]{0,16}\"",
+            Just("true".to_owned()),
+            Just("[\"a\", \"b\"]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        let line = (prop::sample::select(keys), value).prop_map(|(k, v)| format!("{k} = {v}"));
+        let namespace = ("[ -~]{0,8}", "[a-z-]{0,14}", "-?[0-9]{1,5}")
+            .prop_map(|(ns, k, v)| format!("[namespaces.\"{ns}\"]\n{k} = {v}"));
+        let file = (
+            proptest::collection::vec(line, 0..6),
+            proptest::option::of(namespace),
+        )
+            .prop_map(|(lines, ns)| format!("{}\n{}", lines.join("\n"), ns.unwrap_or_default()));
+        runner
+            .run(&prop_oneof![any::<String>(), file], |text| {
+                check_config(text.as_bytes());
+                Ok(())
+            })
+            .unwrap();
+    }
 }

@@ -411,4 +411,53 @@ mod tests {
         assert!("zz".repeat(32).parse::<Digest>().is_err());
         assert!("ab".repeat(31).parse::<Digest>().is_err());
     }
+
+    /// `<id>\0<key>`: any id and key that were not issued together by this deployment are
+    /// refused, without a panic.
+    fn check_connection_id(input: &[u8]) {
+        let secrets = Secrets::new(b"fuzz test secret 0123456789abcdef", None).unwrap();
+        let text = String::from_utf8_lossy(input);
+        let (id, key) = text.split_once('\0').unwrap_or((&text, ""));
+        assert!(secrets.verify(id, key).is_err(), "{id:?} {key:?} verified");
+    }
+
+    #[test]
+    fn fuzz_connection_ids() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("connection_id", check_connection_id);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        runner
+            .run(&any::<Vec<u8>>(), |input| {
+                check_connection_id(&input);
+                Ok(())
+            })
+            .unwrap();
+        // A real id with one character changed, or its key with one changed, is refused.
+        let secrets = Secrets::new(b"fuzz test secret 0123456789abcdef", None).unwrap();
+        let creds = secrets.issue(u64::MAX / 2);
+        let alphabet: Vec<char> = ('A'..='Z')
+            .chain('a'..='z')
+            .chain('0'..='9')
+            .chain(['-', '_'])
+            .collect();
+        let edits = (
+            0..creds.connection_id.len(),
+            0..alphabet.len(),
+            any::<bool>(),
+        );
+        runner
+            .run(&edits, |(at, with, in_key)| {
+                let (mut id, mut key) = (creds.connection_id.clone(), creds.socket_key.clone());
+                let target = if in_key { &mut key } else { &mut id };
+                let at = at % target.len();
+                let replacement = alphabet[with];
+                if target.as_bytes()[at] as char == replacement {
+                    return Ok(());
+                }
+                target.replace_range(at..at + 1, &replacement.to_string());
+                prop_assert!(secrets.verify(&id, &key).is_err(), "{id} {key}");
+                Ok(())
+            })
+            .unwrap();
+    }
 }

@@ -576,4 +576,124 @@ mod tests {
         assert_eq!(cookie(&h, "b").as_deref(), Some("2"));
         assert_eq!(cookie(&h, "missing"), None);
     }
+
+    /// The handshake's query never panics the parser; what it finds is what the query holds,
+    /// and a `recover` it finds never panics `Recover::parse`.
+    fn check_query(input: &[u8]) {
+        let Ok(query) = std::str::from_utf8(input) else {
+            return;
+        };
+        let q = parse_query(Some(query));
+        for found in [&q.connection_id, &q.key].into_iter().flatten() {
+            assert!(!found.is_empty());
+        }
+        if let Some(recover) = &q.recover {
+            let _ = crate::protocol::Recover::parse(recover);
+        }
+    }
+
+    #[test]
+    fn fuzz_handshake_queries() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("handshake_query", check_query);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let pairs = proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("socket_connection_id".to_owned()),
+                    Just("socket_key".to_owned()),
+                    Just("recover".to_owned()),
+                    "[ -~]{0,8}",
+                ],
+                "[ -~]{0,40}",
+            ),
+            0..6,
+        )
+        .prop_map(|pairs| {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &pairs {
+                query.append_pair(k, v);
+            }
+            query.finish()
+        });
+        let inputs = prop_oneof![any::<String>(), pairs];
+        runner
+            .run(&inputs, |query| {
+                check_query(query.as_bytes());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Headers as `name: value` lines (those that are not valid headers are skipped): the
+    /// upgrade check, the Origin check and the cookie reader never panic, and a cookie found is
+    /// one a `Cookie` header holds.
+    fn check_headers(input: &[u8]) {
+        let mut map = HeaderMap::new();
+        for line in input.split(|b| *b == b'\n') {
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                continue;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if let (Ok(name), Ok(value)) = (
+                header::HeaderName::from_bytes(name),
+                HeaderValue::from_bytes(value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        for method in [Method::GET, Method::POST] {
+            let _ = websocket_accept_key(&method, &map);
+        }
+        let _ = origin_allowed(&map, &["https://app.example.com".to_owned()]);
+        let _ = origin_allowed(&map, &[]);
+        if let Some(key) = cookie(&map, "socket_key") {
+            assert!(!key.is_empty());
+            let all: Vec<u8> = map
+                .get_all(header::COOKIE)
+                .iter()
+                .flat_map(|v| v.as_bytes().to_vec())
+                .collect();
+            assert!(
+                all.windows(key.len()).any(|w| w == key.as_bytes()),
+                "{key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fuzz_headers() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("headers", check_headers);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let lines = proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("cookie"),
+                    Just("origin"),
+                    Just("connection"),
+                    Just("upgrade"),
+                    Just("sec-websocket-version"),
+                    Just("sec-websocket-key"),
+                ],
+                "[ -~]{0,40}",
+            ),
+            0..8,
+        )
+        .prop_map(|lines| {
+            lines
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes()
+        });
+        let inputs = prop_oneof![any::<Vec<u8>>(), lines];
+        runner
+            .run(&inputs, |input| {
+                check_headers(&input);
+                Ok(())
+            })
+            .unwrap();
+    }
 }

@@ -32,6 +32,8 @@ mod conn;
 pub mod credentials;
 pub mod error;
 pub mod fanout;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
 pub mod handlers;
 pub mod handoff;

@@ -593,4 +593,112 @@ mod tests {
             assert_eq!(err.reply().status, 400);
         }
     }
+
+    /// What must hold for any client message: no panic; an accepted one has a plain action from
+    /// the text and an id that re-encodes as JSON; a refused one gets a JSON 400 reply.
+    fn check_client_message(input: &[u8]) {
+        // Text frames are UTF-8 (tungstenite closes with 1007 otherwise).
+        let Ok(text) = std::str::from_utf8(input) else {
+            return;
+        };
+        match parse_inbound(text) {
+            Ok(message) => {
+                assert!(text.contains(message.action), "{text:?}");
+                let reply = Reply::text(message.id.map(RawValue::to_owned), 200, "ok").encode();
+                // JSON text (numbers past f64 are still JSON: the id is echoed as sent).
+                serde_json::from_str::<&RawValue>(&reply)
+                    .unwrap_or_else(|e| panic!("{reply}: {e}"));
+            }
+            Err(bad) => {
+                let reply = bad.reply();
+                assert_eq!(reply.status, 400);
+                let reply = reply.encode();
+                serde_json::from_str::<&RawValue>(&reply)
+                    .unwrap_or_else(|e| panic!("{reply}: {e}"));
+            }
+        }
+    }
+
+    fn json_message() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let id = prop_oneof![
+            Just(String::new()),
+            "-?[0-9]{1,25}(\\.[0-9]{1,5})?([eE][-+]?[0-9]{1,4})?",
+            "\"[^\"\\\\]{0,12}\"",
+            Just("null".to_owned()),
+            Just("{}".to_owned()),
+            Just("[1]".to_owned()),
+            Just("true".to_owned()),
+        ];
+        let action = prop_oneof![
+            "[a-z.$-]{0,12}",
+            Just("p\\u0069ng".to_owned()),
+            Just("7".to_owned())
+        ];
+        (action, id, "[ -~]{0,20}").prop_map(|(action, id, rest)| {
+            let id = if id.is_empty() {
+                String::new()
+            } else {
+                format!(r#","id":{id}"#)
+            };
+            format!(r#"{{"action":"{action}"{id}{rest}}}"#)
+        })
+    }
+
+    #[test]
+    fn fuzz_client_messages() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("client_message", check_client_message);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let inputs = prop_oneof![
+            any::<Vec<u8>>(),
+            any::<String>().prop_map(String::into_bytes),
+            json_message().prop_map(String::into_bytes),
+        ];
+        runner
+            .run(&inputs, |input| {
+                check_client_message(&input);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A `recover` parameter never panics the parser; a well-formed one reads back exactly.
+    fn check_recover(input: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(input) {
+            let _ = Recover::parse(text);
+        }
+    }
+
+    #[test]
+    fn fuzz_recover_parameters() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        runner
+            .run(&any::<String>(), |text| {
+                check_recover(text.as_bytes());
+                Ok(())
+            })
+            .unwrap();
+        let positions = proptest::collection::hash_map(
+            "[!-~]{1,20}",
+            ("[0-9a-zA-Z_-]{1,64}", any::<u64>()),
+            0..8,
+        );
+        runner
+            .run(&positions, |map| {
+                let json: serde_json::Map<String, serde_json::Value> = map
+                    .iter()
+                    .map(|(c, (e, o))| (c.clone(), serde_json::json!({"epoch": e, "offset": o})))
+                    .collect();
+                let parsed = Recover::parse(&serde_json::Value::Object(json).to_string()).unwrap();
+                assert_eq!(parsed.0.len(), map.len());
+                for (channel, (epoch, offset)) in &map {
+                    let at = &parsed.0[&Channel::new(channel).unwrap()];
+                    assert_eq!((&*at.epoch, at.offset), (epoch.as_str(), *offset));
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
 }

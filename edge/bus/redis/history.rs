@@ -266,3 +266,72 @@ fn parse_read(value: redis::Value, read: Read) -> Result<Fetched, Error> {
         complete,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read answer from Redis as lines: numbers become integers, the rest strings.
+    fn value(input: &[u8]) -> redis::Value {
+        let items = String::from_utf8_lossy(input)
+            .lines()
+            .map(|line| match line.parse::<i64>() {
+                Ok(n) => redis::Value::Int(n),
+                Err(_) => redis::Value::BulkString(line.as_bytes().to_vec()),
+            })
+            .collect();
+        redis::Value::Array(items)
+    }
+
+    /// Whatever Redis answers a read with, it is parsed or refused without a panic; what
+    /// parses has a valid epoch and whole entries.
+    fn check_redis_read(input: &[u8]) {
+        for read in [
+            Read::Position,
+            Read::After {
+                offset: 0,
+                count: 2,
+            },
+            Read::Before {
+                offset: 0,
+                count: 2,
+            },
+        ] {
+            if let Ok(fetched) = parse_read(value(input), read) {
+                assert!(crate::protocol::valid_epoch(&fetched.position.epoch));
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_redis_reads() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("redis_read", check_redis_read);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let lines = proptest::collection::vec(
+            prop_oneof!["-?[0-9]{1,20}", "[ -~]{0,12}", Just("e1".to_owned())],
+            0..12,
+        )
+        .prop_map(|lines| lines.join("\n").into_bytes());
+        runner
+            .run(&prop_oneof![any::<Vec<u8>>(), lines], |input| {
+                check_redis_read(&input);
+                Ok(())
+            })
+            .unwrap();
+        // A well-formed answer reads back exactly.
+        let fetched = parse_read(
+            value(b"e1\n7\n6\n1000\n\"x\"\n7\n1001\n\"y\""),
+            Read::After {
+                offset: 5,
+                count: 10,
+            },
+        )
+        .unwrap();
+        assert_eq!(fetched.position.offset, 7);
+        assert_eq!(
+            fetched.entries,
+            vec![(6, 1000, Arc::from("\"x\"")), (7, 1001, Arc::from("\"y\""))]
+        );
+    }
+}
