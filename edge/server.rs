@@ -53,7 +53,11 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
                     Some(tls) => {
                         let (acceptor, edge) = (tls.acceptor(), edge.clone());
                         edge.tracker.clone().spawn(async move {
-                            let timeout = edge.config.limits.handshake_timeout;
+                            let timeout = if permit.spare() {
+                                crate::node::SPARE_HEADER_TIMEOUT
+                            } else {
+                                edge.config.limits.handshake_timeout
+                            };
                             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(stream)) => {
                                     handshake::serve_http(stream, peer, edge, permit).await
