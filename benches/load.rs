@@ -148,6 +148,7 @@ async fn issue(
         .issue_connection(pb::IssueConnectionRequest {
             ttl_ms: 0,
             channels: vec![channel.to_owned()],
+            ..Default::default()
         })
         .await?
         .into_inner())

@@ -268,9 +268,23 @@ impl Client {
         ttl: Option<Duration>,
         channels: &[impl AsRef<str>],
     ) -> Result<Credentials, Status> {
+        self.issue_for(ttl, channels, "", "").await
+    }
+
+    /// `IssueConnection` for `user` (with `info`, JSON text or empty): `send_user` and
+    /// `disconnect_user` reach every connection issued this way.
+    pub async fn issue_for(
+        &self,
+        ttl: Option<Duration>,
+        channels: &[impl AsRef<str>],
+        user: &str,
+        info: &str,
+    ) -> Result<Credentials, Status> {
         let request = pb::IssueConnectionRequest {
             ttl_ms: ttl.map_or(0, |t| t.as_millis().max(1) as u64),
             channels: strings(channels),
+            user: user.to_owned(),
+            info_json: info.to_owned(),
         };
         Ok(self
             .raw()
@@ -363,8 +377,20 @@ impl Client {
             digest: digest.to_owned(),
             channel: channel.to_owned(),
             json: json.to_owned(),
+            user: String::new(),
         };
         Ok(self.raw().send(request).await?.into_inner().queued)
+    }
+
+    /// `Send` to every live socket of `user`, on every node; returns how many it reached.
+    pub async fn send_user(&self, user: &str, channel: &str, json: &str) -> Result<u64, Status> {
+        let request = pb::SendRequest {
+            digest: String::new(),
+            channel: channel.to_owned(),
+            json: json.to_owned(),
+            user: user.to_owned(),
+        };
+        Ok(self.raw().send(request).await?.into_inner().connections)
     }
 
     /// `Disconnect`: closes the socket with `code` (4000-4099; 0 means 4000) and ends its
@@ -374,8 +400,31 @@ impl Client {
             digest: digest.to_owned(),
             code,
             reason: reason.to_owned(),
+            user: String::new(),
         };
         Ok(self.raw().disconnect(request).await?.into_inner().closed)
+    }
+
+    /// `Disconnect` of `user`: ends every set of its credentials, on every node, and closes
+    /// its live sockets; returns how many were live.
+    pub async fn disconnect_user(
+        &self,
+        user: &str,
+        code: u32,
+        reason: &str,
+    ) -> Result<u64, Status> {
+        let request = pb::DisconnectRequest {
+            digest: String::new(),
+            code,
+            reason: reason.to_owned(),
+            user: user.to_owned(),
+        };
+        Ok(self
+            .raw()
+            .disconnect(request)
+            .await?
+            .into_inner()
+            .connections)
     }
 
     /// `Stats`: the node's counts; per channel when `per_channel` (only `channels`, when not

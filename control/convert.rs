@@ -13,7 +13,7 @@ use edge::{
     error::{code, Close, Error},
     handoff::HandlerReply,
     protocol::{valid_epoch, Channel, Json, Position},
-    registry::{Pushed, Stats},
+    registry::{Pushed, Stats, User},
 };
 
 use crate::{pb, status::status};
@@ -38,6 +38,28 @@ pub(crate) fn channel(name: &str) -> Result<Channel, Status> {
 pub(crate) fn digest(text: &str) -> Result<Digest, Status> {
     text.parse()
         .map_err(|e: edge::credentials::BadDigest| status(e.into()))
+}
+
+/// The user (and info) credentials are issued for; `None` when the application named none.
+/// Info without a user is refused: it would be bound to nobody.
+pub(crate) fn user(name: &str, info: &str) -> Result<Option<User>, Status> {
+    if name.is_empty() {
+        if !info.is_empty() {
+            return Err(Status::invalid_argument("info_json needs a user"));
+        }
+        return Ok(None);
+    }
+    User::new(name, info).map(Some).map_err(status)
+}
+
+/// Whether a call that addresses connections names a user (`true`) or a digest (`false`);
+/// both, or neither, is refused.
+pub(crate) fn addresses_user(digest: &str, user: &str) -> Result<bool, Status> {
+    match (digest.is_empty(), user.is_empty()) {
+        (true, false) => Ok(true),
+        (false, true) => Ok(false),
+        _ => Err(status(Error::DigestOrUser)),
+    }
 }
 
 /// A TTL in milliseconds; 0 means the default.

@@ -48,9 +48,10 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         // Checked before minting, so a bad channel leaves no credentials behind.
         let channels = convert::channels(&r.channels)?;
+        let user = convert::user(&r.user, &r.info_json)?;
         let creds = self
             .gateway
-            .issue(convert::ttl(r.ttl_ms), &channels)
+            .issue(convert::ttl(r.ttl_ms), &channels, user.as_ref())
             .await
             .map_err(status)?;
         Ok(Response::new(creds.into()))
@@ -151,14 +152,28 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         let r = request.get_ref();
-        let digest = convert::digest(&r.digest)?;
         let channel = convert::channel(&r.channel)?;
+        if convert::addresses_user(&r.digest, &r.user)? {
+            let connections = self
+                .gateway
+                .send_user(&r.user, &channel, &r.json)
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(pb::SendResponse {
+                queued: connections > 0,
+                connections,
+            }));
+        }
+        let digest = convert::digest(&r.digest)?;
         let queued = self
             .gateway
             .send(&digest, &channel, &r.json)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::SendResponse { queued }))
+        Ok(Response::new(pb::SendResponse {
+            queued,
+            connections: u64::from(queued),
+        }))
     }
 
     async fn disconnect(
@@ -166,14 +181,28 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DisconnectResponse>, Status> {
         let r = request.into_inner();
-        let digest = convert::digest(&r.digest)?;
         let close = convert::close(r.code, r.reason)?;
+        if convert::addresses_user(&r.digest, &r.user)? {
+            let connections = self
+                .gateway
+                .disconnect_user(&r.user, close)
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(pb::DisconnectResponse {
+                closed: connections > 0,
+                connections,
+            }));
+        }
+        let digest = convert::digest(&r.digest)?;
         let closed = self
             .gateway
             .disconnect(&digest, close)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::DisconnectResponse { closed }))
+        Ok(Response::new(pb::DisconnectResponse {
+            closed,
+            connections: u64::from(closed),
+        }))
     }
 
     async fn stats(

@@ -14,6 +14,9 @@ pub(crate) fn status(err: Error) -> Status {
         | Error::BadJson(_)
         | Error::BadClose
         | Error::BadIdempotencyKey { .. }
+        | Error::BadUser { .. }
+        | Error::BadUserInfo { .. }
+        | Error::DigestOrUser
         | Error::BadTtl { .. } => Code::InvalidArgument,
         Error::PayloadTooLarge { .. } | Error::TooManyIdempotencyKeys { .. } => {
             Code::ResourceExhausted

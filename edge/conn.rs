@@ -475,7 +475,7 @@ mod tests {
             config.limits.clone(),
             Arc::default(),
         );
-        let creds = registry.issue(None).unwrap();
+        let creds = registry.issue(None, None).unwrap();
         let verified = registry
             .verify(&creds.connection_id, &creds.socket_key)
             .unwrap();

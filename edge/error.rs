@@ -165,6 +165,21 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A user name outside the rules.
+    #[error("a user is 1 to {max} bytes without control characters")]
+    BadUser {
+        /// The longest name.
+        max: usize,
+    },
+    /// User info over the size limit.
+    #[error("user info is JSON of at most {max} bytes")]
+    BadUserInfo {
+        /// The limit.
+        max: usize,
+    },
+    /// A call that addresses a connection needs a digest or a user, not both.
+    #[error("give either a digest or a user")]
+    DigestOrUser,
     /// The `call-route` upstream is not a usable URL (why).
     #[error("{0}")]
     BadUpstream(String),

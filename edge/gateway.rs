@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     node::Edge,
     protocol::{Channel, Position},
-    registry::{check_idempotency_key, Listener, Pushed, Stats},
+    registry::{check_idempotency_key, check_user, Listener, Pushed, Stats, User},
 };
 
 /// Most pushes one `History` call returns.
@@ -43,15 +43,18 @@ impl Gateway {
     /// Mints credentials valid for `ttl` (the node's default when `None`) and, when `channels`
     /// is not empty, subscribes them in the same call. Channels are checked before anything is
     /// minted, so a refused call leaves no credentials behind.
+    /// With a `user`, the credentials belong to it: [`Gateway::send_user`] and
+    /// [`Gateway::disconnect_user`] reach them.
     pub async fn issue(
         &self,
         ttl: Option<Duration>,
         channels: &[Channel],
+        user: Option<&User>,
     ) -> Result<Credentials, Error> {
         if !channels.is_empty() {
             crate::registry::check_channel_count(channels)?;
         }
-        let creds = self.bus().issue(ttl).await?;
+        let creds = self.bus().issue(ttl, user).await?;
         if !channels.is_empty() {
             self.bus().subscribe(&creds.digest, channels, true).await?;
         }
@@ -132,6 +135,41 @@ impl Gateway {
     /// was live.
     pub async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
         self.bus().disconnect(digest, close).await
+    }
+
+    /// Sends `json` (framed as a push on `channel`) to every live socket of `user`, on every
+    /// node; returns how many were live.
+    pub async fn send_user(&self, user: &str, channel: &Channel, json: &str) -> Result<u64, Error> {
+        check_user(user)?;
+        let frame = crate::protocol::send_frame(channel, &self.edge.registry.check_payload(json)?);
+        let mut live = 0;
+        for digest in self.bus().user_digests(user).await? {
+            match self.bus().send(&digest, frame.clone()).await {
+                Ok(true) => live += 1,
+                Ok(false) => {}
+                Err(Error::UnknownDigest) => self.bus().forget_user_digest(user, &digest).await,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(live)
+    }
+
+    /// Ends every set of credentials issued for `user` that has not ended (issued, live or
+    /// within its grace), on every node, closing the live sockets with `close` ("log out
+    /// everywhere"); returns how many sockets were live.
+    pub async fn disconnect_user(&self, user: &str, close: Close) -> Result<u64, Error> {
+        check_user(user)?;
+        let mut live = 0;
+        for digest in self.bus().user_digests(user).await? {
+            match self.bus().disconnect(&digest, close.clone()).await {
+                Ok(true) => live += 1,
+                Ok(false) => {}
+                Err(Error::UnknownDigest) => {}
+                Err(err) => return Err(err),
+            }
+            self.bus().forget_user_digest(user, &digest).await;
+        }
+        Ok(live)
     }
 
     /// Counts of what this node holds; per channel when `per_channel` (only `only`, when not

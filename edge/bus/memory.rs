@@ -7,7 +7,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Pushed, Registry},
+    registry::{Conn, Ending, Listener, Pushed, Registry, User},
 };
 
 /// The bus of a node on its own.
@@ -32,8 +32,16 @@ impl Bus for Memory {
         Ok(())
     }
 
-    async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
-        self.registry.issue(ttl)
+    async fn issue(
+        &self,
+        ttl: Option<Duration>,
+        user: Option<&User>,
+    ) -> Result<Credentials, Error> {
+        self.registry.issue(ttl, user)
+    }
+
+    async fn user_digests(&self, user: &str) -> Result<Vec<Digest>, Error> {
+        Ok(self.registry.user_digests(user))
     }
 
     async fn subscribe(

@@ -26,7 +26,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Pushed, Refusal, Registry},
+    registry::{Conn, Ending, Listener, Pushed, Refusal, Registry, User},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)
@@ -100,8 +100,17 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     /// `Ok` when the node can take traffic; else why not.
     fn readiness(&self) -> Result<(), String>;
 
-    /// Mints credentials valid for `ttl` (the default when `None`) and records them.
-    async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error>;
+    /// Mints credentials valid for `ttl` (the default when `None`) for `user`, and records
+    /// them.
+    async fn issue(&self, ttl: Option<Duration>, user: Option<&User>)
+        -> Result<Credentials, Error>;
+
+    /// The credentials issued for `user` that may not have ended, on every node. May name some
+    /// that ended since (calls on them answer `UnknownDigest`).
+    async fn user_digests(&self, user: &str) -> Result<Vec<Digest>, Error>;
+
+    /// Forgets that `digest` (found ended) belongs to `user`.
+    async fn forget_user_digest(&self, _user: &str, _digest: &Digest) {}
 
     /// Adds (`add`) or removes `digest`'s subscriptions to `channels`, and applies the change
     /// to its live socket wherever it is. Returns whether a socket is live.

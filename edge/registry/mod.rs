@@ -13,6 +13,7 @@
 //!   recovery reads from here; in cluster mode, the sequencer that orders pushes from Redis;
 //! * [`listeners`]: `Listen` streams, which sit in the channels they listen to;
 //! * [`idempotency`]: which `Push` keys each channel took (single node);
+//! * [`users`]: the user bound to credentials at issue, and each user's credentials;
 //! * [`cluster`]: what the registry tells a cluster bus: channels whose local interest changed,
 //!   and channels to bring up to date from Redis.
 //!
@@ -52,6 +53,7 @@ mod listeners;
 mod sessions;
 #[cfg(test)]
 mod tests;
+mod users;
 
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize},
@@ -74,6 +76,7 @@ pub use history::{Policy, ENTRY_BYTES};
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
 pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
+pub use users::{check_user, User, MAX_INFO_LEN, MAX_USER_LEN};
 
 #[allow(unused_imports)] // for the docs
 use crate::gateway::Gateway;
@@ -94,6 +97,8 @@ struct Shared {
     limits: Limits,
     /// [`sessions`]: credentials known here, by digest.
     sessions: DashMap<Digest, sessions::Session>,
+    /// [`users`]: the credentials known here, by the user they were issued for.
+    users: users::UserIndex,
     /// [`sessions`]: sockets live on this node; changed only by `Registry::set_state`.
     live: AtomicUsize,
     /// [`sessions`]: a number for each socket, unique on this node.
@@ -149,6 +154,7 @@ impl Registry {
             shared: Arc::new(Shared {
                 secrets,
                 sessions: DashMap::new(),
+                users: DashMap::new(),
                 live: AtomicUsize::new(0),
                 next_serial: AtomicU64::new(1),
                 channels: DashMap::new(),

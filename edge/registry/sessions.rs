@@ -16,7 +16,9 @@ use dashmap::{mapref::entry::Entry, mapref::one::RefMut};
 
 use super::{
     channels::{Fetched, Join},
-    check_channel_count, Registry,
+    check_channel_count,
+    users::User,
+    Registry,
 };
 use crate::{
     credentials::{CredentialError, Credentials, Digest, Verified},
@@ -44,14 +46,17 @@ pub(super) struct Session {
     pub(super) expires_at_ms: u64,
     pub(super) state: State,
     pub(super) channels: HashSet<Channel>,
+    /// Who the application issued the credentials for, if it said.
+    pub(super) user: Option<User>,
 }
 
 impl Session {
-    fn issued(expires_at_ms: u64) -> Self {
+    fn issued(expires_at_ms: u64, user: Option<User>) -> Self {
         Self {
             expires_at_ms,
             state: State::Issued,
             channels: HashSet::new(),
+            user,
         }
     }
 }
@@ -223,13 +228,17 @@ impl Registry {
         self.shared.secrets.verify(connection_id, socket_key)
     }
 
-    /// Mints credentials valid for `ttl` (the configured default when `None`) and records
-    /// them here.
-    pub fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+    /// Mints credentials valid for `ttl` (the configured default when `None`) for `user`,
+    /// and records them here.
+    pub fn issue(&self, ttl: Option<Duration>, user: Option<&User>) -> Result<Credentials, Error> {
         let creds = self.mint(ttl)?;
-        self.shared
-            .sessions
-            .insert(creds.digest, Session::issued(creds.expires_at_ms));
+        if let Some(user) = user {
+            self.index_user(creds.digest, user);
+        }
+        self.shared.sessions.insert(
+            creds.digest,
+            Session::issued(creds.expires_at_ms, user.cloned()),
+        );
         Ok(creds)
     }
 
@@ -268,20 +277,26 @@ impl Registry {
     /// Binds a socket whose credentials the cluster already accepted, with the subscriptions
     /// the cluster holds for its digest (and what the bus read from Redis for recovery);
     /// replaces whatever this node remembered of it.
+    #[allow(clippy::too_many_arguments)] // one call site, the Redis bus's attach
     pub fn attach_accepted(
         &self,
         verified: &Verified,
         channels: Vec<Channel>,
+        user: Option<User>,
         recover: Option<&Recover>,
         fetched: &std::collections::HashMap<Channel, Fetched>,
         resumed: bool,
     ) -> Arc<Conn> {
         let conn = self.new_conn(verified.digest, recover.is_some());
+        if let Some(user) = &user {
+            self.index_user(verified.digest, user);
+        }
         let mut session = self
             .shared
             .sessions
             .entry(verified.digest)
-            .or_insert_with(|| Session::issued(verified.expires_at_ms));
+            .or_insert_with(|| Session::issued(verified.expires_at_ms, user.clone()));
+        session.user = user;
         if let State::Live(old) = &session.state {
             // The cluster says the old socket is gone; make it so here too.
             let old = old.clone();
@@ -396,8 +411,8 @@ impl Registry {
         Ok(matches!(was, State::Live(_)))
     }
 
-    /// The sockets live on this node: digest, first-use deadline, channels.
-    pub fn live_sessions(&self) -> Vec<(Digest, u64, Vec<Channel>)> {
+    /// The sockets live on this node: digest, first-use deadline, channels, user.
+    pub fn live_sessions(&self) -> Vec<(Digest, u64, Vec<Channel>, Option<User>)> {
         self.shared
             .sessions
             .iter()
@@ -407,6 +422,7 @@ impl Registry {
                     *s.key(),
                     s.expires_at_ms,
                     s.channels.iter().cloned().collect(),
+                    s.user.clone(),
                 )
             })
             .collect()
@@ -426,9 +442,9 @@ impl Registry {
     /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway).
     pub fn sweep(&self) {
         let now = now_ms();
-        self.shared
-            .sessions
-            .retain(|_, session| match session.state {
+        let mut forgotten = Vec::new();
+        self.shared.sessions.retain(|digest, session| {
+            let keep = match session.state {
                 State::Live(_) => true,
                 State::Issued | State::Dead => now < session.expires_at_ms,
                 State::Grace { until_ms } if now >= until_ms => {
@@ -436,7 +452,17 @@ impl Registry {
                     now < session.expires_at_ms
                 }
                 State::Grace { .. } => true,
-            });
+            };
+            if !keep {
+                if let Some(user) = &session.user {
+                    forgotten.push((*digest, user.name.clone()));
+                }
+            }
+            keep
+        });
+        for (digest, user) in forgotten {
+            self.unindex_user(&digest, &user);
+        }
     }
 
     /// One beat of the node's heartbeat, for the live sockets whose serial is `slice` modulo

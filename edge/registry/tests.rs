@@ -44,7 +44,7 @@ async fn frames(conn: &Conn) -> Vec<String> {
 #[tokio::test]
 async fn subscriptions_made_before_connect_apply_on_connect() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     assert!(!r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap());
     let conn = connect(&r, &c);
     assert_eq!(push(&r, "b", "1"), 1);
@@ -59,7 +59,7 @@ async fn fan_out_counts_every_subscriber_in_the_backlog_until_written() {
     let r = registry();
     let conns: Vec<_> = (0..3)
         .map(|_| {
-            let c = r.issue(None).unwrap();
+            let c = r.issue(None, None).unwrap();
             r.subscribe(&c.digest, &[ch("a")]).unwrap();
             connect(&r, &c)
         })
@@ -76,7 +76,7 @@ async fn fan_out_counts_every_subscriber_in_the_backlog_until_written() {
 #[test]
 fn ids_are_single_use() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
     let conn = r.attach(&v, None).unwrap();
     assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::AlreadyLive);
@@ -91,7 +91,7 @@ fn ids_are_single_use() {
 #[test]
 fn resumable_drop_keeps_subscriptions_within_grace() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let conn = connect(&r, &c);
     r.detach(&conn, Ending::Resumable);
@@ -108,7 +108,7 @@ fn resumable_drop_keeps_subscriptions_within_grace() {
 #[test]
 fn disconnect_ends_credentials_and_closes_outbox() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let conn = connect(&r, &c);
     let close = Close::Application {
@@ -148,7 +148,7 @@ fn an_id_this_registry_never_recorded_is_refused() {
 #[test]
 fn invalid_calls_are_refused() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     assert!(matches!(
         r.subscribe(&c.digest, &[]),
         Err(Error::NoChannels)
@@ -160,7 +160,7 @@ fn invalid_calls_are_refused() {
         Err(Error::UnknownDigest)
     ));
     assert!(matches!(
-        r.issue(Some(Duration::ZERO)),
+        r.issue(Some(Duration::ZERO), None),
         Err(Error::BadTtl { .. })
     ));
 }
@@ -168,8 +168,8 @@ fn invalid_calls_are_refused() {
 #[test]
 fn stats_count_what_is_held() {
     let r = registry();
-    let a = r.issue(None).unwrap();
-    let b = r.issue(None).unwrap();
+    let a = r.issue(None, None).unwrap();
+    let b = r.issue(None, None).unwrap();
     r.subscribe(&a.digest, &[ch("x"), ch("y")]).unwrap();
     r.subscribe(&b.digest, &[ch("x")]).unwrap();
     let _conn = connect(&r, &a);
@@ -185,13 +185,20 @@ fn stats_count_what_is_held() {
 fn the_live_count_follows_every_transition() {
     let r = registry();
     let live = |r: &Registry| r.stats(false, &[]).connections;
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
     let first = r.attach(&v, None).unwrap();
     assert_eq!(live(&r), 1);
     // The cluster hands the id to a new socket here: the old one is closed, still one live.
-    let second = r.attach_accepted(&v, vec![ch("a"), ch("b")], None, &HashMap::new(), false);
+    let second = r.attach_accepted(
+        &v,
+        vec![ch("a"), ch("b")],
+        None,
+        None,
+        &HashMap::new(),
+        false,
+    );
     assert!(first.outbox.is_closed());
     assert_eq!(live(&r), 1);
     assert_eq!(push(&r, "b", "1"), 1);
@@ -223,7 +230,7 @@ fn json(frame: &str) -> serde_json::Value {
 #[tokio::test]
 async fn a_resumed_socket_gets_exactly_what_it_missed_then_live_pushes() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
     let conn = r.attach(&v, Some(&Recover::default())).unwrap();
@@ -278,7 +285,7 @@ async fn history_that_does_not_reach_back_means_a_gap_and_no_replay() {
         limits,
         Arc::default(),
     );
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     for i in 1..=5 {
         push(&r, "a", &i.to_string());
@@ -313,7 +320,7 @@ async fn history_that_does_not_reach_back_means_a_gap_and_no_replay() {
 #[test]
 fn an_idempotent_push_is_taken_once() {
     let r = registry();
-    let c = r.issue(None).unwrap();
+    let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let _conn = connect(&r, &c);
     let payload = Json::parse("1").unwrap();

@@ -97,6 +97,7 @@ async fn send_and_disconnect_reach_the_socket_on_another_node() {
             digest: creds.digest.clone(),
             channel: "direct".into(),
             json: "\"hi\"".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -110,6 +111,7 @@ async fn send_and_disconnect_reach_the_socket_on_another_node() {
             digest: creds.digest.clone(),
             code: 4002,
             reason: "bye".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

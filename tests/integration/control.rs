@@ -82,6 +82,7 @@ async fn invalid_requests_get_their_status_codes() {
         digest: digest.into(),
         channel: channel.into(),
         json: json.into(),
+        ..Default::default()
     };
     assert_eq!(
         code_of(c.send(send(&digest, "a", "nope")).await),
@@ -100,6 +101,7 @@ async fn invalid_requests_get_their_status_codes() {
         digest: digest.clone(),
         code,
         reason: reason.into(),
+        ..Default::default()
     };
     assert_eq!(
         code_of(c.disconnect(disconnect(1000, "")).await),
@@ -126,6 +128,7 @@ async fn invalid_requests_get_their_status_codes() {
     let ttl = pb::IssueConnectionRequest {
         ttl_ms: 48 * 3600 * 1000,
         channels: vec![],
+        ..Default::default()
     };
     assert_eq!(
         code_of(c.issue_connection(ttl).await),
@@ -151,6 +154,7 @@ async fn disconnect_closes_with_the_application_code_and_ends_the_id() {
             digest: creds.digest.clone(),
             code: 4003,
             reason: "banned".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -166,6 +170,7 @@ async fn disconnect_closes_with_the_application_code_and_ends_the_id() {
             digest: creds.digest,
             code: 0,
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -181,6 +186,7 @@ async fn a_message_sent_just_before_disconnect_arrives_first() {
         digest: creds.digest.clone(),
         channel: "bye".into(),
         json: "\"goodbye\"".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -188,6 +194,7 @@ async fn a_message_sent_just_before_disconnect_arrives_first() {
         digest: creds.digest,
         code: 4001,
         reason: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();

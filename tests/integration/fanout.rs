@@ -67,6 +67,7 @@ async fn send_by_digest_reaches_only_that_socket() {
         digest,
         channel: "private".into(),
         json: json.into(),
+        ..Default::default()
     };
     let r = gw
         .control()
@@ -296,6 +297,7 @@ async fn issue_can_subscribe_in_the_same_call() {
         .issue_connection(pb::IssueConnectionRequest {
             ttl_ms: 0,
             channels: vec!["a".into(), "b".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -311,6 +313,7 @@ async fn issue_can_subscribe_in_the_same_call() {
         .issue_connection(pb::IssueConnectionRequest {
             ttl_ms: 0,
             channels: vec!["bad name".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

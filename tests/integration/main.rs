@@ -22,3 +22,4 @@ mod setup;
 mod shutdown;
 mod support;
 mod tls;
+mod users;

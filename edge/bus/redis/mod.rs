@@ -5,6 +5,7 @@
 //! | --- | --- | --- | --- |
 //! | `P:s:{digest}` | hash `state, exp, until, node` | the credentials' state: `issued`, `live` (on `node`), `grace` (until `until`), `dead` | until the id expires (longer while live or in grace) |
 //! | `P:subs:{digest}` | set | the digest's channels | as `P:s:{digest}`; deleted when dead |
+//! | `P:u:<user>` | set | the digests issued for `<user>` (`P:s:{digest}` holds `user` and `info` too) | the newest credentials' deadline plus [`LIVE_TTL`]; renewed with live sockets |
 //! | `P:nodes` | sorted set | node id → last heartbeat (ms) | heartbeats every second |
 //! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
@@ -78,7 +79,7 @@ use crate::{
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{now_ms, Conn, Ending, Listener, Refusal, Registry},
+    registry::{now_ms, Conn, Ending, Listener, Refusal, Registry, User},
 };
 
 mod history;
@@ -325,6 +326,11 @@ impl RedisBus {
         format!("{}:{kind}:{digest}", self.prefix)
     }
 
+    /// The set of the digests issued for `user`.
+    fn user_key(&self, user: &str) -> String {
+        format!("{}:u:{user}", self.prefix)
+    }
+
     fn nodes_key(&self) -> String {
         format!("{}:nodes", self.prefix)
     }
@@ -470,19 +476,64 @@ impl Bus for RedisBus {
         self.stalled.lock().clone().map_or(Ok(()), Err)
     }
 
-    /// Mints credentials and records them as issued.
-    async fn issue(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+    /// Mints credentials and records them as issued (for `user`, in the user's set too).
+    async fn issue(
+        &self,
+        ttl: Option<Duration>,
+        user: Option<&User>,
+    ) -> Result<Credentials, Error> {
         self.ready()?;
         let creds = self.registry.mint(ttl)?;
         let mut conn = self.conn.clone();
+        let (name, info) = user.map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
+        // The user's set outlives its newest credentials' first-use deadline by a live
+        // socket's TTL; live sockets renew it.
+        let user_ttl = creds.expires_at_ms.saturating_sub(now_ms()) + LIVE_TTL.as_millis() as u64;
         self.scripts
             .issue
             .key(self.key("s", &creds.digest))
+            .key(user.map_or_else(|| self.key("s", &creds.digest), |u| self.user_key(&u.name)))
             .arg(creds.expires_at_ms)
+            .arg(name)
+            .arg(info)
+            .arg(user_ttl)
+            .arg(creds.digest.to_string())
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
         Ok(creds)
+    }
+
+    async fn user_digests(&self, user: &str) -> Result<Vec<Digest>, Error> {
+        self.ready()?;
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = self
+            .within(async {
+                redis::cmd("SMEMBERS")
+                    .arg(self.user_key(user))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))
+            })
+            .await?;
+        Ok(members.iter().filter_map(|d| d.parse().ok()).collect())
+    }
+
+    async fn forget_user_digest(&self, user: &str, digest: &Digest) {
+        let mut conn = self.conn.clone();
+        let forgot = self
+            .within(async {
+                redis::cmd("SREM")
+                    .arg(self.user_key(user))
+                    .arg(digest.to_string())
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))
+            })
+            .await;
+        if let Err(err) = forgot {
+            tracing::debug!(%err, "an ended digest stays in its user's set until the set expires");
+        }
     }
 
     /// Adds (or removes) `digest`'s subscriptions in Redis, and on the node holding its socket
@@ -616,6 +667,14 @@ impl Bus for RedisBus {
             _ => return Err(Refusal::Ended.into()),
         }
         let resumed = reply.next().as_deref() == Some("resumed");
+        let (name, info) = (
+            reply.next().unwrap_or_default(),
+            reply.next().unwrap_or_default(),
+        );
+        let user = (!name.is_empty()).then(|| User {
+            name: name.into(),
+            info: (!info.is_empty()).then(|| info.into()),
+        });
         let channels: Vec<Channel> = reply.filter_map(|c| Channel::new(&c).ok()).collect();
         let since = recover.map(|r| &r.0);
         let fetched = match self.follow(&channels, since).await {
@@ -628,7 +687,7 @@ impl Bus for RedisBus {
         };
         Ok(self
             .registry
-            .attach_accepted(verified, channels, recover, &fetched, resumed))
+            .attach_accepted(verified, channels, user, recover, &fetched, resumed))
     }
 
     async fn submit(

@@ -195,14 +195,24 @@ impl RedisBus {
             .query_async::<i64>(&mut conn)
             .await?;
         let mut restored = 0;
-        for (digest, expires_at_ms, channels) in self.registry.live_sessions() {
+        for (digest, expires_at_ms, channels, user) in self.registry.live_sessions() {
             let mut invocation = self.scripts.restore.prepare_invoke();
+            let (name, info) = user
+                .as_ref()
+                .map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
             invocation
                 .key(self.key("s", &digest))
                 .key(self.key("subs", &digest))
+                .key(
+                    user.as_ref()
+                        .map_or_else(|| self.key("s", &digest), |u| self.user_key(&u.name)),
+                )
                 .arg(&self.node)
                 .arg(expires_at_ms)
-                .arg(LIVE_TTL.as_millis() as u64);
+                .arg(LIVE_TTL.as_millis() as u64)
+                .arg(name)
+                .arg(info)
+                .arg(digest.to_string());
             for channel in &channels {
                 invocation.arg(channel.as_str());
             }

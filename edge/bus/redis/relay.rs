@@ -158,6 +158,13 @@ impl RedisBus {
                             .ignore();
                     }
                 }
+                for user in self.registry.live_users() {
+                    pipe.cmd("PEXPIRE")
+                        .arg(self.user_key(&user))
+                        .arg(LIVE_TTL.as_millis() as u64)
+                        .arg("GT")
+                        .ignore();
+                }
             }
             // The heartbeat is also the node's probe of Redis: no answer within the deadline
             // and the node is not ready (calls fail fast) until one comes.

@@ -3,13 +3,22 @@
 
 use redis::Script;
 
+/// KEYS: s, the user's set (s again when there is no user). ARGV: exp, user ('' for none),
+/// info, user set ttl (ms), digest.
 pub(super) const ISSUE: &str = r"
 redis.call('HSET', KEYS[1], 'state', 'issued', 'exp', ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'info', ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[5])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  end
+end
 redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
 return 1";
 
 /// KEYS: s, subs, nodes. ARGV: now, node, exp, grace, lease, live_ttl.
-/// Returns {'ok', 'fresh'|'resumed', channels...} or {'expired'|'in_use'|'ended'|'unknown'}.
+/// Returns {'ok', 'fresh'|'resumed', user, info, channels...} (user and info '' when none) or {'expired'|'in_use'|'ended'|'unknown'}.
 /// An id with no state here was issued before Redis lost its data (issuing records every id):
 /// it is refused, so a Redis that comes back empty never reopens ended credentials.
 pub(super) const ATTACH: &str = r"
@@ -32,6 +41,9 @@ redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 local result = redis.call('SMEMBERS', KEYS[2])
+local who = redis.call('HMGET', KEYS[1], 'user', 'info')
+table.insert(result, 1, who[2] or '')
+table.insert(result, 1, who[1] or '')
 table.insert(result, 1, state == 'issued' and 'fresh' or 'resumed')
 table.insert(result, 1, 'ok')
 return result";
@@ -91,14 +103,19 @@ if live then return {'live', s[2]} end
 return {'offline'}";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
-/// persistence); leaves existing state alone. KEYS: s, subs. ARGV: node, exp, live_ttl,
-/// channels...
+/// persistence); leaves existing state alone. KEYS: s, subs, the user's set (s again when
+/// none). ARGV: node, exp, live_ttl, user ('' for none), info, digest, channels...
 pub(super) const RESTORE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if #ARGV > 3 then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'user', ARGV[4], 'info', ARGV[5])
+  redis.call('SADD', KEYS[3], ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+if #ARGV > 6 then
+  redis.call('SADD', KEYS[2], unpack(ARGV, 7))
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 return 1";
