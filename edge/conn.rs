@@ -48,7 +48,7 @@ use crate::{
     limit::TokenBucket,
     node::Edge,
     protocol::{parse_inbound, Frame, Reply},
-    registry::{Conn, Ending},
+    registry::{Conn, EndReason, Ended, Ending},
 };
 
 /// A writer keeps its batch buffer between writes up to this many frames of capacity.
@@ -144,7 +144,9 @@ async fn run_split<S>(
 {
     let conn = &conn;
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
-    edge.handlers.connected(&socket);
+    let user = edge.registry.user_of(&conn.digest());
+    edge.handlers
+        .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     let end = tokio::select! {
         end = write_loop(&mut sink, conn, edge) => end,
         end = read_loop(&mut stream, conn, &socket, edge) => end,
@@ -176,14 +178,33 @@ async fn finish<S>(
         .closes
         .with_label_values(&[&code])
         .inc();
-    let detail = match &end {
-        End::PeerClosed { .. } => r#"{"reason":"closed by client"}"#.to_owned(),
-        End::Lost(_) => r#"{"reason":"connection lost"}"#.to_owned(),
-        End::Closing(close) => {
-            serde_json::json!({"code": close.code(), "reason": close.reason()}).to_string()
+    // The one final `$disconnect`, when this end is final; a resumable end is told when the
+    // grace runs out without a resume (the registry's or the cluster's doing, see `ends`).
+    let reason = match (&end, end.ending()) {
+        (End::PeerClosed { .. }, Ending::Final) => Some(EndReason::ClientClosed),
+        (End::Closing(_), Ending::Final) => Some(EndReason::Application),
+        (_, Ending::Resumable) if edge.config.limits.reconnect_grace.is_zero() => {
+            Some(EndReason::Dropped)
         }
+        _ => None,
     };
-    edge.handlers.disconnected(socket, &detail);
+    if let Some(reason) = reason {
+        edge.registry
+            .metrics()
+            .ends
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        edge.handlers.ended(&Ended {
+            connection_id: socket.connection_id.clone(),
+            digest: conn.digest(),
+            user: edge.registry.user_of(&conn.digest()).map(|u| u.name),
+            reason,
+            close: match &end {
+                End::Closing(close) => Some((close.code(), close.reason().to_owned())),
+                _ => None,
+            },
+        });
+    }
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {
         End::Closing(close) => close.clone(),
@@ -479,7 +500,7 @@ mod tests {
         let verified = registry
             .verify(&creds.connection_id, &creds.socket_key)
             .unwrap();
-        let conn = registry.attach(&verified, None).unwrap();
+        let conn = registry.attach(&verified, "id", None).unwrap();
         let edge = Arc::new(
             Edge::new(
                 Arc::new(Memory::new(registry)),

@@ -348,7 +348,7 @@ where
     })?;
     let conn = edge
         .bus
-        .attach(&verified, recover.as_ref())
+        .attach(&verified, &connection_id, recover.as_ref())
         .await
         .map_err(|err| {
             tracing::debug!(%peer, %connection_id, %err, "handshake refused");

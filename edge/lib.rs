@@ -186,6 +186,22 @@ impl Node {
             });
         }
 
+        // Final ends decided away from sockets' tasks (a grace that ran out, a node lost)
+        // become `$disconnect` events, until the node halts.
+        if let Some(mut ends) = edge.registry.take_ends() {
+            let (edge, halt) = (edge.clone(), edge.halt.clone());
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        ended = ends.recv() => match ended {
+                            Some(ended) => edge.handlers.ended(&ended),
+                            None => break,
+                        },
+                        _ = halt.cancelled() => break,
+                    }
+                }
+            });
+        }
         tracker.spawn(server::serve(client, edge.clone()));
         tracker.spawn({
             let edge = edge.clone();

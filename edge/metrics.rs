@@ -30,6 +30,10 @@ pub struct Metrics {
     pub history_bytes: IntGauge,
     /// Messages from the cluster bus that did not decode (counted and dropped).
     pub bus_malformed: IntCounter,
+    /// Final `$disconnect` events not told because the lifecycle queue was full.
+    pub lifecycle_dropped: IntCounter,
+    /// Final ends of credentials, by reason (`$disconnect` events decided on this node).
+    pub ends: IntCounterVec,
     /// WebSocket handshakes by result (`accepted`, or the refusal reason).
     pub handshakes: IntCounterVec,
     /// Client-plane connections closed at accept, by reason (`pending_per_ip`, `pending_full`).
@@ -139,6 +143,15 @@ impl Metrics {
             bus_malformed: counter(
                 "channelgate_bus_malformed_total",
                 "Messages from the cluster bus that did not decode, dropped.",
+            ),
+            lifecycle_dropped: counter(
+                "channelgate_lifecycle_dropped_total",
+                "Final $disconnect events not told: the node's lifecycle queue was full.",
+            ),
+            ends: counter_vec(
+                "channelgate_ends_total",
+                "Credentials that ended for good, by reason, as decided on this node.",
+                "reason",
             ),
             handshakes: counter_vec(
                 "channelgate_handshakes_total",

@@ -105,9 +105,10 @@ impl Bus for Memory {
     async fn attach(
         &self,
         verified: &Verified,
+        connection_id: &str,
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError> {
-        Ok(self.registry.attach(verified, recover)?)
+        Ok(self.registry.attach(verified, connection_id, recover)?)
     }
 
     fn detach(&self, conn: &Conn, ending: Ending) {

@@ -167,6 +167,7 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     async fn attach(
         &self,
         verified: &Verified,
+        connection_id: &str,
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError>;
 

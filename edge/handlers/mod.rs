@@ -217,13 +217,27 @@ impl Handlers {
         }
     }
 
-    /// Tells the `Handle` streams that asked for lifecycle events that a socket opened.
-    pub fn connected(&self, socket: &Socket) {
-        self.remote.lifecycle(remote::CONNECT, socket, "{}");
+    /// Tells the `Handle` streams that asked for lifecycle events that a socket opened:
+    /// `{"resumed": bool, "user": ...}` (resumed: the credentials had a socket before, and
+    /// this one took over within the reconnect grace; no `$disconnect` came between).
+    pub fn connected(&self, socket: &Socket, resumed: bool, user: Option<&str>) {
+        let detail = serde_json::json!({"resumed": resumed, "user": user}).to_string();
+        self.remote.lifecycle(
+            remote::CONNECT,
+            &socket.connection_id,
+            socket.digest,
+            &detail,
+        );
     }
 
-    /// Tells them that a socket closed; `detail` is a small JSON object (code, reason).
-    pub fn disconnected(&self, socket: &Socket, detail: &str) {
-        self.remote.lifecycle(remote::DISCONNECT, socket, detail);
+    /// Tells them that credentials ended for good: the one final `$disconnect` of a
+    /// connection.
+    pub fn ended(&self, ended: &crate::registry::Ended) {
+        self.remote.lifecycle(
+            remote::DISCONNECT,
+            &ended.connection_id,
+            ended.digest,
+            &ended.json(),
+        );
     }
 }

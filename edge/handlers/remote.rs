@@ -26,7 +26,8 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Outcome, Request, Socket};
+use super::{Outcome, Request};
+use crate::credentials::Digest;
 use crate::{
     handoff::{Delivery, Forwarded, HandlerReply, Inbound, LocalEnd, LocalGroup, Outbound},
     protocol::{Body, Json, Reply},
@@ -504,11 +505,17 @@ impl Remote {
     }
 
     /// Tells one member of each group that asked for them that a socket opened or closed.
-    pub fn lifecycle(&self, action: &'static str, socket: &Socket, detail: &str) {
+    pub fn lifecycle(
+        &self,
+        action: &'static str,
+        connection_id: &str,
+        digest: Digest,
+        detail: &str,
+    ) {
         let delivery = Delivery {
             delivery_id: 0,
-            connection_id: socket.connection_id.clone(),
-            digest: socket.digest,
+            connection_id: connection_id.into(),
+            digest,
             action: action.into(),
             id: None,
             json: detail.into(),

@@ -14,6 +14,8 @@
 //! * [`listeners`]: `Listen` streams, which sit in the channels they listen to;
 //! * [`idempotency`]: which `Push` keys each channel took (single node);
 //! * [`users`]: the user bound to credentials at issue, and each user's credentials;
+//! * [`ends`]: final ends of credentials decided away from a socket (grace over, a node lost),
+//!   for the `$disconnect` lifecycle event;
 //! * [`cluster`]: what the registry tells a cluster bus: channels whose local interest changed,
 //!   and channels to bring up to date from Redis.
 //!
@@ -47,6 +49,7 @@
 
 mod channels;
 mod cluster;
+mod ends;
 mod history;
 mod idempotency;
 mod listeners;
@@ -72,6 +75,7 @@ use crate::{
 };
 
 pub use channels::{Fetched, Pushed};
+pub use ends::{EndReason, Ended, ENDS_QUEUE};
 pub use history::{Policy, ENTRY_BYTES};
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
@@ -99,6 +103,8 @@ struct Shared {
     sessions: DashMap<Digest, sessions::Session>,
     /// [`users`]: the credentials known here, by the user they were issued for.
     users: users::UserIndex,
+    /// [`ends`]: final ends decided away from sockets' tasks, for the lifecycle task.
+    ends: ends::Ends,
     /// [`sessions`]: sockets live on this node; changed only by `Registry::set_state`.
     live: AtomicUsize,
     /// [`sessions`]: a number for each socket, unique on this node.
@@ -155,6 +161,7 @@ impl Registry {
                 secrets,
                 sessions: DashMap::new(),
                 users: DashMap::new(),
+                ends: Default::default(),
                 live: AtomicUsize::new(0),
                 next_serial: AtomicU64::new(1),
                 channels: DashMap::new(),

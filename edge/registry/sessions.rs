@@ -18,7 +18,7 @@ use super::{
     channels::{Fetched, Join},
     check_channel_count,
     users::User,
-    Registry,
+    EndReason, Ended, Registry,
 };
 use crate::{
     credentials::{CredentialError, Credentials, Digest, Verified},
@@ -48,6 +48,8 @@ pub(super) struct Session {
     pub(super) channels: HashSet<Channel>,
     /// Who the application issued the credentials for, if it said.
     pub(super) user: Option<User>,
+    /// The public id, once a socket connected with it (for the final `$disconnect`).
+    pub(super) connection_id: Option<Box<str>>,
 }
 
 impl Session {
@@ -57,6 +59,7 @@ impl Session {
             state: State::Issued,
             channels: HashSet::new(),
             user,
+            connection_id: None,
         }
     }
 }
@@ -88,17 +91,31 @@ pub struct Conn {
     /// The client asked for positions (the handshake's `recover`): it gets the `connected`
     /// frame, position frames on live subscribes, and gap frames.
     pub(super) positions: bool,
+    /// The credentials were used before: this socket resumes within the reconnect grace.
+    resumed: bool,
 }
 
 impl Conn {
-    fn new(serial: u64, digest: Digest, backlog: &Arc<Backlog>, positions: bool) -> Self {
+    fn new(
+        serial: u64,
+        digest: Digest,
+        backlog: &Arc<Backlog>,
+        positions: bool,
+        resumed: bool,
+    ) -> Self {
         Self {
             serial,
             digest,
             last_seen_ms: AtomicU64::new(monotonic_ms()),
             outbox: Outbox::new(backlog.clone()),
             positions,
+            resumed,
         }
+    }
+
+    /// Whether the socket resumed credentials that had a socket before (within the grace).
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Records that the client sent something just now.
@@ -172,13 +189,33 @@ impl Registry {
         std::mem::replace(&mut session.state, next)
     }
 
-    fn new_conn(&self, digest: Digest, positions: bool) -> Arc<Conn> {
+    fn new_conn(&self, digest: Digest, positions: bool, resumed: bool) -> Arc<Conn> {
         Arc::new(Conn::new(
             self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
             digest,
             &self.shared.backlog,
             positions,
+            resumed,
         ))
+    }
+
+    /// Reports that `session` (of `digest`) ended for good away from its socket's task.
+    fn report_end(&self, digest: Digest, session: &Session, reason: EndReason) {
+        let Some(connection_id) = session.connection_id.clone() else {
+            return; // never connected: nothing to tell
+        };
+        self.shared
+            .metrics
+            .ends
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.ended(Ended {
+            connection_id,
+            digest,
+            user: session.user.as_ref().map(|u| u.name.clone()),
+            reason,
+            close: None,
+        });
     }
 
     /// Joins a new socket to its channels, replaying what it missed where it asked to recover,
@@ -248,6 +285,7 @@ impl Registry {
     pub fn attach(
         &self,
         verified: &Verified,
+        connection_id: &str,
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, Refusal> {
         let now = now_ms();
@@ -268,8 +306,9 @@ impl Registry {
             State::Live(_) => return Err(Refusal::AlreadyLive),
             State::Dead => return Err(Refusal::Ended),
         };
-        let conn = self.new_conn(verified.digest, recover.is_some());
+        let conn = self.new_conn(verified.digest, recover.is_some(), resumed);
         self.join_all(&conn, session.channels.iter(), recover, None, resumed);
+        session.connection_id = Some(connection_id.into());
         self.set_state(&mut session, State::Live(conn.clone()));
         Ok(conn)
     }
@@ -281,13 +320,14 @@ impl Registry {
     pub fn attach_accepted(
         &self,
         verified: &Verified,
+        connection_id: &str,
         channels: Vec<Channel>,
         user: Option<User>,
         recover: Option<&Recover>,
         fetched: &std::collections::HashMap<Channel, Fetched>,
         resumed: bool,
     ) -> Arc<Conn> {
-        let conn = self.new_conn(verified.digest, recover.is_some());
+        let conn = self.new_conn(verified.digest, recover.is_some(), resumed);
         if let Some(user) = &user {
             self.index_user(verified.digest, user);
         }
@@ -297,6 +337,7 @@ impl Registry {
             .entry(verified.digest)
             .or_insert_with(|| Session::issued(verified.expires_at_ms, user.clone()));
         session.user = user;
+        session.connection_id = Some(connection_id.into());
         if let State::Live(old) = &session.state {
             // The cluster says the old socket is gone; make it so here too.
             let old = old.clone();
@@ -408,6 +449,11 @@ impl Registry {
             conn.outbox.close(close);
         }
         let was = self.set_state(&mut session, State::Dead);
+        // A live socket's end is told by its task; one in its grace ends here. In cluster mode
+        // the bus tells it (Redis knows whether it resumed on another node).
+        if matches!(was, State::Grace { .. }) && !self.is_clustered() {
+            self.report_end(*digest, &session, EndReason::Application);
+        }
         Ok(matches!(was, State::Live(_)))
     }
 
@@ -449,6 +495,10 @@ impl Registry {
                 State::Issued | State::Dead => now < session.expires_at_ms,
                 State::Grace { until_ms } if now >= until_ms => {
                     self.set_state(session, State::Dead);
+                    // In cluster mode Redis decides (the socket may have resumed elsewhere).
+                    if !self.is_clustered() {
+                        self.report_end(*digest, session, EndReason::GraceExpired);
+                    }
                     now < session.expires_at_ms
                 }
                 State::Grace { .. } => true,

@@ -24,7 +24,7 @@ fn ch(name: &str) -> Channel {
 
 fn connect(r: &Registry, c: &Credentials) -> Arc<Conn> {
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    r.attach(&v, None).unwrap()
+    r.attach(&v, "id", None).unwrap()
 }
 
 /// Pushes `json` to `channel`; returns the sockets it was queued to.
@@ -78,10 +78,10 @@ fn ids_are_single_use() {
     let r = registry();
     let c = r.issue(None, None).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    let conn = r.attach(&v, None).unwrap();
-    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::AlreadyLive);
+    let conn = r.attach(&v, "id", None).unwrap();
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::AlreadyLive);
     r.detach(&conn, Ending::Final);
-    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Ended);
     assert!(matches!(
         r.subscribe(&c.digest, &[ch("a")]),
         Err(Error::UnknownDigest)
@@ -120,7 +120,7 @@ fn disconnect_ends_credentials_and_closes_outbox() {
     assert_eq!(push(&r, "a", "1"), 0);
     r.detach(&conn, Ending::Resumable);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Ended);
     let s = r.stats(true, &[]);
     assert_eq!((s.connections, s.channels, s.subscriptions), (0, 0, 0));
 }
@@ -131,7 +131,7 @@ fn expired_credentials_are_refused() {
     let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
     let c = secrets.issue(now_ms() - 1);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Expired);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Expired);
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn an_id_this_registry_never_recorded_is_refused() {
     let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
     let c = secrets.issue(now_ms() + 60_000);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, None).unwrap_err(), Refusal::Unknown);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Unknown);
 }
 
 #[test]
@@ -188,11 +188,12 @@ fn the_live_count_follows_every_transition() {
     let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a")]).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    let first = r.attach(&v, None).unwrap();
+    let first = r.attach(&v, "id", None).unwrap();
     assert_eq!(live(&r), 1);
     // The cluster hands the id to a new socket here: the old one is closed, still one live.
     let second = r.attach_accepted(
         &v,
+        "id",
         vec![ch("a"), ch("b")],
         None,
         None,
@@ -207,7 +208,7 @@ fn the_live_count_follows_every_transition() {
     assert_eq!(live(&r), 1);
     r.detach(&second, Ending::Resumable);
     assert_eq!(live(&r), 0);
-    let third = r.attach(&v, None).unwrap();
+    let third = r.attach(&v, "id", None).unwrap();
     assert_eq!(live(&r), 1);
     assert!(r.disconnect(&c.digest, Close::GoingAway).unwrap());
     assert_eq!(live(&r), 0);
@@ -233,7 +234,7 @@ async fn a_resumed_socket_gets_exactly_what_it_missed_then_live_pushes() {
     let c = r.issue(None, None).unwrap();
     r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    let conn = r.attach(&v, Some(&Recover::default())).unwrap();
+    let conn = r.attach(&v, "id", Some(&Recover::default())).unwrap();
     let first = frames(&conn).await;
     let connected = json(&first[0]);
     assert_eq!(connected["connected"]["resumed"], false);
@@ -254,7 +255,9 @@ async fn a_resumed_socket_gets_exactly_what_it_missed_then_live_pushes() {
         epoch: epoch.as_str().into(),
         offset: 3,
     };
-    let again = r.attach(&v, Some(&recover_from(&[("a", &seen)]))).unwrap();
+    let again = r
+        .attach(&v, "id", Some(&recover_from(&[("a", &seen)])))
+        .unwrap();
     push(&r, "a", "7");
     let got: Vec<_> = frames(&again).await.iter().map(|f| json(f)).collect();
     assert_eq!(got[0]["connected"]["resumed"], true);
@@ -296,7 +299,9 @@ async fn history_that_does_not_reach_back_means_a_gap_and_no_replay() {
         epoch: epoch.clone(),
         offset: 1,
     };
-    let conn = r.attach(&v, Some(&recover_from(&[("a", &stale)]))).unwrap();
+    let conn = r
+        .attach(&v, "id", Some(&recover_from(&[("a", &stale)])))
+        .unwrap();
     let got = frames(&conn).await;
     assert_eq!(got.len(), 1, "no partial replay: {got:?}");
     let a = &json(&got[0])["connected"]["channels"]["a"];
@@ -310,7 +315,7 @@ async fn history_that_does_not_reach_back_means_a_gap_and_no_replay() {
         offset: 5,
     };
     let conn = r
-        .attach(&v, Some(&recover_from(&[("a", &old_epoch)])))
+        .attach(&v, "id", Some(&recover_from(&[("a", &old_epoch)])))
         .unwrap();
     let a = json(&frames(&conn).await[0]);
     assert_eq!(a["connected"]["channels"]["a"]["recovered"], false);

@@ -17,6 +17,7 @@ mod handle;
 mod handshake;
 mod history;
 mod js_client;
+mod lifecycle;
 mod messages;
 mod setup;
 mod shutdown;

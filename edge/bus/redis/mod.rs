@@ -6,7 +6,9 @@
 //! | `P:s:{digest}` | hash `state, exp, until, node` | the credentials' state: `issued`, `live` (on `node`), `grace` (until `until`), `dead` | until the id expires (longer while live or in grace) |
 //! | `P:subs:{digest}` | set | the digest's channels | as `P:s:{digest}`; deleted when dead |
 //! | `P:u:<user>` | set | the digests issued for `<user>` (`P:s:{digest}` holds `user` and `info` too) | the newest credentials' deadline plus [`LIVE_TTL`]; renewed with live sockets |
-//! | `P:nodes` | sorted set | node id → last heartbeat (ms) | heartbeats every second |
+//! | `P:nodes` | sorted set | node id → last heartbeat (ms) | heartbeats every second; a dead node's entry is removed once its sockets are ended |
+//! | `P:nl:{node}` | set | the digests live on `node` | renewed with them |
+//! | `P:ends` | sorted set | digests in their grace → when it ends (ms) | until resumed or ended |
 //! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
 //! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
@@ -39,6 +41,12 @@
 //! dies, its sockets may resume elsewhere within the reconnect grace, counted from its last
 //! heartbeat. State changes are Lua scripts, so two nodes never both accept one id; an id with
 //! no state at all (issued before Redis lost its data) is refused.
+//!
+//! # Final ends
+//! Every node runs a reaper ([`reaper`]) each second: credentials whose grace ran out without a
+//! resume (`P:ends`), and those still live on a node whose heartbeat is older than its lease
+//! plus the grace (`P:nl:{node}`), are ended by a script that only one node's call can win, and
+//! that node tells the final `$disconnect` (`grace expired`, `node lost`).
 //!
 //! # Handle streams across nodes
 //! Each node advertises the groups of its `Handle` streams in `P:act:{action}` (sorted set of
@@ -79,12 +87,13 @@ use crate::{
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{now_ms, Conn, Ending, Listener, Refusal, Registry, User},
+    registry::{now_ms, Conn, EndReason, Ending, Listener, Refusal, Registry, User},
 };
 
 mod history;
 mod pubsub;
 mod queue;
+mod reaper;
 mod relay;
 mod scripts;
 
@@ -210,7 +219,9 @@ struct PubSub {
 /// Where a digest's socket is.
 enum Holder {
     Unknown,
-    Offline,
+    /// No socket live; with the connection id and user when the call just ended credentials
+    /// that had one (the caller tells their final end).
+    Offline(Option<(String, String)>),
     Live(String),
 }
 
@@ -282,6 +293,7 @@ impl RedisBus {
             &halt,
         );
         bus.spawn_task("heartbeat", bus.clone().heartbeat(halt.clone()), &halt);
+        bus.spawn_task("reaper", bus.clone().reap(halt.clone()), &halt);
         Ok(bus)
     }
 
@@ -329,6 +341,16 @@ impl RedisBus {
     /// The set of the digests issued for `user`.
     fn user_key(&self, user: &str) -> String {
         format!("{}:u:{user}", self.prefix)
+    }
+
+    /// The digests waiting for their grace to end (sorted by when it does).
+    fn ends_key(&self) -> String {
+        format!("{}:ends", self.prefix)
+    }
+
+    /// The digests live on `node`, for ending them should it die.
+    fn node_live_key(&self, node: &str) -> String {
+        format!("{}:nl:{node}", self.prefix)
     }
 
     fn nodes_key(&self) -> String {
@@ -437,9 +459,11 @@ impl RedisBus {
             .key(self.key("s", digest))
             .key(self.key("subs", digest))
             .key(self.nodes_key())
+            .key(self.ends_key())
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
             .arg(u8::from(end))
+            .arg(digest.to_string())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
@@ -564,7 +588,7 @@ impl Bus for RedisBus {
             .map_err(|e| self.unavailable(&e))?;
         match parse_holder(reply) {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline => Ok(false),
+            Holder::Offline(_) => Ok(false),
             Holder::Live(node) if node == self.node => {
                 self.apply_subscribe(digest, channels, add).await;
                 Ok(true)
@@ -595,7 +619,7 @@ impl Bus for RedisBus {
         self.ready()?;
         match self.holder(digest, false).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline => Ok(false),
+            Holder::Offline(_) => Ok(false),
             Holder::Live(node) if node == self.node => Ok(self.registry.send_frame(digest, &frame)),
             Holder::Live(node) => {
                 self.command(
@@ -616,7 +640,12 @@ impl Bus for RedisBus {
         self.ready()?;
         match self.holder(digest, true).await? {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline => Ok(false),
+            Holder::Offline(ended) => {
+                if let Some((connection_id, user)) = ended {
+                    self.report_end(*digest, &connection_id, &user, EndReason::Application);
+                }
+                Ok(false)
+            }
             Holder::Live(node) if node == self.node => {
                 let _ = self.registry.disconnect(digest, close);
                 Ok(true)
@@ -639,6 +668,7 @@ impl Bus for RedisBus {
     async fn attach(
         &self,
         verified: &Verified,
+        connection_id: &str,
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError> {
         self.readiness().map_err(AttachError::Unavailable)?;
@@ -649,12 +679,16 @@ impl Bus for RedisBus {
             .key(self.key("s", &verified.digest))
             .key(self.key("subs", &verified.digest))
             .key(self.nodes_key())
+            .key(self.ends_key())
+            .key(self.node_live_key(&self.node))
             .arg(now_ms())
             .arg(&self.node)
             .arg(verified.expires_at_ms)
             .arg(self.grace.as_millis() as u64)
             .arg(LEASE.as_millis() as u64)
             .arg(LIVE_TTL.as_millis() as u64)
+            .arg(connection_id)
+            .arg(verified.digest.to_string())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| AttachError::Unavailable(e.to_string()))?;
@@ -685,9 +719,15 @@ impl Bus for RedisBus {
                 return Err(AttachError::Unavailable(err.to_string()));
             }
         };
-        Ok(self
-            .registry
-            .attach_accepted(verified, channels, user, recover, &fetched, resumed))
+        Ok(self.registry.attach_accepted(
+            verified,
+            connection_id,
+            channels,
+            user,
+            recover,
+            &fetched,
+            resumed,
+        ))
     }
 
     async fn submit(
@@ -765,10 +805,13 @@ impl RedisBus {
                 .detach
                 .key(bus.key("s", &digest))
                 .key(bus.key("subs", &digest))
+                .key(bus.ends_key())
+                .key(bus.node_live_key(&bus.node))
                 .arg(&bus.node)
                 .arg(now_ms())
                 .arg(u8::from(ending == Ending::Resumable))
                 .arg(bus.grace.as_millis() as u64)
+                .arg(digest.to_string())
                 .invoke_async::<i64>(&mut conn)
                 .await;
             if let Err(err) = result {
@@ -782,7 +825,12 @@ fn parse_holder(reply: Vec<String>) -> Holder {
     let mut reply = reply.into_iter();
     match (reply.next().as_deref(), reply.next()) {
         (Some("live"), Some(node)) => Holder::Live(node),
-        (Some("offline"), _) => Holder::Offline,
+        (Some("offline"), ended) => Holder::Offline(match (ended.as_deref(), reply.next()) {
+            (Some("1"), Some(connection_id)) if !connection_id.is_empty() => {
+                Some((connection_id, reply.next().unwrap_or_default()))
+            }
+            _ => None,
+        }),
         _ => Holder::Unknown,
     }
 }

@@ -207,6 +207,7 @@ impl RedisBus {
                     user.as_ref()
                         .map_or_else(|| self.key("s", &digest), |u| self.user_key(&u.name)),
                 )
+                .key(self.node_live_key(&self.node))
                 .arg(&self.node)
                 .arg(expires_at_ms)
                 .arg(LIVE_TTL.as_millis() as u64)

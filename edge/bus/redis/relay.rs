@@ -158,6 +158,10 @@ impl RedisBus {
                             .ignore();
                     }
                 }
+                pipe.cmd("PEXPIRE")
+                    .arg(self.node_live_key(&self.node))
+                    .arg(LIVE_TTL.as_millis() as u64)
+                    .ignore();
                 for user in self.registry.live_users() {
                     pipe.cmd("PEXPIRE")
                         .arg(self.user_key(&user))

@@ -17,7 +17,8 @@ end
 redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
 return 1";
 
-/// KEYS: s, subs, nodes. ARGV: now, node, exp, grace, lease, live_ttl.
+/// KEYS: s, subs, nodes, ends, this node's live set. ARGV: now, node, exp, grace, lease,
+/// live_ttl, connection id, digest.
 /// Returns {'ok', 'fresh'|'resumed', user, info, channels...} (user and info '' when none) or {'expired'|'in_use'|'ended'|'unknown'}.
 /// An id with no state here was issued before Redis lost its data (issuing records every id):
 /// it is refused, so a Redis that comes back empty never reopens ended credentials.
@@ -37,8 +38,11 @@ else
   if now >= exp then return {'expired'} end
   if not state then return {'unknown'} end
 end
-redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp)
+redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp, 'cid', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZREM', KEYS[4], ARGV[8])
+redis.call('SADD', KEYS[5], ARGV[8])
+redis.call('PEXPIRE', KEYS[5], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 local result = redis.call('SMEMBERS', KEYS[2])
 local who = redis.call('HMGET', KEYS[1], 'user', 'info')
@@ -48,14 +52,19 @@ table.insert(result, 1, state == 'issued' and 'fresh' or 'resumed')
 table.insert(result, 1, 'ok')
 return result";
 
-/// KEYS: s, subs. ARGV: node, now, resumable (0/1), grace.
+/// A socket's end. A resumable one waits in `ends` (scored by the grace's end) for a node's
+/// reaper to end it, unless it resumes first.
+/// KEYS: s, subs, ends, this node's live set. ARGV: node, now, resumable (0/1), grace, digest.
 pub(super) const DETACH: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
 if s[1] ~= 'live' or s[2] ~= ARGV[1] then return 0 end
+redis.call('SREM', KEYS[4], ARGV[5])
 local now = tonumber(ARGV[2]); local grace = tonumber(ARGV[4]); local exp = tonumber(s[3]) or now
 if ARGV[3] == '1' and grace > 0 then
   redis.call('HSET', KEYS[1], 'state', 'grace', 'until', now + grace)
-  local ttl = math.max(now + grace, exp) - now + 1000
+  redis.call('ZADD', KEYS[3], now + grace, ARGV[5])
+  -- Kept a minute past the grace, so a late reaper still finds whom to tell.
+  local ttl = math.max(now + grace, exp) - now + 60000
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 else
@@ -83,10 +92,12 @@ if s[1] == 'live' then
 end
 return {'offline'}";
 
-/// KEYS: s, subs, nodes. ARGV: now, lease, end (1: mark dead).
-/// Returns {'unknown'} or {'offline'} or {'live', node}.
+/// KEYS: s, subs, nodes, ends. ARGV: now, lease, end (1: mark dead), digest.
+/// Returns {'unknown'} or {'offline', ended (0/1), connection id, user} or {'live', node}.
+/// `ended` is 1 when this call ended credentials that had a socket but none live now (in their
+/// grace, or on a node that stopped heartbeating): the caller tells their final end.
 pub(super) const HOLDER: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
+local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid', 'user')
 if not s[1] or s[1] == 'dead' then return {'unknown'} end
 local live = false
 if s[1] == 'live' then
@@ -96,19 +107,49 @@ end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[4], ARGV[4])
   local exp = tonumber(s[3]) or 0
   redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
 end
 if live then return {'live', s[2]} end
-return {'offline'}";
+local ended = (ARGV[3] == '1' and s[1] ~= 'issued') and '1' or '0'
+return {'offline', ended, s[4] or '', s[5] or ''}";
+
+/// Ends credentials whose grace ran out without a resume, once (the node whose call ends them
+/// tells it). KEYS: s, subs, ends. ARGV: now, digest.
+/// Returns {} or {connection id, user}.
+pub(super) const REAP_GRACE: &str = r"
+local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'cid', 'user', 'exp')
+local now = tonumber(ARGV[1])
+if s[1] == 'grace' and tonumber(s[2]) > now then return {} end
+redis.call('ZREM', KEYS[3], ARGV[2])
+if s[1] ~= 'grace' then return {} end
+redis.call('HSET', KEYS[1], 'state', 'dead')
+redis.call('DEL', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - now, 0) + 1000)
+return {s[3] or '', s[4] or ''}";
+
+/// Ends credentials still live on a node that stopped heartbeating (the caller checked that
+/// its lease and the grace passed), once. KEYS: s, subs, that node's live set.
+/// ARGV: now, node, digest. Returns {} or {connection id, user}.
+pub(super) const REAP_LOST: &str = r"
+local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'exp')
+redis.call('SREM', KEYS[3], ARGV[3])
+if s[1] ~= 'live' or s[2] ~= ARGV[2] then return {} end
+redis.call('HSET', KEYS[1], 'state', 'dead')
+redis.call('DEL', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - tonumber(ARGV[1]), 0) + 1000)
+return {s[3] or '', s[4] or ''}";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
 /// persistence); leaves existing state alone. KEYS: s, subs, the user's set (s again when
-/// none). ARGV: node, exp, live_ttl, user ('' for none), info, digest, channels...
+/// none), this node's live set. ARGV: node, exp, live_ttl, user ('' for none), info, digest, channels...
 pub(super) const RESTORE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'user', ARGV[4], 'info', ARGV[5])
   redis.call('SADD', KEYS[3], ARGV[6])
@@ -214,6 +255,8 @@ pub(super) struct Scripts {
     pub(super) detach: Script,
     pub(super) subscribe: Script,
     pub(super) holder: Script,
+    pub(super) reap_grace: Script,
+    pub(super) reap_lost: Script,
     pub(super) restore: Script,
     pub(super) push: Script,
     pub(super) read: Script,
@@ -227,6 +270,8 @@ impl Scripts {
             detach: Script::new(DETACH),
             subscribe: Script::new(SUBSCRIBE),
             holder: Script::new(HOLDER),
+            reap_grace: Script::new(REAP_GRACE),
+            reap_lost: Script::new(REAP_LOST),
             restore: Script::new(RESTORE),
             push: Script::new(PUSH),
             read: Script::new(READ),

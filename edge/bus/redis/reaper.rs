@@ -1,0 +1,164 @@
+//! The reaper: ends, once across the cluster, the credentials whose reconnect grace ran out
+//! without a resume, and those still live on a node that died, and tells their final
+//! `$disconnect`. Every node runs it; each end is one script that only one call can win.
+//!
+//! Bounds: a grace that ends is told within [`REAP_EVERY`] of its end; a dead node's sockets
+//! are told within its lease, plus the grace, plus [`REAP_EVERY`], after its last heartbeat.
+//! A node that dies between winning an end and telling it loses that one event (the window is
+//! the time to queue it to the `Handle` streams).
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisBus, LEASE};
+use crate::{
+    credentials::Digest,
+    error::Error,
+    registry::{now_ms, EndReason, Ended},
+};
+
+/// How often each node looks for ends.
+pub(crate) const REAP_EVERY: Duration = Duration::from_secs(1);
+/// Most ends of each kind one pass takes (the next pass takes the rest).
+const REAP_BATCH: usize = 512;
+
+impl RedisBus {
+    /// Runs the reaper until `halt`.
+    pub(super) async fn reap(self: Arc<Self>, halt: CancellationToken) {
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = halt.cancelled() => return,
+            }
+            if self.ready().is_err() {
+                continue;
+            }
+            if let Err(err) = self.within(self.reap_once()).await {
+                tracing::debug!(%err, "reaper pass failed; the next one retries");
+            }
+        }
+    }
+
+    async fn reap_once(&self) -> Result<(), Error> {
+        let now = now_ms();
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.ends_key())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(REAP_BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        for text in due {
+            let Ok(digest) = text.parse::<Digest>() else {
+                continue;
+            };
+            let reply: Vec<String> = self
+                .scripts
+                .reap_grace
+                .key(self.key("s", &digest))
+                .key(self.key("subs", &digest))
+                .key(self.ends_key())
+                .arg(now)
+                .arg(&text)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            self.report_reaped(digest, reply, EndReason::GraceExpired);
+        }
+        // Nodes silent for longer than their lease and the grace: whatever is still live there
+        // did not resume anywhere.
+        let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);
+        let dead: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.nodes_key())
+            .arg("-inf")
+            .arg(cutoff)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(16)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        for node in dead.into_iter().filter(|n| *n != self.node) {
+            let live_key = self.node_live_key(&node);
+            let members: Vec<String> = redis::cmd("SRANDMEMBER")
+                .arg(&live_key)
+                .arg(REAP_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            for text in &members {
+                let Ok(digest) = text.parse::<Digest>() else {
+                    let _: Result<i64, _> = redis::cmd("SREM")
+                        .arg(&live_key)
+                        .arg(text)
+                        .query_async(&mut conn)
+                        .await;
+                    continue;
+                };
+                let reply: Vec<String> = self
+                    .scripts
+                    .reap_lost
+                    .key(self.key("s", &digest))
+                    .key(self.key("subs", &digest))
+                    .key(&live_key)
+                    .arg(now)
+                    .arg(&node)
+                    .arg(text)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))?;
+                self.report_reaped(digest, reply, EndReason::NodeLost);
+            }
+            if members.len() < REAP_BATCH {
+                // Every socket of the node is ended: it leaves the heartbeat set.
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(self.nodes_key())
+                    .arg(&node)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))?;
+                tracing::info!(%node, ended = members.len(), "a node that stopped heartbeating was reaped");
+            }
+        }
+        Ok(())
+    }
+
+    fn report_reaped(&self, digest: Digest, reply: Vec<String>, reason: EndReason) {
+        let mut reply = reply.into_iter();
+        if let (Some(connection_id), user) = (reply.next(), reply.next()) {
+            self.report_end(digest, &connection_id, &user.unwrap_or_default(), reason);
+        }
+    }
+
+    /// Tells the final end of credentials this node's call ended away from their socket.
+    pub(super) fn report_end(
+        &self,
+        digest: Digest,
+        connection_id: &str,
+        user: &str,
+        reason: EndReason,
+    ) {
+        if connection_id.is_empty() {
+            return; // never connected: nothing to tell
+        }
+        self.registry
+            .metrics()
+            .ends
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.registry.ended(Ended {
+            connection_id: connection_id.into(),
+            digest,
+            user: (!user.is_empty()).then(|| Arc::from(user)),
+            reason,
+            close: None,
+        });
+    }
+}

@@ -1,0 +1,254 @@
+//! Lifecycle events: `$connect` says whether a socket resumed; every connection ends with
+//! exactly one final `$disconnect` saying why, on one node, across nodes, and when the
+//! socket's node is SIGKILLed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{
+    cluster::{unique_prefix, REDIS, SECRET},
+    handle::{join, Service},
+    support::{connect_at, spawn_binary, wait_until, Creds, Gateway, PATIENCE},
+};
+use channelgate::pb;
+
+const GRACE: Duration = Duration::from_secs(1);
+
+async fn gateway(redis_prefix: Option<&str>) -> Gateway {
+    let prefix = redis_prefix.map(str::to_owned);
+    let gw = Gateway::start_with(move |c| {
+        c.limits.reconnect_grace = GRACE;
+        if let Some(prefix) = prefix {
+            c.redis = Some(REDIS.into());
+            c.redis_prefix = prefix;
+            c.secret = Some(SECRET.into());
+        }
+    })
+    .await;
+    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
+    gw
+}
+
+async fn issue_for(gw: &Gateway, user: &str) -> Creds {
+    gw.client
+        .issue_for(None, &["room"], user, "")
+        .await
+        .expect("IssueConnection")
+        .into()
+}
+
+/// The next lifecycle event: its action, connection id and JSON.
+async fn event(svc: &mut Service) -> (String, String, Value) {
+    let m: pb::ClientMessage = svc.next().await;
+    (
+        m.action,
+        m.connection_id,
+        serde_json::from_str(&m.json).unwrap(),
+    )
+}
+
+/// `a` and `b` may be one node, or two nodes of one cluster.
+async fn lifecycle_scenario(a: &Gateway, b: &Gateway, svc: &mut Service) {
+    // A clean close: $connect (fresh), then the final $disconnect, "client closed".
+    let c1 = issue_for(a, "u").await;
+    let ws = a.connect(&c1).await;
+    assert_eq!(
+        event(svc).await,
+        (
+            "$connect".into(),
+            c1.id.clone(),
+            json!({"resumed": false, "user": "u"})
+        )
+    );
+    ws.close().await;
+    let (action, id, detail) = event(svc).await;
+    assert_eq!(
+        (action.as_str(), id.as_str()),
+        ("$disconnect", c1.id.as_str())
+    );
+    assert_eq!(detail["reason"], "client closed");
+    assert_eq!(
+        (detail["final"].clone(), detail["user"].clone()),
+        (json!(true), json!("u"))
+    );
+
+    // Dropped, resumed within the grace (on the other node): no $disconnect between the two
+    // $connects, and the second says resumed. Then the application ends it.
+    let c2 = issue_for(a, "v").await;
+    let ws = a.connect(&c2).await;
+    assert_eq!(event(svc).await.2["resumed"], false);
+    ws.drop_unclean();
+    a.wait_for_connections(0).await;
+    let ws = b.connect(&c2).await;
+    assert_eq!(
+        event(svc).await,
+        (
+            "$connect".into(),
+            c2.id.clone(),
+            json!({"resumed": true, "user": "v"})
+        )
+    );
+    a.client
+        .disconnect(&c2.digest, 4001, "kicked")
+        .await
+        .unwrap();
+    let (action, id, detail) = event(svc).await;
+    assert_eq!(
+        (action.as_str(), id.as_str()),
+        ("$disconnect", c2.id.as_str())
+    );
+    assert_eq!(detail["reason"], "disconnected by the application");
+    assert_eq!(detail["code"], 4001);
+    drop(ws);
+
+    // Dropped and never back: the final $disconnect once the grace ran out, "grace expired".
+    let c3 = issue_for(b, "w").await;
+    let ws = b.connect(&c3).await;
+    assert_eq!(event(svc).await.1, c3.id);
+    let dropped = Instant::now();
+    ws.drop_unclean();
+    let (action, id, detail) = event(svc).await;
+    assert_eq!(
+        (action.as_str(), id.as_str()),
+        ("$disconnect", c3.id.as_str())
+    );
+    assert_eq!(detail["reason"], "grace expired");
+    assert!(dropped.elapsed() >= GRACE, "told before the grace ran out");
+    assert_eq!(b.try_connect(&c3).await.err(), Some(403));
+
+    // Dropped, and the application disconnects it while it is in its grace: told once, now.
+    let c4 = issue_for(a, "x").await;
+    let ws = a.connect(&c4).await;
+    assert_eq!(event(svc).await.1, c4.id);
+    ws.drop_unclean();
+    a.wait_for_connections(0).await;
+    b.client.disconnect(&c4.digest, 0, "").await.unwrap();
+    let (action, id, detail) = event(svc).await;
+    assert_eq!(
+        (action.as_str(), id.as_str()),
+        ("$disconnect", c4.id.as_str())
+    );
+    assert_eq!(detail["reason"], "disconnected by the application");
+
+    // Nothing else comes: not a second $disconnect for any of them, even after every grace.
+    tokio::time::sleep(GRACE * 3).await;
+    let marker = issue_for(a, "marker").await;
+    let _ws = a.connect(&marker).await;
+    assert_eq!(
+        event(svc).await.1,
+        marker.id,
+        "no extra event came before this one"
+    );
+}
+
+#[tokio::test]
+async fn every_connection_ends_with_one_final_disconnect_on_one_node() {
+    let gw = gateway(None).await;
+    let mut svc = join(&gw, "lifecycle", &[], true).await;
+    lifecycle_scenario(&gw, &gw, &mut svc).await;
+}
+
+#[tokio::test]
+async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
+    let prefix = unique_prefix("lifecycle");
+    let a = gateway(Some(&prefix)).await;
+    let b = gateway(Some(&prefix)).await;
+    // The group's one stream is on A; events of sockets on B cross over Redis.
+    let mut svc = join(&a, "lifecycle", &[], true).await;
+    let _held = first_event_through(&mut svc, |user| {
+        let b = &b;
+        async move { (issue_for(b, &user).await, b.http.to_string()) }
+    })
+    .await;
+    lifecycle_scenario(&a, &b, &mut svc).await;
+}
+
+/// Connects probes through a node until one's `$connect` reaches `svc` (the node has seen the
+/// group's advertisement). Returns the probes' sockets (kept open, so they send nothing more)
+/// and the probe that got through.
+async fn first_event_through<F, Fut>(
+    svc: &mut Service,
+    mut probe: F,
+) -> (Vec<crate::support::Ws>, Creds)
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = (Creds, String)>,
+{
+    let mut held = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    for n in 0.. {
+        assert!(Instant::now() < deadline, "the group was never advertised");
+        let (creds, http) = probe(format!("probe-{n}")).await;
+        held.push(connect_at(&http, &creds).await);
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), svc.next()).await {
+            assert_eq!(
+                (m.action.as_str(), m.connection_id.as_str()),
+                ("$connect", creds.id.as_str())
+            );
+            return (held, creds);
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
+    let prefix = unique_prefix("node-lost");
+    let (mut doomed, http, grpc) = spawn_binary(&[
+        "--redis",
+        REDIS,
+        "--redis-prefix",
+        &prefix,
+        "--secret",
+        SECRET,
+        "--reconnect-grace",
+        "1s",
+    ]);
+    let survivor = gateway(Some(&prefix)).await;
+    let mut svc = join(&survivor, "lifecycle", &[], true).await;
+    let client = channelgate::client::Client::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    // The socket on the doomed node whose $connect reached the survivor's stream.
+    let (_held, creds) = first_event_through(&mut svc, |_| {
+        let (client, http) = (&client, http.clone());
+        async move {
+            let creds: Creds = client
+                .issue_for(None, &["room"], "v", "")
+                .await
+                .unwrap()
+                .into();
+            (creds, http)
+        }
+    })
+    .await;
+    doomed.kill().unwrap();
+    let killed = Instant::now();
+    doomed.wait().unwrap();
+    // Every probe on the doomed node ends with "node lost"; this is the one to time.
+    let (action, id, detail) = loop {
+        let (action, id, detail) = event(&mut svc).await;
+        assert_eq!(
+            (action.as_str(), &detail["reason"]),
+            ("$disconnect", &json!("node lost"))
+        );
+        if id == creds.id {
+            break (action, id, detail);
+        }
+    };
+    let took = killed.elapsed();
+    assert_eq!(
+        (action.as_str(), id.as_str()),
+        ("$disconnect", creds.id.as_str())
+    );
+    assert_eq!(detail["reason"], "node lost");
+    assert_eq!(detail["user"], "v");
+    // Lease (3 s) + grace (1 s) + one reaper pass (1 s), after the last heartbeat.
+    assert!(took <= Duration::from_secs(7), "took {took:?}");
+    assert_eq!(survivor.try_connect(&creds).await.err(), Some(403));
+    assert_eq!(
+        survivor.client.send_user("v", "direct", "1").await.unwrap(),
+        0
+    );
+}
