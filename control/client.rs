@@ -427,6 +427,23 @@ impl Client {
             .connections)
     }
 
+    /// `Presence`: the connections present in `channel`, on every node.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<pb::PresenceMember>, Status> {
+        let request = pb::PresenceRequest {
+            channel: channel.to_owned(),
+        };
+        Ok(self.raw().presence(request).await?.into_inner().members)
+    }
+
+    /// `PresenceStats`: `(connections, users)` present in `channel`.
+    pub async fn presence_stats(&self, channel: &str) -> Result<(u64, u64), Status> {
+        let request = pb::PresenceRequest {
+            channel: channel.to_owned(),
+        };
+        let r = self.raw().presence_stats(request).await?.into_inner();
+        Ok((r.connections, r.users))
+    }
+
     /// `Stats`: the node's counts; per channel when `per_channel` (only `channels`, when not
     /// empty).
     pub async fn stats(

@@ -13,7 +13,7 @@ use edge::{
     error::{code, Close, Error},
     handoff::HandlerReply,
     protocol::{valid_epoch, Channel, Json, Position},
-    registry::{Pushed, Stats, User},
+    registry::{Present, Pushed, Stats, User},
 };
 
 use crate::{pb, status::status};
@@ -59,6 +59,23 @@ pub(crate) fn addresses_user(digest: &str, user: &str) -> Result<bool, Status> {
         (true, false) => Ok(true),
         (false, true) => Ok(false),
         _ => Err(status(Error::DigestOrUser)),
+    }
+}
+
+/// A presence entry on the wire.
+pub(crate) fn member(m: Present) -> pb::PresenceMember {
+    let (user, info_json) = m.user.map_or_else(Default::default, |u| {
+        (
+            u.name.to_string(),
+            u.info.as_deref().unwrap_or("").to_owned(),
+        )
+    });
+    pb::PresenceMember {
+        digest: m.digest.to_string(),
+        connection_id: m.connection_id.into(),
+        user,
+        info_json,
+        since_unix_ms: m.since_ms,
     }
 }
 

@@ -205,6 +205,33 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceResponse>, Status> {
+        let channel = convert::channel(&request.get_ref().channel)?;
+        let members = self.gateway.presence(&channel).await.map_err(status)?;
+        Ok(Response::new(pb::PresenceResponse {
+            members: members.into_iter().map(convert::member).collect(),
+        }))
+    }
+
+    async fn presence_stats(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceStatsResponse>, Status> {
+        let channel = convert::channel(&request.get_ref().channel)?;
+        let (connections, users) = self
+            .gateway
+            .presence_stats(&channel)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PresenceStatsResponse {
+            connections,
+            users,
+        }))
+    }
+
     async fn stats(
         &self,
         request: Request<pb::StatsRequest>,

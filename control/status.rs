@@ -21,7 +21,8 @@ pub(crate) fn status(err: Error) -> Status {
         Error::PayloadTooLarge { .. } | Error::TooManyIdempotencyKeys { .. } => {
             Code::ResourceExhausted
         }
-        Error::EpochChanged { .. } => Code::FailedPrecondition,
+        Error::EpochChanged { .. } | Error::PresenceOff => Code::FailedPrecondition,
+        Error::NotInCluster(_) => Code::Unimplemented,
         Error::UnknownDigest => Code::NotFound,
         Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
         Error::WeakSecret(_)

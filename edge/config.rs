@@ -470,6 +470,8 @@ pub struct NamespacePolicy {
     pub history_size: Option<usize>,
     /// Overrides `history-ttl`.
     pub history_ttl: Option<Duration>,
+    /// Keeps presence (who is subscribed and connected) for the namespace's channels.
+    pub presence: bool,
 }
 
 impl Namespaces {
@@ -494,9 +496,14 @@ impl Namespaces {
                 match key.as_str() {
                     "history-size" => policy.history_size = Some(kind::count::de(value).map_err(named)?),
                     "history-ttl" => policy.history_ttl = Some(kind::dur::de(value).map_err(named)?),
+                    "presence" => {
+                        policy.presence = value
+                            .as_bool()
+                            .ok_or_else(|| named("expected true or false".into()))?;
+                    }
                     _ => {
                         return Err(format!(
-                            "{name}: unknown key `{key}` (a namespace takes history-size and history-ttl)"
+                            "{name}: unknown key `{key}` (a namespace takes history-size, history-ttl and presence)"
                         ))
                     }
                 }
@@ -508,6 +515,14 @@ impl Namespaces {
 }
 
 impl Limits {
+    /// Whether `channel`'s namespace keeps presence (`presence = true` in its table).
+    pub fn presence(&self, channel: &str) -> bool {
+        channel
+            .split_once(':')
+            .and_then(|(ns, _)| self.namespaces.0.get(ns))
+            .is_some_and(|p| p.presence)
+    }
+
     /// The history policy of `channel`: its namespace's overrides, else the node's settings.
     pub fn history_policy(&self, channel: &str) -> crate::registry::Policy {
         let over = channel
@@ -823,10 +838,22 @@ mod tests {
             "[namespaces.chat]\nsize = 1",
             "namespaces = 1",
             "[namespaces.\"a:b\"]\nhistory-size = 1",
+            "[namespaces.chat]\npresence = \"yes\"",
         ] {
             let err = Settings::parse_toml(bad).unwrap_err();
             assert!(err.contains("namespaces"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn presence_is_kept_only_where_a_namespace_asks() {
+        let file = Settings::parse_toml("[namespaces.chat]\npresence = true\n[namespaces.feed]\n")
+            .unwrap();
+        let limits = file.into_config().unwrap().limits;
+        assert!(limits.presence("chat:room-1"));
+        assert!(!limits.presence("feed:x"));
+        assert!(!limits.presence("chat"), "no `:`, no namespace");
+        assert!(!limits.presence("other:x"));
     }
 
     #[test]

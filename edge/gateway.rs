@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     node::Edge,
     protocol::{Channel, Position},
-    registry::{check_idempotency_key, check_user, Listener, Pushed, Stats, User},
+    registry::{check_idempotency_key, check_user, Listener, Present, Pushed, Stats, User},
 };
 
 /// Most pushes one `History` call returns.
@@ -170,6 +170,23 @@ impl Gateway {
             self.bus().forget_user_digest(user, &digest).await;
         }
         Ok(live)
+    }
+
+    /// The connections present in `channel` (subscribed and connected), with their user,
+    /// info and since when. `PresenceOff` unless the channel's namespace keeps presence.
+    pub async fn presence(&self, channel: &Channel) -> Result<Vec<Present>, Error> {
+        if !self.edge.config.limits.presence(channel) {
+            return Err(Error::PresenceOff);
+        }
+        self.bus().presence(channel).await
+    }
+
+    /// `(connections, users)` present in `channel`; as [`Gateway::presence`], cheaply.
+    pub async fn presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error> {
+        if !self.edge.config.limits.presence(channel) {
+            return Err(Error::PresenceOff);
+        }
+        self.bus().presence_stats(channel).await
     }
 
     /// Counts of what this node holds; per channel when `per_channel` (only `only`, when not

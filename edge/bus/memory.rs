@@ -7,7 +7,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Pushed, Registry, User},
+    registry::{Conn, Ending, Listener, Present, Pushed, Registry, User},
 };
 
 /// The bus of a node on its own.
@@ -82,6 +82,14 @@ impl Bus for Memory {
         key: Option<&str>,
     ) -> Option<Result<Pushed, Error>> {
         Some(self.registry.push(channels, json, key))
+    }
+
+    async fn presence(&self, channel: &Channel) -> Result<Vec<Present>, Error> {
+        Ok(self.registry.presence(channel))
+    }
+
+    async fn presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error> {
+        Ok(self.registry.presence_stats(channel))
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {

@@ -26,7 +26,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Pushed, Refusal, Registry, User},
+    registry::{Conn, Ending, Listener, Present, Pushed, Refusal, Registry, User},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)
@@ -150,6 +150,12 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     ) -> Option<Result<Pushed, Error>> {
         None
     }
+
+    /// The connections present in `channel` (subscribed and connected), on every node.
+    async fn presence(&self, channel: &Channel) -> Result<Vec<Present>, Error>;
+
+    /// `(connections, users)` present in `channel`, on every node.
+    async fn presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error>;
 
     /// A page of `channel`'s history.
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error>;

@@ -19,9 +19,8 @@
 //! * [`cluster`]: what the registry tells a cluster bus: channels whose local interest changed,
 //!   and channels to bring up to date from Redis.
 //!
-//! Presence (who is subscribed, across nodes) is the room still to come: it will own its data
-//! beside these, fed from [`sessions`]' attach and detach the way [`history`] is fed from
-//! [`channels`]' delivery.
+//! * [`presence`]: who is present in each channel that keeps presence (one node), fed from
+//!   [`sessions`]' state changes and subscriptions.
 //!
 //! The node owns the [`Metrics`]; the registry counts into them.
 //!
@@ -53,6 +52,7 @@ mod ends;
 mod history;
 mod idempotency;
 mod listeners;
+mod presence;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -79,6 +79,7 @@ pub use ends::{EndReason, Ended, ENDS_QUEUE};
 pub use history::{Policy, ENTRY_BYTES};
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
+pub use presence::Present;
 pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
 pub use users::{check_user, User, MAX_INFO_LEN, MAX_USER_LEN};
 
@@ -103,6 +104,8 @@ struct Shared {
     sessions: DashMap<Digest, sessions::Session>,
     /// [`users`]: the credentials known here, by the user they were issued for.
     users: users::UserIndex,
+    /// [`presence`]: per channel (whose namespace keeps it), the connections present.
+    presence: DashMap<Channel, presence::Room>,
     /// [`ends`]: final ends decided away from sockets' tasks, for the lifecycle task.
     ends: ends::Ends,
     /// [`sessions`]: sockets live on this node; changed only by `Registry::set_state`.
@@ -162,6 +165,7 @@ impl Registry {
                 sessions: DashMap::new(),
                 users: DashMap::new(),
                 ends: Default::default(),
+                presence: DashMap::new(),
                 live: AtomicUsize::new(0),
                 next_serial: AtomicU64::new(1),
                 channels: DashMap::new(),

@@ -171,9 +171,25 @@ impl Registry {
     /// Moves `session` to `next`: the one place a session's state changes, so the live count
     /// follows every transition, and a session that dies drops its subscriptions. Returns the
     /// state it left.
-    fn set_state(&self, session: &mut Session, next: State) -> State {
+    fn set_state(&self, digest: Digest, session: &mut Session, next: State) -> State {
         let was_live = matches!(session.state, State::Live(_));
         let is_live = matches!(next, State::Live(_));
+        // Presence: a connection is present from its first socket to its final end; a drop
+        // and a resume within the grace change nothing.
+        let connected = |s: &State| matches!(s, State::Live(_) | State::Grace { .. });
+        match (connected(&session.state), connected(&next)) {
+            (false, true) => {
+                for channel in &session.channels {
+                    self.presence_join(digest, session, channel);
+                }
+            }
+            (true, false) => {
+                for channel in &session.channels {
+                    self.presence_leave(&digest, channel);
+                }
+            }
+            _ => {}
+        }
         match (was_live, is_live) {
             (false, true) => {
                 self.shared.live.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +316,7 @@ impl Registry {
             State::Issued => false,
             State::Grace { until_ms } if now < until_ms => true,
             State::Grace { .. } => {
-                self.set_state(&mut session, State::Dead);
+                self.set_state(verified.digest, &mut session, State::Dead);
                 return Err(Refusal::Ended);
             }
             State::Live(_) => return Err(Refusal::AlreadyLive),
@@ -309,7 +325,7 @@ impl Registry {
         let conn = self.new_conn(verified.digest, recover.is_some(), resumed);
         self.join_all(&conn, session.channels.iter(), recover, None, resumed);
         session.connection_id = Some(connection_id.into());
-        self.set_state(&mut session, State::Live(conn.clone()));
+        self.set_state(verified.digest, &mut session, State::Live(conn.clone()));
         Ok(conn)
     }
 
@@ -345,7 +361,7 @@ impl Registry {
                 self.remove_subscriber(channel, old.serial);
             }
             old.outbox.close(Close::GoingAway);
-            self.set_state(&mut session, State::Issued);
+            self.set_state(verified.digest, &mut session, State::Issued);
         }
         session.channels = channels.into_iter().collect();
         self.join_all(
@@ -355,7 +371,7 @@ impl Registry {
             Some(fetched),
             resumed,
         );
-        self.set_state(&mut session, State::Live(conn.clone()));
+        self.set_state(verified.digest, &mut session, State::Live(conn.clone()));
         conn
     }
 
@@ -379,7 +395,7 @@ impl Registry {
             },
             _ => State::Dead,
         };
-        self.set_state(&mut session, next);
+        self.set_state(conn.digest, &mut session, next);
     }
 
     /// Subscribes `digest` to `channels`. Returns whether a socket is live for it on this node.
@@ -390,10 +406,14 @@ impl Registry {
             State::Live(conn) => Some(conn.clone()),
             _ => None,
         };
+        let connected = matches!(session.state, State::Live(_) | State::Grace { .. });
         for channel in channels {
             if session.channels.insert(channel.clone()) {
                 if let Some(conn) = &live {
                     self.join(channel, conn, Join::Live);
+                }
+                if connected {
+                    self.presence_join(*digest, &session, channel);
                 }
             }
         }
@@ -413,6 +433,7 @@ impl Registry {
                 if let Some(serial) = live {
                     self.remove_subscriber(channel, serial);
                 }
+                self.presence_leave(digest, channel);
             }
         }
         Ok(live.is_some())
@@ -448,7 +469,7 @@ impl Registry {
             }
             conn.outbox.close(close);
         }
-        let was = self.set_state(&mut session, State::Dead);
+        let was = self.set_state(*digest, &mut session, State::Dead);
         // A live socket's end is told by its task; one in its grace ends here. In cluster mode
         // the bus tells it (Redis knows whether it resumed on another node).
         if matches!(was, State::Grace { .. }) && !self.is_clustered() {
@@ -494,7 +515,7 @@ impl Registry {
                 State::Live(_) => true,
                 State::Issued | State::Dead => now < session.expires_at_ms,
                 State::Grace { until_ms } if now >= until_ms => {
-                    self.set_state(session, State::Dead);
+                    self.set_state(*digest, session, State::Dead);
                     // In cluster mode Redis decides (the socket may have resumed elsewhere).
                     if !self.is_clustered() {
                         self.report_end(*digest, session, EndReason::GraceExpired);

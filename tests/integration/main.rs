@@ -19,6 +19,7 @@ mod history;
 mod js_client;
 mod lifecycle;
 mod messages;
+mod presence;
 mod setup;
 mod shutdown;
 mod support;

@@ -87,7 +87,7 @@ use crate::{
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{now_ms, Conn, EndReason, Ending, Listener, Refusal, Registry, User},
+    registry::{now_ms, Conn, EndReason, Ending, Listener, Present, Refusal, Registry, User},
 };
 
 mod history;
@@ -768,6 +768,14 @@ impl Bus for RedisBus {
             }
             Ok(pushed)
         })))
+    }
+
+    async fn presence(&self, _channel: &Channel) -> Result<Vec<Present>, Error> {
+        Err(Error::NotInCluster("presence"))
+    }
+
+    async fn presence_stats(&self, _channel: &Channel) -> Result<(u64, u64), Error> {
+        Err(Error::NotInCluster("presence"))
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {
