@@ -22,7 +22,6 @@ pub(crate) fn status(err: Error) -> Status {
             Code::ResourceExhausted
         }
         Error::EpochChanged { .. } | Error::PresenceOff => Code::FailedPrecondition,
-        Error::NotInCluster(_) => Code::Unimplemented,
         Error::UnknownDigest => Code::NotFound,
         Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
         Error::WeakSecret(_)

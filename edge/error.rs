@@ -180,9 +180,6 @@ pub enum Error {
     /// `Presence` on a channel whose namespace does not keep presence.
     #[error("presence is not kept for this channel: set `presence = true` in its namespace's table ([namespaces.NAME])")]
     PresenceOff,
-    /// Not available in cluster mode yet.
-    #[error("{0} is not available in cluster mode yet")]
-    NotInCluster(&'static str),
     /// A call that addresses a connection needs a digest or a user, not both.
     #[error("give either a digest or a user")]
     DigestOrUser,

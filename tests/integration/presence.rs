@@ -1,11 +1,14 @@
-//! Presence on one node: who is subscribed and connected in a channel whose namespace keeps
+//! Presence on one node and across nodes: who is subscribed and connected in a channel whose namespace keeps
 //! presence, with user and info; a resume within the grace changes nothing.
 
 use std::time::Duration;
 
 use channelgate::config::{NamespacePolicy, Namespaces};
 
-use crate::support::{Creds, Gateway};
+use crate::{
+    cluster::{unique_prefix, REDIS, SECRET},
+    support::{connect_at, spawn_binary, wait_until, Creds, Gateway},
+};
 
 async fn presence_node() -> Gateway {
     Gateway::start_with(|c| {
@@ -120,4 +123,107 @@ async fn presence_on_a_channel_that_keeps_none_is_failed_precondition() {
     }
     let err = gw.client.presence("bad channel").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+/// A node of the cluster `prefix` that keeps presence for `chat:*`.
+async fn cluster_node(prefix: &str) -> Gateway {
+    let prefix = prefix.to_owned();
+    let gw = Gateway::start_with(move |c| {
+        c.limits.reconnect_grace = Duration::from_secs(1);
+        c.limits.namespaces = Namespaces(
+            [(
+                "chat".to_owned(),
+                NamespacePolicy {
+                    presence: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        );
+        c.redis = Some(REDIS.into());
+        c.redis_prefix = prefix;
+        c.secret = Some(SECRET.into());
+    })
+    .await;
+    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
+    gw
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
+    let prefix = unique_prefix("presence");
+    let a = cluster_node(&prefix).await;
+    let b = cluster_node(&prefix).await;
+    let dir = std::env::temp_dir().join(format!("cg-presence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("channelgate.toml");
+    std::fs::write(
+        &config,
+        "reconnect-grace = \"1s\"\n[namespaces.chat]\npresence = true\n",
+    )
+    .unwrap();
+    let (mut doomed, http, grpc) = spawn_binary(&[
+        "--redis",
+        REDIS,
+        "--redis-prefix",
+        &prefix,
+        "--secret",
+        SECRET,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    // U on A and on B, V on the doomed node.
+    let u1 = issue_for(&a, "u", r#"{"n":1}"#).await;
+    let u2 = issue_for(&b, "u", "").await;
+    let v: Creds = channelgate::client::Client::connect(format!("http://{grpc}"))
+        .await
+        .unwrap()
+        .issue_for(None, &["chat:room"], "v", "")
+        .await
+        .unwrap()
+        .into();
+    let _ws_u1 = a.connect(&u1).await;
+    let ws_u2 = b.connect(&u2).await;
+    let _ws_v = connect_at(&http, &v).await;
+    for gw in [&a, &b] {
+        assert_eq!(gw.client.presence_stats("chat:room").await.unwrap(), (3, 2));
+        let mut users: Vec<_> = gw
+            .client
+            .presence("chat:room")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.connection_id, m.user, m.info_json))
+            .collect();
+        users.sort();
+        let mut expected = vec![
+            (u1.id.clone(), "u".to_owned(), r#"{"n":1}"#.to_owned()),
+            (u2.id.clone(), "u".to_owned(), String::new()),
+            (v.id.clone(), "v".to_owned(), String::new()),
+        ];
+        expected.sort();
+        assert_eq!(users, expected);
+    }
+    // A drop resumed on the other node changes nothing.
+    ws_u2.drop_unclean();
+    b.wait_for_connections(0).await;
+    let _ws_u2 = a.connect(&u2).await;
+    assert_eq!(b.client.presence_stats("chat:room").await.unwrap(), (3, 2));
+
+    // V's node dies: V leaves once its lease and grace passed (3 s + 1 s + a reaper pass).
+    doomed.kill().unwrap();
+    let killed = std::time::Instant::now();
+    doomed.wait().unwrap();
+    wait_until(|| async { a.client.presence_stats("chat:room").await.unwrap() == (2, 1) }).await;
+    assert!(
+        killed.elapsed() <= Duration::from_secs(7),
+        "took {:?}",
+        killed.elapsed()
+    );
+    let listed = b.client.presence("chat:room").await.unwrap();
+    assert!(listed.iter().all(|m| m.user == "u"), "{listed:?}");
+    // Disconnect(user) through B: U leaves everywhere.
+    b.client.disconnect_user("u", 0, "").await.unwrap();
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,6 +11,7 @@
 //! | `P:ends` | sorted set | digests in their grace → when it ends (ms) | until resumed or ended |
 //! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
+//! | `P:ch:{C}:pr` / `P:ch:{C}:pu` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, and user → connections | until the last member leaves |
 //! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
 //! Every key of a channel carries the channel name as its Redis Cluster hash tag (`{C}`), so a
@@ -91,6 +92,7 @@ use crate::{
 };
 
 mod history;
+mod presence;
 mod pubsub;
 mod queue;
 mod reaper;
@@ -451,6 +453,8 @@ impl RedisBus {
         }
     }
 
+    /// Where `digest`'s socket is; with `end`, ends its credentials, and takes a connection
+    /// that had a socket out of its channels' presence.
     async fn holder(&self, digest: &Digest, end: bool) -> Result<Holder, Error> {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self
@@ -467,6 +471,18 @@ impl RedisBus {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
+        if end && reply.len() > 4 {
+            let user = reply[3].clone();
+            self.presence_change(
+                false,
+                digest,
+                reply[4..].iter().map(String::as_str),
+                "",
+                &user,
+                "",
+            )
+            .await;
+        }
         Ok(parse_holder(reply))
     }
 
@@ -586,7 +602,18 @@ impl Bus for RedisBus {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
-        match parse_holder(reply) {
+        if reply.len() >= 6 && reply[2] == "1" {
+            // A connected digest joins or leaves the presence of what changed.
+            let changed = reply[6..].iter().map(String::as_str);
+            self.presence_change(add, digest, changed, &reply[3], &reply[4], &reply[5])
+                .await;
+        }
+        let holder = match reply.first().map(String::as_str) {
+            Some("live") => Holder::Live(reply.get(1).cloned().unwrap_or_default()),
+            Some("offline") => Holder::Offline(None),
+            _ => Holder::Unknown,
+        };
+        match holder {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline(_) => Ok(false),
             Holder::Live(node) if node == self.node => {
@@ -710,6 +737,20 @@ impl Bus for RedisBus {
             info: (!info.is_empty()).then(|| info.into()),
         });
         let channels: Vec<Channel> = reply.filter_map(|c| Channel::new(&c).ok()).collect();
+        if !resumed {
+            let (name, info) = user
+                .as_ref()
+                .map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
+            self.presence_change(
+                true,
+                &verified.digest,
+                channels.iter().map(Channel::as_str),
+                connection_id,
+                name,
+                info,
+            )
+            .await;
+        }
         let since = recover.map(|r| &r.0);
         let fetched = match self.follow(&channels, since).await {
             Ok(fetched) => fetched,
@@ -770,12 +811,14 @@ impl Bus for RedisBus {
         })))
     }
 
-    async fn presence(&self, _channel: &Channel) -> Result<Vec<Present>, Error> {
-        Err(Error::NotInCluster("presence"))
+    async fn presence(&self, channel: &Channel) -> Result<Vec<Present>, Error> {
+        self.ready()?;
+        self.read_presence(channel).await
     }
 
-    async fn presence_stats(&self, _channel: &Channel) -> Result<(u64, u64), Error> {
-        Err(Error::NotInCluster("presence"))
+    async fn presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error> {
+        self.ready()?;
+        self.read_presence_stats(channel).await
     }
 
     async fn history(&self, channel: &Channel, query: &HistoryQuery) -> Result<Page, Error> {
@@ -820,8 +863,14 @@ impl RedisBus {
                 .arg(u8::from(ending == Ending::Resumable))
                 .arg(bus.grace.as_millis() as u64)
                 .arg(digest.to_string())
-                .invoke_async::<i64>(&mut conn)
+                .invoke_async::<Vec<String>>(&mut conn)
                 .await;
+            if let Ok(ended) = &result {
+                if let Some((user, channels)) = ended.split_first() {
+                    bus.presence_change(false, &digest, channels.iter().map(String::as_str), "", user, "")
+                        .await;
+                }
+            }
             if let Err(err) = result {
                 tracing::warn!(%err, "could not record a socket's end in Redis; its id frees up when this node's heartbeat lapses");
             }

@@ -70,7 +70,8 @@ impl RedisBus {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.unavailable(&e))?;
-            self.report_reaped(digest, reply, EndReason::GraceExpired);
+            self.report_reaped(digest, reply, EndReason::GraceExpired)
+                .await;
         }
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
@@ -114,7 +115,7 @@ impl RedisBus {
                     .invoke_async(&mut conn)
                     .await
                     .map_err(|e| self.unavailable(&e))?;
-                self.report_reaped(digest, reply, EndReason::NodeLost);
+                self.report_reaped(digest, reply, EndReason::NodeLost).await;
             }
             if members.len() < REAP_BATCH {
                 // Every socket of the node is ended: it leaves the heartbeat set.
@@ -130,10 +131,18 @@ impl RedisBus {
         Ok(())
     }
 
-    fn report_reaped(&self, digest: Digest, reply: Vec<String>, reason: EndReason) {
-        let mut reply = reply.into_iter();
-        if let (Some(connection_id), user) = (reply.next(), reply.next()) {
-            self.report_end(digest, &connection_id, &user.unwrap_or_default(), reason);
+    async fn report_reaped(&self, digest: Digest, reply: Vec<String>, reason: EndReason) {
+        if let [connection_id, user, channels @ ..] = reply.as_slice() {
+            self.presence_change(
+                false,
+                &digest,
+                channels.iter().map(String::as_str),
+                "",
+                user,
+                "",
+            )
+            .await;
+            self.report_end(digest, connection_id, user, reason);
         }
     }
 

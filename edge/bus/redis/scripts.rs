@@ -55,6 +55,7 @@ return result";
 /// A socket's end. A resumable one waits in `ends` (scored by the grace's end) for a node's
 /// reaper to end it, unless it resumes first.
 /// KEYS: s, subs, ends, this node's live set. ARGV: node, now, resumable (0/1), grace, digest.
+/// Returns {} or, for a final end, {user, channels...} (for presence).
 pub(super) const DETACH: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
 if s[1] ~= 'live' or s[2] ~= ARGV[1] then return 0 end
@@ -68,32 +69,59 @@ if ARGV[3] == '1' and grace > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 else
+  local ended = redis.call('SMEMBERS', KEYS[2])
+  table.insert(ended, 1, redis.call('HGET', KEYS[1], 'user') or '')
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('DEL', KEYS[2])
   redis.call('PEXPIRE', KEYS[1], math.max(exp - now, 0) + 1000)
+  return ended
+end
+return {}";
+
+/// KEYS: s, subs, nodes. ARGV: now, lease, add (1) or remove (0), channels...
+/// Returns {'unknown'} or {'offline'|'live', node, connected (0/1), connection id, user, info,
+/// changed channels...}: connected when the credentials have had a socket and not ended (for
+/// presence); the changed channels are those actually added or removed.
+pub(super) const SUBSCRIBE: &str = r"
+local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'info')
+if not s[1] or s[1] == 'dead' then return {'unknown'} end
+local changed = {}
+for i = 4, #ARGV do
+  local n
+  if ARGV[3] == '1' then n = redis.call('SADD', KEYS[2], ARGV[i]) else n = redis.call('SREM', KEYS[2], ARGV[i]) end
+  if n == 1 then table.insert(changed, ARGV[i]) end
+end
+if ARGV[3] == '1' then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+local kind = 'offline'
+if s[1] == 'live' then
+  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
+  if hb + tonumber(ARGV[2]) > tonumber(ARGV[1]) then kind = 'live' end
+end
+local connected = (s[1] == 'live' or s[1] == 'grace') and '1' or '0'
+local result = {kind, s[2] or '', connected, s[3] or '', s[4] or '', s[5] or ''}
+for _, c in ipairs(changed) do table.insert(result, c) end
+return result";
+
+/// Adds a connection to a channel's presence, or removes it, keeping the count per user.
+/// KEYS: the channel's presence hash, its user counts. ARGV: 'join'|'leave', digest, entry
+/// (JSON), user ('' for none).
+pub(super) const PRESENCE: &str = r"
+if ARGV[1] == 'join' then
+  if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 1 and ARGV[4] ~= '' then
+    redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
+  end
+elseif redis.call('HDEL', KEYS[1], ARGV[2]) == 1 and ARGV[4] ~= '' then
+  if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[4]) end
 end
 return 1";
 
-/// KEYS: s, subs, nodes. ARGV: now, lease, add (1) or remove (0), channels...
-/// Returns {'unknown'} or {'offline'} or {'live', node}.
-pub(super) const SUBSCRIBE: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node')
-if not s[1] or s[1] == 'dead' then return {'unknown'} end
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-else
-  redis.call('SREM', KEYS[2], unpack(ARGV, 4))
-end
-if s[1] == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  if hb + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return {'live', s[2]} end
-end
-return {'offline'}";
-
 /// KEYS: s, subs, nodes, ends. ARGV: now, lease, end (1: mark dead), digest.
-/// Returns {'unknown'} or {'offline', ended (0/1), connection id, user} or {'live', node}.
+/// Returns {'unknown'} or {'offline', ended (0/1), connection id, user, channels...} or
+/// {'live', node, connection id, user, channels...}; the channels (for presence) only when
+/// this call ended credentials that had a socket.
 /// `ended` is 1 when this call ended credentials that had a socket but none live now (in their
 /// grace, or on a node that stopped heartbeating): the caller tells their final end.
 pub(super) const HOLDER: &str = r"
@@ -104,6 +132,8 @@ if s[1] == 'live' then
   local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
   live = hb + tonumber(ARGV[2]) > tonumber(ARGV[1])
 end
+local channels = {}
+if ARGV[3] == '1' and s[1] ~= 'issued' then channels = redis.call('SMEMBERS', KEYS[2]) end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('DEL', KEYS[2])
@@ -111,35 +141,44 @@ if ARGV[3] == '1' then
   local exp = tonumber(s[3]) or 0
   redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
 end
-if live then return {'live', s[2]} end
-local ended = (ARGV[3] == '1' and s[1] ~= 'issued') and '1' or '0'
-return {'offline', ended, s[4] or '', s[5] or ''}";
+local head = {'live', s[2]}
+if not live then head = {'offline', (ARGV[3] == '1' and s[1] ~= 'issued') and '1' or '0'} end
+table.insert(head, s[4] or '')
+table.insert(head, s[5] or '')
+for _, c in ipairs(channels) do table.insert(head, c) end
+return head";
 
 /// Ends credentials whose grace ran out without a resume, once (the node whose call ends them
 /// tells it). KEYS: s, subs, ends. ARGV: now, digest.
-/// Returns {} or {connection id, user}.
+/// Returns {} or {connection id, user, channels...}.
 pub(super) const REAP_GRACE: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'cid', 'user', 'exp')
 local now = tonumber(ARGV[1])
 if s[1] == 'grace' and tonumber(s[2]) > now then return {} end
 redis.call('ZREM', KEYS[3], ARGV[2])
 if s[1] ~= 'grace' then return {} end
+local result = redis.call('SMEMBERS', KEYS[2])
+table.insert(result, 1, s[4] or '')
+table.insert(result, 1, s[3] or '')
 redis.call('HSET', KEYS[1], 'state', 'dead')
 redis.call('DEL', KEYS[2])
 redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - now, 0) + 1000)
-return {s[3] or '', s[4] or ''}";
+return result";
 
 /// Ends credentials still live on a node that stopped heartbeating (the caller checked that
 /// its lease and the grace passed), once. KEYS: s, subs, that node's live set.
-/// ARGV: now, node, digest. Returns {} or {connection id, user}.
+/// ARGV: now, node, digest. Returns {} or {connection id, user, channels...}.
 pub(super) const REAP_LOST: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'exp')
 redis.call('SREM', KEYS[3], ARGV[3])
 if s[1] ~= 'live' or s[2] ~= ARGV[2] then return {} end
+local result = redis.call('SMEMBERS', KEYS[2])
+table.insert(result, 1, s[4] or '')
+table.insert(result, 1, s[3] or '')
 redis.call('HSET', KEYS[1], 'state', 'dead')
 redis.call('DEL', KEYS[2])
 redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - tonumber(ARGV[1]), 0) + 1000)
-return {s[3] or '', s[4] or ''}";
+return result";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
 /// persistence); leaves existing state alone. KEYS: s, subs, the user's set (s again when
@@ -256,6 +295,7 @@ pub(super) struct Scripts {
     pub(super) subscribe: Script,
     pub(super) holder: Script,
     pub(super) reap_grace: Script,
+    pub(super) presence: Script,
     pub(super) reap_lost: Script,
     pub(super) restore: Script,
     pub(super) push: Script,
@@ -271,6 +311,7 @@ impl Scripts {
             subscribe: Script::new(SUBSCRIBE),
             holder: Script::new(HOLDER),
             reap_grace: Script::new(REAP_GRACE),
+            presence: Script::new(PRESENCE),
             reap_lost: Script::new(REAP_LOST),
             restore: Script::new(RESTORE),
             push: Script::new(PUSH),
