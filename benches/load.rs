@@ -5,7 +5,8 @@
 //! ephemeral ports do not run out), and reads the node's CPU time and RSS from `/proc/PID`.
 //!
 //! Scenarios:
-//! * `idle`: open N subscribed sockets and report the node's RSS per socket.
+//! * `idle`: open N subscribed sockets (over `--idle-channels`, in `--namespace` if given) and
+//!   report the node's RSS and CPU per socket; with `--namespace`, also `Presence` timings.
 //! * `call-route` and `handle` send thousands of client messages over one socket: start the
 //!   node with `--message-rate 0` (its per-socket rate limit would answer 429).
 //! * `call-route`: round trips of `call-route` through the node to an upstream this generator
@@ -110,6 +111,14 @@ struct Args {
     /// Pushes each channel gets while the sockets are away (`recovery`).
     #[arg(long, default_value_t = 100)]
     misses: u64,
+    /// Channels the idle sockets are spread over (`idle`).
+    #[arg(long, default_value_t = 100)]
+    idle_channels: usize,
+    /// Namespace of the idle sockets' channels (`idle`): `NS:idle-N`. With it, the run ends by
+    /// timing `PresenceStats` and `Presence` on the first channel (the node must keep presence
+    /// for the namespace).
+    #[arg(long)]
+    namespace: Option<String>,
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -209,7 +218,8 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
     let issued: Vec<_> = stream::iter(0..args.sockets)
         .map(|i| {
             let mut control = control.clone();
-            async move { issue(&mut control, &format!("idle-{}", i % 100)).await }
+            let channel = idle_channel(args, i % args.idle_channels.max(1));
+            async move { issue(&mut control, &channel).await }
         })
         .buffer_unordered(args.concurrency)
         .collect()
@@ -279,7 +289,64 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
             "node_cpu_us_per_issue": issue_us, "node_cpu_us_per_handshake": handshake_us,
         })
     );
+    if args.namespace.is_some() {
+        presence_timing(args, &mut control).await?;
+    }
     drop(sockets);
+    Ok(())
+}
+
+/// The name of the `n`th idle channel.
+fn idle_channel(args: &Args, n: usize) -> String {
+    match &args.namespace {
+        Some(ns) => format!("{ns}:idle-{n}"),
+        None => format!("idle-{n}"),
+    }
+}
+
+/// Times `PresenceStats` and `Presence` on the first idle channel, 21 calls each.
+async fn presence_timing(
+    args: &Args,
+    control: &mut ControlClient<tonic::transport::Channel>,
+) -> anyhow::Result<()> {
+    let channel = idle_channel(args, 0);
+    let request = || pb::PresenceRequest {
+        channel: channel.clone(),
+    };
+    let (mut stats_us, mut list_us) = (Vec::new(), Vec::new());
+    let (mut members, mut counts) = (0, (0, 0));
+    for _ in 0..21 {
+        let t = Instant::now();
+        let r = control.presence_stats(request()).await?.into_inner();
+        stats_us.push(t.elapsed().as_micros() as u64);
+        counts = (r.connections, r.users);
+        let t = Instant::now();
+        members = control
+            .presence(request())
+            .await?
+            .into_inner()
+            .members
+            .len();
+        list_us.push(t.elapsed().as_micros() as u64);
+    }
+    stats_us.sort_unstable();
+    list_us.sort_unstable();
+    println!(
+        "presence        {channel}: PresenceStats {:?} in {:.2} ms (median of 21, max {:.2}); Presence {members} members in {:.2} ms (max {:.2})",
+        counts,
+        stats_us[10] as f64 / 1000.0,
+        stats_us[20] as f64 / 1000.0,
+        list_us[10] as f64 / 1000.0,
+        list_us[20] as f64 / 1000.0,
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "presence", "channel": channel, "members": members,
+            "presence_stats_ms_p50": stats_us[10] as f64 / 1000.0,
+            "presence_ms_p50": list_us[10] as f64 / 1000.0,
+        })
+    );
     Ok(())
 }
 
