@@ -57,6 +57,12 @@ pub enum Command {
         /// Subscribe the new credentials to this channel in the same call (repeatable).
         #[arg(long = "channel", value_name = "CHANNEL")]
         channels: Vec<String>,
+        /// The user the credentials belong to (send and disconnect can then take --user).
+        #[arg(long)]
+        user: Option<String>,
+        /// JSON bound to the credentials with --user (shown in presence).
+        #[arg(long, requires = "user")]
+        info: Option<String>,
     },
     /// Open a WebSocket as a client would: prints every frame it receives as a line, and sends
     /// each line of standard input as a text frame.
@@ -135,12 +141,27 @@ pub enum Command {
         /// JSON text (standard input when absent or `-`).
         json: Option<String>,
     },
-    /// Close a connection and end its credentials.
+    /// Send JSON to every live connection of USER, on every node, framed as a push on CHANNEL.
+    SendUser {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The user.
+        user: String,
+        /// Channel name shown to the client.
+        channel: String,
+        /// JSON text (standard input when absent or `-`).
+        json: Option<String>,
+    },
+    /// Close a connection and end its credentials (or all of --user's).
     Disconnect {
         #[command(flatten)]
         client: ClientArgs,
+        /// Every set of this user's credentials, on every node, instead of one digest.
+        #[arg(long, conflicts_with = "digest")]
+        user: Option<String>,
         /// The connection's digest.
-        digest: String,
+        #[arg(required_unless_present = "user")]
+        digest: Option<String>,
         /// Close code, 4000-4099 (the client does not reconnect: the credentials are dead).
         #[arg(long, default_value_t = 4000)]
         code: u32,
@@ -160,6 +181,17 @@ pub enum Command {
         /// Replay a channel from a position first: CHANNEL=EPOCH:OFFSET (repeatable).
         #[arg(long = "since", value_name = "CHANNEL=EPOCH:OFFSET")]
         since: Vec<String>,
+    },
+    /// Print who is in a channel (its namespace must keep presence) as JSON; with --stats,
+    /// only the counts.
+    Presence {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Channel name.
+        channel: String,
+        /// Only `{connections, users}`.
+        #[arg(long)]
+        stats: bool,
     },
     /// Print the node's counts as JSON.
     Stats {
@@ -253,11 +285,18 @@ pub async fn run(command: Command) -> Result<ExitCode, CliError> {
             ttl,
             env,
             channels,
+            user,
+            info,
         } => {
             let r = client
                 .connect()
                 .await?
-                .issue(ttl.map(|t| t.0), &channels)
+                .issue_for(
+                    ttl.map(|t| t.0),
+                    &channels,
+                    user.as_deref().unwrap_or(""),
+                    info.as_deref().unwrap_or(""),
+                )
                 .await?;
             if env {
                 println!(
@@ -358,18 +397,65 @@ pub async fn run(command: Command) -> Result<ExitCode, CliError> {
                 .await?;
             print(serde_json::json!({ "queued": queued }));
         }
+        Command::SendUser {
+            client,
+            user,
+            channel,
+            json,
+        } => {
+            let json = json_arg(json)?;
+            let n = client
+                .connect()
+                .await?
+                .send_user(&user, &channel, &json)
+                .await?;
+            print(serde_json::json!({ "queued": n > 0, "connections": n }));
+        }
         Command::Disconnect {
             client,
+            user,
             digest,
             code,
             reason,
         } => {
-            let closed = client
-                .connect()
-                .await?
-                .disconnect(&digest, code, &reason)
-                .await?;
-            print(serde_json::json!({ "closed": closed }));
+            let client = client.connect().await?;
+            match (user, digest) {
+                (Some(user), _) => {
+                    let n = client.disconnect_user(&user, code, &reason).await?;
+                    print(serde_json::json!({ "closed": n > 0, "connections": n }));
+                }
+                (None, digest) => {
+                    let closed = client
+                        .disconnect(&digest.unwrap_or_default(), code, &reason)
+                        .await?;
+                    print(serde_json::json!({ "closed": closed }));
+                }
+            }
+        }
+        Command::Presence {
+            client,
+            channel,
+            stats,
+        } => {
+            let client = client.connect().await?;
+            if stats {
+                let (connections, users) = client.presence_stats(&channel).await?;
+                print(serde_json::json!({ "connections": connections, "users": users }));
+            } else {
+                let members: Vec<_> = client
+                    .presence(&channel)
+                    .await?
+                    .into_iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "digest": m.digest, "connection_id": m.connection_id,
+                            "user": m.user, "info_json": m.info_json,
+                            "since_unix_ms": m.since_unix_ms,
+                        })
+                    })
+                    .collect();
+                print(serde_json::json!({ "members": members }));
+            }
         }
         Command::Listen {
             client,

@@ -263,3 +263,72 @@ fn an_unknown_config_key_is_an_error_that_names_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listne"), "{stderr}");
 }
+
+#[tokio::test]
+async fn users_and_presence_from_the_cli() {
+    use channelgate::config::{NamespacePolicy, Namespaces};
+    let gw = Gateway::start_with(|c| {
+        c.limits.namespaces = Namespaces(
+            [(
+                "chat".to_owned(),
+                NamespacePolicy {
+                    presence: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        );
+    })
+    .await;
+    let (code, out) = cg(
+        &gw,
+        &[
+            "issue",
+            "--user",
+            "u",
+            "--info",
+            r#"{"n":1}"#,
+            "--channel",
+            "chat:room",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    let issued = json_line(&out);
+    let creds = Creds {
+        id: issued["connection_id"].as_str().unwrap().into(),
+        key: issued["socket_key"].as_str().unwrap().into(),
+        digest: issued["digest"].as_str().unwrap().into(),
+        expires_at_ms: 0,
+    };
+    let mut ws = gw.connect(&creds).await;
+    let (code, out) = cg(&gw, &["presence", "chat:room", "--stats"], None).await;
+    assert_eq!(
+        (code, json_line(&out)),
+        (0, json!({"connections": 1, "users": 1}))
+    );
+    let (code, out) = cg(&gw, &["presence", "chat:room"], None).await;
+    assert_eq!(code, 0);
+    let members = json_line(&out)["members"].clone();
+    assert_eq!(members[0]["connection_id"], creds.id.as_str());
+    assert_eq!(
+        (members[0]["user"].clone(), members[0]["info_json"].clone()),
+        (json!("u"), json!(r#"{"n":1}"#))
+    );
+    let (code, out) = cg(&gw, &["send-user", "u", "direct", "\"hi\""], None).await;
+    assert_eq!(
+        (code, json_line(&out)["connections"].clone()),
+        (0, json!(1))
+    );
+    assert_eq!(ws.recv_push().await, ("direct".into(), "hi".into()));
+    let (code, out) = cg(&gw, &["disconnect", "--user", "u"], None).await;
+    assert_eq!(
+        (code, json_line(&out)["connections"].clone()),
+        (0, json!(1))
+    );
+    assert_eq!(crate::support::code(&ws.expect_close().await), 4000);
+    // A channel that keeps no presence: a clear error and a non-zero exit.
+    let (code, _) = cg(&gw, &["presence", "lobby"], None).await;
+    assert_ne!(code, 0);
+}
