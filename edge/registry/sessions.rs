@@ -470,9 +470,10 @@ impl Registry {
             conn.outbox.close(close);
         }
         let was = self.set_state(*digest, &mut session, State::Dead);
-        // A live socket's end is told by its task; one in its grace ends here. In cluster mode
-        // the bus tells it (Redis knows whether it resumed on another node).
-        if matches!(was, State::Grace { .. }) && !self.is_clustered() {
+        // A live socket's end is told by its task; one in its grace ends here. (In cluster
+        // mode this runs when Redis still had the socket live here: its drop had not reached
+        // Redis yet, so the `Disconnect` that ended it in Redis told no one.)
+        if matches!(was, State::Grace { .. }) {
             self.report_end(*digest, &session, EndReason::Application);
         }
         Ok(matches!(was, State::Live(_)))

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::{
     cluster::{unique_prefix, REDIS, SECRET},
     handle::{join, Service},
-    support::{connect_at, spawn_binary, wait_until, Creds, Gateway, PATIENCE},
+    support::{connect_at, spawn_binary, wait_until, Creds, Gateway},
 };
 use channelgate::pb;
 
@@ -79,8 +79,7 @@ async fn lifecycle_scenario(a: &Gateway, b: &Gateway, svc: &mut Service) {
     let ws = a.connect(&c2).await;
     assert_eq!(event(svc).await.2["resumed"], false);
     ws.drop_unclean();
-    a.wait_for_connections(0).await;
-    let ws = b.connect(&c2).await;
+    let ws = b.connect_once_free(&c2).await;
     assert_eq!(
         event(svc).await,
         (
@@ -156,40 +155,33 @@ async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
     let b = gateway(Some(&prefix)).await;
     // The group's one stream is on A; events of sockets on B cross over Redis.
     let mut svc = join(&a, "lifecycle", &[], true).await;
-    let _held = first_event_through(&mut svc, |user| {
-        let b = &b;
-        async move { (issue_for(b, &user).await, b.http.to_string()) }
-    })
-    .await;
+    wait_advertised(&prefix, "lifecycle").await;
     lifecycle_scenario(&a, &b, &mut svc).await;
 }
 
-/// Connects probes through a node until one's `$connect` reaches `svc` (the node has seen the
-/// group's advertisement). Returns the probes' sockets (kept open, so they send nothing more)
-/// and the probe that got through.
-async fn first_event_through<F, Fut>(
-    svc: &mut Service,
-    mut probe: F,
-) -> (Vec<crate::support::Ws>, Creds)
-where
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = (Creds, String)>,
-{
-    let mut held = Vec::new();
-    let deadline = Instant::now() + PATIENCE;
-    for n in 0.. {
-        assert!(Instant::now() < deadline, "the group was never advertised");
-        let (creds, http) = probe(format!("probe-{n}")).await;
-        held.push(connect_at(&http, &creds).await);
-        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), svc.next()).await {
-            assert_eq!(
-                (m.action.as_str(), m.connection_id.as_str()),
-                ("$connect", creds.id.as_str())
-            );
-            return (held, creds);
+/// Waits until `group` is advertised in Redis as taking lifecycle events (every node reads
+/// the advertisement when it offers an event), so no event is lost to a race with it.
+async fn wait_advertised(prefix: &str, group: &str) {
+    let redis = redis::Client::open(REDIS).unwrap();
+    let conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}:act:$lifecycle");
+    wait_until(|| {
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move {
+            let until: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&key)
+                .arg(group)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as f64;
+            until.is_some_and(|u| u > now + 1000.0)
         }
-    }
-    unreachable!()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -210,33 +202,25 @@ async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
     let client = channelgate::client::Client::connect(format!("http://{grpc}"))
         .await
         .unwrap();
-    // The socket on the doomed node whose $connect reached the survivor's stream.
-    let (_held, creds) = first_event_through(&mut svc, |_| {
-        let (client, http) = (&client, http.clone());
-        async move {
-            let creds: Creds = client
-                .issue_for(None, &["room"], "v", "")
-                .await
-                .unwrap()
-                .into();
-            (creds, http)
-        }
-    })
-    .await;
+    wait_advertised(&prefix, "lifecycle").await;
+    let creds: Creds = client
+        .issue_for(None, &["room"], "v", "")
+        .await
+        .unwrap()
+        .into();
+    let _ws = connect_at(&http, &creds).await;
+    assert_eq!(
+        event(&mut svc).await,
+        (
+            "$connect".into(),
+            creds.id.clone(),
+            json!({"resumed": false, "user": "v"})
+        )
+    );
     doomed.kill().unwrap();
     let killed = Instant::now();
     doomed.wait().unwrap();
-    // Every probe on the doomed node ends with "node lost"; this is the one to time.
-    let (action, id, detail) = loop {
-        let (action, id, detail) = event(&mut svc).await;
-        assert_eq!(
-            (action.as_str(), &detail["reason"]),
-            ("$disconnect", &json!("node lost"))
-        );
-        if id == creds.id {
-            break (action, id, detail);
-        }
-    };
+    let (action, id, detail) = event(&mut svc).await;
     let took = killed.elapsed();
     assert_eq!(
         (action.as_str(), id.as_str()),

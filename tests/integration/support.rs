@@ -217,6 +217,22 @@ impl Gateway {
         self.try_connect(creds).await.expect("handshake accepted")
     }
 
+    /// Connects with credentials whose socket just dropped on another node: the handshake is
+    /// refused (403, in use) until that node recorded the drop in Redis; retried until then.
+    pub async fn connect_once_free(&self, creds: &Creds) -> Ws {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.try_connect(creds).await {
+                    Ok(ws) => return ws,
+                    Err(403) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Err(status) => panic!("handshake refused with {status}"),
+                }
+            }
+        })
+        .await
+        .expect("the drop was recorded in time")
+    }
+
     pub async fn try_connect(&self, creds: &Creds) -> Result<Ws, u16> {
         let url = format!(
             "{}?socket_connection_id={}&socket_key={}",
