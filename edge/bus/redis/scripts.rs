@@ -58,7 +58,7 @@ return result";
 /// Returns {} or, for a final end, {user, channels...} (for presence).
 pub(super) const DETACH: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
-if s[1] ~= 'live' or s[2] ~= ARGV[1] then return 0 end
+if s[1] ~= 'live' or s[2] ~= ARGV[1] then return {} end
 redis.call('SREM', KEYS[4], ARGV[5])
 local now = tonumber(ARGV[2]); local grace = tonumber(ARGV[4]); local exp = tonumber(s[3]) or now
 if ARGV[3] == '1' and grace > 0 then
