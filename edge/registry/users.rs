@@ -44,6 +44,20 @@ impl User {
             info,
         })
     }
+
+    /// The user stored as `name` and `info` text (`None` when `name` is empty); the inverse
+    /// of [`User::texts`]. Unchecked: the text was checked when the credentials were issued.
+    pub fn from_texts(name: &str, info: &str) -> Option<Self> {
+        (!name.is_empty()).then(|| Self {
+            name: name.into(),
+            info: (!info.is_empty()).then(|| info.into()),
+        })
+    }
+
+    /// `(name, info)` of `user` as text, `("", "")` for none: how the Redis bus stores them.
+    pub fn texts(user: Option<&Self>) -> (&str, &str) {
+        user.map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")))
+    }
 }
 
 /// Checks a user name: 1 to [`MAX_USER_LEN`] bytes without control characters.

@@ -221,10 +221,42 @@ struct PubSub {
 /// Where a digest's socket is.
 enum Holder {
     Unknown,
-    /// No socket live; with the connection id and user when the call just ended credentials
-    /// that had one (the caller tells their final end).
-    Offline(Option<(String, String)>),
+    Offline,
     Live(String),
+}
+
+/// What the `HOLDER` and `SUBSCRIBE` scripts answer about a digest.
+struct Held {
+    holder: Holder,
+    /// `HOLDER`: the call ended credentials whose socket is gone (the caller tells the end);
+    /// `SUBSCRIBE`: the credentials are connected (present in their channels).
+    flag: bool,
+    connection_id: String,
+    user: String,
+    info: String,
+    /// `HOLDER`: the channels of credentials it ended; `SUBSCRIBE`: the channels it changed.
+    channels: Vec<String>,
+}
+
+impl Held {
+    fn parse(reply: Vec<String>) -> Self {
+        let mut reply = reply.into_iter();
+        let kind = reply.next();
+        let mut next = || reply.next().unwrap_or_default();
+        let (node, flag, connection_id, user, info) = (next(), next(), next(), next(), next());
+        Self {
+            holder: match kind.as_deref() {
+                Some("live") => Holder::Live(node),
+                Some("offline") => Holder::Offline,
+                _ => Holder::Unknown,
+            },
+            flag: flag == "1",
+            connection_id,
+            user,
+            info,
+            channels: reply.collect(),
+        }
+    }
 }
 
 impl RedisBus {
@@ -455,7 +487,7 @@ impl RedisBus {
 
     /// Where `digest`'s socket is; with `end`, ends its credentials, and takes a connection
     /// that had a socket out of its channels' presence.
-    async fn holder(&self, digest: &Digest, end: bool) -> Result<Holder, Error> {
+    async fn holder(&self, digest: &Digest, end: bool) -> Result<Held, Error> {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self
             .scripts
@@ -471,19 +503,11 @@ impl RedisBus {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
-        if end && reply.len() > 4 {
-            let user = reply[3].clone();
-            self.presence_change(
-                false,
-                digest,
-                reply[4..].iter().map(String::as_str),
-                "",
-                &user,
-                "",
-            )
+        let held = Held::parse(reply);
+        let channels = held.channels.iter().map(String::as_str);
+        self.presence_change(false, digest, channels, "", &held.user, "")
             .await;
-        }
-        Ok(parse_holder(reply))
+        Ok(held)
     }
 
     async fn command(&self, node: &str, command: &Command) -> Result<(), Error> {
@@ -525,7 +549,7 @@ impl Bus for RedisBus {
         self.ready()?;
         let creds = self.registry.mint(ttl)?;
         let mut conn = self.conn.clone();
-        let (name, info) = user.map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
+        let (name, info) = User::texts(user);
         // The user's set outlives its newest credentials' first-use deadline by a live
         // socket's TTL; live sockets renew it.
         let user_ttl = creds.expires_at_ms.saturating_sub(now_ms()) + LIVE_TTL.as_millis() as u64;
@@ -602,20 +626,17 @@ impl Bus for RedisBus {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
-        if reply.len() >= 6 && reply[2] == "1" {
+        let held = Held::parse(reply);
+        if held.flag {
             // A connected digest joins or leaves the presence of what changed.
-            let changed = reply[6..].iter().map(String::as_str);
-            self.presence_change(add, digest, changed, &reply[3], &reply[4], &reply[5])
+            let changed = held.channels.iter().map(String::as_str);
+            let (id, user, info) = (&held.connection_id, &held.user, &held.info);
+            self.presence_change(add, digest, changed, id, user, info)
                 .await;
         }
-        let holder = match reply.first().map(String::as_str) {
-            Some("live") => Holder::Live(reply.get(1).cloned().unwrap_or_default()),
-            Some("offline") => Holder::Offline(None),
-            _ => Holder::Unknown,
-        };
-        match holder {
+        match held.holder {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline(_) => Ok(false),
+            Holder::Offline => Ok(false),
             Holder::Live(node) if node == self.node => {
                 self.apply_subscribe(digest, channels, add).await;
                 Ok(true)
@@ -644,9 +665,9 @@ impl Bus for RedisBus {
     /// Sends to `digest`'s socket wherever it is. Returns whether one was live.
     async fn send(&self, digest: &Digest, frame: Frame) -> Result<bool, Error> {
         self.ready()?;
-        match self.holder(digest, false).await? {
+        match self.holder(digest, false).await?.holder {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline(_) => Ok(false),
+            Holder::Offline => Ok(false),
             Holder::Live(node) if node == self.node => Ok(self.registry.send_frame(digest, &frame)),
             Holder::Live(node) => {
                 self.command(
@@ -665,11 +686,17 @@ impl Bus for RedisBus {
     /// Ends `digest`'s credentials everywhere and closes its socket wherever it is.
     async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
         self.ready()?;
-        match self.holder(digest, true).await? {
+        let held = self.holder(digest, true).await?;
+        match held.holder {
             Holder::Unknown => Err(Error::UnknownDigest),
-            Holder::Offline(ended) => {
-                if let Some((connection_id, user)) = ended {
-                    self.report_end(*digest, &connection_id, &user, EndReason::Application);
+            Holder::Offline => {
+                if held.flag {
+                    self.report_end(
+                        *digest,
+                        &held.connection_id,
+                        &held.user,
+                        EndReason::Application,
+                    );
                 }
                 Ok(false)
             }
@@ -732,15 +759,10 @@ impl Bus for RedisBus {
             reply.next().unwrap_or_default(),
             reply.next().unwrap_or_default(),
         );
-        let user = (!name.is_empty()).then(|| User {
-            name: name.into(),
-            info: (!info.is_empty()).then(|| info.into()),
-        });
+        let user = User::from_texts(&name, &info);
         let channels: Vec<Channel> = reply.filter_map(|c| Channel::new(&c).ok()).collect();
         if !resumed {
-            let (name, info) = user
-                .as_ref()
-                .map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
+            let (name, info) = (name.as_str(), info.as_str());
             self.presence_change(
                 true,
                 &verified.digest,
@@ -865,29 +887,19 @@ impl RedisBus {
                 .arg(digest.to_string())
                 .invoke_async::<Vec<String>>(&mut conn)
                 .await;
-            if let Ok(ended) = &result {
-                if let Some((user, channels)) = ended.split_first() {
-                    bus.presence_change(false, &digest, channels.iter().map(String::as_str), "", user, "")
-                        .await;
+            match result {
+                // A final end: the connection leaves its channels' presence.
+                Ok(ended) => {
+                    if let Some((user, channels)) = ended.split_first() {
+                        let channels = channels.iter().map(String::as_str);
+                        bus.presence_change(false, &digest, channels, "", user, "")
+                            .await;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "could not record a socket's end in Redis; its id frees up when this node's heartbeat lapses");
                 }
             }
-            if let Err(err) = result {
-                tracing::warn!(%err, "could not record a socket's end in Redis; its id frees up when this node's heartbeat lapses");
-            }
         });
-    }
-}
-
-fn parse_holder(reply: Vec<String>) -> Holder {
-    let mut reply = reply.into_iter();
-    match (reply.next().as_deref(), reply.next()) {
-        (Some("live"), Some(node)) => Holder::Live(node),
-        (Some("offline"), ended) => Holder::Offline(match (ended.as_deref(), reply.next()) {
-            (Some("1"), Some(connection_id)) if !connection_id.is_empty() => {
-                Some((connection_id, reply.next().unwrap_or_default()))
-            }
-            _ => None,
-        }),
-        _ => Holder::Unknown,
     }
 }

@@ -85,14 +85,10 @@ impl RedisBus {
                 let digest: Digest = digest.parse().ok()?;
                 let v: serde_json::Value = serde_json::from_str(&entry).ok()?;
                 let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-                let (user, info) = (text("user"), text("info"));
                 Some(Present {
                     digest,
                     connection_id: text("cid").into(),
-                    user: (!user.is_empty()).then(|| User {
-                        name: user.into(),
-                        info: (!info.is_empty()).then(|| info.into()),
-                    }),
+                    user: User::from_texts(&text("user"), &text("info")),
                     since_ms: v["since"].as_u64().unwrap_or(0),
                 })
             })

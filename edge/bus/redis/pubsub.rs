@@ -15,7 +15,7 @@ use crate::{
     error::{Close, Error},
     handoff::HandlerReply,
     protocol::{valid_epoch, Channel, Epoch, Frame, Json},
-    registry::now_ms,
+    registry::{now_ms, User},
 };
 
 impl RedisBus {
@@ -197,9 +197,7 @@ impl RedisBus {
         let mut restored = 0;
         for (digest, expires_at_ms, channels, user) in self.registry.live_sessions() {
             let mut invocation = self.scripts.restore.prepare_invoke();
-            let (name, info) = user
-                .as_ref()
-                .map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")));
+            let (name, info) = User::texts(user.as_ref());
             invocation
                 .key(self.key("s", &digest))
                 .key(self.key("subs", &digest))

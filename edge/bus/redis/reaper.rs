@@ -45,47 +45,19 @@ impl RedisBus {
     async fn reap_once(&self) -> Result<(), Error> {
         let now = now_ms();
         let mut conn = self.conn.clone();
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.ends_key())
-            .arg("-inf")
-            .arg(now)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(REAP_BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
-        for text in due {
-            let Ok(digest) = text.parse::<Digest>() else {
-                continue;
-            };
-            let reply: Vec<String> = self
-                .scripts
-                .reap_grace
-                .key(self.key("s", &digest))
-                .key(self.key("subs", &digest))
-                .key(self.ends_key())
-                .arg(now)
-                .arg(&text)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.unavailable(&e))?;
-            self.report_reaped(digest, reply, EndReason::GraceExpired)
-                .await;
+        for text in &self
+            .scored_up_to(&mut conn, &self.ends_key(), now, REAP_BATCH)
+            .await?
+        {
+            self.reap_digest(&mut conn, text, &self.ends_key(), None, now)
+                .await?;
         }
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
         let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);
-        let dead: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.nodes_key())
-            .arg("-inf")
-            .arg(cutoff)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(16)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
+        let dead = self
+            .scored_up_to(&mut conn, &self.nodes_key(), cutoff, 16)
+            .await?;
         for node in dead.into_iter().filter(|n| *n != self.node) {
             let live_key = self.node_live_key(&node);
             let members: Vec<String> = redis::cmd("SRANDMEMBER")
@@ -95,27 +67,8 @@ impl RedisBus {
                 .await
                 .map_err(|e| self.unavailable(&e))?;
             for text in &members {
-                let Ok(digest) = text.parse::<Digest>() else {
-                    let _: Result<i64, _> = redis::cmd("SREM")
-                        .arg(&live_key)
-                        .arg(text)
-                        .query_async(&mut conn)
-                        .await;
-                    continue;
-                };
-                let reply: Vec<String> = self
-                    .scripts
-                    .reap_lost
-                    .key(self.key("s", &digest))
-                    .key(self.key("subs", &digest))
-                    .key(&live_key)
-                    .arg(now)
-                    .arg(&node)
-                    .arg(text)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| self.unavailable(&e))?;
-                self.report_reaped(digest, reply, EndReason::NodeLost).await;
+                self.reap_digest(&mut conn, text, &live_key, Some(&node), now)
+                    .await?;
             }
             if members.len() < REAP_BATCH {
                 // Every socket of the node is ended: it leaves the heartbeat set.
@@ -131,19 +84,71 @@ impl RedisBus {
         Ok(())
     }
 
-    async fn report_reaped(&self, digest: Digest, reply: Vec<String>, reason: EndReason) {
+    /// Up to `count` members of the sorted set `key` scored at most `max`.
+    async fn scored_up_to(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        key: &str,
+        max: u64,
+        count: usize,
+    ) -> Result<Vec<String>, Error> {
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(key)
+            .arg("-inf")
+            .arg(max)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(count)
+            .query_async(conn)
+            .await
+            .map_err(|e| self.unavailable(&e))
+    }
+
+    /// Ends `text`'s credentials if they are still due (grace over when `node` is `None`; else
+    /// still live on that dead node), takes them out of presence and tells their end; the
+    /// digest leaves `index` either way.
+    async fn reap_digest(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        text: &str,
+        index: &str,
+        node: Option<&str>,
+        now: u64,
+    ) -> Result<(), Error> {
+        let Ok(digest) = text.parse::<Digest>() else {
+            // Not a digest: it can never be due; drop it from the index.
+            let _: Result<i64, _> = redis::cmd(if node.is_some() { "SREM" } else { "ZREM" })
+                .arg(index)
+                .arg(text)
+                .query_async(conn)
+                .await;
+            return Ok(());
+        };
+        let reply: Vec<String> = self
+            .scripts
+            .reap
+            .key(self.key("s", &digest))
+            .key(self.key("subs", &digest))
+            .key(index)
+            .arg(now)
+            .arg(text)
+            .arg(if node.is_some() { "lost" } else { "grace" })
+            .arg(node.unwrap_or(""))
+            .invoke_async(conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
         if let [connection_id, user, channels @ ..] = reply.as_slice() {
-            self.presence_change(
-                false,
-                &digest,
-                channels.iter().map(String::as_str),
-                "",
-                user,
-                "",
-            )
-            .await;
+            let channels = channels.iter().map(String::as_str);
+            self.presence_change(false, &digest, channels, "", user, "")
+                .await;
+            let reason = if node.is_some() {
+                EndReason::NodeLost
+            } else {
+                EndReason::GraceExpired
+            };
             self.report_end(digest, connection_id, user, reason);
         }
+        Ok(())
     }
 
     /// Tells the final end of credentials this node's call ended away from their socket.

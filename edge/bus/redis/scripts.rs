@@ -79,9 +79,9 @@ end
 return {}";
 
 /// KEYS: s, subs, nodes. ARGV: now, lease, add (1) or remove (0), channels...
-/// Returns {'unknown'} or {'offline'|'live', node, connected (0/1), connection id, user, info,
-/// changed channels...}: connected when the credentials have had a socket and not ended (for
-/// presence); the changed channels are those actually added or removed.
+/// Returns {'unknown'} or {'offline'|'live', node, connected, connection id, user, info,
+/// channels...} (see `Held`): connected (1) when the credentials have had a socket and not
+/// ended (for presence); the channels are those this call actually added or removed.
 pub(super) const SUBSCRIBE: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'info')
 if not s[1] or s[1] == 'dead' then return {'unknown'} end
@@ -119,21 +119,25 @@ end
 return 1";
 
 /// KEYS: s, subs, nodes, ends. ARGV: now, lease, end (1: mark dead), digest.
-/// Returns {'unknown'} or {'offline', ended (0/1), connection id, user, channels...} or
-/// {'live', node, connection id, user, channels...}; the channels (for presence) only when
-/// this call ended credentials that had a socket.
-/// `ended` is 1 when this call ended credentials that had a socket but none live now (in their
-/// grace, or on a node that stopped heartbeating): the caller tells their final end.
+/// Returns {'unknown'} or {'offline'|'live', node, told, connection id, user, info,
+/// channels...} (see `Held`): `told` is 1 when this call ended credentials that had a socket
+/// but none live now (in their grace, or on a node that stopped heartbeating), whose final end
+/// the caller tells; the channels (for presence) come when this call ended credentials that
+/// had a socket.
 pub(super) const HOLDER: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid', 'user')
+local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid', 'user', 'info')
 if not s[1] or s[1] == 'dead' then return {'unknown'} end
 local live = false
 if s[1] == 'live' then
   local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
   live = hb + tonumber(ARGV[2]) > tonumber(ARGV[1])
 end
-local channels = {}
-if ARGV[3] == '1' and s[1] ~= 'issued' then channels = redis.call('SMEMBERS', KEYS[2]) end
+local ends = ARGV[3] == '1' and s[1] ~= 'issued'
+local result = {live and 'live' or 'offline', s[2] or '', (ends and not live) and '1' or '0',
+  s[4] or '', s[5] or '', s[6] or ''}
+if ends then
+  for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do table.insert(result, c) end
+end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('DEL', KEYS[2])
@@ -141,43 +145,33 @@ if ARGV[3] == '1' then
   local exp = tonumber(s[3]) or 0
   redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
 end
-local head = {'live', s[2]}
-if not live then head = {'offline', (ARGV[3] == '1' and s[1] ~= 'issued') and '1' or '0'} end
-table.insert(head, s[4] or '')
-table.insert(head, s[5] or '')
-for _, c in ipairs(channels) do table.insert(head, c) end
-return head";
-
-/// Ends credentials whose grace ran out without a resume, once (the node whose call ends them
-/// tells it). KEYS: s, subs, ends. ARGV: now, digest.
-/// Returns {} or {connection id, user, channels...}.
-pub(super) const REAP_GRACE: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'cid', 'user', 'exp')
-local now = tonumber(ARGV[1])
-if s[1] == 'grace' and tonumber(s[2]) > now then return {} end
-redis.call('ZREM', KEYS[3], ARGV[2])
-if s[1] ~= 'grace' then return {} end
-local result = redis.call('SMEMBERS', KEYS[2])
-table.insert(result, 1, s[4] or '')
-table.insert(result, 1, s[3] or '')
-redis.call('HSET', KEYS[1], 'state', 'dead')
-redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - now, 0) + 1000)
 return result";
 
-/// Ends credentials still live on a node that stopped heartbeating (the caller checked that
-/// its lease and the grace passed), once. KEYS: s, subs, that node's live set.
-/// ARGV: now, node, digest. Returns {} or {connection id, user, channels...}.
-pub(super) const REAP_LOST: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'exp')
-redis.call('SREM', KEYS[3], ARGV[3])
-if s[1] ~= 'live' or s[2] ~= ARGV[2] then return {} end
+/// Ends, once, credentials no socket will resume (the node whose call ends them tells it):
+/// mode `grace`, those whose grace ran out (the index is `ends`); mode `lost`, those still live
+/// on `node`, which stopped heartbeating (the index is that node's live set; the caller checked
+/// that its lease and the grace passed). The digest leaves the index either way.
+/// KEYS: s, subs, index. ARGV: now, digest, mode, node.
+/// Returns {} or {connection id, user, channels...}.
+pub(super) const REAP: &str = r"
+local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'node', 'cid', 'user', 'exp')
+local now = tonumber(ARGV[1])
+local due
+if ARGV[3] == 'grace' then
+  if s[1] == 'grace' and tonumber(s[2]) > now then return {} end
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  due = s[1] == 'grace'
+else
+  redis.call('SREM', KEYS[3], ARGV[2])
+  due = s[1] == 'live' and s[3] == ARGV[4]
+end
+if not due then return {} end
 local result = redis.call('SMEMBERS', KEYS[2])
+table.insert(result, 1, s[5] or '')
 table.insert(result, 1, s[4] or '')
-table.insert(result, 1, s[3] or '')
 redis.call('HSET', KEYS[1], 'state', 'dead')
 redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[5]) or 0) - tonumber(ARGV[1]), 0) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[6]) or 0) - now, 0) + 1000)
 return result";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
@@ -294,9 +288,8 @@ pub(super) struct Scripts {
     pub(super) detach: Script,
     pub(super) subscribe: Script,
     pub(super) holder: Script,
-    pub(super) reap_grace: Script,
+    pub(super) reap: Script,
     pub(super) presence: Script,
-    pub(super) reap_lost: Script,
     pub(super) restore: Script,
     pub(super) push: Script,
     pub(super) read: Script,
@@ -310,9 +303,8 @@ impl Scripts {
             detach: Script::new(DETACH),
             subscribe: Script::new(SUBSCRIBE),
             holder: Script::new(HOLDER),
-            reap_grace: Script::new(REAP_GRACE),
+            reap: Script::new(REAP),
             presence: Script::new(PRESENCE),
-            reap_lost: Script::new(REAP_LOST),
             restore: Script::new(RESTORE),
             push: Script::new(PUSH),
             read: Script::new(READ),
