@@ -144,9 +144,11 @@ async fn run_split<S>(
 {
     let conn = &conn;
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
-    let user = edge.registry.user_of(&conn.digest());
-    edge.handlers
-        .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
+    if edge.handlers.wants_lifecycle() {
+        let user = edge.registry.user_of(&conn.digest());
+        edge.handlers
+            .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
+    }
     let end = tokio::select! {
         end = write_loop(&mut sink, conn, edge) => end,
         end = read_loop(&mut stream, conn, &socket, edge) => end,
@@ -189,12 +191,7 @@ async fn finish<S>(
         _ => None,
     };
     if let Some(reason) = reason {
-        edge.registry
-            .metrics()
-            .ends
-            .with_label_values(&[reason.as_str()])
-            .inc();
-        edge.handlers.ended(&Ended {
+        edge.registry.ended(Ended {
             connection_id: socket.connection_id.clone(),
             digest: conn.digest(),
             user: edge.registry.user_of(&conn.digest()).map(|u| u.name),

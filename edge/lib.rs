@@ -83,6 +83,23 @@ async fn every(period: Duration, stop: CancellationToken, mut tick: impl FnMut()
     }
 }
 
+/// Hands each message of `rx` to `handle` until the channel closes or `stop`.
+async fn each_until<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+    stop: CancellationToken,
+    mut handle: impl FnMut(T),
+) {
+    loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(message) => handle(message),
+                None => break,
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+}
+
 /// A running node's client plane. Dropping it does not stop the node: call [`Node::drain`].
 #[derive(Debug)]
 pub struct Node {
@@ -138,21 +155,10 @@ impl Node {
                     &tracker,
                 )?;
                 // Messages other nodes forward go to the streams here, until the node halts.
-                tracker.spawn({
-                    let (remote, halt) = (remote.clone(), halt.clone());
-                    let mut inbound = inbound;
-                    async move {
-                        loop {
-                            tokio::select! {
-                                message = inbound.recv() => match message {
-                                    Some(message) => remote.deliver_forwarded(message),
-                                    None => break,
-                                },
-                                _ = halt.cancelled() => break,
-                            }
-                        }
-                    }
-                });
+                let remote_here = remote.clone();
+                tracker.spawn(each_until(inbound, halt.clone(), move |message| {
+                    remote_here.deliver_forwarded(message)
+                }));
                 (remote, bus)
             }
         };
@@ -188,19 +194,11 @@ impl Node {
 
         // Final ends decided away from sockets' tasks (a grace that ran out, a node lost)
         // become `$disconnect` events, until the node halts.
-        if let Some(mut ends) = edge.registry.take_ends() {
-            let (edge, halt) = (edge.clone(), edge.halt.clone());
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        ended = ends.recv() => match ended {
-                            Some(ended) => edge.handlers.ended(&ended),
-                            None => break,
-                        },
-                        _ = halt.cancelled() => break,
-                    }
-                }
-            });
+        if let Some(ends) = edge.registry.take_ends() {
+            let here = edge.clone();
+            tracker.spawn(each_until(ends, edge.halt.clone(), move |ended| {
+                here.handlers.ended(&ended)
+            }));
         }
         tracker.spawn(server::serve(client, edge.clone()));
         tracker.spawn({

@@ -217,6 +217,11 @@ impl Handlers {
         }
     }
 
+    /// Whether lifecycle events may reach a stream (else building them is skipped).
+    pub fn wants_lifecycle(&self) -> bool {
+        self.remote.wants_lifecycle()
+    }
+
     /// Tells the `Handle` streams that asked for lifecycle events that a socket opened:
     /// `{"resumed": bool, "user": ...}` (resumed: the credentials had a socket before, and
     /// this one took over within the reconnect grace; no `$disconnect` came between).
@@ -233,6 +238,9 @@ impl Handlers {
     /// Tells them that credentials ended for good: the one final `$disconnect` of a
     /// connection.
     pub fn ended(&self, ended: &crate::registry::Ended) {
+        if !self.wants_lifecycle() {
+            return;
+        }
         self.remote.lifecycle(
             remote::DISCONNECT,
             &ended.connection_id,

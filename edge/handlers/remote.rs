@@ -17,7 +17,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -63,6 +63,8 @@ struct Shared {
     /// Groups and in-flight deliveries; short critical sections, never held across an await.
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Members that asked for lifecycle events, so a node with none skips building them.
+    lifecycle_members: AtomicUsize,
     timeout: Duration,
     /// Cluster mode: the link to the bus, which offers messages to other nodes' streams.
     link: Option<LocalEnd>,
@@ -189,6 +191,7 @@ impl Remote {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 next_id: AtomicU64::new(1),
+                lifecycle_members: AtomicUsize::new(0),
                 timeout,
                 link,
             }),
@@ -304,6 +307,11 @@ impl Remote {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(MEMBER_BUFFER);
+        if lifecycle {
+            self.shared
+                .lifecycle_members
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.shared
             .state
             .lock()
@@ -504,6 +512,12 @@ impl Remote {
         }
     }
 
+    /// Whether a lifecycle event may reach anyone: a stream here asked for them, or other
+    /// nodes' streams may have (cluster mode).
+    pub fn wants_lifecycle(&self) -> bool {
+        self.shared.link.is_some() || self.shared.lifecycle_members.load(Ordering::Relaxed) > 0
+    }
+
     /// Tells one member of each group that asked for them that a socket opened or closed.
     pub fn lifecycle(
         &self,
@@ -547,6 +561,15 @@ impl Remote {
         {
             let mut state = self.shared.state.lock();
             if let Some(group) = state.groups.get_mut(&member.group) {
+                if group
+                    .members
+                    .iter()
+                    .any(|m| m.id == member.id && m.lifecycle)
+                {
+                    self.shared
+                        .lifecycle_members
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
                 group.members.retain(|m| m.id != member.id);
                 if group.members.is_empty() {
                     state.groups.remove(&member.group);

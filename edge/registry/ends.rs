@@ -5,8 +5,9 @@
 //! it; the socket's task reports those. A socket dropped without a close may resume within the
 //! reconnect grace, so its end is final only when the grace ran out: on one node the sweeper
 //! decides that here; in cluster mode Redis does (the socket may have resumed on another node),
-//! and a node that died has its sockets ended by the others (`node lost`). Those ends reach the
-//! node's lifecycle task through [`Registry::take_ends`].
+//! and a node that died has its sockets ended by the others (`node lost`). Every end, wherever
+//! decided, goes through [`Registry::ended`] (counted once there) to the node's lifecycle task
+//! ([`Registry::take_ends`]).
 
 use std::sync::Arc;
 
@@ -44,19 +45,6 @@ impl EndReason {
             Self::NodeLost => "node lost",
             Self::Dropped => "connection lost",
         }
-    }
-
-    /// Parses [`EndReason::as_str`] (what the cluster's scripts return).
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::ClientClosed,
-            Self::Application,
-            Self::GraceExpired,
-            Self::NodeLost,
-            Self::Dropped,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == text)
     }
 }
 
@@ -109,8 +97,18 @@ impl Default for Ends {
 }
 
 impl Registry {
-    /// Tells the node's lifecycle task that credentials ended for good (never waits).
+    /// Counts a final end and hands it to the node's lifecycle task, which tells the `Handle`
+    /// streams (never waits). Credentials that never connected (no connection id) end
+    /// silently.
     pub fn ended(&self, ended: Ended) {
+        if ended.connection_id.is_empty() {
+            return;
+        }
+        self.shared
+            .metrics
+            .ends
+            .with_label_values(&[ended.reason.as_str()])
+            .inc();
         if let Err(err) = self.shared.ends.tx.try_send(ended) {
             self.shared.metrics.lifecycle_dropped.inc();
             tracing::warn!(%err, "final $disconnect not told: the lifecycle queue is full");

@@ -217,16 +217,8 @@ impl Registry {
 
     /// Reports that `session` (of `digest`) ended for good away from its socket's task.
     fn report_end(&self, digest: Digest, session: &Session, reason: EndReason) {
-        let Some(connection_id) = session.connection_id.clone() else {
-            return; // never connected: nothing to tell
-        };
-        self.shared
-            .metrics
-            .ends
-            .with_label_values(&[reason.as_str()])
-            .inc();
         self.ended(Ended {
-            connection_id,
+            connection_id: session.connection_id.clone().unwrap_or_default(),
             digest,
             user: session.user.as_ref().map(|u| u.name.clone()),
             reason,

@@ -159,14 +159,6 @@ impl RedisBus {
         user: &str,
         reason: EndReason,
     ) {
-        if connection_id.is_empty() {
-            return; // never connected: nothing to tell
-        }
-        self.registry
-            .metrics()
-            .ends
-            .with_label_values(&[reason.as_str()])
-            .inc();
         self.registry.ended(Ended {
             connection_id: connection_id.into(),
             digest,
