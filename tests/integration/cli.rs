@@ -266,20 +266,8 @@ fn an_unknown_config_key_is_an_error_that_names_it() {
 
 #[tokio::test]
 async fn users_and_presence_from_the_cli() {
-    use channelgate::config::{NamespacePolicy, Namespaces};
-    let gw = Gateway::start_with(|c| {
-        c.limits.namespaces = Namespaces(
-            [(
-                "chat".to_owned(),
-                NamespacePolicy {
-                    presence: true,
-                    ..Default::default()
-                },
-            )]
-            .into(),
-        );
-    })
-    .await;
+    let gw =
+        Gateway::start_with(|c| c.limits.namespaces = crate::support::keep_presence("chat")).await;
     let (code, out) = cg(
         &gw,
         &[

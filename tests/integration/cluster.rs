@@ -41,8 +41,18 @@ fn hex(b: &[u8]) -> String {
 
 /// A node of the cluster named by `prefix` on `redis`, ready to take traffic.
 pub async fn node(redis: &str, prefix: &str) -> Gateway {
+    node_with(redis, prefix, |_| {}).await
+}
+
+/// [`node`], with its configuration adjusted by `adjust` first.
+pub async fn node_with(
+    redis: &str,
+    prefix: &str,
+    adjust: impl FnOnce(&mut channelgate::config::Config) + Send + 'static,
+) -> Gateway {
     let (redis, prefix) = (redis.to_owned(), prefix.to_owned());
     let gw = Gateway::start_with(move |c| {
+        adjust(c);
         c.redis = Some(redis);
         c.redis_prefix = prefix;
         c.secret = Some(SECRET.into());
@@ -50,6 +60,21 @@ pub async fn node(redis: &str, prefix: &str) -> Gateway {
     .await;
     wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
     gw
+}
+
+/// A node of the cluster `prefix` on [`REDIS`] run as a process (to SIGKILL it), with `extra`
+/// flags; returns it with its client and control plane addresses.
+pub fn spawn_node(prefix: &str, extra: &[&str]) -> (Child, String, String) {
+    let mut args = vec![
+        "--redis",
+        REDIS,
+        "--redis-prefix",
+        prefix,
+        "--secret",
+        SECRET,
+    ];
+    args.extend_from_slice(extra);
+    spawn_binary(&args)
 }
 
 #[tokio::test]
@@ -374,14 +399,7 @@ async fn a_node_started_while_redis_is_down_is_not_ready_until_it_comes() {
 #[tokio::test]
 async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
     let prefix = unique_prefix("sigkill");
-    let (mut doomed, http, grpc) = spawn_binary(&[
-        "--redis",
-        REDIS,
-        "--redis-prefix",
-        &prefix,
-        "--secret",
-        SECRET,
-    ]);
+    let (mut doomed, http, grpc) = spawn_node(&prefix, &[]);
     let survivor = node(REDIS, &prefix).await;
     let creds = issue_at(&grpc).await;
     survivor.subscribe(&creds, &["room"]).await;

@@ -9,9 +9,7 @@ use tokio::sync::watch;
 
 use crate::{
     cluster::{node, unique_prefix, PrivateRedis, REDIS},
-    support::{
-        connect_recovering_at, issue_at, spawn_binary, wait_until, Gateway, Proxy, Ws, PATIENCE,
-    },
+    support::{connect_recovering_at, issue_at, wait_until, Gateway, Proxy, Ws, PATIENCE},
 };
 
 /// `{channel: {"epoch", "offset"}}`, the `recover` parameter.
@@ -402,15 +400,7 @@ async fn pushes_through_two_nodes_get_one_order_per_channel() {
 #[tokio::test]
 async fn a_socket_whose_node_was_killed_resumes_on_another_node_with_nothing_lost() {
     let prefix = unique_prefix("sigkill-history");
-    let secret = crate::cluster::SECRET;
-    let (mut doomed, http, grpc) = spawn_binary(&[
-        "--redis",
-        REDIS,
-        "--redis-prefix",
-        &prefix,
-        "--secret",
-        secret,
-    ]);
+    let (mut doomed, http, grpc) = crate::cluster::spawn_node(&prefix, &[]);
     let survivor = node(REDIS, &prefix).await;
     let publisher = node(REDIS, &prefix).await;
     let creds = issue_at(&grpc).await;

@@ -7,27 +7,20 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::{
-    cluster::{unique_prefix, REDIS, SECRET},
+    cluster::{node_with, spawn_node, unique_prefix, REDIS},
     handle::{join, Service},
-    support::{connect_at, spawn_binary, wait_until, Creds, Gateway},
+    support::{connect_at, wait_until, Creds, Gateway},
 };
 use channelgate::pb;
 
 const GRACE: Duration = Duration::from_secs(1);
 
 async fn gateway(redis_prefix: Option<&str>) -> Gateway {
-    let prefix = redis_prefix.map(str::to_owned);
-    let gw = Gateway::start_with(move |c| {
-        c.limits.reconnect_grace = GRACE;
-        if let Some(prefix) = prefix {
-            c.redis = Some(REDIS.into());
-            c.redis_prefix = prefix;
-            c.secret = Some(SECRET.into());
-        }
-    })
-    .await;
-    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
-    gw
+    let grace = |c: &mut channelgate::config::Config| c.limits.reconnect_grace = GRACE;
+    match redis_prefix {
+        Some(prefix) => node_with(REDIS, prefix, grace).await,
+        None => Gateway::start_with(grace).await,
+    }
 }
 
 async fn issue_for(gw: &Gateway, user: &str) -> Creds {
@@ -187,16 +180,7 @@ async fn wait_advertised(prefix: &str, group: &str) {
 #[tokio::test]
 async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
     let prefix = unique_prefix("node-lost");
-    let (mut doomed, http, grpc) = spawn_binary(&[
-        "--redis",
-        REDIS,
-        "--redis-prefix",
-        &prefix,
-        "--secret",
-        SECRET,
-        "--reconnect-grace",
-        "1s",
-    ]);
+    let (mut doomed, http, grpc) = spawn_node(&prefix, &["--reconnect-grace", "1s"]);
     let survivor = gateway(Some(&prefix)).await;
     let mut svc = join(&survivor, "lifecycle", &[], true).await;
     let client = channelgate::client::Client::connect(format!("http://{grpc}"))

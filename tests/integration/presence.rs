@@ -1,28 +1,17 @@
-//! Presence on one node and across nodes: who is subscribed and connected in a channel whose namespace keeps
-//! presence, with user and info; a resume within the grace changes nothing.
+//! Presence on one node and across nodes: who is subscribed and connected in a channel whose
+//! namespace keeps presence, with user and info; a resume within the grace changes nothing.
 
 use std::time::Duration;
 
-use channelgate::config::{NamespacePolicy, Namespaces};
-
 use crate::{
-    cluster::{unique_prefix, REDIS, SECRET},
-    support::{connect_at, spawn_binary, wait_until, Creds, Gateway},
+    cluster::{node_with, spawn_node, unique_prefix, REDIS},
+    support::{connect_at, keep_presence, wait_until, Creds, Gateway},
 };
 
 async fn presence_node() -> Gateway {
     Gateway::start_with(|c| {
         c.limits.reconnect_grace = Duration::from_secs(30);
-        c.limits.namespaces = Namespaces(
-            [(
-                "chat".to_owned(),
-                NamespacePolicy {
-                    presence: true,
-                    ..Default::default()
-                },
-            )]
-            .into(),
-        );
+        c.limits.namespaces = keep_presence("chat");
     })
     .await
 }
@@ -127,26 +116,11 @@ async fn presence_on_a_channel_that_keeps_none_is_failed_precondition() {
 
 /// A node of the cluster `prefix` that keeps presence for `chat:*`.
 async fn cluster_node(prefix: &str) -> Gateway {
-    let prefix = prefix.to_owned();
-    let gw = Gateway::start_with(move |c| {
+    node_with(REDIS, prefix, |c| {
         c.limits.reconnect_grace = Duration::from_secs(1);
-        c.limits.namespaces = Namespaces(
-            [(
-                "chat".to_owned(),
-                NamespacePolicy {
-                    presence: true,
-                    ..Default::default()
-                },
-            )]
-            .into(),
-        );
-        c.redis = Some(REDIS.into());
-        c.redis_prefix = prefix;
-        c.secret = Some(SECRET.into());
+        c.limits.namespaces = keep_presence("chat");
     })
-    .await;
-    wait_until(|| async { gw.http_get("/readyz", &[]).await.0 == 200 }).await;
-    gw
+    .await
 }
 
 #[tokio::test]
@@ -162,16 +136,7 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
         "reconnect-grace = \"1s\"\n[namespaces.chat]\npresence = true\n",
     )
     .unwrap();
-    let (mut doomed, http, grpc) = spawn_binary(&[
-        "--redis",
-        REDIS,
-        "--redis-prefix",
-        &prefix,
-        "--secret",
-        SECRET,
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let (mut doomed, http, grpc) = spawn_node(&prefix, &["--config", config.to_str().unwrap()]);
     // U on A and on B, V on the doomed node.
     let u1 = issue_for(&a, "u", r#"{"n":1}"#).await;
     let u2 = issue_for(&b, "u", "").await;

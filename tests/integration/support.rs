@@ -111,6 +111,15 @@ pub async fn connect_recovering_at(http: &str, creds: &Creds, recover: &Value) -
     }
 }
 
+/// Namespace settings that keep presence for the channels of `namespace` (`namespace:*`).
+pub fn keep_presence(namespace: &str) -> channelgate::config::Namespaces {
+    let policy = channelgate::config::NamespacePolicy {
+        presence: true,
+        ..Default::default()
+    };
+    channelgate::config::Namespaces([(namespace.to_owned(), policy)].into())
+}
+
 pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
