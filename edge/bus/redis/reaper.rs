@@ -36,7 +36,9 @@ impl RedisBus {
             if self.ready().is_err() {
                 continue;
             }
-            if let Err(err) = self.within(self.reap_once()).await {
+            // No deadline on the whole pass (a long one is not a stalled Redis): each of its
+            // commands has the connection's own response deadline.
+            if let Err(err) = self.reap_once().await {
                 tracing::debug!(%err, "reaper pass failed; the next one retries");
             }
         }
