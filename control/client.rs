@@ -480,12 +480,31 @@ impl Client {
                 .into_iter()
                 .map(|(channel, (epoch, offset))| (channel, pb::Position { epoch, offset }))
                 .collect(),
+            ..Default::default()
         };
         Ok(self.raw().listen(request).await?.into_inner())
     }
 
-    /// `Handle`: joins `group` as a stream handling `actions` (and `$connect`/`$disconnect`
-    /// events when `lifecycle`).
+    /// `Listen` with the channels' presence events too: joins and leaves as `events` says
+    /// (every connection's, or each user's first and last), and occupancy changes when
+    /// `occupancy`. They come between pushes, with `presence` set.
+    pub async fn listen_presence(
+        &self,
+        channels: &[impl AsRef<str>],
+        events: pb::PresenceEvents,
+        occupancy: bool,
+    ) -> Result<Streaming<pb::ListenEvent>, Status> {
+        let request = pb::ListenRequest {
+            channels: strings(channels),
+            presence_events: events.into(),
+            occupancy,
+            ..Default::default()
+        };
+        Ok(self.raw().listen(request).await?.into_inner())
+    }
+
+    /// `Handle`: joins `group` as a stream handling `actions` (and lifecycle events when
+    /// `lifecycle`: `$connect`, `$disconnect`, `$occupied`, `$vacated`).
     pub async fn handle(
         &self,
         group: &str,

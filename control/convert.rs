@@ -9,11 +9,12 @@ use std::collections::HashMap;
 
 use edge::{
     bus::{HistoryQuery, Page},
+    config::JoinLeave,
     credentials::{Credentials, Digest},
     error::{code, Close, Error},
     handoff::HandlerReply,
     protocol::{valid_epoch, Channel, Json, Position},
-    registry::{Present, Pushed, Stats, User},
+    registry::{Change, ListenEvent, Present, Pushed, Stats, User, Wants},
 };
 
 use crate::{pb, status::status};
@@ -76,6 +77,46 @@ pub(crate) fn member(m: Present) -> pb::PresenceMember {
         user,
         info_json,
         since_unix_ms: m.since_ms,
+    }
+}
+
+/// What a `Listen` request asks beyond pushes.
+pub(crate) fn wants(r: &pb::ListenRequest) -> Result<Wants, Status> {
+    let join_leave = match pb::PresenceEvents::try_from(r.presence_events) {
+        Ok(pb::PresenceEvents::None) => JoinLeave::Off,
+        Ok(pb::PresenceEvents::Connection) => JoinLeave::Connection,
+        Ok(pb::PresenceEvents::User) => JoinLeave::User,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "presence_events: unknown value {}",
+                r.presence_events
+            )))
+        }
+    };
+    Ok(Wants {
+        join_leave,
+        occupancy: r.occupancy,
+    })
+}
+
+/// One event of a `Listen` stream on the wire.
+pub(crate) fn listen_event(event: &ListenEvent) -> pb::ListenEvent {
+    let presence = event.presence();
+    let change = presence.map_or(pb::PresenceChange::None, |p| match p.change {
+        Change::Join => pb::PresenceChange::Join,
+        Change::Leave => pb::PresenceChange::Leave,
+        Change::Occupied => pb::PresenceChange::Occupied,
+        Change::Vacated => pb::PresenceChange::Vacated,
+    });
+    pb::ListenEvent {
+        channel: event.channel.to_string(),
+        json: event.json().unwrap_or_default().to_owned(),
+        offset: event.position.offset,
+        epoch: event.position.epoch.to_string(),
+        gap: event.is_gap(),
+        presence: change.into(),
+        member: presence.and_then(|p| p.member.clone()).map(member),
+        of_user: presence.is_some_and(|p| p.of_user),
     }
 }
 

@@ -15,22 +15,13 @@ use crate::{convert, pb, status};
 /// A boxed response stream.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The `Listen` stream of `listener`: every push (and gap), then `RESOURCE_EXHAUSTED` if it
-/// fell behind.
+/// The `Listen` stream of `listener`: every push (and gap, and presence event it asked for),
+/// then `RESOURCE_EXHAUSTED` if it fell behind.
 pub(crate) fn listen(listener: Listener, gateway: &Gateway) -> BoxStream<pb::ListenEvent> {
     let events = futures_util::stream::unfold(Some(listener), |state| async move {
         let mut listener = state?;
         match listener.recv().await {
-            Some(event) => Some((
-                Ok(pb::ListenEvent {
-                    channel: event.channel.to_string(),
-                    json: event.json().unwrap_or_default().to_owned(),
-                    offset: event.position.offset,
-                    epoch: event.position.epoch.to_string(),
-                    gap: event.is_gap(),
-                }),
-                Some(listener),
-            )),
+            Some(event) => Some((Ok(convert::listen_event(&event)), Some(listener))),
             None if listener.overflowed() => Some((
                 Err(Status::resource_exhausted(
                     "listener fell behind and was dropped; pushes never wait for listeners",
@@ -124,7 +115,7 @@ fn client_message(d: Delivery) -> pb::ClientMessage {
     pb::ClientMessage {
         delivery_id: d.delivery_id,
         connection_id: d.connection_id.into(),
-        digest: d.digest.to_string(),
+        digest: d.digest.map(|d| d.to_string()).unwrap_or_default(),
         action: d.action.into(),
         id: d.id.map(|id| id.get().to_owned()).unwrap_or_default(),
         json: d.json.into(),

@@ -254,9 +254,10 @@ impl pb::control_server::Control for ControlService {
         let r = request.get_ref();
         let channels = convert::channels(&r.channels)?;
         let since = convert::since(&r.since)?;
+        let wants = convert::wants(r)?;
         let listener = self
             .gateway
-            .listen(&channels, &since)
+            .listen(&channels, &since, wants)
             .await
             .map_err(status)?;
         Ok(Response::new(handle::listen(listener, &self.gateway)))

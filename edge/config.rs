@@ -472,7 +472,29 @@ pub struct NamespacePolicy {
     pub history_ttl: Option<Duration>,
     /// Keeps presence (who is subscribed and connected) for the namespace's channels.
     pub presence: bool,
+    /// Sends join and leave events to the sockets subscribed to the namespace's channels
+    /// (`join-leave = "connection"` or `"user"`); needs `presence`.
+    pub join_leave: JoinLeave,
+    /// Tells `occupied` / `vacated` for the namespace's channels, `vacated` this long after the
+    /// last member left (`occupancy = true`, `vacate-delay`); needs `presence`.
+    pub occupancy: Option<Duration>,
 }
+
+/// Which presence changes become join and leave events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JoinLeave {
+    /// None.
+    #[default]
+    Off,
+    /// Every connection's join and leave.
+    Connection,
+    /// A user's first connection joins and its last leaves; a second tab is no event.
+    /// Connections issued for no user count as users of their own.
+    User,
+}
+
+/// The `vacated` delay when a namespace enables occupancy without `vacate-delay`.
+pub const VACATE_DELAY: Duration = Duration::from_secs(5);
 
 impl Namespaces {
     fn from_toml(value: toml::Value) -> Result<Self, String> {
@@ -491,6 +513,7 @@ impl Namespaces {
                 return Err(format!("{name}: expected a table"));
             };
             let mut policy = NamespacePolicy::default();
+            let (mut occupancy, mut delay) = (false, None);
             for (key, value) in fields {
                 let named = |e: String| format!("{name}.{key}: {e}");
                 match key.as_str() {
@@ -501,13 +524,36 @@ impl Namespaces {
                             .as_bool()
                             .ok_or_else(|| named("expected true or false".into()))?;
                     }
+                    "join-leave" => {
+                        policy.join_leave = match value.as_str() {
+                            Some("connection") => JoinLeave::Connection,
+                            Some("user") => JoinLeave::User,
+                            Some("off") => JoinLeave::Off,
+                            _ => return Err(named("expected \"connection\", \"user\" or \"off\"".into())),
+                        };
+                    }
+                    "occupancy" => {
+                        occupancy = value
+                            .as_bool()
+                            .ok_or_else(|| named("expected true or false".into()))?;
+                    }
+                    "vacate-delay" => delay = Some(kind::dur::de(value).map_err(named)?),
                     _ => {
                         return Err(format!(
-                            "{name}: unknown key `{key}` (a namespace takes history-size, history-ttl and presence)"
+                            "{name}: unknown key `{key}` (a namespace takes history-size, history-ttl, presence, join-leave, occupancy and vacate-delay)"
                         ))
                     }
                 }
             }
+            if !policy.presence && (policy.join_leave != JoinLeave::Off || occupancy) {
+                return Err(format!(
+                    "{name}: join-leave and occupancy come from presence: add `presence = true`"
+                ));
+            }
+            if delay.is_some() && !occupancy {
+                return Err(format!("{name}: vacate-delay needs `occupancy = true`"));
+            }
+            policy.occupancy = occupancy.then(|| delay.unwrap_or(VACATE_DELAY));
             out.insert(name, policy);
         }
         Ok(Self(out))
@@ -515,21 +561,23 @@ impl Namespaces {
 }
 
 impl Limits {
-    /// Whether `channel`'s namespace keeps presence (`presence = true` in its table).
-    pub fn presence(&self, channel: &str) -> bool {
+    /// `channel`'s namespace table, if it has one.
+    pub fn namespace(&self, channel: &str) -> NamespacePolicy {
         channel
             .split_once(':')
             .and_then(|(ns, _)| self.namespaces.0.get(ns))
-            .is_some_and(|p| p.presence)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether `channel`'s namespace keeps presence (`presence = true` in its table).
+    pub fn presence(&self, channel: &str) -> bool {
+        self.namespace(channel).presence
     }
 
     /// The history policy of `channel`: its namespace's overrides, else the node's settings.
     pub fn history_policy(&self, channel: &str) -> crate::registry::Policy {
-        let over = channel
-            .split_once(':')
-            .and_then(|(ns, _)| self.namespaces.0.get(ns))
-            .copied()
-            .unwrap_or_default();
+        let over = self.namespace(channel);
         crate::registry::Policy {
             size: over.history_size.unwrap_or(self.history_size),
             ttl: over.history_ttl.unwrap_or(self.history_ttl),
@@ -839,6 +887,10 @@ mod tests {
             "namespaces = 1",
             "[namespaces.\"a:b\"]\nhistory-size = 1",
             "[namespaces.chat]\npresence = \"yes\"",
+            "[namespaces.chat]\njoin-leave = \"user\"",
+            "[namespaces.chat]\npresence = true\njoin-leave = \"tab\"",
+            "[namespaces.chat]\noccupancy = true",
+            "[namespaces.chat]\npresence = true\nvacate-delay = \"1s\"",
         ] {
             let err = Settings::parse_toml(bad).unwrap_err();
             assert!(err.contains("namespaces"), "{bad}: {err}");
@@ -854,6 +906,23 @@ mod tests {
         assert!(!limits.presence("feed:x"));
         assert!(!limits.presence("chat"), "no `:`, no namespace");
         assert!(!limits.presence("other:x"));
+    }
+
+    #[test]
+    fn presence_events_are_configured_per_namespace() {
+        let file = Settings::parse_toml(
+            "[namespaces.chat]\npresence = true\njoin-leave = \"user\"\noccupancy = true\n\
+             [namespaces.room]\npresence = true\noccupancy = true\nvacate-delay = \"0s\"\n\
+             [namespaces.feed]\npresence = true\n",
+        )
+        .unwrap();
+        let limits = file.into_config().unwrap().limits;
+        let chat = limits.namespace("chat:1");
+        assert_eq!(chat.join_leave, JoinLeave::User);
+        assert_eq!(chat.occupancy, Some(VACATE_DELAY));
+        assert_eq!(limits.namespace("room:1").occupancy, Some(Duration::ZERO));
+        let feed = limits.namespace("feed:1");
+        assert_eq!((feed.join_leave, feed.occupancy), (JoinLeave::Off, None));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::{
     bus::{Bus, HistoryQuery, Page, PushTicket},
+    config::JoinLeave,
     credentials::{Credentials, Digest},
     error::{Close, Error},
     handlers::remote::{Member, MemberError},
@@ -19,7 +20,7 @@ use crate::{
     metrics::Metrics,
     node::Edge,
     protocol::{Channel, Position},
-    registry::{check_idempotency_key, check_user, Listener, Present, Pushed, Stats, User},
+    registry::{check_idempotency_key, check_user, Listener, Present, Pushed, Stats, User, Wants},
 };
 
 /// Most pushes one `History` call returns.
@@ -199,13 +200,26 @@ impl Gateway {
     /// once this returns. For a channel in `since`, the pushes after that position come first
     /// (or one gap event, when history does not reach back), then live ones, with no gap and no
     /// duplicate between them.
+    ///
+    /// `wants` adds the channels' presence events: joins and leaves need channels that keep
+    /// presence, occupancy needs channels whose namespace enables it (else `PresenceOff`).
     pub async fn listen(
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
+        wants: Wants,
     ) -> Result<Listener, Error> {
         crate::registry::check_channel_count(channels)?;
-        self.bus().listen(channels, since).await
+        let limits = &self.edge.config.limits;
+        for channel in channels {
+            let ns = limits.namespace(channel);
+            if (wants.join_leave != JoinLeave::Off && !ns.presence)
+                || (wants.occupancy && ns.occupancy.is_none())
+            {
+                return Err(Error::PresenceOff);
+            }
+        }
+        self.bus().listen(channels, since, wants).await
     }
 
     /// Joins `group` as a `Handle` stream handling `actions` (and lifecycle events when

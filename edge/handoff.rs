@@ -24,9 +24,9 @@ pub struct Delivery {
     pub delivery_id: u64,
     /// The socket's connection id.
     pub connection_id: Box<str>,
-    /// The socket's digest.
-    pub digest: Digest,
-    /// The action (or `$connect` / `$disconnect`).
+    /// The socket's digest (`None` for `$occupied` / `$vacated`, which concern a channel).
+    pub digest: Option<Digest>,
+    /// The action (or `$connect`, `$disconnect`, `$occupied`, `$vacated`).
     pub action: Box<str>,
     /// The client's id as JSON text, if any.
     pub id: Option<Box<RawValue>>,
@@ -35,8 +35,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Whether this is a lifecycle event (`$connect`, `$disconnect`) rather than a client
-    /// message.
+    /// Whether this is a lifecycle event (`$connect`, `$disconnect`, `$occupied`,
+    /// `$vacated`) rather than a client message.
     pub fn is_lifecycle(&self) -> bool {
         self.action.starts_with('$')
     }

@@ -193,11 +193,12 @@ impl Node {
         }
 
         // Final ends decided away from sockets' tasks (a grace that ran out, a node lost)
-        // become `$disconnect` events, until the node halts.
-        if let Some(ends) = edge.registry.take_ends() {
+        // become `$disconnect` events, and occupancy changes `$occupied` / `$vacated`, until
+        // the node halts.
+        if let Some(events) = edge.registry.take_lifecycle() {
             let here = edge.clone();
-            tracker.spawn(each_until(ends, edge.halt.clone(), move |ended| {
-                here.handlers.ended(&ended)
+            tracker.spawn(each_until(events, edge.halt.clone(), move |event| {
+                here.handlers.lifecycle(&event)
             }));
         }
         tracker.spawn(server::serve(client, edge.clone()));

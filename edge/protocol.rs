@@ -12,6 +12,9 @@
 //!   and `{"channel":"<name>","recovered":false,"epoch":"<e>","offset":<n>}` when the node could
 //!   not deliver everything before that position. In all three, the next push on the channel has
 //!   offset `n + 1`.
+//! * join and leave, to sockets subscribed to a channel whose namespace says `join-leave`:
+//!   `{"channel":"<name>","join":{"connection_id":"<id>","user":"<user>"|null,"info":<json>|null}}`,
+//!   and the same with `"leave"`.
 //!
 //! Client to server: `{"action":"<name>","id":<number or string>, ..fields}`.
 //!
@@ -118,6 +121,37 @@ pub fn send_frame(channel: &Channel, payload: &Json) -> Frame {
     out.push_str(r#","payload":"#);
     out.push_str(payload);
     out.push('}');
+    Frame::from(out)
+}
+
+/// Encodes a join (`join`) or leave event for the sockets of `channel`:
+/// `{"channel":"<name>","join":{"connection_id":"<id>","user":<user or null>,"info":<json or null>}}`.
+/// `user` and `info` are empty for none; `info` must be JSON text (checked when issued).
+pub fn presence_frame(
+    channel: &Channel,
+    join: bool,
+    connection_id: &str,
+    user: &str,
+    info: &str,
+) -> Frame {
+    let mut out = String::with_capacity(80 + channel.len() + user.len() + info.len());
+    out.push_str(r#"{"channel":"#);
+    push_json_string(&mut out, channel);
+    out.push_str(if join {
+        r#","join":{"connection_id":"#
+    } else {
+        r#","leave":{"connection_id":"#
+    });
+    push_json_string(&mut out, connection_id);
+    out.push_str(r#","user":"#);
+    if user.is_empty() {
+        out.push_str("null");
+    } else {
+        push_json_string(&mut out, user);
+    }
+    out.push_str(r#","info":"#);
+    out.push_str(if info.is_empty() { "null" } else { info });
+    out.push_str("}}");
     Frame::from(out)
 }
 
@@ -472,6 +506,21 @@ mod tests {
         assert_eq!(
             send_frame(&ch, &Json::null()).as_str(),
             r#"{"channel":"q\"\\","payload":null}"#
+        );
+    }
+
+    #[test]
+    fn presence_frames_are_json_with_user_and_info_or_null() {
+        let ch = Channel::new("chat:1").unwrap();
+        let frame = presence_frame(&ch, true, "id1", "al\"ice", r#"{"name":"A"}"#);
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"channel":"chat:1","join":{"connection_id":"id1","user":"al\"ice","info":{"name":"A"}}})
+        );
+        assert_eq!(
+            presence_frame(&ch, false, "id2", "", "").as_str(),
+            r#"{"channel":"chat:1","leave":{"connection_id":"id2","user":null,"info":null}}"#
         );
     }
 

@@ -7,7 +7,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Present, Pushed, Registry, User},
+    registry::{Conn, Ending, Listener, Present, Pushed, Registry, User, Wants},
 };
 
 /// The bus of a node on its own.
@@ -106,8 +106,10 @@ impl Bus for Memory {
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
+        wants: Wants,
     ) -> Result<Listener, Error> {
-        self.registry.listen(channels, since, &HashMap::new())
+        self.registry
+            .listen(channels, since, &HashMap::new(), wants)
     }
 
     async fn attach(

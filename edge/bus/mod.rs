@@ -26,7 +26,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Present, Pushed, Refusal, Registry, User},
+    registry::{Conn, Ending, Listener, Present, Pushed, Refusal, Registry, User, Wants},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)
@@ -166,6 +166,7 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
+        wants: Wants,
     ) -> Result<Listener, Error>;
 
     /// Accepts a handshake's credentials and binds the socket here with its subscriptions,

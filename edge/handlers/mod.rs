@@ -230,22 +230,34 @@ impl Handlers {
         self.remote.lifecycle(
             remote::CONNECT,
             &socket.connection_id,
-            socket.digest,
+            Some(socket.digest),
             &detail,
         );
     }
 
-    /// Tells them that credentials ended for good: the one final `$disconnect` of a
-    /// connection.
-    pub fn ended(&self, ended: &crate::registry::Ended) {
+    /// Tells them what the registry queued: that credentials ended for good (the one final
+    /// `$disconnect` of a connection), or that a channel was occupied or vacated
+    /// (`{"channel": ...}`).
+    pub fn lifecycle(&self, event: &crate::registry::Lifecycle) {
         if !self.wants_lifecycle() {
             return;
         }
-        self.remote.lifecycle(
-            remote::DISCONNECT,
-            &ended.connection_id,
-            ended.digest,
-            &ended.json(),
-        );
+        match event {
+            crate::registry::Lifecycle::Ended(ended) => self.remote.lifecycle(
+                remote::DISCONNECT,
+                &ended.connection_id,
+                Some(ended.digest),
+                &ended.json(),
+            ),
+            crate::registry::Lifecycle::Occupancy { channel, occupied } => {
+                let detail = serde_json::json!({ "channel": channel.as_str() }).to_string();
+                let action = if *occupied {
+                    remote::OCCUPIED
+                } else {
+                    remote::VACATED
+                };
+                self.remote.lifecycle(action, "", None, &detail);
+            }
+        }
     }
 }

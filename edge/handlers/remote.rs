@@ -3,7 +3,8 @@
 //! A stream joins a *group* and names the actions it handles. A message goes to one member of
 //! each group that handles its action (round robin, skipping members whose send buffer is
 //! full); the first reply wins and goes back to the socket. Members that ask for lifecycle
-//! events also get one `$connect` and one `$disconnect` message per socket, per group.
+//! events also get one `$connect` and one `$disconnect` message per socket, per group, and
+//! `$occupied` / `$vacated` per change of a channel whose namespace enables occupancy.
 //!
 //! | outcome | client gets |
 //! | --- | --- |
@@ -40,6 +41,10 @@ pub const MEMBER_BUFFER: usize = 1024;
 pub const CONNECT: &str = "$connect";
 /// Reserved action of disconnect events.
 pub const DISCONNECT: &str = "$disconnect";
+/// Reserved action of a channel's first member anywhere.
+pub const OCCUPIED: &str = "$occupied";
+/// Reserved action of a channel left by its last member (after the vacate delay).
+pub const VACATED: &str = "$vacated";
 
 /// What a member got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -354,7 +359,7 @@ impl Remote {
         let mut delivery = Delivery {
             delivery_id: 0,
             connection_id: request.socket.connection_id.clone(),
-            digest: request.socket.digest,
+            digest: Some(request.socket.digest),
             action: request.action.clone(),
             id: request.id.clone(),
             json: request.text.as_str().into(),
@@ -518,12 +523,13 @@ impl Remote {
         self.shared.link.is_some() || self.shared.lifecycle_members.load(Ordering::Relaxed) > 0
     }
 
-    /// Tells one member of each group that asked for them that a socket opened or closed.
+    /// Tells one member of each group that asked for them that a socket opened or closed, or
+    /// a channel was occupied or vacated (no connection id, no digest).
     pub fn lifecycle(
         &self,
         action: &'static str,
         connection_id: &str,
-        digest: Digest,
+        digest: Option<Digest>,
         detail: &str,
     ) {
         let delivery = Delivery {

@@ -1,5 +1,7 @@
 //! The ends room: how a set of credentials that connected ends for good, told once to the
-//! `Handle` groups that asked for lifecycle events (`$disconnect`).
+//! `Handle` groups that asked for lifecycle events (`$disconnect`); and the queue that carries
+//! those ends, and channels' occupancy changes (`$occupied`, `$vacated`), to the node's
+//! lifecycle task.
 //!
 //! A socket's end is final at once when the client closed it or the application disconnected
 //! it; the socket's task reports those. A socket dropped without a close may resume within the
@@ -7,17 +9,33 @@
 //! decides that here; in cluster mode Redis does (the socket may have resumed on another node),
 //! and a node that died has its sockets ended by the others (`node lost`). Every end, wherever
 //! decided, goes through [`Registry::ended`] (counted once there) to the node's lifecycle task
-//! ([`Registry::take_ends`]).
+//! ([`Registry::take_lifecycle`]).
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::Registry;
-use crate::credentials::Digest;
+use crate::{credentials::Digest, protocol::Channel};
 
-/// Ends waiting for the node's lifecycle task; past it, an end is logged and counted, not told.
+/// Events waiting for the node's lifecycle task; past it, an event is logged and counted, not
+/// told.
 pub const ENDS_QUEUE: usize = 16_384;
+
+/// What the node's lifecycle task tells the `Handle` groups that asked for lifecycle events.
+#[derive(Debug, Clone)]
+pub enum Lifecycle {
+    /// A final end: `$disconnect`.
+    Ended(Ended),
+    /// A channel got its first member anywhere (`$occupied`), or its last left and the vacate
+    /// delay passed (`$vacated`).
+    Occupancy {
+        /// The channel.
+        channel: Channel,
+        /// `true` for occupied.
+        occupied: bool,
+    },
+}
 
 /// Why a set of credentials ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +97,11 @@ impl Ended {
     }
 }
 
-/// The queue of ends decided away from a socket's task.
+/// The queue of lifecycle events for the node's lifecycle task.
 #[derive(Debug)]
 pub(super) struct Ends {
-    tx: mpsc::Sender<Ended>,
-    rx: parking_lot::Mutex<Option<mpsc::Receiver<Ended>>>,
+    tx: mpsc::Sender<Lifecycle>,
+    rx: parking_lot::Mutex<Option<mpsc::Receiver<Lifecycle>>>,
 }
 
 impl Default for Ends {
@@ -109,14 +127,27 @@ impl Registry {
             .ends
             .with_label_values(&[ended.reason.as_str()])
             .inc();
-        if let Err(err) = self.shared.ends.tx.try_send(ended) {
+        self.tell(Lifecycle::Ended(ended));
+    }
+
+    /// Hands an occupancy change to the node's lifecycle task (`$occupied` / `$vacated`). In
+    /// cluster mode the bus calls it on the node whose script saw the change, so it is told once.
+    pub fn occupancy(&self, channel: &Channel, occupied: bool) {
+        self.tell(Lifecycle::Occupancy {
+            channel: channel.clone(),
+            occupied,
+        });
+    }
+
+    fn tell(&self, event: Lifecycle) {
+        if let Err(err) = self.shared.ends.tx.try_send(event) {
             self.shared.metrics.lifecycle_dropped.inc();
-            tracing::warn!(%err, "final $disconnect not told: the lifecycle queue is full");
+            tracing::warn!(%err, "lifecycle event not told: the lifecycle queue is full");
         }
     }
 
-    /// The ends decided away from sockets' tasks; for the node's lifecycle task (once).
-    pub fn take_ends(&self) -> Option<mpsc::Receiver<Ended>> {
+    /// The lifecycle events for `Handle` groups; for the node's lifecycle task (once).
+    pub fn take_lifecycle(&self) -> Option<mpsc::Receiver<Lifecycle>> {
         self.shared.ends.rx.lock().take()
     }
 }

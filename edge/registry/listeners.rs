@@ -6,17 +6,24 @@
 //! A stream may start from positions (`since`): per channel it first gets every push after the
 //! position, then the live ones, with no gap and no duplicate, or, when the channel's history
 //! does not reach back that far, one gap event with the current position and then live pushes.
+//!
+//! A stream may also ask for the presence events of its channels ([`Wants`]): joins and leaves
+//! (per connection or per user) and occupancy changes, which come between its pushes.
 
-use std::{collections::HashMap, sync::atomic::Ordering};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     channels::{missed, ChannelState, Fetched},
-    check_channel_count, now_ms, Registry,
+    check_channel_count, now_ms, PresenceEvent, Registry,
 };
 use crate::{
+    config::JoinLeave,
     error::Error,
     protocol::{Channel, Frame, Position},
 };
@@ -33,31 +40,58 @@ pub(super) struct ListenerEntry {
     tx: mpsc::Sender<ListenEvent>,
     /// Cancelled when the listener falls behind on any of its channels.
     overflowed: CancellationToken,
+    wants: Wants,
 }
 
-/// One event of a `Listen` stream: a push, or a gap.
+/// The presence events a `Listen` stream asks for, beyond pushes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// Joins and leaves: none, every connection's, or each user's first and last.
+    pub join_leave: JoinLeave,
+    /// `occupied` and `vacated`.
+    pub occupancy: bool,
+}
+
+/// One event of a `Listen` stream: a push, a gap, or a presence change.
 #[derive(Debug, Clone)]
 pub struct ListenEvent {
     /// The channel.
     pub channel: Channel,
     /// For a push, its epoch and offset; for a gap, the position the stream continues from
-    /// (the next push has `offset + 1`).
+    /// (the next push has `offset + 1`); for a presence event, the channel's position then.
     pub position: Position,
-    /// The push frame and where its payload starts; `None` for a gap.
-    push: Option<(Frame, u32)>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// The push frame and where its payload starts.
+    Push(Frame, u32),
+    Gap,
+    Presence(Arc<PresenceEvent>),
 }
 
 impl ListenEvent {
-    /// The pushed JSON text; `None` for a gap.
+    /// The pushed JSON text; `None` for a gap or a presence event.
     pub fn json(&self) -> Option<&str> {
-        let (frame, at) = self.push.as_ref()?;
+        let Kind::Push(frame, at) = &self.kind else {
+            return None;
+        };
         let frame: &str = frame;
         frame.get(*at as usize..frame.len().saturating_sub(1))
     }
 
     /// Whether this event says pushes before its position could not be delivered.
     pub fn is_gap(&self) -> bool {
-        self.push.is_none()
+        matches!(self.kind, Kind::Gap)
+    }
+
+    /// The presence change this event tells, if it is one.
+    pub fn presence(&self) -> Option<&PresenceEvent> {
+        match &self.kind {
+            Kind::Presence(event) => Some(event),
+            _ => None,
+        }
     }
 }
 
@@ -98,12 +132,14 @@ impl Registry {
     /// Starts a `Listen` stream on `channels`: every push to them is copied to the returned
     /// [`Listener`], which stops (and reports it) if it falls [`LISTEN_BUFFER`] events behind.
     /// For a channel in `since`, the pushes after that position come first (from history, or
-    /// from `fetched`, read from Redis in cluster mode), or one gap event.
+    /// from `fetched`, read from Redis in cluster mode), or one gap event. Presence events
+    /// come as `wants` asks (the caller checked that the channels keep presence).
     pub fn listen(
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
         fetched: &HashMap<Channel, Fetched>,
+        wants: Wants,
     ) -> Result<Listener, Error> {
         check_channel_count(channels)?;
         let id = self.shared.next_listener.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +164,7 @@ impl Registry {
                     id,
                     tx: tx.clone(),
                     overflowed: overflowed.clone(),
+                    wants,
                 });
             });
             if first {
@@ -162,7 +199,7 @@ impl Registry {
             let _ = tx.try_send(ListenEvent {
                 channel: channel.clone(),
                 position,
-                push: None,
+                kind: Kind::Gap,
             });
             return;
         };
@@ -174,7 +211,7 @@ impl Registry {
                     epoch: position.epoch.clone(),
                     offset: entry.offset,
                 },
-                push: Some((entry.frame, entry.payload_at)),
+                kind: Kind::Push(entry.frame, entry.payload_at),
             });
         }
     }
@@ -188,24 +225,28 @@ impl Registry {
         position: &Position,
         push: Option<(&Frame, usize)>,
     ) {
-        let push = push.map(|(frame, at)| (frame.clone(), at as u32));
-        listeners.retain(|entry| {
-            let event = ListenEvent {
-                channel: channel.clone(),
-                position: position.clone(),
-                push: push.clone(),
-            };
-            match entry.tx.try_send(event) {
-                // Dropped on another channel: prune here too.
-                Ok(()) if entry.overflowed.is_cancelled() => false,
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(%channel, "dropping a Listen stream that fell behind");
-                    entry.overflowed.cancel();
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+        let kind = match push {
+            Some((frame, at)) => Kind::Push(frame.clone(), at as u32),
+            None => Kind::Gap,
+        };
+        send_each(channel, listeners, position, &kind, |_| true);
+    }
+
+    /// Copies a presence event to the channel's listeners that asked for it.
+    pub(super) fn notify_presence(
+        &self,
+        channel: &Channel,
+        listeners: &mut Vec<ListenerEntry>,
+        position: Option<Position>,
+        event: &Arc<PresenceEvent>,
+    ) {
+        let position = position.unwrap_or_else(|| Position {
+            epoch: "".into(),
+            offset: 0,
+        });
+        let kind = Kind::Presence(event.clone());
+        send_each(channel, listeners, &position, &kind, |wants| {
+            event.wanted(wants.join_leave, wants.occupancy)
         });
     }
 
@@ -222,4 +263,36 @@ impl Registry {
             }
         }
     }
+}
+
+/// Queues one event (`kind` at `position`) to each listener `wants` accepts, dropping any that
+/// fell behind.
+fn send_each(
+    channel: &Channel,
+    listeners: &mut Vec<ListenerEntry>,
+    position: &Position,
+    kind: &Kind,
+    wants: impl Fn(&Wants) -> bool,
+) {
+    listeners.retain(|entry| {
+        if !wants(&entry.wants) {
+            return !entry.overflowed.is_cancelled();
+        }
+        let event = ListenEvent {
+            channel: channel.clone(),
+            position: position.clone(),
+            kind: kind.clone(),
+        };
+        match entry.tx.try_send(event) {
+            // Dropped on another channel: prune here too.
+            Ok(()) if entry.overflowed.is_cancelled() => false,
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(%channel, "dropping a Listen stream that fell behind");
+                entry.overflowed.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
 }

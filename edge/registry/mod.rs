@@ -15,12 +15,12 @@
 //! * [`idempotency`]: which `Push` keys each channel took (single node);
 //! * [`users`]: the user bound to credentials at issue, and each user's credentials;
 //! * [`ends`]: final ends of credentials decided away from a socket (grace over, a node lost),
-//!   for the `$disconnect` lifecycle event;
+//!   for the `$disconnect` lifecycle event, and the queue of lifecycle events;
+//! * [`presence`]: who is present in each channel that keeps presence (one node), fed from
+//!   [`sessions`]' state changes and subscriptions; its join, leave and occupancy events, and
+//!   their delivery to sockets and `Listen` streams (every node);
 //! * [`cluster`]: what the registry tells a cluster bus: channels whose local interest changed,
 //!   and channels to bring up to date from Redis.
-//!
-//! * [`presence`]: who is present in each channel that keeps presence (one node), fed from
-//!   [`sessions`]' state changes and subscriptions.
 //!
 //! The node owns the [`Metrics`]; the registry counts into them.
 //!
@@ -75,11 +75,11 @@ use crate::{
 };
 
 pub use channels::{Fetched, Pushed};
-pub use ends::{EndReason, Ended, ENDS_QUEUE};
+pub use ends::{EndReason, Ended, Lifecycle, ENDS_QUEUE};
 pub use history::{Policy, ENTRY_BYTES};
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
-pub use listeners::{ListenEvent, Listener, LISTEN_BUFFER};
-pub use presence::Present;
+pub use listeners::{ListenEvent, Listener, Wants, LISTEN_BUFFER};
+pub use presence::{Change, PresenceEvent, Present};
 pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
 pub use users::{check_user, User, MAX_INFO_LEN, MAX_USER_LEN};
 
@@ -106,6 +106,8 @@ struct Shared {
     users: users::UserIndex,
     /// [`presence`]: per channel (whose namespace keeps it), the connections present.
     presence: DashMap<Channel, presence::Room>,
+    /// [`presence`]: channels (with occupancy) whose last member left, by when `vacated` is due.
+    vacating: parking_lot::Mutex<std::collections::HashMap<Channel, u64>>,
     /// [`ends`]: final ends decided away from sockets' tasks, for the lifecycle task.
     ends: ends::Ends,
     /// [`sessions`]: sockets live on this node; changed only by `Registry::set_state`.
@@ -166,6 +168,7 @@ impl Registry {
                 users: DashMap::new(),
                 ends: Default::default(),
                 presence: DashMap::new(),
+                vacating: Default::default(),
                 live: AtomicUsize::new(0),
                 next_serial: AtomicU64::new(1),
                 channels: DashMap::new(),

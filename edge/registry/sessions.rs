@@ -499,7 +499,8 @@ impl Registry {
     }
 
     /// Forgets sessions whose time is up: never-used ids past expiry, grace periods that ran
-    /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway).
+    /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway). Tells `vacated` for channels whose
+    /// vacate delay passed.
     pub fn sweep(&self) {
         let now = now_ms();
         let mut forgotten = Vec::new();
@@ -527,6 +528,7 @@ impl Registry {
         for (digest, user) in forgotten {
             self.unindex_user(&digest, &user);
         }
+        self.sweep_vacated();
     }
 
     /// One beat of the node's heartbeat, for the live sockets whose serial is `slice` modulo

@@ -349,7 +349,9 @@ async fn a_listener_from_a_position_replays_then_streams_live() {
         ..r.position(&ch("a")).unwrap()
     };
     let since: HashMap<Channel, Position> = [(ch("a"), at.clone())].into();
-    let mut listener = r.listen(&[ch("a")], &since, &HashMap::new()).unwrap();
+    let mut listener = r
+        .listen(&[ch("a")], &since, &HashMap::new(), Default::default())
+        .unwrap();
     push(&r, "a", "4");
     let mut got = Vec::new();
     for _ in 0..3 {
@@ -362,7 +364,9 @@ async fn a_listener_from_a_position_replays_then_streams_live() {
         offset: 1,
     };
     let since: HashMap<Channel, Position> = [(ch("a"), gone)].into();
-    let mut listener = r.listen(&[ch("a")], &since, &HashMap::new()).unwrap();
+    let mut listener = r
+        .listen(&[ch("a")], &since, &HashMap::new(), Default::default())
+        .unwrap();
     let event = listener.recv().await.unwrap();
     assert!(event.is_gap());
     assert_eq!(event.position.offset, 4);

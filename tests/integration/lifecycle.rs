@@ -154,7 +154,7 @@ async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
 
 /// Waits until `group` is advertised in Redis as taking lifecycle events (every node reads
 /// the advertisement when it offers an event), so no event is lost to a race with it.
-async fn wait_advertised(prefix: &str, group: &str) {
+pub async fn wait_advertised(prefix: &str, group: &str) {
     let redis = redis::Client::open(REDIS).unwrap();
     let conn = redis.get_multiplexed_async_connection().await.unwrap();
     let key = format!("{prefix}:act:$lifecycle");

@@ -20,6 +20,7 @@ mod js_client;
 mod lifecycle;
 mod messages;
 mod presence;
+mod presence_events;
 mod setup;
 mod shutdown;
 mod support;

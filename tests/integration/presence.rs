@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use crate::{
     cluster::{node_with, spawn_node, unique_prefix, REDIS},
-    support::{connect_at, keep_presence, wait_until, Creds, Gateway},
+    support::{connect_at, keep_presence, next_event, wait_until, Creds, Gateway},
 };
+use channelgate::pb;
 
 async fn presence_node() -> Gateway {
     Gateway::start_with(|c| {
@@ -137,6 +138,11 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     )
     .unwrap();
     let (mut doomed, http, grpc) = spawn_node(&prefix, &["--config", config.to_str().unwrap()]);
+    let mut events = a
+        .client
+        .listen_presence(&["chat:room"], pb::PresenceEvents::Connection, false)
+        .await
+        .unwrap();
     // U on A and on B, V on the doomed node.
     let u1 = issue_for(&a, "u", r#"{"n":1}"#).await;
     let u2 = issue_for(&b, "u", "").await;
@@ -150,6 +156,16 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     let _ws_u1 = a.connect(&u1).await;
     let ws_u2 = b.connect(&u2).await;
     let _ws_v = connect_at(&http, &v).await;
+    let mut joined = Vec::new();
+    for _ in 0..3 {
+        let e = next_event(&mut events).await;
+        assert_eq!(e.presence(), pb::PresenceChange::Join, "{e:?}");
+        joined.push(e.member.unwrap().connection_id);
+    }
+    joined.sort();
+    let mut ids = vec![u1.id.clone(), u2.id.clone(), v.id.clone()];
+    ids.sort();
+    assert_eq!(joined, ids);
     for gw in [&a, &b] {
         assert_eq!(gw.client.presence_stats("chat:room").await.unwrap(), (3, 2));
         let mut users: Vec<_> = gw
@@ -186,6 +202,13 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     );
     let listed = b.client.presence("chat:room").await.unwrap();
     assert!(listed.iter().all(|m| m.user == "u"), "{listed:?}");
+    // The Listen stream on A got V's leave next: nothing for U's resume before it.
+    let e = next_event(&mut events).await;
+    assert_eq!(e.presence(), pb::PresenceChange::Leave, "{e:?}");
+    assert_eq!(
+        (e.member.unwrap().connection_id, e.of_user),
+        (v.id.clone(), true)
+    );
     // Disconnect(user) through B: U leaves everywhere.
     b.client.disconnect_user("u", 0, "").await.unwrap();
     assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));

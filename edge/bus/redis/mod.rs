@@ -12,13 +12,15 @@
 //! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
 //! | `P:ch:{C}:pr` / `P:ch:{C}:pu` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, and user → connections | until the last member leaves |
+//! | `P:vacating` | sorted set | channels with occupancy whose last member left → when `vacated` is due (ms) | until told, or a member is back |
 //! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
 //! Every key of a channel carries the channel name as its Redis Cluster hash tag (`{C}`), so a
 //! channel's script touches one slot.
 //!
-//! Pub/sub channels: `P:ch:{C}` carries pushes to `C` (a node subscribes only to channels its
-//! sockets or listeners use); `P:node:{id}` carries commands for one node's sockets.
+//! Pub/sub channels: `P:ch:{C}` carries pushes to `C`, and its presence changes (messages
+//! starting with `!`), and a node subscribes only to channels its
+//! sockets or listeners use; `P:node:{id}` carries commands for one node's sockets.
 //!
 //! # A push
 //! One script per push per channel ([`scripts::PUSH`]) gives the push the channel's next offset,
@@ -88,7 +90,9 @@ use crate::{
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{now_ms, Conn, EndReason, Ending, Listener, Present, Refusal, Registry, User},
+    registry::{
+        now_ms, Conn, EndReason, Ending, Listener, Present, Refusal, Registry, User, Wants,
+    },
 };
 
 mod history;
@@ -852,11 +856,12 @@ impl Bus for RedisBus {
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,
+        wants: Wants,
     ) -> Result<Listener, Error> {
         self.ready()?;
         // Subscribed and up to date before the listener joins, so it misses nothing.
         let fetched = self.follow(channels, Some(since)).await?;
-        self.registry.listen(channels, since, &fetched)
+        self.registry.listen(channels, since, &fetched, wants)
     }
 
     /// Records a socket's end in Redis (in the background: the socket is already gone here).

@@ -5,13 +5,18 @@
 //! connection joins at its first socket (any node) and leaves when its credentials end for good
 //! (the call or reaper that ends them), so a resume on another node changes nothing, and a dead
 //! node's connections leave when the reaper ends them (its lease plus the grace).
+//!
+//! The same script publishes each change on the channel's topic (`!join`, `!leave`,
+//! `!occupied`, `!vacated`; see [`decode_presence`]), which every node subscribed to the channel
+//! delivers to its sockets and `Listen` streams. A channel whose last member left waits in the
+//! vacating set `P:vacating` (channel → when `vacated` is due); the reaper tells it once.
 
 use super::RedisBus;
 use crate::{
     credentials::Digest,
     error::Error,
     protocol::Channel,
-    registry::{now_ms, Present, User},
+    registry::{now_ms, Change, PresenceEvent, Present, User},
 };
 
 impl RedisBus {
@@ -39,32 +44,93 @@ impl RedisBus {
             })
             .to_string()
         });
+        let now = now_ms();
+        let mut kept = Vec::new();
         for channel in channels {
-            if !self.limits.presence(channel) {
+            let ns = self.limits.namespace(channel);
+            if !ns.presence {
                 continue;
             }
+            let delay = ns.occupancy.map_or(-1, |d| d.as_millis() as i64);
             let mut invocation = self.scripts.presence.prepare_invoke();
             invocation
                 .key(self.channel_key(channel, "pr"))
                 .key(self.channel_key(channel, "pu"))
+                .key(self.vacating_key())
                 .arg(if join { "join" } else { "leave" })
                 .arg(digest.to_string())
                 .arg(entry.as_deref().unwrap_or(""))
-                .arg(user);
+                .arg(user)
+                .arg(self.channel_topic(channel))
+                .arg(delay)
+                .arg(now)
+                .arg(channel);
             pipe.invoke_script(&invocation);
+            kept.push(channel);
             n += 1;
         }
         if n == 0 {
             return;
         }
-        let result = self.within(self.run_pipeline(pipe, n)).await;
-        let failed = match result {
-            Ok(answers) => answers.into_iter().find_map(Result::err),
-            Err(err) => Some(err),
+        let answers = match self.within(self.run_pipeline(pipe, n)).await {
+            Ok(answers) => answers,
+            Err(err) => {
+                tracing::warn!(%err, join, "presence not updated in Redis");
+                return;
+            }
         };
-        if let Some(err) = failed {
-            tracing::warn!(%err, join, "presence not updated in Redis");
+        for (channel, answer) in kept.into_iter().zip(answers) {
+            match answer {
+                Ok(redis::Value::BulkString(told)) => {
+                    if let (Ok(channel), Some(occupied)) = (
+                        Channel::new(channel),
+                        match told.as_slice() {
+                            b"occupied" => Some(true),
+                            b"vacated" => Some(false),
+                            _ => None,
+                        },
+                    ) {
+                        self.registry.occupancy(&channel, occupied);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, join, %channel, "presence not updated in Redis"),
+            }
         }
+    }
+
+    /// The set of channels whose last member left, by when `vacated` is due.
+    pub(super) fn vacating_key(&self) -> String {
+        format!("{}:vacating", self.prefix)
+    }
+
+    /// Tells `vacated` for the channels in the vacating set whose delay passed with no member
+    /// back; one script per channel, so one node tells each (the reaper runs it every pass).
+    pub(super) async fn vacate_due(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        due: &[String],
+        now: u64,
+    ) -> Result<(), Error> {
+        for text in due {
+            let told: i64 = self
+                .scripts
+                .vacate
+                .key(self.vacating_key())
+                .key(self.channel_key(text, "pr"))
+                .arg(text)
+                .arg(now)
+                .arg(self.channel_topic(text))
+                .invoke_async(conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            if told == 1 {
+                if let Ok(channel) = Channel::new(text) {
+                    self.registry.occupancy(&channel, false);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The connections present in `channel`.
@@ -109,5 +175,124 @@ impl RedisBus {
                 .map_err(|e| self.unavailable(&e))
         })
         .await
+    }
+}
+
+/// Decodes a presence change published on a channel's topic by [`PRESENCE`] or [`VACATE`]
+/// (`message` starts with `!`); `Err` (why) for anything not well-formed: the user and info are
+/// checked again, as when issued, before they can reach a socket.
+///
+/// [`PRESENCE`]: super::scripts::PRESENCE
+/// [`VACATE`]: super::scripts::VACATE
+pub(super) fn decode_presence(message: &[u8]) -> Result<PresenceEvent, &'static str> {
+    let message = std::str::from_utf8(message).map_err(|_| "not UTF-8")?;
+    let message = message.strip_prefix('!').ok_or("no '!'")?;
+    let (header, entry) = message.split_once('\n').unwrap_or((message, ""));
+    let mut words = header.split(' ');
+    let change = words
+        .next()
+        .and_then(Change::parse)
+        .ok_or("unknown change")?;
+    if matches!(change, Change::Occupied | Change::Vacated) {
+        return match (words.next(), entry.is_empty()) {
+            (None, true) => Ok(PresenceEvent::occupancy(change == Change::Occupied)),
+            _ => Err("occupancy change with a body"),
+        };
+    }
+    let of_user = match words.next() {
+        Some("1") => true,
+        Some("0") => false,
+        _ => return Err("bad user flag"),
+    };
+    let digest: Digest = words
+        .next()
+        .and_then(|d| d.parse().ok())
+        .ok_or("bad digest")?;
+    if words.next().is_some() {
+        return Err("trailing words");
+    }
+    let v: serde_json::Value = serde_json::from_str(entry).map_err(|_| "entry is not JSON")?;
+    let text = |k: &str| v[k].as_str().ok_or("entry field is not a string");
+    let (connection_id, name, info) = (text("cid")?, text("user")?, text("info")?);
+    if connection_id.is_empty() || connection_id.len() > 256 {
+        return Err("bad connection id");
+    }
+    let user = if name.is_empty() {
+        None
+    } else {
+        Some(User::new(name, info).map_err(|_| "bad user or info")?)
+    };
+    Ok(PresenceEvent {
+        change,
+        member: Some(Present {
+            digest,
+            connection_id: connection_id.into(),
+            user,
+            since_ms: v["since"].as_u64().unwrap_or(0),
+        }),
+        of_user,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_presence_changes_decode_and_bad_ones_are_refused() {
+        let digest = Digest::compute("k", "c").to_string();
+        let entry = r#"{"cid":"c1","user":"u","info":"{\"a\":1}","since":5}"#;
+        let join = decode_presence(format!("!join 0 {digest}\n{entry}").as_bytes()).unwrap();
+        assert_eq!((join.change, join.of_user), (Change::Join, false));
+        let member = join.member.unwrap();
+        assert_eq!(&*member.connection_id, "c1");
+        assert_eq!(member.user.unwrap().info.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(
+            decode_presence(b"!vacated").unwrap(),
+            PresenceEvent::occupancy(false)
+        );
+        let anonymous = r#"{"cid":"c1","user":"","info":"","since":5}"#;
+        let leave = decode_presence(format!("!leave 1 {digest}\n{anonymous}").as_bytes());
+        assert!(leave.unwrap().member.unwrap().user.is_none());
+        for bad in [
+            "!".to_owned(),
+            "!joined 1 x\n{}".to_owned(),
+            "!occupied 1".to_owned(),
+            "!vacated\n{}".to_owned(),
+            format!("!join 2 {digest}\n{entry}"),
+            format!("!join 1 nodigest\n{entry}"),
+            format!("!join 1 {digest} extra\n{entry}"),
+            format!("!join 1 {digest}\nnot json"),
+            format!(
+                "!join 1 {digest}\n{}",
+                r#"{"cid":"c","user":"u","info":"not json"}"#
+            ),
+            format!("!join 1 {digest}\n{}", r#"{"cid":"","user":"","info":""}"#),
+            format!(
+                "!join 1 {digest}\n{}",
+                r#"{"cid":"c","user":"a\u0001","info":""}"#
+            ),
+        ] {
+            assert!(decode_presence(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fuzz_presence_changes_relayed_over_redis() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("relayed_presence", |input| {
+            let _ = decode_presence(input);
+        });
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        runner
+            .run(&any::<Vec<u8>>(), |input| {
+                let mut message = b"!".to_vec();
+                message.extend_from_slice(&input);
+                if let Ok(event) = decode_presence(&message) {
+                    prop_assert!(event.member.is_some() || !event.of_user);
+                }
+                Ok(())
+            })
+            .unwrap();
     }
 }

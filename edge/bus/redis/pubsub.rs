@@ -1,6 +1,7 @@
 //! The pub/sub side of the Redis bus: one connection per node, subscribed to this node's
 //! command topic and to the channels its sockets and listeners use (following the registry's
-//! interest); what arrives is decoded here, and a message that does not decode is counted
+//! interest); what arrives (pushes, and presence changes: [`presence`](super::presence)) is
+//! decoded here, and a message that does not decode is counted
 //! (`channelgate_bus_malformed_total`) and dropped, never trusted. Pushes go to the registry's
 //! sequencer ([`Registry::offer`](crate::registry::Registry::offer)), which delivers them in
 //! offset order; after a reconnection, every channel is caught up from Redis.
@@ -250,6 +251,23 @@ impl RedisBus {
             .and_then(|t| t.strip_prefix(":ch:{"))
             .and_then(|t| t.strip_suffix('}'))
         {
+            if payload.first() == Some(&b'!') {
+                match (
+                    Channel::new(channel),
+                    super::presence::decode_presence(payload),
+                ) {
+                    (Ok(channel), Ok(event)) => self.registry.presence_event(&channel, &event),
+                    (_, Err(why)) => {
+                        self.registry.metrics().bus_malformed.inc();
+                        tracing::warn!(%channel, why, "malformed presence change from Redis dropped");
+                    }
+                    (Err(_), Ok(_)) => {
+                        self.registry.metrics().bus_malformed.inc();
+                        tracing::warn!(%channel, "presence change for a bad channel name dropped");
+                    }
+                }
+                return;
+            }
             match decode_push(channel, payload) {
                 Ok(push) => {
                     self.registry.offer(

@@ -90,7 +90,10 @@ impl RedisBus {
             ("origin", self.node.clone()),
             ("rid", rid.to_string()),
             ("cid", delivery.connection_id.to_string()),
-            ("digest", delivery.digest.to_string()),
+            (
+                "digest",
+                delivery.digest.map(|d| d.to_string()).unwrap_or_default(),
+            ),
             ("action", delivery.action.to_string()),
             (
                 "id",
@@ -249,10 +252,17 @@ impl RedisBus {
     /// here took it) goes back to the node that queued it.
     async fn take_forwarded(self: &Arc<Self>, group: &str, entry: &redis::streams::StreamId) {
         let field = |name: &str| entry.get::<String>(name);
+        // A digest, or none for a channel's occupancy event.
         let (Some(origin), Some(rid), Some(digest)) = (
             field("origin"),
             field("rid").and_then(|r| r.parse::<u64>().ok()),
-            field("digest").and_then(|d| d.parse::<Digest>().ok()),
+            field("digest").and_then(|d| {
+                if d.is_empty() {
+                    Some(None)
+                } else {
+                    d.parse::<Digest>().ok().map(Some)
+                }
+            }),
         ) else {
             self.registry.metrics().bus_malformed.inc();
             tracing::warn!(group, "malformed handler queue entry dropped");

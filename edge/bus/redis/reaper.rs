@@ -2,8 +2,12 @@
 //! without a resume, and those still live on a node that died, and tells their final
 //! `$disconnect`. Every node runs it; each end is one script that only one call can win.
 //!
+//! It also tells `vacated` for channels whose vacate delay passed (see
+//! [`presence`](super::presence)).
+//!
 //! Bounds: a grace that ends is told within [`REAP_EVERY`] of its end; a dead node's sockets
-//! are told within its lease, plus the grace, plus [`REAP_EVERY`], after its last heartbeat.
+//! are told within its lease, plus the grace, plus [`REAP_EVERY`], after its last heartbeat;
+//! `vacated` within [`REAP_EVERY`] after the delay.
 //! A node that dies between winning an end and telling it loses that one event (the window is
 //! the time to queue it to the `Handle` streams).
 
@@ -54,6 +58,10 @@ impl RedisBus {
             self.reap_digest(&mut conn, text, &self.ends_key(), None, now)
                 .await?;
         }
+        let vacating = self
+            .scored_up_to(&mut conn, &self.vacating_key(), now, REAP_BATCH)
+            .await?;
+        self.vacate_due(&mut conn, &vacating, now).await?;
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
         let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);

@@ -105,17 +105,59 @@ local result = {kind, s[2] or '', connected, s[3] or '', s[4] or '', s[5] or ''}
 for _, c in ipairs(changed) do table.insert(result, c) end
 return result";
 
-/// Adds a connection to a channel's presence, or removes it, keeping the count per user.
-/// KEYS: the channel's presence hash, its user counts. ARGV: 'join'|'leave', digest, entry
-/// (JSON), user ('' for none).
+/// Adds a connection to a channel's presence, or removes it, keeping the count per user, and
+/// publishes the change on the channel's topic in the same step (so every node with the
+/// channel hears each change once, in order): `!join <first of its user: 0|1> <digest>\n<entry>`,
+/// `!leave <last of its user> <digest>\n<entry>`, and with occupancy `!occupied` (the first
+/// member, unless one left within the vacate delay) or, after the last member left, an entry
+/// in the vacating set (or `!vacated` at once for a delay of 0).
+/// KEYS: the channel's presence hash, its user counts, the vacating set. ARGV: 'join'|'leave',
+/// digest, entry (JSON), user ('' for none), topic, vacate delay (ms; -1 without occupancy),
+/// now (ms), channel. Returns 'occupied' or 'vacated' when this call changed the occupancy
+/// (its node tells the `Handle` groups), else ''.
 pub(super) const PRESENCE: &str = r"
+local topic, delay, channel = ARGV[5], tonumber(ARGV[6]), ARGV[8]
 if ARGV[1] == 'join' then
-  if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 1 and ARGV[4] ~= '' then
-    redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
+  if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return '' end
+  local first = 1
+  if ARGV[4] ~= '' and redis.call('HINCRBY', KEYS[2], ARGV[4], 1) > 1 then first = 0 end
+  local told = ''
+  if delay >= 0 and redis.call('HLEN', KEYS[1]) == 1
+      and redis.call('ZREM', KEYS[3], channel) == 0 then
+    redis.call('PUBLISH', topic, '!occupied')
+    told = 'occupied'
   end
-elseif redis.call('HDEL', KEYS[1], ARGV[2]) == 1 and ARGV[4] ~= '' then
-  if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[4]) end
+  redis.call('PUBLISH', topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
+  return told
 end
+local entry = redis.call('HGET', KEYS[1], ARGV[2])
+if not entry then return '' end
+redis.call('HDEL', KEYS[1], ARGV[2])
+local last = 1
+if ARGV[4] ~= '' then
+  if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[4])
+  else
+    last = 0
+  end
+end
+redis.call('PUBLISH', topic, '!leave ' .. last .. ' ' .. ARGV[2] .. '\n' .. entry)
+if delay < 0 or redis.call('HLEN', KEYS[1]) > 0 then return '' end
+if delay == 0 then
+  redis.call('PUBLISH', topic, '!vacated')
+  return 'vacated'
+end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) + delay, channel)
+return ''";
+
+/// Tells `vacated` once for a channel whose vacate delay passed with no member back.
+/// KEYS: vacating, pr. ARGV: channel, now, topic. Returns 1 when this call told it.
+pub(super) const VACATE: &str = r"
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not at or tonumber(at) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
+redis.call('PUBLISH', ARGV[3], '!vacated')
 return 1";
 
 /// KEYS: s, subs, nodes, ends. ARGV: now, lease, end (1: mark dead), digest.
@@ -290,6 +332,7 @@ pub(super) struct Scripts {
     pub(super) holder: Script,
     pub(super) reap: Script,
     pub(super) presence: Script,
+    pub(super) vacate: Script,
     pub(super) restore: Script,
     pub(super) push: Script,
     pub(super) read: Script,
@@ -305,6 +348,7 @@ impl Scripts {
             holder: Script::new(HOLDER),
             reap: Script::new(REAP),
             presence: Script::new(PRESENCE),
+            vacate: Script::new(VACATE),
             restore: Script::new(RESTORE),
             push: Script::new(PUSH),
             read: Script::new(READ),
