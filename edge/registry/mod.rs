@@ -80,7 +80,7 @@ pub use history::{Policy, ENTRY_BYTES};
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, Wants, LISTEN_BUFFER};
 pub use presence::{Change, PresenceEvent, Present};
-pub use sessions::{monotonic_ms, now_ms, Conn, Ending, Refusal};
+pub use sessions::{monotonic_ms, now_ms, Conn, Ending, LiveSession, Refusal};
 pub use users::{check_user, User, MAX_INFO_LEN, MAX_USER_LEN};
 
 #[allow(unused_imports)] // for the docs

@@ -158,6 +158,21 @@ pub enum Refusal {
     Unknown,
 }
 
+/// A socket live on this node, as the bus re-records it in a Redis that came back empty.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its public connection id.
+    pub connection_id: Box<str>,
+    /// When its credentials expire (Unix ms).
+    pub expires_at_ms: u64,
+    /// Its subscriptions.
+    pub channels: Vec<Channel>,
+    /// Its user.
+    pub user: Option<User>,
+}
+
 /// How a socket ended, as far as its credentials are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -472,18 +487,17 @@ impl Registry {
     }
 
     /// The sockets live on this node: digest, first-use deadline, channels, user.
-    pub fn live_sessions(&self) -> Vec<(Digest, u64, Vec<Channel>, Option<User>)> {
+    pub fn live_sessions(&self) -> Vec<LiveSession> {
         self.shared
             .sessions
             .iter()
             .filter(|s| matches!(s.state, State::Live(_)))
-            .map(|s| {
-                (
-                    *s.key(),
-                    s.expires_at_ms,
-                    s.channels.iter().cloned().collect(),
-                    s.user.clone(),
-                )
+            .map(|s| LiveSession {
+                digest: *s.key(),
+                connection_id: s.connection_id.clone().unwrap_or_default(),
+                expires_at_ms: s.expires_at_ms,
+                channels: s.channels.iter().cloned().collect(),
+                user: s.user.clone(),
             })
             .collect()
     }

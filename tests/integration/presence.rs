@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    cluster::{node_with, spawn_node, unique_prefix, REDIS},
+    cluster::{node_with, spawn_node, unique_prefix, PrivateRedis, REDIS},
     support::{connect_at, keep_presence, next_event, wait_until, Creds, Gateway},
 };
 use channelgate::pb;
@@ -213,4 +213,48 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     b.client.disconnect_user("u", 0, "").await.unwrap();
     assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Redis that restarts empty loses presence with everything else; each node re-records its
+/// live sockets when it reconnects, and their presence with them (a join event each).
+#[tokio::test]
+async fn presence_is_restored_after_redis_comes_back_empty() {
+    let mut redis = PrivateRedis::start();
+    let prefix = unique_prefix("presence-restore");
+    let presence = |c: &mut channelgate::config::Config| {
+        c.limits.namespaces = keep_presence("chat");
+    };
+    let a = node_with(&redis.url(), &prefix, presence).await;
+    let b = node_with(&redis.url(), &prefix, presence).await;
+    let (u, v) = (
+        issue_for(&a, "u", r#"{"n":1}"#).await,
+        issue_for(&b, "v", "").await,
+    );
+    let _ws_u = a.connect(&u).await;
+    let _ws_v = b.connect(&v).await;
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (2, 2));
+
+    redis.kill();
+    wait_until(|| async { a.http_get("/readyz", &[]).await.0 == 503 }).await;
+    let _redis = PrivateRedis::start_on(redis.port);
+    wait_until(|| async {
+        a.http_get("/readyz", &[]).await.0 == 200 && b.http_get("/readyz", &[]).await.0 == 200
+    })
+    .await;
+    wait_until(|| async { b.client.presence_stats("chat:room").await.ok() == Some((2, 2)) }).await;
+    let mut listed: Vec<_> = a
+        .client
+        .presence("chat:room")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.connection_id, m.user, m.info_json))
+        .collect();
+    listed.sort();
+    let mut expected = vec![
+        (u.id.clone(), "u".to_owned(), r#"{"n":1}"#.to_owned()),
+        (v.id.clone(), "v".to_owned(), String::new()),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
 }

@@ -16,7 +16,7 @@ use crate::{
     error::{Close, Error},
     handoff::HandlerReply,
     protocol::{valid_epoch, Channel, Epoch, Frame, Json},
-    registry::{now_ms, User},
+    registry::{now_ms, LiveSession, User},
 };
 
 impl RedisBus {
@@ -186,7 +186,8 @@ impl RedisBus {
     }
 
     /// Renews this node's heartbeat and records its live sockets in Redis where Redis has lost
-    /// them (a restart without persistence).
+    /// them (a restart without persistence), with their presence: each restored connection
+    /// joins its presence channels again (a join event each).
     async fn restore_live(&self) -> Result<(), redis::RedisError> {
         let mut conn = self.conn.clone();
         redis::cmd("ZADD")
@@ -196,7 +197,14 @@ impl RedisBus {
             .query_async::<i64>(&mut conn)
             .await?;
         let mut restored = 0;
-        for (digest, expires_at_ms, channels, user) in self.registry.live_sessions() {
+        for live in self.registry.live_sessions() {
+            let LiveSession {
+                digest,
+                connection_id,
+                expires_at_ms,
+                channels,
+                user,
+            } = live;
             let mut invocation = self.scripts.restore.prepare_invoke();
             let (name, info) = User::texts(user.as_ref());
             invocation
@@ -216,7 +224,14 @@ impl RedisBus {
             for channel in &channels {
                 invocation.arg(channel.as_str());
             }
-            restored += invocation.invoke_async::<i64>(&mut conn).await?;
+            let fresh = invocation.invoke_async::<i64>(&mut conn).await?;
+            if fresh == 1 {
+                // Redis lost it, presence included: the connection is present again.
+                let channels = channels.iter().map(|c| c.as_str());
+                self.presence_change(true, &digest, channels, &connection_id, name, info)
+                    .await;
+            }
+            restored += fresh;
         }
         if restored > 0 {
             tracing::info!(sockets = restored, "restored live sockets' state in Redis");
