@@ -127,7 +127,7 @@ where
         }
         None => {
             tracing::error!(connection_id = %socket.connection_id, "WebSocket setup did not complete at once; dropping the socket");
-            edge.bus.detach(&conn, Ending::Resumable);
+            edge.bus.detach(&conn, Ending::Resumable, None);
             Either::Right(std::future::ready(()))
         }
     }
@@ -169,7 +169,6 @@ async fn finish<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    edge.bus.detach(conn, end.ending());
     let code = match &end {
         End::PeerClosed { .. } => "peer".to_owned(),
         End::Lost(_) => "lost".to_owned(),
@@ -190,17 +189,21 @@ async fn finish<S>(
         }
         _ => None,
     };
-    if let Some(reason) = reason {
-        edge.registry.ended(Ended {
-            connection_id: socket.connection_id.clone(),
-            digest: conn.digest(),
-            user: edge.registry.user_of(&conn.digest()).map(|u| u.name),
-            reason,
-            close: match &end {
-                End::Closing(close) => Some((close.code(), close.reason().to_owned())),
-                _ => None,
-            },
-        });
+    let ended = reason.map(|reason| Ended {
+        connection_id: socket.connection_id.clone(),
+        digest: conn.digest(),
+        user: edge.registry.user_of(&conn.digest()).map(|u| u.name),
+        reason,
+        close: match &end {
+            End::Closing(close) => Some((close.code(), close.reason().to_owned())),
+            _ => None,
+        },
+    });
+    // Recorded with its end, so in cluster mode the script that ends the credentials tells
+    // the `$disconnect` itself.
+    edge.bus.detach(conn, end.ending(), ended.as_ref());
+    if let Some(ended) = ended {
+        edge.registry.ended(ended);
     }
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {

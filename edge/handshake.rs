@@ -398,7 +398,7 @@ where
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");
-                edge.bus.detach(&conn, Ending::Resumable);
+                edge.bus.detach(&conn, Ending::Resumable, None);
             }
         }
         drop(ip_slot);

@@ -7,7 +7,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Present, Pushed, Registry, User, Wants},
+    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Registry, User, Wants},
 };
 
 /// The bus of a node on its own.
@@ -121,7 +121,7 @@ impl Bus for Memory {
         Ok(self.registry.attach(verified, connection_id, recover)?)
     }
 
-    fn detach(&self, conn: &Conn, ending: Ending) {
+    fn detach(&self, conn: &Conn, ending: Ending, _: Option<&Ended>) {
         self.registry.detach(conn, ending);
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     credentials::{Credentials, Digest, Verified},
     error::{Close, Error},
     protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ending, Listener, Present, Pushed, Refusal, Registry, User, Wants},
+    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Refusal, Registry, User, Wants},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)
@@ -178,6 +178,7 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError>;
 
-    /// Unbinds a socket that ended (recording it beyond this node in the background).
-    fn detach(&self, conn: &Conn, ending: Ending);
+    /// Unbinds a socket that ended (recording it beyond this node in the background);
+    /// `ended` is its final end, when this end is final.
+    fn detach(&self, conn: &Conn, ending: Ending, ended: Option<&Ended>);
 }

@@ -8,8 +8,9 @@
 //! reconnect grace, so its end is final only when the grace ran out: on one node the sweeper
 //! decides that here; in cluster mode Redis does (the socket may have resumed on another node),
 //! and a node that died has its sockets ended by the others (`node lost`). Every end, wherever
-//! decided, goes through [`Registry::ended`] (counted once there) to the node's lifecycle task
-//! ([`Registry::take_lifecycle`]).
+//! decided, goes through [`Registry::ended`] (counted once there); on one node it goes on to
+//! the node's lifecycle task ([`Registry::take_lifecycle`]), in cluster mode the Redis script
+//! that decided it wrote it to the outbox, which the bus relays.
 
 use std::sync::Arc;
 
@@ -115,9 +116,10 @@ impl Default for Ends {
 }
 
 impl Registry {
-    /// Counts a final end and hands it to the node's lifecycle task, which tells the `Handle`
-    /// streams (never waits). Credentials that never connected (no connection id) end
-    /// silently.
+    /// Counts a final end and, on one node, hands it to the node's lifecycle task, which tells
+    /// the `Handle` streams (never waits). In cluster mode the Redis script that ended the
+    /// credentials told it (see the bus's outbox). Credentials that never connected (no
+    /// connection id) end silently.
     pub fn ended(&self, ended: Ended) {
         if ended.connection_id.is_empty() {
             return;
@@ -127,12 +129,14 @@ impl Registry {
             .ends
             .with_label_values(&[ended.reason.as_str()])
             .inc();
-        self.tell(Lifecycle::Ended(ended));
+        if !self.is_clustered() {
+            self.tell(Lifecycle::Ended(ended));
+        }
     }
 
-    /// Hands an occupancy change to the node's lifecycle task (`$occupied` / `$vacated`). In
-    /// cluster mode the bus calls it on the node whose script saw the change, so it is told once.
-    pub fn occupancy(&self, channel: &Channel, occupied: bool) {
+    /// Hands an occupancy change on one node to the node's lifecycle task (`$occupied` /
+    /// `$vacated`); in cluster mode the presence scripts tell them.
+    pub(super) fn occupancy(&self, channel: &Channel, occupied: bool) {
         self.tell(Lifecycle::Occupancy {
             channel: channel.clone(),
             occupied,

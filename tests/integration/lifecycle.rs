@@ -220,3 +220,111 @@ async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
         0
     );
 }
+
+/// Takes the next new entry of `stream` for `group` as a consumer that then dies: it stays
+/// pending on that consumer, never acknowledged. The entry is added and taken in one `MULTI`,
+/// so no live node reads it first.
+async fn add_and_take_as_a_dead_consumer(stream: &str, group: &str, fields: &[(&str, &str)]) {
+    let redis = redis::Client::open(REDIS).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: Result<(), _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    let mut add = redis::cmd("XADD");
+    add.arg(stream).arg("*");
+    for (k, v) in fields {
+        add.arg(*k).arg(*v);
+    }
+    let (_, taken): (String, redis::streams::StreamReadReply) = redis::pipe()
+        .atomic()
+        .add_command(add)
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("dead-node")
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.keys[0].ids.len(),
+        1,
+        "the dead consumer took the entry"
+    );
+}
+
+/// A node that wrote nothing wrong but died after taking an event from the outbox, before
+/// relaying it: another node claims it and the lifecycle group still gets it, once.
+#[tokio::test]
+async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
+    let prefix = unique_prefix("outbox-claim");
+    let a = gateway(Some(&prefix)).await;
+    let mut svc = join(&a, "lifecycle", &[], true).await;
+    wait_advertised(&prefix, "lifecycle").await;
+    let digest = "ab".repeat(32);
+    let taken = Instant::now();
+    add_and_take_as_a_dead_consumer(
+        &format!("{prefix}:out"),
+        "relay",
+        &[
+            ("cid", "orphan-id"),
+            ("digest", &digest),
+            ("action", "$disconnect"),
+            ("json", r#"{"reason":"node lost","final":true,"user":null}"#),
+        ],
+    )
+    .await;
+    let (action, id, detail) = event(&mut svc).await;
+    assert_eq!((action.as_str(), id.as_str()), ("$disconnect", "orphan-id"));
+    assert_eq!(detail["reason"], "node lost");
+    assert!(
+        taken.elapsed() >= Duration::from_secs(5),
+        "claimed before it was idle: {:?}",
+        taken.elapsed()
+    );
+    // Once: the next event is a marker's.
+    let marker = issue_for(&a, "marker").await;
+    let _ws = a.connect(&marker).await;
+    assert_eq!(event(&mut svc).await.1, marker.id);
+}
+
+/// A node of a `Handle` group that took a lifecycle event from the group's queue and died
+/// before handing it to its stream: another node of the group claims it for its stream.
+#[tokio::test]
+async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
+    let prefix = unique_prefix("queue-claim");
+    let a = gateway(Some(&prefix)).await;
+    let mut svc = join(&a, "lifecycle", &[], true).await;
+    wait_advertised(&prefix, "lifecycle").await;
+    let digest = "cd".repeat(32);
+    add_and_take_as_a_dead_consumer(
+        &format!("{prefix}:q:lifecycle"),
+        "handlers",
+        &[
+            ("origin", "dead-node"),
+            ("rid", "0"),
+            ("cid", "orphan-id"),
+            ("digest", &digest),
+            ("action", "$disconnect"),
+            ("id", ""),
+            (
+                "json",
+                r#"{"reason":"grace expired","final":true,"user":"u"}"#,
+            ),
+        ],
+    )
+    .await;
+    let (action, id, detail) = event(&mut svc).await;
+    assert_eq!((action.as_str(), id.as_str()), ("$disconnect", "orphan-id"));
+    assert_eq!(detail["user"], "u");
+    let marker = issue_for(&a, "marker").await;
+    let _ws = a.connect(&marker).await;
+    assert_eq!(event(&mut svc).await.1, marker.id);
+}

@@ -12,6 +12,7 @@
 //! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
 //! | `P:ch:{C}:pr` / `P:ch:{C}:pu` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, and user → connections | until the last member leaves |
+//! | `P:out` | stream, fields `cid, digest, action, json` | lifecycle events the scripts that decided them wrote, until a node relayed them to the groups' queues (consumer group `relay`) | deleted once relayed; capped at `MAXLEN ~ 100000` |
 //! | `P:vacating` | sorted set | channels with occupancy whose last member left → when `vacated` is due (ms) | until told, or a member is back |
 //! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
@@ -60,6 +61,10 @@
 //! stream, acknowledge it, and publish the reply to the origin node's topic. Delivery is at most
 //! once: a message whose node or stream dies before replying is answered 503 or 504, never
 //! redelivered (the client would have given up). Each queue is capped (`MAXLEN ~ 10000`).
+//! Lifecycle events are the exception: `$disconnect`, `$occupied` and `$vacated` come from the
+//! [`outbox`] that the deciding scripts write, and one a node took from a queue and did not
+//! hand over is claimed by another node of the group after [`outbox::CLAIM_IDLE`]: at least
+//! once.
 //!
 //! # Faults
 //! While Redis is unreachable, calls that need it fail with `UNAVAILABLE` (pushes included:
@@ -91,11 +96,12 @@ use crate::{
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
     registry::{
-        now_ms, Conn, EndReason, Ending, Listener, Present, Refusal, Registry, User, Wants,
+        now_ms, Conn, EndReason, Ended, Ending, Listener, Present, Refusal, Registry, User, Wants,
     },
 };
 
 mod history;
+mod outbox;
 mod presence;
 mod pubsub;
 mod queue;
@@ -332,6 +338,7 @@ impl RedisBus {
         );
         bus.spawn_task("heartbeat", bus.clone().heartbeat(halt.clone()), &halt);
         bus.spawn_task("reaper", bus.clone().reap(halt.clone()), &halt);
+        bus.spawn_task("outbox", bus.clone().relay_outbox(halt.clone()), &halt);
         Ok(bus)
     }
 
@@ -382,6 +389,11 @@ impl RedisBus {
     }
 
     /// The digests waiting for their grace to end (sorted by when it does).
+    /// The outbox: lifecycle events the scripts wrote, for the relay to the `Handle` groups.
+    fn outbox_key(&self) -> String {
+        format!("{}:out", self.prefix)
+    }
+
     fn ends_key(&self) -> String {
         format!("{}:ends", self.prefix)
     }
@@ -453,6 +465,22 @@ impl RedisBus {
         }
     }
 
+    /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`) of up to `block`:
+    /// its response deadline outlasts the block. With the client's default (shorter than the
+    /// block), every read timed out while Redis went on delivering to it, so an entry that
+    /// arrived during a read was taken and never seen.
+    async fn blocking_connection(
+        &self,
+        block: Duration,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(block + COMMAND_TIMEOUT));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
     /// Records that Redis did not answer in time; the error for the caller.
     fn stall(&self) -> Error {
         let reason = format!("Redis did not answer within {COMMAND_TIMEOUT:?}");
@@ -491,7 +519,9 @@ impl RedisBus {
 
     /// Where `digest`'s socket is; with `end`, ends its credentials, and takes a connection
     /// that had a socket out of its channels' presence.
-    async fn holder(&self, digest: &Digest, end: bool) -> Result<Held, Error> {
+    /// Where `digest`'s socket is; with `end` (the application's close), ends its
+    /// credentials, telling their `$disconnect` when they had a socket.
+    async fn holder(&self, digest: &Digest, end: Option<&Close>) -> Result<Held, Error> {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = self
             .scripts
@@ -500,10 +530,13 @@ impl RedisBus {
             .key(self.key("subs", digest))
             .key(self.nodes_key())
             .key(self.ends_key())
+            .key(self.outbox_key())
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
-            .arg(u8::from(end))
+            .arg(u8::from(end.is_some()))
             .arg(digest.to_string())
+            .arg(end.map(|c| c.code().to_string()).unwrap_or_default())
+            .arg(end.map_or("", |c| c.reason()))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
@@ -669,7 +702,7 @@ impl Bus for RedisBus {
     /// Sends to `digest`'s socket wherever it is. Returns whether one was live.
     async fn send(&self, digest: &Digest, frame: Frame) -> Result<bool, Error> {
         self.ready()?;
-        match self.holder(digest, false).await?.holder {
+        match self.holder(digest, None).await?.holder {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => Ok(false),
             Holder::Live(node) if node == self.node => Ok(self.registry.send_frame(digest, &frame)),
@@ -690,11 +723,12 @@ impl Bus for RedisBus {
     /// Ends `digest`'s credentials everywhere and closes its socket wherever it is.
     async fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
         self.ready()?;
-        let held = self.holder(digest, true).await?;
+        let held = self.holder(digest, Some(&close)).await?;
         match held.holder {
             Holder::Unknown => Err(Error::UnknownDigest),
             Holder::Offline => {
                 if held.flag {
+                    // Counted here; the script told it.
                     self.report_end(
                         *digest,
                         &held.connection_id,
@@ -782,7 +816,7 @@ impl Bus for RedisBus {
             Ok(fetched) => fetched,
             Err(err) => {
                 // Redis marked the id live here; give it back (resumable) before refusing.
-                self.record_end(verified.digest, Ending::Resumable);
+                self.record_end(verified.digest, Ending::Resumable, EndReason::Dropped, None);
                 return Err(AttachError::Unavailable(err.to_string()));
             }
         };
@@ -865,15 +899,26 @@ impl Bus for RedisBus {
     }
 
     /// Records a socket's end in Redis (in the background: the socket is already gone here).
-    fn detach(&self, conn: &Conn, ending: Ending) {
+    fn detach(&self, conn: &Conn, ending: Ending, ended: Option<&Ended>) {
         self.registry.detach(conn, ending);
-        self.record_end(conn.digest(), ending);
+        let (reason, close) = match ended {
+            Some(e) => (e.reason, e.close.clone()),
+            None => (EndReason::Dropped, None),
+        };
+        self.record_end(conn.digest(), ending, reason, close);
     }
 }
 
 impl RedisBus {
-    /// Records in Redis (in the background) that `digest`'s socket on this node ended.
-    fn record_end(&self, digest: Digest, ending: Ending) {
+    /// Records in Redis (in the background) that `digest`'s socket on this node ended; a final
+    /// end is told there with `reason` and `close`.
+    fn record_end(
+        &self,
+        digest: Digest,
+        ending: Ending,
+        reason: EndReason,
+        close: Option<(u16, String)>,
+    ) {
         // Runs during the drain too (the tracker is waited on after the sockets are gone), and
         // is bounded by the command timeout.
         self.spawn_short(move |bus| async move {
@@ -885,11 +930,15 @@ impl RedisBus {
                 .key(bus.key("subs", &digest))
                 .key(bus.ends_key())
                 .key(bus.node_live_key(&bus.node))
+                .key(bus.outbox_key())
                 .arg(&bus.node)
                 .arg(now_ms())
                 .arg(u8::from(ending == Ending::Resumable))
                 .arg(bus.grace.as_millis() as u64)
                 .arg(digest.to_string())
+                .arg(reason.as_str())
+                .arg(close.as_ref().map(|c| c.0.to_string()).unwrap_or_default())
+                .arg(close.as_ref().map_or("", |c| c.1.as_str()))
                 .invoke_async::<Vec<String>>(&mut conn)
                 .await;
             match result {

@@ -57,6 +57,7 @@ impl RedisBus {
                 .key(self.channel_key(channel, "pr"))
                 .key(self.channel_key(channel, "pu"))
                 .key(self.vacating_key())
+                .key(self.outbox_key())
                 .arg(if join { "join" } else { "leave" })
                 .arg(digest.to_string())
                 .arg(entry.as_deref().unwrap_or(""))
@@ -79,22 +80,10 @@ impl RedisBus {
                 return;
             }
         };
+        // An occupancy change is told by the script itself (the outbox).
         for (channel, answer) in kept.into_iter().zip(answers) {
-            match answer {
-                Ok(redis::Value::BulkString(told)) => {
-                    if let (Ok(channel), Some(occupied)) = (
-                        Channel::new(channel),
-                        match told.as_slice() {
-                            b"occupied" => Some(true),
-                            b"vacated" => Some(false),
-                            _ => None,
-                        },
-                    ) {
-                        self.registry.occupancy(&channel, occupied);
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(%err, join, %channel, "presence not updated in Redis"),
+            if let Err(err) = answer {
+                tracing::warn!(%err, join, %channel, "presence not updated in Redis");
             }
         }
     }
@@ -105,7 +94,7 @@ impl RedisBus {
     }
 
     /// Tells `vacated` for the channels in the vacating set whose delay passed with no member
-    /// back; one script per channel, so one node tells each (the reaper runs it every pass).
+    /// back; one script per channel tells each once (the reaper runs it every pass).
     pub(super) async fn vacate_due(
         &self,
         conn: &mut redis::aio::ConnectionManager,
@@ -113,22 +102,18 @@ impl RedisBus {
         now: u64,
     ) -> Result<(), Error> {
         for text in due {
-            let told: i64 = self
+            let _told: i64 = self
                 .scripts
                 .vacate
                 .key(self.vacating_key())
                 .key(self.channel_key(text, "pr"))
+                .key(self.outbox_key())
                 .arg(text)
                 .arg(now)
                 .arg(self.channel_topic(text))
                 .invoke_async(conn)
                 .await
                 .map_err(|e| self.unavailable(&e))?;
-            if told == 1 {
-                if let Ok(channel) = Channel::new(text) {
-                    self.registry.occupancy(&channel, false);
-                }
-            }
         }
         Ok(())
     }

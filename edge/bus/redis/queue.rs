@@ -13,9 +13,13 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, HEARTBEAT, NODES_TTL};
+use super::{
+    outbox::CLAIM_IDLE, Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, HEARTBEAT,
+    NODES_TTL,
+};
 use crate::{
     credentials::Digest,
+    error::Error,
     handoff::{Delivery, Forwarded, Inbound, LocalGroup, Outbound},
     registry::now_ms,
 };
@@ -69,20 +73,30 @@ impl RedisBus {
         }
     }
 
-    /// Groups advertised for `action`, except `exclude`.
+    /// Groups advertised for `action`, except `exclude`; none when Redis fails.
     async fn groups_for(&self, action: &str, exclude: &[Box<str>]) -> Vec<String> {
+        self.advertised(action)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|g| !exclude.iter().any(|e| **e == **g))
+            .collect()
+    }
+
+    async fn advertised(&self, action: &str) -> Result<Vec<String>, Error> {
         let mut conn = self.conn.clone();
-        let groups: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        redis::cmd("ZRANGEBYSCORE")
             .arg(self.act_key(action))
             .arg(now_ms())
             .arg("+inf")
             .query_async(&mut conn)
             .await
-            .unwrap_or_default();
-        groups
-            .into_iter()
-            .filter(|g| !exclude.iter().any(|e| **e == **g))
-            .collect()
+            .map_err(|e| self.unavailable(&e))
+    }
+
+    /// The groups advertised for lifecycle events.
+    pub(super) async fn lifecycle_groups(&self) -> Result<Vec<String>, Error> {
+        self.advertised(LIFECYCLE).await
     }
 
     fn queue_entry(&self, rid: u64, delivery: &Delivery) -> Vec<(&'static str, String)> {
@@ -109,6 +123,19 @@ impl RedisBus {
 
     async fn enqueue(&self, groups: &[String], rid: u64, delivery: &Delivery) -> bool {
         let mut pipe = redis::pipe();
+        self.queue_to(&mut pipe, groups, rid, delivery);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.is_ok()
+    }
+
+    /// Adds to `pipe` the queueing of `delivery` to each of `groups`.
+    pub(super) fn queue_to(
+        &self,
+        pipe: &mut redis::Pipeline,
+        groups: &[String],
+        rid: u64,
+        delivery: &Delivery,
+    ) {
         let fields = self.queue_entry(rid, delivery);
         for group in groups {
             pipe.cmd("XADD")
@@ -120,8 +147,6 @@ impl RedisBus {
                 .arg(&fields)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.is_ok()
     }
 
     /// Starts a consumer for each group that gained its first stream here, and stops those
@@ -180,18 +205,25 @@ impl RedisBus {
         }
     }
 
-    /// Reads `group`'s queue and hands each message to a stream of the group here.
+    /// Reads `group`'s queue and hands each message to a stream of the group here; also claims
+    /// the lifecycle events another node of the group took and did not hand over (it died), so
+    /// they still reach a stream.
     async fn consume(self: Arc<Self>, group: Box<str>, stop: CancellationToken) {
         let key = self.queue_key(&group);
         let mut conn = None;
+        let mut last_claim = tokio::time::Instant::now();
         loop {
             if stop.is_cancelled() {
                 return;
             }
+            if last_claim.elapsed() >= CLAIM_IDLE / 2 {
+                last_claim = tokio::time::Instant::now();
+                self.claim_stale(&group, &key).await;
+            }
             // Blocking reads get a connection of their own.
             let c = match conn.take() {
                 Some(c) => c,
-                None => match self.client.get_multiplexed_async_connection().await {
+                None => match self.blocking_connection(QUEUE_BLOCK).await {
                     Ok(c) => c,
                     Err(_) => {
                         tokio::select! {
@@ -245,6 +277,48 @@ impl RedisBus {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes the entries of `group`'s queue that a consumer took more than [`CLAIM_IDLE`] ago
+    /// and did not acknowledge: lifecycle events go to a stream here; client messages are only
+    /// acknowledged (their socket's node gave up on them; handling one twice is worse).
+    async fn claim_stale(self: &Arc<Self>, group: &str, key: &str) {
+        let mut conn = self.conn.clone();
+        let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> =
+            redis::cmd("XAUTOCLAIM")
+                .arg(key)
+                .arg(CONSUMER_GROUP)
+                .arg(&self.node)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(64)
+                .query_async(&mut conn)
+                .await;
+        let Ok(claimed) = claimed else { return };
+        let mut ids = Vec::new();
+        for entry in &claimed.claimed {
+            if entry
+                .get::<String>("action")
+                .is_some_and(|a| a.starts_with('$'))
+            {
+                self.take_forwarded(group, entry).await;
+            }
+            ids.push(entry.id.clone());
+        }
+        if !ids.is_empty() {
+            tracing::info!(
+                group,
+                entries = ids.len(),
+                "claimed handler queue entries another node took and did not hand over"
+            );
+            let _ = redis::cmd("XACK")
+                .arg(key)
+                .arg(CONSUMER_GROUP)
+                .arg(&ids)
+                .query_async::<i64>(&mut conn)
+                .await;
         }
     }
 

@@ -1,15 +1,16 @@
 //! The reaper: ends, once across the cluster, the credentials whose reconnect grace ran out
 //! without a resume, and those still live on a node that died, and tells their final
-//! `$disconnect`. Every node runs it; each end is one script that only one call can win.
+//! `$disconnect`. Every node runs it; each end is one script that only one call can win, and
+//! that tells it.
 //!
 //! It also tells `vacated` for channels whose vacate delay passed (see
 //! [`presence`](super::presence)).
 //!
 //! Bounds: a grace that ends is told within [`REAP_EVERY`] of its end; a dead node's sockets
 //! are told within its lease, plus the grace, plus [`REAP_EVERY`], after its last heartbeat;
-//! `vacated` within [`REAP_EVERY`] after the delay.
-//! A node that dies between winning an end and telling it loses that one event (the window is
-//! the time to queue it to the `Handle` streams).
+//! `vacated` within [`REAP_EVERY`] after the delay. The script that ends credentials writes
+//! their `$disconnect` to the outbox itself ([`outbox`](super::outbox)), so a reaper that dies
+//! after winning an end loses nothing.
 
 use std::{sync::Arc, time::Duration};
 
@@ -140,6 +141,7 @@ impl RedisBus {
             .key(self.key("s", &digest))
             .key(self.key("subs", &digest))
             .key(index)
+            .key(self.outbox_key())
             .arg(now)
             .arg(text)
             .arg(if node.is_some() { "lost" } else { "grace" })

@@ -1,7 +1,32 @@
 //! The Lua scripts that change a digest's state in Redis atomically, so two nodes never both
 //! accept one id. Keys and arguments are documented on each; replies are parsed in `mod.rs`.
+//!
+//! A script that ends credentials for good, or changes a channel's occupancy, also writes the
+//! lifecycle event (`$disconnect`, `$occupied`, `$vacated`) to the outbox in the same step
+//! ([`TELL`]), so the event exists exactly when the change does, whichever node dies next;
+//! the [`outbox`](super::outbox) relays it to the `Handle` groups.
 
 use redis::Script;
+
+/// Shared by the scripts that tell lifecycle events: `tell(outbox, cid, digest, action, json)`
+/// appends one event to the outbox stream; `ended(reason, user, code, close reason)` is the
+/// `$disconnect` JSON (`{"reason","final":true,"user"}`, with `code` and `close_reason` when a
+/// close ended it).
+pub(super) const TELL: &str = r"
+local function tell(outbox, cid, digest, action, json)
+  redis.call('XADD', outbox, 'MAXLEN', '~', 100000, '*',
+    'cid', cid, 'digest', digest, 'action', action, 'json', json)
+end
+local function ended(reason, user, code, close_reason)
+  local e = {reason = reason, final = true}
+  if user and user ~= '' then e.user = user else e.user = cjson.null end
+  if code and code ~= '' then
+    e.code = tonumber(code)
+    e.close_reason = close_reason
+  end
+  return cjson.encode(e)
+end
+";
 
 /// KEYS: s, the user's set (s again when there is no user). ARGV: exp, user ('' for none),
 /// info, user set ttl (ms), digest.
@@ -54,10 +79,12 @@ return result";
 
 /// A socket's end. A resumable one waits in `ends` (scored by the grace's end) for a node's
 /// reaper to end it, unless it resumes first.
-/// KEYS: s, subs, ends, this node's live set. ARGV: node, now, resumable (0/1), grace, digest.
+/// A final end tells its `$disconnect` (the socket's node gave the reason and close).
+/// KEYS: s, subs, ends, this node's live set, outbox. ARGV: node, now, resumable (0/1), grace,
+/// digest, reason, close code ('' for none), close reason.
 /// Returns {} or, for a final end, {user, channels...} (for presence).
 pub(super) const DETACH: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp')
+local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid')
 if s[1] ~= 'live' or s[2] ~= ARGV[1] then return {} end
 redis.call('SREM', KEYS[4], ARGV[5])
 local now = tonumber(ARGV[2]); local grace = tonumber(ARGV[4]); local exp = tonumber(s[3]) or now
@@ -69,12 +96,16 @@ if ARGV[3] == '1' and grace > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 else
-  local ended = redis.call('SMEMBERS', KEYS[2])
-  table.insert(ended, 1, redis.call('HGET', KEYS[1], 'user') or '')
+  local gone = redis.call('SMEMBERS', KEYS[2])
+  local user = redis.call('HGET', KEYS[1], 'user') or ''
+  table.insert(gone, 1, user)
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('DEL', KEYS[2])
   redis.call('PEXPIRE', KEYS[1], math.max(exp - now, 0) + 1000)
-  return ended
+  if s[4] and s[4] ~= '' then
+    tell(KEYS[5], s[4], ARGV[5], '$disconnect', ended(ARGV[6], user, ARGV[7], ARGV[8]))
+  end
+  return gone
 end
 return {}";
 
@@ -111,10 +142,11 @@ return result";
 /// `!leave <last of its user> <digest>\n<entry>`, and with occupancy `!occupied` (the first
 /// member, unless one left within the vacate delay) or, after the last member left, an entry
 /// in the vacating set (or `!vacated` at once for a delay of 0).
-/// KEYS: the channel's presence hash, its user counts, the vacating set. ARGV: 'join'|'leave',
-/// digest, entry (JSON), user ('' for none), topic, vacate delay (ms; -1 without occupancy),
-/// now (ms), channel. Returns 'occupied' or 'vacated' when this call changed the occupancy
-/// (its node tells the `Handle` groups), else ''.
+/// An occupancy change is told to the `Handle` groups too (`$occupied`, `$vacated`).
+/// KEYS: the channel's presence hash, its user counts, the vacating set, outbox. ARGV:
+/// 'join'|'leave', digest, entry (JSON), user ('' for none), topic, vacate delay (ms; -1
+/// without occupancy), now (ms), channel. Returns 'occupied' or 'vacated' when this call
+/// changed the occupancy, else ''.
 pub(super) const PRESENCE: &str = r"
 local topic, delay, channel = ARGV[5], tonumber(ARGV[6]), ARGV[8]
 if ARGV[1] == 'join' then
@@ -125,6 +157,7 @@ if ARGV[1] == 'join' then
   if delay >= 0 and redis.call('HLEN', KEYS[1]) == 1
       and redis.call('ZREM', KEYS[3], channel) == 0 then
     redis.call('PUBLISH', topic, '!occupied')
+    tell(KEYS[4], '', '', '$occupied', cjson.encode({channel = channel}))
     told = 'occupied'
   end
   redis.call('PUBLISH', topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
@@ -145,27 +178,31 @@ redis.call('PUBLISH', topic, '!leave ' .. last .. ' ' .. ARGV[2] .. '\n' .. entr
 if delay < 0 or redis.call('HLEN', KEYS[1]) > 0 then return '' end
 if delay == 0 then
   redis.call('PUBLISH', topic, '!vacated')
+  tell(KEYS[4], '', '', '$vacated', cjson.encode({channel = channel}))
   return 'vacated'
 end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) + delay, channel)
 return ''";
 
 /// Tells `vacated` once for a channel whose vacate delay passed with no member back.
-/// KEYS: vacating, pr. ARGV: channel, now, topic. Returns 1 when this call told it.
+/// KEYS: vacating, pr, outbox. ARGV: channel, now, topic. Returns 1 when this call told it.
 pub(super) const VACATE: &str = r"
 local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not at or tonumber(at) > tonumber(ARGV[2]) then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 redis.call('PUBLISH', ARGV[3], '!vacated')
+tell(KEYS[3], '', '', '$vacated', cjson.encode({channel = ARGV[1]}))
 return 1";
 
-/// KEYS: s, subs, nodes, ends. ARGV: now, lease, end (1: mark dead), digest.
-/// Returns {'unknown'} or {'offline'|'live', node, told, connection id, user, info,
-/// channels...} (see `Held`): `told` is 1 when this call ended credentials that had a socket
-/// but none live now (in their grace, or on a node that stopped heartbeating), whose final end
-/// the caller tells; the channels (for presence) come when this call ended credentials that
-/// had a socket.
+/// Where a digest's socket is; with `end`, ends its credentials (the application's
+/// `Disconnect`), telling the final `$disconnect` when they had a socket.
+/// KEYS: s, subs, nodes, ends, outbox. ARGV: now, lease, end (1: mark dead), digest, close
+/// code, close reason.
+/// Returns {'unknown'} or {'offline'|'live', node, ended offline, connection id, user, info,
+/// channels...} (see `Held`): the flag is 1 when this call ended credentials that had a socket
+/// but none live now (in their grace, or on a node that stopped heartbeating); the channels
+/// (for presence) come when this call ended credentials that had a socket.
 pub(super) const HOLDER: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid', 'user', 'info')
 if not s[1] or s[1] == 'dead' then return {'unknown'} end
@@ -186,6 +223,10 @@ if ARGV[3] == '1' then
   redis.call('ZREM', KEYS[4], ARGV[4])
   local exp = tonumber(s[3]) or 0
   redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
+  if ends and s[4] and s[4] ~= '' then
+    tell(KEYS[5], s[4], ARGV[4], '$disconnect',
+      ended('disconnected by the application', s[5], ARGV[5], ARGV[6]))
+  end
 end
 return result";
 
@@ -193,7 +234,8 @@ return result";
 /// mode `grace`, those whose grace ran out (the index is `ends`); mode `lost`, those still live
 /// on `node`, which stopped heartbeating (the index is that node's live set; the caller checked
 /// that its lease and the grace passed). The digest leaves the index either way.
-/// KEYS: s, subs, index. ARGV: now, digest, mode, node.
+/// It tells the final `$disconnect` (`grace expired` or `node lost`).
+/// KEYS: s, subs, index, outbox. ARGV: now, digest, mode, node.
 /// Returns {} or {connection id, user, channels...}.
 pub(super) const REAP: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'node', 'cid', 'user', 'exp')
@@ -214,6 +256,10 @@ table.insert(result, 1, s[4] or '')
 redis.call('HSET', KEYS[1], 'state', 'dead')
 redis.call('DEL', KEYS[2])
 redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[6]) or 0) - now, 0) + 1000)
+if s[4] and s[4] ~= '' then
+  local reason = ARGV[3] == 'grace' and 'grace expired' or 'node lost'
+  tell(KEYS[4], s[4], ARGV[2], '$disconnect', ended(reason, s[5]))
+end
 return result";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
@@ -343,12 +389,12 @@ impl Scripts {
         Self {
             issue: Script::new(ISSUE),
             attach: Script::new(ATTACH),
-            detach: Script::new(DETACH),
+            detach: Script::new(&format!("{TELL}{DETACH}")),
             subscribe: Script::new(SUBSCRIBE),
-            holder: Script::new(HOLDER),
-            reap: Script::new(REAP),
-            presence: Script::new(PRESENCE),
-            vacate: Script::new(VACATE),
+            holder: Script::new(&format!("{TELL}{HOLDER}")),
+            reap: Script::new(&format!("{TELL}{REAP}")),
+            presence: Script::new(&format!("{TELL}{PRESENCE}")),
+            vacate: Script::new(&format!("{TELL}{VACATE}")),
             restore: Script::new(RESTORE),
             push: Script::new(PUSH),
             read: Script::new(READ),
