@@ -258,3 +258,107 @@ async fn presence_is_restored_after_redis_comes_back_empty() {
     expected.sort();
     assert_eq!(listed, expected);
 }
+
+/// Presence is a lease: a SIGKILLed node's connections leave within 10 s of its last
+/// heartbeat even with a long reconnect grace (their credentials stay resumable), and one that
+/// resumes elsewhere joins again.
+#[tokio::test]
+async fn a_dead_nodes_connections_leave_presence_within_ten_seconds_and_rejoin_on_resume() {
+    let prefix = unique_prefix("presence-lease");
+    let a = node_with(REDIS, &prefix, |c| {
+        c.limits.reconnect_grace = Duration::from_secs(30);
+        c.limits.namespaces = keep_presence("chat");
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("cg-presence-lease-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("channelgate.toml");
+    std::fs::write(
+        &config,
+        "reconnect-grace = \"30s\"\n[namespaces.chat]\npresence = true\n",
+    )
+    .unwrap();
+    let (mut doomed, http, grpc) = spawn_node(&prefix, &["--config", config.to_str().unwrap()]);
+    let mut events = a
+        .client
+        .listen_presence(&["chat:room"], pb::PresenceEvents::Connection, false)
+        .await
+        .unwrap();
+    let v: Creds = channelgate::client::Client::connect(format!("http://{grpc}"))
+        .await
+        .unwrap()
+        .issue_for(None, &["chat:room"], "v", "")
+        .await
+        .unwrap()
+        .into();
+    let _ws_v = connect_at(&http, &v).await;
+    let e = next_event(&mut events).await;
+    assert_eq!(
+        (e.presence(), e.member.unwrap().connection_id),
+        (pb::PresenceChange::Join, v.id.clone())
+    );
+
+    doomed.kill().unwrap();
+    let killed = std::time::Instant::now();
+    doomed.wait().unwrap();
+    let e = next_event(&mut events).await;
+    assert_eq!(
+        (e.presence(), e.member.unwrap().connection_id),
+        (pb::PresenceChange::Leave, v.id.clone())
+    );
+    assert!(
+        killed.elapsed() <= Duration::from_secs(10),
+        "left after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));
+
+    // Its credentials are still within their grace: the resume on A joins again.
+    let _ws_v = a.connect_once_free(&v).await;
+    let e = next_event(&mut events).await;
+    assert_eq!(
+        (e.presence(), e.member.unwrap().connection_id),
+        (pb::PresenceChange::Join, v.id.clone())
+    );
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (1, 1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A node that finds it was taken out of presence (it was silent: a stall, a partition) puts
+/// its connections back with its next heartbeat.
+#[tokio::test]
+async fn a_node_that_lost_its_presence_while_silent_rejoins() {
+    let prefix = unique_prefix("presence-back");
+    let a = node_with(REDIS, &prefix, |c| {
+        c.limits.namespaces = keep_presence("chat");
+    })
+    .await;
+    let u = issue_for(&a, "u", "").await;
+    let _ws = a.connect(&u).await;
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (1, 1));
+    // What another node's reaper does to a silent node: its presence goes, and it is marked.
+    let redis = redis::Client::open(REDIS).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let node: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}:nodes"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(format!("{prefix}:ch:{{chat:room}}:pr"))
+        .arg(format!("{prefix}:ch:{{chat:room}}:pu"))
+        .ignore()
+        .cmd("ZADD")
+        .arg(format!("{prefix}:presence-gone"))
+        .arg(1)
+        .arg(&node[0])
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));
+    wait_until(|| async { a.client.presence_stats("chat:room").await.unwrap() == (1, 1) }).await;
+}

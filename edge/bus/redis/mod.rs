@@ -13,6 +13,7 @@
 //! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
 //! | `P:ch:{C}:pr` / `P:ch:{C}:pu` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, and user → connections | until the last member leaves |
 //! | `P:out` | stream, fields `cid, digest, action, json` | lifecycle events the scripts that decided them wrote, until a node relayed them to the groups' queues (consumer group `relay`) | deleted once relayed; capped at `MAXLEN ~ 100000` |
+//! | `P:presence-gone` | sorted set | nodes whose connections left presence for silence → when | until the node heartbeats again or is reaped |
 //! | `P:vacating` | sorted set | channels with occupancy whose last member left → when `vacated` is due (ms) | until told, or a member is back |
 //! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
@@ -799,7 +800,9 @@ impl Bus for RedisBus {
         );
         let user = User::from_texts(&name, &info);
         let channels: Vec<Channel> = reply.filter_map(|c| Channel::new(&c).ok()).collect();
-        if !resumed {
+        // A first socket joins; so does a resume, which is a no-op (and no event) unless its
+        // presence was taken away meanwhile (its node died and the presence lease ran out).
+        {
             let (name, info) = (name.as_str(), info.as_str());
             self.presence_change(
                 true,

@@ -11,7 +11,14 @@
 //! delivers to its sockets and `Listen` streams. A channel whose last member left waits in the
 //! vacating set `P:vacating` (channel → when `vacated` is due); the reaper tells it once.
 
-use super::RedisBus;
+use std::time::Duration;
+
+use super::{RedisBus, LEASE, NODES_TTL};
+
+/// How long a node may go without a heartbeat before its connections leave presence (when its
+/// lease plus the reconnect grace is longer): within this, plus a reaper pass, of its last
+/// heartbeat.
+pub(crate) const PRESENCE_LEASE: Duration = Duration::from_secs(8);
 use crate::{
     credentials::Digest,
     error::Error,
@@ -30,6 +37,32 @@ impl RedisBus {
         connection_id: &str,
         user: &str,
         info: &str,
+    ) {
+        self.presence_script(join, digest, channels, (connection_id, user, info), None)
+            .await;
+    }
+
+    /// Takes `digest` (of `user`) out of its `channels`' presence if its socket is still live
+    /// on the dead `node`: the check and the leave are one script per channel, so a resume on
+    /// another node (which joins again) is never undone.
+    pub(super) async fn presence_lost<'a>(
+        &self,
+        digest: &Digest,
+        channels: impl IntoIterator<Item = &'a str>,
+        user: &str,
+        node: &str,
+    ) {
+        self.presence_script(false, digest, channels, ("", user, ""), Some(node))
+            .await;
+    }
+
+    async fn presence_script<'a>(
+        &self,
+        join: bool,
+        digest: &Digest,
+        channels: impl IntoIterator<Item = &'a str>,
+        (connection_id, user, info): (&str, &str, &str),
+        only_live_on: Option<&str>,
     ) {
         let mut pipe = redis::pipe();
         // Loaded with the pipeline, so a Redis that lost its script cache never fails it.
@@ -58,6 +91,7 @@ impl RedisBus {
                 .key(self.channel_key(channel, "pu"))
                 .key(self.vacating_key())
                 .key(self.outbox_key())
+                .key(self.key("s", digest))
                 .arg(if join { "join" } else { "leave" })
                 .arg(digest.to_string())
                 .arg(entry.as_deref().unwrap_or(""))
@@ -65,7 +99,8 @@ impl RedisBus {
                 .arg(self.channel_topic(channel))
                 .arg(delay)
                 .arg(now)
-                .arg(channel);
+                .arg(channel)
+                .arg(only_live_on.unwrap_or(""));
             pipe.invoke_script(&invocation);
             kept.push(channel);
             n += 1;
@@ -86,6 +121,115 @@ impl RedisBus {
                 tracing::warn!(%err, join, %channel, "presence not updated in Redis");
             }
         }
+    }
+
+    /// Nodes whose connections were taken out of presence for silence (see
+    /// [`PRESENCE_LEASE`]); a node that finds itself here heartbeats again, and rejoins.
+    pub(super) fn presence_gone_key(&self) -> String {
+        format!("{}:presence-gone", self.prefix)
+    }
+
+    /// Presence is a lease the nodes renew with their heartbeat: the connections live on a node
+    /// silent for [`PRESENCE_LEASE`] leave presence (their credentials stay resumable for the
+    /// grace; a resume elsewhere joins again). Once per silent node; a no-op when the grace is
+    /// short enough that the reaper ends them first.
+    pub(super) async fn drop_lost_presence(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        now: u64,
+    ) -> Result<(), Error> {
+        if LEASE + self.grace <= PRESENCE_LEASE {
+            return Ok(());
+        }
+        let cutoff = now.saturating_sub(PRESENCE_LEASE.as_millis() as u64);
+        let silent: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.nodes_key())
+            .arg("-inf")
+            .arg(cutoff)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(16)
+            .query_async(conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        for node in silent.into_iter().filter(|n| *n != self.node) {
+            let gone: Option<f64> = redis::cmd("ZSCORE")
+                .arg(self.presence_gone_key())
+                .arg(&node)
+                .query_async(conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            if gone.is_some() {
+                continue;
+            }
+            let digests: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.node_live_key(&node))
+                .query_async(conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            for text in &digests {
+                let Ok(digest) = text.parse::<Digest>() else {
+                    continue;
+                };
+                let (user, channels): (Option<String>, Vec<String>) = redis::pipe()
+                    .cmd("HGET")
+                    .arg(self.key("s", &digest))
+                    .arg("user")
+                    .cmd("SMEMBERS")
+                    .arg(self.key("subs", &digest))
+                    .query_async(conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))?;
+                let user = user.unwrap_or_default();
+                self.presence_lost(&digest, channels.iter().map(String::as_str), &user, &node)
+                    .await;
+            }
+            let _: i64 = redis::cmd("ZADD")
+                .arg(self.presence_gone_key())
+                .arg(now)
+                .arg(&node)
+                .query_async(conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            let _: Result<i64, _> = redis::cmd("PEXPIRE")
+                .arg(self.presence_gone_key())
+                .arg(NODES_TTL.as_millis() as u64)
+                .query_async(conn)
+                .await;
+            tracing::info!(%node, connections = digests.len(), "a silent node's connections left presence");
+        }
+        Ok(())
+    }
+
+    /// After a heartbeat: a node whose connections were taken out of presence while it was
+    /// silent (a stall, a partition) puts them back. Best effort, logged.
+    pub(super) async fn presence_back(&self) {
+        let mut conn = self.conn.clone();
+        let was_gone: Result<i64, _> = redis::cmd("ZREM")
+            .arg(self.presence_gone_key())
+            .arg(&self.node)
+            .query_async(&mut conn)
+            .await;
+        if was_gone != Ok(1) {
+            return;
+        }
+        tracing::warn!("this node was silent long enough to lose its presence; rejoining");
+        // In the background: the heartbeat must not wait on thousands of sockets.
+        self.spawn_short(|bus| async move {
+            for live in bus.registry.live_sessions() {
+                let (name, info) = User::texts(live.user.as_ref());
+                let channels = live.channels.iter().map(|c| c.as_str());
+                bus.presence_change(
+                    true,
+                    &live.digest,
+                    channels,
+                    &live.connection_id,
+                    name,
+                    info,
+                )
+                .await;
+            }
+        });
     }
 
     /// The set of channels whose last member left, by when `vacated` is due.

@@ -8,7 +8,8 @@
 //!
 //! Bounds: a grace that ends is told within [`REAP_EVERY`] of its end; a dead node's sockets
 //! are told within its lease, plus the grace, plus [`REAP_EVERY`], after its last heartbeat;
-//! `vacated` within [`REAP_EVERY`] after the delay. The script that ends credentials writes
+//! `vacated` within [`REAP_EVERY`] after the delay; a silent node's connections leave presence
+//! within [`PRESENCE_LEASE`](super::presence::PRESENCE_LEASE) plus [`REAP_EVERY`]. The script that ends credentials writes
 //! their `$disconnect` to the outbox itself ([`outbox`](super::outbox)), so a reaper that dies
 //! after winning an end loses nothing.
 
@@ -63,6 +64,7 @@ impl RedisBus {
             .scored_up_to(&mut conn, &self.vacating_key(), now, REAP_BATCH)
             .await?;
         self.vacate_due(&mut conn, &vacating, now).await?;
+        self.drop_lost_presence(&mut conn, now).await?;
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
         let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);
@@ -83,9 +85,15 @@ impl RedisBus {
             }
             if members.len() < REAP_BATCH {
                 // Every socket of the node is ended: it leaves the heartbeat set.
-                let _: i64 = redis::cmd("ZREM")
+                let _: () = redis::pipe()
+                    .cmd("ZREM")
                     .arg(self.nodes_key())
                     .arg(&node)
+                    .ignore()
+                    .cmd("ZREM")
+                    .arg(self.presence_gone_key())
+                    .arg(&node)
+                    .ignore()
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.unavailable(&e))?;

@@ -177,6 +177,7 @@ impl RedisBus {
                     if self.stalled.lock().take().is_some() {
                         tracing::info!("Redis answers again");
                     }
+                    self.presence_back().await;
                 }
                 Ok(Err(err)) if !err.is_timeout() => tracing::debug!(%err, "heartbeat failed"),
                 _ => {

@@ -143,10 +143,12 @@ return result";
 /// member, unless one left within the vacate delay) or, after the last member left, an entry
 /// in the vacating set (or `!vacated` at once for a delay of 0).
 /// An occupancy change is told to the `Handle` groups too (`$occupied`, `$vacated`).
-/// KEYS: the channel's presence hash, its user counts, the vacating set, outbox. ARGV:
-/// 'join'|'leave', digest, entry (JSON), user ('' for none), topic, vacate delay (ms; -1
-/// without occupancy), now (ms), channel. Returns 'occupied' or 'vacated' when this call
-/// changed the occupancy, else ''.
+/// A leave with a node in ARGV[9] happens only while the digest is still live on that node
+/// (a dead node's presence, unless its socket resumed elsewhere).
+/// KEYS: the channel's presence hash, its user counts, the vacating set, outbox, the digest's
+/// state. ARGV: 'join'|'leave', digest, entry (JSON), user ('' for none), topic, vacate delay
+/// (ms; -1 without occupancy), now (ms), channel, node ('' for no condition). Returns
+/// 'occupied' or 'vacated' when this call changed the occupancy, else ''.
 pub(super) const PRESENCE: &str = r"
 local topic, delay, channel = ARGV[5], tonumber(ARGV[6]), ARGV[8]
 if ARGV[1] == 'join' then
@@ -162,6 +164,10 @@ if ARGV[1] == 'join' then
   end
   redis.call('PUBLISH', topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
   return told
+end
+if ARGV[9] ~= '' then
+  local s = redis.call('HMGET', KEYS[5], 'state', 'node')
+  if s[1] ~= 'live' or s[2] ~= ARGV[9] then return '' end
 end
 local entry = redis.call('HGET', KEYS[1], ARGV[2])
 if not entry then return '' end
