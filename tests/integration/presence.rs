@@ -124,20 +124,41 @@ async fn cluster_node(prefix: &str) -> Gateway {
     .await
 }
 
+/// A node of the cluster `prefix` in a process of its own (to SIGKILL), keeping presence for
+/// `chat:*` with reconnect grace `grace`; its config lives in the returned directory.
+fn spawn_presence_node(
+    prefix: &str,
+    grace: &str,
+) -> (std::process::Child, String, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("cg-{prefix}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("channelgate.toml");
+    std::fs::write(
+        &config,
+        format!("reconnect-grace = \"{grace}\"\n[namespaces.chat]\npresence = true\n"),
+    )
+    .unwrap();
+    let (child, http, grpc) = spawn_node(prefix, &["--config", config.to_str().unwrap()]);
+    (child, http, grpc, dir)
+}
+
+/// Credentials for `user` on `chat:room`, issued through the control plane at `grpc`.
+async fn issue_at(grpc: &str, user: &str) -> Creds {
+    channelgate::client::Client::connect(format!("http://{grpc}"))
+        .await
+        .unwrap()
+        .issue_for(None, &["chat:room"], user, "")
+        .await
+        .unwrap()
+        .into()
+}
+
 #[tokio::test]
 async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     let prefix = unique_prefix("presence");
     let a = cluster_node(&prefix).await;
     let b = cluster_node(&prefix).await;
-    let dir = std::env::temp_dir().join(format!("cg-presence-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("channelgate.toml");
-    std::fs::write(
-        &config,
-        "reconnect-grace = \"1s\"\n[namespaces.chat]\npresence = true\n",
-    )
-    .unwrap();
-    let (mut doomed, http, grpc) = spawn_node(&prefix, &["--config", config.to_str().unwrap()]);
+    let (mut doomed, http, grpc, dir) = spawn_presence_node(&prefix, "1s");
     let mut events = a
         .client
         .listen_presence(&["chat:room"], pb::PresenceEvents::Connection, false)
@@ -146,13 +167,7 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     // U on A and on B, V on the doomed node.
     let u1 = issue_for(&a, "u", r#"{"n":1}"#).await;
     let u2 = issue_for(&b, "u", "").await;
-    let v: Creds = channelgate::client::Client::connect(format!("http://{grpc}"))
-        .await
-        .unwrap()
-        .issue_for(None, &["chat:room"], "v", "")
-        .await
-        .unwrap()
-        .into();
+    let v = issue_at(&grpc, "v").await;
     let _ws_u1 = a.connect(&u1).await;
     let ws_u2 = b.connect(&u2).await;
     let _ws_v = connect_at(&http, &v).await;
@@ -270,27 +285,13 @@ async fn a_dead_nodes_connections_leave_presence_within_ten_seconds_and_rejoin_o
         c.limits.namespaces = keep_presence("chat");
     })
     .await;
-    let dir = std::env::temp_dir().join(format!("cg-presence-lease-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("channelgate.toml");
-    std::fs::write(
-        &config,
-        "reconnect-grace = \"30s\"\n[namespaces.chat]\npresence = true\n",
-    )
-    .unwrap();
-    let (mut doomed, http, grpc) = spawn_node(&prefix, &["--config", config.to_str().unwrap()]);
+    let (mut doomed, http, grpc, dir) = spawn_presence_node(&prefix, "30s");
     let mut events = a
         .client
         .listen_presence(&["chat:room"], pb::PresenceEvents::Connection, false)
         .await
         .unwrap();
-    let v: Creds = channelgate::client::Client::connect(format!("http://{grpc}"))
-        .await
-        .unwrap()
-        .issue_for(None, &["chat:room"], "v", "")
-        .await
-        .unwrap()
-        .into();
+    let v = issue_at(&grpc, "v").await;
     let _ws_v = connect_at(&http, &v).await;
     let e = next_event(&mut events).await;
     assert_eq!(
