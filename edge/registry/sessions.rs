@@ -479,7 +479,7 @@ impl Registry {
         let was = self.set_state(*digest, &mut session, State::Dead);
         // A live socket's end is told by its task; one in its grace ends here. (In cluster
         // mode this runs when Redis still had the socket live here: its drop had not reached
-        // Redis yet, so the `Disconnect` that ended it in Redis told no one.)
+        // Redis yet; the `Disconnect`'s script told the end, and this only counts it.)
         if matches!(was, State::Grace { .. }) {
             self.report_end(*digest, &session, EndReason::Application);
         }

@@ -466,20 +466,32 @@ impl RedisBus {
         }
     }
 
-    /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`) of up to `block`:
-    /// its response deadline outlasts the block. With the client's default (shorter than the
-    /// block), every read timed out while Redis went on delivering to it, so an entry that
-    /// arrived during a read was taken and never seen.
+    /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`) of up to `block`,
+    /// retried with back-off until it connects; `None` once `stop` is cancelled. Its response
+    /// deadline outlasts the block: with the client's default (shorter than the block), every
+    /// read timed out while Redis went on delivering to it, so an entry that arrived during a
+    /// read was taken and never seen.
     async fn blocking_connection(
         &self,
         block: Duration,
-    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        stop: &CancellationToken,
+    ) -> Option<redis::aio::MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(block + COMMAND_TIMEOUT));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+        loop {
+            if let Ok(c) = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                return Some(c);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                _ = stop.cancelled() => return None,
+            }
+        }
     }
 
     /// Records that Redis did not answer in time; the error for the caller.

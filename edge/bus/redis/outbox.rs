@@ -15,8 +15,13 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisBus, BACKOFF_MAX, BACKOFF_MIN};
-use crate::{credentials::Digest, error::Error, handoff::Delivery};
+use super::{RedisBus, BACKOFF_MIN};
+use crate::{
+    credentials::Digest,
+    error::Error,
+    handlers::remote::{DISCONNECT, OCCUPIED, VACATED},
+    handoff::Delivery,
+};
 
 /// Consumer group of the outbox.
 const RELAY_GROUP: &str = "relay";
@@ -38,17 +43,11 @@ impl RedisBus {
             if halt.is_cancelled() {
                 return;
             }
-            // Blocking reads get a connection of their own.
             let mut c = match conn.take() {
                 Some(c) => c,
-                None => match self.blocking_connection(RELAY_BLOCK).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(BACKOFF_MAX) => continue,
-                            _ = halt.cancelled() => return,
-                        }
-                    }
+                None => match self.blocking_connection(RELAY_BLOCK, &halt).await {
+                    Some(c) => c,
+                    None => return,
                 },
             };
             if !grouped {
@@ -181,7 +180,7 @@ impl RedisBus {
 fn outbox_delivery(entry: &redis::streams::StreamId) -> Option<Delivery> {
     let field = |name: &str| entry.get::<String>(name);
     let action = field("action")?;
-    if !matches!(action.as_str(), "$disconnect" | "$occupied" | "$vacated") {
+    if ![DISCONNECT, OCCUPIED, VACATED].contains(&action.as_str()) {
         return None;
     }
     let digest = match field("digest")?.as_str() {

@@ -14,8 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    outbox::CLAIM_IDLE, Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, HEARTBEAT,
-    NODES_TTL,
+    outbox::CLAIM_IDLE, Command, ForwardEvent, RedisBus, BACKOFF_MIN, HEARTBEAT, NODES_TTL,
 };
 use crate::{
     credentials::Digest,
@@ -220,20 +219,13 @@ impl RedisBus {
                 last_claim = tokio::time::Instant::now();
                 self.claim_stale(&group, &key).await;
             }
-            // Blocking reads get a connection of their own.
-            let c = match conn.take() {
+            let mut c = match conn.take() {
                 Some(c) => c,
-                None => match self.blocking_connection(QUEUE_BLOCK).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(BACKOFF_MAX) => continue,
-                            _ = stop.cancelled() => return,
-                        }
-                    }
+                None => match self.blocking_connection(QUEUE_BLOCK, &stop).await {
+                    Some(c) => c,
+                    None => return,
                 },
             };
-            let mut c = c;
             let mut read = redis::cmd("XREADGROUP");
             read.arg("GROUP")
                 .arg(CONSUMER_GROUP)
