@@ -310,6 +310,18 @@ impl PrivateRedis {
     }
 }
 
+/// Kills `redis` and starts an empty one on its port, returning once every node of `nodes` saw
+/// it go (not ready) and come back (ready).
+pub async fn restart_empty(redis: &mut PrivateRedis, nodes: &[&Gateway]) -> PrivateRedis {
+    redis.kill();
+    wait_until(|| async { nodes[0].http_get("/readyz", &[]).await.0 == 503 }).await;
+    let restarted = PrivateRedis::start_on(redis.port);
+    for node in nodes {
+        wait_until(|| async { node.http_get("/readyz", &[]).await.0 == 200 }).await;
+    }
+    restarted
+}
+
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();

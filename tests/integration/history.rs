@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::{
-    cluster::{node, unique_prefix, PrivateRedis, REDIS},
-    support::{connect_recovering_at, issue_at, wait_until, Gateway, Proxy, Ws, PATIENCE},
+    cluster::{node, restart_empty, unique_prefix, PrivateRedis, REDIS},
+    support::{connect_recovering_at, issue_at, Gateway, Proxy, Ws, PATIENCE},
 };
 
 /// `{channel: {"epoch", "offset"}}`, the `recover` parameter.
@@ -490,13 +490,7 @@ async fn a_redis_that_restarts_empty_means_a_new_epoch_a_gap_and_no_reopened_cre
         .unwrap();
     ended_ws.expect_close().await;
 
-    redis.kill();
-    wait_until(|| async { a.http_get("/readyz", &[]).await.0 == 503 }).await;
-    let _redis = PrivateRedis::start_on(redis.port);
-    wait_until(|| async {
-        a.http_get("/readyz", &[]).await.0 == 200 && b.http_get("/readyz", &[]).await.0 == 200
-    })
-    .await;
+    let _redis = restart_empty(&mut redis, &[&a, &b]).await;
 
     // The socket stayed up, and hears that the channel's past is gone: a new epoch.
     let gap = ws.recv_json().await;

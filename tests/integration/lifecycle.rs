@@ -41,6 +41,18 @@ async fn event(svc: &mut Service) -> (String, String, Value) {
     )
 }
 
+/// Connects a marker socket through `gw` and checks that its `$connect` is the group's next
+/// event: nothing extra came before it.
+async fn nothing_came_before_a_marker(gw: &Gateway, svc: &mut Service) {
+    let marker = issue_for(gw, "marker").await;
+    let _ws = gw.connect(&marker).await;
+    assert_eq!(
+        event(svc).await.1,
+        marker.id,
+        "no extra event came before this one"
+    );
+}
+
 /// `a` and `b` may be one node, or two nodes of one cluster.
 async fn lifecycle_scenario(a: &Gateway, b: &Gateway, svc: &mut Service) {
     // A clean close: $connect (fresh), then the final $disconnect, "client closed".
@@ -125,13 +137,7 @@ async fn lifecycle_scenario(a: &Gateway, b: &Gateway, svc: &mut Service) {
 
     // Nothing else comes: not a second $disconnect for any of them, even after every grace.
     tokio::time::sleep(GRACE * 3).await;
-    let marker = issue_for(a, "marker").await;
-    let _ws = a.connect(&marker).await;
-    assert_eq!(
-        event(svc).await.1,
-        marker.id,
-        "no extra event came before this one"
-    );
+    nothing_came_before_a_marker(a, svc).await;
 }
 
 #[tokio::test]
@@ -290,9 +296,7 @@ async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
         taken.elapsed()
     );
     // Once: the next event is a marker's.
-    let marker = issue_for(&a, "marker").await;
-    let _ws = a.connect(&marker).await;
-    assert_eq!(event(&mut svc).await.1, marker.id);
+    nothing_came_before_a_marker(&a, &mut svc).await;
 }
 
 /// A node of a `Handle` group that took a lifecycle event from the group's queue and died
@@ -324,7 +328,5 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
     let (action, id, detail) = event(&mut svc).await;
     assert_eq!((action.as_str(), id.as_str()), ("$disconnect", "orphan-id"));
     assert_eq!(detail["user"], "u");
-    let marker = issue_for(&a, "marker").await;
-    let _ws = a.connect(&marker).await;
-    assert_eq!(event(&mut svc).await.1, marker.id);
+    nothing_came_before_a_marker(&a, &mut svc).await;
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    cluster::{node_with, spawn_node, unique_prefix, PrivateRedis, REDIS},
+    cluster::{node_with, restart_empty, spawn_node, unique_prefix, PrivateRedis, REDIS},
     support::{connect_at, keep_presence, next_event, wait_until, Creds, Gateway},
 };
 use channelgate::pb;
@@ -124,6 +124,20 @@ async fn cluster_node(prefix: &str) -> Gateway {
     .await
 }
 
+/// `chat:room`'s presence through `gw`: `(connection id, user, info)`, sorted.
+async fn listed(gw: &Gateway) -> Vec<(String, String, String)> {
+    let mut members: Vec<_> = gw
+        .client
+        .presence("chat:room")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.connection_id, m.user, m.info_json))
+        .collect();
+    members.sort();
+    members
+}
+
 /// A node of the cluster `prefix` in a process of its own (to SIGKILL), keeping presence for
 /// `chat:*` with reconnect grace `grace`; its config lives in the returned directory.
 fn spawn_presence_node(
@@ -143,7 +157,7 @@ fn spawn_presence_node(
 }
 
 /// Credentials for `user` on `chat:room`, issued through the control plane at `grpc`.
-async fn issue_at(grpc: &str, user: &str) -> Creds {
+async fn issue_for_at(grpc: &str, user: &str) -> Creds {
     channelgate::client::Client::connect(format!("http://{grpc}"))
         .await
         .unwrap()
@@ -167,7 +181,7 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     // U on A and on B, V on the doomed node.
     let u1 = issue_for(&a, "u", r#"{"n":1}"#).await;
     let u2 = issue_for(&b, "u", "").await;
-    let v = issue_at(&grpc, "v").await;
+    let v = issue_for_at(&grpc, "v").await;
     let _ws_u1 = a.connect(&u1).await;
     let ws_u2 = b.connect(&u2).await;
     let _ws_v = connect_at(&http, &v).await;
@@ -183,15 +197,7 @@ async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     assert_eq!(joined, ids);
     for gw in [&a, &b] {
         assert_eq!(gw.client.presence_stats("chat:room").await.unwrap(), (3, 2));
-        let mut users: Vec<_> = gw
-            .client
-            .presence("chat:room")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.connection_id, m.user, m.info_json))
-            .collect();
-        users.sort();
+        let users = listed(gw).await;
         let mut expected = vec![
             (u1.id.clone(), "u".to_owned(), r#"{"n":1}"#.to_owned()),
             (u2.id.clone(), "u".to_owned(), String::new()),
@@ -249,23 +255,9 @@ async fn presence_is_restored_after_redis_comes_back_empty() {
     let _ws_v = b.connect(&v).await;
     assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (2, 2));
 
-    redis.kill();
-    wait_until(|| async { a.http_get("/readyz", &[]).await.0 == 503 }).await;
-    let _redis = PrivateRedis::start_on(redis.port);
-    wait_until(|| async {
-        a.http_get("/readyz", &[]).await.0 == 200 && b.http_get("/readyz", &[]).await.0 == 200
-    })
-    .await;
+    let _redis = restart_empty(&mut redis, &[&a, &b]).await;
     wait_until(|| async { b.client.presence_stats("chat:room").await.ok() == Some((2, 2)) }).await;
-    let mut listed: Vec<_> = a
-        .client
-        .presence("chat:room")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| (m.connection_id, m.user, m.info_json))
-        .collect();
-    listed.sort();
+    let listed = listed(&a).await;
     let mut expected = vec![
         (u.id.clone(), "u".to_owned(), r#"{"n":1}"#.to_owned()),
         (v.id.clone(), "v".to_owned(), String::new()),
@@ -291,7 +283,7 @@ async fn a_dead_nodes_connections_leave_presence_within_ten_seconds_and_rejoin_o
         .listen_presence(&["chat:room"], pb::PresenceEvents::Connection, false)
         .await
         .unwrap();
-    let v = issue_at(&grpc, "v").await;
+    let v = issue_for_at(&grpc, "v").await;
     let _ws_v = connect_at(&http, &v).await;
     let e = next_event(&mut events).await;
     assert_eq!(
