@@ -537,8 +537,8 @@ async fn a_hole_in_the_pubsub_stream_is_filled_from_history_or_signalled() {
 
     let redis = redis::Client::open(REDIS).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let meta = format!("{prefix}:ch:{{room}}:m");
-    let log = format!("{prefix}:ch:{{room}}:l");
+    let meta = format!("{prefix}:{{0}}:ch:room:m");
+    let log = format!("{prefix}:{{0}}:ch:room:l");
     // Offset 2 is taken and kept in the log, but its publish is lost.
     let two: u64 = redis::cmd("HINCRBY")
         .arg(&meta)

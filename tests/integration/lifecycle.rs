@@ -163,7 +163,7 @@ async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
 pub async fn wait_advertised(prefix: &str, group: &str) {
     let redis = redis::Client::open(REDIS).unwrap();
     let conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{prefix}:act:$lifecycle");
+    let key = format!("{prefix}:{{0}}:act:$lifecycle");
     wait_until(|| {
         let (mut conn, key) = (conn.clone(), key.clone());
         async move {
@@ -277,7 +277,7 @@ async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
     let digest = "ab".repeat(32);
     let taken = Instant::now();
     add_and_take_as_a_dead_consumer(
-        &format!("{prefix}:out"),
+        &format!("{prefix}:{{0}}:out"),
         "relay",
         &[
             ("cid", "orphan-id"),
@@ -309,7 +309,7 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
     wait_advertised(&prefix, "lifecycle").await;
     let digest = "cd".repeat(32);
     add_and_take_as_a_dead_consumer(
-        &format!("{prefix}:q:lifecycle"),
+        &format!("{prefix}:{{0}}:q:lifecycle"),
         "handlers",
         &[
             ("origin", "dead-node"),

@@ -333,7 +333,7 @@ async fn a_node_that_lost_its_presence_while_silent_rejoins() {
     let redis = redis::Client::open(REDIS).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let node: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{prefix}:nodes"))
+        .arg(format!("{prefix}:{{0}}:nodes"))
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
@@ -341,11 +341,11 @@ async fn a_node_that_lost_its_presence_while_silent_rejoins() {
         .unwrap();
     let _: () = redis::pipe()
         .cmd("DEL")
-        .arg(format!("{prefix}:ch:{{chat:room}}:pr"))
-        .arg(format!("{prefix}:ch:{{chat:room}}:pu"))
+        .arg(format!("{prefix}:{{0}}:ch:chat:room:pr"))
+        .arg(format!("{prefix}:{{0}}:ch:chat:room:pu"))
         .ignore()
         .cmd("ZADD")
-        .arg(format!("{prefix}:presence-gone"))
+        .arg(format!("{prefix}:{{0}}:presence-gone"))
         .arg(1)
         .arg(&node[0])
         .ignore()

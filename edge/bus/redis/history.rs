@@ -195,8 +195,7 @@ impl RedisBus {
             return Ok(Vec::new());
         }
         let position_ttl = self.limits.position_ttl.as_millis() as u64;
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.scripts.read).ignore();
+        let mut batch = self.batch(&[&self.scripts.read]);
         for (channel, read) in reads {
             let (mode, offset, count) = match *read {
                 Read::Position => ("pos", 0, 0),
@@ -212,9 +211,9 @@ impl RedisBus {
                 .arg(mode)
                 .arg(offset)
                 .arg(count);
-            pipe.invoke_script(&invocation);
+            batch.invoke(self.keys.part(channel), &invocation);
         }
-        let answers = self.run_pipeline(pipe, reads.len()).await?;
+        let answers = self.run_batch(batch).await?;
         Ok(reads
             .iter()
             .zip(answers)

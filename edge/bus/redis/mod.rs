@@ -84,7 +84,6 @@ use std::{
 
 use parking_lot::Mutex;
 use rand::RngCore;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -102,6 +101,8 @@ use crate::{
 };
 
 mod history;
+mod keys;
+mod link;
 mod outbox;
 mod presence;
 mod pubsub;
@@ -110,6 +111,8 @@ mod reaper;
 mod relay;
 mod scripts;
 
+use keys::Keys;
+use link::{Answers, Batch, Endpoint, Link, Sink};
 use relay::PushJob;
 
 use scripts::Scripts;
@@ -182,10 +185,12 @@ enum ForwardEvent {
 pub(crate) struct RedisBus {
     registry: Registry,
     node: String,
-    prefix: String,
-    client: redis::Client,
-    /// Commands and scripts; reconnects by itself.
-    conn: ConnectionManager,
+    /// Key and topic names, and their partitions.
+    keys: Keys,
+    /// One server or a cluster.
+    endpoint: Endpoint,
+    /// Commands and scripts; reconnects by itself (on a cluster, routes each to its shard).
+    conn: Link,
     /// The pub/sub connection's sending half and the Redis channels it is subscribed to.
     /// Async lock: (un)subscribing awaits Redis's confirmation, and the order of subscribe and
     /// unsubscribe for one channel must be the order they were decided in.
@@ -221,11 +226,14 @@ pub(crate) struct RedisBus {
     pushes: mpsc::Sender<PushJob>,
     /// The node's limits (history policies, windows).
     limits: Limits,
+    /// Partitions whose outbox has news (a wake-up message arrived), for the relay.
+    outbox_woken: Mutex<HashSet<usize>>,
+    outbox_wake: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
 struct PubSub {
-    sink: Option<PubSubSink>,
+    sink: Option<Sink>,
     subscribed: HashSet<Channel>,
 }
 
@@ -239,6 +247,8 @@ enum Holder {
 /// What the `HOLDER` and `SUBSCRIBE` scripts answer about a digest.
 struct Held {
     holder: Holder,
+    /// The node the credentials' socket is (or was last) on; '' when none.
+    node: String,
     /// `HOLDER`: the call ended credentials whose socket is gone (the caller tells the end);
     /// `SUBSCRIBE`: the credentials are connected (present in their channels).
     flag: bool,
@@ -257,10 +267,11 @@ impl Held {
         let (node, flag, connection_id, user, info) = (next(), next(), next(), next(), next());
         Self {
             holder: match kind.as_deref() {
-                Some("live") => Holder::Live(node),
+                Some("live") => Holder::Live(node.clone()),
                 Some("offline") => Holder::Offline,
                 _ => Holder::Unknown,
             },
+            node,
             flag: flag == "1",
             connection_id,
             user,
@@ -288,14 +299,11 @@ impl RedisBus {
             context: format!("redis {url}"),
             source: std::io::Error::other(err),
         };
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(BACKOFF_MAX);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+        let endpoint = Endpoint::open(url).map_err(redis_error)?;
+        let cluster = endpoint.is_cluster();
+        let conn = endpoint
+            .commands(COMMAND_TIMEOUT, BACKOFF_MAX)
+            .map_err(redis_error)?;
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let (pushes, jobs) = mpsc::channel(PUSH_QUEUE);
@@ -305,15 +313,15 @@ impl RedisBus {
             me: me.clone(),
             registry,
             node: hex::encode(id),
-            prefix: prefix.to_owned(),
-            client,
+            keys: Keys::new(prefix, cluster),
+            endpoint,
             conn,
             pubsub: tokio::sync::Mutex::new(PubSub::default()),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             acks: Mutex::new(HashMap::new()),
             next_rid: AtomicU64::new(1),
             grace: limits.reconnect_grace,
-            scripts: Scripts::new(),
+            scripts: Scripts::new(cluster),
             handler_timeout: limits.handler_timeout,
             groups: link.groups,
             inbound: link.inbound,
@@ -321,8 +329,10 @@ impl RedisBus {
             tracker: tracker.clone(),
             broken: Mutex::new(None),
             stalled: Mutex::new(None),
+            outbox_woken: Mutex::new(HashSet::new()),
+            outbox_wake: tokio::sync::Notify::new(),
         });
-        tracing::info!(node = %bus.node, prefix, "cluster mode on Redis");
+        tracing::info!(node = %bus.node, prefix, redis_cluster = cluster, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
         bus.spawn_task("publisher", bus.clone().publish(jobs, halt.clone()), &halt);
         bus.spawn_task("catch-up", bus.clone().catch_up(halt.clone()), &halt);
@@ -380,72 +390,89 @@ impl RedisBus {
         }
     }
 
+    /// A digest's key (`s`: its state, `subs`: its channels), in the digest's partition.
     fn key(&self, kind: &str, digest: &Digest) -> String {
-        format!("{}:{kind}:{digest}", self.prefix)
+        self.keys.of(kind, &digest.to_string())
+    }
+
+    /// The partition of a digest's keys (and of the indexes its scripts write with them).
+    fn digest_part(&self, digest: &Digest) -> usize {
+        self.keys.part(&digest.to_string())
     }
 
     /// The set of the digests issued for `user`.
     fn user_key(&self, user: &str) -> String {
-        format!("{}:u:{user}", self.prefix)
+        self.keys.of("u", user)
     }
 
-    /// The digests waiting for their grace to end (sorted by when it does).
-    /// The outbox: lifecycle events the scripts wrote, for the relay to the `Handle` groups.
-    fn outbox_key(&self) -> String {
-        format!("{}:out", self.prefix)
+    /// Partition `p`'s outbox: lifecycle events its scripts wrote, for the relay to the
+    /// `Handle` groups (and, as a topic, the relays' wake-up call).
+    fn outbox_key(&self, p: usize) -> String {
+        self.keys.at(p, "out")
     }
 
-    fn ends_key(&self) -> String {
-        format!("{}:ends", self.prefix)
+    /// Partition `p`'s digests waiting for their grace to end (sorted by when it does).
+    fn ends_key(&self, p: usize) -> String {
+        self.keys.at(p, "ends")
     }
 
-    /// The digests live on `node`, for ending them should it die.
-    fn node_live_key(&self, node: &str) -> String {
-        format!("{}:nl:{node}", self.prefix)
+    /// Partition `p`'s digests live on `node`, for ending them should it die.
+    fn node_live_key(&self, p: usize, node: &str) -> String {
+        self.keys.at(p, &format!("nl:{node}"))
     }
 
-    fn nodes_key(&self) -> String {
-        format!("{}:nodes", self.prefix)
+    /// Partition `p`'s copy of the heartbeats (every node writes each partition's, so a
+    /// digest's script reads its holder's on its own slot).
+    fn nodes_key(&self, p: usize) -> String {
+        self.keys.at(p, "nodes")
     }
 
     /// The pub/sub channel of `channel`'s pushes; `channel_key` adds a suffix for its keys.
-    /// The channel name is the hash tag of both.
+    /// Both are in the channel's partition.
     fn channel_topic(&self, channel: &str) -> String {
-        format!("{}:ch:{{{channel}}}", self.prefix)
+        self.keys.of("ch", channel)
     }
 
     fn channel_key(&self, channel: &str, kind: &str) -> String {
-        format!("{}:ch:{{{channel}}}:{kind}", self.prefix)
+        format!("{}:{kind}", self.keys.of("ch", channel))
     }
 
     fn node_topic(&self, node: &str) -> String {
-        format!("{}:node:{node}", self.prefix)
+        self.keys.of("node", node)
     }
 
-    /// Runs a pipeline of `n` script invocations (with `ignore_errors`): one answer per
-    /// invocation; the outer error when Redis is out of reach.
-    async fn run_pipeline(
-        &self,
-        mut pipe: redis::Pipeline,
-        n: usize,
-    ) -> Result<Vec<Result<redis::Value, Error>>, Error> {
-        pipe.ignore_errors();
-        let mut conn = self.conn.clone();
-        let results: Vec<redis::RedisResult<redis::Value>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(&e))?;
-        let mut results = results.into_iter();
-        Ok((0..n)
-            .map(|_| {
-                results
-                    .next()
-                    .ok_or_else(|| {
-                        Error::ClusterUnavailable("Redis answered too few commands".into())
-                    })?
-                    .map_err(|e| self.unavailable(&e))
-            })
+    /// `PUBLISH` on one server; `SPUBLISH` on a cluster (to the topic's shard only).
+    fn publish_command(&self) -> &'static str {
+        if self.endpoint.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// A batch over this deployment's partitions, its pipelines loading `loads` first.
+    fn batch<'a>(&self, loads: &[&'a redis::Script]) -> Batch<'a> {
+        Batch::new(self.keys.partitions(), loads)
+    }
+
+    /// Runs a batch of answered commands: one answer per command; the outer error when no
+    /// partition's Redis could be reached.
+    async fn run_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<redis::Value, Error>>, Error> {
+        let Answers { values, failed } = batch.run(&self.conn).await;
+        if let Some(err) = &failed {
+            if values.iter().all(Result::is_err) {
+                return Err(self.unavailable(err));
+            }
+        }
+        Ok(values
+            .into_iter()
+            .map(|v| v.map_err(|e| self.unavailable(&e)))
             .collect())
+    }
+
+    /// Runs a batch of commands whose answers are ignored; the first failure.
+    async fn run_quiet(&self, batch: Batch<'_>) -> Result<(), redis::RedisError> {
+        batch.run(&self.conn).await.failed.map_or(Ok(()), Err)
     }
 
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while
@@ -471,20 +498,12 @@ impl RedisBus {
     /// deadline outlasts the block: with the client's default (shorter than the block), every
     /// read timed out while Redis went on delivering to it, so an entry that arrived during a
     /// read was taken and never seen.
-    async fn blocking_connection(
-        &self,
-        block: Duration,
-        stop: &CancellationToken,
-    ) -> Option<redis::aio::MultiplexedConnection> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(block + COMMAND_TIMEOUT));
+    async fn blocking_connection(&self, block: Duration, stop: &CancellationToken) -> Option<Link> {
         loop {
-            if let Ok(c) = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
+            let connecting = self
+                .endpoint
+                .blocking(COMMAND_TIMEOUT, block + COMMAND_TIMEOUT);
+            if let Ok(Ok(c)) = tokio::time::timeout(COMMAND_TIMEOUT * 2, connecting).await {
                 return Some(c);
             }
             tokio::select! {
@@ -536,14 +555,15 @@ impl RedisBus {
     /// credentials, telling their `$disconnect` when they had a socket.
     async fn holder(&self, digest: &Digest, end: Option<&Close>) -> Result<Held, Error> {
         let mut conn = self.conn.clone();
+        let p = self.digest_part(digest);
         let reply: Vec<String> = self
             .scripts
             .holder
             .key(self.key("s", digest))
             .key(self.key("subs", digest))
-            .key(self.nodes_key())
-            .key(self.ends_key())
-            .key(self.outbox_key())
+            .key(self.nodes_key(p))
+            .key(self.ends_key(p))
+            .key(self.outbox_key(p))
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
             .arg(u8::from(end.is_some()))
@@ -563,7 +583,7 @@ impl RedisBus {
     async fn command(&self, node: &str, command: &Command) -> Result<(), Error> {
         let text = serde_json::to_string(command).expect("commands serialize");
         let mut conn = self.conn.clone();
-        redis::cmd("PUBLISH")
+        redis::cmd(self.publish_command())
             .arg(self.node_topic(node))
             .arg(text)
             .query_async::<i64>(&mut conn)
@@ -603,15 +623,24 @@ impl Bus for RedisBus {
         // The user's set outlives its newest credentials' first-use deadline by a live
         // socket's TTL; live sockets renew it.
         let user_ttl = creds.expires_at_ms.saturating_sub(now_ms()) + LIVE_TTL.as_millis() as u64;
+        // The user's set first: credentials are usable only once recorded, and by then
+        // `DisconnectUser` finds them.
+        if let Some(user) = user {
+            self.scripts
+                .user
+                .key(self.user_key(&user.name))
+                .arg(creds.digest.to_string())
+                .arg(user_ttl)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+        }
         self.scripts
             .issue
             .key(self.key("s", &creds.digest))
-            .key(user.map_or_else(|| self.key("s", &creds.digest), |u| self.user_key(&u.name)))
             .arg(creds.expires_at_ms)
             .arg(name)
             .arg(info)
-            .arg(user_ttl)
-            .arg(creds.digest.to_string())
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
@@ -665,7 +694,7 @@ impl Bus for RedisBus {
         invocation
             .key(self.key("s", digest))
             .key(self.key("subs", digest))
-            .key(self.nodes_key())
+            .key(self.nodes_key(self.digest_part(digest)))
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
             .arg(u8::from(add));
@@ -681,7 +710,7 @@ impl Bus for RedisBus {
             // A connected digest joins or leaves the presence of what changed.
             let changed = held.channels.iter().map(String::as_str);
             let (id, user, info) = (&held.connection_id, &held.user, &held.info);
-            self.presence_change(add, digest, changed, id, user, info)
+            self.presence_at(add, digest, changed, (id, user, info), &held.node)
                 .await;
         }
         match held.holder {
@@ -778,14 +807,15 @@ impl Bus for RedisBus {
     ) -> Result<Arc<Conn>, AttachError> {
         self.readiness().map_err(AttachError::Unavailable)?;
         let mut conn = self.conn.clone();
+        let p = self.digest_part(&verified.digest);
         let reply: Vec<String> = self
             .scripts
             .attach
             .key(self.key("s", &verified.digest))
             .key(self.key("subs", &verified.digest))
-            .key(self.nodes_key())
-            .key(self.ends_key())
-            .key(self.node_live_key(&self.node))
+            .key(self.nodes_key(p))
+            .key(self.ends_key(p))
+            .key(self.node_live_key(p, &self.node))
             .arg(now_ms())
             .arg(&self.node)
             .arg(verified.expires_at_ms)
@@ -938,14 +968,15 @@ impl RedisBus {
         // is bounded by the command timeout.
         self.spawn_short(move |bus| async move {
             let mut conn = bus.conn.clone();
+            let p = bus.digest_part(&digest);
             let result = bus
                 .scripts
                 .detach
                 .key(bus.key("s", &digest))
                 .key(bus.key("subs", &digest))
-                .key(bus.ends_key())
-                .key(bus.node_live_key(&bus.node))
-                .key(bus.outbox_key())
+                .key(bus.ends_key(p))
+                .key(bus.node_live_key(p, &bus.node))
+                .key(bus.outbox_key(p))
                 .arg(&bus.node)
                 .arg(now_ms())
                 .arg(u8::from(ending == Ending::Resumable))

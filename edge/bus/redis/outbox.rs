@@ -1,12 +1,15 @@
 //! The outbox: the lifecycle events that must not be lost with a node (`$disconnect`,
 //! `$occupied`, `$vacated`). The script that decides one (ends credentials, changes a
 //! channel's occupancy) appends it to the stream `P:out` in the same step
-//! ([`scripts::TELL`](super::scripts::TELL)); every node relays the outbox to the queues of the
-//! `Handle` groups advertised for lifecycle events (see [`queue`](super::queue)).
+//! ([`scripts::TELL`](super::scripts::TELL)); there is one outbox per partition
+//! (`P:{tag}:out`), and the script also publishes on the topic of that name, which wakes every
+//! node's relay up. Every node relays the outboxes to the queues of the `Handle` groups
+//! advertised for lifecycle events (see [`queue`](super::queue)).
 //!
-//! A node takes entries with `XREADGROUP` (consumer group `relay`, one consumer per node) and
-//! queues each to every group and acknowledges it in one `MULTI`, so a relay that completes
-//! does so once. An entry a node took but did not relay (it died, or Redis failed it) stays
+//! A node takes entries with `XREADGROUP` (consumer group `relay`, one consumer per node),
+//! queues each to every group, then acknowledges it (the queues live on other slots, so not in
+//! one `MULTI`): a relay that completes does so once; one that dies between the two steps is
+//! relayed again. An entry a node took but did not relay (it died, or Redis failed it) stays
 //! pending and is claimed by a node after [`CLAIM_IDLE`] (`XAUTOCLAIM`): every event reaches
 //! every group that was advertised when it was relayed, at least once whatever node dies,
 //! exactly once when none does, as long as Redis keeps its data.
@@ -15,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisBus, BACKOFF_MIN};
+use super::RedisBus;
 use crate::{
     credentials::Digest,
     error::Error,
@@ -27,150 +30,192 @@ use crate::{
 const RELAY_GROUP: &str = "relay";
 /// How long an entry taken and not relayed waits before another node claims it.
 pub(crate) const CLAIM_IDLE: Duration = Duration::from_secs(5);
-/// How long one `XREADGROUP` of the outbox blocks.
-const RELAY_BLOCK: Duration = Duration::from_millis(1000);
 /// Entries one read or claim takes.
 const RELAY_BATCH: usize = 64;
 
 impl RedisBus {
-    /// Relays the outbox until `halt`.
+    /// Relays the outboxes until `halt`: a partition's when its wake-up message arrives, and
+    /// every partition's (claims included) each [`CLAIM_IDLE`] / 2, so a wake-up lost with a
+    /// connection delays an event, never loses it.
     pub(super) async fn relay_outbox(self: Arc<Self>, halt: CancellationToken) {
-        let key = self.outbox_key();
-        let mut conn = None;
-        let mut last_claim = tokio::time::Instant::now();
-        let mut grouped = false;
+        let parts = self.keys.partitions();
+        let mut grouped = vec![false; parts];
+        let mut sweep = tokio::time::interval(CLAIM_IDLE / 2);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if halt.is_cancelled() {
-                return;
-            }
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => match self.blocking_connection(RELAY_BLOCK, &halt).await {
-                    Some(c) => c,
-                    None => return,
-                },
-            };
-            if !grouped {
-                grouped = self.create_relay_group(&mut c).await;
-            }
-            if last_claim.elapsed() >= CLAIM_IDLE / 2 {
-                last_claim = tokio::time::Instant::now();
-                let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> =
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(&key)
-                        .arg(RELAY_GROUP)
-                        .arg(&self.node)
-                        .arg(CLAIM_IDLE.as_millis() as u64)
-                        .arg("0-0")
-                        .arg("COUNT")
-                        .arg(RELAY_BATCH)
-                        .query_async(&mut c)
-                        .await;
-                if let Ok(claimed) = claimed {
-                    if !claimed.claimed.is_empty() {
-                        tracing::info!(
-                            events = claimed.claimed.len(),
-                            "relaying lifecycle events another relay took and did not relay"
-                        );
-                    }
-                    self.relay(&claimed.claimed).await;
-                }
-            }
-            let read = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(RELAY_GROUP)
-                .arg(&self.node)
-                .arg("COUNT")
-                .arg(RELAY_BATCH)
-                .arg("BLOCK")
-                .arg(RELAY_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&key)
-                .arg(">")
-                .to_owned();
-            let reply = tokio::select! {
-                reply = read.query_async::<Option<redis::streams::StreamReadReply>>(&mut c) => reply,
+            let woken: Vec<usize> = tokio::select! {
+                _ = sweep.tick() => (0..parts).collect(),
+                _ = self.outbox_wake.notified() => self.outbox_woken.lock().drain().collect(),
                 _ = halt.cancelled() => return,
             };
-            match reply {
-                Ok(reply) => {
-                    conn = Some(c);
-                    let entries: Vec<_> = reply
-                        .into_iter()
-                        .flat_map(|r| r.keys)
-                        .flat_map(|k| k.ids)
-                        .collect();
-                    self.relay(&entries).await;
+            if self.ready().is_err() {
+                continue;
+            }
+            let sweeping = woken.len() == parts;
+            let missing: Vec<usize> = woken.iter().copied().filter(|p| !grouped[*p]).collect();
+            for p in self.create_relay_groups(&missing).await {
+                grouped[p] = true;
+            }
+            if sweeping {
+                self.claim_stale_events(&grouped).await;
+            }
+            let mut batch = self.batch(&[]);
+            let reading: Vec<usize> = woken.into_iter().filter(|p| grouped[*p]).collect();
+            for &p in &reading {
+                let mut read = redis::cmd("XREADGROUP");
+                read.arg("GROUP")
+                    .arg(RELAY_GROUP)
+                    .arg(&self.node)
+                    .arg("COUNT")
+                    .arg(RELAY_BATCH)
+                    .arg("STREAMS")
+                    .arg(self.outbox_key(p))
+                    .arg(">");
+                batch.cmd(p, read);
+            }
+            let Ok(answers) = self.within(self.run_batch(batch)).await else {
+                continue;
+            };
+            for (p, answer) in reading.into_iter().zip(answers) {
+                let read = answer.and_then(|v| {
+                    redis::from_redis_value::<Option<redis::streams::StreamReadReply>>(v)
+                        .map_err(|e| Error::ClusterUnavailable(e.to_string()))
+                });
+                match read {
+                    Ok(reply) => {
+                        let entries: Vec<_> = reply
+                            .into_iter()
+                            .flat_map(|r| r.keys)
+                            .flat_map(|k| k.ids)
+                            .collect();
+                        if entries.len() == RELAY_BATCH {
+                            // More waiting: read this partition again at once.
+                            self.outbox_woken.lock().insert(p);
+                            self.outbox_wake.notify_one();
+                        }
+                        self.relay(p, &entries).await;
+                    }
+                    Err(err) => {
+                        if err.to_string().contains("NOGROUP") {
+                            grouped[p] = false;
+                        }
+                        tracing::debug!(%err, "outbox read failed");
+                    }
                 }
+            }
+        }
+    }
+
+    /// Claims the events another relay took and did not relay (it died) for [`CLAIM_IDLE`].
+    async fn claim_stale_events(&self, grouped: &[bool]) {
+        let mut batch = self.batch(&[]);
+        let parts: Vec<usize> = (0..grouped.len()).filter(|p| grouped[*p]).collect();
+        for &p in &parts {
+            let mut claim = redis::cmd("XAUTOCLAIM");
+            claim
+                .arg(self.outbox_key(p))
+                .arg(RELAY_GROUP)
+                .arg(&self.node)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(RELAY_BATCH);
+            batch.cmd(p, claim);
+        }
+        let Ok(answers) = self.within(self.run_batch(batch)).await else {
+            return;
+        };
+        for (p, answer) in parts.into_iter().zip(answers) {
+            let Some(claimed) = answer.ok().and_then(|v| {
+                redis::from_redis_value::<redis::streams::StreamAutoClaimReply>(v).ok()
+            }) else {
+                continue;
+            };
+            if !claimed.claimed.is_empty() {
+                tracing::info!(
+                    events = claimed.claimed.len(),
+                    "relaying lifecycle events another relay took and did not relay"
+                );
+            }
+            self.relay(p, &claimed.claimed).await;
+        }
+    }
+
+    /// Creates the consumer groups of the outboxes of `parts` (from the start of each stream:
+    /// an event written before any node read it is relayed too); those that exist now.
+    async fn create_relay_groups(&self, parts: &[usize]) -> Vec<usize> {
+        if parts.is_empty() {
+            return Vec::new();
+        }
+        let mut batch = self.batch(&[]);
+        for &p in parts {
+            let mut create = redis::cmd("XGROUP");
+            create
+                .arg("CREATE")
+                .arg(self.outbox_key(p))
+                .arg(RELAY_GROUP)
+                .arg("0")
+                .arg("MKSTREAM");
+            batch.cmd(p, create);
+        }
+        let Ok(answers) = self.within(self.run_batch(batch)).await else {
+            return Vec::new();
+        };
+        let mut made = Vec::new();
+        for (&p, answer) in parts.iter().zip(answers) {
+            match answer {
+                Ok(_) => made.push(p),
+                Err(err) if err.to_string().contains("BUSYGROUP") => made.push(p),
                 Err(err) => {
-                    if err.code() == Some("NOGROUP") {
-                        grouped = false;
-                    }
-                    tracing::debug!(%err, "outbox read failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
-                        _ = halt.cancelled() => return,
-                    }
+                    tracing::warn!(%err, "could not create an outbox's consumer group");
                 }
             }
         }
+        made
     }
 
-    /// Creates the outbox's consumer group (from the start of the stream: an event written
-    /// before any node read it is relayed too); whether it exists now.
-    async fn create_relay_group(&self, conn: &mut redis::aio::MultiplexedConnection) -> bool {
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.outbox_key())
-            .arg(RELAY_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(conn)
-            .await;
-        match created {
-            Ok(()) => true,
-            Err(err) if err.code() == Some("BUSYGROUP") => true,
-            Err(err) => {
-                tracing::warn!(%err, "could not create the outbox's consumer group");
-                false
-            }
-        }
-    }
-
-    /// Queues `entries` to every lifecycle group and acknowledges them, in one `MULTI`; on a
-    /// failure they stay pending, for a later claim.
-    async fn relay(&self, entries: &[redis::streams::StreamId]) {
+    /// Queues `entries` of partition `p`'s outbox to every lifecycle group, then acknowledges
+    /// them; on a failure they stay pending, for a later claim.
+    async fn relay(&self, p: usize, entries: &[redis::streams::StreamId]) {
         if entries.is_empty() {
             return;
         }
-        if let Err(err) = self.within(self.relay_now(entries)).await {
+        if let Err(err) = self.within(self.relay_now(p, entries)).await {
             tracing::warn!(%err, events = entries.len(), "lifecycle events not relayed yet; they are claimed again");
         }
     }
 
-    async fn relay_now(&self, entries: &[redis::streams::StreamId]) -> Result<(), Error> {
+    async fn relay_now(&self, p: usize, entries: &[redis::streams::StreamId]) -> Result<(), Error> {
         let groups = self.lifecycle_groups().await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let key = self.outbox_key();
+        // The queues are in their groups' partitions: queued first, acknowledged once queued
+        // (a relay that dies between the two relays again: at least once).
+        let mut batch = self.batch(&[]);
         for entry in entries {
             match outbox_delivery(entry) {
-                Some(delivery) => self.queue_to(&mut pipe, &groups, 0, &delivery),
+                Some(delivery) => self.queue_to(&mut batch, &groups, 0, &delivery),
                 None => {
                     self.registry.metrics().bus_malformed.inc();
                     tracing::warn!(id = %entry.id, "malformed outbox entry dropped");
                 }
             }
         }
+        self.run_quiet(batch)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        let key = self.outbox_key(p);
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        pipe.cmd("XACK")
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .cmd("XACK")
             .arg(&key)
             .arg(RELAY_GROUP)
             .arg(&ids)
-            .ignore();
-        pipe.cmd("XDEL").arg(&key).arg(&ids).ignore();
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&key)
+            .arg(&ids)
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))
     }

@@ -38,7 +38,23 @@ impl RedisBus {
         user: &str,
         info: &str,
     ) {
-        self.presence_script(join, digest, channels, (connection_id, user, info), None)
+        let node = if join { self.node.as_str() } else { "" };
+        self.presence_script(join, digest, channels, (connection_id, user, info), node)
+            .await;
+    }
+
+    /// [`presence_change`](Self::presence_change) for a socket on `node` (a subscription
+    /// change made from any node).
+    pub(super) async fn presence_at<'a>(
+        &self,
+        join: bool,
+        digest: &Digest,
+        channels: impl IntoIterator<Item = &'a str>,
+        who: (&str, &str, &str),
+        node: &str,
+    ) {
+        let node = if join { node } else { "" };
+        self.presence_script(join, digest, channels, who, node)
             .await;
     }
 
@@ -52,7 +68,7 @@ impl RedisBus {
         user: &str,
         node: &str,
     ) {
-        self.presence_script(false, digest, channels, ("", user, ""), Some(node))
+        self.presence_script(false, digest, channels, ("", user, ""), node)
             .await;
     }
 
@@ -62,12 +78,9 @@ impl RedisBus {
         digest: &Digest,
         channels: impl IntoIterator<Item = &'a str>,
         (connection_id, user, info): (&str, &str, &str),
-        only_live_on: Option<&str>,
+        node: &str,
     ) {
-        let mut pipe = redis::pipe();
-        // Loaded with the pipeline, so a Redis that lost its script cache never fails it.
-        pipe.load_script(&self.scripts.presence).ignore();
-        let mut n = 0;
+        let mut batch = self.batch(&[&self.scripts.presence]);
         let entry = join.then(|| {
             serde_json::json!({
                 "cid": connection_id,
@@ -85,13 +98,14 @@ impl RedisBus {
                 continue;
             }
             let delay = ns.occupancy.map_or(-1, |d| d.as_millis() as i64);
+            let p = self.keys.part(channel);
             let mut invocation = self.scripts.presence.prepare_invoke();
             invocation
                 .key(self.channel_key(channel, "pr"))
                 .key(self.channel_key(channel, "pu"))
-                .key(self.vacating_key())
-                .key(self.outbox_key())
-                .key(self.key("s", digest))
+                .key(self.vacating_key(p))
+                .key(self.outbox_key(p))
+                .key(self.channel_key(channel, "pn"))
                 .arg(if join { "join" } else { "leave" })
                 .arg(digest.to_string())
                 .arg(entry.as_deref().unwrap_or(""))
@@ -100,15 +114,14 @@ impl RedisBus {
                 .arg(delay)
                 .arg(now)
                 .arg(channel)
-                .arg(only_live_on.unwrap_or(""));
-            pipe.invoke_script(&invocation);
+                .arg(node);
+            batch.invoke(p, &invocation);
             kept.push(channel);
-            n += 1;
         }
-        if n == 0 {
+        if batch.is_empty() {
             return;
         }
-        let answers = match self.within(self.run_pipeline(pipe, n)).await {
+        let answers = match self.within(self.run_batch(batch)).await {
             Ok(answers) => answers,
             Err(err) => {
                 tracing::warn!(%err, join, "presence not updated in Redis");
@@ -126,7 +139,7 @@ impl RedisBus {
     /// Nodes whose connections were taken out of presence for silence (see
     /// [`PRESENCE_LEASE`]); a node that finds itself here heartbeats again, and rejoins.
     pub(super) fn presence_gone_key(&self) -> String {
-        format!("{}:presence-gone", self.prefix)
+        self.keys.at(0, "presence-gone")
     }
 
     /// Presence is a lease the nodes renew with their heartbeat: the connections live on a node
@@ -135,7 +148,7 @@ impl RedisBus {
     /// short enough that the reaper ends them first.
     pub(super) async fn drop_lost_presence(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut super::Link,
         now: u64,
     ) -> Result<(), Error> {
         if LEASE + self.grace <= PRESENCE_LEASE {
@@ -143,7 +156,7 @@ impl RedisBus {
         }
         let cutoff = now.saturating_sub(PRESENCE_LEASE.as_millis() as u64);
         let silent: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.nodes_key())
+            .arg(self.nodes_key(0))
             .arg("-inf")
             .arg(cutoff)
             .arg("LIMIT")
@@ -162,11 +175,15 @@ impl RedisBus {
             if gone.is_some() {
                 continue;
             }
-            let digests: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.node_live_key(&node))
-                .query_async(conn)
-                .await
-                .map_err(|e| self.unavailable(&e))?;
+            let mut digests: Vec<String> = Vec::new();
+            for p in 0..self.keys.partitions() {
+                let part: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(self.node_live_key(p, &node))
+                    .query_async(conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))?;
+                digests.extend(part);
+            }
             for text in &digests {
                 let Ok(digest) = text.parse::<Digest>() else {
                     continue;
@@ -233,15 +250,16 @@ impl RedisBus {
     }
 
     /// The set of channels whose last member left, by when `vacated` is due.
-    pub(super) fn vacating_key(&self) -> String {
-        format!("{}:vacating", self.prefix)
+    pub(super) fn vacating_key(&self, p: usize) -> String {
+        self.keys.at(p, "vacating")
     }
 
     /// Tells `vacated` for the channels in the vacating set whose delay passed with no member
     /// back; one script per channel tells each once (the reaper runs it every pass).
     pub(super) async fn vacate_due(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut super::Link,
+        p: usize,
         due: &[String],
         now: u64,
     ) -> Result<(), Error> {
@@ -249,9 +267,9 @@ impl RedisBus {
             let _told: i64 = self
                 .scripts
                 .vacate
-                .key(self.vacating_key())
+                .key(self.vacating_key(p))
                 .key(self.channel_key(text, "pr"))
-                .key(self.outbox_key())
+                .key(self.outbox_key(p))
                 .arg(text)
                 .arg(now)
                 .arg(self.channel_topic(text))

@@ -8,10 +8,12 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL};
+use super::{
+    link::{Arrival, Incoming},
+    Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL,
+};
 use crate::{
     error::{Close, Error},
     handoff::HandlerReply,
@@ -98,15 +100,20 @@ impl RedisBus {
             }
             if !remove.is_empty() {
                 let topics: Vec<String> = remove.iter().map(|c| self.channel_topic(c)).collect();
+                // Out of the set first: an unsubscription that arrives is then known as ours
+                // (a shard that drops one by itself is re-subscribed).
+                for channel in &remove {
+                    pubsub.subscribed.remove(channel);
+                }
                 let Some(sink) = pubsub.sink.as_mut() else {
                     continue;
                 };
                 let unsubscribed =
                     tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&topics)).await;
-                if matches!(unsubscribed, Ok(Ok(()))) {
-                    for channel in &remove {
-                        pubsub.subscribed.remove(channel);
-                    }
+                if !matches!(unsubscribed, Ok(Ok(()))) {
+                    // Still subscribed in Redis: pushes keep coming and are offered to a
+                    // registry with no interest (dropped there); the next reconnection fixes it.
+                    tracing::debug!("Redis UNSUBSCRIBE failed");
                 }
             }
         }
@@ -155,12 +162,28 @@ impl RedisBus {
                         self.registry.want_catch_up(&channel);
                     }
                     loop {
-                        let message = tokio::select! {
-                            message = stream.next() => message,
+                        let arrival = tokio::select! {
+                            arrival = stream.next() => arrival,
                             _ = halt.cancelled() => return,
                         };
-                        match message {
-                            Some(message) => self.on_message(&message).await,
+                        match arrival {
+                            Some(Arrival::Message(message)) => self.on_message(&message).await,
+                            Some(Arrival::Subscribed(topic)) => {
+                                // A shard (re)confirmed it, after our call or the client's
+                                // re-subscription (reconnection, failover, slots moved):
+                                // read what was pushed before.
+                                if let Some(channel) = self
+                                    .keys
+                                    .channel_of_topic(&topic)
+                                    .and_then(|c| Channel::new(c).ok())
+                                {
+                                    self.registry.want_catch_up(&channel);
+                                }
+                            }
+                            Some(Arrival::Dropped(topic)) => self.dropped(topic).await,
+                            Some(Arrival::Disconnected) => {
+                                tracing::warn!("a Redis shard's pub/sub connection dropped; re-subscribing when it is back");
+                            }
                             None => break,
                         }
                     }
@@ -189,13 +212,19 @@ impl RedisBus {
     /// them (a restart without persistence), with their presence: each restored connection
     /// joins its presence channels again (a join event each).
     async fn restore_live(&self) -> Result<(), redis::RedisError> {
+        let mut batch = self.batch(&[]);
+        let now = now_ms();
+        for p in 0..self.keys.partitions() {
+            batch
+                .ignored(p)
+                .cmd("ZADD")
+                .arg(self.nodes_key(p))
+                .arg(now)
+                .arg(&self.node)
+                .ignore();
+        }
+        self.run_quiet(batch).await?;
         let mut conn = self.conn.clone();
-        redis::cmd("ZADD")
-            .arg(self.nodes_key())
-            .arg(now_ms())
-            .arg(&self.node)
-            .query_async::<i64>(&mut conn)
-            .await?;
         let mut restored = 0;
         for live in self.registry.live_sessions() {
             let LiveSession {
@@ -207,14 +236,19 @@ impl RedisBus {
             } = live;
             let mut invocation = self.scripts.restore.prepare_invoke();
             let (name, info) = User::texts(user.as_ref());
+            if let Some(user) = &user {
+                self.scripts
+                    .user
+                    .key(self.user_key(&user.name))
+                    .arg(digest.to_string())
+                    .arg(LIVE_TTL.as_millis() as u64)
+                    .invoke_async::<i64>(&mut conn)
+                    .await?;
+            }
             invocation
                 .key(self.key("s", &digest))
                 .key(self.key("subs", &digest))
-                .key(
-                    user.as_ref()
-                        .map_or_else(|| self.key("s", &digest), |u| self.user_key(&u.name)),
-                )
-                .key(self.node_live_key(&self.node))
+                .key(self.node_live_key(self.digest_part(&digest), &self.node))
                 .arg(&self.node)
                 .arg(expires_at_ms)
                 .arg(LIVE_TTL.as_millis() as u64)
@@ -239,15 +273,44 @@ impl RedisBus {
         Ok(())
     }
 
-    async fn connect_pubsub(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {
-        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
+    /// The topics every node listens to: its own commands, and the outboxes' wake-up calls.
+    fn own_topics(&self) -> Vec<String> {
+        let outboxes = (0..self.keys.partitions()).map(|p| self.outbox_key(p));
+        std::iter::once(self.node_topic(&self.node))
+            .chain(outboxes)
+            .collect()
+    }
+
+    /// A subscription a shard dropped by itself (its slot moved to another shard): taken again
+    /// (the client finds the slot's new owner) unless this node no longer wants it.
+    async fn dropped(&self, topic: String) {
+        let mut pubsub = self.pubsub.lock().await;
+        let wanted = match self.keys.channel_of_topic(&topic) {
+            Some(channel) => Channel::new(channel)
+                .map(|c| pubsub.subscribed.contains(&c))
+                .unwrap_or(false),
+            None => self.own_topics().contains(&topic),
+        };
+        if !wanted {
+            return;
+        }
+        tracing::info!(%topic, "a Redis shard dropped a subscription; subscribing again");
+        if let Some(sink) = pubsub.sink.as_mut() {
+            let again = tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&[topic])).await;
+            if !matches!(again, Ok(Ok(()))) {
+                tracing::warn!("could not subscribe again; the next reconnection does");
+            }
+        }
+    }
+
+    async fn connect_pubsub(&self) -> Result<Incoming, redis::RedisError> {
+        let (mut sink, stream) = tokio::time::timeout(COMMAND_TIMEOUT, self.endpoint.pubsub())
             .await
             .map_err(|_| {
                 redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
             })??;
-        let (mut sink, stream) = pubsub.split();
         let mut state = self.pubsub.lock().await;
-        sink.subscribe(self.node_topic(&self.node)).await?;
+        sink.subscribe(&self.own_topics()).await?;
         let interest = self.registry.interest();
         for chunk in interest.chunks(1000) {
             let topics: Vec<String> = chunk.iter().map(|c| self.channel_topic(c)).collect();
@@ -261,11 +324,10 @@ impl RedisBus {
     async fn on_message(&self, message: &redis::Msg) {
         let topic = message.get_channel_name();
         let payload = message.get_payload_bytes();
-        if let Some(channel) = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|t| t.strip_prefix(":ch:{"))
-            .and_then(|t| t.strip_suffix('}'))
-        {
+        if let Some(p) = self.keys.outbox_of_topic(topic) {
+            self.outbox_woken.lock().insert(p);
+            self.outbox_wake.notify_one();
+        } else if let Some(channel) = self.keys.channel_of_topic(topic) {
             if payload.first() == Some(&b'!') {
                 match (
                     Channel::new(channel),

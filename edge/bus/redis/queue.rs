@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    outbox::CLAIM_IDLE, Command, ForwardEvent, RedisBus, BACKOFF_MIN, HEARTBEAT, NODES_TTL,
+    outbox::CLAIM_IDLE, Batch, Command, ForwardEvent, RedisBus, BACKOFF_MIN, HEARTBEAT, NODES_TTL,
 };
 use crate::{
     credentials::Digest,
@@ -34,19 +34,21 @@ const QUEUE_BLOCK: Duration = Duration::from_millis(1000);
 
 impl RedisBus {
     fn act_key(&self, action: &str) -> String {
-        format!("{}:act:{action}", self.prefix)
+        self.keys.of("act", action)
     }
 
     fn queue_key(&self, group: &str) -> String {
-        format!("{}:q:{group}", self.prefix)
+        self.keys.of("q", group)
     }
 
     /// Adds this node's groups to the advertisement sets (valid for three heartbeats).
-    pub(super) fn advertise(&self, pipe: &mut redis::Pipeline, groups: &[LocalGroup]) {
+    pub(super) fn advertise(&self, batch: &mut Batch<'_>, groups: &[LocalGroup]) {
         let until = now_ms() + 3 * HEARTBEAT.as_millis() as u64;
         for group in groups {
             // A queue whose group is gone from every node expires a day later.
-            pipe.cmd("PEXPIRE")
+            batch
+                .ignored(self.keys.part(&group.name))
+                .cmd("PEXPIRE")
                 .arg(self.queue_key(&group.name))
                 .arg(NODES_TTL.as_millis() as u64)
                 .ignore();
@@ -54,17 +56,19 @@ impl RedisBus {
             let lifecycle = group.lifecycle.then_some(LIFECYCLE);
             for action in actions.chain(lifecycle) {
                 let key = self.act_key(action);
-                pipe.cmd("ZADD")
+                batch
+                    .ignored(self.keys.part(action))
+                    .cmd("ZADD")
                     .arg(&key)
                     .arg(until)
                     .arg(&*group.name)
-                    .ignore();
-                pipe.cmd("ZREMRANGEBYSCORE")
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
                     .arg(&key)
                     .arg("-inf")
                     .arg(now_ms())
-                    .ignore();
-                pipe.cmd("PEXPIRE")
+                    .ignore()
+                    .cmd("PEXPIRE")
                     .arg(&key)
                     .arg(NODES_TTL.as_millis() as u64)
                     .ignore();
@@ -121,23 +125,24 @@ impl RedisBus {
     }
 
     async fn enqueue(&self, groups: &[String], rid: u64, delivery: &Delivery) -> bool {
-        let mut pipe = redis::pipe();
-        self.queue_to(&mut pipe, groups, rid, delivery);
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.is_ok()
+        let mut batch = self.batch(&[]);
+        self.queue_to(&mut batch, groups, rid, delivery);
+        self.run_quiet(batch).await.is_ok()
     }
 
-    /// Adds to `pipe` the queueing of `delivery` to each of `groups`.
+    /// Adds to `batch` the queueing of `delivery` to each of `groups`.
     pub(super) fn queue_to(
         &self,
-        pipe: &mut redis::Pipeline,
+        batch: &mut Batch<'_>,
         groups: &[String],
         rid: u64,
         delivery: &Delivery,
     ) {
         let fields = self.queue_entry(rid, delivery);
         for group in groups {
-            pipe.cmd("XADD")
+            batch
+                .ignored(self.keys.part(group))
+                .cmd("XADD")
                 .arg(self.queue_key(group))
                 .arg("MAXLEN")
                 .arg("~")
@@ -176,10 +181,9 @@ impl RedisBus {
                     fresh.push(group.clone());
                 }
             }
-            let mut pipe = redis::pipe();
-            self.advertise(&mut pipe, &groups);
-            let mut conn = self.conn.clone();
-            let _ = pipe.query_async::<()>(&mut conn).await;
+            let mut batch = self.batch(&[]);
+            self.advertise(&mut batch, &groups);
+            let _ = self.run_quiet(batch).await;
             tokio::select! {
                 changed = watched.changed() => if changed.is_err() { return },
                 _ = halt.cancelled() => return,

@@ -53,74 +53,77 @@ impl RedisBus {
     async fn reap_once(&self) -> Result<(), Error> {
         let now = now_ms();
         let mut conn = self.conn.clone();
-        for text in &self
-            .scored_up_to(&mut conn, &self.ends_key(), now, REAP_BATCH)
-            .await?
-        {
-            self.reap_digest(&mut conn, text, &self.ends_key(), None, now)
-                .await?;
+        let parts = self.keys.partitions();
+        // Every partition's due ends and vacating channels, in one batch.
+        let mut batch = self.batch(&[]);
+        for p in 0..parts {
+            batch.cmd(p, scored_up_to(&self.ends_key(p), now, REAP_BATCH));
+            batch.cmd(p, scored_up_to(&self.vacating_key(p), now, REAP_BATCH));
         }
-        let vacating = self
-            .scored_up_to(&mut conn, &self.vacating_key(), now, REAP_BATCH)
-            .await?;
-        self.vacate_due(&mut conn, &vacating, now).await?;
+        let mut due = self.run_batch(batch).await?.into_iter();
+        for p in 0..parts {
+            let ends = members(due.next())?;
+            let vacating = members(due.next())?;
+            for text in &ends {
+                self.reap_digest(&mut conn, text, &self.ends_key(p), None, now)
+                    .await?;
+            }
+            if !vacating.is_empty() {
+                self.vacate_due(&mut conn, p, &vacating, now).await?;
+            }
+        }
         self.drop_lost_presence(&mut conn, now).await?;
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
         let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);
-        let dead = self
-            .scored_up_to(&mut conn, &self.nodes_key(), cutoff, 16)
-            .await?;
+        let dead: Vec<String> = scored_up_to(&self.nodes_key(0), cutoff, 16)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(&e))?;
         for node in dead.into_iter().filter(|n| *n != self.node) {
-            let live_key = self.node_live_key(&node);
-            let members: Vec<String> = redis::cmd("SRANDMEMBER")
-                .arg(&live_key)
-                .arg(REAP_BATCH)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.unavailable(&e))?;
-            for text in &members {
-                self.reap_digest(&mut conn, text, &live_key, Some(&node), now)
-                    .await?;
+            let mut batch = self.batch(&[]);
+            for p in 0..parts {
+                let mut cmd = redis::cmd("SRANDMEMBER");
+                cmd.arg(self.node_live_key(p, &node)).arg(REAP_BATCH);
+                batch.cmd(p, cmd);
             }
-            if members.len() < REAP_BATCH {
-                // Every socket of the node is ended: it leaves the heartbeat set.
-                let _: () = redis::pipe()
-                    .cmd("ZREM")
-                    .arg(self.nodes_key())
-                    .arg(&node)
-                    .ignore()
+            let mut found = self.run_batch(batch).await?.into_iter();
+            let mut all_ended = true;
+            let mut ended = 0;
+            for p in 0..parts {
+                let members = members(found.next())?;
+                let live_key = self.node_live_key(p, &node);
+                for text in &members {
+                    self.reap_digest(&mut conn, text, &live_key, Some(&node), now)
+                        .await?;
+                }
+                all_ended &= members.len() < REAP_BATCH;
+                ended += members.len();
+            }
+            if all_ended {
+                // Every socket of the node is ended: it leaves the heartbeat sets.
+                let mut batch = self.batch(&[]);
+                for p in 0..parts {
+                    batch
+                        .ignored(p)
+                        .cmd("ZREM")
+                        .arg(self.nodes_key(p))
+                        .arg(&node)
+                        .ignore();
+                }
+                batch
+                    .ignored(0)
                     .cmd("ZREM")
                     .arg(self.presence_gone_key())
                     .arg(&node)
-                    .ignore()
-                    .query_async(&mut conn)
+                    .ignore();
+                self.run_quiet(batch)
                     .await
                     .map_err(|e| self.unavailable(&e))?;
-                tracing::info!(%node, ended = members.len(), "a node that stopped heartbeating was reaped");
+                tracing::info!(%node, ended, "a node that stopped heartbeating was reaped");
             }
         }
         Ok(())
-    }
-
-    /// Up to `count` members of the sorted set `key` scored at most `max`.
-    async fn scored_up_to(
-        &self,
-        conn: &mut redis::aio::ConnectionManager,
-        key: &str,
-        max: u64,
-        count: usize,
-    ) -> Result<Vec<String>, Error> {
-        redis::cmd("ZRANGEBYSCORE")
-            .arg(key)
-            .arg("-inf")
-            .arg(max)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(count)
-            .query_async(conn)
-            .await
-            .map_err(|e| self.unavailable(&e))
     }
 
     /// Ends `text`'s credentials if they are still due (grace over when `node` is `None`; else
@@ -128,7 +131,7 @@ impl RedisBus {
     /// digest leaves `index` either way.
     async fn reap_digest(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut super::Link,
         text: &str,
         index: &str,
         node: Option<&str>,
@@ -149,7 +152,7 @@ impl RedisBus {
             .key(self.key("s", &digest))
             .key(self.key("subs", &digest))
             .key(index)
-            .key(self.outbox_key())
+            .key(self.outbox_key(self.digest_part(&digest)))
             .arg(now)
             .arg(text)
             .arg(if node.is_some() { "lost" } else { "grace" })
@@ -187,4 +190,24 @@ impl RedisBus {
             close: None,
         });
     }
+}
+
+/// `ZRANGEBYSCORE key -inf max LIMIT 0 count`: up to `count` members scored at most `max`.
+fn scored_up_to(key: &str, max: u64, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("ZRANGEBYSCORE");
+    cmd.arg(key)
+        .arg("-inf")
+        .arg(max)
+        .arg("LIMIT")
+        .arg(0)
+        .arg(count);
+    cmd
+}
+
+/// The members a batched command answered.
+fn members(answer: Option<Result<redis::Value, Error>>) -> Result<Vec<String>, Error> {
+    let value =
+        answer.ok_or_else(|| Error::ClusterUnavailable("Redis answered too few".into()))??;
+    redis::from_redis_value(value)
+        .map_err(|e| Error::ClusterUnavailable(format!("unexpected reaper answer: {e}")))
 }

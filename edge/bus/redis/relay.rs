@@ -63,10 +63,10 @@ impl RedisBus {
     async fn run_pushes(&self, batch: &[PushJob]) -> Vec<Result<(Position, bool), Error>> {
         let limits = &self.limits;
         let now = now_ms();
-        let mut pipe = redis::pipe();
-        // Loaded with each pipeline, so a Redis that restarted (and lost its script cache)
-        // never fails a batch with NOSCRIPT.
-        pipe.load_script(&self.scripts.push).ignore();
+        // One pipeline per partition (on one server, one in all), each loading the script, so
+        // a Redis that restarted (and lost its script cache) never fails a batch with
+        // NOSCRIPT. A channel is in one partition, so its pushes keep their order.
+        let mut pipes = self.batch(&[&self.scripts.push]);
         for job in batch {
             let policy = limits.history_policy(&job.channel);
             let meta = self.channel_key(&job.channel, "m");
@@ -88,9 +88,9 @@ impl RedisBus {
                 .arg(now)
                 .arg(limits.idempotency_window.as_millis() as u64)
                 .arg(u8::from(job.key.is_some()));
-            pipe.invoke_script(&invocation);
+            pipes.invoke(self.keys.part(&job.channel), &invocation);
         }
-        let answers = match self.run_pipeline(pipe, batch.len()).await {
+        let answers = match self.run_batch(pipes).await {
             Ok(answers) => answers,
             Err(err) => {
                 let reason = match err {
@@ -135,44 +135,58 @@ impl RedisBus {
                 _ = tick.tick() => {}
                 _ = halt.cancelled() => break,
             }
-            let mut conn = self.conn.clone();
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZADD")
-                .arg(self.nodes_key())
-                .arg(now_ms())
-                .arg(&self.node)
-                .ignore();
-            // A deployment that stops leaves nothing behind for long.
-            pipe.cmd("PEXPIRE")
-                .arg(self.nodes_key())
-                .arg(NODES_TTL.as_millis() as u64)
-                .ignore();
-            self.advertise(&mut pipe, &self.groups.borrow());
+            let mut batch = self.batch(&[]);
+            let now = now_ms();
+            // Every partition has its copy of the heartbeats (a script reads its digest's
+            // holder's on its own slot).
+            for p in 0..self.keys.partitions() {
+                batch
+                    .ignored(p)
+                    .cmd("ZADD")
+                    .arg(self.nodes_key(p))
+                    .arg(now)
+                    .arg(&self.node)
+                    .ignore()
+                    // A deployment that stops leaves nothing behind for long.
+                    .cmd("PEXPIRE")
+                    .arg(self.nodes_key(p))
+                    .arg(NODES_TTL.as_millis() as u64)
+                    .ignore();
+            }
+            self.advertise(&mut batch, &self.groups.borrow());
             if last_renew.elapsed() >= LIVE_RENEW {
                 last_renew = tokio::time::Instant::now();
+                let ttl = LIVE_TTL.as_millis() as u64;
                 for digest in self.registry.live_digests() {
+                    let pipe = batch.ignored(self.digest_part(&digest));
                     for kind in ["s", "subs"] {
                         pipe.cmd("PEXPIRE")
                             .arg(self.key(kind, &digest))
-                            .arg(LIVE_TTL.as_millis() as u64)
+                            .arg(ttl)
                             .ignore();
                     }
                 }
-                pipe.cmd("PEXPIRE")
-                    .arg(self.node_live_key(&self.node))
-                    .arg(LIVE_TTL.as_millis() as u64)
-                    .ignore();
+                for p in 0..self.keys.partitions() {
+                    batch
+                        .ignored(p)
+                        .cmd("PEXPIRE")
+                        .arg(self.node_live_key(p, &self.node))
+                        .arg(ttl)
+                        .ignore();
+                }
                 for user in self.registry.live_users() {
-                    pipe.cmd("PEXPIRE")
+                    batch
+                        .ignored(self.keys.part(&user))
+                        .cmd("PEXPIRE")
                         .arg(self.user_key(&user))
-                        .arg(LIVE_TTL.as_millis() as u64)
+                        .arg(ttl)
                         .arg("GT")
                         .ignore();
                 }
             }
             // The heartbeat is also the node's probe of Redis: no answer within the deadline
             // and the node is not ready (calls fail fast) until one comes.
-            match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
+            match tokio::time::timeout(COMMAND_TIMEOUT, self.run_quiet(batch)).await {
                 Ok(Ok(())) => {
                     if self.stalled.lock().take().is_some() {
                         tracing::info!("Redis answers again");
@@ -187,12 +201,17 @@ impl RedisBus {
         }
         // Leaving: backdate our heartbeat by a lease, so ids still marked live here (their
         // socket's end may not have reached Redis) can resume elsewhere at once, within grace.
-        let mut conn = self.conn.clone();
-        let _ = redis::cmd("ZADD")
-            .arg(self.nodes_key())
-            .arg(now_ms().saturating_sub(LEASE.as_millis() as u64))
-            .arg(&self.node)
-            .query_async::<i64>(&mut conn)
-            .await;
+        let mut batch = self.batch(&[]);
+        let backdated = now_ms().saturating_sub(LEASE.as_millis() as u64);
+        for p in 0..self.keys.partitions() {
+            batch
+                .ignored(p)
+                .cmd("ZADD")
+                .arg(self.nodes_key(p))
+                .arg(backdated)
+                .arg(&self.node)
+                .ignore();
+        }
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.run_quiet(batch)).await;
     }
 }

@@ -9,13 +9,15 @@
 use redis::Script;
 
 /// Shared by the scripts that tell lifecycle events: `tell(outbox, cid, digest, action, json)`
-/// appends one event to the outbox stream; `ended(reason, user, code, close reason)` is the
+/// appends one event to the outbox stream (of the partition the script runs in) and wakes
+/// the relays up (a message on the topic named like the stream); `ended(reason, user, code, close reason)` is the
 /// `$disconnect` JSON (`{"reason","final":true,"user"}`, with `code` and `close_reason` when a
 /// close ended it).
 pub(super) const TELL: &str = r"
 local function tell(outbox, cid, digest, action, json)
   redis.call('XADD', outbox, 'MAXLEN', '~', 100000, '*',
     'cid', cid, 'digest', digest, 'action', action, 'json', json)
+  redis.call(PUB, outbox, '')
 end
 local function ended(reason, user, code, close_reason)
   local e = {reason = reason, final = true}
@@ -28,18 +30,23 @@ local function ended(reason, user, code, close_reason)
 end
 ";
 
-/// KEYS: s, the user's set (s again when there is no user). ARGV: exp, user ('' for none),
-/// info, user set ttl (ms), digest.
+/// KEYS: s. ARGV: exp, user ('' for none), info.
+/// (The user's set is another partition's: [`USER`].)
 pub(super) const ISSUE: &str = r"
 redis.call('HSET', KEYS[1], 'state', 'issued', 'exp', ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'user', ARGV[2], 'info', ARGV[3])
-  redis.call('SADD', KEYS[2], ARGV[5])
-  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
-    redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  end
 end
 redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
+return 1";
+
+/// Adds a digest to its user's set, which lives at least `ttl` from now.
+/// KEYS: the user's set. ARGV: digest, ttl (ms).
+pub(super) const USER: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 1";
 
 /// KEYS: s, subs, nodes, ends, this node's live set. ARGV: now, node, exp, grace, lease,
@@ -145,33 +152,35 @@ return result";
 /// An occupancy change is told to the `Handle` groups too (`$occupied`, `$vacated`).
 /// A leave with a node in ARGV[9] happens only while the digest is still live on that node
 /// (a dead node's presence, unless its socket resumed elsewhere).
-/// KEYS: the channel's presence hash, its user counts, the vacating set, outbox, the digest's
-/// state. ARGV: 'join'|'leave', digest, entry (JSON), user ('' for none), topic, vacate delay
-/// (ms; -1 without occupancy), now (ms), channel, node ('' for no condition). Returns
+/// Each member's node is kept beside it (`pn`: digest → the node its socket is on), for that
+/// condition.
+/// KEYS: the channel's presence hash, its user counts, the vacating set, outbox, the members'
+/// nodes. ARGV: 'join'|'leave', digest, entry (JSON), user ('' for none), topic, vacate delay
+/// (ms; -1 without occupancy), now (ms), channel, node (a join: where the socket is; a leave:
+/// '' for no condition). Returns
 /// 'occupied' or 'vacated' when this call changed the occupancy, else ''.
 pub(super) const PRESENCE: &str = r"
 local topic, delay, channel = ARGV[5], tonumber(ARGV[6]), ARGV[8]
 if ARGV[1] == 'join' then
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[2], ARGV[9]) end
   if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return '' end
   local first = 1
   if ARGV[4] ~= '' and redis.call('HINCRBY', KEYS[2], ARGV[4], 1) > 1 then first = 0 end
   local told = ''
   if delay >= 0 and redis.call('HLEN', KEYS[1]) == 1
       and redis.call('ZREM', KEYS[3], channel) == 0 then
-    redis.call('PUBLISH', topic, '!occupied')
+    redis.call(PUB, topic, '!occupied')
     tell(KEYS[4], '', '', '$occupied', cjson.encode({channel = channel}))
     told = 'occupied'
   end
-  redis.call('PUBLISH', topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
+  redis.call(PUB, topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
   return told
 end
-if ARGV[9] ~= '' then
-  local s = redis.call('HMGET', KEYS[5], 'state', 'node')
-  if s[1] ~= 'live' or s[2] ~= ARGV[9] then return '' end
-end
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[5], ARGV[2]) ~= ARGV[9] then return '' end
 local entry = redis.call('HGET', KEYS[1], ARGV[2])
 if not entry then return '' end
 redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
 local last = 1
 if ARGV[4] ~= '' then
   if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then
@@ -180,10 +189,10 @@ if ARGV[4] ~= '' then
     last = 0
   end
 end
-redis.call('PUBLISH', topic, '!leave ' .. last .. ' ' .. ARGV[2] .. '\n' .. entry)
+redis.call(PUB, topic, '!leave ' .. last .. ' ' .. ARGV[2] .. '\n' .. entry)
 if delay < 0 or redis.call('HLEN', KEYS[1]) > 0 then return '' end
 if delay == 0 then
-  redis.call('PUBLISH', topic, '!vacated')
+  redis.call(PUB, topic, '!vacated')
   tell(KEYS[4], '', '', '$vacated', cjson.encode({channel = channel}))
   return 'vacated'
 end
@@ -197,7 +206,7 @@ local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not at or tonumber(at) > tonumber(ARGV[2]) then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
-redis.call('PUBLISH', ARGV[3], '!vacated')
+redis.call(PUB, ARGV[3], '!vacated')
 tell(KEYS[3], '', '', '$vacated', cjson.encode({channel = ARGV[1]}))
 return 1";
 
@@ -269,18 +278,17 @@ end
 return result";
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
-/// persistence); leaves existing state alone. KEYS: s, subs, the user's set (s again when
-/// none), this node's live set. ARGV: node, exp, live_ttl, user ('' for none), info, digest, channels...
+/// persistence); leaves existing state alone (the user's set is [`USER`]'s). KEYS: s, subs,
+/// this node's live set. ARGV: node, exp, live_ttl, user ('' for none), info, digest,
+/// channels...
 pub(super) const RESTORE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[6])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'user', ARGV[4], 'info', ARGV[5])
-  redis.call('SADD', KEYS[3], ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 if #ARGV > 6 then
   redis.call('SADD', KEYS[2], unpack(ARGV, 7))
@@ -330,7 +338,7 @@ if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. offset, 't', ARGV[7], 'p', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. offset .. '\n' .. ARGV[2])
+redis.call(PUB, ARGV[6], epoch .. ' ' .. offset .. '\n' .. ARGV[2])
 if ARGV[9] == '1' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ARGV[8])
 end
@@ -378,6 +386,7 @@ return result";
 #[derive(Debug)]
 pub(super) struct Scripts {
     pub(super) issue: Script,
+    pub(super) user: Script,
     pub(super) attach: Script,
     pub(super) detach: Script,
     pub(super) subscribe: Script,
@@ -391,18 +400,23 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
+    /// The scripts for one server (`PUBLISH`) or a cluster (`SPUBLISH`: a script's topic is
+    /// on its keys' slot, so it reaches only the nodes subscribed on that shard).
+    pub(super) fn new(cluster: bool) -> Self {
+        let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
+        let with_pub = |body: &str| Script::new(&format!("local PUB = '{publish}'\n{body}"));
         Self {
             issue: Script::new(ISSUE),
+            user: Script::new(USER),
             attach: Script::new(ATTACH),
-            detach: Script::new(&format!("{TELL}{DETACH}")),
+            detach: with_pub(&format!("{TELL}{DETACH}")),
             subscribe: Script::new(SUBSCRIBE),
-            holder: Script::new(&format!("{TELL}{HOLDER}")),
-            reap: Script::new(&format!("{TELL}{REAP}")),
-            presence: Script::new(&format!("{TELL}{PRESENCE}")),
-            vacate: Script::new(&format!("{TELL}{VACATE}")),
+            holder: with_pub(&format!("{TELL}{HOLDER}")),
+            reap: with_pub(&format!("{TELL}{REAP}")),
+            presence: with_pub(&format!("{TELL}{PRESENCE}")),
+            vacate: with_pub(&format!("{TELL}{VACATE}")),
             restore: Script::new(RESTORE),
-            push: Script::new(PUSH),
+            push: with_pub(PUSH),
             read: Script::new(READ),
         }
     }

@@ -1,0 +1,422 @@
+//! The connections to Redis, one server or a Redis Cluster behind one interface: the `--redis`
+//! URL ([`Endpoint`]), a command connection ([`Link`], which routes each command to the shard
+//! that owns its key and follows `MOVED`/`ASK` and failovers), pipelines split by partition
+//! ([`Batch`]: a cluster pipeline must stay on one slot), and the pub/sub connection
+//! ([`Sink`], [`Incoming`]): `SUBSCRIBE`/`PUBLISH` on one server, sharded
+//! `SSUBSCRIBE`/`SPUBLISH` on a cluster, where one connection per shard carries every topic
+//! the node uses and is re-subscribed on the new master after a failover or a slot move.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, MultiplexedConnection, PubSubSink, PubSubStream},
+    cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
+    cluster_async::ClusterConnection,
+    Cmd, Pipeline, PushKind, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation, Value,
+};
+use tokio::sync::mpsc;
+
+use super::keys::key_slot;
+
+/// What `--redis` names: one server (`redis://`, `rediss://`, `unix://`), or a Redis Cluster
+/// by a seed list (`redis-cluster://host:port,host:port`; `rediss-cluster://` for TLS).
+#[derive(Debug, Clone)]
+pub(super) enum Endpoint {
+    One(redis::Client),
+    Cluster {
+        /// RESP2, for commands and scripts.
+        commands: Box<ClusterClient>,
+        /// RESP3, for sharded pub/sub.
+        pubsub: Box<ClusterClient>,
+    },
+}
+
+impl Endpoint {
+    pub(super) fn open(url: &str) -> RedisResult<Self> {
+        let Some((scheme, rest)) = url
+            .strip_prefix("redis-cluster://")
+            .map(|r| ("redis", r))
+            .or_else(|| url.strip_prefix("rediss-cluster://").map(|r| ("rediss", r)))
+        else {
+            return Ok(Self::One(redis::Client::open(url)?));
+        };
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let (hosts, tail) = match hosts.find(['/', '?']) {
+            Some(i) => hosts.split_at(i),
+            None => (hosts, ""),
+        };
+        let seeds: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{auth}{h}{tail}"))
+            .collect();
+        if seeds.is_empty() {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a redis-cluster:// URL names at least one host:port",
+            )));
+        }
+        let build = |resp3: bool| {
+            let builder = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(super::COMMAND_TIMEOUT)
+                .response_timeout(super::COMMAND_TIMEOUT);
+            if resp3 {
+                builder.use_protocol(redis::ProtocolVersion::RESP3).build()
+            } else {
+                builder.build()
+            }
+        };
+        Ok(Self::Cluster {
+            commands: Box::new(build(false)?),
+            pubsub: Box::new(build(true)?),
+        })
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster { .. })
+    }
+
+    /// The command connection: connects in the background and reconnects by itself.
+    pub(super) fn commands(&self, timeout: Duration, backoff: Duration) -> RedisResult<Link> {
+        match self {
+            Self::One(client) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(backoff);
+                Ok(Link::One(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?))
+            }
+            Self::Cluster { commands, .. } => Ok(Link::Cluster(
+                commands.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(timeout),
+                ),
+            )),
+        }
+    }
+
+    /// A connection whose commands may take up to `response` (blocking reads).
+    pub(super) async fn blocking(
+        &self,
+        connect: Duration,
+        response: Duration,
+    ) -> RedisResult<Link> {
+        match self {
+            Self::One(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect))
+                    .set_response_timeout(Some(response));
+                Ok(Link::Blocking(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Self::Cluster { commands, .. } => Ok(Link::Cluster(
+                commands
+                    .get_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(connect)
+                            .set_response_timeout(response),
+                    )
+                    .await?,
+            )),
+        }
+    }
+
+    /// A pub/sub connection, its sending half and what arrives on it.
+    pub(super) async fn pubsub(&self) -> RedisResult<(Sink, Incoming)> {
+        match self {
+            Self::One(client) => {
+                let (sink, stream) = client.get_async_pubsub().await?.split();
+                Ok((Sink::One(sink), Incoming::One(stream)))
+            }
+            Self::Cluster { pubsub, .. } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let conn = pubsub
+                    .get_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(super::COMMAND_TIMEOUT)
+                            .set_response_timeout(super::COMMAND_TIMEOUT)
+                            .set_push_sender(tx),
+                    )
+                    .await?;
+                Ok((Sink::Cluster(conn), Incoming::Cluster(rx)))
+            }
+        }
+    }
+}
+
+/// A command connection.
+#[derive(Clone)]
+pub(super) enum Link {
+    One(ConnectionManager),
+    Blocking(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::One(_) => "Link::One",
+            Self::Blocking(_) => "Link::Blocking",
+            Self::Cluster(_) => "Link::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::One(c) => c.req_packed_command(cmd),
+            Self::Blocking(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::One(c) => c.get_db(),
+            Self::Blocking(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Commands for several partitions, sent as one pipeline per partition (all at once): on one
+/// server that is one pipeline; on a cluster each goes to its shard. Answers come back in the
+/// order the answered commands were added.
+pub(super) struct Batch<'a> {
+    parts: Vec<Option<(Pipeline, Vec<usize>)>>,
+    loads: Vec<&'a Script>,
+    answered: usize,
+}
+
+/// What a [`Batch`] got: one answer per answered command, and the first failure of a
+/// partition's pipeline as a whole (its answered commands carry it too).
+pub(super) struct Answers {
+    pub(super) values: Vec<Result<Value, RedisError>>,
+    pub(super) failed: Option<RedisError>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch over `partitions` whose pipelines each load `loads` first (a Redis that lost
+    /// its script cache never fails one with `NOSCRIPT`).
+    pub(super) fn new(partitions: usize, loads: &[&'a Script]) -> Self {
+        Self {
+            parts: (0..partitions).map(|_| None).collect(),
+            loads: loads.to_vec(),
+            answered: 0,
+        }
+    }
+
+    fn part(&mut self, p: usize) -> &mut (Pipeline, Vec<usize>) {
+        let loads = &self.loads;
+        self.parts[p].get_or_insert_with(|| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for script in loads {
+                pipe.load_script(script).ignore();
+            }
+            (pipe, Vec::new())
+        })
+    }
+
+    /// The pipeline of partition `p`, for commands whose answers are ignored (`.ignore()`).
+    pub(super) fn ignored(&mut self, p: usize) -> &mut Pipeline {
+        &mut self.part(p).0
+    }
+
+    /// Adds a script run to partition `p`; its answer comes back.
+    pub(super) fn invoke(&mut self, p: usize, invocation: &ScriptInvocation<'_>) {
+        let index = self.answered;
+        self.answered += 1;
+        let (pipe, indices) = self.part(p);
+        pipe.invoke_script(invocation);
+        indices.push(index);
+    }
+
+    /// Adds a command to partition `p`; its answer comes back.
+    pub(super) fn cmd(&mut self, p: usize, cmd: Cmd) {
+        let index = self.answered;
+        self.answered += 1;
+        let (pipe, indices) = self.part(p);
+        pipe.add_command(cmd);
+        indices.push(index);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.parts.iter().all(Option::is_none)
+    }
+
+    /// Runs every partition's pipeline on `link`, concurrently.
+    pub(super) async fn run(self, link: &Link) -> Answers {
+        let runs = self.parts.into_iter().flatten().map(|(pipe, indices)| {
+            let mut conn = link.clone();
+            async move {
+                let got: RedisResult<Vec<RedisResult<Value>>> = pipe.query_async(&mut conn).await;
+                (got, indices)
+            }
+        });
+        let mut values: Vec<Option<Result<Value, RedisError>>> =
+            (0..self.answered).map(|_| None).collect();
+        let mut failed = None;
+        for (got, indices) in futures_util::future::join_all(runs).await {
+            match got {
+                Ok(got) => {
+                    let mut got = got.into_iter();
+                    for i in indices {
+                        values[i] = Some(got.next().unwrap_or_else(|| {
+                            Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "Redis answered too few commands",
+                            )))
+                        }));
+                    }
+                }
+                Err(err) => {
+                    for i in indices {
+                        values[i] = Some(Err(err.clone()));
+                    }
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        Answers {
+            values: values
+                .into_iter()
+                .map(|v| {
+                    v.unwrap_or_else(|| {
+                        Err(RedisError::from((redis::ErrorKind::Client, "not sent")))
+                    })
+                })
+                .collect(),
+            failed,
+        }
+    }
+}
+
+/// The sending half of the pub/sub connection.
+pub(super) enum Sink {
+    One(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::One(_) => "Sink::One",
+            Self::Cluster(_) => "Sink::Cluster",
+        })
+    }
+}
+
+impl Sink {
+    /// Subscribes to `topics` (on a cluster: one `SSUBSCRIBE` per slot, to the shards at once).
+    pub(super) async fn subscribe(&mut self, topics: &[String]) -> RedisResult<()> {
+        match self {
+            Self::One(sink) => sink.subscribe(topics).await,
+            Self::Cluster(conn) => {
+                let runs = by_slot(topics).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(group).await }
+                });
+                futures_util::future::join_all(runs)
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+
+    pub(super) async fn unsubscribe(&mut self, topics: &[String]) -> RedisResult<()> {
+        match self {
+            Self::One(sink) => sink.unsubscribe(topics).await,
+            Self::Cluster(conn) => {
+                let runs = by_slot(topics).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::join_all(runs)
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+}
+
+fn by_slot(topics: &[String]) -> Vec<Vec<&str>> {
+    let mut groups: std::collections::BTreeMap<u16, Vec<&str>> = Default::default();
+    for topic in topics {
+        groups.entry(key_slot(topic)).or_default().push(topic);
+    }
+    groups.into_values().collect()
+}
+
+/// What arrives on the pub/sub connection.
+pub(super) enum Incoming {
+    One(PubSubStream),
+    Cluster(mpsc::UnboundedReceiver<redis::PushInfo>),
+}
+
+/// One thing that arrived.
+pub(super) enum Arrival {
+    Message(redis::Msg),
+    /// A shard confirmed a subscription (ours, or the client's re-subscription after a
+    /// reconnection or failover): what was published before it must be read from Redis.
+    Subscribed(String),
+    /// A shard dropped a subscription by itself (its slot moved away).
+    Dropped(String),
+    /// A shard's connection dropped (it is re-subscribed when it is back).
+    Disconnected,
+}
+
+impl Incoming {
+    /// The next arrival; `None` once the connection is gone for good (one server: reconnect).
+    pub(super) async fn next(&mut self) -> Option<Arrival> {
+        match self {
+            Self::One(stream) => stream.next().await.map(Arrival::Message),
+            Self::Cluster(rx) => loop {
+                let push = rx.recv().await?;
+                let topic = || match push.data.first() {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                };
+                match push.kind {
+                    PushKind::SSubscribe => return Some(Arrival::Subscribed(topic())),
+                    PushKind::SUnsubscribe => return Some(Arrival::Dropped(topic())),
+                    PushKind::Disconnection => return Some(Arrival::Disconnected),
+                    PushKind::SMessage | PushKind::Message => {
+                        if let Some(msg) = redis::Msg::from_push_info(push) {
+                            return Some(Arrival::Message(msg));
+                        }
+                    }
+                    _ => {}
+                }
+            },
+        }
+    }
+}
