@@ -12,6 +12,18 @@ use crate::support::{connect_at, issue_at, spawn_binary, wait_until, Creds, Gate
 use channelgate::pb;
 
 pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+tokio::task_local! {
+    /// The Redis of a test run by [`on_both!`](crate::on_both): one server or the cluster.
+    pub static REDIS_URL: String;
+}
+
+/// The Redis this test runs against: [`REDIS`] unless [`on_both!`](crate::on_both) chose.
+pub fn redis() -> String {
+    REDIS_URL
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| REDIS.to_owned())
+}
 pub const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 
 /// A key prefix of this test's own (and Redis made ready for it, see `setup::redis`).
@@ -62,26 +74,83 @@ pub async fn node_with(
     gw
 }
 
-/// A node of the cluster `prefix` on [`REDIS`] run as a process (to SIGKILL it), with `extra`
+/// A node of the cluster `prefix` on [`redis`] run as a process (to SIGKILL it), with `extra`
 /// flags; returns it with its client and control plane addresses.
 pub fn spawn_node(prefix: &str, extra: &[&str]) -> (Child, String, String) {
+    let redis = redis();
     let mut args = vec![
         "--redis",
-        REDIS,
+        &redis,
         "--redis-prefix",
         prefix,
         "--secret",
         SECRET,
     ];
     args.extend_from_slice(extra);
-    spawn_binary(&args)
+    let (child, http, grpc) = spawn_binary(&args);
+    wait_ready_blocking(&http);
+    (child, http, grpc)
 }
 
-#[tokio::test]
+/// Waits until the node at `http` reports itself ready (connected to Redis).
+fn wait_ready_blocking(http: &str) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let mut answer = String::new();
+        if let Ok(mut stream) = std::net::TcpStream::connect(http) {
+            let _ =
+                stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let _ = stream.read_to_string(&mut answer);
+        }
+        if answer.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {http} not ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The name of a key of the deployment `prefix` in the partition of `name`, as the gateway
+/// computes it on [`redis`]: `P:{tag}:rest` (computed here independently of the gateway).
+pub fn key(prefix: &str, name: &str, rest: &str) -> String {
+    if !redis().starts_with("redis-cluster://") {
+        return format!("{prefix}:{{0}}:{rest}");
+    }
+    let slot = |s: &str| crc16::State::<crc16::XMODEM>::calculate(s.as_bytes()) % 16_384;
+    let partition = slot(name) / 128;
+    let tag = (0u64..)
+        .find(|k| slot(&k.to_string()) / 128 == partition)
+        .unwrap();
+    format!("{prefix}:{{{tag}}}:{rest}")
+}
+
+/// Runs `cmd` on [`redis`] (one server or the cluster, routed by its key).
+pub async fn query<T: redis::FromRedisValue>(cmd: &redis::Cmd) -> T {
+    let url = redis();
+    match url.strip_prefix("redis-cluster://") {
+        Some(seeds) => {
+            let seeds: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}")).collect();
+            let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+            let mut conn = client.get_async_connection().await.unwrap();
+            cmd.query_async(&mut conn).await.unwrap()
+        }
+        None => {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            cmd.query_async(&mut conn).await.unwrap()
+        }
+    }
+}
+
 async fn credentials_subscriptions_and_pushes_cross_nodes() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("cross");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     // Issued and subscribed through A, before the browser connects to B.
     let creds = a.issue().await;
     assert!(!a.subscribe(&creds, &["room"]).await);
@@ -93,11 +162,11 @@ async fn credentials_subscriptions_and_pushes_cross_nodes() {
     assert_eq!(ws.recv_push().await, ("room".into(), json!({"via":"b"})));
 }
 
-#[tokio::test]
 async fn live_subscribe_and_unsubscribe_through_another_node_take_effect_at_once() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("live-sub");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let creds = a.issue().await;
     let mut ws = b.connect(&creds).await;
     assert!(a.subscribe(&creds, &["news", "marker"]).await);
@@ -109,11 +178,11 @@ async fn live_subscribe_and_unsubscribe_through_another_node_take_effect_at_once
     assert_eq!(ws.recv_push().await, ("marker".into(), 3.into()));
 }
 
-#[tokio::test]
 async fn send_and_disconnect_reach_the_socket_on_another_node() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("send");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let creds = a.issue().await;
     let mut ws = b.connect(&creds).await;
     let queued = a
@@ -149,11 +218,11 @@ async fn send_and_disconnect_reach_the_socket_on_another_node() {
     assert_eq!(b.try_connect(&creds).await.err(), Some(403));
 }
 
-#[tokio::test]
 async fn an_id_is_single_use_across_nodes_and_resumes_on_another_node() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("single");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let creds = a.issue().await;
     a.subscribe(&creds, &["room"]).await;
     let ws = a.connect(&creds).await;
@@ -193,12 +262,12 @@ async fn retry_connect(gw: &Gateway, creds: &Creds) -> crate::support::Ws {
     }
 }
 
-#[tokio::test]
 async fn interleaved_pushes_through_two_nodes_arrive_once_each_in_order_per_node() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("interleave");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
-    let c = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
+    let c = node(redis, &prefix).await;
     let mut sockets = Vec::new();
     for gw in [&a, &b, &c] {
         let creds = a.issue().await;
@@ -228,11 +297,11 @@ async fn interleaved_pushes_through_two_nodes_arrive_once_each_in_order_per_node
     }
 }
 
-#[tokio::test]
 async fn listen_on_one_node_hears_pushes_through_another() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("listen");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let mut events = b
         .control()
         .listen(pb::ListenRequest {
@@ -408,11 +477,11 @@ async fn a_node_started_while_redis_is_down_is_not_ready_until_it_comes() {
     assert_eq!(ws.recv_push().await.1, 1);
 }
 
-#[tokio::test]
 async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("sigkill");
     let (mut doomed, http, grpc) = spawn_node(&prefix, &[]);
-    let survivor = node(REDIS, &prefix).await;
+    let survivor = node(redis, &prefix).await;
     let creds = issue_at(&grpc).await;
     survivor.subscribe(&creds, &["room"]).await;
     let ws = connect_at(&http, &creds).await;
@@ -428,8 +497,8 @@ async fn a_killed_nodes_sockets_resume_on_another_node_within_grace() {
     assert_eq!(ws.recv_push().await.1, "survived");
 }
 
-#[tokio::test]
 async fn cluster_mode_refuses_to_start_without_a_secret() {
+    let redis = &crate::cluster::redis();
     let out = Command::new(env!("CARGO_BIN_EXE_channelgate"))
         .args([
             "serve",
@@ -438,7 +507,7 @@ async fn cluster_mode_refuses_to_start_without_a_secret() {
             "--grpc-listen",
             "127.0.0.1:0",
             "--redis",
-            REDIS,
+            redis,
         ])
         .env_remove("CHANNELGATE_SECRET")
         .output()
@@ -451,12 +520,12 @@ async fn cluster_mode_refuses_to_start_without_a_secret() {
     );
 }
 
-#[tokio::test]
 async fn a_client_message_on_one_node_reaches_a_handle_stream_on_another() {
+    let redis = &crate::cluster::redis();
     use crate::handle::join;
     let prefix = unique_prefix("handle");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let mut svc = join(&b, "app", &["chat.say"], false).await;
     let (creds, mut ws) = a.subscriber(&[]).await;
     // B advertises its group as it joins; A finds it through Redis.
@@ -487,12 +556,12 @@ async fn a_client_message_on_one_node_reaches_a_handle_stream_on_another() {
     );
 }
 
-#[tokio::test]
 async fn lifecycle_events_of_a_socket_on_one_node_reach_a_stream_on_another() {
+    let redis = &crate::cluster::redis();
     use crate::handle::join;
     let prefix = unique_prefix("lifecycle");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let mut svc = join(&b, "presence", &[], true).await;
     // Wait until B's group is advertised: a socket on B itself always reports at once, so
     // probe with sockets on A until one is heard.
@@ -615,3 +684,16 @@ async fn a_redis_behind_a_network_that_drops_packets_fails_calls_in_time_and_rec
     )
     .await;
 }
+
+crate::on_both!(
+    a_killed_nodes_sockets_resume_on_another_node_within_grace,
+    credentials_subscriptions_and_pushes_cross_nodes,
+    live_subscribe_and_unsubscribe_through_another_node_take_effect_at_once,
+    send_and_disconnect_reach_the_socket_on_another_node,
+    an_id_is_single_use_across_nodes_and_resumes_on_another_node,
+    interleaved_pushes_through_two_nodes_arrive_once_each_in_order_per_node,
+    listen_on_one_node_hears_pushes_through_another,
+    cluster_mode_refuses_to_start_without_a_secret,
+    a_client_message_on_one_node_reaches_a_handle_stream_on_another,
+    lifecycle_events_of_a_socket_on_one_node_reach_a_stream_on_another,
+);

@@ -348,19 +348,19 @@ async fn history_paging_listen_from_positions_and_idempotent_pushes_on_one_node(
     history_listen_and_idempotency(&gw, &gw).await;
 }
 
-#[tokio::test]
 async fn history_paging_listen_from_positions_and_idempotent_pushes_across_nodes() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("history");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     history_listen_and_idempotency(&a, &b).await;
 }
 
-#[tokio::test]
 async fn pushes_through_two_nodes_get_one_order_per_channel() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("order");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
     let mut sockets = Vec::new();
     for gw in [&a, &b] {
         let creds = a.issue().await;
@@ -397,12 +397,12 @@ async fn pushes_through_two_nodes_get_one_order_per_channel() {
     assert_eq!(orders[0], orders[1], "both nodes deliver one order");
 }
 
-#[tokio::test]
 async fn a_socket_whose_node_was_killed_resumes_on_another_node_with_nothing_lost() {
+    let redis = &crate::cluster::redis();
     let prefix = unique_prefix("sigkill-history");
     let (mut doomed, http, grpc) = crate::cluster::spawn_node(&prefix, &[]);
-    let survivor = node(REDIS, &prefix).await;
-    let publisher = node(REDIS, &prefix).await;
+    let survivor = node(redis, &prefix).await;
+    let publisher = node(redis, &prefix).await;
     let creds = issue_at(&grpc).await;
     survivor.subscribe(&creds, &["ticker"]).await;
     let mut ws = connect_recovering_at(&http, &creds, &json!({}))
@@ -583,3 +583,9 @@ async fn a_hole_in_the_pubsub_stream_is_filled_from_history_or_signalled() {
     let (_, metrics) = a.http_get("/metrics", &[]).await;
     assert!(metrics.contains("channelgate_gaps_total 1"), "{metrics}");
 }
+
+crate::on_both!(
+    a_socket_whose_node_was_killed_resumes_on_another_node_with_nothing_lost,
+    history_paging_listen_from_positions_and_idempotent_pushes_across_nodes,
+    pushes_through_two_nodes_get_one_order_per_channel,
+);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::{
-    cluster::{node_with, spawn_node, unique_prefix, REDIS},
+    cluster::{node_with, redis, spawn_node, unique_prefix, REDIS},
     handle::{join, Service},
     support::{connect_at, wait_until, Creds, Gateway},
 };
@@ -18,7 +18,7 @@ const GRACE: Duration = Duration::from_secs(1);
 async fn gateway(redis_prefix: Option<&str>) -> Gateway {
     let grace = |c: &mut channelgate::config::Config| c.limits.reconnect_grace = GRACE;
     match redis_prefix {
-        Some(prefix) => node_with(REDIS, prefix, grace).await,
+        Some(prefix) => node_with(&redis(), prefix, grace).await,
         None => Gateway::start_with(grace).await,
     }
 }
@@ -147,7 +147,6 @@ async fn every_connection_ends_with_one_final_disconnect_on_one_node() {
     lifecycle_scenario(&gw, &gw, &mut svc).await;
 }
 
-#[tokio::test]
 async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
     let prefix = unique_prefix("lifecycle");
     let a = gateway(Some(&prefix)).await;
@@ -161,18 +160,12 @@ async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
 /// Waits until `group` is advertised in Redis as taking lifecycle events (every node reads
 /// the advertisement when it offers an event), so no event is lost to a race with it.
 pub async fn wait_advertised(prefix: &str, group: &str) {
-    let redis = redis::Client::open(REDIS).unwrap();
-    let conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{prefix}:{{0}}:act:$lifecycle");
+    let key = crate::cluster::key(prefix, "$lifecycle", "act:$lifecycle");
     wait_until(|| {
-        let (mut conn, key) = (conn.clone(), key.clone());
+        let key = key.clone();
         async move {
-            let until: Option<f64> = redis::cmd("ZSCORE")
-                .arg(&key)
-                .arg(group)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let until: Option<f64> =
+                crate::cluster::query(redis::cmd("ZSCORE").arg(&key).arg(group)).await;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -183,7 +176,6 @@ pub async fn wait_advertised(prefix: &str, group: &str) {
     .await;
 }
 
-#[tokio::test]
 async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
     let prefix = unique_prefix("node-lost");
     let (mut doomed, http, grpc) = spawn_node(&prefix, &["--reconnect-grace", "1s"]);
@@ -330,3 +322,8 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
     assert_eq!(detail["user"], "u");
     nothing_came_before_a_marker(&a, &mut svc).await;
 }
+
+crate::on_both!(
+    every_connection_ends_with_one_final_disconnect_across_nodes,
+    a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed,
+);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    cluster::{node_with, restart_empty, spawn_node, unique_prefix, PrivateRedis, REDIS},
+    cluster::{node_with, redis, restart_empty, spawn_node, unique_prefix, PrivateRedis, REDIS},
     support::{connect_at, keep_presence, next_event, wait_until, Creds, Gateway},
 };
 use channelgate::pb;
@@ -117,7 +117,7 @@ async fn presence_on_a_channel_that_keeps_none_is_failed_precondition() {
 
 /// A node of the cluster `prefix` that keeps presence for `chat:*`.
 async fn cluster_node(prefix: &str) -> Gateway {
-    node_with(REDIS, prefix, |c| {
+    node_with(&redis(), prefix, |c| {
         c.limits.reconnect_grace = Duration::from_secs(1);
         c.limits.namespaces = keep_presence("chat");
     })
@@ -167,7 +167,6 @@ async fn issue_for_at(grpc: &str, user: &str) -> Creds {
         .into()
 }
 
-#[tokio::test]
 async fn presence_spans_nodes_and_a_sigkilled_nodes_connections_leave() {
     let prefix = unique_prefix("presence");
     let a = cluster_node(&prefix).await;
@@ -355,3 +354,5 @@ async fn a_node_that_lost_its_presence_while_silent_rejoins() {
     assert_eq!(a.client.presence_stats("chat:room").await.unwrap(), (0, 0));
     wait_until(|| async { a.client.presence_stats("chat:room").await.unwrap() == (1, 1) }).await;
 }
+
+crate::on_both!(presence_spans_nodes_and_a_sigkilled_nodes_connections_leave,);

@@ -12,7 +12,7 @@ use channelgate::{
 use serde_json::{json, Value};
 
 use crate::{
-    cluster::{node_with, unique_prefix, REDIS},
+    cluster::{node_with, redis, unique_prefix},
     handle::{join, Service},
     lifecycle::wait_advertised,
     support::{next_event, Creds, Gateway, Ws},
@@ -38,7 +38,7 @@ async fn node(redis_prefix: Option<&str>) -> Gateway {
         c.limits.namespaces = chat();
     };
     match redis_prefix {
-        Some(prefix) => node_with(REDIS, prefix, adjust).await,
+        Some(prefix) => node_with(&redis(), prefix, adjust).await,
         None => Gateway::start_with(adjust).await,
     }
 }
@@ -225,7 +225,6 @@ async fn joins_and_leaves_reach_listeners_and_sockets_on_one_node() {
     join_leave_scenario(&gw, &gw).await;
 }
 
-#[tokio::test]
 async fn joins_and_leaves_reach_listeners_and_sockets_across_nodes() {
     let prefix = unique_prefix("joins");
     let a = node(Some(&prefix)).await;
@@ -240,7 +239,6 @@ async fn occupied_and_vacated_fire_once_per_transition_after_the_delay_on_one_no
     occupancy_scenario(&gw, &gw, &mut svc).await;
 }
 
-#[tokio::test]
 async fn occupied_and_vacated_fire_once_per_transition_after_the_delay_across_nodes() {
     let prefix = unique_prefix("occupancy");
     let a = node(Some(&prefix)).await;
@@ -291,3 +289,8 @@ async fn presence_events_on_channels_that_do_not_keep_them_are_failed_preconditi
     let err = gw.control().listen(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+crate::on_both!(
+    joins_and_leaves_reach_listeners_and_sockets_across_nodes,
+    occupied_and_vacated_fire_once_per_transition_after_the_delay_across_nodes,
+);

@@ -2,7 +2,7 @@
 //! connection of the user, on one node and across two nodes on Redis.
 
 use crate::{
-    cluster::{node, unique_prefix, REDIS},
+    cluster::{node, redis, unique_prefix},
     support::{code, Creds, Gateway},
 };
 
@@ -74,11 +74,10 @@ async fn send_and_disconnect_by_user_reach_every_connection_of_the_user() {
     user_scenario(&gw, &gw).await;
 }
 
-#[tokio::test]
 async fn send_and_disconnect_by_user_reach_the_users_sockets_on_every_node() {
     let prefix = unique_prefix("users");
-    let a = node(REDIS, &prefix).await;
-    let b = node(REDIS, &prefix).await;
+    let a = node(&redis(), &prefix).await;
+    let b = node(&redis(), &prefix).await;
     user_scenario(&a, &b).await;
 }
 
@@ -134,3 +133,5 @@ async fn bad_users_and_addresses_are_refused_with_invalid_argument() {
     gw.push("room", "1").await;
     assert_eq!(ws.recv_push().await, ("room".into(), 1.into()));
 }
+
+crate::on_both!(send_and_disconnect_by_user_reach_the_users_sockets_on_every_node,);

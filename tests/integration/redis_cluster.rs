@@ -1,0 +1,210 @@
+//! Redis Cluster for the tests: three masters and three replicas started from `redis-server`
+//! on free ports (`redis-cli --cluster create`), shared by the suite ([`shared_url`]) or
+//! private to one test ([`RedisCluster::start`], for faults). Every server is watched: it is
+//! killed when the test process exits, and a private cluster when it is dropped.
+//!
+//! [`on_both!`] runs a cross-node test twice: against one Redis and against the shared cluster.
+
+use std::{
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+/// Runs `async fn $name()` as two tests, `$name::single` (one Redis server) and
+/// `$name::cluster` (the shared Redis Cluster); inside, [`redis`](crate::cluster::redis) is
+/// the one it runs against.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn single() {
+                let url = $crate::cluster::REDIS.to_owned();
+                $crate::cluster::REDIS_URL.scope(url, super::$name()).await
+            }
+            #[tokio::test]
+            async fn cluster() {
+                let url = $crate::redis_cluster::shared_url();
+                $crate::cluster::REDIS_URL.scope(url, super::$name()).await
+            }
+        }
+    )*};
+}
+
+/// The seed URL of the suite's shared cluster, started on first use.
+pub fn shared_url() -> String {
+    static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+    SHARED.get_or_init(RedisCluster::start).url()
+}
+
+pub struct RedisCluster {
+    /// Masters first, then replicas (as `--cluster create` pairs them).
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    // A port whose cluster bus port (+10000) is free too.
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli is installed with redis-server");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// Three masters with one replica each, ready (every slot served, replicas in sync).
+    pub fn start() -> Self {
+        crate::setup::redis();
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let dir = std::env::temp_dir().join(format!(
+            "channelgate-cluster-{}-{}",
+            std::process::id(),
+            ports[0]
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        for port in &ports {
+            // A watchdog shell: the server dies with the test process.
+            let script = format!(
+                "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no \
+                 --cluster-enabled yes --cluster-config-file nodes-{port}.conf \
+                 --cluster-node-timeout 2000 --dir '{dir}' >/dev/null 2>&1 & r=$!; \
+                 while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 1; done; \
+                 kill -9 $r 2>/dev/null",
+                dir = dir.display()
+            );
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh runs");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in &ports {
+            while cli(*port, &["PING"]).trim() != "PONG" {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { ports, dir };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Waits until every node sees the cluster ok and every replica is in sync.
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in &self.ports {
+            loop {
+                let info = cli(*port, &["CLUSTER", "INFO"]);
+                let replication = cli(*port, &["INFO", "replication"]);
+                let synced = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                if info.contains("cluster_state:ok") && synced {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster node {port} not healthy");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.ports[..3]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
+    /// The ports of the current masters.
+    pub fn masters(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|p| cli(*p, &["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// The master serving `slot` now.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        for port in self.masters() {
+            let nodes = cli(port, &["CLUSTER", "NODES"]);
+            for line in nodes.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 9 || !fields[2].contains("myself") {
+                    continue;
+                }
+                for range in &fields[8..] {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
+                        if (lo..=hi).contains(&slot) {
+                            return port;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill(&self, port: u16) {
+        let info = cli(port, &["INFO", "server"]);
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .map(|p| p.trim().to_owned())
+            .expect("redis-server reports its pid");
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for port in &self.ports {
+            let _ = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "SHUTDOWN", "NOSAVE"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
