@@ -470,6 +470,12 @@ impl Registry {
         })
     }
 
+    /// The position of `channel` this node has delivered up to, if it knows one.
+    pub fn position_of(&self, channel: &Channel) -> Option<Position> {
+        self.with_existing(channel, |state| state.history.position())
+            .flatten()
+    }
+
     /// Applies what the bus read from Redis for `channel` (asked with [`catch_up_from`]'s
     /// answer `after`): a first position, pushes this node missed (delivered in order), or, when
     /// Redis no longer has them or the epoch changed, a gap.

@@ -23,6 +23,7 @@ mod presence;
 mod presence_events;
 mod redis_cluster;
 mod setup;
+mod sharded;
 mod shutdown;
 mod support;
 mod tls;

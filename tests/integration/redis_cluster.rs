@@ -38,10 +38,24 @@ pub fn shared_url() -> String {
     SHARED.get_or_init(RedisCluster::start).url()
 }
 
+/// The slot of `channel`'s keys and topic: its partition's hash tag's (computed here
+/// independently of the gateway: `slot / 128` is the partition; its tag, the first integer
+/// in it).
+pub fn slot_of_channel(channel: &str) -> u16 {
+    let slot = |s: &str| crc16::State::<crc16::XMODEM>::calculate(s.as_bytes()) % 16_384;
+    let partition = slot(channel) / 128;
+    (0u64..)
+        .map(|k| slot(&k.to_string()))
+        .find(|s| s / 128 == partition)
+        .unwrap()
+}
+
 pub struct RedisCluster {
     /// Masters first, then replicas (as `--cluster create` pairs them).
     pub ports: Vec<u16>,
     dir: std::path::PathBuf,
+    /// The shells that kill each server with the test process (they end with their server).
+    watchdogs: Vec<std::process::Child>,
 }
 
 fn free_port() -> u16 {
@@ -80,6 +94,7 @@ impl RedisCluster {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let me = std::process::id();
+        let mut watchdogs = Vec::new();
         for port in &ports {
             // A watchdog shell: the server dies with the test process.
             let script = format!(
@@ -90,13 +105,14 @@ impl RedisCluster {
                  kill -9 $r 2>/dev/null",
                 dir = dir.display()
             );
-            Command::new("sh")
+            let watchdog = Command::new("sh")
                 .args(["-c", &script])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("sh runs");
+            watchdogs.push(watchdog);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in &ports {
@@ -121,7 +137,11 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        let cluster = Self { ports, dir };
+        let cluster = Self {
+            ports,
+            dir,
+            watchdogs,
+        };
         cluster.wait_healthy();
         cluster
     }
@@ -204,6 +224,9 @@ impl Drop for RedisCluster {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+        }
+        for watchdog in &mut self.watchdogs {
+            let _ = watchdog.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -88,6 +88,14 @@ impl RedisBus {
             };
             let mut failed = false;
             for chunk in channels.chunks(READ_BATCH) {
+                if let Err(err) = self.rebase_due(chunk).await {
+                    tracing::debug!(%err, "rebasing channels failed; retrying");
+                    for channel in chunk {
+                        self.registry.want_catch_up(channel);
+                    }
+                    failed = true;
+                    continue;
+                }
                 let asks: Vec<(Channel, Option<u64>)> = chunk
                     .iter()
                     .filter_map(|c| {
@@ -183,6 +191,56 @@ impl RedisBus {
             .map(|(offset, _, payload)| (offset, payload.to_string()))
             .collect();
         Ok((fetched.position, page))
+    }
+
+    /// Starts a new epoch ([`scripts::REBASE`](super::scripts::REBASE)) for those of
+    /// `channels` due for it (their shard's connection dropped), unless another node did.
+    async fn rebase_due(&self, channels: &[Channel]) -> Result<(), Error> {
+        let due: Vec<(Channel, Position)> = {
+            let mut rebase = self.rebase.lock();
+            channels
+                .iter()
+                .filter(|c| rebase.remove(*c))
+                .filter_map(|c| Some((c.clone(), self.registry.position_of(c)?)))
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let position_ttl = self.limits.position_ttl.as_millis() as u64;
+        let mut batch = self.batch(&[&self.scripts.rebase]);
+        for (channel, position) in &due {
+            let mut invocation = self.scripts.rebase.prepare_invoke();
+            invocation
+                .key(self.channel_key(channel, "m"))
+                .key(self.channel_key(channel, "l"))
+                .arg(&*position.epoch)
+                .arg(&*new_epoch())
+                .arg(position_ttl);
+            batch.invoke(self.keys.part(channel), &invocation);
+        }
+        let answers = self.run_batch(batch).await;
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(err) => {
+                self.rebase.lock().extend(due.into_iter().map(|(c, _)| c));
+                return Err(err);
+            }
+        };
+        for ((channel, _), answer) in due.into_iter().zip(answers) {
+            match answer {
+                Ok(redis::Value::Int(1)) => {
+                    tracing::info!(%channel, "a new epoch after a failover");
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(%channel, %err, "rebase failed; retrying");
+                    self.rebase.lock().insert(channel.clone());
+                    self.registry.want_catch_up(&channel);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs one read script per channel, pipelined. The outer error is Redis being out of

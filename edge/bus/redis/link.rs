@@ -25,6 +25,10 @@ use super::keys::key_slot;
 pub(super) enum Endpoint {
     One(redis::Client),
     Cluster {
+        /// The seed nodes' `host:port`, and the URL start (scheme and credentials) of every
+        /// node's address.
+        seeds: Vec<String>,
+        base: String,
         /// RESP2, for commands and scripts.
         commands: Box<ClusterClient>,
         /// RESP3, for sharded pub/sub.
@@ -49,11 +53,13 @@ impl Endpoint {
             Some(i) => hosts.split_at(i),
             None => (hosts, ""),
         };
-        let seeds: Vec<String> = hosts
+        let hosts: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| format!("{scheme}://{auth}{h}{tail}"))
+            .map(str::to_owned)
             .collect();
+        let base = format!("{scheme}://{auth}");
+        let seeds: Vec<String> = hosts.iter().map(|h| format!("{base}{h}{tail}")).collect();
         if seeds.is_empty() {
             return Err(RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
@@ -71,9 +77,26 @@ impl Endpoint {
             }
         };
         Ok(Self::Cluster {
+            seeds: hosts,
+            base,
             commands: Box::new(build(false)?),
             pubsub: Box::new(build(true)?),
         })
+    }
+
+    /// The cluster's seed nodes (`host:port`) and the URL of a node by `host:port`.
+    pub(super) fn seeds(&self) -> Vec<String> {
+        match self {
+            Self::One(_) => Vec::new(),
+            Self::Cluster { seeds, .. } => seeds.clone(),
+        }
+    }
+
+    pub(super) fn node_url(&self, addr: &str) -> String {
+        match self {
+            Self::One(_) => String::new(),
+            Self::Cluster { base, .. } => format!("{base}{addr}"),
+        }
     }
 
     pub(super) fn is_cluster(&self) -> bool {

@@ -110,6 +110,7 @@ mod queue;
 mod reaper;
 mod relay;
 mod scripts;
+mod topology;
 
 use keys::Keys;
 use link::{Answers, Batch, Endpoint, Link, Sink};
@@ -189,8 +190,9 @@ pub(crate) struct RedisBus {
     keys: Keys,
     /// One server or a cluster.
     endpoint: Endpoint,
-    /// Commands and scripts; reconnects by itself (on a cluster, routes each to its shard).
-    conn: Link,
+    /// Commands and scripts; reconnects by itself (on a cluster, routes each to its shard;
+    /// replaced when the cluster's topology changes, see [`topology`]).
+    conn: Mutex<Link>,
     /// The pub/sub connection's sending half and the Redis channels it is subscribed to.
     /// Async lock: (un)subscribing awaits Redis's confirmation, and the order of subscribe and
     /// unsubscribe for one channel must be the order they were decided in.
@@ -229,6 +231,14 @@ pub(crate) struct RedisBus {
     /// Partitions whose outbox has news (a wake-up message arrived), for the relay.
     outbox_woken: Mutex<HashSet<usize>>,
     outbox_wake: tokio::sync::Notify,
+    /// Cluster: topics this node asked to subscribe to and whose confirmation has not come;
+    /// a confirmation of another is the client's re-subscription after a shard's connection
+    /// dropped (a failover, maybe), and its channel is rebased ([`scripts::REBASE`]).
+    confirming: Mutex<HashSet<String>>,
+    /// Channels to rebase before their next catch-up.
+    rebase: Mutex<HashSet<Channel>>,
+    /// Tells the pub/sub task to connect again (the cluster's topology changed).
+    pubsub_reset: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -315,7 +325,7 @@ impl RedisBus {
             node: hex::encode(id),
             keys: Keys::new(prefix, cluster),
             endpoint,
-            conn,
+            conn: Mutex::new(conn),
             pubsub: tokio::sync::Mutex::new(PubSub::default()),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             acks: Mutex::new(HashMap::new()),
@@ -331,6 +341,9 @@ impl RedisBus {
             stalled: Mutex::new(None),
             outbox_woken: Mutex::new(HashSet::new()),
             outbox_wake: tokio::sync::Notify::new(),
+            confirming: Mutex::new(HashSet::new()),
+            rebase: Mutex::new(HashSet::new()),
+            pubsub_reset: tokio::sync::Notify::new(),
         });
         tracing::info!(node = %bus.node, prefix, redis_cluster = cluster, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
@@ -350,6 +363,7 @@ impl RedisBus {
         bus.spawn_task("heartbeat", bus.clone().heartbeat(halt.clone()), &halt);
         bus.spawn_task("reaper", bus.clone().reap(halt.clone()), &halt);
         bus.spawn_task("outbox", bus.clone().relay_outbox(halt.clone()), &halt);
+        bus.spawn_task("topology", bus.clone().watch_topology(halt.clone()), &halt);
         Ok(bus)
     }
 
@@ -388,6 +402,11 @@ impl RedisBus {
         if let Some(bus) = self.me.upgrade() {
             self.tracker.spawn(task(bus));
         }
+    }
+
+    /// The command connection (a handle: cloning it is cheap).
+    fn link(&self) -> Link {
+        self.conn.lock().clone()
     }
 
     /// A digest's key (`s`: its state, `subs`: its channels), in the digest's partition.
@@ -458,7 +477,7 @@ impl RedisBus {
     /// Runs a batch of answered commands: one answer per command; the outer error when no
     /// partition's Redis could be reached.
     async fn run_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<redis::Value, Error>>, Error> {
-        let Answers { values, failed } = batch.run(&self.conn).await;
+        let Answers { values, failed } = batch.run(&self.link()).await;
         if let Some(err) = &failed {
             if values.iter().all(Result::is_err) {
                 return Err(self.unavailable(err));
@@ -472,7 +491,7 @@ impl RedisBus {
 
     /// Runs a batch of commands whose answers are ignored; the first failure.
     async fn run_quiet(&self, batch: Batch<'_>) -> Result<(), redis::RedisError> {
-        batch.run(&self.conn).await.failed.map_or(Ok(()), Err)
+        batch.run(&self.link()).await.failed.map_or(Ok(()), Err)
     }
 
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while
@@ -554,7 +573,7 @@ impl RedisBus {
     /// Where `digest`'s socket is; with `end` (the application's close), ends its
     /// credentials, telling their `$disconnect` when they had a socket.
     async fn holder(&self, digest: &Digest, end: Option<&Close>) -> Result<Held, Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let p = self.digest_part(digest);
         let reply: Vec<String> = self
             .scripts
@@ -582,7 +601,7 @@ impl RedisBus {
 
     async fn command(&self, node: &str, command: &Command) -> Result<(), Error> {
         let text = serde_json::to_string(command).expect("commands serialize");
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         redis::cmd(self.publish_command())
             .arg(self.node_topic(node))
             .arg(text)
@@ -618,7 +637,7 @@ impl Bus for RedisBus {
     ) -> Result<Credentials, Error> {
         self.ready()?;
         let creds = self.registry.mint(ttl)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let (name, info) = User::texts(user);
         // The user's set outlives its newest credentials' first-use deadline by a live
         // socket's TTL; live sockets renew it.
@@ -649,7 +668,7 @@ impl Bus for RedisBus {
 
     async fn user_digests(&self, user: &str) -> Result<Vec<Digest>, Error> {
         self.ready()?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let members: Vec<String> = self
             .within(async {
                 redis::cmd("SMEMBERS")
@@ -663,7 +682,7 @@ impl Bus for RedisBus {
     }
 
     async fn forget_user_digest(&self, user: &str, digest: &Digest) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let forgot = self
             .within(async {
                 redis::cmd("SREM")
@@ -689,7 +708,7 @@ impl Bus for RedisBus {
     ) -> Result<bool, Error> {
         self.ready()?;
         crate::registry::check_channel_count(channels)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let mut invocation = self.scripts.subscribe.prepare_invoke();
         invocation
             .key(self.key("s", digest))
@@ -806,7 +825,7 @@ impl Bus for RedisBus {
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError> {
         self.readiness().map_err(AttachError::Unavailable)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let p = self.digest_part(&verified.digest);
         let reply: Vec<String> = self
             .scripts
@@ -967,7 +986,7 @@ impl RedisBus {
         // Runs during the drain too (the tracker is waited on after the sockets are gone), and
         // is bounded by the command timeout.
         self.spawn_short(move |bus| async move {
-            let mut conn = bus.conn.clone();
+            let mut conn = bus.link();
             let p = bus.digest_part(&digest);
             let result = bus
                 .scripts

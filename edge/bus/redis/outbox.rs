@@ -204,7 +204,7 @@ impl RedisBus {
             .map_err(|e| self.unavailable(&e))?;
         let key = self.outbox_key(p);
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         redis::pipe()
             .cmd("XACK")
             .arg(&key)

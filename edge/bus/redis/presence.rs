@@ -221,7 +221,7 @@ impl RedisBus {
     /// After a heartbeat: a node whose connections were taken out of presence while it was
     /// silent (a stall, a partition) puts them back. Best effort, logged.
     pub(super) async fn presence_back(&self) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let was_gone: Result<i64, _> = redis::cmd("ZREM")
             .arg(self.presence_gone_key())
             .arg(&self.node)
@@ -282,7 +282,7 @@ impl RedisBus {
 
     /// The connections present in `channel`.
     pub(super) async fn read_presence(&self, channel: &Channel) -> Result<Vec<Present>, Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let entries: Vec<(String, String)> = self
             .within(async {
                 redis::cmd("HGETALL")
@@ -310,7 +310,7 @@ impl RedisBus {
 
     /// `(connections, users)` present in `channel`: two lengths.
     pub(super) async fn read_presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         self.within(async {
             redis::pipe()
                 .cmd("HLEN")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    link::{Arrival, Incoming},
+    link::{Arrival, Incoming, Sink},
     Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL,
 };
 use crate::{
@@ -46,7 +46,7 @@ impl RedisBus {
             ));
         };
         let topics: Vec<String> = missing.iter().map(|c| self.channel_topic(c)).collect();
-        match sink.subscribe(&topics).await {
+        match self.sink_subscribe(sink, &topics).await {
             Ok(()) => {
                 pubsub.subscribed.extend(missing);
                 Ok(())
@@ -88,7 +88,7 @@ impl RedisBus {
             if !add.is_empty() {
                 let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
                 let subscribed =
-                    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&topics)).await;
+                    tokio::time::timeout(COMMAND_TIMEOUT, self.sink_subscribe(sink, &topics)).await;
                 if matches!(subscribed, Ok(Ok(()))) {
                     // Subscribed: now the channel's position read from Redis is one the
                     // stream continues.
@@ -164,22 +164,13 @@ impl RedisBus {
                     loop {
                         let arrival = tokio::select! {
                             arrival = stream.next() => arrival,
+                            // The cluster's topology changed: a connection of its own again.
+                            _ = self.pubsub_reset.notified() => None,
                             _ = halt.cancelled() => return,
                         };
                         match arrival {
                             Some(Arrival::Message(message)) => self.on_message(&message).await,
-                            Some(Arrival::Subscribed(topic)) => {
-                                // A shard (re)confirmed it, after our call or the client's
-                                // re-subscription (reconnection, failover, slots moved):
-                                // read what was pushed before.
-                                if let Some(channel) = self
-                                    .keys
-                                    .channel_of_topic(&topic)
-                                    .and_then(|c| Channel::new(c).ok())
-                                {
-                                    self.registry.want_catch_up(&channel);
-                                }
-                            }
+                            Some(Arrival::Subscribed(topic)) => self.confirmed(&topic),
                             Some(Arrival::Dropped(topic)) => self.dropped(topic).await,
                             Some(Arrival::Disconnected) => {
                                 tracing::warn!("a Redis shard's pub/sub connection dropped; re-subscribing when it is back");
@@ -224,7 +215,7 @@ impl RedisBus {
                 .ignore();
         }
         self.run_quiet(batch).await?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let mut restored = 0;
         for live in self.registry.live_sessions() {
             let LiveSession {
@@ -273,6 +264,43 @@ impl RedisBus {
         Ok(())
     }
 
+    /// Subscribes `sink` to `topics`; on a cluster, first notes that their confirmations are
+    /// this call's (see `confirming`).
+    async fn sink_subscribe(&self, sink: &mut Sink, topics: &[String]) -> redis::RedisResult<()> {
+        if matches!(sink, Sink::Cluster(_)) {
+            self.confirming.lock().extend(topics.iter().cloned());
+        }
+        let result = sink.subscribe(topics).await;
+        if result.is_err() {
+            let mut confirming = self.confirming.lock();
+            for topic in topics {
+                confirming.remove(topic);
+            }
+        }
+        result
+    }
+
+    /// A shard confirmed a subscription to `topic`: after this node's call, or the client's
+    /// re-subscription (its connection to the shard dropped: a failover, or slots moved).
+    /// Either way, what was pushed before is read from Redis; after a re-subscription, the
+    /// channel is rebased first, since a promoted replica may lack the last pushes.
+    fn confirmed(&self, topic: &str) {
+        let ours = self.confirming.lock().remove(topic);
+        let Some(channel) = self
+            .keys
+            .channel_of_topic(topic)
+            .and_then(|c| Channel::new(c).ok())
+        else {
+            return;
+        };
+        if !ours {
+            tracing::info!(%channel, "re-subscribed after a shard's connection dropped; rebasing");
+            self.rebase.lock().insert(channel.clone());
+            self.registry.resync(std::slice::from_ref(&channel));
+        }
+        self.registry.want_catch_up(&channel);
+    }
+
     /// The topics every node listens to: its own commands, and the outboxes' wake-up calls.
     fn own_topics(&self) -> Vec<String> {
         let outboxes = (0..self.keys.partitions()).map(|p| self.outbox_key(p));
@@ -296,7 +324,8 @@ impl RedisBus {
         }
         tracing::info!(%topic, "a Redis shard dropped a subscription; subscribing again");
         if let Some(sink) = pubsub.sink.as_mut() {
-            let again = tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&[topic])).await;
+            let again =
+                tokio::time::timeout(COMMAND_TIMEOUT, self.sink_subscribe(sink, &[topic])).await;
             if !matches!(again, Ok(Ok(()))) {
                 tracing::warn!("could not subscribe again; the next reconnection does");
             }
@@ -310,11 +339,11 @@ impl RedisBus {
                 redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
             })??;
         let mut state = self.pubsub.lock().await;
-        sink.subscribe(&self.own_topics()).await?;
+        self.sink_subscribe(&mut sink, &self.own_topics()).await?;
         let interest = self.registry.interest();
         for chunk in interest.chunks(1000) {
             let topics: Vec<String> = chunk.iter().map(|c| self.channel_topic(c)).collect();
-            sink.subscribe(&topics).await?;
+            self.sink_subscribe(&mut sink, &topics).await?;
         }
         state.subscribed = interest.into_iter().collect();
         state.sink = Some(sink);

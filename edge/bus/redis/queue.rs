@@ -87,7 +87,7 @@ impl RedisBus {
     }
 
     async fn advertised(&self, action: &str) -> Result<Vec<String>, Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         redis::cmd("ZRANGEBYSCORE")
             .arg(self.act_key(action))
             .arg(now_ms())
@@ -192,7 +192,7 @@ impl RedisBus {
     }
 
     async fn create_queue(&self, group: &str) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(self.queue_key(group))
@@ -255,7 +255,7 @@ impl RedisBus {
                         ids.push(entry.id);
                     }
                     if !ids.is_empty() {
-                        let mut conn = self.conn.clone();
+                        let mut conn = self.link();
                         let _ = redis::cmd("XACK")
                             .arg(&key)
                             .arg(CONSUMER_GROUP)
@@ -280,7 +280,7 @@ impl RedisBus {
     /// and did not acknowledge: lifecycle events go to a stream here; client messages are only
     /// acknowledged (their socket's node gave up on them; handling one twice is worse).
     async fn claim_stale(self: &Arc<Self>, group: &str, key: &str) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> =
             redis::cmd("XAUTOCLAIM")
                 .arg(key)

@@ -52,7 +52,7 @@ impl RedisBus {
 
     async fn reap_once(&self) -> Result<(), Error> {
         let now = now_ms();
-        let mut conn = self.conn.clone();
+        let mut conn = self.link();
         let parts = self.keys.partitions();
         // Every partition's due ends and vacating channels, in one batch.
         let mut batch = self.batch(&[]);

@@ -382,6 +382,19 @@ for _, e in ipairs(entries) do
 end
 return result";
 
+/// Starts a new epoch for a channel whose shard failed over (its new master may lack the
+/// last pushes, whose offsets would then be given again): the sockets see a gap
+/// (`recovered:false`) instead of pushes taken for ones they had. Only when the channel is
+/// still in the epoch the caller knew, so one failover starts one epoch.
+/// KEYS: meta, log. ARGV: known epoch, new epoch, position ttl (ms). Returns 1 when it did.
+pub(super) const REBASE: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if epoch and epoch ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 'o', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1";
+
 /// The scripts, loaded once per node (redis-rs sends `EVALSHA`, and the source on `NOSCRIPT`).
 #[derive(Debug)]
 pub(super) struct Scripts {
@@ -397,6 +410,7 @@ pub(super) struct Scripts {
     pub(super) restore: Script,
     pub(super) push: Script,
     pub(super) read: Script,
+    pub(super) rebase: Script,
 }
 
 impl Scripts {
@@ -418,6 +432,7 @@ impl Scripts {
             restore: Script::new(RESTORE),
             push: with_pub(PUSH),
             read: Script::new(READ),
+            rebase: Script::new(REBASE),
         }
     }
 }

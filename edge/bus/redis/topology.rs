@@ -1,0 +1,130 @@
+//! Following a Redis Cluster's topology. The client library follows `MOVED` and `ASK`, but
+//! after a master dies it keeps reconnecting to the dead address: it learns of the replica's
+//! promotion only from a redirection. So every node reads the slot map (`CLUSTER SLOTS`, from
+//! any node that answers, each [`TOPOLOGY_EVERY`]) and, when a slot range changed master,
+//! replaces its command connection, connects its pub/sub again (every channel re-subscribed
+//! on its current master and caught up), and rebases the channels of the changed slots: a
+//! promoted replica may lack the last pushes its master published, whose offsets it would
+//! give again, so those channels start a new epoch and their sockets hear `recovered:false`
+//! instead of missing pushes silently. Bound: a failover is followed within the cluster's
+//! own detection (its `cluster-node-timeout`) plus [`TOPOLOGY_EVERY`].
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{keys::key_slot, RedisBus, BACKOFF_MAX, COMMAND_TIMEOUT};
+
+/// How often a node reads the slot map.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
+/// How long reading it from one node may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Slot ranges and their master (`host:port`), sorted.
+type SlotMap = Vec<(u16, u16, String)>;
+
+impl RedisBus {
+    /// Reads the slot map until `halt` and follows its changes (a no-op on one server).
+    pub(super) async fn watch_topology(self: Arc<Self>, halt: CancellationToken) {
+        if !self.endpoint.is_cluster() {
+            halt.cancelled().await;
+            return;
+        }
+        let mut known: BTreeSet<String> = self.endpoint.seeds().into_iter().collect();
+        let mut last: Option<SlotMap> = None;
+        let mut tick = tokio::time::interval(TOPOLOGY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = halt.cancelled() => return,
+            }
+            let Some((map, nodes)) = self.read_slots(&known).await else {
+                continue;
+            };
+            known.extend(nodes);
+            match &last {
+                Some(old) if *old != map => self.follow_topology(old, &map),
+                _ => {}
+            }
+            last = Some(map);
+        }
+    }
+
+    /// The slot map and every node's address, from the first known node that answers.
+    async fn read_slots(&self, known: &BTreeSet<String>) -> Option<(SlotMap, Vec<String>)> {
+        for addr in known {
+            let Ok(client) = redis::Client::open(self.endpoint.node_url(addr)) else {
+                continue;
+            };
+            let read = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async::<redis::Value>(&mut conn)
+                    .await
+            };
+            if let Ok(Ok(reply)) = tokio::time::timeout(PROBE_TIMEOUT, read).await {
+                if let Some(parsed) = parse_slots(reply) {
+                    return Some(parsed);
+                }
+            }
+        }
+        None
+    }
+
+    /// The slot map changed from `old` to `new`: new connections, and the channels of slots
+    /// whose master changed are rebased.
+    fn follow_topology(&self, old: &SlotMap, new: &SlotMap) {
+        let master = |map: &SlotMap, slot: u16| {
+            map.iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+                .map(|(_, _, m)| m.clone())
+        };
+        let moved: Vec<_> = self
+            .registry
+            .interest()
+            .into_iter()
+            .filter(|c| {
+                let slot = key_slot(&self.channel_topic(c));
+                master(old, slot) != master(new, slot)
+            })
+            .collect();
+        tracing::warn!(
+            channels = moved.len(),
+            "the Redis Cluster's slot map changed (a failover, or slots moved); reconnecting"
+        );
+        match self.endpoint.commands(COMMAND_TIMEOUT, BACKOFF_MAX) {
+            Ok(link) => *self.conn.lock() = link,
+            Err(err) => tracing::warn!(%err, "could not replace the command connection"),
+        }
+        self.rebase.lock().extend(moved.iter().cloned());
+        self.registry.resync(&moved);
+        self.pubsub_reset.notify_one();
+    }
+}
+
+/// Parses a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id], replicas...], ...]`.
+fn parse_slots(reply: redis::Value) -> Option<(SlotMap, Vec<String>)> {
+    let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(reply).ok()?;
+    let mut map = SlotMap::new();
+    let mut nodes = Vec::new();
+    for range in ranges {
+        let mut fields = range.into_iter();
+        let lo: u16 = redis::from_redis_value(fields.next()?).ok()?;
+        let hi: u16 = redis::from_redis_value(fields.next()?).ok()?;
+        let mut addrs = fields.filter_map(|node| {
+            let node: Vec<redis::Value> = redis::from_redis_value(node).ok()?;
+            let mut node = node.into_iter();
+            let host: String = redis::from_redis_value(node.next()?).ok()?;
+            let port: u16 = redis::from_redis_value(node.next()?).ok()?;
+            Some(format!("{host}:{port}"))
+        });
+        let master = addrs.next()?;
+        nodes.push(master.clone());
+        nodes.extend(addrs);
+        map.push((lo, hi, master));
+    }
+    map.sort();
+    Some((map, nodes))
+}
