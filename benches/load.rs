@@ -21,7 +21,11 @@
 //!   sequence-numbered, `--payload` bytes) to random channels at `--rate` per second (0: as
 //!   fast as the node accepts) over one `PushStream`, for `--duration` seconds. Reports
 //!   deliveries/s, latency percentiles, lost/duplicated/out-of-order counts, the node's CPU
-//!   time per delivery, and the generator's own CPU.
+//!   time per delivery, and the generator's own CPU. With `--nodes` (more nodes of one
+//!   cluster), the sockets spread over every node and the pushes go through all of them in
+//!   turn; with `--redis-ports`, the Redis servers' CPU and commands per push, in all and per
+//!   server (how the load spreads over a cluster's shards). `benches/cluster.sh` runs it with
+//!   three nodes on one Redis and on a three-master Redis Cluster.
 //! * `calls`: unary control calls (`IssueConnection` then `Subscribe`, as a page render does)
 //!   with `--in-flight` of them at once over `--connections` HTTP/2 connections, `--requests`
 //!   in all. Reports calls/s, failures by gRPC status, and the node's CPU per call.
@@ -114,6 +118,14 @@ struct Args {
     /// Channels the idle sockets are spread over (`idle`).
     #[arg(long, default_value_t = 100)]
     idle_channels: usize,
+    /// More nodes of the same cluster, `WS=CONTROL` each (`fanout`): sockets are spread over
+    /// all the nodes (`--ws` and these), and pushes go through all their control planes.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Redis servers (ports on 127.0.0.1) whose CPU and commands to report per push
+    /// (`fanout`): the one server, or every master of a cluster.
+    #[arg(long, value_delimiter = ',')]
+    redis_ports: Vec<u16>,
     /// Namespace of the idle sockets' channels (`idle`): `NS:idle-N`. With it, the run ends by
     /// timing `PresenceStats` and `Presence` on the first channel (the node must keep presence
     /// for the namespace).
@@ -180,7 +192,57 @@ async fn tcp_from(args: &Args, i: usize) -> anyhow::Result<TcpStream> {
     if args.rcvbuf > 0 {
         socket.set_recv_buffer_size(args.rcvbuf)?;
     }
-    Ok(socket.connect(args.ws).await?)
+    Ok(socket.connect(ws_of(args, i)?).await?)
+}
+
+/// The client plane socket `i` goes to: `--ws`, or one of `--nodes` in turn.
+fn ws_of(args: &Args, i: usize) -> anyhow::Result<SocketAddr> {
+    let n = args.nodes.len() + 1;
+    match i % n {
+        0 => Ok(args.ws),
+        k => {
+            let (ws, _) = args.nodes[k - 1]
+                .split_once('=')
+                .context("--nodes takes WS=CONTROL")?;
+            Ok(ws.parse()?)
+        }
+    }
+}
+
+/// Every node's control plane: `--control`, then those of `--nodes`.
+fn controls(args: &Args) -> anyhow::Result<Vec<String>> {
+    let mut all = vec![args.control.clone()];
+    for node in &args.nodes {
+        let (_, control) = node.split_once('=').context("--nodes takes WS=CONTROL")?;
+        all.push(control.to_owned());
+    }
+    Ok(all)
+}
+
+/// CPU time (user + system, microseconds) and commands processed of the Redis on `port`.
+async fn redis_usage(port: u16) -> anyhow::Result<(u64, u64)> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("all").query_async(&mut conn).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = field("used_cpu_sys:") + field("used_cpu_user:");
+    Ok((
+        (cpu * 1e6) as u64,
+        field("total_commands_processed:") as u64,
+    ))
+}
+
+async fn redis_usages(ports: &[u16]) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut all = Vec::new();
+    for port in ports {
+        all.push(redis_usage(*port).await?);
+    }
+    Ok(all)
 }
 
 /// Opens a socket with the generator's lean client ([`RawWs`]).
@@ -191,7 +253,7 @@ async fn connect_raw(
 ) -> anyhow::Result<RawWs> {
     RawWs::handshake(
         tcp_from(args, i).await?,
-        &args.ws.to_string(),
+        &ws_of(args, i)?.to_string(),
         &ws_path(creds),
     )
     .await
@@ -692,6 +754,9 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
     let connect_elapsed = started.elapsed();
     let node_cpu_connected = args.pid.map(cpu_us).transpose()?;
     let failed = sockets.iter().filter(|s| s.is_err()).count();
+    if let Some(Err(err)) = sockets.iter().find(|s| s.is_err()) {
+        eprintln!("first failed socket: {err:#}");
+    }
     let sockets: Vec<_> = sockets.into_iter().filter_map(Result::ok).collect();
     let subscribers_per_channel = {
         let mut n = vec![0u64; channels.len()];
@@ -748,16 +813,22 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         }));
     }
 
-    // The publisher: one PushStream, paced by --rate.
+    // The publisher: one PushStream per node, in turn, paced by --rate.
     let pushed = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
-    let mut push_client = control.clone();
-    let push_call = tokio::spawn(async move {
-        push_client
-            .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let mut txs = Vec::new();
+    let mut push_calls = Vec::new();
+    for url in controls(args)? {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
+        let mut push_client = ControlClient::connect(url).await?;
+        push_calls.push(tokio::spawn(async move {
+            push_client
+                .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }));
+        txs.push(tx);
+    }
+    let redis_start = redis_usages(&args.redis_ports).await?;
     let node_cpu_start = args.pid.map(cpu_us).transpose()?;
     let gen_cpu_start = cpu_us(std::process::id())?;
     let pushing_started = Instant::now();
@@ -780,6 +851,9 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             seqs[c],
             now_us()
         );
+        // Each channel's pushes go through one node, so the generator's sequence is the
+        // channel's order (pushes through two nodes are ordered by Redis, not by their caller).
+        let tx = &txs[c % txs.len()];
         if tx
             .send(pb::PushRequest {
                 channels: vec![channels[c].clone()],
@@ -794,8 +868,13 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         pushed.fetch_add(1, Ordering::Relaxed);
         expected.fetch_add(subscribers_per_channel[c], Ordering::Relaxed);
     }
-    drop(tx);
-    let summary = push_call.await??.into_inner();
+    drop(txs);
+    let mut summary = pb::PushStreamResponse::default();
+    for call in push_calls {
+        let part = call.await??.into_inner();
+        summary.pushes += part.pushes;
+        summary.queued += part.queued;
+    }
     let push_elapsed = pushing_started.elapsed();
     // Let in-flight frames land: wait until all expected frames arrived, or nothing has
     // arrived for three seconds.
@@ -812,6 +891,7 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
     }
     let node_cpu_end = args.pid.map(cpu_us).transpose()?;
     let gen_cpu_end = cpu_us(std::process::id())?;
+    let redis_end = redis_usages(&args.redis_ports).await?;
     stop.cancel();
     let mut total = Tally::default();
     for r in readers {
@@ -892,6 +972,30 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         "generator CPU   {:.0}% of a core while pushing",
         gen_cpu as f64 / 1e4 / secs
     );
+    // Redis: CPU and commands per push, in all and per server (the spread over shards).
+    let shards: Vec<(u64, u64)> = redis_start
+        .iter()
+        .zip(&redis_end)
+        .map(|(a, b)| (b.0 - a.0, b.1 - a.1))
+        .collect();
+    let redis_cpu: u64 = shards.iter().map(|s| s.0).sum();
+    let pushes = summary.pushes.max(1) as f64;
+    if !shards.is_empty() {
+        println!(
+            "redis CPU       {:.2} us per push in all ({:.0}% of a core), over {} server(s)",
+            redis_cpu as f64 / pushes,
+            redis_cpu as f64 / 1e4 / secs,
+            shards.len()
+        );
+        for (port, (cpu, commands)) in args.redis_ports.iter().zip(&shards) {
+            println!(
+                "redis :{port}    {:.2} us per push, {:.0}% of the Redis CPU, {:.2} commands per push",
+                *cpu as f64 / pushes,
+                100.0 * *cpu as f64 / redis_cpu.max(1) as f64,
+                *commands as f64 / pushes
+            );
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -903,6 +1007,11 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "node_cpu_us_per_delivery": per_delivery, "node_cpu_us_per_handshake": per_handshake,
             "generator_cpu_pct": gen_cpu as f64 / 1e4 / secs,
+            "nodes": args.nodes.len() + 1,
+            "redis_cpu_us_per_push": (!shards.is_empty()).then(|| redis_cpu as f64 / pushes),
+            "redis_shards": args.redis_ports.iter().zip(&shards).map(|(port, (cpu, commands))| serde_json::json!({
+                "port": port, "cpu_us_per_push": *cpu as f64 / pushes, "commands_per_push": *commands as f64 / pushes,
+            })).collect::<Vec<_>>(),
         })
     );
     Ok(())

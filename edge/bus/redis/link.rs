@@ -232,7 +232,7 @@ impl ConnectionLike for Link {
 /// server that is one pipeline; on a cluster each goes to its shard. Answers come back in the
 /// order the answered commands were added.
 pub(super) struct Batch<'a> {
-    parts: Vec<Option<(Pipeline, Vec<usize>)>>,
+    parts: Vec<Option<Part>>,
     loads: Vec<&'a Script>,
     answered: usize,
 }
@@ -244,9 +244,19 @@ pub(super) struct Answers {
     pub(super) failed: Option<RedisError>,
 }
 
+/// One partition's pipeline, the indices of its answers, and whether it holds only script
+/// runs (then it is safe to send again after a `NOSCRIPT`: none of them ran).
+struct Part {
+    pipe: Pipeline,
+    indices: Vec<usize>,
+    scripts_only: bool,
+}
+
 impl<'a> Batch<'a> {
-    /// A batch over `partitions` whose pipelines each load `loads` first (a Redis that lost
-    /// its script cache never fails one with `NOSCRIPT`).
+    /// A batch over `partitions` whose script runs are of `loads`: a partition whose Redis
+    /// answers `NOSCRIPT` (it restarted, or a replica took over, and lost its script cache)
+    /// has them loaded and its pipeline sent again, so scripts are not loaded with every
+    /// pipeline (which cost Redis a SHA1 of the script per pipeline).
     pub(super) fn new(partitions: usize, loads: &[&'a Script]) -> Self {
         Self {
             parts: (0..partitions).map(|_| None).collect(),
@@ -255,39 +265,42 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn part(&mut self, p: usize) -> &mut (Pipeline, Vec<usize>) {
-        let loads = &self.loads;
+    fn part(&mut self, p: usize) -> &mut Part {
         self.parts[p].get_or_insert_with(|| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for script in loads {
-                pipe.load_script(script).ignore();
+            Part {
+                pipe,
+                indices: Vec::new(),
+                scripts_only: true,
             }
-            (pipe, Vec::new())
         })
     }
 
     /// The pipeline of partition `p`, for commands whose answers are ignored (`.ignore()`).
     pub(super) fn ignored(&mut self, p: usize) -> &mut Pipeline {
-        &mut self.part(p).0
+        let part = self.part(p);
+        part.scripts_only = false;
+        &mut part.pipe
     }
 
     /// Adds a script run to partition `p`; its answer comes back.
     pub(super) fn invoke(&mut self, p: usize, invocation: &ScriptInvocation<'_>) {
         let index = self.answered;
         self.answered += 1;
-        let (pipe, indices) = self.part(p);
-        pipe.invoke_script(invocation);
-        indices.push(index);
+        let part = self.part(p);
+        part.pipe.invoke_script(invocation);
+        part.indices.push(index);
     }
 
     /// Adds a command to partition `p`; its answer comes back.
     pub(super) fn cmd(&mut self, p: usize, cmd: Cmd) {
         let index = self.answered;
         self.answered += 1;
-        let (pipe, indices) = self.part(p);
-        pipe.add_command(cmd);
-        indices.push(index);
+        let part = self.part(p);
+        part.scripts_only = false;
+        part.pipe.add_command(cmd);
+        part.indices.push(index);
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -296,10 +309,35 @@ impl<'a> Batch<'a> {
 
     /// Runs every partition's pipeline on `link`, concurrently.
     pub(super) async fn run(self, link: &Link) -> Answers {
-        let runs = self.parts.into_iter().flatten().map(|(pipe, indices)| {
+        let loads = &self.loads;
+        let runs = self.parts.into_iter().flatten().map(|part| {
             let mut conn = link.clone();
             async move {
-                let got: RedisResult<Vec<RedisResult<Value>>> = pipe.query_async(&mut conn).await;
+                let Part {
+                    pipe,
+                    indices,
+                    scripts_only,
+                } = part;
+                let mut got: RedisResult<Vec<RedisResult<Value>>> =
+                    pipe.query_async(&mut conn).await;
+                let no_script = |r: &RedisResult<Value>| {
+                    r.as_ref().err().and_then(RedisError::code) == Some("NOSCRIPT")
+                };
+                if scripts_only
+                    && !loads.is_empty()
+                    && got.as_ref().is_ok_and(|g| g.iter().any(no_script))
+                {
+                    // None ran: load the scripts and send the same runs again.
+                    let mut again = redis::pipe();
+                    again.ignore_errors();
+                    for script in loads {
+                        again.load_script(script).ignore();
+                    }
+                    for cmd in pipe.cmd_iter() {
+                        again.add_command(cmd.clone());
+                    }
+                    got = again.query_async(&mut conn).await;
+                }
                 (got, indices)
             }
         });
