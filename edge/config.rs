@@ -355,7 +355,8 @@ settings! {
         ws_path: String = "/ws" [text] "CHANNELGATE_WS_PATH" "PATH";
         /// Name of the cookie carrying the socket key.
         key_cookie: String = "socket_key" [text] "CHANNELGATE_KEY_COOKIE" "NAME";
-        /// Cluster mode: the Redis every node shares (redis://host:port[/db]); requires secret.
+        /// Cluster mode: the Redis every node shares, one server (redis://host:port[/db]) or a
+        /// Redis Cluster by seed nodes (redis-cluster://host:port,host:port); requires secret.
         /// None: a single node with an in-memory bus.
         redis: String = none [text] "CHANNELGATE_REDIS" "URL";
         /// Prefix of this deployment's Redis keys and channels.

@@ -1,29 +1,34 @@
-//! Cluster mode: the bus over one Redis deployment.
+//! Cluster mode: the bus over one Redis deployment, one server or a Redis Cluster.
 //!
 //! # What Redis holds (all keys under the configured prefix `P`)
+//! Every key is `P:{t}:...`, where `{t}` is the Redis Cluster hash tag of a partition
+//! ([`keys`]): the partition of the name the key is about (a digest `d`, a channel `C`, a user,
+//! a group); per-partition indexes (`ends`, `nl`, `out`, `vacating`, `nodes`) exist once per
+//! partition, and a script touches only the keys of one. One server has one partition.
+//!
 //! | key | type | what | lifetime |
 //! | --- | --- | --- | --- |
-//! | `P:s:{digest}` | hash `state, exp, until, node` | the credentials' state: `issued`, `live` (on `node`), `grace` (until `until`), `dead` | until the id expires (longer while live or in grace) |
-//! | `P:subs:{digest}` | set | the digest's channels | as `P:s:{digest}`; deleted when dead |
-//! | `P:u:<user>` | set | the digests issued for `<user>` (`P:s:{digest}` holds `user` and `info` too) | the newest credentials' deadline plus [`LIVE_TTL`]; renewed with live sockets |
-//! | `P:nodes` | sorted set | node id → last heartbeat (ms) | heartbeats every second; a dead node's entry is removed once its sockets are ended |
-//! | `P:nl:{node}` | set | the digests live on `node` | renewed with them |
-//! | `P:ends` | sorted set | digests in their grace → when it ends (ms) | until resumed or ended |
-//! | `P:ch:{C}:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
-//! | `P:ch:{C}:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
-//! | `P:ch:{C}:pr` / `P:ch:{C}:pu` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, and user → connections | until the last member leaves |
-//! | `P:out` | stream, fields `cid, digest, action, json` | lifecycle events the scripts that decided them wrote, until a node relayed them to the groups' queues (consumer group `relay`) | deleted once relayed; capped at `MAXLEN ~ 100000` |
-//! | `P:presence-gone` | sorted set | nodes whose connections left presence for silence → when | until the node heartbeats again or is reaped |
-//! | `P:vacating` | sorted set | channels with occupancy whose last member left → when `vacated` is due (ms) | until told, or a member is back |
-//! | `P:ch:{C}:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
+//! | `P:{t(d)}:s:d` | hash `state, exp, until, node` | the credentials' state: `issued`, `live` (on `node`), `grace` (until `until`), `dead` | until the id expires (longer while live or in grace) |
+//! | `P:{t(d)}:subs:d` | set | the digest's channels | as `P:{t}:s:d`; deleted when dead |
+//! | `P:{t(u)}:u:<user>` | set | the digests issued for `<user>` (`s` holds `user` and `info` too) | the newest credentials' deadline plus [`LIVE_TTL`]; renewed with live sockets |
+//! | `P:{t}:nodes` | sorted set | node id → last heartbeat (ms); every node writes every partition's copy | heartbeats every second; a dead node's entry is removed once its sockets are ended |
+//! | `P:{t}:nl:{node}` | set | the partition's digests live on `node` | renewed with them |
+//! | `P:{t}:ends` | sorted set | the partition's digests in their grace → when it ends (ms) | until resumed or ended |
+//! | `P:{t(C)}:ch:C:m` | hash `e, o` | channel `C`'s epoch and last offset | `position-ttl` after its last push |
+//! | `P:{t(C)}:ch:C:l` | stream, ids `0-<offset>`, fields `t` (ms), `p` (payload) | `C`'s last pushes, capped at `history-size` (`MAXLEN ~`) | `history-ttl` after its last push |
+//! | `P:{t(C)}:ch:C:pr` / `:pu` / `:pn` | hashes | channels that keep presence: digest → `{cid,user,info,since}`, user → connections, digest → its socket's node | until the last member leaves |
+//! | `P:{t}:out` | stream, fields `cid, digest, action, json` | lifecycle events the partition's scripts decided, until a node relayed them to the groups' queues (consumer group `relay`) | deleted once relayed; capped at `MAXLEN ~ 100000` |
+//! | `P:{t0}:presence-gone` | sorted set | nodes whose connections left presence for silence → when | until the node heartbeats again or is reaped |
+//! | `P:{t}:vacating` | sorted set | the partition's channels with occupancy whose last member left → when `vacated` is due (ms) | until told, or a member is back |
+//! | `P:{t(C)}:ch:C:i:<key>` | string `epoch offset` | the position a push with idempotency key `<key>` got | `idempotency-window` |
 //!
-//! Every key of a channel carries the channel name as its Redis Cluster hash tag (`{C}`), so a
-//! channel's script touches one slot.
-//!
-//! Pub/sub channels: `P:ch:{C}` carries pushes to `C`, and its presence changes (messages
-//! starting with `!`), and a node subscribes only to channels its
-//! sockets or listeners use; `P:node:{id}` carries commands for one node's sockets.
-//!
+//! Pub/sub channels (sharded on a cluster: `SPUBLISH`/`SSUBSCRIBE`, so a push reaches only
+//! its channel's shard and the nodes subscribed there): `P:{t(C)}:ch:C` carries pushes to `C`,
+//! and its presence changes (messages starting with `!`), and a node subscribes only to
+//! channels its sockets or listeners use; `P:{t(n)}:node:n` carries commands for node `n`'s
+//! sockets; `P:{t}:out` wakes the outbox relays up. A cluster's topology is followed by
+//! [`topology`].
+
 //! # A push
 //! One script per push per channel ([`scripts::PUSH`]) gives the push the channel's next offset,
 //! appends it to the channel's log, records its idempotency key, and `PUBLISH`es
@@ -49,15 +54,15 @@
 //!
 //! # Final ends
 //! Every node runs a reaper ([`reaper`]) each second: credentials whose grace ran out without a
-//! resume (`P:ends`), and those still live on a node whose heartbeat is older than its lease
-//! plus the grace (`P:nl:{node}`), are ended by a script that only one node's call can win, and
+//! resume (`P:{t}:ends`), and those still live on a node whose heartbeat is older than its
+//! lease plus the grace (`P:{t}:nl:{node}`), are ended by a script that only one node's call can win, and
 //! that node tells the final `$disconnect` (`grace expired`, `node lost`).
 //!
 //! # Handle streams across nodes
-//! Each node advertises the groups of its `Handle` streams in `P:act:{action}` (sorted set of
+//! Each node advertises the groups of its `Handle` streams in `P:{t}:act:{action}` (sorted set of
 //! group → expiry; lifecycle groups under `$lifecycle`), renewed by the heartbeat. A client
 //! message that no group on its node handles is added (`XADD`) to the Redis stream
-//! `P:q:{group}` of every other group that handles it; nodes with streams of that group read it
+//! `P:{t}:q:{group}` of every other group that handles it; nodes with streams of that group read it
 //! with `XREADGROUP` (consumer group `handlers`, one consumer per node), hand it to a local
 //! stream, acknowledge it, and publish the reply to the origin node's topic. Delivery is at most
 //! once: a message whose node or stream dies before replying is answered 503 or 504, never

@@ -1,6 +1,6 @@
 //! The outbox: the lifecycle events that must not be lost with a node (`$disconnect`,
 //! `$occupied`, `$vacated`). The script that decides one (ends credentials, changes a
-//! channel's occupancy) appends it to the stream `P:out` in the same step
+//! channel's occupancy) appends it to the outbox stream in the same step
 //! ([`scripts::TELL`](super::scripts::TELL)); there is one outbox per partition
 //! (`P:{tag}:out`), and the script also publishes on the topic of that name, which wakes every
 //! node's relay up. Every node relays the outboxes to the queues of the `Handle` groups

@@ -1,6 +1,6 @@
 //! Presence in cluster mode: per channel whose namespace keeps presence, the hash
-//! `P:ch:{C}:pr` (digest → `{"cid","user","info","since"}`) and the user counts
-//! `P:ch:{C}:pu` (user → connections), changed by one script per channel
+//! `P:{t}:ch:C:pr` (digest → `{"cid","user","info","since"}`) and the user counts
+//! `P:{t}:ch:C:pu` (user → connections), changed by one script per channel
 //! ([`scripts::PRESENCE`](super::scripts::PRESENCE)), so the counts follow the entries. A
 //! connection joins at its first socket (any node) and leaves when its credentials end for good
 //! (the call or reaper that ends them), so a resume on another node changes nothing, and a dead
@@ -9,7 +9,7 @@
 //! The same script publishes each change on the channel's topic (`!join`, `!leave`,
 //! `!occupied`, `!vacated`; see [`decode_presence`]), which every node subscribed to the channel
 //! delivers to its sockets and `Listen` streams. A channel whose last member left waits in the
-//! vacating set `P:vacating` (channel → when `vacated` is due); the reaper tells it once.
+//! vacating set of its partition, `P:{t}:vacating` (channel → when `vacated` is due); the reaper tells it once.
 
 use std::time::Duration;
 
