@@ -128,22 +128,53 @@ pub fn key(prefix: &str, name: &str, rest: &str) -> String {
     format!("{prefix}:{{{tag}}}:{rest}")
 }
 
-/// Runs `cmd` on [`redis`] (one server or the cluster, routed by its key).
-pub async fn query<T: redis::FromRedisValue>(cmd: &redis::Cmd) -> T {
-    let url = redis();
-    match url.strip_prefix("redis-cluster://") {
-        Some(seeds) => {
-            let seeds: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}")).collect();
-            let client = redis::cluster::ClusterClient::new(seeds).unwrap();
-            let mut conn = client.get_async_connection().await.unwrap();
-            cmd.query_async(&mut conn).await.unwrap()
-        }
-        None => {
-            let client = redis::Client::open(url).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            cmd.query_async(&mut conn).await.unwrap()
+/// A connection to [`redis`]: one server, or the cluster (commands routed by their key).
+pub enum Conn {
+    One(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    pub async fn open() -> Self {
+        let url = redis();
+        match url.strip_prefix("redis-cluster://") {
+            Some(seeds) => {
+                let seeds: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}")).collect();
+                let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+                Self::Cluster(client.get_async_connection().await.unwrap())
+            }
+            None => {
+                let client = redis::Client::open(url).unwrap();
+                Self::One(client.get_multiplexed_async_connection().await.unwrap())
+            }
         }
     }
+
+    pub async fn cmd<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Self::One(c) => cmd.query_async(c).await,
+            Self::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+
+    /// A pipeline (on a cluster, its keys must share a slot).
+    pub async fn pipe<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Self::One(c) => pipe.query_async(c).await,
+            Self::Cluster(c) => pipe.query_async(c).await,
+        }
+    }
+}
+
+/// Runs `cmd` on [`redis`] (one server or the cluster, routed by its key).
+pub async fn query<T: redis::FromRedisValue>(cmd: &redis::Cmd) -> T {
+    Conn::open().await.cmd(cmd).await.unwrap()
 }
 
 async fn credentials_subscriptions_and_pushes_cross_nodes() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::{
-    cluster::{node_with, redis, spawn_node, unique_prefix, REDIS},
+    cluster::{node_with, redis, spawn_node, unique_prefix},
     handle::{join, Service},
     support::{connect_at, wait_until, Creds, Gateway},
 };
@@ -223,23 +223,22 @@ async fn a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed() {
 /// pending on that consumer, never acknowledged. The entry is added and taken in one `MULTI`,
 /// so no live node reads it first.
 async fn add_and_take_as_a_dead_consumer(stream: &str, group: &str, fields: &[(&str, &str)]) {
-    let redis = redis::Client::open(REDIS).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let _: Result<(), _> = redis::cmd("XGROUP")
+    let mut conn = crate::cluster::Conn::open().await;
+    let mut create = redis::cmd("XGROUP");
+    create
         .arg("CREATE")
         .arg(stream)
         .arg(group)
         .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await;
+        .arg("MKSTREAM");
+    let _: Result<(), _> = conn.cmd(&create).await;
     let mut add = redis::cmd("XADD");
     add.arg(stream).arg("*");
     for (k, v) in fields {
         add.arg(*k).arg(*v);
     }
-    let (_, taken): (String, redis::streams::StreamReadReply) = redis::pipe()
-        .atomic()
+    let mut take = redis::pipe();
+    take.atomic()
         .add_command(add)
         .cmd("XREADGROUP")
         .arg("GROUP")
@@ -247,10 +246,8 @@ async fn add_and_take_as_a_dead_consumer(stream: &str, group: &str, fields: &[(&
         .arg("dead-node")
         .arg("STREAMS")
         .arg(stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+        .arg(">");
+    let (_, taken): (String, redis::streams::StreamReadReply) = conn.pipe(&take).await.unwrap();
     assert_eq!(
         taken.keys[0].ids.len(),
         1,
@@ -260,7 +257,6 @@ async fn add_and_take_as_a_dead_consumer(stream: &str, group: &str, fields: &[(&
 
 /// A node that wrote nothing wrong but died after taking an event from the outbox, before
 /// relaying it: another node claims it and the lifecycle group still gets it, once.
-#[tokio::test]
 async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
     let prefix = unique_prefix("outbox-claim");
     let a = gateway(Some(&prefix)).await;
@@ -269,7 +265,7 @@ async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
     let digest = "ab".repeat(32);
     let taken = Instant::now();
     add_and_take_as_a_dead_consumer(
-        &format!("{prefix}:{{0}}:out"),
+        &crate::cluster::key(&prefix, "any", "out"),
         "relay",
         &[
             ("cid", "orphan-id"),
@@ -293,7 +289,6 @@ async fn an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another() {
 
 /// A node of a `Handle` group that took a lifecycle event from the group's queue and died
 /// before handing it to its stream: another node of the group claims it for its stream.
-#[tokio::test]
 async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
     let prefix = unique_prefix("queue-claim");
     let a = gateway(Some(&prefix)).await;
@@ -301,7 +296,7 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
     wait_advertised(&prefix, "lifecycle").await;
     let digest = "cd".repeat(32);
     add_and_take_as_a_dead_consumer(
-        &format!("{prefix}:{{0}}:q:lifecycle"),
+        &crate::cluster::key(&prefix, "lifecycle", "q:lifecycle"),
         "handlers",
         &[
             ("origin", "dead-node"),
@@ -324,6 +319,8 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
 }
 
 crate::on_both!(
+    a_lifecycle_event_a_dead_group_member_took_reaches_another_member,
+    an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another,
     every_connection_ends_with_one_final_disconnect_across_nodes,
     a_sigkilled_nodes_sockets_end_with_node_lost_once_the_grace_passed,
 );
