@@ -203,6 +203,35 @@ impl RedisCluster {
         panic!("no master serves slot {slot}");
     }
 
+    /// The node id of the server on `port`.
+    pub fn id(&self, port: u16) -> String {
+        cli(port, &["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// Moves `slot` (its keys too) from the master on `from` to the master on `to`, the way
+    /// `redis-cli --cluster reshard` does: importing and migrating marks, `MIGRATE` of its keys
+    /// in batches, then the new owner told to every master.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let slot = slot.to_string();
+        let (from_id, to_id) = (self.id(from), self.id(to));
+        cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            cli(from, &args);
+        }
+        for port in self.masters() {
+            cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
+    }
+
     /// SIGKILLs the server on `port`.
     pub fn kill(&self, port: u16) {
         let info = cli(port, &["INFO", "server"]);
