@@ -77,6 +77,11 @@ impl Keys {
         usize::from(slot(name.as_bytes()) / (SLOTS / self.bases.len() as u16))
     }
 
+    /// The slot of partition `p` (its tag's).
+    pub(super) fn slot(&self, p: usize) -> u16 {
+        key_slot(&self.bases[p])
+    }
+
     /// `P:{tag}:rest` in partition `p`.
     pub(super) fn at(&self, p: usize, rest: &str) -> String {
         format!("{}:{rest}", self.bases[p])

@@ -307,44 +307,56 @@ impl<'a> Batch<'a> {
         self.parts.iter().all(Option::is_none)
     }
 
-    /// Runs every partition's pipeline on `link`, concurrently.
-    pub(super) async fn run(self, link: &Link) -> Answers {
-        let loads = &self.loads;
-        let runs = self.parts.into_iter().flatten().map(|part| {
-            let mut conn = link.clone();
-            async move {
-                let Part {
-                    pipe,
-                    indices,
-                    scripts_only,
-                } = part;
-                let mut got: RedisResult<Vec<RedisResult<Value>>> =
-                    pipe.query_async(&mut conn).await;
-                let no_script = |r: &RedisResult<Value>| {
-                    r.as_ref().err().and_then(RedisError::code) == Some("NOSCRIPT")
-                };
-                if scripts_only
-                    && !loads.is_empty()
-                    && got.as_ref().is_ok_and(|g| g.iter().any(no_script))
-                {
-                    // None ran: load the scripts and send the same runs again.
-                    let mut again = redis::pipe();
-                    again.ignore_errors();
-                    for script in loads {
-                        again.load_script(script).ignore();
-                    }
-                    for cmd in pipe.cmd_iter() {
-                        again.add_command(cmd.clone());
-                    }
-                    got = again.query_async(&mut conn).await;
-                }
-                (got, indices)
-            }
+    /// Runs every partition's pipeline, concurrently: on `link`, or, on a cluster whose masters
+    /// are known (`shards`), the script runs of all partitions one master owns as one
+    /// pipeline straight to it (a cluster pipeline must stay on one slot; one per master
+    /// batches far better). A run the master answers with a redirection (the slot moved),
+    /// `TRYAGAIN`, `CLUSTERDOWN` or `NOSCRIPT` did not run, and goes again through `link`,
+    /// which follows redirections.
+    pub(super) async fn run(self, link: &Link, shards: Option<&Shards>) -> Answers {
+        let Batch {
+            parts,
+            loads,
+            answered,
+        } = self;
+        let loads = &loads;
+        let mut direct: Vec<Vec<Part>> = shards.map_or_else(Vec::new, |s| {
+            (0..s.conns.len()).map(|_| Vec::new()).collect()
         });
+        let mut via_link = Vec::new();
+        for (p, part) in parts.into_iter().enumerate() {
+            let Some(part) = part else { continue };
+            match shards.and_then(|s| s.owner[p]) {
+                Some(k) if part.scripts_only => direct[k].push(part),
+                _ => via_link.push(part),
+            }
+        }
+        let on_link = via_link.into_iter().map(|part| async move {
+            let indices = part.indices.clone();
+            vec![(run_part(link, part, loads).await, indices)]
+        });
+        let on_shards = direct
+            .into_iter()
+            .enumerate()
+            .filter(|(_, parts)| !parts.is_empty())
+            .map(|(k, parts)| {
+                let conn = shards.map(|s| s.conns[k].clone());
+                async move {
+                    match conn {
+                        Some(conn) => run_on_shard(conn, parts, link, loads).await,
+                        None => Vec::new(),
+                    }
+                }
+            });
+        let (a, b) = futures_util::future::join(
+            futures_util::future::join_all(on_link),
+            futures_util::future::join_all(on_shards),
+        )
+        .await;
         let mut values: Vec<Option<Result<Value, RedisError>>> =
-            (0..self.answered).map(|_| None).collect();
+            (0..answered).map(|_| None).collect();
         let mut failed = None;
-        for (got, indices) in futures_util::future::join_all(runs).await {
+        for (got, indices) in a.into_iter().chain(b).flatten() {
             match got {
                 Ok(got) => {
                     let mut got = got.into_iter();
@@ -376,6 +388,115 @@ impl<'a> Batch<'a> {
                 .collect(),
             failed,
         }
+    }
+}
+
+type PartResult = (RedisResult<Vec<RedisResult<Value>>>, Vec<usize>);
+
+/// One partition's pipeline on `link`; a part of script runs only that Redis answers
+/// `NOSCRIPT` gets `loads` loaded and goes again (none of them ran).
+async fn run_part(
+    link: &Link,
+    part: Part,
+    loads: &[&Script],
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    let mut conn = link.clone();
+    let got: RedisResult<Vec<RedisResult<Value>>> = part.pipe.query_async(&mut conn).await;
+    let no_script =
+        |r: &RedisResult<Value>| r.as_ref().err().and_then(RedisError::code) == Some("NOSCRIPT");
+    if part.scripts_only && !loads.is_empty() && got.as_ref().is_ok_and(|g| g.iter().any(no_script))
+    {
+        let mut again = redis::pipe();
+        again.ignore_errors();
+        for script in loads {
+            again.load_script(script).ignore();
+        }
+        for cmd in part.pipe.cmd_iter() {
+            again.add_command(cmd.clone());
+        }
+        return again.query_async(&mut conn).await;
+    }
+    got
+}
+
+/// The script runs of `parts` (all on one master) as one pipeline on `conn`; those it did not
+/// run (see [`Batch::run`]) go again through `link`.
+async fn run_on_shard(
+    mut conn: MultiplexedConnection,
+    parts: Vec<Part>,
+    link: &Link,
+    loads: &[&Script],
+) -> Vec<PartResult> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for part in &parts {
+        for cmd in part.pipe.cmd_iter() {
+            pipe.add_command(cmd.clone());
+        }
+    }
+    let got: RedisResult<Vec<RedisResult<Value>>> = pipe.query_async(&mut conn).await;
+    let mut got = match got {
+        // What ran is not known: as on `link`, the runs fail (a push is not retried).
+        Err(err) => {
+            return parts
+                .into_iter()
+                .map(|p| (Err(err.clone()), p.indices))
+                .collect();
+        }
+        Ok(got) => got.into_iter(),
+    };
+    let not_run = |r: &RedisResult<Value>| {
+        matches!(
+            r.as_ref().err().and_then(RedisError::code),
+            Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "NOSCRIPT")
+        )
+    };
+    let mut results = Vec::with_capacity(parts.len());
+    for part in parts {
+        let mut answers: Vec<RedisResult<Value>> = got.by_ref().take(part.indices.len()).collect();
+        let again: Vec<usize> = (0..answers.len())
+            .filter(|i| not_run(&answers[*i]))
+            .collect();
+        if !again.is_empty() {
+            let mut retry = redis::pipe();
+            retry.ignore_errors();
+            let cmds: Vec<&Cmd> = part.pipe.cmd_iter().collect();
+            for &i in &again {
+                retry.add_command(cmds[i].clone());
+            }
+            let retry = Part {
+                pipe: retry,
+                indices: Vec::new(),
+                scripts_only: true,
+            };
+            match run_part(link, retry, loads).await {
+                Ok(retried) => {
+                    for (i, answer) in again.into_iter().zip(retried) {
+                        answers[i] = answer;
+                    }
+                }
+                Err(err) => {
+                    for i in again {
+                        answers[i] = Err(err.clone());
+                    }
+                }
+            }
+        }
+        results.push((Ok(answers), part.indices));
+    }
+    results
+}
+
+/// Where a cluster's partitions are: a connection straight to each master, and the master of
+/// each partition's slot (from the slot map the topology watcher reads).
+pub(super) struct Shards {
+    pub(super) conns: Vec<MultiplexedConnection>,
+    pub(super) owner: Vec<Option<usize>>,
+}
+
+impl std::fmt::Debug for Shards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shards({} masters)", self.conns.len())
     }
 }
 

@@ -118,7 +118,7 @@ mod scripts;
 mod topology;
 
 use keys::Keys;
-use link::{Answers, Batch, Endpoint, Link, Sink};
+use link::{Answers, Batch, Endpoint, Link, Shards, Sink};
 use relay::PushJob;
 
 use scripts::Scripts;
@@ -244,6 +244,9 @@ pub(crate) struct RedisBus {
     rebase: Mutex<HashSet<Channel>>,
     /// Tells the pub/sub task to connect again (the cluster's topology changed).
     pubsub_reset: tokio::sync::Notify,
+    /// Cluster: a connection to each master and the master of each partition, for pipelines
+    /// per master; `None` until the slot map was read (pipelines then go per partition).
+    shards: Mutex<Option<Arc<Shards>>>,
 }
 
 #[derive(Debug, Default)]
@@ -349,6 +352,7 @@ impl RedisBus {
             confirming: Mutex::new(HashSet::new()),
             rebase: Mutex::new(HashSet::new()),
             pubsub_reset: tokio::sync::Notify::new(),
+            shards: Mutex::new(None),
         });
         tracing::info!(node = %bus.node, prefix, redis_cluster = cluster, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
@@ -482,7 +486,8 @@ impl RedisBus {
     /// Runs a batch of answered commands: one answer per command; the outer error when no
     /// partition's Redis could be reached.
     async fn run_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<redis::Value, Error>>, Error> {
-        let Answers { values, failed } = batch.run(&self.link()).await;
+        let shards = self.shards.lock().clone();
+        let Answers { values, failed } = batch.run(&self.link(), shards.as_deref()).await;
         if let Some(err) = &failed {
             if values.iter().all(Result::is_err) {
                 return Err(self.unavailable(err));
@@ -496,7 +501,12 @@ impl RedisBus {
 
     /// Runs a batch of commands whose answers are ignored; the first failure.
     async fn run_quiet(&self, batch: Batch<'_>) -> Result<(), redis::RedisError> {
-        batch.run(&self.link()).await.failed.map_or(Ok(()), Err)
+        let shards = self.shards.lock().clone();
+        batch
+            .run(&self.link(), shards.as_deref())
+            .await
+            .failed
+            .map_or(Ok(()), Err)
     }
 
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while

@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{keys::key_slot, RedisBus, BACKOFF_MAX, COMMAND_TIMEOUT};
+use super::{keys::key_slot, link::Shards, RedisBus, BACKOFF_MAX, COMMAND_TIMEOUT};
 
 /// How often a node reads the slot map.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
@@ -43,12 +43,46 @@ impl RedisBus {
                 continue;
             };
             known.extend(nodes);
-            match &last {
-                Some(old) if *old != map => self.follow_topology(old, &map),
-                _ => {}
+            let changed = last.as_ref() != Some(&map);
+            if let Some(old) = last.as_ref().filter(|old| **old != map) {
+                self.follow_topology(old, &map);
+            }
+            if changed || self.shards.lock().is_none() {
+                *self.shards.lock() = self.connect_shards(&map).await.map(Arc::new);
             }
             last = Some(map);
         }
+    }
+
+    /// A connection to each master of `map`, and each partition's master; `None` when one
+    /// cannot be reached (pipelines then go per partition, through the cluster client).
+    async fn connect_shards(&self, map: &SlotMap) -> Option<Shards> {
+        let mut masters: Vec<&str> = map.iter().map(|(_, _, m)| m.as_str()).collect();
+        masters.sort_unstable();
+        masters.dedup();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let mut conns = Vec::with_capacity(masters.len());
+        for master in &masters {
+            let client = redis::Client::open(self.endpoint.node_url(master)).ok()?;
+            let conn = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            conns.push(conn);
+        }
+        let owner = (0..self.keys.partitions())
+            .map(|p| {
+                let slot = self.keys.slot(p);
+                let (_, _, master) = map.iter().find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))?;
+                masters.iter().position(|m| *m == master)
+            })
+            .collect();
+        Some(Shards { conns, owner })
     }
 
     /// The slot map and every node's address, from the first known node that answers.
@@ -94,6 +128,7 @@ impl RedisBus {
             channels = moved.len(),
             "the Redis Cluster's slot map changed (a failover, or slots moved); reconnecting"
         );
+        *self.shards.lock() = None;
         match self.endpoint.commands(COMMAND_TIMEOUT, BACKOFF_MAX) {
             Ok(link) => *self.conn.lock() = link,
             Err(err) => tracing::warn!(%err, "could not replace the command connection"),
