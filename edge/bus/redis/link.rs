@@ -335,19 +335,13 @@ impl<'a> Batch<'a> {
             let indices = part.indices.clone();
             vec![(run_part(link, part, loads).await, indices)]
         });
+        // `direct` is empty unless `shards` is known.
+        let conns = shards.map_or(&[][..], |s| &s.conns[..]);
         let on_shards = direct
             .into_iter()
-            .enumerate()
-            .filter(|(_, parts)| !parts.is_empty())
-            .map(|(k, parts)| {
-                let conn = shards.map(|s| s.conns[k].clone());
-                async move {
-                    match conn {
-                        Some(conn) => run_on_shard(conn, parts, link, loads).await,
-                        None => Vec::new(),
-                    }
-                }
-            });
+            .zip(conns)
+            .filter(|(parts, _)| !parts.is_empty())
+            .map(|(parts, conn)| run_on_shard(conn.clone(), parts, link, loads));
         let (a, b) = futures_util::future::join(
             futures_util::future::join_all(on_link),
             futures_util::future::join_all(on_shards),

@@ -478,7 +478,8 @@ impl RedisBus {
         }
     }
 
-    /// A batch over this deployment's partitions, its pipelines loading `loads` first.
+    /// A batch over this deployment's partitions whose script runs are of `loads` (loaded
+    /// when a Redis answers `NOSCRIPT`).
     fn batch<'a>(&self, loads: &[&'a redis::Script]) -> Batch<'a> {
         Batch::new(self.keys.partitions(), loads)
     }
@@ -486,8 +487,7 @@ impl RedisBus {
     /// Runs a batch of answered commands: one answer per command; the outer error when no
     /// partition's Redis could be reached.
     async fn run_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<redis::Value, Error>>, Error> {
-        let shards = self.shards.lock().clone();
-        let Answers { values, failed } = batch.run(&self.link(), shards.as_deref()).await;
+        let Answers { values, failed } = self.send(batch).await;
         if let Some(err) = &failed {
             if values.iter().all(Result::is_err) {
                 return Err(self.unavailable(err));
@@ -501,12 +501,13 @@ impl RedisBus {
 
     /// Runs a batch of commands whose answers are ignored; the first failure.
     async fn run_quiet(&self, batch: Batch<'_>) -> Result<(), redis::RedisError> {
+        self.send(batch).await.failed.map_or(Ok(()), Err)
+    }
+
+    /// Sends `batch` on the current connections (per master, when the cluster's are known).
+    async fn send(&self, batch: Batch<'_>) -> Answers {
         let shards = self.shards.lock().clone();
-        batch
-            .run(&self.link(), shards.as_deref())
-            .await
-            .failed
-            .map_or(Ok(()), Err)
+        batch.run(&self.link(), shards.as_deref()).await
     }
 
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while

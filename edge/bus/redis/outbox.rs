@@ -90,8 +90,7 @@ impl RedisBus {
                             .collect();
                         if entries.len() == RELAY_BATCH {
                             // More waiting: read this partition again at once.
-                            self.outbox_woken.lock().insert(p);
-                            self.outbox_wake.notify_one();
+                            self.wake_outbox(p);
                         }
                         self.relay(p, &entries).await;
                     }
@@ -104,6 +103,12 @@ impl RedisBus {
                 }
             }
         }
+    }
+
+    /// Has partition `p`'s outbox read at once.
+    pub(super) fn wake_outbox(&self, p: usize) {
+        self.outbox_woken.lock().insert(p);
+        self.outbox_wake.notify_one();
     }
 
     /// Claims the events another relay took and did not relay (it died) for [`CLAIM_IDLE`].

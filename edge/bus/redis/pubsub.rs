@@ -204,16 +204,7 @@ impl RedisBus {
     /// joins its presence channels again (a join event each).
     async fn restore_live(&self) -> Result<(), redis::RedisError> {
         let mut batch = self.batch(&[]);
-        let now = now_ms();
-        for p in 0..self.keys.partitions() {
-            batch
-                .ignored(p)
-                .cmd("ZADD")
-                .arg(self.nodes_key(p))
-                .arg(now)
-                .arg(&self.node)
-                .ignore();
-        }
+        self.stamp_heartbeat(&mut batch, now_ms());
         self.run_quiet(batch).await?;
         let mut conn = self.link();
         let mut restored = 0;
@@ -354,8 +345,7 @@ impl RedisBus {
         let topic = message.get_channel_name();
         let payload = message.get_payload_bytes();
         if let Some(p) = self.keys.outbox_of_topic(topic) {
-            self.outbox_woken.lock().insert(p);
-            self.outbox_wake.notify_one();
+            self.wake_outbox(p);
         } else if let Some(channel) = self.keys.channel_of_topic(topic) {
             if payload.first() == Some(&b'!') {
                 match (

@@ -8,8 +8,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    super::Bus, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL,
-    PUSH_BATCH,
+    super::Bus, Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL,
+    NODES_TTL, PUSH_BATCH,
 };
 use crate::{
     error::Error,
@@ -126,6 +126,25 @@ impl RedisBus {
             .collect()
     }
 
+    /// Adds to `batch` this node's heartbeat at `at` (ms), in every partition's copy (a script
+    /// reads its digest's holder's on its own slot).
+    pub(super) fn stamp_heartbeat(&self, batch: &mut Batch<'_>, at: u64) {
+        for p in 0..self.keys.partitions() {
+            batch
+                .ignored(p)
+                .cmd("ZADD")
+                .arg(self.nodes_key(p))
+                .arg(at)
+                .arg(&self.node)
+                .ignore()
+                // A deployment that stops leaves nothing behind for long.
+                .cmd("PEXPIRE")
+                .arg(self.nodes_key(p))
+                .arg(NODES_TTL.as_millis() as u64)
+                .ignore();
+        }
+    }
+
     /// Renews this node's heartbeat, and the keys of its live sockets.
     pub(super) async fn heartbeat(self: Arc<Self>, halt: CancellationToken) {
         let mut tick = tokio::time::interval(HEARTBEAT);
@@ -136,23 +155,7 @@ impl RedisBus {
                 _ = halt.cancelled() => break,
             }
             let mut batch = self.batch(&[]);
-            let now = now_ms();
-            // Every partition has its copy of the heartbeats (a script reads its digest's
-            // holder's on its own slot).
-            for p in 0..self.keys.partitions() {
-                batch
-                    .ignored(p)
-                    .cmd("ZADD")
-                    .arg(self.nodes_key(p))
-                    .arg(now)
-                    .arg(&self.node)
-                    .ignore()
-                    // A deployment that stops leaves nothing behind for long.
-                    .cmd("PEXPIRE")
-                    .arg(self.nodes_key(p))
-                    .arg(NODES_TTL.as_millis() as u64)
-                    .ignore();
-            }
+            self.stamp_heartbeat(&mut batch, now_ms());
             self.advertise(&mut batch, &self.groups.borrow());
             if last_renew.elapsed() >= LIVE_RENEW {
                 last_renew = tokio::time::Instant::now();
@@ -202,16 +205,10 @@ impl RedisBus {
         // Leaving: backdate our heartbeat by a lease, so ids still marked live here (their
         // socket's end may not have reached Redis) can resume elsewhere at once, within grace.
         let mut batch = self.batch(&[]);
-        let backdated = now_ms().saturating_sub(LEASE.as_millis() as u64);
-        for p in 0..self.keys.partitions() {
-            batch
-                .ignored(p)
-                .cmd("ZADD")
-                .arg(self.nodes_key(p))
-                .arg(backdated)
-                .arg(&self.node)
-                .ignore();
-        }
+        self.stamp_heartbeat(
+            &mut batch,
+            now_ms().saturating_sub(LEASE.as_millis() as u64),
+        );
         let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.run_quiet(batch)).await;
     }
 }
