@@ -120,11 +120,7 @@ pub fn key(prefix: &str, name: &str, rest: &str) -> String {
     if !redis().starts_with("redis-cluster://") {
         return format!("{prefix}:{{0}}:{rest}");
     }
-    let slot = |s: &str| crc16::State::<crc16::XMODEM>::calculate(s.as_bytes()) % 16_384;
-    let partition = slot(name) / 128;
-    let tag = (0u64..)
-        .find(|k| slot(&k.to_string()) / 128 == partition)
-        .unwrap();
+    let tag = crate::redis_cluster::tag_of(name);
     format!("{prefix}:{{{tag}}}:{rest}")
 }
 

@@ -42,12 +42,21 @@ pub fn shared_url() -> String {
 /// independently of the gateway: `slot / 128` is the partition; its tag, the first integer
 /// in it).
 pub fn slot_of_channel(channel: &str) -> u16 {
-    let slot = |s: &str| crc16::State::<crc16::XMODEM>::calculate(s.as_bytes()) % 16_384;
-    let partition = slot(channel) / 128;
+    slot(&tag_of(channel))
+}
+
+/// The hash tag of `name`'s partition on a cluster: the first integer whose slot is in the
+/// same 128-slot range as `name`'s.
+pub fn tag_of(name: &str) -> String {
+    let partition = slot(name) / 128;
     (0u64..)
-        .map(|k| slot(&k.to_string()))
-        .find(|s| s / 128 == partition)
+        .map(|k| k.to_string())
+        .find(|k| slot(k) / 128 == partition)
         .unwrap()
+}
+
+fn slot(name: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(name.as_bytes()) % 16_384
 }
 
 pub struct RedisCluster {

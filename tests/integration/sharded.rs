@@ -11,22 +11,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::{
     cluster::{node, unique_prefix},
     redis_cluster::{cli, slot_of_channel, RedisCluster},
-    support::wait_until,
+    support::{wait_until, Gateway, Ws},
 };
 
-/// SIGKILL the master that owns a busy channel while another gateway node pushes to it: the
-/// replica takes over, every node follows, delivery resumes within 10 s, and the socket sees
-/// every push that was accepted, or a `recovered:false` saying it may have missed some.
-#[tokio::test]
-async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_lost_unsaid() {
-    let cluster = RedisCluster::start();
+/// Two nodes of `cluster` (deployment `name`) and a socket on the second subscribed to `busy`
+/// through the first, asking for positions.
+async fn busy_socket(cluster: &RedisCluster, name: &str) -> (Gateway, Gateway, Ws) {
     let url = cluster.url();
-    let prefix = unique_prefix("failover");
+    let prefix = unique_prefix(name);
     let publisher = node(&url, &prefix).await;
     let host = node(&url, &prefix).await;
     let creds = publisher.issue().await;
@@ -36,6 +33,55 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
         .await
         .unwrap();
     ws.connected().await;
+    (publisher, host, ws)
+}
+
+/// What a socket of `busy` got: the pushes' sequence numbers, and how many `recovered:false`.
+#[derive(Default)]
+struct Seen {
+    received: BTreeSet<u64>,
+    gaps: u32,
+}
+
+impl Seen {
+    /// Records a frame; the sequence number when it is a push.
+    fn take(&mut self, frame: &Value) -> Option<u64> {
+        if frame["recovered"] == json!(false) {
+            self.gaps += 1;
+        }
+        let seq = frame["payload"].as_u64()?;
+        self.received.insert(seq);
+        Some(seq)
+    }
+
+    /// Reads `ws` until the last of `accepted` arrived, then checks that every accepted push
+    /// arrived or a `recovered:false` said some may not have.
+    async fn all_or_said(&mut self, ws: &mut Ws, accepted: &BTreeSet<u64>, what: &str) {
+        let last = *accepted.last().expect("pushes were accepted");
+        while !self.received.contains(&last) {
+            self.take(&ws.recv_json().await);
+        }
+        let missing: Vec<u64> = accepted.difference(&self.received).copied().collect();
+        eprintln!(
+            "{what}: {} pushes accepted, {} missing at the socket, {} recovered:false",
+            accepted.len(),
+            missing.len(),
+            self.gaps
+        );
+        assert!(
+            missing.is_empty() || self.gaps > 0,
+            "accepted pushes {missing:?} never arrived and no recovered:false said so"
+        );
+    }
+}
+
+/// SIGKILL the master that owns a busy channel while another gateway node pushes to it: the
+/// replica takes over, every node follows, delivery resumes within 10 s, and the socket sees
+/// every push that was accepted, or a `recovered:false` saying it may have missed some.
+#[tokio::test]
+async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_lost_unsaid() {
+    let cluster = RedisCluster::start();
+    let (publisher, _host, mut ws) = busy_socket(&cluster, "failover").await;
 
     // The publisher: one push every 20 ms through the other node; an accepted push is recorded
     // (a refused one, UNAVAILABLE while the shard has no master, was not made).
@@ -61,13 +107,10 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
         })
     };
 
-    let mut received = BTreeSet::new();
-    let mut gaps = 0;
+    let mut seen = Seen::default();
     let mut last_before = 0;
-    while received.len() < 20 {
-        let v = ws.recv_json().await;
-        if let Some(seq) = v["payload"].as_u64() {
-            received.insert(seq);
+    while seen.received.len() < 20 {
+        if let Some(seq) = seen.take(&ws.recv_json().await) {
             last_before = seq;
         }
     }
@@ -80,11 +123,7 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
         let v = tokio::time::timeout(Duration::from_secs(20), ws.recv_json())
             .await
             .expect("delivery resumes");
-        if v["recovered"] == json!(false) {
-            gaps += 1;
-        }
-        if let Some(seq) = v["payload"].as_u64() {
-            received.insert(seq);
+        if let Some(seq) = seen.take(&v) {
             if seq > last_before && *refused.lock().unwrap() > 0 {
                 break killed.elapsed();
             }
@@ -103,31 +142,8 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     pushing.await.unwrap();
-    let last = *accepted.lock().unwrap().last().unwrap();
-    while !received.contains(&last) {
-        let v = ws.recv_json().await;
-        if v["recovered"] == json!(false) {
-            gaps += 1;
-        }
-        if let Some(seq) = v["payload"].as_u64() {
-            received.insert(seq);
-        }
-    }
-    let missing: Vec<u64> = accepted
-        .lock()
-        .unwrap()
-        .difference(&received)
-        .copied()
-        .collect();
-    eprintln!(
-        "failover: {} pushes accepted, {} missing at the socket, {gaps} recovered:false",
-        accepted.lock().unwrap().len(),
-        missing.len()
-    );
-    assert!(
-        missing.is_empty() || gaps > 0,
-        "accepted pushes {missing:?} never arrived and no recovered:false said so"
-    );
+    let accepted = accepted.lock().unwrap().clone();
+    seen.all_or_said(&mut ws, &accepted, "failover").await;
 }
 
 /// Moving the slot of a busy channel to another master while pushes flow (`MIGRATE`, `ASK`
@@ -136,23 +152,11 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
 #[tokio::test]
 async fn a_busy_channels_slot_moves_to_another_master_and_delivery_goes_on() {
     let cluster = RedisCluster::start();
-    let url = cluster.url();
-    let prefix = unique_prefix("reshard");
-    let publisher = node(&url, &prefix).await;
-    let host = node(&url, &prefix).await;
-    let creds = publisher.issue().await;
-    publisher.subscribe(&creds, &["busy"]).await;
-    let mut ws = host
-        .connect_recovering(&creds, &json!({}), None)
-        .await
-        .unwrap();
-    ws.connected().await;
+    let (publisher, _host, mut ws) = busy_socket(&cluster, "reshard").await;
     let slot = slot_of_channel("busy");
     let from = cluster.master_of(slot);
     let to = *cluster.masters().iter().find(|m| **m != from).unwrap();
     let mut accepted = BTreeSet::new();
-    let mut received = BTreeSet::new();
-    let mut gaps = 0;
     for seq in 1..=200u64 {
         if seq == 50 {
             cluster.move_slot(slot, from, to);
@@ -172,25 +176,9 @@ async fn a_busy_channels_slot_moves_to_another_master_and_delivery_goes_on() {
         last > 150,
         "pushes go on after the move (last accepted: {last})"
     );
-    while !received.contains(&last) {
-        let v = ws.recv_json().await;
-        if v["recovered"] == json!(false) {
-            gaps += 1;
-        }
-        if let Some(seq) = v["payload"].as_u64() {
-            received.insert(seq);
-        }
-    }
-    let missing: Vec<u64> = accepted.difference(&received).copied().collect();
-    eprintln!(
-        "slot move: {} of 200 pushes accepted, {} missing at the socket, {gaps} recovered:false",
-        accepted.len(),
-        missing.len()
-    );
-    assert!(
-        missing.is_empty() || gaps > 0,
-        "accepted pushes {missing:?} never arrived and no recovered:false said so"
-    );
+    Seen::default()
+        .all_or_said(&mut ws, &accepted, "slot move")
+        .await;
 }
 
 /// A node subscribed to channels on every shard holds one pub/sub connection per master,
