@@ -56,6 +56,7 @@ pub(crate) async fn handle(
 
     // Replies come in on a task of their own; it owns the membership, so the member leaves
     // (and its in-flight deliveries get 503) when the inbound side ends or breaks a rule.
+    // The outcome is sent before the member leaves; the deliveries end when it has left.
     let (failed_tx, failed_rx) = oneshot::channel::<Status>();
     let (replies, halted) = (gateway.clone(), gateway.halted());
     gateway.spawn(async move {
@@ -63,10 +64,10 @@ pub(crate) async fn handle(
             failure = relay_replies(&replies, &member, &mut inbound) => failure,
             _ = halted => None,
         };
-        drop(member);
         if let Some(status) = failure {
             let _ = failed_tx.send(status);
         }
+        drop(member);
     });
 
     let out = futures_util::stream::unfold(
@@ -76,7 +77,12 @@ pub(crate) async fn handle(
             tokio::select! {
                 biased;
                 status = &mut failed => status.ok().map(|s| (Err(s), (deliveries, None))),
-                delivery = deliveries.recv() => delivery.map(|d| (Ok(client_message(d)), (deliveries, Some(failed)))),
+                delivery = deliveries.recv() => match delivery {
+                    Some(d) => Some((Ok(client_message(d)), (deliveries, Some(failed)))),
+                    // The member left: the stream ends with the reply task's outcome, its
+                    // error status when it refused something (never `OK` in its place).
+                    None => failed.await.ok().map(|s| (Err(s), (deliveries, None))),
+                },
             }
         },
     );

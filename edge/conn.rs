@@ -60,9 +60,10 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How the socket's loops ended.
 #[derive(Debug)]
 enum End {
-    /// The client sent a close frame. Its credentials are spent, unless the code was in
-    /// 4200-4299 ("I will reconnect now"): then they stay resumable within the grace period.
-    PeerClosed { resume: bool },
+    /// The client sent a close frame, with this code (1005 when it gave none) and reason. Its
+    /// credentials are spent, unless the code was in 4200-4299 ("I will reconnect now"): then
+    /// they stay resumable within the grace period.
+    PeerClosed { code: u16, reason: String },
     /// The transport failed or the peer vanished without a close frame.
     Lost(Option<WsError>),
     /// We close, for this reason.
@@ -86,8 +87,8 @@ impl End {
 
     fn ending(&self) -> Ending {
         match self {
-            Self::PeerClosed { resume: true } => Ending::Resumable,
-            Self::PeerClosed { resume: false } => Ending::Final,
+            Self::PeerClosed { code, .. } if Close::is_client_reconnect(*code) => Ending::Resumable,
+            Self::PeerClosed { .. } => Ending::Final,
             Self::Lost(_) => Ending::Resumable,
             Self::Closing(close) if close.allows_resume() => Ending::Resumable,
             Self::Closing(_) => Ending::Final,
@@ -196,7 +197,8 @@ async fn finish<S>(
         reason,
         close: match &end {
             End::Closing(close) => Some((close.code(), close.reason().to_owned())),
-            _ => None,
+            End::PeerClosed { code, reason } => Some((*code, reason.clone())),
+            End::Lost(_) => None,
         },
     });
     // Recorded with its end, so in cluster mode the script that ends the credentials tells
@@ -375,9 +377,16 @@ where
             None => return End::Lost(None),
             Some(Err(err)) => return End::from_error(err),
             Some(Ok(Message::Close(frame))) => {
-                let code = frame.map_or(0, |frame| u16::from(frame.code));
-                return End::PeerClosed {
-                    resume: Close::is_client_reconnect(code),
+                return match frame {
+                    Some(frame) => End::PeerClosed {
+                        code: frame.code.into(),
+                        reason: frame.reason.as_str().to_owned(),
+                    },
+                    // RFC 6455 7.1.5: a close frame without a status code is 1005.
+                    None => End::PeerClosed {
+                        code: CloseCode::Status.into(),
+                        reason: String::new(),
+                    },
                 };
             }
             Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),

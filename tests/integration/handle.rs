@@ -217,6 +217,36 @@ async fn malformed_registrations_and_replies_are_invalid_argument() {
     assert_eq!(ws.recv_json().await["body"], "fine");
 }
 
+/// A stream refused for a bad reply always ends with its error status, never `OK`: the
+/// status is sent before the member leaves, and the end of its deliveries waits for it. On a
+/// runtime with two workers, so the stream's end can race the reply task as in production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handle_stream_always_ends_with_its_status() {
+    // One socket sends all the messages: no per-socket rate limit.
+    let gw = Gateway::start_with(|c| c.limits.message_rate = 0).await;
+    let (_, mut ws) = gw.subscriber(&[]).await;
+    for i in 0..1000 {
+        let action = format!("a{i}");
+        let mut svc = join(&gw, &format!("g{i}"), &[&action], false).await;
+        ws.send_text(&json!({"action": action, "id": i}).to_string())
+            .await;
+        let m = svc.next().await;
+        svc.reply(m.delivery_id, 700, "").await;
+        let end = tokio::time::timeout(PATIENCE, svc.rx.message())
+            .await
+            .expect("the stream ends in time");
+        match end {
+            Err(status) => assert_eq!(status.code(), Code::InvalidArgument, "try {i}: {status:?}"),
+            Ok(other) => panic!("try {i}: a refused stream ended without its status: {other:?}"),
+        }
+        let reply = ws.recv_json().await;
+        assert_eq!(
+            (reply["id"].clone(), reply["status"].clone()),
+            (json!(i), json!(503))
+        );
+    }
+}
+
 #[tokio::test]
 async fn listen_receives_pushes() {
     let gw = Gateway::start().await;

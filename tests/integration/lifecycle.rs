@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
 
 use crate::{
     cluster::{node_with, redis, spawn_node, unique_prefix},
@@ -155,6 +157,54 @@ async fn every_connection_ends_with_one_final_disconnect_across_nodes() {
     let mut svc = join(&a, "lifecycle", &[], true).await;
     wait_advertised(&prefix, "lifecycle").await;
     lifecycle_scenario(&a, &b, &mut svc).await;
+}
+
+/// A client's own close frame ends its credentials: `$disconnect` says `client closed` and
+/// carries the frame's code and reason (1005 and no reason for a close frame without a code).
+async fn client_closes(a: &Gateway, svc: &mut Service) {
+    for code in [Some(1000), Some(1001), Some(3000), Some(4001), None] {
+        let creds = issue_for(a, "u").await;
+        let mut ws = a.connect(&creds).await;
+        assert_eq!(event(svc).await.1, creds.id);
+        let frame = code.map(|code| CloseFrame {
+            code: CloseCode::from(code),
+            reason: format!("bye {code}").into(),
+        });
+        ws.ws.close(frame).await.expect("close");
+        while let Some(Ok(_)) = ws.ws.next().await {}
+        let (action, id, detail) = event(svc).await;
+        assert_eq!(
+            (action.as_str(), id.as_str()),
+            ("$disconnect", creds.id.as_str())
+        );
+        assert_eq!(detail["reason"], "client closed", "{detail}");
+        match code {
+            Some(code) => {
+                assert_eq!(detail["code"], code, "{detail}");
+                assert_eq!(detail["close_reason"], format!("bye {code}"), "{detail}");
+            }
+            None => {
+                assert_eq!(detail["code"], 1005, "{detail}");
+                assert_eq!(detail["close_reason"], "", "{detail}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_clients_close_frame_gives_disconnect_its_code_on_one_node() {
+    let gw = gateway(None).await;
+    let mut svc = join(&gw, "lifecycle", &[], true).await;
+    client_closes(&gw, &mut svc).await;
+}
+
+async fn a_clients_close_frame_gives_disconnect_its_code_across_nodes() {
+    let prefix = unique_prefix("close-code");
+    let a = gateway(Some(&prefix)).await;
+    let b = gateway(Some(&prefix)).await;
+    let mut svc = join(&a, "lifecycle", &[], true).await;
+    wait_advertised(&prefix, "lifecycle").await;
+    client_closes(&b, &mut svc).await;
 }
 
 /// Waits until `group` is advertised in Redis as taking lifecycle events (every node reads
@@ -319,6 +369,7 @@ async fn a_lifecycle_event_a_dead_group_member_took_reaches_another_member() {
 }
 
 crate::on_both!(
+    a_clients_close_frame_gives_disconnect_its_code_across_nodes,
     a_lifecycle_event_a_dead_group_member_took_reaches_another_member,
     an_event_a_dead_node_took_from_the_outbox_is_relayed_by_another,
     every_connection_ends_with_one_final_disconnect_across_nodes,
