@@ -1,5 +1,5 @@
 //! The control plane's server: gRPC service `channelgate.v1.Control`, plus the standard gRPC
-//! health service and reflection (`v1` and `v1alpha`, for the many tools that still ask only
+//! health service ([`health`](crate::health), the node's readiness) and reflection (`v1` and `v1alpha`, for the many tools that still ask only
 //! for the latter), on the control listener.
 //!
 //! Layers, outermost first: TLS (and client certificates, with `--grpc-client-ca`) on the
@@ -15,7 +15,12 @@ use tonic::{
     transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig},
 };
 
-use crate::{auth::BearerAuth, config::Config, error::Error, observe, pb, service::ControlService};
+use tonic_health::pb::health_server::HealthServer;
+
+use crate::{
+    auth::BearerAuth, config::Config, error::Error, health::HealthService, observe, pb,
+    service::ControlService,
+};
 
 /// Longest a unary control call may run (applied by [`observe`]; client streams have no limit).
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,16 +70,7 @@ pub(crate) async fn serve(
     gateway: edge::Gateway,
     settings: Settings,
 ) -> Result<(), Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(
-            "channelgate.v1.Control",
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    let health = HealthServer::new(HealthService::new(gateway.clone()));
     let reflection_error = |err| Error::Io {
         context: "building the reflection service".into(),
         source: std::io::Error::other(err),
@@ -106,16 +102,11 @@ pub(crate) async fn serve(
     let result = server
         .layer(observe::ObserveLayer::new(gateway.metrics()))
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        .add_service(health_service)
+        .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(control)
-        .serve_with_incoming_shutdown(incoming, async move {
-            halted.await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        })
+        .serve_with_incoming_shutdown(incoming, halted)
         .await;
     result.map_err(|err| Error::Io {
         context: "serving the control plane".into(),

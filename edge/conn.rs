@@ -518,6 +518,7 @@ mod tests {
                 Default::default(),
                 Default::default(),
                 Default::default(),
+                Default::default(),
             )
             .unwrap(),
         );

@@ -243,9 +243,15 @@ impl Gateway {
         self.edge.handlers.remote().reply(member, reply)
     }
 
-    /// `Ok` when the node can take traffic; else why not.
+    /// `Ok` when the node can take traffic; else why not (draining, Redis unreachable or
+    /// stalled, not connected yet): what `/readyz` answers.
     pub fn readiness(&self) -> Result<(), String> {
-        self.bus().readiness()
+        self.edge.readiness.check()
+    }
+
+    /// [`Gateway::readiness`] now and at every change.
+    pub fn readiness_changes(&self) -> tokio::sync::watch::Receiver<Result<(), String>> {
+        self.edge.readiness.watch()
     }
 
     /// The node's metrics (the control plane counts its requests here too).

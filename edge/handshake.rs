@@ -94,10 +94,7 @@ where
         (&Method::GET | &Method::HEAD, CLIENT_SCRIPT_PATH) => client_script(req.headers()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => metrics(edge),
-        (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
-        }
-        (&Method::GET, "/readyz") => match edge.bus.readiness() {
+        (&Method::GET, "/readyz") => match edge.readiness.check() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => {
                 let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
@@ -174,7 +171,7 @@ fn metrics(edge: &Edge) -> Response<Body> {
         .set(i64::try_from(edge.registry.history_bytes()).unwrap_or(i64::MAX));
     metrics
         .bus_ready
-        .set(i64::from(edge.bus.readiness().is_ok()));
+        .set(i64::from(edge.readiness.check_redis().is_ok()));
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

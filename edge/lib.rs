@@ -42,6 +42,7 @@ pub mod limit;
 pub mod metrics;
 mod node;
 pub mod protocol;
+mod readiness;
 pub mod registry;
 mod server;
 pub mod shutdown;
@@ -61,6 +62,7 @@ use crate::{
     handlers::remote::Remote,
     metrics::Metrics,
     node::Edge,
+    readiness::{Cause, Readiness},
     registry::Registry,
 };
 
@@ -131,6 +133,8 @@ impl Node {
         let halt = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limits = &config.limits;
+        // What `/readyz`, gRPC health and the bus read; the bus and the drain set its causes.
+        let readiness = Arc::new(Readiness::default());
         // The node's metrics: the registry, the bus and the control plane count into them.
         let metrics = Arc::new(Metrics::new());
         let (remote, bus): (Remote, Arc<dyn Bus>) = match &config.redis {
@@ -151,6 +155,7 @@ impl Node {
                     registry,
                     cluster,
                     limits,
+                    readiness.clone(),
                     halt.clone(),
                     &tracker,
                 )?;
@@ -167,7 +172,9 @@ impl Node {
             source,
         })?;
         tracing::info!(addr = %client_addr, "client plane listening (WebSocket at {}, /healthz, /readyz)", config.ws_path);
-        let edge = Arc::new(Edge::new(bus, remote, config, shutdown, halt, tracker)?);
+        let edge = Arc::new(Edge::new(
+            bus, remote, config, readiness, shutdown, halt, tracker,
+        )?);
         let tracker = &edge.tracker;
         #[cfg(unix)]
         if edge.tls.is_some() {
@@ -247,6 +254,7 @@ impl Node {
     pub async fn drain(self, grace: Duration) {
         let edge = self.edge;
         let deadline = tokio::time::Instant::now() + grace;
+        edge.readiness.set(Cause::Draining, "draining");
         edge.shutdown.cancel();
         if tokio::time::timeout_at(deadline, edge.sockets_gone())
             .await

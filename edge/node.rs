@@ -17,6 +17,7 @@ use crate::{
     error::Error,
     handlers::{call_route::CallRoute, remote::Remote, Handlers},
     limit::TokenBucket,
+    readiness::Readiness,
     registry::Registry,
     tls::Tls,
 };
@@ -41,6 +42,8 @@ pub(crate) struct Edge {
     pub(crate) bus: Arc<dyn Bus>,
     /// The node's configuration.
     pub(crate) config: Config,
+    /// Whether the node takes traffic (`/readyz`, gRPC health); the drain and the bus set it.
+    pub(crate) readiness: Arc<Readiness>,
     /// What answers client messages, by action.
     pub(crate) handlers: Handlers,
     /// WebSocket limits derived from the configuration.
@@ -105,6 +108,7 @@ impl Edge {
         bus: Arc<dyn Bus>,
         remote: Remote,
         config: Config,
+        readiness: Arc<Readiness>,
         shutdown: CancellationToken,
         halt: CancellationToken,
         tracker: TaskTracker,
@@ -138,6 +142,7 @@ impl Edge {
             handshake_buckets: dashmap::DashMap::new(),
             tls,
             config,
+            readiness,
             ws_config,
             shutdown,
             halt,

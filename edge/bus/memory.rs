@@ -28,10 +28,6 @@ impl Bus for Memory {
         &self.registry
     }
 
-    fn readiness(&self) -> Result<(), String> {
-        Ok(())
-    }
-
     async fn issue(
         &self,
         ttl: Option<Duration>,

@@ -97,9 +97,6 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     /// This node's registry.
     fn registry(&self) -> &Registry;
 
-    /// `Ok` when the node can take traffic; else why not.
-    fn readiness(&self) -> Result<(), String>;
-
     /// Mints credentials valid for `ttl` (the default when `None`) for `user`, and records
     /// them.
     async fn issue(&self, ttl: Option<Duration>, user: Option<&User>)

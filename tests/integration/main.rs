@@ -21,6 +21,7 @@ mod lifecycle;
 mod messages;
 mod presence;
 mod presence_events;
+mod probes;
 mod redis_cluster;
 mod setup;
 mod sharded;

@@ -100,6 +100,7 @@ use crate::{
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
     protocol::{Channel, Frame, Json, Position, Recover},
+    readiness::{Cause, Readiness},
     registry::{
         now_ms, Conn, EndReason, Ended, Ending, Listener, Present, Refusal, Registry, User, Wants,
     },
@@ -202,8 +203,9 @@ pub(crate) struct RedisBus {
     /// Async lock: (un)subscribing awaits Redis's confirmation, and the order of subscribe and
     /// unsubscribe for one channel must be the order they were decided in.
     pubsub: tokio::sync::Mutex<PubSub>,
-    /// `None` when ready; else why not.
-    not_ready: Mutex<Option<String>>,
+    /// The node's readiness: the bus sets and clears its causes (connecting, stalled,
+    /// broken) and fails calls fast while any is set.
+    readiness: Arc<Readiness>,
     /// Commands sent to other nodes, waiting for their acknowledgement.
     acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_rid: AtomicU64,
@@ -220,12 +222,6 @@ pub(crate) struct RedisBus {
     forwards: Mutex<HashMap<u64, mpsc::Sender<ForwardEvent>>>,
     /// Every task the bus spawns; the node's drain waits for them.
     tracker: TaskTracker,
-    /// Set for good when one of the bus's tasks died: the node is not ready from then on.
-    broken: Mutex<Option<String>>,
-    /// Set while Redis does not answer in time (a call or the heartbeat ran past
-    /// [`COMMAND_TIMEOUT`]); cleared by the next heartbeat that gets its answer. Calls fail
-    /// fast meanwhile instead of each waiting out the deadline.
-    stalled: Mutex<Option<String>>,
     /// This bus, for tasks spawned from `&self` (a weak pointer: no cycle).
     me: std::sync::Weak<RedisBus>,
     /// Pushes for the publisher task, which runs their scripts in order; closed when the
@@ -310,6 +306,7 @@ impl RedisBus {
         registry: Registry,
         link: ClusterEnd,
         limits: &Limits,
+        readiness: Arc<Readiness>,
         halt: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Arc<Self>, Error> {
@@ -325,6 +322,8 @@ impl RedisBus {
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let (pushes, jobs) = mpsc::channel(PUSH_QUEUE);
+        // Not ready until the pub/sub supervisor has connected.
+        readiness.set(Cause::Connecting, "connecting to Redis");
         let bus = Arc::new_cyclic(|me| Self {
             pushes,
             limits: limits.clone(),
@@ -335,7 +334,7 @@ impl RedisBus {
             endpoint,
             conn: Mutex::new(conn),
             pubsub: tokio::sync::Mutex::new(PubSub::default()),
-            not_ready: Mutex::new(Some("connecting to Redis".into())),
+            readiness,
             acks: Mutex::new(HashMap::new()),
             next_rid: AtomicU64::new(1),
             grace: limits.reconnect_grace,
@@ -345,8 +344,6 @@ impl RedisBus {
             inbound: link.inbound,
             forwards: Mutex::new(HashMap::new()),
             tracker: tracker.clone(),
-            broken: Mutex::new(None),
-            stalled: Mutex::new(None),
             outbox_woken: Mutex::new(HashSet::new()),
             outbox_wake: tokio::sync::Notify::new(),
             confirming: Mutex::new(HashSet::new()),
@@ -396,7 +393,7 @@ impl RedisBus {
             };
             tracing::error!(reason = %why, "the node can no longer take part in the cluster");
             if let Some(bus) = bus.upgrade() {
-                *bus.broken.lock() = Some(why);
+                bus.readiness.set(Cause::Broken, why);
             }
         });
     }
@@ -513,7 +510,9 @@ impl RedisBus {
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while
     /// Redis is down or stalls, instead of each waiting out its deadline).
     fn ready(&self) -> Result<(), Error> {
-        self.readiness().map_err(Error::ClusterUnavailable)
+        self.readiness
+            .check_redis()
+            .map_err(Error::ClusterUnavailable)
     }
 
     /// Runs `call` (Redis commands) within [`COMMAND_TIMEOUT`] in all; past it, the node counts
@@ -552,7 +551,7 @@ impl RedisBus {
     fn stall(&self) -> Error {
         let reason = format!("Redis did not answer within {COMMAND_TIMEOUT:?}");
         tracing::warn!(%reason, "Redis stalls");
-        *self.stalled.lock() = Some(reason.clone());
+        self.readiness.set(Cause::Stalled, reason.clone());
         Error::ClusterUnavailable(reason)
     }
 
@@ -632,17 +631,6 @@ impl RedisBus {
 impl Bus for RedisBus {
     fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// `Ok` when Redis answers and every task of the bus runs; else why not.
-    fn readiness(&self) -> Result<(), String> {
-        if let Some(why) = self.broken.lock().clone() {
-            return Err(why);
-        }
-        if let Some(why) = self.not_ready.lock().clone() {
-            return Err(why);
-        }
-        self.stalled.lock().clone().map_or(Ok(()), Err)
     }
 
     /// Mints credentials and records them as issued (for `user`, in the user's set too).
@@ -840,7 +828,9 @@ impl Bus for RedisBus {
         connection_id: &str,
         recover: Option<&Recover>,
     ) -> Result<Arc<Conn>, AttachError> {
-        self.readiness().map_err(AttachError::Unavailable)?;
+        self.readiness
+            .check_redis()
+            .map_err(AttachError::Unavailable)?;
         let mut conn = self.link();
         let p = self.digest_part(&verified.digest);
         let reply: Vec<String> = self

@@ -14,6 +14,7 @@ use super::{
     link::{Arrival, Incoming, Sink},
     Command, ForwardEvent, RedisBus, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, LIVE_TTL,
 };
+use crate::readiness::Cause;
 use crate::{
     error::{Close, Error},
     handoff::HandlerReply,
@@ -137,7 +138,7 @@ impl RedisBus {
                     if let Err(err) = self.restore_live().await {
                         let reason = format!("Redis unreachable: {err}");
                         tracing::warn!(%reason, retry_in = ?backoff);
-                        *self.not_ready.lock() = Some(reason);
+                        self.readiness.set(Cause::Connecting, reason);
                         self.pubsub.lock().await.sink = None;
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
@@ -147,7 +148,7 @@ impl RedisBus {
                         continue;
                     }
                     backoff = BACKOFF_MIN;
-                    *self.not_ready.lock() = None;
+                    self.readiness.clear(Cause::Connecting);
                     tracing::info!("connected to Redis");
                     // Whatever was pushed while the stream was down is read from Redis.
                     let subscribed: Vec<Channel> = self
@@ -180,7 +181,7 @@ impl RedisBus {
                     }
                     let reason = "lost the Redis connection; reconnecting".to_owned();
                     tracing::warn!("{reason}");
-                    *self.not_ready.lock() = Some(reason);
+                    self.readiness.set(Cause::Connecting, reason);
                     let mut pubsub = self.pubsub.lock().await;
                     pubsub.sink = None;
                     pubsub.subscribed.clear();
@@ -188,7 +189,7 @@ impl RedisBus {
                 Err(err) => {
                     let reason = format!("Redis unreachable: {err}");
                     tracing::warn!(%reason, retry_in = ?backoff);
-                    *self.not_ready.lock() = Some(reason);
+                    self.readiness.set(Cause::Connecting, reason);
                 }
             }
             tokio::select! {

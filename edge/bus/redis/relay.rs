@@ -8,9 +8,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    super::Bus, Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL,
-    NODES_TTL, PUSH_BATCH,
+    Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, PUSH_BATCH,
 };
+use crate::readiness::Cause;
 use crate::{
     error::Error,
     protocol::{new_epoch, valid_epoch, Channel, Position},
@@ -46,7 +46,7 @@ impl RedisBus {
             if n == 0 {
                 return;
             }
-            if let Err(why) = self.readiness() {
+            if let Err(why) = self.readiness.check_redis() {
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(Error::ClusterUnavailable(why.clone())));
                 }
@@ -191,7 +191,7 @@ impl RedisBus {
             // and the node is not ready (calls fail fast) until one comes.
             match tokio::time::timeout(COMMAND_TIMEOUT, self.run_quiet(batch)).await {
                 Ok(Ok(())) => {
-                    if self.stalled.lock().take().is_some() {
+                    if self.readiness.clear(Cause::Stalled) {
                         tracing::info!("Redis answers again");
                     }
                     self.presence_back().await;
