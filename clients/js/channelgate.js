@@ -22,8 +22,9 @@
 // Close codes (the gateway's README has the table): 1000 and 4000-4099 end the connection for
 // good ("closed"); 4200-4299 reconnect at once; anything else (1001 drain, 1006 lost, 1011,
 // 4100-4199 ...) reconnects with exponential back-off and full jitter. Reconnecting stops when
-// the grace period since the last open socket has passed: the credentials are dead then, and
-// the client fires "expired" so the page can fetch new ones (usually by reloading).
+// the grace period has passed since the drop (the last moment a socket was open, as the node
+// counts it): the credentials are dead then, and the client fires "expired" so the page can
+// fetch new ones (usually by reloading).
 //
 // Recovery: the client remembers, per channel, the epoch and offset of the last push it saw
 // (in sessionStorage too, so a page refresh keeps them), and sends them when it connects. The
@@ -136,7 +137,9 @@ export class Channelgate extends EventTarget {
     this.queue = []; // frames waiting for an open socket
     this.nextId = 1;
     this.attempt = 0;
-    this.lastOpen = Date.now(); // the grace period counts from here
+    // The last moment a socket was open: the grace period counts from here. A socket that is
+    // open moves it on when it closes; dials that never open leave it where it is.
+    this.lastOpen = Date.now();
     this.opened = false;
     this.reconnectTimer = null;
     this.keepaliveTimer = null;
@@ -361,6 +364,8 @@ export class Channelgate extends EventTarget {
   }
 
   #closed(code, reason) {
+    // The socket was open until now (a dial that failed never was): the drop is now.
+    if (this.state === "open") this.lastOpen = Date.now();
     this.socket = null;
     clearTimeout(this.keepaliveTimer);
     // Replies to what was sent on this socket will not come to the next one.

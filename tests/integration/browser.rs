@@ -152,9 +152,26 @@ async fn chat_works_in_a_real_browser() {
 /// order its handler saw them, `window.opens`: each `open` event's detail). Every load gets new
 /// credentials subscribed to `feed`, as an application's page route would mint them.
 async fn feed_site(gw: &Gateway, socket_url: String) -> SocketAddr {
+    feed_site_with(
+        gw.client.clone(),
+        gw.http,
+        socket_url,
+        "{ backoffInitial: 100, backoffMax: 300 }",
+    )
+    .await
+}
+
+/// [`feed_site`], minting through `client`, loading the client script from `edge`, and
+/// connecting with the client `options` (a JavaScript object). `window.expired` counts
+/// `expired` events.
+async fn feed_site_with(
+    client: channelgate::client::Client,
+    edge: SocketAddr,
+    socket_url: String,
+    options: &'static str,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (client, edge) = (gw.client.clone(), gw.http);
     let app = Router::new().route(
         "/",
         get(move || {
@@ -166,8 +183,8 @@ async fn feed_site(gw: &Gateway, socket_url: String) -> SocketAddr {
 <h1>feed</h1><pre id="log"></pre>
 <script type="module">
 import {{ connect }} from "http://{edge}/channelgate.js";
-window.got = []; window.opens = []; window.gaps = [];
-const gate = connect({{ backoffInitial: 100, backoffMax: 300 }});
+window.got = []; window.opens = []; window.gaps = []; window.expired = 0;
+const gate = connect({options});
 window.gate = gate;
 gate.on("feed", (payload, channel, offset) => {{
   window.got.push(payload);
@@ -175,6 +192,7 @@ gate.on("feed", (payload, channel, offset) => {{
 }});
 gate.addEventListener("open", (e) => window.opens.push(e.detail));
 gate.addEventListener("gap", (e) => window.gaps.push(e.detail));
+gate.addEventListener("expired", () => (window.expired += 1));
 </script></body></html>"#,
                     id = creds.connection_id,
                 );
@@ -263,6 +281,74 @@ async fn a_page_gets_every_push_once_in_order_across_a_cut_and_a_refresh() {
     let gaps = page.execute("return window.gaps", vec![]).await.unwrap();
     assert_eq!(gaps, json!([]));
     screenshot(&page, &out.join("after-refresh.png")).await;
+    page.close().await.unwrap();
+}
+
+/// A page open for longer than the reconnect grace (the grace counts from a drop, not from
+/// the page's first socket) resumes after a cut, and after its node drains (1001) behind a
+/// load balancer that sends it to another node of the cluster. Grace is 2 s here (node and
+/// client) so "longer than the grace" takes seconds, not minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_open_longer_than_the_grace_resumes_after_a_cut_and_a_drain() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let out = output_dir("long-page");
+    let prefix = crate::cluster::unique_prefix("long-page");
+    let grace = |c: &mut channelgate::config::Config| c.limits.reconnect_grace = GRACE;
+    let redis = crate::cluster::REDIS;
+    let a = crate::cluster::node_with(redis, &prefix, grace).await;
+    let b = crate::cluster::node_with(redis, &prefix, grace).await;
+    let balancer = Proxy::start(a.http).await;
+    let site = feed_site_with(
+        b.client.clone(),
+        balancer.addr,
+        format!("ws://{}/ws", balancer.addr),
+        "{ grace: 2000, backoffInitial: 100, backoffMax: 300 }",
+    )
+    .await;
+    let driver = ChromeDriver::start();
+    let page = driver.browser(&out.join("profile")).await;
+    page.goto(&format!("http://{site}/")).await.unwrap();
+    wait_js(&page, "return window.opens?.length === 1").await;
+    b.push("feed", "1").await;
+    assert_eq!(feed_after(&page, 1).await, [1]);
+
+    // The page has been open for longer than the grace when its connection is cut.
+    tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+    balancer.cut();
+    wait_js(
+        &page,
+        "return window.opens?.length === 2 || window.expired > 0",
+    )
+    .await;
+    let opens = page.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(
+        opens[1],
+        json!({"resumed": true, "recovered": true}),
+        "{opens}"
+    );
+    b.push("feed", "2").await;
+    assert_eq!(feed_after(&page, 2).await, [1, 2]);
+
+    // Again longer than the grace; then its node drains and the balancer sends it elsewhere.
+    tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+    balancer.retarget(b.http);
+    a.begin_shutdown();
+    wait_js(
+        &page,
+        "return window.opens?.length === 3 || window.expired > 0",
+    )
+    .await;
+    let opens = page.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(
+        opens[2],
+        json!({"resumed": true, "recovered": true}),
+        "{opens}"
+    );
+    b.push("feed", "3").await;
+    assert_eq!(feed_after(&page, 3).await, [1, 2, 3]);
+    let expired = page.execute("return window.expired", vec![]).await.unwrap();
+    assert_eq!(expired, 0);
+    screenshot(&page, &out.join("resumed.png")).await;
     page.close().await.unwrap();
 }
 

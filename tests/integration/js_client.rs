@@ -9,7 +9,13 @@ fn browser_client_tests_pass_under_node() {
     let root = env!("CARGO_MANIFEST_DIR");
     let output = Command::new("node")
         // Node 20 needs the flag for its WebSocket; Node 22+ has it on by default and accepts it.
-        .args(["--test", "--experimental-websocket", "clients/js/test/"])
+        // A failed test that leaves a socket or a timer behind must not keep the runner alive.
+        .args([
+            "--test",
+            "--test-force-exit",
+            "--experimental-websocket",
+            "clients/js/test/",
+        ])
         .current_dir(root)
         .env("CHANNELGATE_BIN", env!("CARGO_BIN_EXE_channelgate"))
         .output()

@@ -691,10 +691,12 @@ impl Drop for TestPki {
 }
 
 /// A TCP proxy to `target` whose open connections `cut` closes (no WebSocket close frame: to
-/// both ends it looks like the network failed).
+/// both ends it looks like the network failed); `retarget` sends new connections elsewhere, as
+/// a load balancer does when a node leaves.
 pub struct Proxy {
     pub addr: SocketAddr,
     generation: std::sync::Arc<parking_lot::Mutex<CancellationToken>>,
+    target: std::sync::Arc<parking_lot::Mutex<SocketAddr>>,
 }
 
 impl Proxy {
@@ -702,10 +704,12 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let generation = std::sync::Arc::new(parking_lot::Mutex::new(CancellationToken::new()));
-        let current = generation.clone();
+        let target = std::sync::Arc::new(parking_lot::Mutex::new(target));
+        let (current, to) = (generation.clone(), target.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let cut = current.lock().clone();
+                let target = *to.lock();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
@@ -717,12 +721,21 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, generation }
+        Self {
+            addr,
+            generation,
+            target,
+        }
     }
 
     pub fn cut(&self) {
         let old = std::mem::replace(&mut *self.generation.lock(), CancellationToken::new());
         old.cancel();
+    }
+
+    /// New connections go to `target` from now on; open ones stay where they are.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock() = target;
     }
 }
 

@@ -319,6 +319,27 @@ test("an application disconnect (4000) closes for good", async () => {
   await assert.rejects(gate.send("ping"), ConnectionError);
 });
 
+test("a client open for longer than the grace resumes after a cut: the grace counts from the drop", async () => {
+  const creds = await issue("room:long");
+  const tcp = await proxy();
+  const gate = await open(creds, { url: tcp.url, grace: 500, backoffInitial: 50, backoffMax: 100 });
+  try {
+    let expired = false;
+    gate.addEventListener("expired", () => (expired = true));
+    await new Promise((done) => setTimeout(done, 800)); // open for longer than the grace
+    const reopened = Promise.race([next(gate, "open"), next(gate, "expired").then(() => "expired")]);
+    tcp.cut();
+    assert.equal((await reopened).resumed, true);
+    assert.equal(expired, false);
+    const payload = pushed(gate, "room:long");
+    await cli("push", "room:long", '"still here"');
+    assert.equal(await payload, "still here");
+  } finally {
+    gate.close();
+    tcp.close();
+  }
+});
+
 test("past the grace period the client stops and fires expired", async () => {
   const creds = await issue();
   const tcp = await proxy();
