@@ -112,6 +112,10 @@ struct Args {
     /// HTTP/2 connections to the control plane (`calls`).
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// The `calls` clients use HTTP/2 adaptive flow control (`http2_adaptive_window`), as
+    /// throughput-minded tonic users set it; otherwise tonic's defaults.
+    #[arg(long)]
+    adaptive_window: bool,
     /// Pushes each channel gets while the sockets are away (`recovery`).
     #[arg(long, default_value_t = 100)]
     misses: u64,
@@ -414,6 +418,11 @@ async fn presence_timing(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The generator's own client libraries log with RUST_LOG (e.g. `h2=debug`); quiet otherwise.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     match args.scenario.as_str() {
         "idle" => idle(&args).await,
@@ -1232,7 +1241,9 @@ async fn soak(args: &Args) -> anyhow::Result<()> {
 async fn calls(args: &Args) -> anyhow::Result<()> {
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        clients.push(ControlClient::connect(args.control.clone()).await?);
+        let endpoint = tonic::transport::Endpoint::from_shared(args.control.clone())?
+            .http2_adaptive_window(args.adaptive_window);
+        clients.push(ControlClient::new(endpoint.connect().await?));
     }
     let node_cpu_start = args.pid.map(cpu_us).transpose()?;
     let started = Instant::now();
@@ -1271,8 +1282,11 @@ async fn calls(args: &Args) -> anyhow::Result<()> {
     // Two calls per request (IssueConnection, Subscribe).
     let calls = 2 * args.requests;
     println!(
-        "scenario calls: {} requests (IssueConnection + Subscribe), {} in flight over {} connection(s)",
-        args.requests, args.in_flight, args.connections
+        "scenario calls: {} requests (IssueConnection + Subscribe), {} in flight over {} connection(s){}",
+        args.requests,
+        args.in_flight,
+        args.connections,
+        if args.adaptive_window { ", adaptive window" } else { "" }
     );
     println!(
         "done            {ok} ok in {elapsed:.2} s ({:.0} calls/s); failures {failures:?}",
@@ -1288,7 +1302,8 @@ async fn calls(args: &Args) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "scenario": "calls", "requests": args.requests, "in_flight": args.in_flight,
-            "connections": args.connections, "ok": ok, "failures": failures,
+            "connections": args.connections, "adaptive_window": args.adaptive_window,
+            "ok": ok, "failures": failures,
             "calls_per_s": calls as f64 / elapsed,
             "node_cpu_us_per_call": node_cpu.map(|c| c as f64 / calls as f64),
         })

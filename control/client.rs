@@ -62,6 +62,16 @@ pub enum ClientError {
     },
 }
 
+/// The client's HTTP/2 connection window, in bytes: h2 lets half of it be small unread DATA
+/// frames' overhead before it gives the connection up.
+const CONNECTION_WINDOW: u32 = 8 << 20;
+/// The client's HTTP/2 window per call, in bytes.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Interval of the client's HTTP/2 pings, and how long one may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Debug, Clone, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
@@ -122,11 +132,23 @@ impl Builder {
     }
 
     fn endpoint(&self) -> Result<Endpoint, ClientError> {
-        let mut endpoint =
-            Endpoint::from_shared(self.url.clone()).map_err(|source| ClientError::BadUrl {
+        // HTTP/2 settings said here rather than left to defaults: fixed windows (no adaptive
+        // window) large enough that h2's budget for small DATA frames (half the connection
+        // window) holds thousands of unread replies; keepalive pings so a dead node is noticed
+        // in seconds, not at the next call's timeout.
+        let mut endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|source| ClientError::BadUrl {
                 url: self.url.clone(),
                 source,
-            })?;
+            })?
+            .http2_adaptive_window(false)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
         if let Some(timeout) = self.timeout {
             endpoint = endpoint.timeout(timeout);
         }

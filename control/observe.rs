@@ -1,6 +1,8 @@
 //! A tower layer counting control-plane requests by method and gRPC status, and bounding
-//! the time of unary calls (streams such as `PushStream` may run for as long as the client
-//! keeps them open, so a server-wide timeout would cut a long-lived publisher off).
+//! the time of unary calls from their arrival (streams such as `PushStream` may run for as long
+//! as the client keeps them open, so a server-wide timeout would cut a long-lived publisher
+//! off). The clock starts when the call reaches the layer, before the services below are
+//! asked whether they are ready, so no wait escapes it.
 //!
 //! The status is read from the response head: unary errors are sent "trailers-only", with
 //! `grpc-status` in the head; a head without it is a call that went on to stream or succeed,
@@ -12,6 +14,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tower::{Layer, Service};
@@ -22,12 +25,13 @@ use edge::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
+    timeout: Duration,
 }
 
 impl ObserveLayer {
-    /// A layer counting into `metrics`.
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// A layer counting into `metrics`, ending unary calls after `timeout`.
+    pub(crate) fn new(metrics: Arc<Metrics>, timeout: Duration) -> Self {
+        Self { metrics, timeout }
     }
 }
 
@@ -37,6 +41,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            timeout: self.timeout,
         }
     }
 }
@@ -46,6 +51,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    timeout: Duration,
 }
 
 /// Calls that stream from the client: no time limit (a server-wide timeout would end them).
@@ -62,15 +68,20 @@ const SERVICES: &[&str] = &[
 
 impl<S, B> Service<http::Request<B>> for Observe<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner services' readiness is awaited inside the call, on its clock.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
@@ -81,16 +92,21 @@ where
             "other".to_owned()
         };
         let metrics = self.metrics.clone();
-        let limit = (!CLIENT_STREAMS.contains(&path)).then_some(crate::server::REQUEST_TIMEOUT);
-        let future = self.inner.call(request);
+        let limit = (!CLIENT_STREAMS.contains(&path)).then_some(self.timeout);
+        // The clone that was made ready is the one that serves (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let future = async move {
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            inner.call(request).await
+        };
         Box::pin(async move {
             let result = match limit {
                 None => future.await,
                 Some(limit) => match tokio::time::timeout(limit, future).await {
                     Ok(result) => result,
                     Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                        "the call took longer than {} s",
-                        limit.as_secs()
+                        "the call took longer than {limit:?}"
                     ))
                     .into_http()),
                 },

@@ -2,9 +2,16 @@
 //! health service ([`health`](crate::health), the node's readiness) and reflection (`v1` and `v1alpha`, for the many tools that still ask only
 //! for the latter), on the control listener.
 //!
+//! HTTP/2 limits: every connection advertises `grpc-max-streams` concurrent streams and
+//! refuses streams past it (RST_STREAM REFUSED_STREAM; h2 closes a connection after 1,024
+//! refusals or 20 streams reset before they were accepted, the rapid-reset bound); at most
+//! `grpc-max-connections` connections at once ([`incoming`]); quiet connections are pinged
+//! every `grpc-keepalive` and closed when a ping goes unanswered for as long. With no queue in front of
+//! the services, a unary call is timed from its arrival ([`observe`]).
+//!
 //! Layers, outermost first: TLS (and client certificates, with `--grpc-client-ca`) on the
-//! whole listener; request metrics and the unary time limit ([`observe`]); the per-connection
-//! concurrency limit; the bearer-token check ([`auth`]) on the Control service only (health and
+//! whole listener; request metrics and the unary time limit ([`observe`]); small DATA frames
+//! padded ([`pad`]); the bearer-token check ([`auth`]) on the Control service only (health and
 //! reflection stay open for probes and tools).
 
 use std::time::Duration;
@@ -18,14 +25,17 @@ use tonic::{
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::{
-    auth::BearerAuth, config::Config, error::Error, health::HealthService, observe, pb,
-    service::ControlService,
+    auth::BearerAuth, config::Config, error::Error, health::HealthService, incoming, observe, pad,
+    pb, service::ControlService,
 };
 
-/// Longest a unary control call may run (applied by [`observe`]; client streams have no limit).
-pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most requests in flight on one HTTP/2 connection.
-const CONCURRENCY_PER_CONNECTION: usize = 1024;
+/// Streams a client may reset before the server accepted them before its connection is
+/// closed (`GOAWAY ENHANCE_YOUR_CALM`): h2's bound against rapid reset (CVE-2023-44487), said
+/// here rather than left to a default.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the server may reset (refusals past the concurrent-stream limit, protocol errors)
+/// on one connection before closing it.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// What the control plane's server needs of the node's configuration.
 #[derive(Debug)]
@@ -34,6 +44,14 @@ pub(crate) struct Settings {
     tokens: Vec<String>,
     /// Server identity, and a client CA for mutual TLS.
     tls: Option<ServerTlsConfig>,
+    /// `grpc-max-streams`: concurrent streams per connection.
+    max_streams: u32,
+    /// `grpc-max-connections`.
+    max_connections: usize,
+    /// `grpc-call-timeout`: a unary call's time from its arrival.
+    call_timeout: Duration,
+    /// `grpc-keepalive`; zero: no pings.
+    keepalive: Duration,
 }
 
 impl Settings {
@@ -42,6 +60,10 @@ impl Settings {
         Ok(Self {
             tokens: config.control_token.clone().unwrap_or_default(),
             tls: tls_config(config)?,
+            max_streams: config.grpc_max_streams,
+            max_connections: config.grpc_max_connections,
+            call_timeout: config.grpc_call_timeout,
+            keepalive: config.grpc_keepalive,
         })
     }
 }
@@ -86,9 +108,18 @@ pub(crate) async fn serve(
         pb::control_server::ControlServer::new(ControlService::new(gateway.clone())),
         BearerAuth::new(&settings.tokens),
     );
+    let keepalive = (!settings.keepalive.is_zero()).then_some(settings.keepalive);
     // Replies are small and latency matters more than packet count.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = Server::builder();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(keepalive);
+    let incoming = incoming::bounded(incoming, settings.max_connections, gateway.metrics());
+    let mut server = Server::builder()
+        .max_concurrent_streams(settings.max_streams)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive);
     if let Some(tls) = settings.tls {
         server = server.tls_config(tls).map_err(|err| Error::Io {
             context: "configuring control-plane TLS".into(),
@@ -98,10 +129,14 @@ pub(crate) async fn serve(
     // Control calls keep working while sockets drain (an application may still push);
     // the server stops when the node halts.
     let halted = gateway.halted();
-    // Outermost, so refused calls (UNAUTHENTICATED, timeouts) are counted too.
+    // Observe outermost, so refused calls (UNAUTHENTICATED, timeouts) are counted too; the
+    // padding below it changes bodies only.
     let result = server
-        .layer(observe::ObserveLayer::new(gateway.metrics()))
-        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .layer(observe::ObserveLayer::new(
+            gateway.metrics(),
+            settings.call_timeout,
+        ))
+        .layer(pad::PadLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -351,6 +351,21 @@ settings! {
         /// CA (PEM) that control-plane client certificates must chain to (mutual TLS; needs
         /// grpc-tls-cert).
         grpc_client_ca: PathBuf = none [path] "CHANNELGATE_GRPC_CLIENT_CA" "FILE";
+        /// Most calls in flight on one control-plane HTTP/2 connection, advertised to clients
+        /// (SETTINGS_MAX_CONCURRENT_STREAMS); a stream past it is refused (RST_STREAM
+        /// REFUSED_STREAM, which clients retry), and a connection that keeps opening them is
+        /// closed. Clients queue the rest themselves.
+        grpc_max_streams: u32 = "100" [rate] "CHANNELGATE_GRPC_MAX_STREAMS" "N";
+        /// Most control-plane connections at once; one more is closed as soon as it is
+        /// accepted.
+        grpc_max_connections: usize = "1024" [count] "CHANNELGATE_GRPC_MAX_CONNECTIONS" "N";
+        /// Longest a unary control call may take, from its arrival; then DEADLINE_EXCEEDED.
+        /// Streams (PushStream, Listen, Handle) have no limit.
+        grpc_call_timeout: Duration = "30s" [dur] "CHANNELGATE_GRPC_CALL_TIMEOUT" "DURATION";
+        /// Interval of HTTP/2 pings on a control-plane connection that has been quiet that
+        /// long; a connection whose ping goes unanswered for as long is closed (with TCP
+        /// keepalive at the same interval underneath). 0s turns the pings off.
+        grpc_keepalive: Duration = "30s" [dur] "CHANNELGATE_GRPC_KEEPALIVE" "DURATION";
         /// HTTP path of the WebSocket endpoint.
         ws_path: String = "/ws" [text] "CHANNELGATE_WS_PATH" "PATH";
         /// Name of the cookie carrying the socket key.
@@ -679,6 +694,12 @@ impl Config {
                 "the control plane listens beyond loopback without --control-token or \
                  --grpc-client-ca; set one, or --insecure-control if something else guards it",
             );
+        }
+        if self.grpc_max_streams == 0 || self.grpc_max_connections == 0 {
+            return invalid("grpc-max-streams and grpc-max-connections must be positive");
+        }
+        if self.grpc_call_timeout.is_zero() {
+            return invalid("grpc-call-timeout must be positive");
         }
         if self.control_token.iter().flatten().any(|t| t.is_empty()) {
             return invalid("control tokens must not be empty");

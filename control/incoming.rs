@@ -1,0 +1,111 @@
+//! The control plane's accepted connections, bounded: at most `grpc-max-connections` at once.
+//! A connection past the bound is closed as soon as it is accepted (counted in
+//! `channelgate_refused_connections_total{reason="grpc_connections"}` and logged), so a client
+//! retries or goes to another node instead of waiting in the kernel's backlog; each accepted
+//! one holds its permit until it closes.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+
+use edge::metrics::Metrics;
+
+/// An accepted control-plane connection and its share of the bound.
+#[derive(Debug)]
+pub(crate) struct Bounded {
+    io: TcpStream,
+    /// Given back when the connection closes (the server drops its IO then).
+    _permit: OwnedSemaphorePermit,
+}
+
+/// `incoming`, with connections past `max` at once closed on arrival.
+pub(crate) fn bounded(
+    incoming: TcpIncoming,
+    max: usize,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = io::Result<Bounded>> {
+    let permits = Arc::new(Semaphore::new(max));
+    incoming.filter_map(move |accepted| {
+        let result = match accepted {
+            Ok(io) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(Ok(Bounded {
+                    io,
+                    _permit: permit,
+                })),
+                Err(_) => {
+                    metrics
+                        .refused_connections
+                        .with_label_values(&["grpc_connections"])
+                        .inc();
+                    tracing::warn!(
+                        peer = ?io.peer_addr().ok(),
+                        max,
+                        "control-plane connection refused: grpc-max-connections reached"
+                    );
+                    None
+                }
+            },
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(result)
+    })
+}
+
+impl Connected for Bounded {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Bounded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
