@@ -26,6 +26,7 @@ pub(crate) fn status(err: Error) -> Status {
         Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
         Error::WeakSecret(_)
         | Error::BadUpstream(_)
+        | Error::BadConfig(_)
         | Error::ClusterNeedsSecret
         | Error::Io { .. } => Code::Internal,
     };

@@ -366,6 +366,18 @@ settings! {
         /// long; a connection whose ping goes unanswered for as long is closed (with TCP
         /// keepalive at the same interval underneath). 0s turns the pings off.
         grpc_keepalive: Duration = "30s" [dur] "CHANNELGATE_GRPC_KEEPALIVE" "DURATION";
+        /// Comma-separated addresses and networks (127.0.0.1, 10.0.0.0/8) of the load
+        /// balancers and proxies in front of the client plane. From them, the client's address
+        /// is taken from the PROXY protocol (proxy-protocol) or client-address-header; from
+        /// anyone else those are ignored. None: every peer is a client.
+        trusted_proxies: Vec<String> = none [list] "CHANNELGATE_TRUSTED_PROXIES" "CIDRS" {value_delimiter = ','};
+        /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2), which
+        /// names the client; one without it is closed, and a PROXY header from any other peer
+        /// is refused. Needs trusted-proxies.
+        proxy_protocol: bool = "false" [flag] "CHANNELGATE_PROXY_PROTOCOL" "BOOL" {num_args = 0..=1, default_missing_value = "true"};
+        /// Header in which trusted proxies name the client: x-forwarded-for, forwarded (RFC
+        /// 7239) or none. The client is its right-most address that is not a trusted proxy.
+        client_address_header: String = "x-forwarded-for" [text] "CHANNELGATE_CLIENT_ADDRESS_HEADER" "HEADER";
         /// HTTP path of the WebSocket endpoint.
         ws_path: String = "/ws" [text] "CHANNELGATE_WS_PATH" "PATH";
         /// Name of the cookie carrying the socket key.
@@ -694,6 +706,14 @@ impl Config {
                 "the control plane listens beyond loopback without --control-token or \
                  --grpc-client-ca; set one, or --insecure-control if something else guards it",
             );
+        }
+        if let Some(trusted) = &self.trusted_proxies {
+            crate::proxy::parse_trusted(trusted).map_err(ConfigError::Invalid)?;
+        }
+        crate::proxy::AddressHeader::parse(&self.client_address_header)
+            .map_err(ConfigError::Invalid)?;
+        if self.proxy_protocol && self.trusted_proxies.as_ref().is_none_or(Vec::is_empty) {
+            return invalid("proxy-protocol needs trusted-proxies: the proxies that send it");
         }
         if self.grpc_max_streams == 0 || self.grpc_max_connections == 0 {
             return invalid("grpc-max-streams and grpc-max-connections must be positive");

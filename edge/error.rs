@@ -186,6 +186,9 @@ pub enum Error {
     /// The `call-route` upstream is not a usable URL (why).
     #[error("{0}")]
     BadUpstream(String),
+    /// A setting that does not hold (why); the configuration's own check says it first.
+    #[error("invalid setting: {0}")]
+    BadConfig(String),
     /// Cluster mode: Redis could not be reached.
     #[error("cluster state unavailable: {0}")]
     ClusterUnavailable(String),

@@ -30,15 +30,19 @@ use crate::{
 type Body = Full<Bytes>;
 
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
-pub(crate) async fn serve_http<S>(stream: S, peer: SocketAddr, edge: Arc<Edge>, pending: Pending)
+/// `from` is the address the connection comes from (the peer, or the client a trusted proxy's
+/// PROXY header named); each request's client is found from it ([`Edge::client`]).
+pub(crate) async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Pending)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = from;
     let io = TokioIo::new(stream);
     let spare = pending.spare();
-    let service = service_fn(|req| {
+    let service = service_fn(|req: Request<Incoming>| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(route::<S>(req, peer, &edge, spare).await) }
+        let client = edge.client(from, req.headers());
+        async move { Ok::<_, Infallible>(route::<S>(req, client, &edge, spare).await) }
     });
     let header_timeout = if spare {
         crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
@@ -62,7 +66,8 @@ where
 }
 
 /// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
-/// spare lane (`spare`: every handshake permit was taken) upgrades get 503.
+/// spare lane (`spare`: every handshake permit was taken) upgrades get 503. `peer` is the
+/// request's client, as trusted proxies name it.
 async fn route<S>(
     req: Request<Incoming>,
     peer: SocketAddr,

@@ -11,7 +11,9 @@
 //!   ([`gateway`]): the narrow door the control plane uses.
 //! * the client plane: `server` (accept loop), [`handshake`] (HTTP routes and the upgrade,
 //!   where credentials are checked), `conn` (one socket's reader, writer and closing
-//!   handshake), `node` (what their tasks share);
+//!   handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
+//!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer
+//!   for `/readyz`, gRPC health and the bus);
 //! * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
 //!   [`handoff`]: the types `Handle` messages cross nodes in, shared with the bus;
 //! * [`credentials`]: minting and checking ids, keys and digests (pure);
@@ -42,6 +44,7 @@ pub mod limit;
 pub mod metrics;
 mod node;
 pub mod protocol;
+mod proxy;
 mod readiness;
 pub mod registry;
 mod server;

@@ -4,7 +4,10 @@
 //! It is the crate's own: the control plane reaches the node through
 //! [`Gateway`](crate::gateway::Gateway) only.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,6 +20,7 @@ use crate::{
     error::Error,
     handlers::{call_route::CallRoute, remote::Remote, Handlers},
     limit::TokenBucket,
+    proxy::{self, AddressHeader, Proxies},
     readiness::Readiness,
     registry::Registry,
     tls::Tls,
@@ -73,6 +77,8 @@ pub(crate) struct Edge {
     pub(crate) tls: Option<Tls>,
     /// Live sockets per client address (only with `max_connections_per_ip`).
     pub(crate) per_ip: DashMap<IpAddr, usize>,
+    /// The trusted proxies in front of the client plane, when any: who the client is.
+    pub(crate) proxies: Option<Proxies>,
 }
 
 impl Edge {
@@ -94,6 +100,16 @@ impl Edge {
         let idle = std::time::Duration::from_secs(60);
         self.handshake_buckets
             .retain(|_, bucket| bucket.last_used().elapsed() < idle);
+    }
+
+    /// The client of a request that came from `from` (the peer, or the client a PROXY header
+    /// named): as a trusted proxy names it in the request's headers, else `from`.
+    pub(crate) fn client(&self, from: SocketAddr, headers: &http::HeaderMap) -> SocketAddr {
+        let from = SocketAddr::new(proxy::canonical(from.ip()), from.port());
+        match &self.proxies {
+            Some(proxies) => proxies.client(from, headers),
+            None => from,
+        }
     }
 
     /// Waits until no WebSocket is live.
@@ -125,6 +141,14 @@ impl Edge {
             Some((cert, key)) => Some(Tls::load(cert, key)?),
             None => None,
         };
+        let proxies = match &config.trusted_proxies {
+            Some(trusted) if !trusted.is_empty() => Some(Proxies::new(
+                proxy::parse_trusted(trusted).map_err(Error::BadConfig)?,
+                AddressHeader::parse(&config.client_address_header).map_err(Error::BadConfig)?,
+                config.proxy_protocol,
+            )),
+            _ => None,
+        };
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -141,6 +165,7 @@ impl Edge {
             per_ip: dashmap::DashMap::new(),
             handshake_buckets: dashmap::DashMap::new(),
             tls,
+            proxies,
             config,
             readiness,
             ws_config,
@@ -201,38 +226,47 @@ impl Drop for IpSlot {
     }
 }
 
-/// A connection in its HTTP phase: its address's share of `max_pending_per_ip` and a
-/// handshake permit (or, when those are all taken, a permit of the spare lane). Dropped when
-/// the upgrade is done or the connection ends.
+/// A connection in its HTTP phase: its client address's share of `max_pending_per_ip` (once
+/// that address is known) and a handshake permit (or, when those are all taken, a permit of
+/// the spare lane). Dropped when the upgrade is done or the connection ends.
 pub(crate) struct Pending {
-    _slot: IpSlot,
+    slot: Option<IpSlot>,
     _permit: OwnedSemaphorePermit,
     spare: bool,
 }
 
 impl Pending {
-    /// Admits a connection just accepted from `ip`, or says why not (for the metric).
-    pub(crate) fn admit(edge: &Arc<Edge>, ip: IpAddr) -> Result<Self, &'static str> {
-        let max = edge.config.limits.max_pending_per_ip;
-        let slot =
-            IpSlot::take(edge, ip, max, |edge| &edge.pending_per_ip).ok_or("pending_per_ip")?;
-        if let Ok(permit) = edge.handshake_permits.clone().try_acquire_owned() {
-            return Ok(Self {
-                _slot: slot,
-                _permit: permit,
-                spare: false,
-            });
-        }
-        let permit = edge
-            .spare_permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "pending_full")?;
+    /// Admits a connection just accepted, counted against its client address `ip` when known
+    /// (`None`: a trusted proxy's connection whose client its PROXY header will name, or that
+    /// names clients per request), or says why not (for the metric).
+    pub(crate) fn admit(edge: &Arc<Edge>, ip: Option<IpAddr>) -> Result<Self, &'static str> {
+        let slot = ip.map(|ip| Self::slot(edge, ip)).transpose()?;
+        let permit = match edge.handshake_permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => (
+                edge.spare_permits
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "pending_full")?,
+                true,
+            ),
+        };
         Ok(Self {
-            _slot: slot,
-            _permit: permit,
-            spare: true,
+            slot,
+            _permit: permit.0,
+            spare: permit.1,
         })
+    }
+
+    /// Counts the connection against `ip`, its client's address now that it is known.
+    pub(crate) fn attribute(&mut self, edge: &Arc<Edge>, ip: IpAddr) -> Result<(), &'static str> {
+        self.slot = Some(Self::slot(edge, ip)?);
+        Ok(())
+    }
+
+    fn slot(edge: &Arc<Edge>, ip: IpAddr) -> Result<IpSlot, &'static str> {
+        let max = edge.config.limits.max_pending_per_ip;
+        IpSlot::take(edge, ip, max, |edge| &edge.pending_per_ip).ok_or("pending_per_ip")
     }
 
     /// Whether this connection is on the spare lane (probes only: upgrades get 503).

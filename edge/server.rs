@@ -1,20 +1,28 @@
 //! The client plane's accept loop.
 //!
 //! Every connection is accepted at once and admitted ([`Pending::admit`]) from its first byte
-//! on: one of its address's `max-pending-per-ip` slots (beyond them it is closed at once, so one
-//! address cannot hold the node's pending handshakes), and one of the node's
+//! on: one of its client address's `max-pending-per-ip` slots (beyond them it is closed at
+//! once, so one address cannot hold the node's pending handshakes), and one of the node's
 //! `max-pending-handshakes` permits; when those are all taken, one of a few spare permits whose
 //! connections may only ask for `/healthz`, `/readyz` and `/metrics` (upgrades get 503), so
 //! probes are answered during a storm of stalled handshakes. The WebSocket itself takes a
 //! permit of `max_connections` at the upgrade, where a full node answers 503.
+//!
+//! Behind trusted proxies ([`proxy`](crate::proxy)) the client address is the one they name: a
+//! trusted proxy's connection is counted per address once its PROXY header has named its
+//! client (with `proxy-protocol`), or never at accept when proxies name clients per request in
+//! a header (they take the request head from the client themselves; the per-address limits of
+//! the upgrade then use the named client). A proxy's own address is never locked out by the
+//! clients it carries.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     handshake,
     node::{Edge, Pending},
+    proxy::{self, Preamble},
 };
 
 /// Accepts client-plane connections until the node halts. While it drains, it still answers
@@ -27,49 +35,22 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let permit = match Pending::admit(&edge, peer.ip()) {
+                let trusted = edge
+                    .proxies
+                    .as_ref()
+                    .is_some_and(|proxies| proxies.trusts(peer.ip()));
+                let client = (!trusted).then(|| proxy::canonical(peer.ip()));
+                let pending = match Pending::admit(&edge, client) {
                     Ok(pending) => pending,
                     Err(why) => {
-                        edge.registry
-                            .metrics()
-                            .refused_connections
-                            .with_label_values(&[why])
-                            .inc();
-                        tracing::debug!(%peer, why, "connection refused at accept");
+                        refused(&edge, peer, why);
                         continue;
                     }
                 };
                 // Pushes are small and latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
-                match &edge.tls {
-                    None => {
-                        edge.tracker.spawn(handshake::serve_http(
-                            stream,
-                            peer,
-                            edge.clone(),
-                            permit,
-                        ));
-                    }
-                    Some(tls) => {
-                        let (acceptor, edge) = (tls.acceptor(), edge.clone());
-                        edge.tracker.clone().spawn(async move {
-                            let timeout = if permit.spare() {
-                                crate::node::SPARE_HEADER_TIMEOUT
-                            } else {
-                                edge.config.limits.handshake_timeout
-                            };
-                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(stream)) => {
-                                    handshake::serve_http(stream, peer, edge, permit).await
-                                }
-                                Ok(Err(err)) => {
-                                    tracing::debug!(%peer, %err, "TLS handshake failed")
-                                }
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                }
+                edge.tracker
+                    .spawn(connection(stream, peer, trusted, edge.clone(), pending));
             }
             Err(err) => {
                 // Out of file descriptors or a transient network error: back off briefly
@@ -83,4 +64,69 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
         }
     }
     tracing::debug!("client plane stopped accepting");
+}
+
+/// Counts and logs a connection closed before its HTTP phase.
+fn refused(edge: &Edge, peer: SocketAddr, why: &'static str) {
+    edge.registry
+        .metrics()
+        .refused_connections
+        .with_label_values(&[why])
+        .inc();
+    tracing::debug!(%peer, why, "connection refused at accept");
+}
+
+/// One accepted connection: its PROXY header when one is due, then TLS when configured, then
+/// HTTP.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+    edge: Arc<Edge>,
+    mut pending: Pending,
+) {
+    let timeout = if pending.spare() {
+        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
+    } else {
+        edge.config.limits.handshake_timeout
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    // The address the node sees the connection from: the peer, or the client its PROXY
+    // header names.
+    let mut from = peer;
+    if edge.proxies.as_ref().is_some_and(|p| p.expects_protocol()) {
+        if trusted {
+            match proxy::read_header(&mut stream, deadline).await {
+                Ok(Preamble::Client(client)) => from = client,
+                Ok(Preamble::Local) => {}
+                Err(err) => {
+                    tracing::debug!(%peer, %err, "trusted proxy's connection closed");
+                    return refused(&edge, peer, "proxy_header");
+                }
+            }
+            if let Err(why) = pending.attribute(&edge, proxy::canonical(from.ip())) {
+                return refused(&edge, from, why);
+            }
+        } else {
+            // A PROXY header from a peer that is not a trusted proxy is a forgery.
+            let mut start = [0u8; 12];
+            if let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
+                if proxy::looks_like_header(&start[..n]) {
+                    tracing::debug!(%peer, "PROXY header from a peer that is not a trusted proxy");
+                    return refused(&edge, peer, "proxy_untrusted");
+                }
+            }
+        }
+    }
+    match &edge.tls {
+        None => handshake::serve_http(stream, from, edge, pending).await,
+        Some(tls) => {
+            let acceptor = tls.acceptor();
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => handshake::serve_http(stream, from, edge, pending).await,
+                Ok(Err(err)) => tracing::debug!(peer = %from, %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %from, "TLS handshake timed out"),
+            }
+        }
+    }
 }

@@ -24,6 +24,7 @@ mod messages;
 mod presence;
 mod presence_events;
 mod probes;
+mod proxies;
 mod redis_cluster;
 mod setup;
 mod sharded;

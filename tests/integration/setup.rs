@@ -1,7 +1,7 @@
 //! What the tests need from the machine, made ready by the tests themselves, so that `cargo
 //! test` alone works on a fresh machine: Debian's Chromium and ChromeDriver (the browser test),
-//! Node.js 20+ (the browser client's tests), and Redis on 127.0.0.1:6379 plus `redis-server`
-//! (the cluster tests). Each is checked once per test run; what is missing is installed with
+//! Node.js 20+ (the browser client's tests), HAProxy and nginx (the tests behind a real proxy),
+//! and Redis on 127.0.0.1:6379 plus `redis-server` (the cluster tests). Each is checked once per test run; what is missing is installed with
 //! `apt-get` (as root, or through `sudo -n`) and Redis is started if nothing answers. A step
 //! that cannot be done fails the tests that need it with the reason, never silently.
 
@@ -109,6 +109,35 @@ pub fn node() {
         Ok(())
     });
 }
+
+/// The program at `path`, installed from Debian's `package` when missing.
+fn installed(path: &str, package: &str) -> Result<(), String> {
+    if !Path::new(path).exists() {
+        apt_install(&[package])?;
+    }
+    if Path::new(path).exists() {
+        Ok(())
+    } else {
+        Err(format!("{path} is missing after installing {package}"))
+    }
+}
+
+/// Debian's HAProxy, at `/usr/sbin/haproxy` (the PROXY protocol tests).
+pub fn haproxy() -> &'static str {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || installed(HAPROXY, "haproxy"));
+    HAPROXY
+}
+
+/// Debian's nginx, at `/usr/sbin/nginx` (the `X-Forwarded-For` tests).
+pub fn nginx() -> &'static str {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || installed(NGINX, "nginx"));
+    NGINX
+}
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+const NGINX: &str = "/usr/sbin/nginx";
 
 /// `redis-server` on the PATH, and a Redis answering on 127.0.0.1:6379 (started here, with no
 /// persistence, when nothing answers).
