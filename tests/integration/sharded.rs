@@ -146,6 +146,78 @@ async fn a_masters_failover_resumes_delivery_within_ten_seconds_with_nothing_los
     seen.all_or_said(&mut ws, &accepted, "failover").await;
 }
 
+/// A node given one seed, that seed a master which then dies: the node keeps the nodes it
+/// discovered and reconnects through them, so it is ready again within 10 s of the replica's
+/// promotion, like a node given every seed, and its socket gets every push accepted meanwhile
+/// or a `recovered:false`.
+#[tokio::test]
+async fn a_node_given_one_seed_follows_the_cluster_when_that_seeds_master_dies() {
+    let cluster = RedisCluster::start();
+    let slot = slot_of_channel("busy");
+    let seed = cluster.master_of(slot);
+    let prefix = unique_prefix("one-seed");
+    let publisher = node(&cluster.url(), &prefix).await;
+    let lone = node(&format!("redis-cluster://127.0.0.1:{seed}"), &prefix).await;
+    let creds = publisher.issue().await;
+    publisher.subscribe(&creds, &["busy"]).await;
+    let mut ws = lone
+        .connect_recovering(&creds, &json!({}), None)
+        .await
+        .unwrap();
+    ws.connected().await;
+    let mut accepted = BTreeSet::new();
+    for seq in 1..=20u64 {
+        publisher.push("busy", &seq.to_string()).await;
+        accepted.insert(seq);
+    }
+
+    cluster.kill(seed);
+    // The replica takes over (the cluster's own detection: cluster-node-timeout 2 s).
+    let promoted = {
+        let started = Instant::now();
+        loop {
+            let masters = cluster.masters();
+            if masters.len() == 3 && !masters.contains(&seed) && cluster.master_of(slot) != seed {
+                break Instant::now();
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no failover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Pushes through the other node while the lone node follows.
+    let mut seq = 20u64;
+    let ready = loop {
+        seq += 1;
+        if publisher
+            .client
+            .push(&["busy"], &seq.to_string())
+            .await
+            .is_ok()
+        {
+            accepted.insert(seq);
+        }
+        if lone.http_get("/readyz", &[]).await.0 == 200 {
+            break promoted.elapsed();
+        }
+        assert!(
+            promoted.elapsed() < Duration::from_secs(10),
+            "the node given one seed was not ready 10 s after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("one seed: ready {ready:?} after the replica's promotion");
+    // It works as a node again: a push through it, and everything accepted reached its socket
+    // or was said missing.
+    lone.client
+        .push(&["busy"], &(seq + 1).to_string())
+        .await
+        .unwrap();
+    accepted.insert(seq + 1);
+    Seen::default()
+        .all_or_said(&mut ws, &accepted, "one seed")
+        .await;
+}
+
 /// Moving the slot of a busy channel to another master while pushes flow (`MIGRATE`, `ASK`
 /// then `MOVED` for the nodes): pushes keep flowing, and the socket sees every accepted push or
 /// a `recovered:false`.
@@ -220,4 +292,20 @@ async fn a_node_holds_one_pubsub_connection_per_shard_not_per_channel() {
     let total: u32 = per_master.iter().flatten().sum();
     // 60 channels plus the node's own topics (its command topic and 128 outbox wake-ups).
     assert_eq!(total, 60 + 1 + 128, "{per_master:?}");
+    // And what the README says a node holds: per master one pub/sub connection and two for
+    // commands (the cluster client's, and the pipelines sent straight to it), plus one that
+    // reads the slot map, on one node.
+    let clients = |port: u16| {
+        cli(port, &["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| {
+                !l.contains("cmd=client") && !l.contains("flags=S ") && !l.contains("flags=M ")
+            })
+            .count()
+    };
+    wait_until(|| async {
+        let per_master: Vec<usize> = masters.iter().map(|m| clients(*m)).collect();
+        per_master.iter().all(|n| *n >= 3) && per_master.iter().sum::<usize>() == 3 * 3 + 1
+    })
+    .await;
 }

@@ -21,18 +21,27 @@ use super::keys::key_slot;
 
 /// What `--redis` names: one server (`redis://`, `rediss://`, `unix://`), or a Redis Cluster
 /// by a seed list (`redis-cluster://host:port,host:port`; `rediss-cluster://` for TLS).
+///
+/// A cluster's connections are bootstrapped from every node the node knows, not only from the
+/// seeds it was given: the topology watcher tells it the cluster's current members
+/// ([`Endpoint::learn`]), and each new connection (after a failover, a slot move, a dropped
+/// pub/sub connection) starts from those first, then the seeds. The client library keeps the
+/// nodes it was built with for its own reconnections, so a client built from one seed whose
+/// master then died would try that dead address forever; a client is built anew (and seed
+/// names resolved anew) for every connection instead.
 #[derive(Debug, Clone)]
 pub(super) enum Endpoint {
     One(redis::Client),
     Cluster {
-        /// The seed nodes' `host:port`, and the URL start (scheme and credentials) of every
-        /// node's address.
+        /// The seed nodes' `host:port`, as given.
         seeds: Vec<String>,
+        /// The URL start (scheme and credentials) and end (database, options) of every node's
+        /// address.
         base: String,
-        /// RESP2, for commands and scripts.
-        commands: Box<ClusterClient>,
-        /// RESP3, for sharded pub/sub.
-        pubsub: Box<ClusterClient>,
+        tail: String,
+        /// The cluster's members (`host:port`) at the last reading of its slot map, masters
+        /// first; shared by every clone of the endpoint.
+        members: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
     },
 }
 
@@ -53,49 +62,86 @@ impl Endpoint {
             Some(i) => hosts.split_at(i),
             None => (hosts, ""),
         };
-        let hosts: Vec<String> = hosts
+        let seeds: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
             .collect();
-        let base = format!("{scheme}://{auth}");
-        let seeds: Vec<String> = hosts.iter().map(|h| format!("{base}{h}{tail}")).collect();
         if seeds.is_empty() {
             return Err(RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "a redis-cluster:// URL names at least one host:port",
             )));
         }
-        let build = |resp3: bool| {
-            let builder = ClusterClientBuilder::new(seeds.clone())
-                .connection_timeout(super::COMMAND_TIMEOUT)
-                .response_timeout(super::COMMAND_TIMEOUT);
-            if resp3 {
-                builder.use_protocol(redis::ProtocolVersion::RESP3).build()
-            } else {
-                builder.build()
-            }
+        let endpoint = Self::Cluster {
+            seeds,
+            base: format!("{scheme}://{auth}"),
+            tail: tail.to_owned(),
+            members: Default::default(),
         };
-        Ok(Self::Cluster {
-            seeds: hosts,
-            base,
-            commands: Box::new(build(false)?),
-            pubsub: Box::new(build(true)?),
-        })
+        // Checks the URLs now, so a bad one fails at start, not at the first connection.
+        endpoint.cluster_client(false)?;
+        Ok(endpoint)
     }
 
-    /// The cluster's seed nodes (`host:port`) and the URL of a node by `host:port`.
-    pub(super) fn seeds(&self) -> Vec<String> {
+    /// The nodes to start from: the cluster's last known members, then the seeds (whose names
+    /// are resolved again by each client built from them).
+    pub(super) fn nodes(&self) -> Vec<String> {
         match self {
             Self::One(_) => Vec::new(),
-            Self::Cluster { seeds, .. } => seeds.clone(),
+            Self::Cluster { seeds, members, .. } => {
+                let mut nodes = members.lock().clone();
+                for seed in seeds {
+                    if !nodes.contains(seed) {
+                        nodes.push(seed.clone());
+                    }
+                }
+                nodes
+            }
+        }
+    }
+
+    /// Records the cluster's current members (`host:port`, masters first), read from its slot
+    /// map; connections made from now on start from them.
+    pub(super) fn learn(&self, nodes: Vec<String>) {
+        if let Self::Cluster { members, .. } = self {
+            let mut unique = Vec::with_capacity(nodes.len());
+            for node in nodes {
+                if !unique.contains(&node) {
+                    unique.push(node);
+                }
+            }
+            *members.lock() = unique;
+        }
+    }
+
+    /// A cluster client bootstrapped from [`Endpoint::nodes`] (RESP3 for sharded pub/sub).
+    fn cluster_client(&self, resp3: bool) -> RedisResult<ClusterClient> {
+        let Self::Cluster { base, tail, .. } = self else {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "not a Redis Cluster",
+            )));
+        };
+        let urls: Vec<String> = self
+            .nodes()
+            .iter()
+            .map(|node| format!("{base}{node}{tail}"))
+            .collect();
+        let builder = ClusterClientBuilder::new(urls)
+            .connection_timeout(super::COMMAND_TIMEOUT)
+            .response_timeout(super::COMMAND_TIMEOUT);
+        if resp3 {
+            builder.use_protocol(redis::ProtocolVersion::RESP3).build()
+        } else {
+            builder.build()
         }
     }
 
     pub(super) fn node_url(&self, addr: &str) -> String {
         match self {
             Self::One(_) => String::new(),
-            Self::Cluster { base, .. } => format!("{base}{addr}"),
+            Self::Cluster { base, tail, .. } => format!("{base}{addr}{tail}"),
         }
     }
 
@@ -117,12 +163,13 @@ impl Endpoint {
                     config,
                 )?))
             }
-            Self::Cluster { commands, .. } => Ok(Link::Cluster(
-                commands.get_pending_async_connection_with_config(
-                    ClusterConfig::new()
-                        .set_connection_timeout(timeout)
-                        .set_response_timeout(timeout),
-                ),
+            Self::Cluster { .. } => Ok(Link::Cluster(
+                self.cluster_client(false)?
+                    .get_pending_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(timeout)
+                            .set_response_timeout(timeout),
+                    ),
             )),
         }
     }
@@ -144,8 +191,8 @@ impl Endpoint {
                         .await?,
                 ))
             }
-            Self::Cluster { commands, .. } => Ok(Link::Cluster(
-                commands
+            Self::Cluster { .. } => Ok(Link::Cluster(
+                self.cluster_client(false)?
                     .get_async_connection_with_config(
                         ClusterConfig::new()
                             .set_connection_timeout(connect)
@@ -163,9 +210,10 @@ impl Endpoint {
                 let (sink, stream) = client.get_async_pubsub().await?.split();
                 Ok((Sink::One(sink), Incoming::One(stream)))
             }
-            Self::Cluster { pubsub, .. } => {
+            Self::Cluster { .. } => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let conn = pubsub
+                let conn = self
+                    .cluster_client(true)?
                     .get_async_connection_with_config(
                         ClusterConfig::new()
                             .set_connection_timeout(super::COMMAND_TIMEOUT)

@@ -1,7 +1,9 @@
 //! Following a Redis Cluster's topology. The client library follows `MOVED` and `ASK`, but
 //! after a master dies it keeps reconnecting to the dead address: it learns of the replica's
 //! promotion only from a redirection. So every node reads the slot map (`CLUSTER SLOTS`, from
-//! any node that answers, each [`TOPOLOGY_EVERY`]) and, when a slot range changed master,
+//! any node it knows that answers, each [`TOPOLOGY_EVERY`]), records the cluster's members as
+//! the nodes its next connections start from (not only the seeds it was given, which may all
+//! be gone), and, when a slot range changed master,
 //! replaces its command connection, connects its pub/sub again (every channel re-subscribed
 //! on its current master and caught up), and rebases the channels of the changed slots: a
 //! promoted replica may lack the last pushes its master published, whose offsets it would
@@ -9,7 +11,7 @@
 //! instead of missing pushes silently. Bound: a failover is followed within the cluster's
 //! own detection (its `cluster-node-timeout`) plus [`TOPOLOGY_EVERY`].
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +32,10 @@ impl RedisBus {
             halt.cancelled().await;
             return;
         }
-        let mut known: BTreeSet<String> = self.endpoint.seeds().into_iter().collect();
         let mut last: Option<SlotMap> = None;
+        // The connection the slot map is read on, kept between readings (one connection, not
+        // one a second); replaced when it fails.
+        let mut probe = None;
         let mut tick = tokio::time::interval(TOPOLOGY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -39,10 +43,10 @@ impl RedisBus {
                 _ = tick.tick() => {}
                 _ = halt.cancelled() => return,
             }
-            let Some((map, nodes)) = self.read_slots(&known).await else {
+            let Some((map, nodes)) = self.read_slots(&mut probe).await else {
                 continue;
             };
-            known.extend(nodes);
+            self.endpoint.learn(nodes);
             let changed = last.as_ref() != Some(&map);
             if let Some(old) = last.as_ref().filter(|old| **old != map) {
                 self.follow_topology(old, &map);
@@ -85,23 +89,47 @@ impl RedisBus {
         Some(Shards { conns, owner })
     }
 
-    /// The slot map and every node's address, from the first known node that answers.
-    async fn read_slots(&self, known: &BTreeSet<String>) -> Option<(SlotMap, Vec<String>)> {
-        for addr in known {
-            let Ok(client) = redis::Client::open(self.endpoint.node_url(addr)) else {
-                continue;
-            };
-            let read = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
+    /// The slot map and every node's address (masters first): on `probe`, or else from the
+    /// first node of [`Endpoint::nodes`](super::link::Endpoint::nodes) that answers (which
+    /// becomes the probe).
+    async fn read_slots(
+        &self,
+        probe: &mut Option<redis::aio::MultiplexedConnection>,
+    ) -> Option<(SlotMap, Vec<String>)> {
+        let read = |mut conn: redis::aio::MultiplexedConnection| async move {
+            let reply = tokio::time::timeout(
+                PROBE_TIMEOUT,
                 redis::cmd("CLUSTER")
                     .arg("SLOTS")
-                    .query_async::<redis::Value>(&mut conn)
-                    .await
+                    .query_async::<redis::Value>(&mut conn),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some((parse_slots(reply)?, conn))
+        };
+        if let Some(conn) = probe.take() {
+            if let Some((parsed, conn)) = read(conn).await {
+                *probe = Some(conn);
+                return Some(parsed);
+            }
+        }
+        for addr in self.endpoint.nodes() {
+            let Ok(client) = redis::Client::open(self.endpoint.node_url(&addr)) else {
+                continue;
             };
-            if let Ok(Ok(reply)) = tokio::time::timeout(PROBE_TIMEOUT, read).await {
-                if let Some(parsed) = parse_slots(reply) {
-                    return Some(parsed);
-                }
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(PROBE_TIMEOUT))
+                .set_response_timeout(Some(PROBE_TIMEOUT));
+            let Ok(conn) = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            else {
+                continue;
+            };
+            if let Some((parsed, conn)) = read(conn).await {
+                *probe = Some(conn);
+                return Some(parsed);
             }
         }
         None
@@ -143,7 +171,7 @@ impl RedisBus {
 fn parse_slots(reply: redis::Value) -> Option<(SlotMap, Vec<String>)> {
     let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(reply).ok()?;
     let mut map = SlotMap::new();
-    let mut nodes = Vec::new();
+    let (mut masters, mut replicas) = (Vec::new(), Vec::new());
     for range in ranges {
         let mut fields = range.into_iter();
         let lo: u16 = redis::from_redis_value(fields.next()?).ok()?;
@@ -156,10 +184,11 @@ fn parse_slots(reply: redis::Value) -> Option<(SlotMap, Vec<String>)> {
             Some(format!("{host}:{port}"))
         });
         let master = addrs.next()?;
-        nodes.push(master.clone());
-        nodes.extend(addrs);
+        masters.push(master.clone());
+        replicas.extend(addrs);
         map.push((lo, hi, master));
     }
     map.sort();
-    Some((map, nodes))
+    masters.extend(replicas);
+    Some((map, masters))
 }
