@@ -792,6 +792,17 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Any configuration file: parsed and checked, or refused with a message, never a panic.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_config(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    if let Ok(settings) = Settings::parse_toml(text) {
+        let _ = settings.into_config();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -995,16 +1006,6 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.into_config().is_err());
-    }
-
-    /// Any configuration file: parsed and checked, or refused with a message, never a panic.
-    fn check_config(input: &[u8]) {
-        let Ok(text) = std::str::from_utf8(input) else {
-            return;
-        };
-        if let Ok(settings) = Settings::parse_toml(text) {
-            let _ = settings.into_config();
-        }
     }
 
     #[test]

@@ -254,6 +254,16 @@ impl FromStr for Digest {
     }
 }
 
+/// `<id>\0<key>`: any id and key that were not issued together by this deployment are
+/// refused, without a panic.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_connection_id(input: &[u8]) {
+    let secrets = Secrets::new(b"fuzz test secret 0123456789abcdef", None).unwrap();
+    let text = String::from_utf8_lossy(input);
+    let (id, key) = text.split_once('\0').unwrap_or((&text, ""));
+    assert!(secrets.verify(id, key).is_err(), "{id:?} {key:?} verified");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,15 +420,6 @@ mod tests {
         assert!("".parse::<Digest>().is_err());
         assert!("zz".repeat(32).parse::<Digest>().is_err());
         assert!("ab".repeat(31).parse::<Digest>().is_err());
-    }
-
-    /// `<id>\0<key>`: any id and key that were not issued together by this deployment are
-    /// refused, without a panic.
-    fn check_connection_id(input: &[u8]) {
-        let secrets = Secrets::new(b"fuzz test secret 0123456789abcdef", None).unwrap();
-        let text = String::from_utf8_lossy(input);
-        let (id, key) = text.split_once('\0').unwrap_or((&text, ""));
-        assert!(secrets.verify(id, key).is_err(), "{id:?} {key:?} verified");
     }
 
     #[test]

@@ -497,6 +497,59 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// The handshake's query never panics the parser; what it finds is what the query holds,
+/// and a `recover` it finds never panics `Recover::parse`.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_query(input: &[u8]) {
+    let Ok(query) = std::str::from_utf8(input) else {
+        return;
+    };
+    let q = parse_query(Some(query));
+    for found in [&q.connection_id, &q.key].into_iter().flatten() {
+        assert!(!found.is_empty());
+    }
+    if let Some(recover) = &q.recover {
+        let _ = crate::protocol::Recover::parse(recover);
+    }
+}
+
+/// Headers as `name: value` lines (those that are not valid headers are skipped): the
+/// upgrade check, the Origin check and the cookie reader never panic, and a cookie found is
+/// one a `Cookie` header holds.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_headers(input: &[u8]) {
+    let mut map = HeaderMap::new();
+    for line in input.split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    for method in [Method::GET, Method::POST] {
+        let _ = websocket_accept_key(&method, &map);
+    }
+    let _ = origin_allowed(&map, &["https://app.example.com".to_owned()]);
+    let _ = origin_allowed(&map, &[]);
+    if let Some(key) = cookie(&map, "socket_key") {
+        assert!(!key.is_empty());
+        let all: Vec<u8> = map
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().to_vec())
+            .collect();
+        assert!(
+            all.windows(key.len()).any(|w| w == key.as_bytes()),
+            "{key:?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,21 +632,6 @@ mod tests {
         assert_eq!(cookie(&h, "missing"), None);
     }
 
-    /// The handshake's query never panics the parser; what it finds is what the query holds,
-    /// and a `recover` it finds never panics `Recover::parse`.
-    fn check_query(input: &[u8]) {
-        let Ok(query) = std::str::from_utf8(input) else {
-            return;
-        };
-        let q = parse_query(Some(query));
-        for found in [&q.connection_id, &q.key].into_iter().flatten() {
-            assert!(!found.is_empty());
-        }
-        if let Some(recover) = &q.recover {
-            let _ = crate::protocol::Recover::parse(recover);
-        }
-    }
-
     #[test]
     fn fuzz_handshake_queries() {
         use proptest::prelude::*;
@@ -625,42 +663,6 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-    }
-
-    /// Headers as `name: value` lines (those that are not valid headers are skipped): the
-    /// upgrade check, the Origin check and the cookie reader never panic, and a cookie found is
-    /// one a `Cookie` header holds.
-    fn check_headers(input: &[u8]) {
-        let mut map = HeaderMap::new();
-        for line in input.split(|b| *b == b'\n') {
-            let Some(colon) = line.iter().position(|b| *b == b':') else {
-                continue;
-            };
-            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-            if let (Ok(name), Ok(value)) = (
-                header::HeaderName::from_bytes(name),
-                HeaderValue::from_bytes(value),
-            ) {
-                map.append(name, value);
-            }
-        }
-        for method in [Method::GET, Method::POST] {
-            let _ = websocket_accept_key(&method, &map);
-        }
-        let _ = origin_allowed(&map, &["https://app.example.com".to_owned()]);
-        let _ = origin_allowed(&map, &[]);
-        if let Some(key) = cookie(&map, "socket_key") {
-            assert!(!key.is_empty());
-            let all: Vec<u8> = map
-                .get_all(header::COOKIE)
-                .iter()
-                .flat_map(|v| v.as_bytes().to_vec())
-                .collect();
-            assert!(
-                all.windows(key.len()).any(|w| w == key.as_bytes()),
-                "{key:?}"
-            );
-        }
     }
 
     #[test]

@@ -34,8 +34,8 @@ mod conn;
 pub mod credentials;
 pub mod error;
 pub mod fanout;
-#[cfg(test)]
-mod fuzz;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod gateway;
 pub mod handlers;
 pub mod handoff;

@@ -475,6 +475,38 @@ fn is_number_or_string(raw: &RawValue) -> bool {
     )
 }
 
+/// What must hold for any client message: no panic; an accepted one has a plain action from
+/// the text and an id that re-encodes as JSON; a refused one gets a JSON 400 reply.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_client_message(input: &[u8]) {
+    // Text frames are UTF-8 (tungstenite closes with 1007 otherwise).
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    match parse_inbound(text) {
+        Ok(message) => {
+            assert!(text.contains(message.action), "{text:?}");
+            let reply = Reply::text(message.id.map(RawValue::to_owned), 200, "ok").encode();
+            // JSON text (numbers past f64 are still JSON: the id is echoed as sent).
+            serde_json::from_str::<&RawValue>(&reply).unwrap_or_else(|e| panic!("{reply}: {e}"));
+        }
+        Err(bad) => {
+            let reply = bad.reply();
+            assert_eq!(reply.status, 400);
+            let reply = reply.encode();
+            serde_json::from_str::<&RawValue>(&reply).unwrap_or_else(|e| panic!("{reply}: {e}"));
+        }
+    }
+}
+
+/// A `recover` parameter never panics the parser; a well-formed one reads back exactly.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_recover(input: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(input) {
+        let _ = Recover::parse(text);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,31 +675,6 @@ mod tests {
         }
     }
 
-    /// What must hold for any client message: no panic; an accepted one has a plain action from
-    /// the text and an id that re-encodes as JSON; a refused one gets a JSON 400 reply.
-    fn check_client_message(input: &[u8]) {
-        // Text frames are UTF-8 (tungstenite closes with 1007 otherwise).
-        let Ok(text) = std::str::from_utf8(input) else {
-            return;
-        };
-        match parse_inbound(text) {
-            Ok(message) => {
-                assert!(text.contains(message.action), "{text:?}");
-                let reply = Reply::text(message.id.map(RawValue::to_owned), 200, "ok").encode();
-                // JSON text (numbers past f64 are still JSON: the id is echoed as sent).
-                serde_json::from_str::<&RawValue>(&reply)
-                    .unwrap_or_else(|e| panic!("{reply}: {e}"));
-            }
-            Err(bad) => {
-                let reply = bad.reply();
-                assert_eq!(reply.status, 400);
-                let reply = reply.encode();
-                serde_json::from_str::<&RawValue>(&reply)
-                    .unwrap_or_else(|e| panic!("{reply}: {e}"));
-            }
-        }
-    }
-
     fn json_message() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let id = prop_oneof![
@@ -712,16 +719,10 @@ mod tests {
             .unwrap();
     }
 
-    /// A `recover` parameter never panics the parser; a well-formed one reads back exactly.
-    fn check_recover(input: &[u8]) {
-        if let Ok(text) = std::str::from_utf8(input) {
-            let _ = Recover::parse(text);
-        }
-    }
-
     #[test]
     fn fuzz_recover_parameters() {
         use proptest::prelude::*;
+        crate::fuzz::replay("recover", check_recover);
         let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
         runner
             .run(&any::<String>(), |text| {

@@ -308,6 +308,50 @@ pub(crate) async fn read_header(
     }
 }
 
+/// Any bytes at the start of a trusted proxy's connection: a whole PROXY header (no longer than
+/// the input), the start of one, or a refusal, never a panic. The same bytes, line by line, as
+/// `X-Forwarded-For` and `Forwarded` headers of a request from a trusted proxy: the client
+/// found is the proxy or one of the hops, and never one left of a hop that is not a trusted
+/// proxy (what lies left of the first untrusted hop is the client's own writing).
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_proxy_header(input: &[u8]) {
+    if let Parsed::Complete(len, _) = parse_header(input) {
+        assert!(len > 0 && len <= input.len(), "{len} of {}", input.len());
+    }
+    let _ = looks_like_header(input);
+    let mut headers = HeaderMap::new();
+    for line in input.split(|b| *b == b'\n') {
+        if let Ok(value) = http::HeaderValue::from_bytes(line) {
+            headers.append("x-forwarded-for", value.clone());
+            headers.append(http::header::FORWARDED, value);
+        }
+    }
+    let trusted =
+        parse_trusted(&["127.0.0.0/8".into(), "10.0.0.0/8".into()]).expect("valid networks");
+    let from = SocketAddr::from(([127, 0, 0, 1], 1));
+    for header in [AddressHeader::XForwardedFor, AddressHeader::Forwarded] {
+        let proxies = Proxies::new(trusted.clone(), header, false);
+        let client = proxies.client(from, &headers);
+        let hops = match header {
+            AddressHeader::XForwardedFor => x_forwarded_for(&headers),
+            _ => forwarded(&headers),
+        };
+        if client == from {
+            continue;
+        }
+        let at = hops
+            .iter()
+            .rposition(|h| *h == Some(client))
+            .unwrap_or_else(|| panic!("{client} is not a hop of {hops:?}"));
+        assert!(
+            hops[at + 1..]
+                .iter()
+                .all(|h| h.is_some_and(|h| proxies.trusts(h.ip()))),
+            "{client} is left of an untrusted hop in {hops:?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +461,57 @@ mod tests {
         assert!(looks_like_header(&v2[..5]));
         assert!(!looks_like_header(b"GET /"));
         assert!(!looks_like_header(b""));
+    }
+
+    #[test]
+    fn fuzz_proxy_headers() {
+        use proptest::prelude::*;
+        crate::fuzz::replay("proxy_header", check_proxy_header);
+        let mut runner = proptest::test_runner::TestRunner::new(crate::fuzz::config());
+        let octet = || 0u8..=255;
+        let v1 = (
+            prop_oneof![
+                Just("TCP4".to_owned()),
+                Just("TCP6".to_owned()),
+                Just("UNKNOWN".to_owned()),
+                "[A-Z0-9]{0,5}",
+            ],
+            "[0-9a-f.:]{0,40}",
+            "[0-9a-f.:]{0,40}",
+            any::<u16>(),
+            any::<u16>(),
+        )
+            .prop_map(|(proto, a, b, p, q)| {
+                format!("PROXY {proto} {a} {b} {p} {q}\r\nGET").into_bytes()
+            });
+        let v2 = (
+            octet(),
+            octet(),
+            any::<u16>(),
+            proptest::collection::vec(octet(), 0..64),
+        )
+            .prop_map(|(ver_cmd, family, len, rest)| {
+                let mut bytes = V2_SIGNATURE.to_vec();
+                bytes.extend([ver_cmd, family]);
+                bytes.extend(len.to_be_bytes());
+                bytes.extend(rest);
+                bytes
+            });
+        let hops = proptest::collection::vec(
+            prop_oneof![
+                "(10|127|203)\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+                "for=\"?\\[?[0-9a-f:.]{0,20}\\]?(:[0-9]{1,5})?\"?",
+                "[ -~]{0,12}",
+            ],
+            0..5,
+        )
+        .prop_map(|hops| hops.join(", ").into_bytes());
+        runner
+            .run(&prop_oneof![any::<Vec<u8>>(), v1, v2, hops], |input| {
+                check_proxy_header(&input);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -324,41 +324,43 @@ fn parse_read(value: redis::Value, read: Read) -> Result<Fetched, Error> {
     })
 }
 
+/// A read answer from Redis as lines: numbers become integers, the rest strings.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn value(input: &[u8]) -> redis::Value {
+    let items = String::from_utf8_lossy(input)
+        .lines()
+        .map(|line| match line.parse::<i64>() {
+            Ok(n) => redis::Value::Int(n),
+            Err(_) => redis::Value::BulkString(line.as_bytes().to_vec()),
+        })
+        .collect();
+    redis::Value::Array(items)
+}
+
+/// Whatever Redis answers a read with, it is parsed or refused without a panic; what
+/// parses has a valid epoch and whole entries.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_redis_read(input: &[u8]) {
+    for read in [
+        Read::Position,
+        Read::After {
+            offset: 0,
+            count: 2,
+        },
+        Read::Before {
+            offset: 0,
+            count: 2,
+        },
+    ] {
+        if let Ok(fetched) = parse_read(value(input), read) {
+            assert!(crate::protocol::valid_epoch(&fetched.position.epoch));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A read answer from Redis as lines: numbers become integers, the rest strings.
-    fn value(input: &[u8]) -> redis::Value {
-        let items = String::from_utf8_lossy(input)
-            .lines()
-            .map(|line| match line.parse::<i64>() {
-                Ok(n) => redis::Value::Int(n),
-                Err(_) => redis::Value::BulkString(line.as_bytes().to_vec()),
-            })
-            .collect();
-        redis::Value::Array(items)
-    }
-
-    /// Whatever Redis answers a read with, it is parsed or refused without a panic; what
-    /// parses has a valid epoch and whole entries.
-    fn check_redis_read(input: &[u8]) {
-        for read in [
-            Read::Position,
-            Read::After {
-                offset: 0,
-                count: 2,
-            },
-            Read::Before {
-                offset: 0,
-                count: 2,
-            },
-        ] {
-            if let Ok(fetched) = parse_read(value(input), read) {
-                assert!(crate::protocol::valid_epoch(&fetched.position.epoch));
-            }
-        }
-    }
 
     #[test]
     fn fuzz_redis_reads() {

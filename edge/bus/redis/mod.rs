@@ -121,6 +121,12 @@ mod topology;
 use keys::Keys;
 use link::{Answers, Batch, Endpoint, Link, Shards, Sink};
 use relay::PushJob;
+#[cfg(any(test, fuzzing))]
+pub(crate) use {
+    history::check_redis_read,
+    presence::check_relayed_presence,
+    pubsub::{check_node_command, check_relayed_push},
+};
 
 use scripts::Scripts;
 

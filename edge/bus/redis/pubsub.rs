@@ -499,6 +499,22 @@ pub(super) fn decode_push<'a>(
     })
 }
 
+/// Any bytes on a channel's topic: a push that decodes is well-formed, the rest is refused
+/// without a panic; a published push decodes back exactly.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_relayed_push(input: &[u8]) {
+    if let Ok(push) = decode_push("c", input) {
+        assert!(push.offset > 0 && crate::protocol::valid_epoch(&push.epoch));
+        assert!(!push.payload.trim().is_empty());
+    }
+}
+
+/// A node command that does not decode is refused without a panic.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_node_command(input: &[u8]) {
+    let _ = serde_json::from_slice::<Command>(input);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,20 +543,6 @@ mod tests {
             assert!(decode_push("c", message).is_err(), "{message:?}");
         }
         assert!(decode_push("bad channel", b"e 1\n1").is_err());
-    }
-
-    /// Any bytes on a channel's topic: a push that decodes is well-formed, the rest is refused
-    /// without a panic; a published push decodes back exactly.
-    fn check_relayed_push(input: &[u8]) {
-        if let Ok(push) = decode_push("c", input) {
-            assert!(push.offset > 0 && crate::protocol::valid_epoch(&push.epoch));
-            assert!(!push.payload.trim().is_empty());
-        }
-    }
-
-    /// A node command that does not decode is refused without a panic.
-    fn check_node_command(input: &[u8]) {
-        let _ = serde_json::from_slice::<Command>(input);
     }
 
     #[test]
