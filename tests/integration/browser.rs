@@ -315,41 +315,38 @@ async fn a_page_open_longer_than_the_grace_resumes_after_a_cut_and_a_drain() {
     // The page has been open for longer than the grace when its connection is cut.
     tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
     balancer.cut();
-    wait_js(
-        &page,
-        "return window.opens?.length === 2 || window.expired > 0",
-    )
-    .await;
-    let opens = page.execute("return window.opens", vec![]).await.unwrap();
-    assert_eq!(
-        opens[1],
-        json!({"resumed": true, "recovered": true}),
-        "{opens}"
-    );
-    b.push("feed", "2").await;
-    assert_eq!(feed_after(&page, 2).await, [1, 2]);
+    resumed_and_receives(&page, &b, 2).await;
 
     // Again longer than the grace; then its node drains and the balancer sends it elsewhere.
     tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
     balancer.retarget(b.http);
     a.begin_shutdown();
-    wait_js(
-        &page,
-        "return window.opens?.length === 3 || window.expired > 0",
-    )
-    .await;
-    let opens = page.execute("return window.opens", vec![]).await.unwrap();
-    assert_eq!(
-        opens[2],
-        json!({"resumed": true, "recovered": true}),
-        "{opens}"
-    );
-    b.push("feed", "3").await;
-    assert_eq!(feed_after(&page, 3).await, [1, 2, 3]);
+    resumed_and_receives(&page, &b, 3).await;
     let expired = page.execute("return window.expired", vec![]).await.unwrap();
     assert_eq!(expired, 0);
     screenshot(&page, &out.join("resumed.png")).await;
     page.close().await.unwrap();
+}
+
+/// Waits for the page's `n`th open (or an `expired`), which must be a resume that recovered
+/// everything, then pushes `n` through `gw` and checks the page has seen `1..=n`.
+async fn resumed_and_receives(page: &Client, gw: &Gateway, n: u64) {
+    wait_js(
+        page,
+        &format!("return window.opens?.length === {n} || window.expired > 0"),
+    )
+    .await;
+    let opens = page.execute("return window.opens", vec![]).await.unwrap();
+    assert_eq!(
+        opens[n as usize - 1],
+        json!({"resumed": true, "recovered": true}),
+        "{opens}"
+    );
+    gw.push("feed", &n.to_string()).await;
+    assert_eq!(
+        feed_after(page, n as usize).await,
+        (1..=n).collect::<Vec<_>>()
+    );
 }
 
 /// Types `text` into the page's box and presses Send, as a user would.

@@ -22,10 +22,18 @@ use crate::{
 /// Two nodes of `cluster` (deployment `name`) and a socket on the second subscribed to `busy`
 /// through the first, asking for positions.
 async fn busy_socket(cluster: &RedisCluster, name: &str) -> (Gateway, Gateway, Ws) {
-    let url = cluster.url();
+    busy_socket_on(cluster, name, &cluster.url()).await
+}
+
+/// [`busy_socket`], the second node given `host_url` (its own seeds) for the cluster.
+async fn busy_socket_on(
+    cluster: &RedisCluster,
+    name: &str,
+    host_url: &str,
+) -> (Gateway, Gateway, Ws) {
     let prefix = unique_prefix(name);
-    let publisher = node(&url, &prefix).await;
-    let host = node(&url, &prefix).await;
+    let publisher = node(&cluster.url(), &prefix).await;
+    let host = node(host_url, &prefix).await;
     let creds = publisher.issue().await;
     publisher.subscribe(&creds, &["busy"]).await;
     let mut ws = host
@@ -155,16 +163,8 @@ async fn a_node_given_one_seed_follows_the_cluster_when_that_seeds_master_dies()
     let cluster = RedisCluster::start();
     let slot = slot_of_channel("busy");
     let seed = cluster.master_of(slot);
-    let prefix = unique_prefix("one-seed");
-    let publisher = node(&cluster.url(), &prefix).await;
-    let lone = node(&format!("redis-cluster://127.0.0.1:{seed}"), &prefix).await;
-    let creds = publisher.issue().await;
-    publisher.subscribe(&creds, &["busy"]).await;
-    let mut ws = lone
-        .connect_recovering(&creds, &json!({}), None)
-        .await
-        .unwrap();
-    ws.connected().await;
+    let one_seed = format!("redis-cluster://127.0.0.1:{seed}");
+    let (publisher, lone, mut ws) = busy_socket_on(&cluster, "one-seed", &one_seed).await;
     let mut accepted = BTreeSet::new();
     for seq in 1..=20u64 {
         publisher.push("busy", &seq.to_string()).await;
