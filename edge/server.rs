@@ -108,12 +108,18 @@ async fn connection(
                 return refused(&edge, from, why);
             }
         } else {
-            // A PROXY header from a peer that is not a trusted proxy is a forgery.
+            // A PROXY header from a peer that is not a trusted proxy is a forgery. Nothing at
+            // all within the handshake timeout ends the connection as HTTP would.
             let mut start = [0u8; 12];
-            if let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
-                if proxy::looks_like_header(&start[..n]) {
+            match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
+                Ok(Ok(n)) if proxy::looks_like_header(&start[..n]) => {
                     tracing::debug!(%peer, "PROXY header from a peer that is not a trusted proxy");
                     return refused(&edge, peer, "proxy_untrusted");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return tracing::debug!(%peer, %err, "connection failed"),
+                Err(_) => {
+                    return tracing::debug!(%peer, "nothing sent within the handshake timeout")
                 }
             }
         }
