@@ -9,9 +9,9 @@
 //! # Layout
 //! * [`Node`]: starts a node's client plane and its tasks, and drains it; [`Gateway`]
 //!   ([`gateway`]): the narrow door the control plane uses.
-//! * the client plane: `server` (accept loop), [`handshake`] (HTTP routes and the upgrade,
-//!   where credentials are checked), `conn` (one socket's reader, writer and closing
-//!   handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
+//! * the client plane: `server` (accept loop), `http` (a connection's HTTP service: the
+//!   probes, `/metrics`, the browser client), `handshake` (the upgrade, where credentials are
+//!   checked), `conn` (one socket's reader, writer and closing handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
 //!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer
 //!   for `/readyz`, gRPC health and the bus);
 //! * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
@@ -40,6 +40,7 @@ pub mod gateway;
 pub mod handlers;
 pub mod handoff;
 mod handshake;
+mod http;
 pub mod limit;
 pub mod metrics;
 mod node;

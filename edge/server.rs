@@ -20,7 +20,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    handshake,
     node::{Edge, Pending},
     proxy::{self, Preamble},
 };
@@ -125,11 +124,11 @@ async fn connection(
         }
     }
     match &edge.tls {
-        None => handshake::serve_http(stream, from, edge, pending).await,
+        None => crate::http::serve_http(stream, from, edge, pending).await,
         Some(tls) => {
             let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => handshake::serve_http(stream, from, edge, pending).await,
+                Ok(Ok(stream)) => crate::http::serve_http(stream, from, edge, pending).await,
                 Ok(Err(err)) => tracing::debug!(peer = %from, %err, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %from, "TLS handshake timed out"),
             }
