@@ -20,10 +20,10 @@ use crate::{
     bus::AttachError,
     conn,
     handlers::Socket,
-    http::{close, text, Body},
     node::{Edge, IpSlot},
     protocol::Recover,
     registry::Ending,
+    routes::{close, text, Body},
 };
 
 /// The WebSocket endpoint: counts the handshake by its outcome. On the spare lane (`spare`:

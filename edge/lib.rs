@@ -9,11 +9,12 @@
 //! # Layout
 //! * [`Node`]: starts a node's client plane and its tasks, and drains it; [`Gateway`]
 //!   ([`gateway`]): the narrow door the control plane uses.
-//! * the client plane: `server` (accept loop), `http` (a connection's HTTP service: the
-//!   probes, `/metrics`, the browser client), `handshake` (the upgrade, where credentials are
-//!   checked), `conn` (one socket's reader, writer and closing handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
-//!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer
-//!   for `/readyz`, gRPC health and the bus);
+//! * the client plane: `server` (accept loop, and each connection's HTTP service), `routes`
+//!   (the plain HTTP routes: the probes, `/metrics`, the browser client), `handshake` (the
+//!   upgrade, where credentials are checked), `conn` (one socket's reader, writer and closing
+//!   handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
+//!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer for
+//!   `/readyz`, gRPC health and the bus);
 //! * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
 //!   [`handoff`]: the types `Handle` messages cross nodes in, shared with the bus;
 //! * [`credentials`]: minting and checking ids, keys and digests (pure);
@@ -40,7 +41,6 @@ pub mod gateway;
 pub mod handlers;
 pub mod handoff;
 mod handshake;
-mod http;
 pub mod limit;
 pub mod metrics;
 mod node;
@@ -48,6 +48,7 @@ pub mod protocol;
 mod proxy;
 mod readiness;
 pub mod registry;
+mod routes;
 mod server;
 pub mod shutdown;
 pub mod tls;

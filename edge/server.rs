@@ -1,4 +1,5 @@
-//! The client plane's accept loop.
+//! The client plane's accept loop, and each connection's HTTP service: the WebSocket path to
+//! the handshake, everything else to the plain routes.
 //!
 //! Every connection is accepted at once and admitted ([`Pending::admit`]) from its first byte
 //! on: one of its client address's `max-pending-per-ip` slots (beyond them it is closed at
@@ -15,13 +16,18 @@
 //! the upgrade then use the named client). A proxy's own address is never locked out by the
 //! clients it carries.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use http::{Request, Response};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
+    handshake,
     node::{Edge, Pending},
     proxy::{self, Preamble},
+    routes::{self, Body},
 };
 
 /// Accepts client-plane connections until the node halts. While it drains, it still answers
@@ -124,14 +130,68 @@ async fn connection(
         }
     }
     match &edge.tls {
-        None => crate::http::serve_http(stream, from, edge, pending).await,
+        None => serve_http(stream, from, edge, pending).await,
         Some(tls) => {
             let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => crate::http::serve_http(stream, from, edge, pending).await,
+                Ok(Ok(stream)) => serve_http(stream, from, edge, pending).await,
                 Ok(Err(err)) => tracing::debug!(peer = %from, %err, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %from, "TLS handshake timed out"),
             }
         }
     }
+}
+
+/// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
+/// `from` is the address the connection comes from (the peer, or the client a trusted proxy's
+/// PROXY header named); each request's client is found from it ([`Edge::client`]).
+async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Pending)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = from;
+    let io = TokioIo::new(stream);
+    let spare = pending.spare();
+    let service = service_fn(|req: Request<Incoming>| {
+        let edge = edge.clone();
+        let client = edge.client(from, req.headers());
+        async move { Ok::<_, Infallible>(route::<S>(req, client, &edge, spare).await) }
+    });
+    let header_timeout = if spare {
+        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
+    } else {
+        edge.config.limits.handshake_timeout
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::select! {
+        result = conn => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, %err, "client-plane HTTP connection failed");
+            }
+        }
+        _ = edge.halt.cancelled() => {}
+    }
+    drop(pending);
+}
+
+/// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
+/// spare lane (`spare`: every handshake permit was taken) upgrades get 503. `peer` is the
+/// request's client, as trusted proxies name it.
+async fn route<S>(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    edge: &Arc<Edge>,
+    spare: bool,
+) -> Response<Body>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if req.uri().path() == edge.config.ws_path {
+        return handshake::websocket::<S>(req, peer, edge, spare).await;
+    }
+    routes::plain(&req, edge)
 }

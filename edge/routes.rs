@@ -1,76 +1,21 @@
-//! The client plane's HTTP side: one connection's HTTP service and its routes, `/healthz`,
-//! `/readyz` (the node's readiness), `/metrics` and the browser client at `/channelgate.js`; the
-//! WebSocket path goes to [`handshake`](crate::handshake).
-
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//! The client plane's plain HTTP: `/healthz`, `/readyz` (the node's readiness), `/metrics` and
+//! the browser client at `/channelgate.js`, and the small answers every route uses. The
+//! WebSocket path is the handshake's; the server routes between them.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
 
-use crate::{
-    handshake,
-    node::{Edge, Pending},
-};
+use crate::node::Edge;
 
 /// The body of every answer of the client plane.
 pub(crate) type Body = Full<Bytes>;
 
-/// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
-/// `from` is the address the connection comes from (the peer, or the client a trusted proxy's
-/// PROXY header named); each request's client is found from it ([`Edge::client`]).
-pub(crate) async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Pending)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let peer = from;
-    let io = TokioIo::new(stream);
-    let spare = pending.spare();
-    let service = service_fn(|req: Request<Incoming>| {
-        let edge = edge.clone();
-        let client = edge.client(from, req.headers());
-        async move { Ok::<_, Infallible>(route::<S>(req, client, &edge, spare).await) }
-    });
-    let header_timeout = if spare {
-        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
-    } else {
-        edge.config.limits.handshake_timeout
-    };
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(io, service)
-        .with_upgrades();
-    tokio::select! {
-        result = conn => {
-            if let Err(err) = result {
-                tracing::debug!(%peer, %err, "client-plane HTTP connection failed");
-            }
-        }
-        _ = edge.halt.cancelled() => {}
-    }
-    drop(pending);
-}
-
-/// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
-/// spare lane (`spare`: every handshake permit was taken) upgrades get 503. `peer` is the
-/// request's client, as trusted proxies name it.
-async fn route<S>(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    edge: &Arc<Edge>,
-    spare: bool,
-) -> Response<Body>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let path = req.uri().path();
-    if path == edge.config.ws_path {
-        return handshake::websocket::<S>(req, peer, edge, spare).await;
-    }
-    match (req.method(), path) {
+/// Answers a request that is not the WebSocket's: the probes, `/metrics`, the browser client;
+/// anything else is 404.
+pub(crate) fn plain(req: &Request<Incoming>, edge: &Edge) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, CLIENT_SCRIPT_PATH) => client_script(req.headers()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => metrics(edge),
