@@ -11,10 +11,11 @@ use edge::{
     bus::{HistoryQuery, Page},
     config::JoinLeave,
     credentials::{Credentials, Digest},
+    domain::User,
+    domain::{valid_epoch, Channel, Json, Position},
     error::{code, Close, Error},
     handoff::HandlerReply,
-    protocol::{valid_epoch, Channel, Json, Position},
-    registry::{Change, ListenEvent, Present, Pushed, Stats, User, Wants},
+    registry::{Change, ListenEvent, Present, Pushed, Stats, Wants},
 };
 
 use crate::{pb, status::status};
@@ -50,7 +51,9 @@ pub(crate) fn user(name: &str, info: &str) -> Result<Option<User>, Status> {
         }
         return Ok(None);
     }
-    User::new(name, info).map(Some).map_err(status)
+    User::new(name, info)
+        .map(Some)
+        .map_err(|bad| status(edge::error::Error::from(bad)))
 }
 
 /// Whether a call that addresses connections names a user (`true`) or a digest (`false`);

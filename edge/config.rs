@@ -604,12 +604,28 @@ impl Limits {
     }
 
     /// The history policy of `channel`: its namespace's overrides, else the node's settings.
-    pub fn history_policy(&self, channel: &str) -> crate::registry::Policy {
+    pub fn history_policy(&self, channel: &str) -> HistoryPolicy {
         let over = self.namespace(channel);
-        crate::registry::Policy {
+        HistoryPolicy {
             size: over.history_size.unwrap_or(self.history_size),
             ttl: over.history_ttl.unwrap_or(self.history_ttl),
         }
+    }
+}
+
+/// How many pushes a channel keeps, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    /// Pushes kept; 0 keeps none (offsets still count, so a gap is always noticed).
+    pub size: usize,
+    /// How long a push is kept.
+    pub ttl: Duration,
+}
+
+impl HistoryPolicy {
+    /// Whether this policy keeps anything.
+    pub fn keeps(&self) -> bool {
+        self.size > 0 && !self.ttl.is_zero()
     }
 }
 

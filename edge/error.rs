@@ -8,7 +8,7 @@
 
 use crate::{
     credentials::{BadDigest, WeakSecret},
-    protocol::{BadChannel, BadJson},
+    domain::{BadChannel, BadJson, BadUser, MAX_INFO_LEN, MAX_USER_LEN},
 };
 
 /// Why the gateway closes (or closed) a socket.
@@ -151,7 +151,7 @@ pub enum Error {
     #[error("the channel's epoch changed (its history was lost); it is now at epoch {} offset {}", position.epoch, position.offset)]
     EpochChanged {
         /// Where the channel stands now.
-        position: crate::protocol::Position,
+        position: crate::domain::Position,
     },
     /// An idempotency key outside the rules.
     #[error("an idempotency key is 1 to {max} bytes of printable ASCII")]
@@ -206,4 +206,16 @@ pub enum Error {
         /// The failure.
         source: std::io::Error,
     },
+}
+
+impl From<BadUser> for Error {
+    /// The same answers as before users had a type of their own: the name's and the size's
+    /// limits, or the JSON error.
+    fn from(bad: BadUser) -> Self {
+        match bad {
+            BadUser::Name => Error::BadUser { max: MAX_USER_LEN },
+            BadUser::InfoTooLarge => Error::BadUserInfo { max: MAX_INFO_LEN },
+            BadUser::InfoNotJson(bad) => Error::BadJson(bad),
+        }
+    }
 }

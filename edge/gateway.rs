@@ -14,13 +14,14 @@ use crate::{
     bus::{Bus, HistoryQuery, Page, PushTicket},
     config::JoinLeave,
     credentials::{Credentials, Digest},
+    domain::{check_user, User},
+    domain::{Channel, Position},
     error::{Close, Error},
     handlers::remote::{Member, MemberError},
     handoff::{Delivery, HandlerReply},
     metrics::Metrics,
     node::Edge,
-    protocol::{Channel, Position},
-    registry::{check_idempotency_key, check_user, Listener, Present, Pushed, Stats, User, Wants},
+    registry::{check_idempotency_key, Listener, Present, Pushed, Stats, Wants},
 };
 
 /// Most pushes one `History` call returns.

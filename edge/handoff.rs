@@ -1,5 +1,5 @@
-//! The hand-off of client messages between this node's `Handle` streams
-//! ([`handlers::remote`](crate::handlers::remote)) and the cluster bus, which offers them to
+//! The hand-off of client messages between this node's `Handle` streams (the handlers' remote
+//! side, which imports this module, never the reverse) and the cluster bus, which offers them to
 //! streams on other nodes: the types both sides share, and the [`link`] between them.
 //!
 //! Neither side holds the other. The local side holds a [`LocalEnd`] (senders), the bus a
@@ -10,7 +10,16 @@
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{credentials::Digest, protocol::Json};
+/// Reserved action of connect events.
+pub const CONNECT: &str = "$connect";
+/// Reserved action of disconnect events.
+pub const DISCONNECT: &str = "$disconnect";
+/// Reserved action of a channel's first member anywhere.
+pub const OCCUPIED: &str = "$occupied";
+/// Reserved action of a channel left by its last member (after the vacate delay).
+pub const VACATED: &str = "$vacated";
+
+use crate::{credentials::Digest, domain::Json};
 
 /// Requests from the local side to the bus that may wait before the bus takes them.
 pub const OUTBOUND_BUFFER: usize = 4096;

@@ -33,6 +33,7 @@ pub mod bus;
 pub mod config;
 mod conn;
 pub mod credentials;
+pub mod domain;
 pub mod error;
 pub mod fanout;
 #[cfg(any(test, fuzzing))]

@@ -1,8 +1,8 @@
 //! [`Edge`]: what every task of a node's client plane shares (configuration, the bus and the
 //! registry behind it, the handlers, permits and per-address limits, the shutdown tokens).
 //!
-//! It is the crate's own: the control plane reaches the node through
-//! [`Gateway`](crate::gateway::Gateway) only.
+//! It is the crate's own: the control plane reaches the node through the gateway only, which
+//! wraps it (this module never names the gateway).
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -21,7 +21,7 @@
 //! This module owns encoding and decoding only. A push is encoded once into a [`Frame`], which
 //! is cheap to clone (a reference-counted buffer), so every subscriber shares the same bytes.
 
-use std::{fmt, ops::Deref, sync::Arc};
+use crate::domain::{valid_epoch, Channel, Json, Position, MAX_CHANNELS_PER_CALL};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -29,87 +29,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// An encoded text frame, shared by every recipient.
 pub type Frame = Utf8Bytes;
-
-/// Longest channel name, in bytes.
-pub const MAX_CHANNEL_LEN: usize = 255;
-
-/// A valid channel name: 1 to 255 bytes of printable ASCII without spaces.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Channel(Arc<str>);
-
-/// A channel name outside the rules of [`Channel`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid channel name {0:?}: 1 to 255 bytes of printable ASCII without spaces")]
-pub struct BadChannel(pub String);
-
-impl Channel {
-    /// Checks `name` and makes a channel of it.
-    pub fn new(name: &str) -> Result<Self, BadChannel> {
-        let ok = !name.is_empty()
-            && name.len() <= MAX_CHANNEL_LEN
-            && name.bytes().all(|b| b.is_ascii_graphic());
-        if ok {
-            Ok(Self(name.into()))
-        } else {
-            let mut shown: String = name.chars().take(64).collect();
-            if shown.len() < name.len() {
-                shown.push('…');
-            }
-            Err(BadChannel(shown))
-        }
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Deref for Channel {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
-    }
-}
-
-/// JSON text that parses. Holds the application's text unchanged (surrounding whitespace
-/// trimmed), so a payload reaches clients byte for byte.
-#[derive(Debug, Clone)]
-pub struct Json(Box<RawValue>);
-
-/// Text that is not one JSON value.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid JSON: {0}")]
-pub struct BadJson(#[from] serde_json::Error);
-
-impl Json {
-    /// Parses `text` as one JSON value.
-    pub fn parse(text: &str) -> Result<Self, BadJson> {
-        Ok(Self(RawValue::from_string(text.trim().to_owned())?))
-    }
-
-    /// `null`.
-    pub fn null() -> Self {
-        Self(RawValue::NULL.to_owned())
-    }
-
-    /// The JSON text.
-    pub fn as_str(&self) -> &str {
-        self.0.get()
-    }
-}
 
 /// Encodes a `Send` envelope: `{"channel":"<name>","payload":<json>}` (no offset: a message
 /// to one socket is not part of the channel's stream).
@@ -174,41 +93,6 @@ pub fn push_frame(channel: &Channel, offset: u64, payload: &str) -> (Frame, usiz
 fn push_u64(out: &mut String, n: u64) {
     use std::fmt::Write as _;
     let _ = write!(out, "{n}");
-}
-
-/// A channel's epoch: an opaque name for one unbroken history of the channel. It changes
-/// whenever the store lost the channel's past (a single node restarted, a Redis that came back
-/// empty, a position kept past `position-ttl`). 1 to [`MAX_EPOCH_LEN`] characters of `[0-9a-zA-Z_-]`.
-pub type Epoch = Arc<str>;
-
-/// Longest epoch accepted from a client or from Redis.
-pub const MAX_EPOCH_LEN: usize = 64;
-
-/// Checks an epoch's characters; epochs are written into frames unescaped.
-pub fn valid_epoch(epoch: &str) -> bool {
-    !epoch.is_empty()
-        && epoch.len() <= MAX_EPOCH_LEN
-        && epoch
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// A new random epoch (16 hex digits).
-pub fn new_epoch() -> Epoch {
-    use rand::RngCore;
-    let mut bytes = [0u8; 8];
-    rand::rng().fill_bytes(&mut bytes);
-    hex::encode(bytes).into()
-}
-
-/// Where a channel's stream stands: its epoch and the offset of its last push (0: none yet).
-/// The next push has offset `offset + 1`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Position {
-    /// The channel's epoch.
-    pub epoch: Epoch,
-    /// The offset of its last push.
-    pub offset: u64,
 }
 
 /// `{"channel":"<name>","epoch":"<e>","offset":<n>}`: a live socket was subscribed at this
@@ -306,7 +190,7 @@ impl Recover {
             serde_json::from_str(text).map_err(|_| {
                 "recover must be a JSON object of {\"<channel>\":{\"epoch\":\"..\",\"offset\":n}}"
             })?;
-        if map.len() > crate::registry::MAX_CHANNELS_PER_CALL {
+        if map.len() > MAX_CHANNELS_PER_CALL {
             return Err("recover names too many channels");
         }
         let mut out = std::collections::HashMap::with_capacity(map.len());

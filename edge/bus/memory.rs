@@ -5,9 +5,11 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use super::{AttachError, Bus, HistoryQuery, Page, PushTicket};
 use crate::{
     credentials::{Credentials, Digest, Verified},
+    domain::User,
+    domain::{Channel, Json, Position},
     error::{Close, Error},
-    protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Registry, User, Wants},
+    protocol::{Frame, Recover},
+    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Registry, Wants},
 };
 
 /// The bus of a node on its own.

@@ -1,6 +1,6 @@
 //! The bus: how credentials, subscriptions, pushes and socket commands cross nodes.
 //!
-//! [`Bus`] is what the [`Gateway`](crate::gateway::Gateway) and the handshake call; a node holds
+//! [`Bus`] is what the gateway (the control plane's door) and the handshake call; a node holds
 //! one as `Arc<dyn Bus>`, chosen at start. Implementations:
 //! * [`memory::Memory`] (the default): everything is in this node's [`Registry`];
 //! * [`redis::RedisBus`] (`--redis`): credentials' state and subscriptions by digest live in
@@ -24,9 +24,11 @@ use std::collections::HashMap;
 
 use crate::{
     credentials::{Credentials, Digest, Verified},
+    domain::User,
+    domain::{Channel, Json, Position},
     error::{Close, Error},
-    protocol::{Channel, Frame, Json, Position, Recover},
-    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Refusal, Registry, User, Wants},
+    protocol::{Frame, Recover},
+    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Refusal, Registry, Wants},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)

@@ -23,7 +23,8 @@ use serde::Deserialize;
 use serde_json::{value::RawValue, Value};
 
 use super::{Handler, Outcome, Request};
-use crate::protocol::{Body, Json, Reply};
+use crate::domain::Json;
+use crate::protocol::{Body, Reply};
 
 /// The action name.
 pub const ACTION: &str = "call-route";

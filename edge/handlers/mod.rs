@@ -228,7 +228,7 @@ impl Handlers {
     pub fn connected(&self, socket: &Socket, resumed: bool, user: Option<&str>) {
         let detail = serde_json::json!({"resumed": resumed, "user": user}).to_string();
         self.remote.lifecycle(
-            remote::CONNECT,
+            crate::handoff::CONNECT,
             &socket.connection_id,
             Some(socket.digest),
             &detail,
@@ -244,7 +244,7 @@ impl Handlers {
         }
         match event {
             crate::registry::Lifecycle::Ended(ended) => self.remote.lifecycle(
-                remote::DISCONNECT,
+                crate::handoff::DISCONNECT,
                 &ended.connection_id,
                 Some(ended.digest),
                 &ended.json(),
@@ -252,9 +252,9 @@ impl Handlers {
             crate::registry::Lifecycle::Occupancy { channel, occupied } => {
                 let detail = serde_json::json!({ "channel": channel.as_str() }).to_string();
                 let action = if *occupied {
-                    remote::OCCUPIED
+                    crate::handoff::OCCUPIED
                 } else {
-                    remote::VACATED
+                    crate::handoff::VACATED
                 };
                 self.remote.lifecycle(action, "", None, &detail);
             }

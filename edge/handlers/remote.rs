@@ -30,21 +30,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Outcome, Request};
 use crate::credentials::Digest;
 use crate::{
+    domain::Json,
     handoff::{Delivery, Forwarded, HandlerReply, Inbound, LocalEnd, LocalGroup, Outbound},
-    protocol::{Body, Json, Reply},
+    protocol::{Body, Reply},
 };
 
 /// Deliveries buffered per member before it counts as full.
 pub const MEMBER_BUFFER: usize = 1024;
-
-/// Reserved action of connect events.
-pub const CONNECT: &str = "$connect";
-/// Reserved action of disconnect events.
-pub const DISCONNECT: &str = "$disconnect";
-/// Reserved action of a channel's first member anywhere.
-pub const OCCUPIED: &str = "$occupied";
-/// Reserved action of a channel left by its last member (after the vacate delay).
-pub const VACATED: &str = "$vacated";
 
 /// What a member got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -27,11 +27,10 @@ use super::{
 };
 use crate::{
     credentials::Digest,
+    domain::{Channel, Epoch, Json, Position},
     error::Error,
     fanout::{Backlog, Enqueued},
-    protocol::{
-        gap_frame, position_frame, push_frame, Channel, Epoch, Frame, Joined, Json, Position,
-    },
+    protocol::{gap_frame, position_frame, push_frame, Frame, Joined},
 };
 
 /// One channel on this node.

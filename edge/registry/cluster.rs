@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::Registry;
-use crate::{config::Limits, credentials::Secrets, metrics::Metrics, protocol::Channel};
+use crate::{config::Limits, credentials::Secrets, domain::Channel, metrics::Metrics};
 
 /// What the registry tells the cluster bus (set once, at construction).
 #[derive(Debug, Default)]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::Registry;
-use crate::{credentials::Digest, protocol::Channel};
+use crate::{credentials::Digest, domain::Channel};
 
 /// Events waiting for the node's lifecycle task; past it, an event is logged and counted, not
 /// told.

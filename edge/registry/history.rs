@@ -24,10 +24,13 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
-use crate::protocol::{new_epoch, Epoch, Frame, Position};
+use crate::{
+    config::HistoryPolicy,
+    domain::{new_epoch, Epoch, Position},
+    protocol::Frame,
+};
 
 /// What a retained push costs besides its frame, in bytes (offset, time, frame handle).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
@@ -35,22 +38,6 @@ pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 /// Most pushes a cluster node holds for one channel while it waits for an earlier one; past
 /// it, the channel's subscribers are told of a gap.
 pub(super) const MAX_PENDING: usize = 4096;
-
-/// How many pushes a channel keeps, and for how long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Pushes kept; 0 keeps none (offsets still count, so a gap is always noticed).
-    pub size: usize,
-    /// How long a push is kept.
-    pub ttl: Duration,
-}
-
-impl Policy {
-    /// Whether this policy keeps anything.
-    pub fn keeps(&self) -> bool {
-        self.size > 0 && !self.ttl.is_zero()
-    }
-}
 
 /// The node's budget for retained frames, shared by every channel.
 #[derive(Debug)]
@@ -122,7 +109,7 @@ pub(super) struct History {
     ring: VecDeque<Entry>,
     /// Frame bytes in `ring` (counted in `budget` too).
     bytes: usize,
-    pub(super) policy: Policy,
+    pub(super) policy: HistoryPolicy,
     budget: Arc<Budget>,
     pub(super) sync: Sync,
     /// Cluster mode: pushes that came before their turn, by offset.
@@ -151,7 +138,7 @@ pub(super) enum Unreachable {
 impl History {
     /// A channel's history with a new epoch (single node), or with none until the cluster's
     /// position is known (`epoch: None`).
-    pub(super) fn new(policy: Policy, budget: Arc<Budget>, clustered: bool) -> Self {
+    pub(super) fn new(policy: HistoryPolicy, budget: Arc<Budget>, clustered: bool) -> Self {
         Self {
             epoch: (!clustered).then(new_epoch),
             last: 0,
@@ -351,10 +338,11 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn history(size: usize, ttl_ms: u64, budget: usize) -> History {
         History::new(
-            Policy {
+            HistoryPolicy {
                 size,
                 ttl: Duration::from_millis(ttl_ms),
             },
@@ -451,7 +439,7 @@ mod tests {
     #[test]
     fn the_node_budget_evicts_the_pushing_channels_oldest() {
         let budget = Arc::new(Budget::new(100));
-        let policy = Policy {
+        let policy = HistoryPolicy {
             size: 1000,
             ttl: Duration::from_secs(60),
         };

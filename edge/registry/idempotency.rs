@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 
 use super::{now_ms, Registry};
 use crate::{
+    domain::{Channel, Position},
     error::Error,
-    protocol::{Channel, Position},
 };
 
 /// Most idempotency records a node keeps (per channel and key).

@@ -24,8 +24,9 @@ use super::{
 };
 use crate::{
     config::JoinLeave,
+    domain::{Channel, Position},
     error::Error,
-    protocol::{Channel, Frame, Position},
+    protocol::Frame,
 };
 
 /// Events a `Listen` stream may fall behind before it is dropped.

@@ -65,29 +65,23 @@ use std::sync::{
 
 use dashmap::DashMap;
 
+use crate::domain::MAX_CHANNELS_PER_CALL;
 use crate::{
     config::Limits,
     credentials::{Digest, Secrets},
+    domain::{Channel, Json},
     error::Error,
     fanout::Backlog,
     metrics::Metrics,
-    protocol::{Channel, Json},
 };
 
 pub use channels::{Fetched, Pushed};
 pub use ends::{EndReason, Ended, Lifecycle, ENDS_QUEUE};
-pub use history::{Policy, ENTRY_BYTES};
+pub use history::ENTRY_BYTES;
 pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
 pub use listeners::{ListenEvent, Listener, Wants, LISTEN_BUFFER};
 pub use presence::{Change, PresenceEvent, Present};
 pub use sessions::{monotonic_ms, now_ms, Conn, Ending, LiveSession, Refusal};
-pub use users::{check_user, User, MAX_INFO_LEN, MAX_USER_LEN};
-
-#[allow(unused_imports)] // for the docs
-use crate::gateway::Gateway;
-
-/// Most channels in one `IssueConnection`, `Subscribe`, `Unsubscribe`, `Push` or `Listen` call.
-pub const MAX_CHANNELS_PER_CALL: usize = 1024;
 
 /// Handle to the registry. Cheap to clone.
 #[derive(Debug, Clone)]

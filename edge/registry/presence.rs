@@ -21,12 +21,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{now_ms, sessions::Session, users::User, Registry};
-use crate::{
-    config::JoinLeave,
-    credentials::Digest,
-    protocol::{presence_frame, Channel},
-};
+use super::{now_ms, sessions::Session, Registry};
+use crate::domain::User;
+use crate::{config::JoinLeave, credentials::Digest, domain::Channel, protocol::presence_frame};
 
 /// One connection present in a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]

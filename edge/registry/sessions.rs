@@ -14,17 +14,18 @@ use std::{
 
 use dashmap::{mapref::entry::Entry, mapref::one::RefMut};
 
+use crate::domain::User;
+
 use super::{
     channels::{Fetched, Join},
-    check_channel_count,
-    users::User,
-    EndReason, Ended, Registry,
+    check_channel_count, EndReason, Ended, Registry,
 };
 use crate::{
     credentials::{CredentialError, Credentials, Digest, Verified},
+    domain::Channel,
     error::{Close, Error},
     fanout::{Backlog, Outbox},
-    protocol::{connected_frame, Channel, Joined, Recover},
+    protocol::{connected_frame, Joined, Recover},
 };
 
 /// The current Unix time in milliseconds.

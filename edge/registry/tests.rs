@@ -4,10 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use super::*;
 use crate::{
-    credentials::Credentials,
-    error::Close,
-    fanout::Batch,
-    protocol::{Position, Recover},
+    credentials::Credentials, domain::Position, error::Close, fanout::Batch, protocol::Recover,
 };
 
 fn registry() -> Registry {

@@ -8,65 +8,10 @@
 
 use std::{collections::HashSet, sync::Arc};
 
+use crate::domain::User;
+
 use super::{sessions::State, Registry};
-use crate::{credentials::Digest, error::Error, protocol::Json};
-
-/// Longest user name, in bytes.
-pub const MAX_USER_LEN: usize = 256;
-/// Largest `info` JSON bound to credentials, in bytes.
-pub const MAX_INFO_LEN: usize = 2048;
-
-/// Who a set of credentials belongs to, as the application said when it issued them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    /// The application's user name.
-    pub name: Arc<str>,
-    /// Checked JSON text the application attached (shown in presence), if any.
-    pub info: Option<Arc<str>>,
-}
-
-impl User {
-    /// Checks a user name (1 to [`MAX_USER_LEN`] bytes, no control characters) and its info
-    /// (JSON, at most [`MAX_INFO_LEN`] bytes; empty for none).
-    pub fn new(name: &str, info: &str) -> Result<Self, Error> {
-        check_user(name)?;
-        let info = if info.is_empty() {
-            None
-        } else {
-            if info.len() > MAX_INFO_LEN {
-                return Err(Error::BadUserInfo { max: MAX_INFO_LEN });
-            }
-            Json::parse(info)?;
-            Some(info.into())
-        };
-        Ok(Self {
-            name: name.into(),
-            info,
-        })
-    }
-
-    /// The user stored as `name` and `info` text (`None` when `name` is empty); the inverse
-    /// of [`User::texts`]. Unchecked: the text was checked when the credentials were issued.
-    pub fn from_texts(name: &str, info: &str) -> Option<Self> {
-        (!name.is_empty()).then(|| Self {
-            name: name.into(),
-            info: (!info.is_empty()).then(|| info.into()),
-        })
-    }
-
-    /// `(name, info)` of `user` as text, `("", "")` for none: how the Redis bus stores them.
-    pub fn texts(user: Option<&Self>) -> (&str, &str) {
-        user.map_or(("", ""), |u| (&*u.name, u.info.as_deref().unwrap_or("")))
-    }
-}
-
-/// Checks a user name: 1 to [`MAX_USER_LEN`] bytes without control characters.
-pub fn check_user(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > MAX_USER_LEN || name.chars().any(char::is_control) {
-        return Err(Error::BadUser { max: MAX_USER_LEN });
-    }
-    Ok(())
-}
+use crate::credentials::Digest;
 
 impl Registry {
     /// Records that `digest` belongs to `user`.

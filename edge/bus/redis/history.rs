@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::{RedisBus, BACKOFF_MAX, BACKOFF_MIN};
 use crate::{
     bus::{HistoryQuery, Page},
+    domain::{new_epoch, valid_epoch, Channel, Position},
     error::Error,
-    protocol::{new_epoch, valid_epoch, Channel, Position},
     registry::{now_ms, Fetched},
 };
 
@@ -353,7 +353,7 @@ pub(crate) fn check_redis_read(input: &[u8]) {
         },
     ] {
         if let Ok(fetched) = parse_read(value(input), read) {
-            assert!(crate::protocol::valid_epoch(&fetched.position.epoch));
+            assert!(crate::domain::valid_epoch(&fetched.position.epoch));
         }
     }
 }

@@ -97,12 +97,14 @@ use super::{AttachError, Bus, HistoryQuery, Page, PushTicket};
 use crate::{
     config::Limits,
     credentials::{Credentials, Digest, Verified},
+    domain::User,
+    domain::{Channel, Json, Position},
     error::{Close, Error},
     handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
-    protocol::{Channel, Frame, Json, Position, Recover},
+    protocol::{Frame, Recover},
     readiness::{Cause, Readiness},
     registry::{
-        now_ms, Conn, EndReason, Ended, Ending, Listener, Present, Refusal, Registry, User, Wants,
+        now_ms, Conn, EndReason, Ended, Ending, Listener, Present, Refusal, Registry, Wants,
     },
 };
 

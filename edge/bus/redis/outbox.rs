@@ -22,8 +22,8 @@ use super::RedisBus;
 use crate::{
     credentials::Digest,
     error::Error,
-    handlers::remote::{DISCONNECT, OCCUPIED, VACATED},
     handoff::Delivery,
+    handoff::{DISCONNECT, OCCUPIED, VACATED},
 };
 
 /// Consumer group of the outbox.

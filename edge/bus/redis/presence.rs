@@ -21,9 +21,10 @@ use super::{RedisBus, LEASE, NODES_TTL};
 pub(crate) const PRESENCE_LEASE: Duration = Duration::from_secs(8);
 use crate::{
     credentials::Digest,
+    domain::Channel,
+    domain::User,
     error::Error,
-    protocol::Channel,
-    registry::{now_ms, Change, PresenceEvent, Present, User},
+    registry::{now_ms, Change, PresenceEvent, Present},
 };
 
 impl RedisBus {

@@ -16,10 +16,12 @@ use super::{
 };
 use crate::readiness::Cause;
 use crate::{
+    domain::User,
+    domain::{valid_epoch, Channel, Epoch, Json},
     error::{Close, Error},
     handoff::HandlerReply,
-    protocol::{valid_epoch, Channel, Epoch, Frame, Json},
-    registry::{now_ms, LiveSession, User},
+    protocol::Frame,
+    registry::{now_ms, LiveSession},
 };
 
 impl RedisBus {
@@ -504,7 +506,7 @@ pub(super) fn decode_push<'a>(
 #[cfg(any(test, fuzzing))]
 pub(crate) fn check_relayed_push(input: &[u8]) {
     if let Ok(push) = decode_push("c", input) {
-        assert!(push.offset > 0 && crate::protocol::valid_epoch(&push.epoch));
+        assert!(push.offset > 0 && crate::domain::valid_epoch(&push.epoch));
         assert!(!push.payload.trim().is_empty());
     }
 }

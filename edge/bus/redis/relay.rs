@@ -12,8 +12,8 @@ use super::{
 };
 use crate::readiness::Cause;
 use crate::{
+    domain::{new_epoch, valid_epoch, Channel, Position},
     error::Error,
-    protocol::{new_epoch, valid_epoch, Channel, Position},
     registry::now_ms,
 };
 
