@@ -42,6 +42,8 @@ pub mod gateway;
 pub mod handlers;
 pub mod handoff;
 mod handshake;
+#[cfg(test)]
+mod layering;
 pub mod limit;
 pub mod metrics;
 mod node;
