@@ -8,14 +8,14 @@ use tonic::Status;
 use std::collections::HashMap;
 
 use edge::{
-    bus::{HistoryQuery, Page},
     config::JoinLeave,
-    credentials::{Credentials, Digest},
     domain::User,
     domain::{valid_epoch, Channel, Json, Position},
     error::{code, Close, Error},
-    handoff::HandlerReply,
-    registry::{Change, ListenEvent, Present, Pushed, Stats, Wants},
+    gateway::{
+        Change, Credentials, Digest, HandlerReply, HistoryQuery, ListenEvent, Page, Present,
+        Pushed, Stats, Wants,
+    },
 };
 
 use crate::{pb, status::status};
@@ -39,7 +39,7 @@ pub(crate) fn channel(name: &str) -> Result<Channel, Status> {
 /// Parses a digest.
 pub(crate) fn digest(text: &str) -> Result<Digest, Status> {
     text.parse()
-        .map_err(|e: edge::credentials::BadDigest| status(e.into()))
+        .map_err(|e: edge::gateway::BadDigest| status(e.into()))
 }
 
 /// The user (and info) credentials are issued for; `None` when the application named none.

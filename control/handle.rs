@@ -5,7 +5,10 @@
 
 use std::pin::Pin;
 
-use edge::{handlers::remote::Member, handoff::Delivery, registry::Listener, Gateway};
+use edge::{
+    gateway::{Delivery, Listener, Member},
+    Gateway,
+};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tonic::{Status, Streaming};

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
-use edge::metrics::Metrics;
+use edge::Gateway;
 
 /// An accepted control-plane connection and its share of the bound.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ pub(crate) struct Bounded {
 pub(crate) fn bounded(
     incoming: TcpIncoming,
     max: usize,
-    metrics: Arc<Metrics>,
+    gateway: Gateway,
 ) -> impl Stream<Item = io::Result<Bounded>> {
     let permits = Arc::new(Semaphore::new(max));
     incoming.filter_map(move |accepted| {
@@ -44,10 +44,7 @@ pub(crate) fn bounded(
                     _permit: permit,
                 })),
                 Err(_) => {
-                    metrics
-                        .refused_connections
-                        .with_label_values(&["grpc_connections"])
-                        .inc();
+                    gateway.count_refused_connection("grpc_connections");
                     tracing::warn!(
                         peer = ?io.peer_addr().ok(),
                         max,

@@ -88,8 +88,7 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
         LogFormat::Json => builder.json().init(),
     }
     // Before anything else: a SIGTERM during start-up must drain, not kill.
-    let mut signals =
-        channelgate::edge::shutdown::Signals::new().context("installing signal handlers")?;
+    let mut signals = channelgate::edge::Signals::new().context("installing signal handlers")?;
     let file = settings.load_file()?;
     let config = settings.merge(file).into_config()?;
     let listeners = Listeners::bind(&config).await?;

@@ -12,26 +12,25 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use tower::{Layer, Service};
 
-use edge::metrics::Metrics;
+use edge::Gateway;
 
 /// Counts requests into `channelgate_control_requests_total`.
 #[derive(Debug, Clone)]
 pub(crate) struct ObserveLayer {
-    metrics: Arc<Metrics>,
+    gateway: Gateway,
     timeout: Duration,
 }
 
 impl ObserveLayer {
-    /// A layer counting into `metrics`, ending unary calls after `timeout`.
-    pub(crate) fn new(metrics: Arc<Metrics>, timeout: Duration) -> Self {
-        Self { metrics, timeout }
+    /// A layer counting into the node's metrics, ending unary calls after `timeout`.
+    pub(crate) fn new(gateway: Gateway, timeout: Duration) -> Self {
+        Self { gateway, timeout }
     }
 }
 
@@ -40,7 +39,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            metrics: self.metrics.clone(),
+            gateway: self.gateway.clone(),
             timeout: self.timeout,
         }
     }
@@ -50,7 +49,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct Observe<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    gateway: Gateway,
     timeout: Duration,
 }
 
@@ -91,7 +90,7 @@ where
         } else {
             "other".to_owned()
         };
-        let metrics = self.metrics.clone();
+        let gateway = self.gateway.clone();
         let limit = (!CLIENT_STREAMS.contains(&path)).then_some(self.timeout);
         // The clone that was made ready is the one that serves (tower's usual swap).
         let clone = self.inner.clone();
@@ -120,10 +119,7 @@ where
                     .to_owned(),
                 Err(_) => "transport".to_owned(),
             };
-            metrics
-                .control_requests
-                .with_label_values(&[&method, &code])
-                .inc();
+            gateway.count_control_call(&method, &code);
             result
         })
     }

@@ -113,7 +113,7 @@ pub(crate) async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(keepalive);
-    let incoming = incoming::bounded(incoming, settings.max_connections, gateway.metrics());
+    let incoming = incoming::bounded(incoming, settings.max_connections, gateway.clone());
     let mut server = Server::builder()
         .max_concurrent_streams(settings.max_streams)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
@@ -133,7 +133,7 @@ pub(crate) async fn serve(
     // padding below it changes bodies only.
     let result = server
         .layer(observe::ObserveLayer::new(
-            gateway.metrics(),
+            gateway.clone(),
             settings.call_timeout,
         ))
         .layer(pad::PadLayer)

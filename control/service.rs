@@ -25,7 +25,7 @@ impl ControlService {
     }
 
     /// Submits one push of a request; the ticket resolves to its outcome.
-    async fn submit(&self, request: &pb::PushRequest) -> Result<edge::bus::PushTicket, Status> {
+    async fn submit(&self, request: &pb::PushRequest) -> Result<edge::gateway::PushTicket, Status> {
         let channels = convert::channels(&request.channels)?;
         let key = convert::idempotency_key(&request.idempotency_key);
         self.gateway

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use edge::{error::Error, handlers::remote::MemberError};
+use edge::{error::Error, gateway::MemberError};
 
 /// The gRPC status of an edge error.
 pub(crate) fn status(err: Error) -> Status {

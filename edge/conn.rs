@@ -434,7 +434,6 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
     }
     match edge.handlers.dispatch(request) {
         Outcome::Reply(reply) => Some(reply),
-        Outcome::NoReply => None,
         Outcome::Pending(future) => {
             socket.inflight.fetch_add(1, Ordering::Relaxed);
             let (conn, socket, task_edge) = (conn.clone(), socket.clone(), edge.clone());

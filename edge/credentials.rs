@@ -34,20 +34,20 @@ const TAG_LEN: usize = 16;
 const SIGNED_LEN: usize = 1 + 8 + COMMIT_LEN;
 const ID_LEN: usize = SIGNED_LEN + TAG_LEN;
 /// Length of an encoded connection id (base64 of [`ID_LEN`] bytes, no padding).
-pub const ENCODED_ID_LEN: usize = (ID_LEN * 4).div_ceil(3);
+pub(crate) const ENCODED_ID_LEN: usize = (ID_LEN * 4).div_ceil(3);
 /// Random bytes in a socket key: 256 bits.
 const KEY_BYTES: usize = 32;
 /// Keys longer than this are refused before any hashing.
 const MAX_KEY_LEN: usize = 256;
 /// Minimum length of a deployment secret, in bytes.
-pub const MIN_SECRET_LEN: usize = 16;
+pub(crate) const MIN_SECRET_LEN: usize = 16;
 
 const KEY_DOMAIN: &[u8] = b"channelgate/key/v1";
 const ID_DOMAIN: &[u8] = b"channelgate/id/v1";
 
 /// Why a presented id or key was refused. Each of these is a `403` at the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CredentialError {
+pub(crate) enum CredentialError {
     /// Not base64, wrong length or unknown version: not an id this gateway mints.
     #[error("malformed connection id")]
     Malformed,
@@ -61,7 +61,7 @@ pub enum CredentialError {
 
 /// A deployment secret, current and previous (for rotation).
 #[derive(Clone)]
-pub struct Secrets {
+pub(crate) struct Secrets {
     current: HmacSha256,
     previous: Option<HmacSha256>,
 }
@@ -81,7 +81,7 @@ pub struct WeakSecret;
 
 impl Secrets {
     /// Secrets signing new ids with `current` and also accepting ids signed by `previous`.
-    pub fn new(current: &[u8], previous: Option<&[u8]>) -> Result<Self, WeakSecret> {
+    pub(crate) fn new(current: &[u8], previous: Option<&[u8]>) -> Result<Self, WeakSecret> {
         let mac = |secret: &[u8]| {
             if secret.len() < MIN_SECRET_LEN {
                 return Err(WeakSecret);
@@ -95,14 +95,14 @@ impl Secrets {
     }
 
     /// A random 256-bit secret, rendered as hex, for a single node started without one.
-    pub fn generate_secret() -> String {
+    pub(crate) fn generate_secret() -> String {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         hex::encode(bytes)
     }
 
     /// Mints credentials that must be used before `expires_at_ms`.
-    pub fn issue(&self, expires_at_ms: u64) -> Credentials {
+    pub(crate) fn issue(&self, expires_at_ms: u64) -> Credentials {
         let mut key_bytes = [0u8; KEY_BYTES];
         rand::rng().fill_bytes(&mut key_bytes);
         let socket_key = URL_SAFE_NO_PAD.encode(key_bytes);
@@ -126,7 +126,7 @@ impl Secrets {
     /// Checks that `connection_id` was signed by this deployment and that `socket_key` is its
     /// key. Expiry is left to the caller: a socket resuming within its reconnect grace may
     /// present an id whose first-use deadline has passed.
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         connection_id: &str,
         socket_key: &str,
@@ -204,7 +204,7 @@ impl fmt::Debug for Credentials {
 
 /// What a successful [`Secrets::verify`] proves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verified {
+pub(crate) struct Verified {
     /// The digest of the presented id and key.
     pub digest: Digest,
     /// The id's first-use deadline, in Unix milliseconds.

@@ -27,7 +27,7 @@ use crate::{error::Close, protocol::Frame};
 
 /// What [`Outbox::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enqueued {
+pub(crate) enum Enqueued {
     /// Queued for the writer.
     Queued,
     /// The queue was full: the socket is now closing as too slow.
@@ -46,28 +46,28 @@ pub enum Enqueued {
 /// [`Backlog::add`]), not once per subscriber: one shared atomic per push. Signed, because a
 /// writer may settle a frame before the push that queued it has added it.
 #[derive(Debug, Default)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     bytes: AtomicIsize,
     drained: Notify,
 }
 
 impl Backlog {
     /// Above this, pacing publishers wait...
-    pub const HIGH: usize = 16 << 20;
+    pub(crate) const HIGH: usize = 16 << 20;
     /// ...until it is down to this.
-    pub const LOW: usize = 8 << 20;
+    pub(crate) const LOW: usize = 8 << 20;
     /// Longest a publisher waits in one go. Sockets whose peers stopped reading hold their
     /// bytes until their own queue limit closes them; the pushes that fill those queues must
     /// keep coming, so pacing slows publishers down but never stalls them.
-    pub const MAX_WAIT: Duration = Duration::from_millis(250);
+    pub(crate) const MAX_WAIT: Duration = Duration::from_millis(250);
 
     /// Bytes queued now.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         usize::try_from(self.bytes.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     /// Counts `n` bytes just queued.
-    pub fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         self.bytes.fetch_add(signed(n), Ordering::Relaxed);
     }
 
@@ -85,7 +85,7 @@ impl Backlog {
 
     /// Returns at once while the backlog is at most [`HIGH`](Self::HIGH); above it, waits until
     /// writers bring it down to [`LOW`](Self::LOW), or [`MAX_WAIT`](Self::MAX_WAIT).
-    pub async fn pace(&self) {
+    pub(crate) async fn pace(&self) {
         if self.bytes() <= Self::HIGH {
             return;
         }
@@ -110,7 +110,7 @@ fn signed(n: usize) -> isize {
 
 /// A socket's bounded outbound queue.
 #[derive(Debug, Default)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     /// Short critical sections only (push, take); never held across an await.
     state: Mutex<State>,
     /// Wakes the writer when frames arrive or the outbox closes. `notify_one` stores a permit
@@ -137,7 +137,7 @@ struct State {
 
 /// What [`Outbox::next_into`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Write: a ping first when `ping`, then the frames now in the batch (maybe none), which
     /// hold `bytes`; the writer settles them ([`Outbox::settle`]) once written or abandoned.
     Write { ping: bool, bytes: usize },
@@ -149,7 +149,7 @@ pub enum Next {
 /// [`Outbox::next_into`]).
 #[cfg(test)]
 #[derive(Debug)]
-pub enum Batch {
+pub(crate) enum Batch {
     /// Every frame queued so far, oldest first.
     Frames(VecDeque<Frame>),
     /// The outbox is closed and empty: close the socket with this reason.
@@ -158,7 +158,7 @@ pub enum Batch {
 
 impl Outbox {
     /// An empty outbox counted in `backlog`.
-    pub fn new(backlog: Arc<Backlog>) -> Self {
+    pub(crate) fn new(backlog: Arc<Backlog>) -> Self {
         Self {
             state: Mutex::default(),
             ready: Notify::new(),
@@ -168,7 +168,7 @@ impl Outbox {
 
     /// Queues `frame` unless that would take the queue past `limit` bytes, and counts it in
     /// the node's backlog. Never waits.
-    pub fn push(&self, frame: &Frame, limit: usize) -> Enqueued {
+    pub(crate) fn push(&self, frame: &Frame, limit: usize) -> Enqueued {
         let enqueued = self.push_uncounted(frame, limit);
         if enqueued == Enqueued::Queued {
             self.backlog.add(frame.len());
@@ -178,7 +178,7 @@ impl Outbox {
 
     /// As [`push`](Self::push), but the caller adds the queued bytes to the backlog itself:
     /// fan-out does it once per push for all subscribers.
-    pub fn push_uncounted(&self, frame: &Frame, limit: usize) -> Enqueued {
+    pub(crate) fn push_uncounted(&self, frame: &Frame, limit: usize) -> Enqueued {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return Enqueued::Closed;
@@ -206,7 +206,7 @@ impl Outbox {
     /// Puts `frame` ahead of everything queued (the `connected` frame, written once the
     /// socket's channels were joined), counted in the backlog. Ignores the byte limit: it is
     /// called once per socket, before its writer starts. Never waits.
-    pub fn prepend(&self, frame: &Frame) {
+    pub(crate) fn prepend(&self, frame: &Frame) {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return;
@@ -219,12 +219,12 @@ impl Outbox {
     }
 
     /// Bytes queued now.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.state.lock().bytes
     }
 
     /// Asks the writer for a ping (the node's heartbeat). Never waits.
-    pub fn ping(&self) {
+    pub(crate) fn ping(&self) {
         let mut state = self.state.lock();
         if state.close.is_some() || state.ping {
             return;
@@ -240,7 +240,7 @@ impl Outbox {
     /// Closes the outbox with `reason`, unless it is already closed. Frames already queued are
     /// still handed out before the close (so a message sent just before a disconnect arrives).
     /// Returns whether this call closed it.
-    pub fn close(&self, reason: Close) -> bool {
+    pub(crate) fn close(&self, reason: Close) -> bool {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return false;
@@ -252,7 +252,8 @@ impl Outbox {
     }
 
     /// Whether the outbox is closed.
-    pub fn is_closed(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().close.is_some()
     }
 
@@ -260,7 +261,7 @@ impl Outbox {
     /// reason once the queue is empty. Tests only: a view of the queue without the writer's
     /// buffer reuse and pings ([`next_into`](Self::next_into)).
     #[cfg(test)]
-    pub async fn next(&self) -> Batch {
+    pub(crate) async fn next(&self) -> Batch {
         let mut frames = VecDeque::new();
         loop {
             match self.next_into(&mut frames).await {
@@ -279,7 +280,7 @@ impl Outbox {
     /// whether a ping is due too, or returns the close reason once the queue is empty. The
     /// writer hands back its emptied `batch` each time, so the two buffers are reused and a
     /// busy socket allocates nothing per write.
-    pub async fn next_into(&self, batch: &mut VecDeque<Frame>) -> Next {
+    pub(crate) async fn next_into(&self, batch: &mut VecDeque<Frame>) -> Next {
         debug_assert!(batch.is_empty());
         loop {
             {
@@ -301,13 +302,13 @@ impl Outbox {
 
     /// Takes `bytes` (from [`Next::Write`]) off the node's backlog: the writer wrote them, or
     /// gave up on them.
-    pub fn settle(&self, bytes: usize) {
+    pub(crate) fn settle(&self, bytes: usize) {
         self.backlog.sub(bytes);
     }
 
     /// Waits until the outbox is closed; used to abandon a write to a peer that stopped
     /// reading.
-    pub async fn closed(&self) -> Close {
+    pub(crate) async fn closed(&self) -> Close {
         loop {
             if let Some(close) = &self.state.lock().close {
                 return close.clone();

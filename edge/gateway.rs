@@ -11,17 +11,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::{
-    bus::{Bus, HistoryQuery, Page, PushTicket},
+    bus::Bus,
     config::JoinLeave,
-    credentials::{Credentials, Digest},
-    domain::{check_user, User},
-    domain::{Channel, Position},
+    domain::{check_user, Channel, Position, User},
     error::{Close, Error},
+    node::Edge,
+    registry::check_idempotency_key,
+};
+pub use crate::{
+    bus::{HistoryQuery, Page, PushTicket},
+    credentials::{BadDigest, Credentials, Digest},
     handlers::remote::{Member, MemberError},
     handoff::{Delivery, HandlerReply},
-    metrics::Metrics,
-    node::Edge,
-    registry::{check_idempotency_key, Listener, Present, Pushed, Stats, Wants},
+    registry::{Change, ListenEvent, Listener, Present, Pushed, Stats, Wants},
 };
 
 /// Most pushes one `History` call returns.
@@ -255,9 +257,26 @@ impl Gateway {
         self.edge.readiness.watch()
     }
 
-    /// The node's metrics (the control plane counts its requests here too).
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.edge.registry.metrics_arc()
+    /// Counts a control-plane call by its method (the gRPC path, or `other`) and gRPC status
+    /// code, in `channelgate_control_requests_total`.
+    pub fn count_control_call(&self, method: &str, code: &str) {
+        self.edge
+            .registry
+            .metrics()
+            .control_requests
+            .with_label_values(&[method, code])
+            .inc();
+    }
+
+    /// Counts a connection closed as soon as it was accepted, by why, in
+    /// `channelgate_refused_connections_total`.
+    pub fn count_refused_connection(&self, reason: &str) {
+        self.edge
+            .registry
+            .metrics()
+            .refused_connections
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// Resolves once the node halts (its sockets are gone): long-lived calls end then.

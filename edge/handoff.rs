@@ -11,20 +11,20 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Reserved action of connect events.
-pub const CONNECT: &str = "$connect";
+pub(crate) const CONNECT: &str = "$connect";
 /// Reserved action of disconnect events.
-pub const DISCONNECT: &str = "$disconnect";
+pub(crate) const DISCONNECT: &str = "$disconnect";
 /// Reserved action of a channel's first member anywhere.
-pub const OCCUPIED: &str = "$occupied";
+pub(crate) const OCCUPIED: &str = "$occupied";
 /// Reserved action of a channel left by its last member (after the vacate delay).
-pub const VACATED: &str = "$vacated";
+pub(crate) const VACATED: &str = "$vacated";
 
 use crate::{credentials::Digest, domain::Json};
 
 /// Requests from the local side to the bus that may wait before the bus takes them.
-pub const OUTBOUND_BUFFER: usize = 4096;
+pub(crate) const OUTBOUND_BUFFER: usize = 4096;
 /// Forwarded messages from the bus that may wait for a local stream.
-pub const INBOUND_BUFFER: usize = 1024;
+pub(crate) const INBOUND_BUFFER: usize = 1024;
 
 /// A message for a `Handle` stream.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub struct HandlerReply {
 
 /// What offering a message to other nodes came to.
 #[derive(Debug)]
-pub enum Forwarded {
+pub(crate) enum Forwarded {
     /// The first reply.
     Reply(HandlerReply),
     /// No group elsewhere handles the action.
@@ -78,7 +78,7 @@ pub enum Forwarded {
 /// A group with streams on this node: its name, the actions its streams handle, and whether
 /// any asked for lifecycle events.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalGroup {
+pub(crate) struct LocalGroup {
     /// Group name.
     pub name: Box<str>,
     /// Actions handled by at least one of its streams here.
@@ -89,7 +89,7 @@ pub struct LocalGroup {
 
 /// What the local side asks of the bus.
 #[derive(Debug)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// Offer a client message to the groups elsewhere that handle its action, except
     /// `exclude` (groups that got it here); the outcome goes to `outcome`.
     Forward {
@@ -111,7 +111,7 @@ pub enum Outbound {
 
 /// A message another node forwarded, for a stream of `group` on this node.
 #[derive(Debug)]
-pub struct Inbound {
+pub(crate) struct Inbound {
     /// The group it was queued for.
     pub group: Box<str>,
     /// The message (its `delivery_id` is assigned here).
@@ -123,7 +123,7 @@ pub struct Inbound {
 
 /// The local side's end: held by the `Handle` stream registry.
 #[derive(Debug)]
-pub struct LocalEnd {
+pub(crate) struct LocalEnd {
     /// Requests to the bus.
     pub outbound: mpsc::Sender<Outbound>,
     /// The groups with streams here, republished on every join and leave.
@@ -132,7 +132,7 @@ pub struct LocalEnd {
 
 /// The bus's end.
 #[derive(Debug)]
-pub struct ClusterEnd {
+pub(crate) struct ClusterEnd {
     /// Requests from the local side; closed when the local side is gone.
     pub outbound: mpsc::Receiver<Outbound>,
     /// The groups with streams on this node, to advertise and consume for.
@@ -143,7 +143,7 @@ pub struct ClusterEnd {
 
 /// A new link: the local side's end, the bus's end, and the receiver of forwarded messages
 /// that a task of the node feeds to the local streams.
-pub fn link() -> (LocalEnd, ClusterEnd, mpsc::Receiver<Inbound>) {
+pub(crate) fn link() -> (LocalEnd, ClusterEnd, mpsc::Receiver<Inbound>) {
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
     let (groups_tx, groups_rx) = watch::channel(Vec::new());
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_BUFFER);

@@ -29,39 +29,41 @@
 //! [`Node::start`] takes the bound client listener and a [`config::Config`]; the root crate's
 //! `run` starts the control plane beside it and calls [`Node::drain`] on shutdown.
 
-pub mod bus;
+// The door: what the control plane (or an embedding program) may use.
 pub mod config;
-mod conn;
-pub mod credentials;
 pub mod domain;
 pub mod error;
-pub mod fanout;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod gateway;
-pub mod handlers;
-pub mod handoff;
+
+// Everything behind it is the crate's own.
+mod bus;
+mod conn;
+mod credentials;
+mod fanout;
+mod handlers;
+mod handoff;
 mod handshake;
 #[cfg(test)]
 mod layering;
-pub mod limit;
-pub mod metrics;
+mod limit;
+mod metrics;
 mod node;
-pub mod protocol;
+mod protocol;
 mod proxy;
 mod readiness;
-pub mod registry;
+mod registry;
 mod routes;
 mod server;
-pub mod shutdown;
-pub mod tls;
+mod shutdown;
+mod tls;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use crate::gateway::Gateway;
 use crate::{
     bus::{memory::Memory, redis::RedisBus, Bus},
     config::Config,
@@ -73,6 +75,7 @@ use crate::{
     readiness::{Cause, Readiness},
     registry::Registry,
 };
+pub use crate::{gateway::Gateway, shutdown::Signals};
 
 /// Each ping interval is cut into this many beats; each beat pings one slice of the sockets.
 const HEARTBEAT_SLICES: u64 = 8;

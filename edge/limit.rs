@@ -5,7 +5,7 @@ use std::time::Instant;
 
 /// `rate` tokens per second, holding at most `burst`. A rate of 0 allows everything.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -14,7 +14,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             rate: f64::from(rate),
@@ -25,7 +25,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
@@ -41,12 +41,12 @@ impl TokenBucket {
     }
 
     /// The bucket's burst size.
-    pub fn burst(&self) -> f64 {
+    pub(crate) fn burst(&self) -> f64 {
         self.burst
     }
 
     /// When the bucket was last used.
-    pub fn last_used(&self) -> Instant {
+    pub(crate) fn last_used(&self) -> Instant {
         self.at
     }
 }

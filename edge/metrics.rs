@@ -8,7 +8,7 @@ use prometheus::{
 
 /// Every metric of a node.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: prometheus::Registry,
     /// Pushes accepted, per channel (a push to two channels counts twice).
     pub pushes: IntCounter,
@@ -70,7 +70,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh set of metrics.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = prometheus::Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
@@ -204,7 +204,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(%err, "encoding metrics failed");

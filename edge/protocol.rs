@@ -28,11 +28,11 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// An encoded text frame, shared by every recipient.
-pub type Frame = Utf8Bytes;
+pub(crate) type Frame = Utf8Bytes;
 
 /// Encodes a `Send` envelope: `{"channel":"<name>","payload":<json>}` (no offset: a message
 /// to one socket is not part of the channel's stream).
-pub fn send_frame(channel: &Channel, payload: &Json) -> Frame {
+pub(crate) fn send_frame(channel: &Channel, payload: &Json) -> Frame {
     let payload = payload.as_str();
     let mut out = String::with_capacity(32 + channel.len() + payload.len());
     out.push_str(r#"{"channel":"#);
@@ -46,7 +46,7 @@ pub fn send_frame(channel: &Channel, payload: &Json) -> Frame {
 /// Encodes a join (`join`) or leave event for the sockets of `channel`:
 /// `{"channel":"<name>","join":{"connection_id":"<id>","user":<user or null>,"info":<json or null>}}`.
 /// `user` and `info` are empty for none; `info` must be JSON text (checked when issued).
-pub fn presence_frame(
+pub(crate) fn presence_frame(
     channel: &Channel,
     join: bool,
     connection_id: &str,
@@ -77,7 +77,7 @@ pub fn presence_frame(
 /// Encodes a push once: `{"channel":"<name>","offset":<n>,"payload":<json>}`. Returns the frame
 /// and where the payload starts in it (it ends one byte before the frame does). `payload` must
 /// be JSON text (checked by the caller: [`Json`], or bytes another node checked).
-pub fn push_frame(channel: &Channel, offset: u64, payload: &str) -> (Frame, usize) {
+pub(crate) fn push_frame(channel: &Channel, offset: u64, payload: &str) -> (Frame, usize) {
     let mut out = String::with_capacity(48 + channel.len() + payload.len());
     out.push_str(r#"{"channel":"#);
     push_json_string(&mut out, channel);
@@ -97,7 +97,7 @@ fn push_u64(out: &mut String, n: u64) {
 
 /// `{"channel":"<name>","epoch":"<e>","offset":<n>}`: a live socket was subscribed at this
 /// position.
-pub fn position_frame(channel: &Channel, position: &Position) -> Frame {
+pub(crate) fn position_frame(channel: &Channel, position: &Position) -> Frame {
     let mut out = String::with_capacity(64 + channel.len());
     out.push_str(r#"{"channel":"#);
     push_json_string(&mut out, channel);
@@ -108,7 +108,7 @@ pub fn position_frame(channel: &Channel, position: &Position) -> Frame {
 
 /// `{"channel":"<name>","recovered":false,"epoch":"<e>","offset":<n>}`: what came before this
 /// position could not all be delivered; the next push has offset `n + 1`.
-pub fn gap_frame(channel: &Channel, position: &Position) -> Frame {
+pub(crate) fn gap_frame(channel: &Channel, position: &Position) -> Frame {
     let mut out = String::with_capacity(80 + channel.len());
     out.push_str(r#"{"channel":"#);
     push_json_string(&mut out, channel);
@@ -129,7 +129,7 @@ fn push_position(out: &mut String, position: &Position) {
 /// continues from, and (when the client asked to recover it) whether every push it missed is
 /// in the frames that follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// The channel.
     pub channel: Channel,
     /// The next push on it has offset `position.offset + 1`.
@@ -140,7 +140,7 @@ pub struct Joined {
 
 /// The first frame of a socket that asked for positions:
 /// `{"connected":{"resumed":<bool>,"channels":{"<name>":{"epoch":"<e>","offset":<n>[,"recovered":<bool>]}}}}`.
-pub fn connected_frame(resumed: bool, joined: &[Joined]) -> Frame {
+pub(crate) fn connected_frame(resumed: bool, joined: &[Joined]) -> Frame {
     let mut out = String::with_capacity(48 + joined.len() * 64);
     out.push_str(r#"{"connected":{"resumed":"#);
     out.push_str(if resumed { "true" } else { "false" });
@@ -168,14 +168,14 @@ pub fn connected_frame(resumed: bool, joined: &[Joined]) -> Frame {
 /// JSON object `{"<channel>":{"epoch":"<e>","offset":<n>}, ...}` (`{}` when it has nothing yet).
 /// A socket that sends one, even empty, gets position frames.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Recover(pub std::collections::HashMap<Channel, Position>);
+pub(crate) struct Recover(pub std::collections::HashMap<Channel, Position>);
 
 /// Longest `recover` parameter, in bytes (after URL decoding).
-pub const MAX_RECOVER_LEN: usize = 64 << 10;
+pub(crate) const MAX_RECOVER_LEN: usize = 64 << 10;
 
 impl Recover {
     /// Parses the `recover` parameter; the error says what is wrong, for the 400 answer.
-    pub fn parse(text: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Seen<'a> {
@@ -225,7 +225,7 @@ fn push_json_string(out: &mut String, s: &str) {
 
 /// A reply to one client message.
 #[derive(Debug, Clone)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// The client's id as JSON text (`null` when it could not be read).
     pub id: Option<Box<RawValue>>,
     /// An HTTP-like status.
@@ -238,7 +238,7 @@ pub struct Reply {
 
 /// A reply body.
 #[derive(Debug, Clone)]
-pub enum Body {
+pub(crate) enum Body {
     /// JSON text, sent as is.
     Json(Json),
     /// Text, sent as a JSON string.
@@ -247,7 +247,7 @@ pub enum Body {
 
 impl Reply {
     /// A reply with no headers and a text body.
-    pub fn text(id: Option<Box<RawValue>>, status: u16, body: impl Into<String>) -> Self {
+    pub(crate) fn text(id: Option<Box<RawValue>>, status: u16, body: impl Into<String>) -> Self {
         Self {
             id,
             status,
@@ -257,7 +257,7 @@ impl Reply {
     }
 
     /// Encodes the reply into a frame.
-    pub fn encode(&self) -> Frame {
+    pub(crate) fn encode(&self) -> Frame {
         let mut out = String::with_capacity(64);
         out.push_str(r#"{"id":"#);
         out.push_str(self.id.as_deref().map_or("null", RawValue::get));
@@ -288,18 +288,16 @@ fn json_string(s: &str) -> String {
 
 /// One client message, parsed. Borrows the frame's text.
 #[derive(Debug)]
-pub struct Inbound<'a> {
+pub(crate) struct Inbound<'a> {
     /// The action name.
     pub action: &'a str,
     /// The client's id (a number or a string), as JSON text.
     pub id: Option<&'a RawValue>,
-    /// The whole message.
-    pub text: &'a str,
 }
 
 /// Why a client message was refused, with the id when one could be read.
 #[derive(Debug)]
-pub struct BadMessage {
+pub(crate) struct BadMessage {
     /// The client's id, when it could be read.
     pub id: Option<Box<RawValue>>,
     /// What is wrong, for the reply body.
@@ -308,7 +306,7 @@ pub struct BadMessage {
 
 impl BadMessage {
     /// The error reply (status 400).
-    pub fn reply(self) -> Reply {
+    pub(crate) fn reply(self) -> Reply {
         Reply::text(self.id, 400, self.reason)
     }
 }
@@ -323,7 +321,7 @@ struct Envelope<'a> {
 
 /// Parses a client text frame: a JSON object with a string `action` and an optional `id`
 /// that is a number or a string.
-pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
+pub(crate) fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
     let bad = |id: Option<&RawValue>, reason| BadMessage {
         id: id.map(RawValue::to_owned),
         reason,
@@ -349,7 +347,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
         Ok(action) => action,
         Err(_) => return Err(bad(id, "action must be a string of plain characters")),
     };
-    Ok(Inbound { action, id, text })
+    Ok(Inbound { action, id })
 }
 
 fn is_number_or_string(raw: &RawValue) -> bool {

@@ -15,7 +15,7 @@ use crate::error::Error;
 
 /// The client plane's TLS settings, reloadable.
 #[derive(Debug)]
-pub struct Tls {
+pub(crate) struct Tls {
     cert: PathBuf,
     key: PathBuf,
     /// The configuration new connections get; replaced whole on reload.
@@ -24,7 +24,7 @@ pub struct Tls {
 
 impl Tls {
     /// Loads `cert` (PEM chain) and `key` (PEM private key).
-    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Self, Error> {
+    pub(crate) fn load(cert: PathBuf, key: PathBuf) -> Result<Self, Error> {
         let config = Self::read(&cert, &key)?;
         Ok(Self {
             cert,
@@ -54,7 +54,7 @@ impl Tls {
     }
 
     /// Re-reads the files; on failure keeps the current configuration.
-    pub fn reload(&self) {
+    pub(crate) fn reload(&self) {
         match Self::read(&self.cert, &self.key) {
             Ok(config) => {
                 *self.current.write() = config;
@@ -65,7 +65,7 @@ impl Tls {
     }
 
     /// An acceptor with the current configuration.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().clone())
     }
 }

@@ -83,7 +83,7 @@ pub struct HistoryQuery {
 
 /// Why a handshake's credentials were not accepted.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum AttachError {
+pub(crate) enum AttachError {
     /// Refused: expired, live elsewhere, or used.
     #[error(transparent)]
     Refused(#[from] Refusal),

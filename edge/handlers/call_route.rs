@@ -27,17 +27,17 @@ use crate::domain::Json;
 use crate::protocol::{Body, Reply};
 
 /// The action name.
-pub const ACTION: &str = "call-route";
+pub(crate) const ACTION: &str = "call-route";
 
 /// Largest upstream response body passed back, in bytes.
-pub const MAX_RESPONSE_BYTES: usize = 256 << 10;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 256 << 10;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// The `call-route` handler: a pooled HTTP/1.1 client to one upstream.
 #[derive(Clone)]
-pub struct CallRoute {
+pub(crate) struct CallRoute {
     inner: Option<Arc<Inner>>,
 }
 
@@ -61,11 +61,11 @@ impl std::fmt::Debug for CallRoute {
 /// An upstream URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream must be an http:// URL with a host, like http://127.0.0.1:3000: {0}")]
-pub struct BadUpstream(String);
+pub(crate) struct BadUpstream(String);
 
 impl CallRoute {
     /// A handler calling `upstream` (an `http://` base URL), or answering 501 when `None`.
-    pub fn new(
+    pub(crate) fn new(
         upstream: Option<&str>,
         timeout: Duration,
         key_cookie: &str,

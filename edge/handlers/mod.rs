@@ -11,8 +11,8 @@
 //! `max_inflight` per socket (beyond that the client gets 429), and queues their replies like
 //! any other frame, so replies may come back out of order and are matched by `id`.
 
-pub mod call_route;
-pub mod remote;
+pub(crate) mod call_route;
+pub(crate) mod remote;
 
 use std::{
     collections::HashMap,
@@ -33,11 +33,11 @@ use crate::{
 };
 
 /// A boxed handler future.
-pub type BoxFuture = Pin<Box<dyn Future<Output = Option<Reply>> + Send + 'static>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Option<Reply>> + Send + 'static>>;
 
 /// Who sent a message: the socket's identity, shared by all its messages.
 #[derive(Debug)]
-pub struct Socket {
+pub(crate) struct Socket {
     /// The public connection id.
     pub connection_id: Box<str>,
     /// The digest that addresses the socket on the control plane.
@@ -53,7 +53,7 @@ pub struct Socket {
 
 impl Socket {
     /// A socket's identity.
-    pub fn new(
+    pub(crate) fn new(
         connection_id: Box<str>,
         digest: Digest,
         peer: SocketAddr,
@@ -71,7 +71,7 @@ impl Socket {
 
 /// One client message, handed to a handler.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub(crate) struct Request {
     /// The action name.
     pub action: Box<str>,
     /// The client's id (a number or a string), as JSON text.
@@ -84,19 +84,17 @@ pub struct Request {
 
 impl Request {
     /// A reply to this request with a text body.
-    pub fn reply(&self, status: u16, body: impl Into<String>) -> Reply {
+    pub(crate) fn reply(&self, status: u16, body: impl Into<String>) -> Reply {
         Reply::text(self.id.clone(), status, body)
     }
 }
 
 /// What a handler does with a message.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Answer at once.
     Reply(Reply),
     /// Answer when the future resolves (`None`: no reply).
     Pending(BoxFuture),
-    /// Send nothing back.
-    NoReply,
 }
 
 impl fmt::Debug for Outcome {
@@ -104,13 +102,12 @@ impl fmt::Debug for Outcome {
         match self {
             Self::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
             Self::Pending(_) => f.write_str("Pending"),
-            Self::NoReply => f.write_str("NoReply"),
         }
     }
 }
 
 /// Handles the client messages of one or more actions.
-pub trait Handler: Send + Sync + 'static {
+pub(crate) trait Handler: Send + Sync + 'static {
     /// Handles one message. Must not block: slow work belongs in [`Outcome::Pending`].
     fn handle(&self, request: Request) -> Outcome;
 }
@@ -128,7 +125,7 @@ where
 /// It also times the handlers that answer later (`call-route` and `Handle` round trips), so
 /// the socket's task knows no handler by name.
 #[derive(Clone)]
-pub struct Handlers {
+pub(crate) struct Handlers {
     table: HashMap<Box<str>, Entry>,
     remote: remote::Remote,
     /// Round trips of `Handle` streams.
@@ -153,7 +150,7 @@ impl fmt::Debug for Handlers {
 impl Handlers {
     /// The built-in table: `ping`, `call-route`, and `Handle` streams for everything else,
     /// timed into `metrics`.
-    pub fn new(
+    pub(crate) fn new(
         call_route: call_route::CallRoute,
         remote: remote::Remote,
         metrics: &Metrics,
@@ -177,7 +174,7 @@ impl Handlers {
     }
 
     /// Adds (or replaces) the handler of `action`.
-    pub fn insert(&mut self, action: &str, handler: impl Handler) {
+    pub(crate) fn insert(&mut self, action: &str, handler: impl Handler) {
         let entry = Entry {
             handler: Arc::new(handler),
             latency: None,
@@ -187,18 +184,18 @@ impl Handlers {
 
     /// Whether `action` is handled by the gateway itself (and so cannot be claimed by a
     /// `Handle` stream).
-    pub fn is_builtin(&self, action: &str) -> bool {
+    pub(crate) fn is_builtin(&self, action: &str) -> bool {
         self.table.contains_key(action)
     }
 
     /// The `Handle` stream registry.
-    pub fn remote(&self) -> &remote::Remote {
+    pub(crate) fn remote(&self) -> &remote::Remote {
         &self.remote
     }
 
     /// Routes a message to its handler. A reply that comes later is timed in the handler's
     /// histogram.
-    pub fn dispatch(&self, request: Request) -> Outcome {
+    pub(crate) fn dispatch(&self, request: Request) -> Outcome {
         let (outcome, latency) = match self.table.get(&*request.action) {
             Some(entry) => (entry.handler.handle(request), entry.latency.as_ref()),
             None => (self.remote.handle(request), Some(&self.handle_seconds)),
@@ -218,14 +215,14 @@ impl Handlers {
     }
 
     /// Whether lifecycle events may reach a stream (else building them is skipped).
-    pub fn wants_lifecycle(&self) -> bool {
+    pub(crate) fn wants_lifecycle(&self) -> bool {
         self.remote.wants_lifecycle()
     }
 
     /// Tells the `Handle` streams that asked for lifecycle events that a socket opened:
     /// `{"resumed": bool, "user": ...}` (resumed: the credentials had a socket before, and
     /// this one took over within the reconnect grace; no `$disconnect` came between).
-    pub fn connected(&self, socket: &Socket, resumed: bool, user: Option<&str>) {
+    pub(crate) fn connected(&self, socket: &Socket, resumed: bool, user: Option<&str>) {
         let detail = serde_json::json!({"resumed": resumed, "user": user}).to_string();
         self.remote.lifecycle(
             crate::handoff::CONNECT,
@@ -238,7 +235,7 @@ impl Handlers {
     /// Tells them what the registry queued: that credentials ended for good (the one final
     /// `$disconnect` of a connection), or that a channel was occupied or vacated
     /// (`{"channel": ...}`).
-    pub fn lifecycle(&self, event: &crate::registry::Lifecycle) {
+    pub(crate) fn lifecycle(&self, event: &crate::registry::Lifecycle) {
         if !self.wants_lifecycle() {
             return;
         }

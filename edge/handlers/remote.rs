@@ -36,7 +36,7 @@ use crate::{
 };
 
 /// Deliveries buffered per member before it counts as full.
-pub const MEMBER_BUFFER: usize = 1024;
+pub(crate) const MEMBER_BUFFER: usize = 1024;
 
 /// What a member got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +51,7 @@ pub enum MemberError {
 
 /// The registry of `Handle` streams. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Remote {
+pub(crate) struct Remote {
     shared: Arc<Shared>,
 }
 
@@ -183,7 +183,7 @@ enum Offer {
 impl Remote {
     /// An empty registry whose deliveries wait at most `timeout` for a reply; in cluster
     /// mode, `link` reaches the streams of other nodes.
-    pub fn new(timeout: Duration, link: Option<LocalEnd>) -> Self {
+    pub(crate) fn new(timeout: Duration, link: Option<LocalEnd>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
@@ -218,7 +218,7 @@ impl Remote {
     }
 
     /// The groups with streams on this node.
-    pub fn local_groups(&self) -> Vec<LocalGroup> {
+    pub(crate) fn local_groups(&self) -> Vec<LocalGroup> {
         let state = self.shared.state.lock();
         state
             .groups
@@ -243,7 +243,7 @@ impl Remote {
     /// Hands a message forwarded by another node to a stream of its group here. Its reply
     /// sender gets the reply, or `None` at once when no stream of the group here takes it (or
     /// later, when the stream that took it ends first).
-    pub fn deliver_forwarded(&self, inbound: Inbound) {
+    pub(crate) fn deliver_forwarded(&self, inbound: Inbound) {
         let Inbound {
             group,
             mut delivery,
@@ -275,7 +275,7 @@ impl Remote {
 
     /// Adds a member to `group` handling `actions`. Returns its membership and the receiver
     /// of its deliveries.
-    pub fn join(
+    pub(crate) fn join(
         &self,
         group: &str,
         actions: Vec<String>,
@@ -333,19 +333,9 @@ impl Remote {
         ))
     }
 
-    /// Whether any member handles `action`.
-    pub fn handles(&self, action: &str) -> bool {
-        self.shared
-            .state
-            .lock()
-            .groups
-            .values()
-            .any(|g| g.members.iter().any(|m| m.actions.contains(action)))
-    }
-
     /// Offers a client message to every group handling its action: one stream of each group
     /// with streams here, and in a cluster, the groups elsewhere through the forwarder.
-    pub fn handle(&self, request: Request) -> Outcome {
+    pub(crate) fn handle(&self, request: Request) -> Outcome {
         let (tx, rx) = oneshot::channel();
         let slot = Slot::new(ReplyTo::Local(tx));
         let mut delivery = Delivery {
@@ -478,7 +468,7 @@ impl Remote {
 
     /// Takes a member's reply. A reply to a delivery that is no longer pending (answered by
     /// another group, or timed out) is ignored.
-    pub fn reply(&self, member: &Member, reply: HandlerReply) -> Result<(), MemberError> {
+    pub(crate) fn reply(&self, member: &Member, reply: HandlerReply) -> Result<(), MemberError> {
         let slot = {
             let state = self.shared.state.lock();
             match state.pending.get(&reply.delivery_id) {
@@ -511,13 +501,13 @@ impl Remote {
 
     /// Whether a lifecycle event may reach anyone: a stream here asked for them, or other
     /// nodes' streams may have (cluster mode).
-    pub fn wants_lifecycle(&self) -> bool {
+    pub(crate) fn wants_lifecycle(&self) -> bool {
         self.shared.link.is_some() || self.shared.lifecycle_members.load(Ordering::Relaxed) > 0
     }
 
     /// Tells one member of each group that asked for them that a socket opened or closed, or
     /// a channel was occupied or vacated (no connection id, no digest).
-    pub fn lifecycle(
+    pub(crate) fn lifecycle(
         &self,
         action: &'static str,
         connection_id: &str,

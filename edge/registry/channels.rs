@@ -72,7 +72,7 @@ pub(super) type Slot = Arc<Mutex<ChannelState>>;
 /// What the node read from Redis for a channel (cluster mode): its position, and the pushes
 /// after the offset it asked from, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The channel's position when read.
     pub position: Position,
     /// Pushes after the asked offset: `(offset, pushed at Unix ms, payload JSON)`.
@@ -288,7 +288,7 @@ impl Registry {
     /// offset and is delivered to its sockets and listeners and kept in its history. With an
     /// idempotency `key`, a channel that already took a push with that key within the window
     /// takes nothing and reports the first push's position.
-    pub fn push(
+    pub(crate) fn push(
         &self,
         channels: &[Channel],
         json: &Json,
@@ -400,7 +400,7 @@ impl Registry {
     /// (`from_stream`), or from this node's own push call. Delivers it when it is next in turn,
     /// with whatever waited behind it; holds it when it is early; drops a duplicate. Returns the
     /// sockets it was queued to here, if it was delivered now.
-    pub fn offer(
+    pub(crate) fn offer(
         &self,
         channel: &Channel,
         epoch: &Epoch,
@@ -463,14 +463,14 @@ impl Registry {
     /// What the bus should read from Redis to bring `channel` up to date (cluster mode):
     /// `Some(None)`, its position only (never read yet); `Some(Some(n))`, the pushes after `n`;
     /// `None`, nothing (no longer used here).
-    pub fn catch_up_from(&self, channel: &Channel) -> Option<Option<u64>> {
+    pub(crate) fn catch_up_from(&self, channel: &Channel) -> Option<Option<u64>> {
         self.with_existing(channel, |state| {
             state.history.epoch.as_ref().map(|_| state.history.last)
         })
     }
 
     /// The position of `channel` this node has delivered up to, if it knows one.
-    pub fn position_of(&self, channel: &Channel) -> Option<Position> {
+    pub(crate) fn position_of(&self, channel: &Channel) -> Option<Position> {
         self.with_existing(channel, |state| state.history.position())
             .flatten()
     }
@@ -480,7 +480,7 @@ impl Registry {
     /// Redis no longer has them or the epoch changed, a gap.
     ///
     /// [`catch_up_from`]: Registry::catch_up_from
-    pub fn caught_up(&self, channel: &Channel, after: Option<u64>, read: &Fetched) {
+    pub(crate) fn caught_up(&self, channel: &Channel, after: Option<u64>, read: &Fetched) {
         let again = self.with_existing(channel, |state| {
             let history = &mut state.history;
             match history.epoch.clone() {
@@ -537,7 +537,7 @@ impl Registry {
     /// Marks `channels` as not in step with Redis (the pub/sub connection was lost, so pushes
     /// may have been missed; it is subscribed to them again). Returns those this node holds,
     /// for the bus to catch up.
-    pub fn resync(&self, channels: &[Channel]) -> Vec<Channel> {
+    pub(crate) fn resync(&self, channels: &[Channel]) -> Vec<Channel> {
         channels
             .iter()
             .filter(|channel| {
@@ -551,7 +551,7 @@ impl Registry {
     /// Makes sure `channels` have a state here (cluster mode: before the bus subscribes to them
     /// and reads their positions, so what it reads has somewhere to go). One nobody joins is
     /// swept after [`PREPARED_TTL_MS`].
-    pub fn prepare(&self, channels: &[Channel]) {
+    pub(crate) fn prepare(&self, channels: &[Channel]) {
         for channel in channels {
             self.with_channel(channel, |_| ());
         }
@@ -559,7 +559,7 @@ impl Registry {
 
     /// Whether this node's history of `channel` holds every push after `since` (so a recovery
     /// needs nothing from Redis).
-    pub fn covers(&self, channel: &Channel, since: &Position) -> bool {
+    pub(crate) fn covers(&self, channel: &Channel, since: &Position) -> bool {
         let max = self.shared.limits.recovery_max;
         self.with_existing(channel, |state| {
             state.history.after(since, max, now_ms()).is_ok()
@@ -568,7 +568,8 @@ impl Registry {
     }
 
     /// The position of `channel` on this node (single node: created when missing).
-    pub fn position(&self, channel: &Channel) -> Option<Position> {
+    #[cfg(test)]
+    pub(crate) fn position(&self, channel: &Channel) -> Option<Position> {
         if self.is_clustered() {
             return self
                 .with_existing(channel, |state| state.history.position())
@@ -580,7 +581,7 @@ impl Registry {
     /// Pages through `channel`'s retained pushes (single node): after `from` oldest first, or
     /// before it newest first when `reverse`; at most `limit`. With `epoch`, refuses a channel
     /// whose epoch changed. Returns the channel's position and the pushes.
-    pub fn history(
+    pub(crate) fn history(
         &self,
         channel: &Channel,
         epoch: Option<&str>,
@@ -607,7 +608,7 @@ impl Registry {
     /// Forgets what expired: pushes past their time to live; on a single node, channels nobody
     /// uses whose position is older than `position-ttl`; in cluster mode, channels prepared for
     /// a socket or listener that never came.
-    pub fn sweep_channels(&self) {
+    pub(crate) fn sweep_channels(&self) {
         let now = now_ms();
         let clustered = self.is_clustered();
         let keep = if clustered {
@@ -636,7 +637,7 @@ impl Registry {
 
     /// Queues an encoded frame (a `Send`) to `digest`'s socket. Returns whether it was queued
     /// to a live socket on this node; an unknown or ended digest is an error.
-    pub fn send(&self, digest: &Digest, frame: &Frame) -> Result<bool, Error> {
+    pub(crate) fn send(&self, digest: &Digest, frame: &Frame) -> Result<bool, Error> {
         let conn = self.live_conn(digest)?;
         Ok(conn.is_some_and(|conn| self.queue_one(&conn, frame)))
     }
@@ -663,7 +664,7 @@ impl Registry {
 
     /// Queues an encoded frame to `digest`'s socket if it is live here (a cluster `Send`, from
     /// this node or relayed from another). Returns whether it was queued.
-    pub fn send_frame(&self, digest: &Digest, frame: &Frame) -> bool {
+    pub(crate) fn send_frame(&self, digest: &Digest, frame: &Frame) -> bool {
         match self.live_conn(digest) {
             Ok(Some(conn)) => self.queue_one(&conn, frame),
             _ => false,
@@ -671,12 +672,12 @@ impl Registry {
     }
 
     /// Bytes queued in every outbox of this node.
-    pub fn backlog(&self) -> &Backlog {
+    pub(crate) fn backlog(&self) -> &Backlog {
         &self.shared.backlog
     }
 
     /// Bytes of pushes this node retains for recovery, all channels together.
-    pub fn history_bytes(&self) -> usize {
+    pub(crate) fn history_bytes(&self) -> usize {
         self.shared.budget.bytes()
     }
 

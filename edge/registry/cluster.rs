@@ -28,12 +28,12 @@ pub(super) struct ClusterHooks {
 impl Registry {
     /// A registry for cluster mode (see [`Registry::new`]): offsets come from Redis, through
     /// [`Registry::offer`] and [`Registry::caught_up`].
-    pub fn clustered(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn clustered(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self::build(secrets, limits, metrics, Some(ClusterHooks::default()))
     }
 
     /// Whether this registry belongs to a cluster.
-    pub fn is_clustered(&self) -> bool {
+    pub(crate) fn is_clustered(&self) -> bool {
         self.shared.cluster.is_some()
     }
 
@@ -46,7 +46,7 @@ impl Registry {
     }
 
     /// Asks the bus to read `channel`'s position (and what this node missed) from Redis.
-    pub fn want_catch_up(&self, channel: &Channel) {
+    pub(crate) fn want_catch_up(&self, channel: &Channel) {
         if let Some(hooks) = &self.shared.cluster {
             if hooks.behind.lock().insert(channel.clone()) {
                 hooks.behind_notify.notify_one();
@@ -55,7 +55,7 @@ impl Registry {
     }
 
     /// Waits for, then takes, the channels whose local interest changed (cluster mode).
-    pub async fn changed_channels(&self) -> Vec<Channel> {
+    pub(crate) async fn changed_channels(&self) -> Vec<Channel> {
         let Some(hooks) = &self.shared.cluster else {
             return std::future::pending().await;
         };
@@ -63,7 +63,7 @@ impl Registry {
     }
 
     /// Waits for, then takes, the channels to bring up to date from Redis (cluster mode).
-    pub async fn behind_channels(&self) -> Vec<Channel> {
+    pub(crate) async fn behind_channels(&self) -> Vec<Channel> {
         let Some(hooks) = &self.shared.cluster else {
             return std::future::pending().await;
         };
@@ -72,12 +72,12 @@ impl Registry {
 
     /// Whether this node follows `channel` (cluster mode: a local socket or listener uses it,
     /// or one is about to).
-    pub fn has_interest(&self, channel: &Channel) -> bool {
+    pub(crate) fn has_interest(&self, channel: &Channel) -> bool {
         self.shared.channels.contains_key(channel)
     }
 
     /// Every channel this node follows.
-    pub fn interest(&self) -> Vec<Channel> {
+    pub(crate) fn interest(&self) -> Vec<Channel> {
         self.shared
             .channels
             .iter()

@@ -21,11 +21,11 @@ use crate::{credentials::Digest, domain::Channel};
 
 /// Events waiting for the node's lifecycle task; past it, an event is logged and counted, not
 /// told.
-pub const ENDS_QUEUE: usize = 16_384;
+pub(crate) const ENDS_QUEUE: usize = 16_384;
 
 /// What the node's lifecycle task tells the `Handle` groups that asked for lifecycle events.
 #[derive(Debug, Clone)]
-pub enum Lifecycle {
+pub(crate) enum Lifecycle {
     /// A final end: `$disconnect`.
     Ended(Ended),
     /// A channel got its first member anywhere (`$occupied`), or its last left and the vacate
@@ -40,7 +40,7 @@ pub enum Lifecycle {
 
 /// Why a set of credentials ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
+pub(crate) enum EndReason {
     /// The client closed its socket (a close frame outside the "reconnect now" range).
     ClientClosed,
     /// The application's `Disconnect`.
@@ -56,7 +56,7 @@ pub enum EndReason {
 
 impl EndReason {
     /// The `reason` field of `$disconnect`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::ClientClosed => "client closed",
             Self::Application => "disconnected by the application",
@@ -69,7 +69,7 @@ impl EndReason {
 
 /// A final end, for `$disconnect`.
 #[derive(Debug, Clone)]
-pub struct Ended {
+pub(crate) struct Ended {
     /// The credentials' public id.
     pub connection_id: Box<str>,
     /// Their digest.
@@ -84,7 +84,7 @@ pub struct Ended {
 
 impl Ended {
     /// The `json` of the `$disconnect` event.
-    pub fn json(&self) -> String {
+    pub(crate) fn json(&self) -> String {
         let mut event = serde_json::json!({
             "reason": self.reason.as_str(),
             "final": true,
@@ -120,7 +120,7 @@ impl Registry {
     /// the `Handle` streams (never waits). In cluster mode the Redis script that ended the
     /// credentials told it (see the bus's outbox). Credentials that never connected (no
     /// connection id) end silently.
-    pub fn ended(&self, ended: Ended) {
+    pub(crate) fn ended(&self, ended: Ended) {
         if ended.connection_id.is_empty() {
             return;
         }
@@ -151,7 +151,7 @@ impl Registry {
     }
 
     /// The lifecycle events for `Handle` groups; for the node's lifecycle task (once).
-    pub fn take_lifecycle(&self) -> Option<mpsc::Receiver<Lifecycle>> {
+    pub(crate) fn take_lifecycle(&self) -> Option<mpsc::Receiver<Lifecycle>> {
         self.shared.ends.rx.lock().take()
     }
 }

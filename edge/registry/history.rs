@@ -10,7 +10,8 @@
 //! Bounds. Each channel keeps at most its policy's `size` pushes, none older than its `ttl`;
 //! the node keeps at most `history-memory` bytes of frames in all (a push over it evicts its own
 //! channel's oldest first). A retained push costs its frame (shared with the deliveries) plus
-//! [`ENTRY_BYTES`]. Expired pushes are dropped lazily, when the channel is next touched or swept.
+//! an [`Entry`] (56 bytes). Expired pushes are dropped lazily, when the channel is next touched
+//! or swept.
 //!
 //! Invariants:
 //! * the ring holds consecutive offsets, ending at `last` (it may be empty);
@@ -31,9 +32,6 @@ use crate::{
     domain::{new_epoch, Epoch, Position},
     protocol::Frame,
 };
-
-/// What a retained push costs besides its frame, in bytes (offset, time, frame handle).
-pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 /// Most pushes a cluster node holds for one channel while it waits for an earlier one; past
 /// it, the channel's subscribers are told of a gap.
@@ -339,6 +337,12 @@ impl History {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// What the README and this module say a kept push costs besides its frame.
+    #[test]
+    fn a_kept_push_costs_its_frame_and_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
 
     fn history(size: usize, ttl_ms: u64, budget: usize) -> History {
         History::new(

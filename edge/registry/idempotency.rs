@@ -16,10 +16,10 @@ use crate::{
 };
 
 /// Most idempotency records a node keeps (per channel and key).
-pub const MAX_IDEMPOTENCY_KEYS: usize = 1_000_000;
+pub(crate) const MAX_IDEMPOTENCY_KEYS: usize = 1_000_000;
 
 /// Longest idempotency key, in bytes.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+pub(crate) const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
 /// One key's record.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub(super) struct Record {
 }
 
 /// Checks an idempotency key: 1 to 128 bytes of printable ASCII.
-pub fn check_idempotency_key(key: &str) -> Result<(), Error> {
+pub(crate) fn check_idempotency_key(key: &str) -> Result<(), Error> {
     let ok = !key.is_empty()
         && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
         && key.bytes().all(|b| b.is_ascii_graphic());

@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Events a `Listen` stream may fall behind before it is dropped.
-pub const LISTEN_BUFFER: usize = 4096;
+pub(crate) const LISTEN_BUFFER: usize = 4096;
 
 /// Most events one `Listen` call replays in all, so a replay never overflows the stream.
 const LISTEN_REPLAY_MAX: usize = LISTEN_BUFFER / 2;
@@ -135,7 +135,7 @@ impl Registry {
     /// For a channel in `since`, the pushes after that position come first (from history, or
     /// from `fetched`, read from Redis in cluster mode), or one gap event. Presence events
     /// come as `wants` asks (the caller checked that the channels keep presence).
-    pub fn listen(
+    pub(crate) fn listen(
         &self,
         channels: &[Channel],
         since: &HashMap<Channel, Position>,

@@ -75,17 +75,18 @@ use crate::{
     metrics::Metrics,
 };
 
-pub use channels::{Fetched, Pushed};
-pub use ends::{EndReason, Ended, Lifecycle, ENDS_QUEUE};
-pub use history::ENTRY_BYTES;
-pub use idempotency::{check_idempotency_key, MAX_IDEMPOTENCY_KEYS, MAX_IDEMPOTENCY_KEY_LEN};
-pub use listeners::{ListenEvent, Listener, Wants, LISTEN_BUFFER};
-pub use presence::{Change, PresenceEvent, Present};
-pub use sessions::{monotonic_ms, now_ms, Conn, Ending, LiveSession, Refusal};
+pub(crate) use channels::Fetched;
+pub use channels::Pushed;
+pub(crate) use ends::{EndReason, Ended, Lifecycle};
+pub(crate) use idempotency::check_idempotency_key;
+pub use listeners::{ListenEvent, Listener, Wants};
+pub(crate) use presence::PresenceEvent;
+pub use presence::{Change, Present};
+pub(crate) use sessions::{now_ms, Conn, Ending, LiveSession, Refusal};
 
 /// Handle to the registry. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     shared: Arc<Shared>,
 }
 
@@ -145,7 +146,7 @@ pub struct Stats {
 
 impl Registry {
     /// An empty registry signing ids with `secrets`, counting into the node's `metrics`.
-    pub fn new(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(secrets: Secrets, limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self::build(secrets, limits, metrics, None)
     }
 
@@ -179,22 +180,17 @@ impl Registry {
     }
 
     /// The limits this registry enforces.
-    pub fn limits(&self) -> &Limits {
+    pub(crate) fn limits(&self) -> &Limits {
         &self.shared.limits
     }
 
     /// The node's metrics.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
 
-    /// The node's metrics, shared.
-    pub fn metrics_arc(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
-    }
-
     /// Checks a payload against the JSON rules and the size limit.
-    pub fn check_payload(&self, json: &str) -> Result<Json, Error> {
+    pub(crate) fn check_payload(&self, json: &str) -> Result<Json, Error> {
         let max = self.shared.limits.max_push_size;
         if json.len() > max {
             return Err(Error::PayloadTooLarge {
@@ -207,7 +203,7 @@ impl Registry {
 
     /// Counts of what the registry holds; per channel when `per_channel`, limited to `only`
     /// when that is not empty.
-    pub fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
+    pub(crate) fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
         let shared = &self.shared;
         let subscriptions = shared
             .sessions

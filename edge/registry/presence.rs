@@ -245,7 +245,7 @@ impl Registry {
     /// Delivers a presence event to this node's sockets subscribed to `channel` (joins and
     /// leaves of other connections, when its namespace says `join-leave`) and to its `Listen` streams that asked for
     /// such events. Never waits.
-    pub fn presence_event(&self, channel: &Channel, event: &PresenceEvent) {
+    pub(crate) fn presence_event(&self, channel: &Channel, event: &PresenceEvent) {
         let join_leave = self.shared.limits.namespace(channel).join_leave;
         let event = Arc::new(event.clone());
         self.with_existing(channel, |state| {
@@ -274,7 +274,7 @@ impl Registry {
     }
 
     /// The connections present in `channel` on this node.
-    pub fn presence(&self, channel: &Channel) -> Vec<Present> {
+    pub(crate) fn presence(&self, channel: &Channel) -> Vec<Present> {
         self.shared
             .presence
             .get(channel)
@@ -283,7 +283,7 @@ impl Registry {
     }
 
     /// `(connections, users)` present in `channel` on this node.
-    pub fn presence_stats(&self, channel: &Channel) -> (u64, u64) {
+    pub(crate) fn presence_stats(&self, channel: &Channel) -> (u64, u64) {
         self.shared.presence.get(channel).map_or((0, 0), |room| {
             (room.members.len() as u64, room.users.len() as u64)
         })

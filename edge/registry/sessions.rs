@@ -29,14 +29,14 @@ use crate::{
 };
 
 /// The current Unix time in milliseconds.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Milliseconds on a monotonic clock that starts with the process.
-pub fn monotonic_ms() -> u64 {
+pub(crate) fn monotonic_ms() -> u64 {
     static EPOCH: std::sync::LazyLock<std::time::Instant> =
         std::sync::LazyLock::new(std::time::Instant::now);
     EPOCH.elapsed().as_millis() as u64
@@ -80,7 +80,7 @@ pub(super) enum State {
 
 /// The registry's side of a live socket: what publishers need to reach it.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     pub(super) serial: u64,
     pub(super) digest: Digest,
     /// When the client last sent anything (pongs included), in [`monotonic_ms`]; the node's
@@ -115,34 +115,29 @@ impl Conn {
     }
 
     /// Whether the socket resumed credentials that had a socket before (within the grace).
-    pub fn resumed(&self) -> bool {
+    pub(crate) fn resumed(&self) -> bool {
         self.resumed
     }
 
     /// Records that the client sent something just now.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_seen_ms.store(monotonic_ms(), Ordering::Relaxed);
     }
 
     /// How long the client has been silent, as of `now_ms` ([`monotonic_ms`]).
-    pub fn silent_for(&self, now_ms: u64) -> Duration {
+    pub(crate) fn silent_for(&self, now_ms: u64) -> Duration {
         Duration::from_millis(now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)))
     }
 
     /// The socket's digest.
-    pub fn digest(&self) -> Digest {
+    pub(crate) fn digest(&self) -> Digest {
         self.digest
-    }
-
-    /// A number unique to this socket on this node.
-    pub fn serial(&self) -> u64 {
-        self.serial
     }
 }
 
 /// Why a handshake's credentials were refused after their signature checked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The id was not used before its expiry.
     #[error("credentials expired")]
     Expired,
@@ -161,7 +156,7 @@ pub enum Refusal {
 
 /// A socket live on this node, as the bus re-records it in a Redis that came back empty.
 #[derive(Debug, Clone)]
-pub struct LiveSession {
+pub(crate) struct LiveSession {
     /// Its digest.
     pub digest: Digest,
     /// Its public connection id.
@@ -176,7 +171,7 @@ pub struct LiveSession {
 
 /// How a socket ended, as far as its credentials are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
+pub(crate) enum Ending {
     /// The client closed cleanly, or the application ended it: the id is dead.
     Final,
     /// Dropped without a close: the id may reconnect within the grace period.
@@ -266,7 +261,7 @@ impl Registry {
     }
 
     /// Mints credentials without recording them here (cluster mode keeps them in Redis).
-    pub fn mint(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
+    pub(crate) fn mint(&self, ttl: Option<Duration>) -> Result<Credentials, Error> {
         let limits = &self.shared.limits;
         let ttl = ttl.unwrap_or(limits.credential_ttl);
         if ttl > limits.max_credential_ttl || ttl.is_zero() {
@@ -281,7 +276,7 @@ impl Registry {
     }
 
     /// Checks a presented id and key (signature and key only; expiry is [`Registry::attach`]'s).
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         connection_id: &str,
         socket_key: &str,
@@ -291,7 +286,11 @@ impl Registry {
 
     /// Mints credentials valid for `ttl` (the configured default when `None`) for `user`,
     /// and records them here.
-    pub fn issue(&self, ttl: Option<Duration>, user: Option<&User>) -> Result<Credentials, Error> {
+    pub(crate) fn issue(
+        &self,
+        ttl: Option<Duration>,
+        user: Option<&User>,
+    ) -> Result<Credentials, Error> {
         let creds = self.mint(ttl)?;
         if let Some(user) = user {
             self.index_user(creds.digest, user);
@@ -306,7 +305,7 @@ impl Registry {
     /// Binds a new socket to verified credentials: refuses an expired, live, ended or unknown
     /// id, and hands the socket every channel its digest is subscribed to (replaying what it
     /// missed where `recover` says what it saw).
-    pub fn attach(
+    pub(crate) fn attach(
         &self,
         verified: &Verified,
         connection_id: &str,
@@ -341,7 +340,7 @@ impl Registry {
     /// the cluster holds for its digest (and what the bus read from Redis for recovery);
     /// replaces whatever this node remembered of it.
     #[allow(clippy::too_many_arguments)] // one call site, the Redis bus's attach
-    pub fn attach_accepted(
+    pub(crate) fn attach_accepted(
         &self,
         verified: &Verified,
         connection_id: &str,
@@ -385,7 +384,7 @@ impl Registry {
 
     /// Unbinds a socket that ended. Does nothing if the session already moved on (for example
     /// the application disconnected it).
-    pub fn detach(&self, conn: &Conn, ending: Ending) {
+    pub(crate) fn detach(&self, conn: &Conn, ending: Ending) {
         let Some(mut session) = self.shared.sessions.get_mut(&conn.digest) else {
             return;
         };
@@ -407,7 +406,7 @@ impl Registry {
     }
 
     /// Subscribes `digest` to `channels`. Returns whether a socket is live for it on this node.
-    pub fn subscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+    pub(crate) fn subscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
         check_channel_count(channels)?;
         let mut session = self.known_session(digest)?;
         let live = match &session.state {
@@ -429,7 +428,7 @@ impl Registry {
     }
 
     /// Unsubscribes `digest` from `channels`; a live socket stops receiving at once.
-    pub fn unsubscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
+    pub(crate) fn unsubscribe(&self, digest: &Digest, channels: &[Channel]) -> Result<bool, Error> {
         check_channel_count(channels)?;
         let mut session = self.known_session(digest)?;
         let live = match &session.state {
@@ -468,7 +467,7 @@ impl Registry {
 
     /// Ends `digest`'s credentials and closes its socket, if live here, with `close`.
     /// Returns whether a live socket was closed.
-    pub fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
+    pub(crate) fn disconnect(&self, digest: &Digest, close: Close) -> Result<bool, Error> {
         let mut session = self.known_session(digest)?;
         if let State::Live(conn) = &session.state {
             let conn = conn.clone();
@@ -488,7 +487,7 @@ impl Registry {
     }
 
     /// The sockets live on this node: digest, first-use deadline, channels, user.
-    pub fn live_sessions(&self) -> Vec<LiveSession> {
+    pub(crate) fn live_sessions(&self) -> Vec<LiveSession> {
         self.shared
             .sessions
             .iter()
@@ -504,7 +503,7 @@ impl Registry {
     }
 
     /// The digests of the sockets live on this node.
-    pub fn live_digests(&self) -> Vec<Digest> {
+    pub(crate) fn live_digests(&self) -> Vec<Digest> {
         self.shared
             .sessions
             .iter()
@@ -516,7 +515,7 @@ impl Registry {
     /// Forgets sessions whose time is up: never-used ids past expiry, grace periods that ran
     /// out, and dead ids past expiry (a dead id past expiry is refused as expired anyway). Tells `vacated` for channels whose
     /// vacate delay passed.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let now = now_ms();
         let mut forgotten = Vec::new();
         self.shared.sessions.retain(|digest, session| {
@@ -550,7 +549,7 @@ impl Registry {
     /// `slices` (a beat covers one slice, so pings spread over the ping interval instead of
     /// going out in one burst): a socket silent for longer than `idle_timeout` is closed as
     /// idle, every other one gets a ping, which a live client answers with a pong.
-    pub fn heartbeat(&self, slice: u64, slices: u64, idle_timeout: Duration) {
+    pub(crate) fn heartbeat(&self, slice: u64, slices: u64, idle_timeout: Duration) {
         let now = monotonic_ms();
         for session in self.shared.sessions.iter() {
             if let State::Live(conn) = &session.state {
@@ -562,15 +561,6 @@ impl Registry {
                 } else {
                     conn.outbox.ping();
                 }
-            }
-        }
-    }
-
-    /// Closes every live socket's outbox with `close` (used when draining).
-    pub fn close_all(&self, close: &Close) {
-        for session in self.shared.sessions.iter() {
-            if let State::Live(conn) = &session.state {
-                conn.outbox.close(close.clone());
             }
         }
     }

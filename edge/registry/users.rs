@@ -37,7 +37,7 @@ impl Registry {
 
     /// The credentials of `user` known here that have not ended (issued, live, or within
     /// their reconnect grace).
-    pub fn user_digests(&self, user: &str) -> Vec<Digest> {
+    pub(crate) fn user_digests(&self, user: &str) -> Vec<Digest> {
         let Some(digests) = self.shared.users.get(user).map(|d| d.clone()) else {
             return Vec::new();
         };
@@ -53,12 +53,12 @@ impl Registry {
     }
 
     /// The user bound to `digest`'s credentials, if the application named one.
-    pub fn user_of(&self, digest: &Digest) -> Option<User> {
+    pub(crate) fn user_of(&self, digest: &Digest) -> Option<User> {
         self.shared.sessions.get(digest)?.user.clone()
     }
 
     /// The users of the sockets live here (their Redis records are renewed with the sockets').
-    pub fn live_users(&self) -> HashSet<Arc<str>> {
+    pub(crate) fn live_users(&self) -> HashSet<Arc<str>> {
         self.shared
             .sessions
             .iter()

@@ -552,7 +552,12 @@ async fn a_hole_in_the_pubsub_stream_is_filled_from_history_or_signalled() {
         .arg(&log)
         .arg("0-2")
         .arg("t")
-        .arg(channelgate::edge::registry::now_ms())
+        .arg(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        )
         .arg("p")
         .arg("2")
         .query_async(&mut conn)
