@@ -495,7 +495,7 @@ mod tests {
     #[tokio::test]
     async fn future_sizes() {
         use crate::{
-            bus::memory::Memory, config::Config, credentials::Secrets, handlers::remote::Remote,
+            bus::memory::Memory, config::Config, credentials::Secrets, handlers::streams::Remote,
             registry::Registry,
         };
         let config = Config::default();

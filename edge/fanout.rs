@@ -149,7 +149,7 @@ pub(crate) enum Next {
 /// [`Outbox::next_into`]).
 #[cfg(test)]
 #[derive(Debug)]
-pub(crate) enum Batch {
+pub(crate) enum Drained {
     /// Every frame queued so far, oldest first.
     Frames(VecDeque<Frame>),
     /// The outbox is closed and empty: close the socket with this reason.
@@ -261,17 +261,17 @@ impl Outbox {
     /// reason once the queue is empty. Tests only: a view of the queue without the writer's
     /// buffer reuse and pings ([`next_into`](Self::next_into)).
     #[cfg(test)]
-    pub(crate) async fn next(&self) -> Batch {
+    pub(crate) async fn next(&self) -> Drained {
         let mut frames = VecDeque::new();
         loop {
             match self.next_into(&mut frames).await {
                 Next::Write { bytes, .. } => {
                     self.settle(bytes);
                     if !frames.is_empty() {
-                        return Batch::Frames(frames);
+                        return Drained::Frames(frames);
                     }
                 }
-                Next::Close(close) => return Batch::Close(close),
+                Next::Close(close) => return Drained::Close(close),
             }
         }
     }
@@ -335,7 +335,9 @@ mod tests {
             assert_eq!(o.push(&frame(s), 100), Enqueued::Queued);
         }
         match o.next().await {
-            Batch::Frames(f) => assert_eq!(f.iter().map(|f| f.as_str()).collect::<String>(), "abc"),
+            Drained::Frames(f) => {
+                assert_eq!(f.iter().map(|f| f.as_str()).collect::<String>(), "abc")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -346,7 +348,7 @@ mod tests {
         assert_eq!(o.push(&frame("12345"), 8), Enqueued::Queued);
         assert_eq!(o.push(&frame("1234"), 8), Enqueued::Full);
         assert_eq!(o.push(&frame("1"), 8), Enqueued::Closed);
-        assert!(matches!(o.next().await, Batch::Close(Close::TooSlow)));
+        assert!(matches!(o.next().await, Drained::Close(Close::TooSlow)));
     }
 
     #[tokio::test]
@@ -355,8 +357,8 @@ mod tests {
         o.push(&frame("bye"), 100);
         assert!(o.close(Close::GoingAway));
         assert!(!o.close(Close::TooSlow));
-        assert!(matches!(o.next().await, Batch::Frames(_)));
-        assert!(matches!(o.next().await, Batch::Close(Close::GoingAway)));
+        assert!(matches!(o.next().await, Drained::Frames(_)));
+        assert!(matches!(o.next().await, Drained::Close(Close::GoingAway)));
     }
 
     #[tokio::test]
@@ -444,7 +446,7 @@ mod tests {
         let o = std::sync::Arc::new(Outbox::default());
         let writer = tokio::spawn({
             let o = o.clone();
-            async move { matches!(o.next().await, Batch::Frames(_)) }
+            async move { matches!(o.next().await, Drained::Frames(_)) }
         });
         tokio::task::yield_now().await;
         o.push(&frame("x"), 100);

@@ -21,7 +21,7 @@ use crate::{
 pub use crate::{
     bus::{HistoryQuery, Page, PushTicket},
     credentials::{BadDigest, Credentials, Digest},
-    handlers::remote::{Member, MemberError},
+    handlers::streams::{Member, MemberError},
     handoff::{Delivery, HandlerReply},
     registry::{Change, ListenEvent, Listener, Present, Pushed, Stats, Wants},
 };

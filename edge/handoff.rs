@@ -111,7 +111,7 @@ pub(crate) enum Outbound {
 
 /// A message another node forwarded, for a stream of `group` on this node.
 #[derive(Debug)]
-pub(crate) struct Inbound {
+pub(crate) struct Arriving {
     /// The group it was queued for.
     pub group: Box<str>,
     /// The message (its `delivery_id` is assigned here).
@@ -138,12 +138,12 @@ pub(crate) struct ClusterEnd {
     /// The groups with streams on this node, to advertise and consume for.
     pub groups: watch::Receiver<Vec<LocalGroup>>,
     /// Messages forwarded by other nodes, for local streams.
-    pub inbound: mpsc::Sender<Inbound>,
+    pub inbound: mpsc::Sender<Arriving>,
 }
 
 /// A new link: the local side's end, the bus's end, and the receiver of forwarded messages
 /// that a task of the node feeds to the local streams.
-pub(crate) fn link() -> (LocalEnd, ClusterEnd, mpsc::Receiver<Inbound>) {
+pub(crate) fn link() -> (LocalEnd, ClusterEnd, mpsc::Receiver<Arriving>) {
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
     let (groups_tx, groups_rx) = watch::channel(Vec::new());
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_BUFFER);

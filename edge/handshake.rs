@@ -40,7 +40,7 @@ where
     let handshakes = &edge.registry.metrics().handshakes;
     if spare {
         handshakes.with_label_values(&["pending_full"]).inc();
-        return Refusal::Unavailable.response();
+        return UpgradeRefusal::Unavailable.response();
     }
     return match upgrade::<S>(req, peer, edge).await {
         Ok(response) => {
@@ -56,7 +56,7 @@ where
 
 /// Why an upgrade was refused; decides the status and the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+enum UpgradeRefusal {
     /// 400: not a WebSocket upgrade.
     NotUpgrade,
     /// 400: `socket_connection_id` missing.
@@ -85,28 +85,28 @@ enum Refusal {
     HandshakeRate,
 }
 
-impl Refusal {
+impl UpgradeRefusal {
     /// The `result` label of the handshake counter.
     fn label(self) -> &'static str {
         match self {
-            Refusal::NotUpgrade => "not_upgrade",
-            Refusal::MissingId => "missing_id",
-            Refusal::MissingKey => "missing_key",
-            Refusal::Origin => "origin",
-            Refusal::Credentials => "invalid_credentials",
-            Refusal::Expired => "expired",
-            Refusal::InUse => "in_use",
-            Refusal::Used => "used",
-            Refusal::Unknown => "unknown",
-            Refusal::BadRecover(_) => "bad_recover",
-            Refusal::Unavailable => "unavailable",
-            Refusal::TooManyFromIp => "too_many_from_ip",
-            Refusal::HandshakeRate => "handshake_rate",
+            UpgradeRefusal::NotUpgrade => "not_upgrade",
+            UpgradeRefusal::MissingId => "missing_id",
+            UpgradeRefusal::MissingKey => "missing_key",
+            UpgradeRefusal::Origin => "origin",
+            UpgradeRefusal::Credentials => "invalid_credentials",
+            UpgradeRefusal::Expired => "expired",
+            UpgradeRefusal::InUse => "in_use",
+            UpgradeRefusal::Used => "used",
+            UpgradeRefusal::Unknown => "unknown",
+            UpgradeRefusal::BadRecover(_) => "bad_recover",
+            UpgradeRefusal::Unavailable => "unavailable",
+            UpgradeRefusal::TooManyFromIp => "too_many_from_ip",
+            UpgradeRefusal::HandshakeRate => "handshake_rate",
         }
     }
 
     fn response(self) -> Response<Body> {
-        use Refusal::*;
+        use UpgradeRefusal::*;
         let (status, body) = match self {
             NotUpgrade => (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade (GET, Upgrade: websocket, Sec-WebSocket-Version: 13)\n"),
             MissingId => (StatusCode::BAD_REQUEST, "missing socket_connection_id query parameter\n"),
@@ -141,35 +141,36 @@ async fn upgrade<S>(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     edge: &Arc<Edge>,
-) -> Result<Response<Body>, Refusal>
+) -> Result<Response<Body>, UpgradeRefusal>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if !edge.handshake_allowed(peer.ip()) {
         tracing::debug!(%peer, "handshake refused: handshake rate per address");
-        return Err(Refusal::HandshakeRate);
+        return Err(UpgradeRefusal::HandshakeRate);
     }
     let headers = req.headers();
     // RFC 6455 4.1: the opening handshake is an HTTP/1.1 (or later) GET.
     if req.version() < http::Version::HTTP_11 {
         tracing::debug!(%peer, version = ?req.version(), "handshake refused: WebSocket needs HTTP/1.1");
-        return Err(Refusal::NotUpgrade);
+        return Err(UpgradeRefusal::NotUpgrade);
     }
-    let accept_key = websocket_accept_key(req.method(), headers).ok_or(Refusal::NotUpgrade)?;
+    let accept_key =
+        websocket_accept_key(req.method(), headers).ok_or(UpgradeRefusal::NotUpgrade)?;
     if !origin_allowed(headers, &edge.config.allowed_origins) {
         tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
-        return Err(Refusal::Origin);
+        return Err(UpgradeRefusal::Origin);
     }
     let Query {
         connection_id,
         key: query_key,
         recover,
     } = parse_query(req.uri().query());
-    let connection_id = connection_id.ok_or(Refusal::MissingId)?;
+    let connection_id = connection_id.ok_or(UpgradeRefusal::MissingId)?;
     let recover = recover
         .map(|text| Recover::parse(&text))
         .transpose()
-        .map_err(Refusal::BadRecover)?;
+        .map_err(UpgradeRefusal::BadRecover)?;
     let socket_key = cookie(headers, &edge.config.key_cookie)
         .or(query_key)
         .or_else(|| {
@@ -178,26 +179,26 @@ where
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         })
-        .ok_or(Refusal::MissingKey)?;
+        .ok_or(UpgradeRefusal::MissingKey)?;
 
     let verified = edge
         .registry
         .verify(&connection_id, &socket_key)
         .map_err(|err| {
             tracing::debug!(%peer, %connection_id, %err, "handshake refused");
-            Refusal::Credentials
+            UpgradeRefusal::Credentials
         })?;
     if edge.shutdown.is_cancelled() {
-        return Err(Refusal::Unavailable);
+        return Err(UpgradeRefusal::Unavailable);
     }
     let permit = edge.ws_permits.clone().try_acquire_owned().map_err(|_| {
         tracing::warn!(%peer, "handshake refused: max-connections reached");
-        Refusal::Unavailable
+        UpgradeRefusal::Unavailable
     })?;
     let limit = edge.config.limits.max_connections_per_ip;
     let ip_slot = IpSlot::take(edge, peer.ip(), limit, |edge| &edge.per_ip).ok_or_else(|| {
         tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
-        Refusal::TooManyFromIp
+        UpgradeRefusal::TooManyFromIp
     })?;
     let conn = edge
         .bus
@@ -206,11 +207,17 @@ where
         .map_err(|err| {
             tracing::debug!(%peer, %connection_id, %err, "handshake refused");
             match err {
-                AttachError::Refused(crate::registry::Refusal::Expired) => Refusal::Expired,
-                AttachError::Refused(crate::registry::Refusal::AlreadyLive) => Refusal::InUse,
-                AttachError::Refused(crate::registry::Refusal::Ended) => Refusal::Used,
-                AttachError::Refused(crate::registry::Refusal::Unknown) => Refusal::Unknown,
-                AttachError::Unavailable(_) => Refusal::Unavailable,
+                AttachError::Refused(crate::registry::AttachRefusal::Expired) => {
+                    UpgradeRefusal::Expired
+                }
+                AttachError::Refused(crate::registry::AttachRefusal::AlreadyLive) => {
+                    UpgradeRefusal::InUse
+                }
+                AttachError::Refused(crate::registry::AttachRefusal::Ended) => UpgradeRefusal::Used,
+                AttachError::Refused(crate::registry::AttachRefusal::Unknown) => {
+                    UpgradeRefusal::Unknown
+                }
+                AttachError::Unavailable(_) => UpgradeRefusal::Unavailable,
             }
         })?;
 

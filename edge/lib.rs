@@ -69,7 +69,7 @@ use crate::{
     config::Config,
     credentials::Secrets,
     error::Error,
-    handlers::remote::Remote,
+    handlers::streams::Remote,
     metrics::Metrics,
     node::Edge,
     readiness::{Cause, Readiness},

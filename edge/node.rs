@@ -18,7 +18,7 @@ use crate::{
     bus::Bus,
     config::Config,
     error::Error,
-    handlers::{call_route::CallRoute, remote::Remote, Handlers},
+    handlers::{call_route::CallRoute, streams::Remote, Handlers},
     limit::TokenBucket,
     proxy::{self, AddressHeader, Proxies},
     readiness::Readiness,
@@ -229,13 +229,13 @@ impl Drop for IpSlot {
 /// A connection in its HTTP phase: its client address's share of `max_pending_per_ip` (once
 /// that address is known) and a handshake permit (or, when those are all taken, a permit of
 /// the spare lane). Dropped when the upgrade is done or the connection ends.
-pub(crate) struct Pending {
+pub(crate) struct Admission {
     slot: Option<IpSlot>,
     _permit: OwnedSemaphorePermit,
     spare: bool,
 }
 
-impl Pending {
+impl Admission {
     /// Admits a connection just accepted, counted against its client address `ip` when known
     /// (`None`: a trusted proxy's connection whose client its PROXY header will name, or that
     /// names clients per request), or says why not (for the metric).

@@ -288,7 +288,7 @@ fn json_string(s: &str) -> String {
 
 /// One client message, parsed. Borrows the frame's text.
 #[derive(Debug)]
-pub(crate) struct Inbound<'a> {
+pub(crate) struct ClientMessage<'a> {
     /// The action name.
     pub action: &'a str,
     /// The client's id (a number or a string), as JSON text.
@@ -321,7 +321,7 @@ struct Envelope<'a> {
 
 /// Parses a client text frame: a JSON object with a string `action` and an optional `id`
 /// that is a number or a string.
-pub(crate) fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
+pub(crate) fn parse_inbound(text: &str) -> Result<ClientMessage<'_>, BadMessage> {
     let bad = |id: Option<&RawValue>, reason| BadMessage {
         id: id.map(RawValue::to_owned),
         reason,
@@ -347,7 +347,7 @@ pub(crate) fn parse_inbound(text: &str) -> Result<Inbound<'_>, BadMessage> {
         Ok(action) => action,
         Err(_) => return Err(bad(id, "action must be a string of plain characters")),
     };
-    Ok(Inbound { action, id })
+    Ok(ClientMessage { action, id })
 }
 
 fn is_number_or_string(raw: &RawValue) -> bool {

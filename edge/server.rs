@@ -1,7 +1,7 @@
 //! The client plane's accept loop, and each connection's HTTP service: the WebSocket path to
 //! the handshake, everything else to the plain routes.
 //!
-//! Every connection is accepted at once and admitted ([`Pending::admit`]) from its first byte
+//! Every connection is accepted at once and admitted ([`Admission::admit`]) from its first byte
 //! on: one of its client address's `max-pending-per-ip` slots (beyond them it is closed at
 //! once, so one address cannot hold the node's pending handshakes), and one of the node's
 //! `max-pending-handshakes` permits; when those are all taken, one of a few spare permits whose
@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     handshake,
-    node::{Edge, Pending},
+    node::{Admission, Edge},
     proxy::{self, Preamble},
     routes::{self, Body},
 };
@@ -45,7 +45,7 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
                     .as_ref()
                     .is_some_and(|proxies| proxies.trusts(peer.ip()));
                 let client = (!trusted).then(|| proxy::canonical(peer.ip()));
-                let pending = match Pending::admit(&edge, client) {
+                let pending = match Admission::admit(&edge, client) {
                     Ok(pending) => pending,
                     Err(why) => {
                         refused(&edge, peer, why);
@@ -88,7 +88,7 @@ async fn connection(
     peer: SocketAddr,
     trusted: bool,
     edge: Arc<Edge>,
-    mut pending: Pending,
+    mut pending: Admission,
 ) {
     let timeout = if pending.spare() {
         crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
@@ -145,7 +145,7 @@ async fn connection(
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
 /// `from` is the address the connection comes from (the peer, or the client a trusted proxy's
 /// PROXY header named); each request's client is found from it ([`Edge::client`]).
-async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Pending)
+async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Admission)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -28,7 +28,7 @@ use crate::{
     domain::{Channel, Json, Position},
     error::{Close, Error},
     protocol::{Frame, Recover},
-    registry::{Conn, Ended, Ending, Listener, Present, Pushed, Refusal, Registry, Wants},
+    registry::{AttachRefusal, Conn, Ended, Ending, Listener, Present, Pushed, Registry, Wants},
 };
 
 /// A submitted push: resolves to what it did. A push that is done when submitted (one node)
@@ -86,7 +86,7 @@ pub struct HistoryQuery {
 pub(crate) enum AttachError {
     /// Refused: expired, live elsewhere, or used.
     #[error(transparent)]
-    Refused(#[from] Refusal),
+    Refused(#[from] AttachRefusal),
     /// The shared state could not be reached.
     #[error("cluster state unavailable: {0}")]
     Unavailable(String),

@@ -3,8 +3,7 @@
 //!
 //! Built in: `ping` (answered at once) and `call-route` ([`call_route`], an HTTP request to the
 //! application). Any other action goes to the application services that registered for it over
-//! the control plane's `Handle` stream ([`remote`]); with none, the client gets 404.
-//! A program embedding the edge adds its own handlers with [`Handlers::insert`].
+//! the control plane's `Handle` streams ([`streams`]); with none, the client gets 404.
 //!
 //! A handler either answers at once ([`Outcome::Reply`]) or returns a future
 //! ([`Outcome::Pending`]); the socket runs pending futures as tracked tasks, at most
@@ -12,7 +11,7 @@
 //! any other frame, so replies may come back out of order and are matched by `id`.
 
 pub(crate) mod call_route;
-pub(crate) mod remote;
+pub(crate) mod streams;
 
 use std::{
     collections::HashMap,
@@ -121,13 +120,13 @@ where
     }
 }
 
-/// The action table. Built-in and embedded handlers take precedence over `Handle` streams.
+/// The action table. Built-in handlers take precedence over `Handle` streams.
 /// It also times the handlers that answer later (`call-route` and `Handle` round trips), so
 /// the socket's task knows no handler by name.
 #[derive(Clone)]
 pub(crate) struct Handlers {
     table: HashMap<Box<str>, Entry>,
-    remote: remote::Remote,
+    remote: streams::Remote,
     /// Round trips of `Handle` streams.
     handle_seconds: Histogram,
 }
@@ -152,7 +151,7 @@ impl Handlers {
     /// timed into `metrics`.
     pub(crate) fn new(
         call_route: call_route::CallRoute,
-        remote: remote::Remote,
+        remote: streams::Remote,
         metrics: &Metrics,
     ) -> Self {
         let mut handlers = Self {
@@ -189,7 +188,7 @@ impl Handlers {
     }
 
     /// The `Handle` stream registry.
-    pub(crate) fn remote(&self) -> &remote::Remote {
+    pub(crate) fn remote(&self) -> &streams::Remote {
         &self.remote
     }
 

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use super::{
     check_channel_count,
-    history::{Entry, History, Pending, Sync, Unreachable},
+    history::{Early, Entry, History, Sync, Unreachable},
     listeners::ListenerEntry,
     now_ms, Conn, Registry,
 };
@@ -421,7 +421,7 @@ impl Registry {
             if !in_turn {
                 let held = history.hold(
                     offset,
-                    Pending {
+                    Early {
                         epoch: epoch.clone(),
                         payload: payload.into(),
                     },

@@ -82,7 +82,7 @@ impl Entry {
 
 /// A push that arrived ahead of its turn (cluster mode): its epoch and payload.
 #[derive(Debug, Clone)]
-pub(super) struct Pending {
+pub(super) struct Early {
     pub(super) epoch: Epoch,
     pub(super) payload: Arc<str>,
 }
@@ -111,7 +111,7 @@ pub(super) struct History {
     budget: Arc<Budget>,
     pub(super) sync: Sync,
     /// Cluster mode: pushes that came before their turn, by offset.
-    pub(super) pending: BTreeMap<u64, Pending>,
+    pub(super) pending: BTreeMap<u64, Early>,
 }
 
 impl Drop for History {
@@ -306,7 +306,7 @@ impl History {
     }
 
     /// Holds a push that came before its turn. Returns `false` when the pending set is full.
-    pub(super) fn hold(&mut self, offset: u64, pending: Pending) -> bool {
+    pub(super) fn hold(&mut self, offset: u64, pending: Early) -> bool {
         if self.pending.len() >= MAX_PENDING && !self.pending.contains_key(&offset) {
             return false;
         }
@@ -316,7 +316,7 @@ impl History {
 
     /// Takes the pending push that is next in turn, dropping those already delivered or from
     /// another epoch.
-    pub(super) fn next_pending(&mut self) -> Option<(u64, Pending)> {
+    pub(super) fn next_pending(&mut self) -> Option<(u64, Early)> {
         let epoch = self.epoch.clone()?;
         while let Some(entry) = self.pending.first_entry() {
             let offset = *entry.key();
@@ -483,7 +483,7 @@ mod tests {
     fn pending_pushes_come_out_in_turn() {
         let mut h = history(10, 60_000, usize::MAX);
         let epoch = h.epoch.clone().unwrap();
-        let p = |e: &Epoch| Pending {
+        let p = |e: &Epoch| Early {
             epoch: e.clone(),
             payload: "1".into(),
         };

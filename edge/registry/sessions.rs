@@ -137,7 +137,7 @@ impl Conn {
 
 /// Why a handshake's credentials were refused after their signature checked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum Refusal {
+pub(crate) enum AttachRefusal {
     /// The id was not used before its expiry.
     #[error("credentials expired")]
     Expired,
@@ -310,24 +310,26 @@ impl Registry {
         verified: &Verified,
         connection_id: &str,
         recover: Option<&Recover>,
-    ) -> Result<Arc<Conn>, Refusal> {
+    ) -> Result<Arc<Conn>, AttachRefusal> {
         let now = now_ms();
         let mut session = match self.shared.sessions.entry(verified.digest) {
             // Signed by this deployment but never recorded here: issued before a restart.
-            Entry::Vacant(_) if now >= verified.expires_at_ms => return Err(Refusal::Expired),
-            Entry::Vacant(_) => return Err(Refusal::Unknown),
+            Entry::Vacant(_) if now >= verified.expires_at_ms => {
+                return Err(AttachRefusal::Expired)
+            }
+            Entry::Vacant(_) => return Err(AttachRefusal::Unknown),
             Entry::Occupied(occupied) => occupied.into_ref(),
         };
         let resumed = match session.state {
-            State::Issued if now >= session.expires_at_ms => return Err(Refusal::Expired),
+            State::Issued if now >= session.expires_at_ms => return Err(AttachRefusal::Expired),
             State::Issued => false,
             State::Grace { until_ms } if now < until_ms => true,
             State::Grace { .. } => {
                 self.set_state(verified.digest, &mut session, State::Dead);
-                return Err(Refusal::Ended);
+                return Err(AttachRefusal::Ended);
             }
-            State::Live(_) => return Err(Refusal::AlreadyLive),
-            State::Dead => return Err(Refusal::Ended),
+            State::Live(_) => return Err(AttachRefusal::AlreadyLive),
+            State::Dead => return Err(AttachRefusal::Ended),
         };
         let conn = self.new_conn(verified.digest, recover.is_some(), resumed);
         self.join_all(&conn, session.channels.iter(), recover, None, resumed);

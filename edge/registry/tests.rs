@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use super::*;
 use crate::{
-    credentials::Credentials, domain::Position, error::Close, fanout::Batch, protocol::Recover,
+    credentials::Credentials, domain::Position, error::Close, fanout::Drained, protocol::Recover,
 };
 
 fn registry() -> Registry {
@@ -33,8 +33,8 @@ fn push(r: &Registry, channel: &str, json: &str) -> u64 {
 
 async fn frames(conn: &Conn) -> Vec<String> {
     match conn.outbox.next().await {
-        Batch::Frames(f) => f.iter().map(|f| f.to_string()).collect(),
-        Batch::Close(c) => panic!("closed: {c:?}"),
+        Drained::Frames(f) => f.iter().map(|f| f.to_string()).collect(),
+        Drained::Close(c) => panic!("closed: {c:?}"),
     }
 }
 
@@ -76,9 +76,12 @@ fn ids_are_single_use() {
     let c = r.issue(None, None).unwrap();
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
     let conn = r.attach(&v, "id", None).unwrap();
-    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::AlreadyLive);
+    assert_eq!(
+        r.attach(&v, "id", None).unwrap_err(),
+        AttachRefusal::AlreadyLive
+    );
     r.detach(&conn, Ending::Final);
-    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), AttachRefusal::Ended);
     assert!(matches!(
         r.subscribe(&c.digest, &[ch("a")]),
         Err(Error::UnknownDigest)
@@ -117,7 +120,7 @@ fn disconnect_ends_credentials_and_closes_outbox() {
     assert_eq!(push(&r, "a", "1"), 0);
     r.detach(&conn, Ending::Resumable);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Ended);
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), AttachRefusal::Ended);
     let s = r.stats(true, &[]);
     assert_eq!((s.connections, s.channels, s.subscriptions), (0, 0, 0));
 }
@@ -128,7 +131,10 @@ fn expired_credentials_are_refused() {
     let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
     let c = secrets.issue(now_ms() - 1);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Expired);
+    assert_eq!(
+        r.attach(&v, "id", None).unwrap_err(),
+        AttachRefusal::Expired
+    );
 }
 
 #[test]
@@ -139,7 +145,10 @@ fn an_id_this_registry_never_recorded_is_refused() {
     let secrets = Secrets::new(b"registry test secret 0123456789", None).unwrap();
     let c = secrets.issue(now_ms() + 60_000);
     let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
-    assert_eq!(r.attach(&v, "id", None).unwrap_err(), Refusal::Unknown);
+    assert_eq!(
+        r.attach(&v, "id", None).unwrap_err(),
+        AttachRefusal::Unknown
+    );
 }
 
 #[test]

@@ -100,21 +100,21 @@ use crate::{
     domain::User,
     domain::{Channel, Json, Position},
     error::{Close, Error},
-    handoff::{ClusterEnd, HandlerReply, Inbound, LocalGroup},
+    handoff::{Arriving, ClusterEnd, HandlerReply, LocalGroup},
     protocol::{Frame, Recover},
     readiness::{Cause, Readiness},
     registry::{
-        now_ms, Conn, EndReason, Ended, Ending, Listener, Present, Refusal, Registry, Wants,
+        now_ms, AttachRefusal, Conn, EndReason, Ended, Ending, Listener, Present, Registry, Wants,
     },
 };
 
-mod history;
 mod keys;
 mod link;
 mod outbox;
 mod presence;
 mod pubsub;
 mod queue;
+mod reads;
 mod reaper;
 mod relay;
 mod scripts;
@@ -125,9 +125,9 @@ use link::{Answers, Batch, Endpoint, Link, Shards, Sink};
 use relay::PushJob;
 #[cfg(any(test, fuzzing))]
 pub(crate) use {
-    history::check_redis_read,
     presence::check_relayed_presence,
     pubsub::{check_node_command, check_relayed_push},
+    reads::check_redis_read,
 };
 
 use scripts::Scripts;
@@ -224,7 +224,7 @@ pub(crate) struct RedisBus {
     /// The `Handle` groups with streams on this node (published by the local side).
     groups: watch::Receiver<Vec<LocalGroup>>,
     /// Messages forwarded by other nodes, for the streams here.
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<Arriving>,
     /// Forwarded client messages waiting for a reply from another node; an entry is removed
     /// by its waiter when it ends, however it ends.
     forwards: Mutex<HashMap<u64, mpsc::Sender<ForwardEvent>>>,
@@ -863,10 +863,10 @@ impl Bus for RedisBus {
         let mut reply = reply.into_iter();
         match reply.next().as_deref() {
             Some("ok") => {}
-            Some("expired") => return Err(Refusal::Expired.into()),
-            Some("in_use") => return Err(Refusal::AlreadyLive.into()),
-            Some("unknown") => return Err(Refusal::Unknown.into()),
-            _ => return Err(Refusal::Ended.into()),
+            Some("expired") => return Err(AttachRefusal::Expired.into()),
+            Some("in_use") => return Err(AttachRefusal::AlreadyLive.into()),
+            Some("unknown") => return Err(AttachRefusal::Unknown.into()),
+            _ => return Err(AttachRefusal::Ended.into()),
         }
         let resumed = reply.next().as_deref() == Some("resumed");
         let (name, info) = (

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     credentials::Digest,
     error::Error,
-    handoff::{Delivery, Forwarded, Inbound, LocalGroup, Outbound},
+    handoff::{Arriving, Delivery, Forwarded, LocalGroup, Outbound},
     registry::now_ms,
 };
 
@@ -351,7 +351,7 @@ impl RedisBus {
         };
         let lifecycle = delivery.is_lifecycle();
         let (reply, answer) = oneshot::channel();
-        let inbound = Inbound {
+        let inbound = Arriving {
             group: group.into(),
             delivery,
             reply,

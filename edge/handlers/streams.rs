@@ -31,7 +31,7 @@ use super::{Outcome, Request};
 use crate::credentials::Digest;
 use crate::{
     domain::Json,
-    handoff::{Delivery, Forwarded, HandlerReply, Inbound, LocalEnd, LocalGroup, Outbound},
+    handoff::{Arriving, Delivery, Forwarded, HandlerReply, LocalEnd, LocalGroup, Outbound},
     protocol::{Body, Reply},
 };
 
@@ -70,7 +70,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     groups: HashMap<Box<str>, Group>,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Awaiting>,
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +88,7 @@ struct MemberEntry {
 }
 
 #[derive(Debug)]
-struct Pending {
+struct Awaiting {
     member: u64,
     slot: Arc<Slot>,
 }
@@ -243,8 +243,8 @@ impl Remote {
     /// Hands a message forwarded by another node to a stream of its group here. Its reply
     /// sender gets the reply, or `None` at once when no stream of the group here takes it (or
     /// later, when the stream that took it ends first).
-    pub(crate) fn deliver_forwarded(&self, inbound: Inbound) {
-        let Inbound {
+    pub(crate) fn deliver_forwarded(&self, inbound: Arriving) {
+        let Arriving {
             group,
             mut delivery,
             reply,
@@ -265,7 +265,7 @@ impl Remote {
             Offer::Sent(member) => {
                 let slot = Slot::new(ReplyTo::Forwarded(reply));
                 slot.copies.lock().push(delivery.delivery_id);
-                pending.insert(delivery.delivery_id, Pending { member, slot });
+                pending.insert(delivery.delivery_id, Awaiting { member, slot });
             }
             _ => {
                 let _ = reply.send(None);
@@ -356,7 +356,7 @@ impl Remote {
                     Offer::Sent(member) => {
                         pending.insert(
                             delivery.delivery_id,
-                            Pending {
+                            Awaiting {
                                 member,
                                 slot: slot.clone(),
                             },
