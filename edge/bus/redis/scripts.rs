@@ -1,5 +1,7 @@
 //! The Lua scripts that change a digest's state in Redis atomically, so two nodes never both
-//! accept one id. Keys and arguments are documented on each; replies are parsed in `mod.rs`.
+//! accept one id. Each is a file of its own in `scripts/` (Lua, so editors and linters read it
+//! as Lua); its keys and arguments are documented on its constant here, and its replies are
+//! parsed in `mod.rs`. The tests at the end run each against a real Redis.
 //!
 //! A script that ends credentials for good, or changes a channel's occupancy, also writes the
 //! lifecycle event (`$disconnect`, `$occupied`, `$vacated`) to the outbox in the same step
@@ -13,76 +15,22 @@ use redis::Script;
 /// the relays up (a message on the topic named like the stream); `ended(reason, user, code, close reason)` is the
 /// `$disconnect` JSON (`{"reason","final":true,"user"}`, with `code` and `close_reason` when a
 /// close ended it).
-pub(super) const TELL: &str = r"
-local function tell(outbox, cid, digest, action, json)
-  redis.call('XADD', outbox, 'MAXLEN', '~', 100000, '*',
-    'cid', cid, 'digest', digest, 'action', action, 'json', json)
-  redis.call(PUB, outbox, '')
-end
-local function ended(reason, user, code, close_reason)
-  local e = {reason = reason, final = true}
-  if user and user ~= '' then e.user = user else e.user = cjson.null end
-  if code and code ~= '' then
-    e.code = tonumber(code)
-    e.close_reason = close_reason
-  end
-  return cjson.encode(e)
-end
-";
+pub(super) const TELL: &str = include_str!("scripts/tell.lua");
 
 /// KEYS: s. ARGV: exp, user ('' for none), info.
 /// (The user's set is another partition's: [`USER`].)
-pub(super) const ISSUE: &str = r"
-redis.call('HSET', KEYS[1], 'state', 'issued', 'exp', ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'info', ARGV[3])
-end
-redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[1]) + 1000)
-return 1";
+pub(super) const ISSUE: &str = include_str!("scripts/issue.lua");
 
 /// Adds a digest to its user's set, which lives at least `ttl` from now.
 /// KEYS: the user's set. ARGV: digest, ttl (ms).
-pub(super) const USER: &str = r"
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 1";
+pub(super) const USER: &str = include_str!("scripts/user.lua");
 
 /// KEYS: s, subs, nodes, ends, this node's live set. ARGV: now, node, exp, grace, lease,
 /// live_ttl, connection id, digest.
 /// Returns {'ok', 'fresh'|'resumed', user, info, channels...} (user and info '' when none) or {'expired'|'in_use'|'ended'|'unknown'}.
 /// An id with no state here was issued before Redis lost its data (issuing records every id):
 /// it is refused, so a Redis that comes back empty never reopens ended credentials.
-pub(super) const ATTACH: &str = r"
-local now = tonumber(ARGV[1]); local exp = tonumber(ARGV[3])
-local grace = tonumber(ARGV[4]); local lease = tonumber(ARGV[5])
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'until')
-local state = s[1]
-if state == 'dead' then return {'ended'} end
-if state == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  if hb + lease > now then return {'in_use'} end
-  if now >= hb + lease + grace then return {'ended'} end
-elseif state == 'grace' then
-  if now >= tonumber(s[3]) then return {'ended'} end
-else
-  if now >= exp then return {'expired'} end
-  if not state then return {'unknown'} end
-end
-redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[2], 'exp', exp, 'cid', ARGV[7])
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('ZREM', KEYS[4], ARGV[8])
-redis.call('SADD', KEYS[5], ARGV[8])
-redis.call('PEXPIRE', KEYS[5], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-local result = redis.call('SMEMBERS', KEYS[2])
-local who = redis.call('HMGET', KEYS[1], 'user', 'info')
-table.insert(result, 1, who[2] or '')
-table.insert(result, 1, who[1] or '')
-table.insert(result, 1, state == 'issued' and 'fresh' or 'resumed')
-table.insert(result, 1, 'ok')
-return result";
+pub(super) const ATTACH: &str = include_str!("scripts/attach.lua");
 
 /// A socket's end. A resumable one waits in `ends` (scored by the grace's end) for a node's
 /// reaper to end it, unless it resumes first.
@@ -90,58 +38,13 @@ return result";
 /// KEYS: s, subs, ends, this node's live set, outbox. ARGV: node, now, resumable (0/1), grace,
 /// digest, reason, close code ('' for none), close reason.
 /// Returns {} or, for a final end, {user, channels...} (for presence).
-pub(super) const DETACH: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid')
-if s[1] ~= 'live' or s[2] ~= ARGV[1] then return {} end
-redis.call('SREM', KEYS[4], ARGV[5])
-local now = tonumber(ARGV[2]); local grace = tonumber(ARGV[4]); local exp = tonumber(s[3]) or now
-if ARGV[3] == '1' and grace > 0 then
-  redis.call('HSET', KEYS[1], 'state', 'grace', 'until', now + grace)
-  redis.call('ZADD', KEYS[3], now + grace, ARGV[5])
-  -- Kept a minute past the grace, so a late reaper still finds whom to tell.
-  local ttl = math.max(now + grace, exp) - now + 60000
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-else
-  local gone = redis.call('SMEMBERS', KEYS[2])
-  local user = redis.call('HGET', KEYS[1], 'user') or ''
-  table.insert(gone, 1, user)
-  redis.call('HSET', KEYS[1], 'state', 'dead')
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], math.max(exp - now, 0) + 1000)
-  if s[4] and s[4] ~= '' then
-    tell(KEYS[5], s[4], ARGV[5], '$disconnect', ended(ARGV[6], user, ARGV[7], ARGV[8]))
-  end
-  return gone
-end
-return {}";
+pub(super) const DETACH: &str = include_str!("scripts/detach.lua");
 
 /// KEYS: s, subs, nodes. ARGV: now, lease, add (1) or remove (0), channels...
 /// Returns {'unknown'} or {'offline'|'live', node, connected, connection id, user, info,
 /// channels...} (see `Held`): connected (1) when the credentials have had a socket and not
 /// ended (for presence); the channels are those this call actually added or removed.
-pub(super) const SUBSCRIBE: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'cid', 'user', 'info')
-if not s[1] or s[1] == 'dead' then return {'unknown'} end
-local changed = {}
-for i = 4, #ARGV do
-  local n
-  if ARGV[3] == '1' then n = redis.call('SADD', KEYS[2], ARGV[i]) else n = redis.call('SREM', KEYS[2], ARGV[i]) end
-  if n == 1 then table.insert(changed, ARGV[i]) end
-end
-if ARGV[3] == '1' then
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-end
-local kind = 'offline'
-if s[1] == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  if hb + tonumber(ARGV[2]) > tonumber(ARGV[1]) then kind = 'live' end
-end
-local connected = (s[1] == 'live' or s[1] == 'grace') and '1' or '0'
-local result = {kind, s[2] or '', connected, s[3] or '', s[4] or '', s[5] or ''}
-for _, c in ipairs(changed) do table.insert(result, c) end
-return result";
+pub(super) const SUBSCRIBE: &str = include_str!("scripts/subscribe.lua");
 
 /// Adds a connection to a channel's presence, or removes it, keeping the count per user, and
 /// publishes the change on the channel's topic in the same step (so every node with the
@@ -159,56 +62,11 @@ return result";
 /// (ms; -1 without occupancy), now (ms), channel, node (a join: where the socket is; a leave:
 /// '' for no condition). Returns
 /// 'occupied' or 'vacated' when this call changed the occupancy, else ''.
-pub(super) const PRESENCE: &str = r"
-local topic, delay, channel = ARGV[5], tonumber(ARGV[6]), ARGV[8]
-if ARGV[1] == 'join' then
-  if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[2], ARGV[9]) end
-  if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return '' end
-  local first = 1
-  if ARGV[4] ~= '' and redis.call('HINCRBY', KEYS[2], ARGV[4], 1) > 1 then first = 0 end
-  local told = ''
-  if delay >= 0 and redis.call('HLEN', KEYS[1]) == 1
-      and redis.call('ZREM', KEYS[3], channel) == 0 then
-    redis.call(PUB, topic, '!occupied')
-    tell(KEYS[4], '', '', '$occupied', cjson.encode({channel = channel}))
-    told = 'occupied'
-  end
-  redis.call(PUB, topic, '!join ' .. first .. ' ' .. ARGV[2] .. '\n' .. ARGV[3])
-  return told
-end
-if ARGV[9] ~= '' and redis.call('HGET', KEYS[5], ARGV[2]) ~= ARGV[9] then return '' end
-local entry = redis.call('HGET', KEYS[1], ARGV[2])
-if not entry then return '' end
-redis.call('HDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[5], ARGV[2])
-local last = 1
-if ARGV[4] ~= '' then
-  if redis.call('HINCRBY', KEYS[2], ARGV[4], -1) <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[4])
-  else
-    last = 0
-  end
-end
-redis.call(PUB, topic, '!leave ' .. last .. ' ' .. ARGV[2] .. '\n' .. entry)
-if delay < 0 or redis.call('HLEN', KEYS[1]) > 0 then return '' end
-if delay == 0 then
-  redis.call(PUB, topic, '!vacated')
-  tell(KEYS[4], '', '', '$vacated', cjson.encode({channel = channel}))
-  return 'vacated'
-end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) + delay, channel)
-return ''";
+pub(super) const PRESENCE: &str = include_str!("scripts/presence.lua");
 
 /// Tells `vacated` once for a channel whose vacate delay passed with no member back.
 /// KEYS: vacating, pr, outbox. ARGV: channel, now, topic. Returns 1 when this call told it.
-pub(super) const VACATE: &str = r"
-local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not at or tonumber(at) > tonumber(ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
-redis.call(PUB, ARGV[3], '!vacated')
-tell(KEYS[3], '', '', '$vacated', cjson.encode({channel = ARGV[1]}))
-return 1";
+pub(super) const VACATE: &str = include_str!("scripts/vacate.lua");
 
 /// Where a digest's socket is; with `end`, ends its credentials (the application's
 /// `Disconnect`), telling the final `$disconnect` when they had a socket.
@@ -218,32 +76,7 @@ return 1";
 /// channels...} (see `Held`): the flag is 1 when this call ended credentials that had a socket
 /// but none live now (in their grace, or on a node that stopped heartbeating); the channels
 /// (for presence) come when this call ended credentials that had a socket.
-pub(super) const HOLDER: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'node', 'exp', 'cid', 'user', 'info')
-if not s[1] or s[1] == 'dead' then return {'unknown'} end
-local live = false
-if s[1] == 'live' then
-  local hb = tonumber(redis.call('ZSCORE', KEYS[3], s[2]) or 0)
-  live = hb + tonumber(ARGV[2]) > tonumber(ARGV[1])
-end
-local ends = ARGV[3] == '1' and s[1] ~= 'issued'
-local result = {live and 'live' or 'offline', s[2] or '', (ends and not live) and '1' or '0',
-  s[4] or '', s[5] or '', s[6] or ''}
-if ends then
-  for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do table.insert(result, c) end
-end
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'dead')
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[4], ARGV[4])
-  local exp = tonumber(s[3]) or 0
-  redis.call('PEXPIRE', KEYS[1], math.max(exp - tonumber(ARGV[1]), 0) + 1000)
-  if ends and s[4] and s[4] ~= '' then
-    tell(KEYS[5], s[4], ARGV[4], '$disconnect',
-      ended('disconnected by the application', s[5], ARGV[5], ARGV[6]))
-  end
-end
-return result";
+pub(super) const HOLDER: &str = include_str!("scripts/holder.lua");
 
 /// Ends, once, credentials no socket will resume (the node whose call ends them tells it):
 /// mode `grace`, those whose grace ran out (the index is `ends`); mode `lost`, those still live
@@ -252,49 +85,13 @@ return result";
 /// It tells the final `$disconnect` (`grace expired` or `node lost`).
 /// KEYS: s, subs, index, outbox. ARGV: now, digest, mode, node.
 /// Returns {} or {connection id, user, channels...}.
-pub(super) const REAP: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'state', 'until', 'node', 'cid', 'user', 'exp')
-local now = tonumber(ARGV[1])
-local due
-if ARGV[3] == 'grace' then
-  if s[1] == 'grace' and tonumber(s[2]) > now then return {} end
-  redis.call('ZREM', KEYS[3], ARGV[2])
-  due = s[1] == 'grace'
-else
-  redis.call('SREM', KEYS[3], ARGV[2])
-  due = s[1] == 'live' and s[3] == ARGV[4]
-end
-if not due then return {} end
-local result = redis.call('SMEMBERS', KEYS[2])
-table.insert(result, 1, s[5] or '')
-table.insert(result, 1, s[4] or '')
-redis.call('HSET', KEYS[1], 'state', 'dead')
-redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], math.max((tonumber(s[6]) or 0) - now, 0) + 1000)
-if s[4] and s[4] ~= '' then
-  local reason = ARGV[3] == 'grace' and 'grace expired' or 'node lost'
-  tell(KEYS[4], s[4], ARGV[2], '$disconnect', ended(reason, s[5]))
-end
-return result";
+pub(super) const REAP: &str = include_str!("scripts/reap.lua");
 
 /// Re-records a socket live on this node after Redis came back empty (a restart without
 /// persistence); leaves existing state alone (the user's set is [`USER`]'s). KEYS: s, subs,
 /// this node's live set. ARGV: node, exp, live_ttl, user ('' for none), info, digest,
 /// channels...
-pub(super) const RESTORE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'live', 'node', ARGV[1], 'exp', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[6])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'user', ARGV[4], 'info', ARGV[5])
-end
-if #ARGV > 6 then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 7))
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return 1";
+pub(super) const RESTORE: &str = include_str!("scripts/restore.lua");
 
 /// One push to one channel: gives it the channel's next offset (creating the channel's epoch
 /// when Redis has none), keeps it in the channel's log (capped, with a time to live), publishes
@@ -304,45 +101,7 @@ return 1";
 /// ARGV: candidate epoch, payload, history size, history ttl (ms), position ttl (ms), topic,
 /// now (ms), idempotency window (ms), has key (0/1).
 /// Returns {epoch, offset, duplicate (0/1)}.
-pub(super) const PUSH: &str = r"
-if ARGV[9] == '1' then
-  local prior = redis.call('GET', KEYS[3])
-  if prior then
-    local sp = string.find(prior, ' ', 1, true)
-    return {string.sub(prior, 1, sp - 1), tonumber(string.sub(prior, sp + 1)), 1}
-  end
-end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
-  -- Pushes past their time to live leave: every 16th push looks at the oldest 32, so the log
-  -- keeps up at a fraction of a command per push.
-  local cut = nil
-  local oldest = {}
-  if offset % 16 == 0 then oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 32) end
-  for _, e in ipairs(oldest) do
-    local f = e[2]
-    for i = 1, #f, 2 do
-      if f[i] == 't' and tonumber(f[i + 1]) + tonumber(ARGV[4]) <= tonumber(ARGV[7]) then
-        cut = tonumber(string.sub(e[1], 3))
-      end
-    end
-  end
-  if cut then redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (cut + 1)) end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. offset, 't', ARGV[7], 'p', ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-redis.call(PUB, ARGV[6], epoch .. ' ' .. offset .. '\n' .. ARGV[2])
-if ARGV[9] == '1' then
-  redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ARGV[8])
-end
-return {epoch, offset, 0}";
+pub(super) const PUSH: &str = include_str!("scripts/push.lua");
 
 /// A channel's position and some of its log, read at once (so they agree): the position only,
 /// the pushes after an offset (oldest first), or before one (newest first; 0: from the newest).
@@ -351,49 +110,14 @@ return {epoch, offset, 0}";
 /// KEYS: meta, log. ARGV: candidate epoch, position ttl (ms), mode ('pos'|'after'|'before'),
 /// offset, count.
 /// Returns {epoch, last offset, then offset, time (ms), payload for each push}.
-pub(super) const READ: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-local result = {epoch, tonumber(redis.call('HGET', KEYS[1], 'o'))}
-local entries = {}
-local count = tonumber(ARGV[5])
-if ARGV[3] == 'after' and count > 0 then
-  entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[4], '+', 'COUNT', count)
-elseif ARGV[3] == 'before' and count > 0 then
-  local from = '+'
-  if tonumber(ARGV[4]) > 0 then from = '(0-' .. ARGV[4] end
-  entries = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', count)
-end
-for _, e in ipairs(entries) do
-  local id = e[1]
-  local fields = e[2]
-  local t, p = '0', 'null'
-  for i = 1, #fields, 2 do
-    if fields[i] == 't' then t = fields[i + 1] elseif fields[i] == 'p' then p = fields[i + 1] end
-  end
-  table.insert(result, tonumber(string.sub(id, 3)))
-  table.insert(result, tonumber(t))
-  table.insert(result, p)
-end
-return result";
+pub(super) const READ: &str = include_str!("scripts/read.lua");
 
 /// Starts a new epoch for a channel whose shard failed over (its new master may lack the
 /// last pushes, whose offsets would then be given again): the sockets see a gap
 /// (`recovered:false`) instead of pushes taken for ones they had. Only when the channel is
 /// still in the epoch the caller knew, so one failover starts one epoch.
 /// KEYS: meta, log. ARGV: known epoch, new epoch, position ttl (ms). Returns 1 when it did.
-pub(super) const REBASE: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if epoch and epoch ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'e', ARGV[2], 'o', 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1";
+pub(super) const REBASE: &str = include_str!("scripts/rebase.lua");
 
 /// The scripts, loaded once per node (redis-rs sends `EVALSHA`, and the source on `NOSCRIPT`).
 #[derive(Debug)]
@@ -434,5 +158,322 @@ impl Scripts {
             read: Script::new(READ),
             rebase: Script::new(REBASE),
         }
+    }
+}
+
+/// Each script against a real Redis (127.0.0.1:6379, which `.ci/run` and the integration tests'
+/// setup start when nothing answers), on keys of a prefix of the test's own: the guarantees the
+/// cluster's correctness rests on. That no script touches keys of two slots is held by every
+/// cross-node integration test, which also runs on a Redis Cluster (a script that did would
+/// fail there with `CROSSSLOT`).
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use redis::aio::MultiplexedConnection;
+
+    use super::*;
+
+    async fn redis() -> MultiplexedConnection {
+        redis::Client::open("redis://127.0.0.1:6379")
+            .expect("a Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis answers on 127.0.0.1:6379 (start one: redis-server --port 6379)")
+    }
+
+    /// Keys of one test: `cgunit:<name>:<pid>:<nanos>:{0}:<rest>` (one slot, as a partition's).
+    fn keys(name: &str) -> impl Fn(&str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let prefix = format!("cgunit:{name}:{}:{nanos}:{{0}}", std::process::id());
+        move |rest| format!("{prefix}:{rest}")
+    }
+
+    /// The tests' "now": real time (keys get real expiry times), read once.
+    static NOW_MS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(crate::registry::now_ms);
+
+    /// Deletes the test's keys.
+    async fn clean(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String) {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(k("*"))
+            .query_async(conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(conn).await;
+        }
+    }
+
+    async fn push(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+        key: Option<&str>,
+        payload: &str,
+    ) -> (String, u64, u8) {
+        let scripts = Scripts::new(false);
+        let idempotency = key.map_or_else(|| k("ch:c:m"), |key| k(&format!("ch:c:i:{key}")));
+        scripts
+            .push
+            .key(k("ch:c:m"))
+            .key(k("ch:c:l"))
+            .key(idempotency)
+            .arg("epoch1")
+            .arg(payload)
+            .arg(1000)
+            .arg(60_000)
+            .arg(60_000)
+            .arg(k("ch:c"))
+            .arg(*NOW_MS)
+            .arg(60_000)
+            .arg(if key.is_some() { "1" } else { "0" })
+            .invoke_async(conn)
+            .await
+            .expect("PUSH runs")
+    }
+
+    /// Pushes from two connections at once (two nodes) get one order: every offset once, and
+    /// the log holds them in that order. A retried push with its idempotency key is taken once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_gives_a_channel_one_order_whoever_pushes() {
+        let k = keys("push");
+        let node = |i: u32| {
+            let k = &k;
+            async move {
+                let mut conn = redis().await;
+                let mut offsets = Vec::new();
+                for n in 0..200 {
+                    let (epoch, offset, duplicate) =
+                        push(&mut conn, k, None, &format!("{{\"node\":{i},\"n\":{n}}}")).await;
+                    assert_eq!((epoch.as_str(), duplicate), ("epoch1", 0));
+                    offsets.push(offset);
+                }
+                offsets
+            }
+        };
+        let (a, b) = tokio::join!(node(1), node(2));
+        let all: BTreeSet<u64> = a.iter().chain(&b).copied().collect();
+        assert_eq!(
+            all,
+            (1..=400).collect::<BTreeSet<u64>>(),
+            "every offset once"
+        );
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && b.windows(2).all(|w| w[0] < w[1]));
+        let mut conn = redis().await;
+        let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(k("ch:c:l"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let logged: Vec<String> = ids.into_iter().map(|(id, _)| id).collect();
+        let expected: Vec<String> = (1..=400).map(|o| format!("0-{o}")).collect();
+        assert_eq!(logged, expected, "the log holds every push in offset order");
+
+        let first = push(&mut conn, &k, Some("retry-me"), "1").await;
+        let again = push(&mut conn, &k, Some("retry-me"), "1").await;
+        assert_eq!((first.1, first.2), (401, 0));
+        assert_eq!((again.1, again.2), (401, 1), "the retry is the first push");
+        assert_eq!(push(&mut conn, &k, None, "2").await.1, 402);
+        clean(&mut conn, &k).await;
+    }
+
+    async fn issue(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String, digest: &str) {
+        let _: i64 = Scripts::new(false)
+            .issue
+            .key(k(&format!("s:{digest}")))
+            .arg(*NOW_MS + 300_000)
+            .arg("ursula")
+            .arg("")
+            .invoke_async(conn)
+            .await
+            .expect("ISSUE runs");
+    }
+
+    async fn heartbeat(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String, node: &str) {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(k("nodes"))
+            .arg(*NOW_MS)
+            .arg(node)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn attach(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+        digest: &str,
+        node: &str,
+        now: u64,
+    ) -> Vec<String> {
+        Scripts::new(false)
+            .attach
+            .key(k(&format!("s:{digest}")))
+            .key(k(&format!("subs:{digest}")))
+            .key(k("nodes"))
+            .key(k("ends"))
+            .key(k(&format!("nl:{node}")))
+            .arg(now)
+            .arg(node)
+            .arg(*NOW_MS + 300_000)
+            .arg(30_000)
+            .arg(3_000)
+            .arg(60_000)
+            .arg(format!("cid-{digest}"))
+            .arg(digest)
+            .invoke_async(conn)
+            .await
+            .expect("ATTACH runs")
+    }
+
+    /// One socket per id: a second node's attach while the first heartbeats is refused; an id
+    /// Redis never recorded is unknown (it was issued before Redis lost its data).
+    #[tokio::test]
+    async fn attach_admits_one_socket_per_id_and_no_unknown_one() {
+        let k = keys("attach");
+        let mut conn = redis().await;
+        heartbeat(&mut conn, &k, "a").await;
+        heartbeat(&mut conn, &k, "b").await;
+        issue(&mut conn, &k, "d1").await;
+        let first = attach(&mut conn, &k, "d1", "a", *NOW_MS).await;
+        assert_eq!(first[..3], ["ok", "fresh", "ursula"]);
+        assert_eq!(attach(&mut conn, &k, "d1", "b", *NOW_MS).await, ["in_use"]);
+        assert_eq!(
+            attach(&mut conn, &k, "never-issued", "b", *NOW_MS).await,
+            ["unknown"]
+        );
+        clean(&mut conn, &k).await;
+    }
+
+    async fn detach(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+        digest: &str,
+        resumable: bool,
+    ) -> Vec<String> {
+        Scripts::new(false)
+            .detach
+            .key(k(&format!("s:{digest}")))
+            .key(k(&format!("subs:{digest}")))
+            .key(k("ends"))
+            .key(k("nl:a"))
+            .key(k("out"))
+            .arg("a")
+            .arg(*NOW_MS)
+            .arg(if resumable { "1" } else { "0" })
+            .arg(30_000)
+            .arg(digest)
+            .arg("client closed")
+            .arg("1000")
+            .arg("bye")
+            .invoke_async(conn)
+            .await
+            .expect("DETACH runs")
+    }
+
+    async fn reap(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+        digest: &str,
+        now: u64,
+    ) -> Vec<String> {
+        Scripts::new(false)
+            .reap
+            .key(k(&format!("s:{digest}")))
+            .key(k(&format!("subs:{digest}")))
+            .key(k("ends"))
+            .key(k("out"))
+            .arg(now)
+            .arg(digest)
+            .arg("grace")
+            .arg("a")
+            .invoke_async(conn)
+            .await
+            .expect("REAP runs")
+    }
+
+    /// The outbox's `$disconnect` events: (connection id, JSON).
+    async fn told(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+    ) -> Vec<(String, String)> {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(k("out"))
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .map(|(_, fields)| {
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(f, _)| f == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                assert_eq!(field("action"), "$disconnect");
+                (field("cid"), field("json"))
+            })
+            .collect()
+    }
+
+    /// A final end is told once, by the script that decides it, in the same step: a clean close
+    /// writes its `$disconnect` at once and nothing after it tells another; a drop tells
+    /// nothing until the reaper ends it after the grace, once, however often it runs.
+    #[tokio::test]
+    async fn a_final_end_is_told_once_by_the_script_that_decides_it() {
+        let k = keys("ends");
+        let mut conn = redis().await;
+        heartbeat(&mut conn, &k, "a").await;
+        for d in ["closed", "dropped"] {
+            issue(&mut conn, &k, d).await;
+            assert_eq!(attach(&mut conn, &k, d, "a", *NOW_MS).await[0], "ok");
+        }
+
+        assert_eq!(detach(&mut conn, &k, "closed", false).await[0], "ursula");
+        let events = told(&mut conn, &k).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].0, "cid-closed");
+        let json: serde_json::Value = serde_json::from_str(&events[0].1).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"reason":"client closed","final":true,"user":"ursula","code":1000,"close_reason":"bye"})
+        );
+        assert!(detach(&mut conn, &k, "closed", false).await.is_empty());
+        assert!(reap(&mut conn, &k, "closed", *NOW_MS + 60_000)
+            .await
+            .is_empty());
+        assert_eq!(told(&mut conn, &k).await.len(), 1, "told once");
+
+        assert!(detach(&mut conn, &k, "dropped", true).await.is_empty());
+        assert_eq!(told(&mut conn, &k).await.len(), 1, "a drop is not an end");
+        assert!(
+            reap(&mut conn, &k, "dropped", *NOW_MS + 1_000)
+                .await
+                .is_empty(),
+            "within its grace"
+        );
+        assert_eq!(
+            reap(&mut conn, &k, "dropped", *NOW_MS + 30_000).await[0],
+            "cid-dropped"
+        );
+        assert!(reap(&mut conn, &k, "dropped", *NOW_MS + 31_000)
+            .await
+            .is_empty());
+        let events = told(&mut conn, &k).await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events[1].1.contains("grace expired"), "{events:?}");
+        // Ended credentials never attach again.
+        assert_eq!(
+            attach(&mut conn, &k, "dropped", "a", *NOW_MS + 31_000).await,
+            ["ended"]
+        );
+        clean(&mut conn, &k).await;
     }
 }
