@@ -174,12 +174,35 @@ mod tests {
 
     use super::*;
 
+    /// A connection to the Redis on 127.0.0.1:6379, started (with no persistence) when nothing
+    /// answers there, as the integration tests' setup does.
     async fn redis() -> MultiplexedConnection {
-        redis::Client::open("redis://127.0.0.1:6379")
-            .expect("a Redis URL")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("Redis answers on 127.0.0.1:6379 (start one: redis-server --port 6379)")
+        let client = redis::Client::open("redis://127.0.0.1:6379").expect("a Redis URL");
+        if let Ok(conn) = client.get_multiplexed_async_connection().await {
+            return conn;
+        }
+        let started = std::process::Command::new("redis-server")
+            .args([
+                "--daemonize",
+                "yes",
+                "--port",
+                "6379",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .status();
+        assert!(
+            started.is_ok_and(|s| s.success()),
+            "no Redis on 127.0.0.1:6379, and redis-server could not start one"
+        );
+        for _ in 0..100 {
+            if let Ok(conn) = client.get_multiplexed_async_connection().await {
+                return conn;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("redis-server started but does not answer on 127.0.0.1:6379");
     }
 
     /// Keys of one test: `cgunit:<name>:<pid>:<nanos>:{0}:<rest>` (one slot, as a partition's).
