@@ -121,8 +121,9 @@ mod scripts;
 mod topology;
 
 use keys::Keys;
-use link::{Answers, Batch, Endpoint, Link, Shards, Sink};
+use link::{Answers, Batch, Endpoint, Link, Sink};
 use relay::PushJob;
+use topology::Failover;
 #[cfg(any(test, fuzzing))]
 pub(crate) use {
     presence::check_relayed_presence,
@@ -240,17 +241,9 @@ pub(crate) struct RedisBus {
     /// Partitions whose outbox has news (a wake-up message arrived), for the relay.
     outbox_woken: Mutex<HashSet<usize>>,
     outbox_wake: tokio::sync::Notify,
-    /// Cluster: topics this node asked to subscribe to and whose confirmation has not come;
-    /// a confirmation of another is the client's re-subscription after a shard's connection
-    /// dropped (a failover, maybe), and its channel is rebased ([`scripts::REBASE`]).
-    confirming: Mutex<HashSet<String>>,
-    /// Channels to rebase before their next catch-up.
-    rebase: Mutex<HashSet<Channel>>,
-    /// Tells the pub/sub task to connect again (the cluster's topology changed).
-    pubsub_reset: tokio::sync::Notify,
-    /// Cluster: a connection to each master and the master of each partition, for pipelines
-    /// per master; `None` until the slot map was read (pipelines then go per partition).
-    shards: Mutex<Option<Arc<Shards>>>,
+    /// What following a cluster's topology keeps: the masters' connections, the channels due
+    /// for a new epoch, the subscriptions awaiting their confirmation (see [`topology`]).
+    failover: Failover,
 }
 
 #[derive(Debug, Default)]
@@ -354,10 +347,7 @@ impl RedisBus {
             tracker: tracker.clone(),
             outbox_woken: Mutex::new(HashSet::new()),
             outbox_wake: tokio::sync::Notify::new(),
-            confirming: Mutex::new(HashSet::new()),
-            rebase: Mutex::new(HashSet::new()),
-            pubsub_reset: tokio::sync::Notify::new(),
-            shards: Mutex::new(None),
+            failover: Failover::default(),
         });
         tracing::info!(node = %bus.node, prefix, redis_cluster = cluster, "cluster mode on Redis");
         bus.spawn_task("pub/sub", bus.clone().supervise(halt.clone()), &halt);
@@ -511,7 +501,7 @@ impl RedisBus {
 
     /// Sends `batch` on the current connections (per master, when the cluster's are known).
     async fn send(&self, batch: Batch<'_>) -> Answers {
-        let shards = self.shards.lock().clone();
+        let shards = self.failover.shards();
         batch.run(&self.link(), shards.as_deref()).await
     }
 

@@ -168,7 +168,7 @@ impl RedisBus {
                         let arrival = tokio::select! {
                             arrival = stream.next() => arrival,
                             // The cluster's topology changed: a connection of its own again.
-                            _ = self.pubsub_reset.notified() => None,
+                            _ = self.failover.reset_requested() => None,
                             _ = halt.cancelled() => return,
                         };
                         match arrival {
@@ -262,14 +262,11 @@ impl RedisBus {
     /// this call's (see `confirming`).
     async fn sink_subscribe(&self, sink: &mut Sink, topics: &[String]) -> redis::RedisResult<()> {
         if matches!(sink, Sink::Cluster(_)) {
-            self.confirming.lock().extend(topics.iter().cloned());
+            self.failover.expect(topics);
         }
         let result = sink.subscribe(topics).await;
         if result.is_err() {
-            let mut confirming = self.confirming.lock();
-            for topic in topics {
-                confirming.remove(topic);
-            }
+            self.failover.forget(topics);
         }
         result
     }
@@ -279,7 +276,7 @@ impl RedisBus {
     /// Either way, what was pushed before is read from Redis; after a re-subscription, the
     /// channel is rebased first, since a promoted replica may lack the last pushes.
     fn confirmed(&self, topic: &str) {
-        let ours = self.confirming.lock().remove(topic);
+        let ours = self.failover.confirmed(topic);
         let Some(channel) = self
             .keys
             .channel_of_topic(topic)
@@ -289,7 +286,7 @@ impl RedisBus {
         };
         if !ours {
             tracing::info!(%channel, "re-subscribed after a shard's connection dropped; rebasing");
-            self.rebase.lock().insert(channel.clone());
+            self.failover.rebase_later([channel.clone()]);
             self.registry.resync(std::slice::from_ref(&channel));
         }
         self.registry.want_catch_up(&channel);

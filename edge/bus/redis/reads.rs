@@ -196,14 +196,12 @@ impl RedisBus {
     /// Starts a new epoch ([`scripts::REBASE`](super::scripts::REBASE)) for those of
     /// `channels` due for it (their shard's connection dropped), unless another node did.
     async fn rebase_due(&self, channels: &[Channel]) -> Result<(), Error> {
-        let due: Vec<(Channel, Position)> = {
-            let mut rebase = self.rebase.lock();
-            channels
-                .iter()
-                .filter(|c| rebase.remove(*c))
-                .filter_map(|c| Some((c.clone(), self.registry.position_of(c)?)))
-                .collect()
-        };
+        let due: Vec<(Channel, Position)> = self
+            .failover
+            .take_due(channels)
+            .into_iter()
+            .filter_map(|c| Some((c.clone(), self.registry.position_of(c)?)))
+            .collect();
         if due.is_empty() {
             return Ok(());
         }
@@ -223,7 +221,7 @@ impl RedisBus {
         let answers = match answers {
             Ok(answers) => answers,
             Err(err) => {
-                self.rebase.lock().extend(due.into_iter().map(|(c, _)| c));
+                self.failover.rebase_later(due.into_iter().map(|(c, _)| c));
                 return Err(err);
             }
         };
@@ -235,7 +233,7 @@ impl RedisBus {
                 Ok(_) => {}
                 Err(err) => {
                     tracing::debug!(%channel, %err, "rebase failed; retrying");
-                    self.rebase.lock().insert(channel.clone());
+                    self.failover.rebase_later([channel.clone()]);
                     self.registry.want_catch_up(&channel);
                 }
             }

@@ -11,11 +11,15 @@
 //! instead of missing pushes silently. Bound: a failover is followed within the cluster's
 //! own detection (its `cluster-node-timeout`) plus [`TOPOLOGY_EVERY`].
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{keys::key_slot, link::Shards, RedisBus, BACKOFF_MAX, COMMAND_TIMEOUT};
+use crate::domain::Channel;
 
 /// How often a node reads the slot map.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
@@ -24,6 +28,72 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Slot ranges and their master (`host:port`), sorted.
 type SlotMap = Vec<(u16, u16, String)>;
+
+/// The state of following a cluster's topology, in one place: the connections straight to
+/// each master, the channels due for a new epoch, the subscriptions this node asked for whose
+/// confirmation has not come, and the signal that tells the pub/sub task to connect again.
+/// The topology watcher, the pub/sub task and the catch-up reads share it through its methods.
+#[derive(Debug, Default)]
+pub(super) struct Failover {
+    /// A connection to each master and the master of each partition, for pipelines per
+    /// master; `None` until the slot map was read (pipelines then go per partition).
+    shards: Mutex<Option<Arc<Shards>>>,
+    /// Channels to rebase before their next catch-up.
+    rebase: Mutex<HashSet<Channel>>,
+    /// Topics this node asked to subscribe to and whose confirmation has not come; a
+    /// confirmation of another is the client's re-subscription after a shard's connection
+    /// dropped (a failover, maybe), and its channel is rebased.
+    confirming: Mutex<HashSet<String>>,
+    /// Tells the pub/sub task to connect again (the topology changed).
+    reset: Notify,
+}
+
+impl Failover {
+    /// The masters' connections, when known.
+    pub(super) fn shards(&self) -> Option<Arc<Shards>> {
+        self.shards.lock().clone()
+    }
+
+    fn set_shards(&self, shards: Option<Arc<Shards>>) {
+        *self.shards.lock() = shards;
+    }
+
+    /// `channels` start a new epoch before their next catch-up.
+    pub(super) fn rebase_later(&self, channels: impl IntoIterator<Item = Channel>) {
+        self.rebase.lock().extend(channels);
+    }
+
+    /// Those of `channels` due for a new epoch, no longer due (the caller rebases them, or
+    /// gives them back with [`Failover::rebase_later`]).
+    pub(super) fn take_due<'c>(&self, channels: &'c [Channel]) -> Vec<&'c Channel> {
+        let mut rebase = self.rebase.lock();
+        channels.iter().filter(|c| rebase.remove(*c)).collect()
+    }
+
+    /// This node is about to subscribe to `topics`: their confirmations are its own.
+    pub(super) fn expect(&self, topics: &[String]) {
+        self.confirming.lock().extend(topics.iter().cloned());
+    }
+
+    /// The subscription to `topics` failed: no confirmation comes.
+    pub(super) fn forget(&self, topics: &[String]) {
+        let mut confirming = self.confirming.lock();
+        for topic in topics {
+            confirming.remove(topic);
+        }
+    }
+
+    /// A confirmation of `topic` came: whether this node asked for it (else the client
+    /// re-subscribed by itself).
+    pub(super) fn confirmed(&self, topic: &str) -> bool {
+        self.confirming.lock().remove(topic)
+    }
+
+    /// Resolves when the pub/sub task must connect again.
+    pub(super) async fn reset_requested(&self) {
+        self.reset.notified().await
+    }
+}
 
 impl RedisBus {
     /// Reads the slot map until `halt` and follows its changes (a no-op on one server).
@@ -51,8 +121,9 @@ impl RedisBus {
             if let Some(old) = last.as_ref().filter(|old| **old != map) {
                 self.follow_topology(old, &map);
             }
-            if changed || self.shards.lock().is_none() {
-                *self.shards.lock() = self.connect_shards(&map).await.map(Arc::new);
+            if changed || self.failover.shards().is_none() {
+                let shards = self.connect_shards(&map).await.map(Arc::new);
+                self.failover.set_shards(shards);
             }
             last = Some(map);
         }
@@ -156,14 +227,14 @@ impl RedisBus {
             channels = moved.len(),
             "the Redis Cluster's slot map changed (a failover, or slots moved); reconnecting"
         );
-        *self.shards.lock() = None;
+        self.failover.set_shards(None);
         match self.endpoint.commands(COMMAND_TIMEOUT, BACKOFF_MAX) {
             Ok(link) => *self.conn.lock() = link,
             Err(err) => tracing::warn!(%err, "could not replace the command connection"),
         }
-        self.rebase.lock().extend(moved.iter().cloned());
+        self.failover.rebase_later(moved.iter().cloned());
         self.registry.resync(&moved);
-        self.pubsub_reset.notify_one();
+        self.failover.reset.notify_one();
     }
 }
 
