@@ -80,10 +80,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -100,7 +97,7 @@ use crate::{
     domain::User,
     domain::{Channel, Json, Position},
     error::{Close, Error},
-    handoff::{Arriving, ClusterEnd, HandlerReply, LocalGroup},
+    handoff::{Arriving, ClusterEnd, LocalGroup},
     protocol::{Frame, Recover},
     readiness::{Cause, Readiness},
     registry::{
@@ -117,12 +114,15 @@ mod queue;
 mod reads;
 mod reaper;
 mod relay;
+mod requests;
 mod scripts;
 mod topology;
 
 use keys::Keys;
 use link::{Answers, Batch, Endpoint, Link, Sink};
+use outbox::Wakeups;
 use relay::PushJob;
+use requests::{ForwardEvent, Requests};
 use topology::Failover;
 #[cfg(any(test, fuzzing))]
 pub(crate) use {
@@ -190,12 +190,6 @@ enum Command {
     },
 }
 
-/// What the origin of a forwarded message hears back.
-enum ForwardEvent {
-    Reply(HandlerReply),
-    Unhandled,
-}
-
 /// The bus over Redis.
 #[derive(Debug)]
 pub(crate) struct RedisBus {
@@ -215,9 +209,8 @@ pub(crate) struct RedisBus {
     /// The node's readiness: the bus sets and clears its causes (connecting, stalled,
     /// broken) and fails calls fast while any is set.
     readiness: Arc<Readiness>,
-    /// Commands sent to other nodes, waiting for their acknowledgement.
-    acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    next_rid: AtomicU64,
+    /// What this node asked of other nodes and waits to hear back about.
+    requests: Requests,
     grace: Duration,
     scripts: Scripts,
     /// How long a stream here may take to answer a message another node forwarded.
@@ -226,9 +219,6 @@ pub(crate) struct RedisBus {
     groups: watch::Receiver<Vec<LocalGroup>>,
     /// Messages forwarded by other nodes, for the streams here.
     inbound: mpsc::Sender<Arriving>,
-    /// Forwarded client messages waiting for a reply from another node; an entry is removed
-    /// by its waiter when it ends, however it ends.
-    forwards: Mutex<HashMap<u64, mpsc::Sender<ForwardEvent>>>,
     /// Every task the bus spawns; the node's drain waits for them.
     tracker: TaskTracker,
     /// This bus, for tasks spawned from `&self` (a weak pointer: no cycle).
@@ -239,8 +229,7 @@ pub(crate) struct RedisBus {
     /// The node's limits (history policies, windows).
     limits: Limits,
     /// Partitions whose outbox has news (a wake-up message arrived), for the relay.
-    outbox_woken: Mutex<HashSet<usize>>,
-    outbox_wake: tokio::sync::Notify,
+    outbox_wakeups: Wakeups,
     /// What following a cluster's topology keeps: the masters' connections, the channels due
     /// for a new epoch, the subscriptions awaiting their confirmation (see [`topology`]).
     failover: Failover,
@@ -336,17 +325,14 @@ impl RedisBus {
             conn: Mutex::new(conn),
             pubsub: tokio::sync::Mutex::new(PubSub::default()),
             readiness,
-            acks: Mutex::new(HashMap::new()),
-            next_rid: AtomicU64::new(1),
+            requests: Requests::default(),
             grace: limits.reconnect_grace,
             scripts: Scripts::new(cluster),
             handler_timeout: limits.handler_timeout,
             groups: link.groups,
             inbound: link.inbound,
-            forwards: Mutex::new(HashMap::new()),
             tracker: tracker.clone(),
-            outbox_woken: Mutex::new(HashSet::new()),
-            outbox_wake: tokio::sync::Notify::new(),
+            outbox_wakeups: Wakeups::default(),
             failover: Failover::default(),
         });
         tracing::info!(node = %bus.node, prefix, redis_cluster = cluster, "cluster mode on Redis");
@@ -742,9 +728,7 @@ impl Bus for RedisBus {
                 Ok(true)
             }
             Holder::Live(node) => {
-                let rid = self.next_rid.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = oneshot::channel();
-                self.acks.lock().insert(rid, tx);
+                let (rid, rx) = self.requests.expect_ack();
                 let command = Command::Subscribe {
                     from: self.node.clone(),
                     rid,
@@ -754,7 +738,7 @@ impl Bus for RedisBus {
                 };
                 self.command(&node, &command).await?;
                 if tokio::time::timeout(ACK_TIMEOUT, rx).await.is_err() {
-                    self.acks.lock().remove(&rid);
+                    self.requests.forget_ack(rid);
                     tracing::warn!(%node, "no acknowledgement of a subscription change; it applies when the socket reconnects");
                 }
                 Ok(true)

@@ -33,6 +33,28 @@ pub(crate) const CLAIM_IDLE: Duration = Duration::from_secs(5);
 /// Entries one read or claim takes.
 const RELAY_BATCH: usize = 64;
 
+/// The partitions whose outbox has news (a wake-up message arrived on its topic), for the
+/// relay: the pub/sub task marks them, the relay takes them all at once.
+#[derive(Debug, Default)]
+pub(super) struct Wakeups {
+    woken: parking_lot::Mutex<std::collections::HashSet<usize>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Wakeups {
+    /// Partition `p`'s outbox has news.
+    fn wake(&self, p: usize) {
+        self.woken.lock().insert(p);
+        self.wake.notify_one();
+    }
+
+    /// Waits for news, then takes every partition that has some.
+    async fn woken(&self) -> Vec<usize> {
+        self.wake.notified().await;
+        self.woken.lock().drain().collect()
+    }
+}
+
 impl RedisBus {
     /// Relays the outboxes until `halt`: a partition's when its wake-up message arrives, and
     /// every partition's (claims included) each [`CLAIM_IDLE`] / 2, so a wake-up lost with a
@@ -45,7 +67,7 @@ impl RedisBus {
         loop {
             let woken: Vec<usize> = tokio::select! {
                 _ = sweep.tick() => (0..parts).collect(),
-                _ = self.outbox_wake.notified() => self.outbox_woken.lock().drain().collect(),
+                woken = self.outbox_wakeups.woken() => woken,
                 _ = halt.cancelled() => return,
             };
             if self.ready().is_err() {
@@ -107,8 +129,7 @@ impl RedisBus {
 
     /// Has partition `p`'s outbox read at once.
     pub(super) fn wake_outbox(&self, p: usize) {
-        self.outbox_woken.lock().insert(p);
-        self.outbox_wake.notify_one();
+        self.outbox_wakeups.wake(p);
     }
 
     /// Claims the events another relay took and did not relay (it died) for [`CLAIM_IDLE`].

@@ -424,11 +424,7 @@ impl RedisBus {
                         .disconnect(&digest, Close::Application { code, reason });
                 }
             }
-            Command::Ack { rid } => {
-                if let Some(tx) = self.acks.lock().remove(&rid) {
-                    let _ = tx.send(());
-                }
-            }
+            Command::Ack { rid } => self.requests.ack(rid),
             Command::Reply {
                 rid,
                 status,
@@ -442,15 +438,9 @@ impl RedisBus {
                     headers,
                     body,
                 };
-                if let Some(tx) = self.forwards.lock().get(&rid) {
-                    let _ = tx.try_send(ForwardEvent::Reply(reply));
-                }
+                self.requests.answer(rid, ForwardEvent::Reply(reply));
             }
-            Command::Unhandled { rid } => {
-                if let Some(tx) = self.forwards.lock().get(&rid) {
-                    let _ = tx.try_send(ForwardEvent::Unhandled);
-                }
-            }
+            Command::Unhandled { rid } => self.requests.answer(rid, ForwardEvent::Unhandled),
         }
     }
 }

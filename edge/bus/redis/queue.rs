@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::Duration,
 };
 
@@ -428,9 +428,7 @@ impl RedisBus {
         if groups.is_empty() {
             return Forwarded::NoGroups;
         }
-        let rid = self.next_rid.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel(groups.len() + 1);
-        self.forwards.lock().insert(rid, tx);
+        let (rid, mut rx) = self.requests.expect_forward(groups.len());
         let _guard = ForwardGuard {
             bus: self.clone(),
             rid,
@@ -462,6 +460,6 @@ struct ForwardGuard {
 
 impl Drop for ForwardGuard {
     fn drop(&mut self) {
-        self.bus.forwards.lock().remove(&self.rid);
+        self.bus.requests.forget_forward(self.rid);
     }
 }
