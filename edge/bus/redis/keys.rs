@@ -1,5 +1,6 @@
 //! Where each name lives: the partition (and so the Redis Cluster hash tag) of a digest, a
-//! channel, a user, a node or a `Handle` group, and the key and topic names built on it.
+//! channel, a user, a node or a `Handle` group, and every key and topic name built on it, each
+//! by a method of [`Keys`] (nothing else in the bus spells a key).
 //!
 //! On one Redis server there is one partition. On a Redis Cluster there are [`PARTITIONS`]:
 //! a name belongs to the partition of its CRC16 slot (`slot / 128`), and partition `i`'s hash
@@ -7,6 +8,25 @@
 //! slot, the partitions split the slot space evenly (and with it any contiguous assignment of
 //! slots to shards), and a channel's keys, its topic and the per-partition indexes its scripts
 //! write (the outbox, the vacating set) all share one slot: one script never crosses slots.
+
+use crate::credentials::Digest;
+
+/// One of a channel's keys.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ChannelKey<'a> {
+    /// `m`: its epoch (`e`) and last offset (`o`).
+    Meta,
+    /// `l`: its log of pushes (a stream, ids `0-<offset>`).
+    Log,
+    /// `i:<key>`: the position a push with this idempotency key got.
+    Idempotency(&'a str),
+    /// `pr`: its presence (digest -> entry).
+    Presence,
+    /// `pu`: its members' count per user.
+    PresenceUsers,
+    /// `pn`: its members' nodes (digest -> node).
+    PresenceNodes,
+}
 
 /// Partitions on a Redis Cluster (a divisor of the 16384 slots).
 pub(super) const PARTITIONS: usize = 128;
@@ -83,13 +103,94 @@ impl Keys {
     }
 
     /// `P:{tag}:rest` in partition `p`.
-    pub(super) fn at(&self, p: usize, rest: &str) -> String {
+    fn at(&self, p: usize, rest: &str) -> String {
         format!("{}:{rest}", self.bases[p])
     }
 
     /// `P:{tag(name)}:kind:name`.
-    pub(super) fn of(&self, kind: &str, name: &str) -> String {
+    fn of(&self, kind: &str, name: &str) -> String {
         self.at(self.part(name), &format!("{kind}:{name}"))
+    }
+
+    /// A digest's state: `s` (issued, live on a node, in grace until, dead), its connection
+    /// id, user and info.
+    pub(super) fn session(&self, digest: &Digest) -> String {
+        self.of("s", &digest.to_string())
+    }
+
+    /// A digest's channels.
+    pub(super) fn subscriptions(&self, digest: &Digest) -> String {
+        self.of("subs", &digest.to_string())
+    }
+
+    /// The set of the digests issued for `user`.
+    pub(super) fn user(&self, user: &str) -> String {
+        self.of("u", user)
+    }
+
+    /// Partition `p`'s outbox: lifecycle events its scripts wrote, for the relay to the
+    /// `Handle` groups (and, as a topic, the relays' wake-up call).
+    pub(super) fn outbox(&self, p: usize) -> String {
+        self.at(p, "out")
+    }
+
+    /// Partition `p`'s digests waiting for their grace to end (sorted by when it does).
+    pub(super) fn ends(&self, p: usize) -> String {
+        self.at(p, "ends")
+    }
+
+    /// Partition `p`'s digests live on `node`, for ending them should it die.
+    pub(super) fn node_live(&self, p: usize, node: &str) -> String {
+        self.at(p, &format!("nl:{node}"))
+    }
+
+    /// Partition `p`'s copy of the heartbeats (every node writes each partition's, so a
+    /// digest's script reads its holder's on its own slot).
+    pub(super) fn nodes(&self, p: usize) -> String {
+        self.at(p, "nodes")
+    }
+
+    /// Partition `p`'s channels whose last member left, by when `vacated` is due.
+    pub(super) fn vacating(&self, p: usize) -> String {
+        self.at(p, "vacating")
+    }
+
+    /// The nodes whose connections were taken out of presence for silence.
+    pub(super) fn presence_gone(&self) -> String {
+        self.at(0, "presence-gone")
+    }
+
+    /// The pub/sub topic of `channel`'s pushes and presence changes.
+    pub(super) fn channel_topic(&self, channel: &str) -> String {
+        self.of("ch", channel)
+    }
+
+    /// One of `channel`'s keys (in its topic's partition).
+    pub(super) fn channel(&self, channel: &str, key: ChannelKey<'_>) -> String {
+        let suffix = match key {
+            ChannelKey::Meta => "m".into(),
+            ChannelKey::Log => "l".into(),
+            ChannelKey::Idempotency(k) => format!("i:{k}"),
+            ChannelKey::Presence => "pr".into(),
+            ChannelKey::PresenceUsers => "pu".into(),
+            ChannelKey::PresenceNodes => "pn".into(),
+        };
+        format!("{}:{suffix}", self.channel_topic(channel))
+    }
+
+    /// The topic of commands to `node`.
+    pub(super) fn node_topic(&self, node: &str) -> String {
+        self.of("node", node)
+    }
+
+    /// The `Handle` groups that take `action`, by how long their advertisement lasts.
+    pub(super) fn action(&self, action: &str) -> String {
+        self.of("act", action)
+    }
+
+    /// `group`'s queue of client messages and lifecycle events.
+    pub(super) fn queue(&self, group: &str) -> String {
+        self.of("q", group)
     }
 
     /// The channel name in a channel topic (`P:{tag}:ch:<channel>`), if it is one.

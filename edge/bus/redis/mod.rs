@@ -399,55 +399,9 @@ impl RedisBus {
         self.conn.lock().clone()
     }
 
-    /// A digest's key (`s`: its state, `subs`: its channels), in the digest's partition.
-    fn key(&self, kind: &str, digest: &Digest) -> String {
-        self.keys.of(kind, &digest.to_string())
-    }
-
     /// The partition of a digest's keys (and of the indexes its scripts write with them).
     fn digest_part(&self, digest: &Digest) -> usize {
         self.keys.part(&digest.to_string())
-    }
-
-    /// The set of the digests issued for `user`.
-    fn user_key(&self, user: &str) -> String {
-        self.keys.of("u", user)
-    }
-
-    /// Partition `p`'s outbox: lifecycle events its scripts wrote, for the relay to the
-    /// `Handle` groups (and, as a topic, the relays' wake-up call).
-    fn outbox_key(&self, p: usize) -> String {
-        self.keys.at(p, "out")
-    }
-
-    /// Partition `p`'s digests waiting for their grace to end (sorted by when it does).
-    fn ends_key(&self, p: usize) -> String {
-        self.keys.at(p, "ends")
-    }
-
-    /// Partition `p`'s digests live on `node`, for ending them should it die.
-    fn node_live_key(&self, p: usize, node: &str) -> String {
-        self.keys.at(p, &format!("nl:{node}"))
-    }
-
-    /// Partition `p`'s copy of the heartbeats (every node writes each partition's, so a
-    /// digest's script reads its holder's on its own slot).
-    fn nodes_key(&self, p: usize) -> String {
-        self.keys.at(p, "nodes")
-    }
-
-    /// The pub/sub channel of `channel`'s pushes; `channel_key` adds a suffix for its keys.
-    /// Both are in the channel's partition.
-    fn channel_topic(&self, channel: &str) -> String {
-        self.keys.of("ch", channel)
-    }
-
-    fn channel_key(&self, channel: &str, kind: &str) -> String {
-        format!("{}:{kind}", self.keys.of("ch", channel))
-    }
-
-    fn node_topic(&self, node: &str) -> String {
-        self.keys.of("node", node)
     }
 
     /// `PUBLISH` on one server; `SPUBLISH` on a cluster (to the topic's shard only).
@@ -577,11 +531,11 @@ impl RedisBus {
         let reply: Vec<String> = self
             .scripts
             .holder
-            .key(self.key("s", digest))
-            .key(self.key("subs", digest))
-            .key(self.nodes_key(p))
-            .key(self.ends_key(p))
-            .key(self.outbox_key(p))
+            .key(self.keys.session(digest))
+            .key(self.keys.subscriptions(digest))
+            .key(self.keys.nodes(p))
+            .key(self.keys.ends(p))
+            .key(self.keys.outbox(p))
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
             .arg(u8::from(end.is_some()))
@@ -602,7 +556,7 @@ impl RedisBus {
         let text = serde_json::to_string(command).expect("commands serialize");
         let mut conn = self.link();
         redis::cmd(self.publish_command())
-            .arg(self.node_topic(node))
+            .arg(self.keys.node_topic(node))
             .arg(text)
             .query_async::<i64>(&mut conn)
             .await
@@ -635,7 +589,7 @@ impl Bus for RedisBus {
         if let Some(user) = user {
             self.scripts
                 .user
-                .key(self.user_key(&user.name))
+                .key(self.keys.user(&user.name))
                 .arg(creds.digest.to_string())
                 .arg(user_ttl)
                 .invoke_async::<i64>(&mut conn)
@@ -644,7 +598,7 @@ impl Bus for RedisBus {
         }
         self.scripts
             .issue
-            .key(self.key("s", &creds.digest))
+            .key(self.keys.session(&creds.digest))
             .arg(creds.expires_at_ms)
             .arg(name)
             .arg(info)
@@ -660,7 +614,7 @@ impl Bus for RedisBus {
         let members: Vec<String> = self
             .within(async {
                 redis::cmd("SMEMBERS")
-                    .arg(self.user_key(user))
+                    .arg(self.keys.user(user))
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.unavailable(&e))
@@ -674,7 +628,7 @@ impl Bus for RedisBus {
         let forgot = self
             .within(async {
                 redis::cmd("SREM")
-                    .arg(self.user_key(user))
+                    .arg(self.keys.user(user))
                     .arg(digest.to_string())
                     .query_async::<i64>(&mut conn)
                     .await
@@ -699,9 +653,9 @@ impl Bus for RedisBus {
         let mut conn = self.link();
         let mut invocation = self.scripts.subscribe.prepare_invoke();
         invocation
-            .key(self.key("s", digest))
-            .key(self.key("subs", digest))
-            .key(self.nodes_key(self.digest_part(digest)))
+            .key(self.keys.session(digest))
+            .key(self.keys.subscriptions(digest))
+            .key(self.keys.nodes(self.digest_part(digest)))
             .arg(now_ms())
             .arg(LEASE.as_millis() as u64)
             .arg(u8::from(add));
@@ -818,11 +772,11 @@ impl Bus for RedisBus {
         let reply: Vec<String> = self
             .scripts
             .attach
-            .key(self.key("s", &verified.digest))
-            .key(self.key("subs", &verified.digest))
-            .key(self.nodes_key(p))
-            .key(self.ends_key(p))
-            .key(self.node_live_key(p, &self.node))
+            .key(self.keys.session(&verified.digest))
+            .key(self.keys.subscriptions(&verified.digest))
+            .key(self.keys.nodes(p))
+            .key(self.keys.ends(p))
+            .key(self.keys.node_live(p, &self.node))
             .arg(now_ms())
             .arg(&self.node)
             .arg(verified.expires_at_ms)
@@ -979,11 +933,11 @@ impl RedisBus {
             let result = bus
                 .scripts
                 .detach
-                .key(bus.key("s", &digest))
-                .key(bus.key("subs", &digest))
-                .key(bus.ends_key(p))
-                .key(bus.node_live_key(p, &bus.node))
-                .key(bus.outbox_key(p))
+                .key(bus.keys.session(&digest))
+                .key(bus.keys.subscriptions(&digest))
+                .key(bus.keys.ends(p))
+                .key(bus.keys.node_live(p, &bus.node))
+                .key(bus.keys.outbox(p))
                 .arg(&bus.node)
                 .arg(now_ms())
                 .arg(u8::from(ending == Ending::Resumable))

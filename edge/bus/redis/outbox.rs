@@ -91,7 +91,7 @@ impl RedisBus {
                     .arg("COUNT")
                     .arg(RELAY_BATCH)
                     .arg("STREAMS")
-                    .arg(self.outbox_key(p))
+                    .arg(self.keys.outbox(p))
                     .arg(">");
                 batch.cmd(p, read);
             }
@@ -139,7 +139,7 @@ impl RedisBus {
         for &p in &parts {
             let mut claim = redis::cmd("XAUTOCLAIM");
             claim
-                .arg(self.outbox_key(p))
+                .arg(self.keys.outbox(p))
                 .arg(RELAY_GROUP)
                 .arg(&self.node)
                 .arg(CLAIM_IDLE.as_millis() as u64)
@@ -178,7 +178,7 @@ impl RedisBus {
             let mut create = redis::cmd("XGROUP");
             create
                 .arg("CREATE")
-                .arg(self.outbox_key(p))
+                .arg(self.keys.outbox(p))
                 .arg(RELAY_GROUP)
                 .arg("0")
                 .arg("MKSTREAM");
@@ -228,7 +228,7 @@ impl RedisBus {
         self.run_quiet(batch)
             .await
             .map_err(|e| self.unavailable(&e))?;
-        let key = self.outbox_key(p);
+        let key = self.keys.outbox(p);
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let mut conn = self.link();
         redis::pipe()

@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use super::keys::ChannelKey;
 use super::{RedisBus, LEASE, NODES_TTL};
 
 /// How long a node may go without a heartbeat before its connections leave presence (when its
@@ -102,16 +103,16 @@ impl RedisBus {
             let p = self.keys.part(channel);
             let mut invocation = self.scripts.presence.prepare_invoke();
             invocation
-                .key(self.channel_key(channel, "pr"))
-                .key(self.channel_key(channel, "pu"))
-                .key(self.vacating_key(p))
-                .key(self.outbox_key(p))
-                .key(self.channel_key(channel, "pn"))
+                .key(self.keys.channel(channel, ChannelKey::Presence))
+                .key(self.keys.channel(channel, ChannelKey::PresenceUsers))
+                .key(self.keys.vacating(p))
+                .key(self.keys.outbox(p))
+                .key(self.keys.channel(channel, ChannelKey::PresenceNodes))
                 .arg(if join { "join" } else { "leave" })
                 .arg(digest.to_string())
                 .arg(entry.as_deref().unwrap_or(""))
                 .arg(user)
-                .arg(self.channel_topic(channel))
+                .arg(self.keys.channel_topic(channel))
                 .arg(delay)
                 .arg(now)
                 .arg(channel)
@@ -137,12 +138,6 @@ impl RedisBus {
         }
     }
 
-    /// Nodes whose connections were taken out of presence for silence (see
-    /// [`PRESENCE_LEASE`]); a node that finds itself here heartbeats again, and rejoins.
-    pub(super) fn presence_gone_key(&self) -> String {
-        self.keys.at(0, "presence-gone")
-    }
-
     /// Presence is a lease the nodes renew with their heartbeat: the connections live on a node
     /// silent for [`PRESENCE_LEASE`] leave presence (their credentials stay resumable for the
     /// grace; a resume elsewhere joins again). Once per silent node; a no-op when the grace is
@@ -157,7 +152,7 @@ impl RedisBus {
         }
         let cutoff = now.saturating_sub(PRESENCE_LEASE.as_millis() as u64);
         let silent: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.nodes_key(0))
+            .arg(self.keys.nodes(0))
             .arg("-inf")
             .arg(cutoff)
             .arg("LIMIT")
@@ -168,7 +163,7 @@ impl RedisBus {
             .map_err(|e| self.unavailable(&e))?;
         for node in silent.into_iter().filter(|n| *n != self.node) {
             let gone: Option<f64> = redis::cmd("ZSCORE")
-                .arg(self.presence_gone_key())
+                .arg(self.keys.presence_gone())
                 .arg(&node)
                 .query_async(conn)
                 .await
@@ -179,7 +174,7 @@ impl RedisBus {
             let mut digests: Vec<String> = Vec::new();
             for p in 0..self.keys.partitions() {
                 let part: Vec<String> = redis::cmd("SMEMBERS")
-                    .arg(self.node_live_key(p, &node))
+                    .arg(self.keys.node_live(p, &node))
                     .query_async(conn)
                     .await
                     .map_err(|e| self.unavailable(&e))?;
@@ -191,10 +186,10 @@ impl RedisBus {
                 };
                 let (user, channels): (Option<String>, Vec<String>) = redis::pipe()
                     .cmd("HGET")
-                    .arg(self.key("s", &digest))
+                    .arg(self.keys.session(&digest))
                     .arg("user")
                     .cmd("SMEMBERS")
-                    .arg(self.key("subs", &digest))
+                    .arg(self.keys.subscriptions(&digest))
                     .query_async(conn)
                     .await
                     .map_err(|e| self.unavailable(&e))?;
@@ -203,14 +198,14 @@ impl RedisBus {
                     .await;
             }
             let _: i64 = redis::cmd("ZADD")
-                .arg(self.presence_gone_key())
+                .arg(self.keys.presence_gone())
                 .arg(now)
                 .arg(&node)
                 .query_async(conn)
                 .await
                 .map_err(|e| self.unavailable(&e))?;
             let _: Result<i64, _> = redis::cmd("PEXPIRE")
-                .arg(self.presence_gone_key())
+                .arg(self.keys.presence_gone())
                 .arg(NODES_TTL.as_millis() as u64)
                 .query_async(conn)
                 .await;
@@ -224,7 +219,7 @@ impl RedisBus {
     pub(super) async fn presence_back(&self) {
         let mut conn = self.link();
         let was_gone: Result<i64, _> = redis::cmd("ZREM")
-            .arg(self.presence_gone_key())
+            .arg(self.keys.presence_gone())
             .arg(&self.node)
             .query_async(&mut conn)
             .await;
@@ -250,11 +245,6 @@ impl RedisBus {
         });
     }
 
-    /// The set of channels whose last member left, by when `vacated` is due.
-    pub(super) fn vacating_key(&self, p: usize) -> String {
-        self.keys.at(p, "vacating")
-    }
-
     /// Tells `vacated` for the channels in the vacating set whose delay passed with no member
     /// back; one script per channel tells each once (the reaper runs it every pass).
     pub(super) async fn vacate_due(
@@ -268,12 +258,12 @@ impl RedisBus {
             let _told: i64 = self
                 .scripts
                 .vacate
-                .key(self.vacating_key(p))
-                .key(self.channel_key(text, "pr"))
-                .key(self.outbox_key(p))
+                .key(self.keys.vacating(p))
+                .key(self.keys.channel(text, ChannelKey::Presence))
+                .key(self.keys.outbox(p))
                 .arg(text)
                 .arg(now)
-                .arg(self.channel_topic(text))
+                .arg(self.keys.channel_topic(text))
                 .invoke_async(conn)
                 .await
                 .map_err(|e| self.unavailable(&e))?;
@@ -287,7 +277,7 @@ impl RedisBus {
         let entries: Vec<(String, String)> = self
             .within(async {
                 redis::cmd("HGETALL")
-                    .arg(self.channel_key(channel, "pr"))
+                    .arg(self.keys.channel(channel, ChannelKey::Presence))
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.unavailable(&e))
@@ -315,9 +305,9 @@ impl RedisBus {
         self.within(async {
             redis::pipe()
                 .cmd("HLEN")
-                .arg(self.channel_key(channel, "pr"))
+                .arg(self.keys.channel(channel, ChannelKey::Presence))
                 .cmd("HLEN")
-                .arg(self.channel_key(channel, "pu"))
+                .arg(self.keys.channel(channel, ChannelKey::PresenceUsers))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.unavailable(&e))

@@ -48,7 +48,7 @@ impl RedisBus {
                 "Redis pub/sub is reconnecting".into(),
             ));
         };
-        let topics: Vec<String> = missing.iter().map(|c| self.channel_topic(c)).collect();
+        let topics: Vec<String> = missing.iter().map(|c| self.keys.channel_topic(c)).collect();
         match self.sink_subscribe(sink, &topics).await {
             Ok(()) => {
                 pubsub.subscribed.extend(missing);
@@ -89,7 +89,7 @@ impl RedisBus {
             // A Redis that stalls does not hold this task (or the pub/sub lock) past the
             // deadline; what was not done is redone when the connection comes back.
             if !add.is_empty() {
-                let topics: Vec<String> = add.iter().map(|c| self.channel_topic(c)).collect();
+                let topics: Vec<String> = add.iter().map(|c| self.keys.channel_topic(c)).collect();
                 let subscribed =
                     tokio::time::timeout(COMMAND_TIMEOUT, self.sink_subscribe(sink, &topics)).await;
                 if matches!(subscribed, Ok(Ok(()))) {
@@ -102,7 +102,8 @@ impl RedisBus {
                 }
             }
             if !remove.is_empty() {
-                let topics: Vec<String> = remove.iter().map(|c| self.channel_topic(c)).collect();
+                let topics: Vec<String> =
+                    remove.iter().map(|c| self.keys.channel_topic(c)).collect();
                 // Out of the set first: an unsubscription that arrives is then known as ours
                 // (a shard that drops one by itself is re-subscribed).
                 for channel in &remove {
@@ -224,16 +225,16 @@ impl RedisBus {
             if let Some(user) = &user {
                 self.scripts
                     .user
-                    .key(self.user_key(&user.name))
+                    .key(self.keys.user(&user.name))
                     .arg(digest.to_string())
                     .arg(LIVE_TTL.as_millis() as u64)
                     .invoke_async::<i64>(&mut conn)
                     .await?;
             }
             invocation
-                .key(self.key("s", &digest))
-                .key(self.key("subs", &digest))
-                .key(self.node_live_key(self.digest_part(&digest), &self.node))
+                .key(self.keys.session(&digest))
+                .key(self.keys.subscriptions(&digest))
+                .key(self.keys.node_live(self.digest_part(&digest), &self.node))
                 .arg(&self.node)
                 .arg(expires_at_ms)
                 .arg(LIVE_TTL.as_millis() as u64)
@@ -294,8 +295,8 @@ impl RedisBus {
 
     /// The topics every node listens to: its own commands, and the outboxes' wake-up calls.
     fn own_topics(&self) -> Vec<String> {
-        let outboxes = (0..self.keys.partitions()).map(|p| self.outbox_key(p));
-        std::iter::once(self.node_topic(&self.node))
+        let outboxes = (0..self.keys.partitions()).map(|p| self.keys.outbox(p));
+        std::iter::once(self.keys.node_topic(&self.node))
             .chain(outboxes)
             .collect()
     }
@@ -333,7 +334,7 @@ impl RedisBus {
         self.sink_subscribe(&mut sink, &self.own_topics()).await?;
         let interest = self.registry.interest();
         for chunk in interest.chunks(1000) {
-            let topics: Vec<String> = chunk.iter().map(|c| self.channel_topic(c)).collect();
+            let topics: Vec<String> = chunk.iter().map(|c| self.keys.channel_topic(c)).collect();
             self.sink_subscribe(&mut sink, &topics).await?;
         }
         state.subscribed = interest.into_iter().collect();
@@ -379,7 +380,7 @@ impl RedisBus {
                     tracing::warn!(%channel, why, "malformed push from Redis dropped");
                 }
             }
-        } else if topic == self.node_topic(&self.node) {
+        } else if topic == self.keys.node_topic(&self.node) {
             match serde_json::from_slice::<Command>(payload) {
                 Ok(command) => self.on_command(command).await,
                 Err(err) => {

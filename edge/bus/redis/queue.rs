@@ -33,14 +33,6 @@ const QUEUE_MAXLEN: usize = 10_000;
 const QUEUE_BLOCK: Duration = Duration::from_millis(1000);
 
 impl RedisBus {
-    fn act_key(&self, action: &str) -> String {
-        self.keys.of("act", action)
-    }
-
-    fn queue_key(&self, group: &str) -> String {
-        self.keys.of("q", group)
-    }
-
     /// Adds this node's groups to the advertisement sets (valid for three heartbeats).
     pub(super) fn advertise(&self, batch: &mut Batch<'_>, groups: &[LocalGroup]) {
         let until = now_ms() + 3 * HEARTBEAT.as_millis() as u64;
@@ -49,13 +41,13 @@ impl RedisBus {
             batch
                 .ignored(self.keys.part(&group.name))
                 .cmd("PEXPIRE")
-                .arg(self.queue_key(&group.name))
+                .arg(self.keys.queue(&group.name))
                 .arg(NODES_TTL.as_millis() as u64)
                 .ignore();
             let actions = group.actions.iter().map(|a| &**a);
             let lifecycle = group.lifecycle.then_some(LIFECYCLE);
             for action in actions.chain(lifecycle) {
-                let key = self.act_key(action);
+                let key = self.keys.action(action);
                 batch
                     .ignored(self.keys.part(action))
                     .cmd("ZADD")
@@ -89,7 +81,7 @@ impl RedisBus {
     async fn advertised(&self, action: &str) -> Result<Vec<String>, Error> {
         let mut conn = self.link();
         redis::cmd("ZRANGEBYSCORE")
-            .arg(self.act_key(action))
+            .arg(self.keys.action(action))
             .arg(now_ms())
             .arg("+inf")
             .query_async(&mut conn)
@@ -143,7 +135,7 @@ impl RedisBus {
             batch
                 .ignored(self.keys.part(group))
                 .cmd("XADD")
-                .arg(self.queue_key(group))
+                .arg(self.keys.queue(group))
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(QUEUE_MAXLEN)
@@ -195,7 +187,7 @@ impl RedisBus {
         let mut conn = self.link();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(self.queue_key(group))
+            .arg(self.keys.queue(group))
             .arg(CONSUMER_GROUP)
             .arg("$")
             .arg("MKSTREAM")
@@ -212,7 +204,7 @@ impl RedisBus {
     /// the lifecycle events another node of the group took and did not hand over (it died), so
     /// they still reach a stream.
     async fn consume(self: Arc<Self>, group: Box<str>, stop: CancellationToken) {
-        let key = self.queue_key(&group);
+        let key = self.keys.queue(&group);
         let mut conn = None;
         let mut last_claim = tokio::time::Instant::now();
         loop {

@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
 
+use super::keys::ChannelKey;
 use super::{RedisBus, BACKOFF_MAX, BACKOFF_MIN};
 use crate::{
     bus::{HistoryQuery, Page},
@@ -210,8 +211,8 @@ impl RedisBus {
         for (channel, position) in &due {
             let mut invocation = self.scripts.rebase.prepare_invoke();
             invocation
-                .key(self.channel_key(channel, "m"))
-                .key(self.channel_key(channel, "l"))
+                .key(self.keys.channel(channel, ChannelKey::Meta))
+                .key(self.keys.channel(channel, ChannelKey::Log))
                 .arg(&*position.epoch)
                 .arg(&*new_epoch())
                 .arg(position_ttl);
@@ -260,8 +261,8 @@ impl RedisBus {
             };
             let mut invocation = self.scripts.read.prepare_invoke();
             invocation
-                .key(self.channel_key(channel, "m"))
-                .key(self.channel_key(channel, "l"))
+                .key(self.keys.channel(channel, ChannelKey::Meta))
+                .key(self.keys.channel(channel, ChannelKey::Log))
                 .arg(&*new_epoch())
                 .arg(position_ttl)
                 .arg(mode)

@@ -57,15 +57,15 @@ impl RedisBus {
         // Every partition's due ends and vacating channels, in one batch.
         let mut batch = self.batch(&[]);
         for p in 0..parts {
-            batch.cmd(p, scored_up_to(&self.ends_key(p), now, REAP_BATCH));
-            batch.cmd(p, scored_up_to(&self.vacating_key(p), now, REAP_BATCH));
+            batch.cmd(p, scored_up_to(&self.keys.ends(p), now, REAP_BATCH));
+            batch.cmd(p, scored_up_to(&self.keys.vacating(p), now, REAP_BATCH));
         }
         let mut due = self.run_batch(batch).await?.into_iter();
         for p in 0..parts {
             let ends = members(due.next())?;
             let vacating = members(due.next())?;
             for text in &ends {
-                self.reap_digest(&mut conn, text, &self.ends_key(p), None, now)
+                self.reap_digest(&mut conn, text, &self.keys.ends(p), None, now)
                     .await?;
             }
             if !vacating.is_empty() {
@@ -76,7 +76,7 @@ impl RedisBus {
         // Nodes silent for longer than their lease and the grace: whatever is still live there
         // did not resume anywhere.
         let cutoff = now.saturating_sub((LEASE + self.grace).as_millis() as u64);
-        let dead: Vec<String> = scored_up_to(&self.nodes_key(0), cutoff, 16)
+        let dead: Vec<String> = scored_up_to(&self.keys.nodes(0), cutoff, 16)
             .query_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(&e))?;
@@ -84,7 +84,7 @@ impl RedisBus {
             let mut batch = self.batch(&[]);
             for p in 0..parts {
                 let mut cmd = redis::cmd("SRANDMEMBER");
-                cmd.arg(self.node_live_key(p, &node)).arg(REAP_BATCH);
+                cmd.arg(self.keys.node_live(p, &node)).arg(REAP_BATCH);
                 batch.cmd(p, cmd);
             }
             let mut found = self.run_batch(batch).await?.into_iter();
@@ -92,7 +92,7 @@ impl RedisBus {
             let mut ended = 0;
             for p in 0..parts {
                 let members = members(found.next())?;
-                let live_key = self.node_live_key(p, &node);
+                let live_key = self.keys.node_live(p, &node);
                 for text in &members {
                     self.reap_digest(&mut conn, text, &live_key, Some(&node), now)
                         .await?;
@@ -107,14 +107,14 @@ impl RedisBus {
                     batch
                         .ignored(p)
                         .cmd("ZREM")
-                        .arg(self.nodes_key(p))
+                        .arg(self.keys.nodes(p))
                         .arg(&node)
                         .ignore();
                 }
                 batch
                     .ignored(0)
                     .cmd("ZREM")
-                    .arg(self.presence_gone_key())
+                    .arg(self.keys.presence_gone())
                     .arg(&node)
                     .ignore();
                 self.run_quiet(batch)
@@ -149,10 +149,10 @@ impl RedisBus {
         let reply: Vec<String> = self
             .scripts
             .reap
-            .key(self.key("s", &digest))
-            .key(self.key("subs", &digest))
+            .key(self.keys.session(&digest))
+            .key(self.keys.subscriptions(&digest))
             .key(index)
-            .key(self.outbox_key(self.digest_part(&digest)))
+            .key(self.keys.outbox(self.digest_part(&digest)))
             .arg(now)
             .arg(text)
             .arg(if node.is_some() { "lost" } else { "grace" })

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::keys::ChannelKey;
 use super::{
     Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, PUSH_BATCH,
 };
@@ -69,22 +70,24 @@ impl RedisBus {
         let mut pipes = self.batch(&[&self.scripts.push]);
         for job in batch {
             let policy = limits.history_policy(&job.channel);
-            let meta = self.channel_key(&job.channel, "m");
+            let meta = self.keys.channel(&job.channel, ChannelKey::Meta);
             let idempotency = match &job.key {
-                Some(key) => self.channel_key(&job.channel, &format!("i:{key}")),
+                Some(key) => self
+                    .keys
+                    .channel(&job.channel, ChannelKey::Idempotency(key)),
                 None => meta.clone(),
             };
             let mut invocation = self.scripts.push.prepare_invoke();
             invocation
                 .key(&meta)
-                .key(self.channel_key(&job.channel, "l"))
+                .key(self.keys.channel(&job.channel, ChannelKey::Log))
                 .key(idempotency)
                 .arg(&*new_epoch())
                 .arg(&*job.payload)
                 .arg(policy.size)
                 .arg(policy.ttl.as_millis() as u64)
                 .arg(limits.position_ttl.as_millis() as u64)
-                .arg(self.channel_topic(&job.channel))
+                .arg(self.keys.channel_topic(&job.channel))
                 .arg(now)
                 .arg(limits.idempotency_window.as_millis() as u64)
                 .arg(u8::from(job.key.is_some()));
@@ -133,13 +136,13 @@ impl RedisBus {
             batch
                 .ignored(p)
                 .cmd("ZADD")
-                .arg(self.nodes_key(p))
+                .arg(self.keys.nodes(p))
                 .arg(at)
                 .arg(&self.node)
                 .ignore()
                 // A deployment that stops leaves nothing behind for long.
                 .cmd("PEXPIRE")
-                .arg(self.nodes_key(p))
+                .arg(self.keys.nodes(p))
                 .arg(NODES_TTL.as_millis() as u64)
                 .ignore();
         }
@@ -162,18 +165,15 @@ impl RedisBus {
                 let ttl = LIVE_TTL.as_millis() as u64;
                 for digest in self.registry.live_digests() {
                     let pipe = batch.ignored(self.digest_part(&digest));
-                    for kind in ["s", "subs"] {
-                        pipe.cmd("PEXPIRE")
-                            .arg(self.key(kind, &digest))
-                            .arg(ttl)
-                            .ignore();
+                    for key in [self.keys.session(&digest), self.keys.subscriptions(&digest)] {
+                        pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
                     }
                 }
                 for p in 0..self.keys.partitions() {
                     batch
                         .ignored(p)
                         .cmd("PEXPIRE")
-                        .arg(self.node_live_key(p, &self.node))
+                        .arg(self.keys.node_live(p, &self.node))
                         .arg(ttl)
                         .ignore();
                 }
@@ -181,7 +181,7 @@ impl RedisBus {
                     batch
                         .ignored(self.keys.part(&user))
                         .cmd("PEXPIRE")
-                        .arg(self.user_key(&user))
+                        .arg(self.keys.user(&user))
                         .arg(ttl)
                         .arg("GT")
                         .ignore();

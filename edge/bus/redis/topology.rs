@@ -219,7 +219,7 @@ impl RedisBus {
             .interest()
             .into_iter()
             .filter(|c| {
-                let slot = key_slot(&self.channel_topic(c));
+                let slot = key_slot(&self.keys.channel_topic(c));
                 master(old, slot) != master(new, slot)
             })
             .collect();
