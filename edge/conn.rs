@@ -358,7 +358,7 @@ where
         let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
         if is_message {
             edge.registry.metrics().messages_in.inc();
-            match limit.take(now.into_std()) {
+            match limit.take(now) {
                 Take::Allowed => {}
                 Take::Refused => {
                     let id = match &message {
@@ -467,12 +467,12 @@ enum Take {
 impl MessageLimit {
     fn new(rate: u32, burst: u32) -> Self {
         Self {
-            bucket: TokenBucket::new(rate, burst, std::time::Instant::now()),
+            bucket: TokenBucket::new(rate, burst, Instant::now()),
             refused_in_a_row: 0,
         }
     }
 
-    fn take(&mut self, now: std::time::Instant) -> Take {
+    fn take(&mut self, now: Instant) -> Take {
         if self.bucket.take(now) {
             self.refused_in_a_row = 0;
             return Take::Allowed;
@@ -551,7 +551,7 @@ mod tests {
     #[test]
     fn refusals_in_a_row_close_an_abuser_and_a_token_resets_the_streak() {
         let mut limit = MessageLimit::new(10, 3);
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         for _ in 0..3 {
             assert_eq!(limit.take(start), Take::Allowed);
         }

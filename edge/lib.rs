@@ -39,6 +39,7 @@ pub mod gateway;
 
 // Everything behind it is the crate's own.
 mod bus;
+mod clock;
 mod conn;
 mod credentials;
 mod fanout;

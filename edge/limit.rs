@@ -1,7 +1,7 @@
 //! Rate limits: a token bucket, used per socket (client messages) and per client address
 //! (handshakes).
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// `rate` tokens per second, holding at most `burst`. A rate of 0 allows everything.
 #[derive(Debug, Clone)]

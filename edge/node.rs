@@ -88,7 +88,7 @@ impl Edge {
         if rate == 0 {
             return true;
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         self.handshake_buckets
             .entry(ip)
             .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), now))

@@ -15,6 +15,7 @@
 //! until its retained pushes expired and `position-ttl` passed since it was last used. Cluster,
 //! only while this node has a subscriber or listener on it (Redis keeps the rest).
 
+use crate::clock::now_ms;
 use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
@@ -23,7 +24,7 @@ use super::{
     check_channel_count,
     history::{Early, Entry, History, Sync, Unreachable},
     listeners::ListenerEntry,
-    now_ms, Conn, Registry,
+    Conn, Registry,
 };
 use crate::{
     credentials::Digest,

@@ -62,7 +62,7 @@ impl Budget {
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     pub(super) offset: u64,
-    /// When it was pushed, in [`super::monotonic_ms`] (single node) or Unix ms (from Redis).
+    /// When it was pushed, in [`crate::clock::monotonic_ms`] (single node) or Unix ms (from Redis).
     pub(super) at_ms: u64,
     /// The push frame, as sockets got it.
     pub(super) frame: Frame,

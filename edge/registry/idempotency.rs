@@ -9,7 +9,8 @@
 
 use std::collections::VecDeque;
 
-use super::{now_ms, Registry};
+use super::Registry;
+use crate::clock::now_ms;
 use crate::{
     domain::{Channel, Position},
     error::Error,

@@ -10,6 +10,7 @@
 //! A stream may also ask for the presence events of its channels ([`Wants`]): joins and leaves
 //! (per connection or per user) and occupancy changes, which come between its pushes.
 
+use crate::clock::now_ms;
 use std::{
     collections::HashMap,
     sync::{atomic::Ordering, Arc},
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     channels::{missed, ChannelState, Fetched},
-    check_channel_count, now_ms, PresenceEvent, Registry,
+    check_channel_count, PresenceEvent, Registry,
 };
 use crate::{
     config::JoinLeave,

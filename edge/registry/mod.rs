@@ -82,7 +82,7 @@ pub(crate) use idempotency::check_idempotency_key;
 pub use listeners::{ListenEvent, Listener, Wants};
 pub(crate) use presence::PresenceEvent;
 pub use presence::{Change, Present};
-pub(crate) use sessions::{now_ms, AttachRefusal, Conn, Ending, LiveSession};
+pub(crate) use sessions::{AttachRefusal, Conn, Ending, LiveSession};
 
 /// Handle to the registry. Cheap to clone.
 #[derive(Debug, Clone)]

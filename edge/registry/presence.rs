@@ -21,7 +21,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{now_ms, sessions::Session, Registry};
+use super::{sessions::Session, Registry};
+use crate::clock::now_ms;
 use crate::domain::User;
 use crate::{config::JoinLeave, credentials::Digest, domain::Channel, protocol::presence_frame};
 

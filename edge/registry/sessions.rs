@@ -9,12 +9,15 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use dashmap::{mapref::entry::Entry, mapref::one::RefMut};
 
-use crate::domain::User;
+use crate::{
+    clock::{monotonic_ms, now_ms},
+    domain::User,
+};
 
 use super::{
     channels::{Fetched, Join},
@@ -27,20 +30,6 @@ use crate::{
     fanout::{Backlog, Outbox},
     protocol::{connected_frame, Joined, Recover},
 };
-
-/// The current Unix time in milliseconds.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Milliseconds on a monotonic clock that starts with the process.
-pub(crate) fn monotonic_ms() -> u64 {
-    static EPOCH: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    EPOCH.elapsed().as_millis() as u64
-}
 
 #[derive(Debug)]
 pub(super) struct Session {

@@ -1,5 +1,6 @@
 //! Unit tests of the registry's rooms together, without sockets.
 
+use crate::clock::now_ms;
 use std::{collections::HashMap, time::Duration};
 
 use super::*;
@@ -398,4 +399,144 @@ fn unused_channels_are_forgotten_after_their_position_expires() {
         0,
         "a new epoch starts over"
     );
+}
+
+// Timed behaviour on paused time: the registry reads tokio's clock (`crate::clock`), so these
+// move an hour or a grace in no time and check both sides of each deadline to the millisecond.
+
+fn registry_with(limits: Limits) -> Registry {
+    Registry::new(
+        Secrets::new(b"registry test secret 0123456789", None).unwrap(),
+        limits,
+        Arc::default(),
+    )
+}
+
+async fn advance(ms: u64) {
+    tokio::time::advance(Duration::from_millis(ms)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_good_until_their_ttl_and_refused_after() {
+    let r = registry();
+    let early = r.issue(Some(Duration::from_secs(3600)), None).unwrap();
+    let late = r.issue(Some(Duration::from_secs(3600)), None).unwrap();
+    advance(3_600_000 - 20).await;
+    connect(&r, &early);
+    advance(40).await;
+    let v = r.verify(&late.connection_id, &late.socket_key).unwrap();
+    assert_eq!(
+        r.attach(&v, "id", None).unwrap_err(),
+        AttachRefusal::Expired
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_socket_resumes_within_the_grace_and_ends_once_after_it() {
+    let grace = Duration::from_secs(30);
+    let r = registry_with(Limits {
+        reconnect_grace: grace,
+        ..Limits::default()
+    });
+    let mut lifecycle = r.take_lifecycle().unwrap();
+    let (inside, outside) = (r.issue(None, None).unwrap(), r.issue(None, None).unwrap());
+    for c in [&inside, &outside] {
+        r.subscribe(&c.digest, &[ch("a")]).unwrap();
+        let conn = connect(&r, c);
+        r.detach(&conn, Ending::Resumable);
+    }
+    advance(30_000 - 20).await;
+    r.sweep();
+    let resumed = connect(&r, &inside);
+    advance(40).await;
+    r.sweep();
+    let v = r
+        .verify(&outside.connection_id, &outside.socket_key)
+        .unwrap();
+    assert_eq!(r.attach(&v, "id", None).unwrap_err(), AttachRefusal::Ended);
+    match lifecycle.try_recv() {
+        Ok(Lifecycle::Ended(ended)) => {
+            assert_eq!(
+                (ended.digest, ended.reason),
+                (outside.digest, EndReason::GraceExpired)
+            )
+        }
+        other => panic!("expected the grace's end, got {other:?}"),
+    }
+    assert!(lifecycle.try_recv().is_err(), "told once");
+    assert_eq!(
+        push(&r, "a", "1"),
+        1,
+        "the resumed socket keeps its subscription"
+    );
+    drop(resumed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_socket_silent_past_the_idle_timeout_is_closed_and_one_heard_from_is_pinged() {
+    let idle = Duration::from_secs(60);
+    let r = registry();
+    let (quiet, chatty) = (r.issue(None, None).unwrap(), r.issue(None, None).unwrap());
+    let (quiet, chatty) = (connect(&r, &quiet), connect(&r, &chatty));
+    advance(60_000).await;
+    r.heartbeat(0, 1, idle);
+    assert!(
+        !quiet.outbox.is_closed(),
+        "exactly the timeout is not past it"
+    );
+    chatty.touch();
+    advance(10).await;
+    r.heartbeat(0, 1, idle);
+    assert!(matches!(
+        quiet.outbox.next().await,
+        Drained::Close(Close::IdleTimeout)
+    ));
+    assert!(!chatty.outbox.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn vacated_is_told_after_the_vacate_delay_unless_a_member_comes_back() {
+    let delay = Duration::from_secs(5);
+    let policy = crate::config::NamespacePolicy {
+        presence: true,
+        occupancy: Some(delay),
+        ..Default::default()
+    };
+    let r = registry_with(Limits {
+        namespaces: crate::config::Namespaces([("room".to_owned(), policy)].into()),
+        ..Limits::default()
+    });
+    let mut lifecycle = r.take_lifecycle().unwrap();
+    let occupancy = |lifecycle: &mut tokio::sync::mpsc::Receiver<Lifecycle>| {
+        let mut told = Vec::new();
+        while let Ok(event) = lifecycle.try_recv() {
+            if let Lifecycle::Occupancy { channel, occupied } = event {
+                told.push((channel.to_string(), occupied));
+            }
+        }
+        told
+    };
+    let members: Vec<_> = ["room:back", "room:gone"]
+        .iter()
+        .map(|channel| {
+            let c = r.issue(None, None).unwrap();
+            r.subscribe(&c.digest, &[ch(channel)]).unwrap();
+            (c.clone(), *channel, connect(&r, &c))
+        })
+        .collect();
+    assert_eq!(
+        occupancy(&mut lifecycle),
+        [("room:back".into(), true), ("room:gone".into(), true)]
+    );
+    for (c, channel, _) in &members {
+        r.unsubscribe(&c.digest, &[ch(channel)]).unwrap();
+    }
+    advance(4_990).await;
+    r.sweep();
+    assert_eq!(occupancy(&mut lifecycle), []);
+    r.subscribe(&members[0].0.digest, &[ch("room:back")])
+        .unwrap();
+    advance(20).await;
+    r.sweep();
+    assert_eq!(occupancy(&mut lifecycle), [("room:gone".into(), false)]);
 }

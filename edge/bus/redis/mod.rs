@@ -78,6 +78,7 @@
 //! `/readyz` reports the reason; new handshakes get 503; sockets stay connected. The node
 //! reconnects with back-off, re-subscribes its channels and catches each one up.
 
+use crate::clock::now_ms;
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -100,9 +101,7 @@ use crate::{
     handoff::{Arriving, ClusterEnd, LocalGroup},
     protocol::{Frame, Recover},
     readiness::{Cause, Readiness},
-    registry::{
-        now_ms, AttachRefusal, Conn, EndReason, Ended, Ending, Listener, Present, Registry, Wants,
-    },
+    registry::{AttachRefusal, Conn, EndReason, Ended, Ending, Listener, Present, Registry, Wants},
 };
 
 mod keys;

@@ -11,6 +11,7 @@
 //! delivers to its sockets and `Listen` streams. A channel whose last member left waits in the
 //! vacating set of its partition, `P:{t}:vacating` (channel → when `vacated` is due); the reaper tells it once.
 
+use crate::clock::now_ms;
 use std::time::Duration;
 
 use super::keys::ChannelKey;
@@ -25,7 +26,7 @@ use crate::{
     domain::Channel,
     domain::User,
     error::Error,
-    registry::{now_ms, Change, PresenceEvent, Present},
+    registry::{Change, PresenceEvent, Present},
 };
 
 impl RedisBus {

@@ -6,6 +6,7 @@
 //! sequencer ([`Registry::offer`](crate::registry::Registry::offer)), which delivers them in
 //! offset order; after a reconnection, every channel is caught up from Redis.
 
+use crate::clock::now_ms;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,7 @@ use crate::{
     error::{Close, Error},
     handoff::HandlerReply,
     protocol::Frame,
-    registry::{now_ms, LiveSession},
+    registry::LiveSession,
 };
 
 impl RedisBus {

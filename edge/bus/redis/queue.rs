@@ -17,10 +17,10 @@ use super::{
     outbox::CLAIM_IDLE, Batch, Command, ForwardEvent, RedisBus, BACKOFF_MIN, HEARTBEAT, NODES_TTL,
 };
 use crate::{
+    clock::now_ms,
     credentials::Digest,
     error::Error,
     handoff::{Arriving, Delivery, Forwarded, LocalGroup, Outbound},
-    registry::now_ms,
 };
 
 /// Pseudo-action under which groups that want lifecycle events are advertised.

@@ -3,6 +3,7 @@
 //! recovery needs read), the catch-up task that brings channels the registry marked back in
 //! step, and `History` pages.
 
+use crate::clock::now_ms;
 use std::{collections::HashMap, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
@@ -13,7 +14,7 @@ use crate::{
     bus::{HistoryQuery, Page},
     domain::{new_epoch, valid_epoch, Channel, Position},
     error::Error,
-    registry::{now_ms, Fetched},
+    registry::Fetched,
 };
 
 /// Most pushes one catch-up read takes; a channel further behind is read again.

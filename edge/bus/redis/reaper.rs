@@ -13,6 +13,7 @@
 //! their `$disconnect` to the outbox itself ([`outbox`](super::outbox)), so a reaper that dies
 //! after winning an end loses nothing.
 
+use crate::clock::now_ms;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,7 @@ use super::{RedisBus, LEASE};
 use crate::{
     credentials::Digest,
     error::Error,
-    registry::{now_ms, EndReason, Ended},
+    registry::{EndReason, Ended},
 };
 
 /// How often each node looks for ends.

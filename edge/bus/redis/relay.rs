@@ -13,9 +13,9 @@ use super::{
 };
 use crate::readiness::Cause;
 use crate::{
+    clock::now_ms,
     domain::{new_epoch, valid_epoch, Channel, Position},
     error::Error,
-    registry::now_ms,
 };
 
 /// One push to one channel, for the publisher task.

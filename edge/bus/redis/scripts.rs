@@ -215,7 +215,7 @@ mod tests {
     }
 
     /// The tests' "now": real time (keys get real expiry times), read once.
-    static NOW_MS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(crate::registry::now_ms);
+    static NOW_MS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(crate::clock::now_ms);
 
     /// Deletes the test's keys.
     async fn clean(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String) {
