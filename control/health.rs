@@ -32,7 +32,7 @@ impl HealthService {
     }
 }
 
-fn response(ready: &Result<(), String>) -> HealthCheckResponse {
+fn response(ready: &Result<(), edge::error::NotReady>) -> HealthCheckResponse {
     let status = match ready {
         Ok(()) => ServingStatus::Serving,
         Err(_) => ServingStatus::NotServing,

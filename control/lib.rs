@@ -28,6 +28,7 @@ mod auth;
 pub mod cli;
 pub mod client;
 mod convert;
+pub mod error;
 mod handle;
 mod health;
 mod incoming;
@@ -38,7 +39,7 @@ mod service;
 mod status;
 
 pub use edge;
-pub use edge::{config, error};
+pub use edge::config;
 
 /// Code generated from `proto/channelgate/v1/control.proto`.
 pub mod pb {
@@ -59,7 +60,7 @@ use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
 
-use crate::{config::Config, error::Error};
+use crate::{config::Config, error::RunError};
 
 /// The node's bound listeners.
 #[derive(Debug)]
@@ -72,12 +73,15 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds the addresses of `config`.
-    pub async fn bind(config: &Config) -> Result<Self, Error> {
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr).await.map_err(|source| Error::Io {
-                context: format!("binding the {what} to {addr}"),
-                source,
-            })
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        let bind = |addr: SocketAddr, plane: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    plane,
+                    addr,
+                    source,
+                })
         };
         Ok(Self {
             client: bind(config.listen, "client plane").await?,
@@ -94,13 +98,10 @@ pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
+) -> Result<(), RunError> {
     let grace = config.limits.shutdown_grace;
     let control = server::Settings::from_config(&config)?;
-    let grpc_addr = listeners.grpc.local_addr().map_err(|source| Error::Io {
-        context: "reading the control listener's address".into(),
-        source,
-    })?;
+    let grpc_addr = listeners.grpc.local_addr().map_err(RunError::Address)?;
     tracing::info!(addr = %grpc_addr, "control plane listening (gRPC)");
     let node = edge::Node::start(listeners.client, config)?;
     let gateway = node.gateway();
@@ -113,8 +114,8 @@ pub async fn run(
         result = &mut control => {
             let err = match result {
                 Ok(Err(err)) => err,
-                Ok(Ok(())) => Error::ShuttingDown,
-                Err(join) => Error::Io { context: "control plane task".into(), source: std::io::Error::other(join) },
+                Ok(Ok(())) => RunError::Stopped,
+                Err(join) => RunError::Task(join),
             };
             tracing::error!(%err, "control plane failed; draining");
             failure = Some(err);

@@ -25,8 +25,8 @@ use tonic::{
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::{
-    auth::BearerAuth, config::Config, error::Error, health::HealthService, incoming, observe, pad,
-    pb, service::ControlService,
+    auth::BearerAuth, config::Config, error::RunError, health::HealthService, incoming, observe,
+    pad, pb, service::ControlService,
 };
 
 /// Streams a client may reset before the server accepted them before its connection is
@@ -56,7 +56,7 @@ pub(crate) struct Settings {
 
 impl Settings {
     /// Reads the control plane's settings (and its certificate files) from `config`.
-    pub(crate) fn from_config(config: &Config) -> Result<Self, Error> {
+    pub(crate) fn from_config(config: &Config) -> Result<Self, RunError> {
         Ok(Self {
             tokens: config.control_token.clone().unwrap_or_default(),
             tls: tls_config(config)?,
@@ -69,13 +69,13 @@ impl Settings {
 }
 
 /// The control plane's TLS settings: a server identity, and a client CA for mutual TLS.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, RunError> {
     let Some((cert, key)) = config.grpc_tls() else {
         return Ok(None);
     };
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| Error::Io {
-            context: format!("reading {}", path.display()),
+        std::fs::read(path).map_err(|source| RunError::Read {
+            path: path.to_owned(),
             source,
         })
     };
@@ -91,19 +91,15 @@ pub(crate) async fn serve(
     listener: TcpListener,
     gateway: edge::Gateway,
     settings: Settings,
-) -> Result<(), Error> {
+) -> Result<(), RunError> {
     let health = HealthServer::new(HealthService::new(gateway.clone()));
-    let reflection_error = |err| Error::Io {
-        context: "building the reflection service".into(),
-        source: std::io::Error::other(err),
-    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let reflection_v1 = reflection().build_v1().map_err(RunError::Reflection)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(RunError::Reflection)?;
     let control = InterceptedService::new(
         pb::control_server::ControlServer::new(ControlService::new(gateway.clone())),
         BearerAuth::new(&settings.tokens),
@@ -121,10 +117,7 @@ pub(crate) async fn serve(
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive);
     if let Some(tls) = settings.tls {
-        server = server.tls_config(tls).map_err(|err| Error::Io {
-            context: "configuring control-plane TLS".into(),
-            source: std::io::Error::other(err),
-        })?;
+        server = server.tls_config(tls).map_err(RunError::Tls)?;
     }
     // Control calls keep working while sockets drain (an application may still push);
     // the server stops when the node halts.
@@ -143,8 +136,5 @@ pub(crate) async fn serve(
         .add_service(control)
         .serve_with_incoming_shutdown(incoming, halted)
         .await;
-    result.map_err(|err| Error::Io {
-        context: "serving the control plane".into(),
-        source: std::io::Error::other(err),
-    })
+    result.map_err(RunError::Serve)
 }

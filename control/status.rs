@@ -23,12 +23,7 @@ pub(crate) fn status(err: Error) -> Status {
         }
         Error::EpochChanged { .. } | Error::PresenceOff => Code::FailedPrecondition,
         Error::UnknownDigest => Code::NotFound,
-        Error::ShuttingDown | Error::ClusterUnavailable(_) => Code::Unavailable,
-        Error::WeakSecret(_)
-        | Error::BadUpstream(_)
-        | Error::BadConfig(_)
-        | Error::ClusterNeedsSecret
-        | Error::Io { .. } => Code::Internal,
+        Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
     };
     Status::new(code, err.to_string())
 }

@@ -724,10 +724,11 @@ impl Config {
             );
         }
         if let Some(trusted) = &self.trusted_proxies {
-            crate::proxy::parse_trusted(trusted).map_err(ConfigError::Invalid)?;
+            crate::proxy::parse_trusted(trusted)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         crate::proxy::AddressHeader::parse(&self.client_address_header)
-            .map_err(ConfigError::Invalid)?;
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.proxy_protocol && self.trusted_proxies.as_ref().is_none_or(Vec::is_empty) {
             return invalid("proxy-protocol needs trusted-proxies: the proxies that send it");
         }

@@ -46,7 +46,7 @@ use crate::{
     fanout::Next,
     handlers::{Outcome, Request, Socket},
     limit::TokenBucket,
-    node::Edge,
+    node::NodeState,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, EndReason, Ended, Ending},
 };
@@ -108,12 +108,12 @@ pub(crate) fn run<'e, S>(
     pre_read: &[u8],
     conn: Arc<Conn>,
     socket: Arc<Socket>,
-    edge: &'e Arc<Edge>,
+    node: &'e Arc<NodeState>,
 ) -> impl Future<Output = ()> + 'e
 where
     S: AsyncRead + AsyncWrite + Unpin + 'e,
 {
-    let config = Some(edge.ws_config);
+    let config = Some(node.ws_config);
     // Both complete on their first poll: they only wrap the stream.
     let ws = if pre_read.is_empty() {
         WebSocketStream::from_raw_socket(io, Role::Server, config).now_or_never()
@@ -124,11 +124,11 @@ where
     match ws {
         Some(ws) => {
             let (sink, stream) = ws.split();
-            Either::Left(run_split(sink, stream, conn, socket, edge))
+            Either::Left(run_split(sink, stream, conn, socket, node))
         }
         None => {
             tracing::error!(connection_id = %socket.connection_id, "WebSocket setup did not complete at once; dropping the socket");
-            edge.bus.detach(&conn, Ending::Resumable, None);
+            node.bus.detach(&conn, Ending::Resumable, None);
             Either::Right(std::future::ready(()))
         }
     }
@@ -139,24 +139,24 @@ async fn run_split<S>(
     mut stream: Stream<S>,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
-    edge: &Arc<Edge>,
+    node: &Arc<NodeState>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = &conn;
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
-    if edge.handlers.wants_lifecycle() {
-        let user = edge.registry.user_of(&conn.digest());
-        edge.handlers
+    if node.handlers.wants_lifecycle() {
+        let user = node.registry.user_of(&conn.digest());
+        node.handlers
             .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     }
     let end = tokio::select! {
-        end = write_loop(&mut sink, conn, edge) => end,
-        end = read_loop(&mut stream, conn, &socket, edge) => end,
+        end = write_loop(&mut sink, conn, node) => end,
+        end = read_loop(&mut stream, conn, &socket, node) => end,
     };
     // The ending runs once per socket: boxed, its state does not sit in every live socket's
     // task (the steady state above is what an idle socket holds).
-    Box::pin(finish(end, sink, stream, conn, &socket, edge)).await;
+    Box::pin(finish(end, sink, stream, conn, &socket, node)).await;
 }
 
 /// After the loops: tells the registry and the handlers, then the closing handshake.
@@ -166,7 +166,7 @@ async fn finish<S>(
     mut stream: Stream<S>,
     conn: &Conn,
     socket: &Socket,
-    edge: &Edge,
+    node: &NodeState,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -175,7 +175,7 @@ async fn finish<S>(
         End::Lost(_) => "lost".to_owned(),
         End::Closing(close) => close.code().to_string(),
     };
-    edge.registry
+    node.registry
         .metrics()
         .closes
         .with_label_values(&[&code])
@@ -185,7 +185,7 @@ async fn finish<S>(
     let reason = match (&end, end.ending()) {
         (End::PeerClosed { .. }, Ending::Final) => Some(EndReason::ClientClosed),
         (End::Closing(_), Ending::Final) => Some(EndReason::Application),
-        (_, Ending::Resumable) if edge.config.limits.reconnect_grace.is_zero() => {
+        (_, Ending::Resumable) if node.config.limits.reconnect_grace.is_zero() => {
             Some(EndReason::Dropped)
         }
         _ => None,
@@ -193,7 +193,7 @@ async fn finish<S>(
     let ended = reason.map(|reason| Ended {
         connection_id: socket.connection_id.clone(),
         digest: conn.digest(),
-        user: edge.registry.user_of(&conn.digest()).map(|u| u.name),
+        user: node.registry.user_of(&conn.digest()).map(|u| u.name),
         reason,
         close: match &end {
             End::Closing(close) => Some((close.code(), close.reason().to_owned())),
@@ -203,9 +203,9 @@ async fn finish<S>(
     });
     // Recorded with its end, so in cluster mode the script that ends the credentials tells
     // the `$disconnect` itself.
-    edge.bus.detach(conn, end.ending(), ended.as_ref());
+    node.bus.detach(conn, end.ending(), ended.as_ref());
     if let Some(ended) = ended {
-        edge.registry.ended(ended);
+        node.registry.ended(ended);
     }
     // Frames can no longer reach this socket; make sure nothing queues behind the close.
     conn.outbox.close(match &end {
@@ -224,7 +224,7 @@ async fn finish<S>(
                 // What was queued before the close goes out first (replies to the messages
                 // accepted before a flood, say); the outbox is closed, so the writer stops
                 // once it is empty, and a peer that does not read is given up on.
-                if !matches!(write_loop(&mut sink, conn, edge).await, End::Closing(_)) {
+                if !matches!(write_loop(&mut sink, conn, node).await, End::Closing(_)) {
                     return;
                 }
                 if sink.send(Message::Close(Some(frame))).await.is_ok() {
@@ -248,14 +248,14 @@ async fn finish<S>(
 type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 type Stream<S> = SplitStream<WebSocketStream<S>>;
 
-async fn write_loop<S>(sink: &mut Sink<S>, conn: &Conn, edge: &Edge) -> End
+async fn write_loop<S>(sink: &mut Sink<S>, conn: &Conn, node: &NodeState) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut draining = false;
     // Created once: a `cancelled()` made per loop turn would join and leave the token's waiter
     // list on every write.
-    let shutdown = edge.shutdown.cancelled();
+    let shutdown = node.shutdown.cancelled();
     tokio::pin!(shutdown);
     let mut batch = VecDeque::new();
     loop {
@@ -343,12 +343,12 @@ async fn read_loop<S>(
     stream: &mut Stream<S>,
     conn: &Arc<Conn>,
     socket: &Arc<Socket>,
-    edge: &Arc<Edge>,
+    node: &Arc<NodeState>,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let limits = &edge.config.limits;
+    let limits = &node.config.limits;
     let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
     loop {
         // No timer here: the node's heartbeat closes sockets that stay silent (`Conn::touch`).
@@ -357,7 +357,7 @@ where
         conn.touch();
         let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
         if is_message {
-            edge.registry.metrics().messages_in.inc();
+            node.registry.metrics().messages_in.inc();
             match limit.take(now) {
                 Take::Allowed => {}
                 Take::Refused => {
@@ -367,7 +367,7 @@ where
                             .and_then(|m| m.id.map(|id| id.to_owned())),
                         _ => None,
                     };
-                    queue_reply(conn, &Reply::text(id, 429, "rate limited: slow down"), edge);
+                    queue_reply(conn, &Reply::text(id, 429, "rate limited: slow down"), node);
                     continue;
                 }
                 Take::Abusive => return End::Closing(Close::Policy("message rate limit exceeded")),
@@ -389,7 +389,7 @@ where
                     },
                 };
             }
-            Some(Ok(Message::Text(text))) => answer(text, conn, socket, edge),
+            Some(Ok(Message::Text(text))) => answer(text, conn, socket, node),
             Some(Ok(Message::Binary(_))) => Some(Reply::text(
                 None,
                 400,
@@ -398,14 +398,14 @@ where
             Some(Ok(_)) => None,
         };
         if let Some(reply) = reply {
-            queue_reply(conn, &reply, edge);
+            queue_reply(conn, &reply, node);
         }
     }
 }
 
 /// Queues a reply to a client message (counted by status).
-fn queue_reply(conn: &Conn, reply: &Reply, edge: &Edge) {
-    let metrics = edge.registry.metrics();
+fn queue_reply(conn: &Conn, reply: &Reply, node: &NodeState) {
+    let metrics = node.registry.metrics();
     metrics
         .replies
         .with_label_values(&[reply.status.to_string().as_str()])
@@ -413,12 +413,17 @@ fn queue_reply(conn: &Conn, reply: &Reply, edge: &Edge) {
     let frame = reply.encode();
     metrics.bytes_out.inc_by(frame.len() as u64);
     conn.outbox
-        .push(&frame, edge.registry.limits().outbound_queue);
+        .push(&frame, node.registry.limits().outbound_queue);
 }
 
 /// Routes one client text message to its handler. Returns the reply to queue now, if any; a
 /// handler that answers later runs as a tracked task that queues its own reply.
-fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>) -> Option<Reply> {
+fn answer(
+    text: Frame,
+    conn: &Arc<Conn>,
+    socket: &Arc<Socket>,
+    node: &Arc<NodeState>,
+) -> Option<Reply> {
     let request = match parse_inbound(&text) {
         Ok(message) => Request {
             action: message.action.into(),
@@ -428,16 +433,16 @@ fn answer(text: Frame, conn: &Arc<Conn>, socket: &Arc<Socket>, edge: &Arc<Edge>)
         },
         Err(bad) => return Some(bad.reply()),
     };
-    let max = edge.config.limits.max_inflight;
+    let max = node.config.limits.max_inflight;
     if socket.inflight.load(Ordering::Relaxed) >= max {
         return Some(request.reply(429, "too many messages in flight"));
     }
-    match edge.handlers.dispatch(request) {
+    match node.handlers.dispatch(request) {
         Outcome::Reply(reply) => Some(reply),
         Outcome::Pending(future) => {
             socket.inflight.fetch_add(1, Ordering::Relaxed);
-            let (conn, socket, task_edge) = (conn.clone(), socket.clone(), edge.clone());
-            edge.tracker.spawn(async move {
+            let (conn, socket, task_edge) = (conn.clone(), socket.clone(), node.clone());
+            node.tracker.spawn(async move {
                 let reply = future.await;
                 socket.inflight.fetch_sub(1, Ordering::Relaxed);
                 if let Some(reply) = reply {
@@ -509,8 +514,8 @@ mod tests {
             .verify(&creds.connection_id, &creds.socket_key)
             .unwrap();
         let conn = registry.attach(&verified, "id", None).unwrap();
-        let edge = Arc::new(
-            Edge::new(
+        let node = Arc::new(
+            NodeState::new(
                 Arc::new(Memory::new(registry)),
                 Remote::new(Duration::from_secs(1), None),
                 config,
@@ -522,7 +527,7 @@ mod tests {
             .unwrap(),
         );
         let (io, _peer) = tokio::io::duplex(64);
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(edge.ws_config)).await;
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(node.ws_config)).await;
         let socket = Arc::new(Socket::new(
             creds.connection_id.clone().into_boxed_str(),
             conn.digest(),
@@ -530,11 +535,11 @@ mod tests {
             None,
         ));
         let (mut sink, mut stream) = ws.split();
-        let write = std::mem::size_of_val(&write_loop(&mut sink, &conn, &edge));
-        let read = std::mem::size_of_val(&read_loop(&mut stream, &conn, &socket, &edge));
+        let write = std::mem::size_of_val(&write_loop(&mut sink, &conn, &node));
+        let read = std::mem::size_of_val(&read_loop(&mut stream, &conn, &socket, &node));
         drop((sink, stream));
         let (io, _peer) = tokio::io::duplex(64);
-        let run = std::mem::size_of_val(&run(io, &[], conn, socket, &edge));
+        let run = std::mem::size_of_val(&run(io, &[], conn, socket, &node));
         println!(
             "future sizes: write_loop {write} B, read_loop {read} B, run {run} B, End {} B",
             std::mem::size_of::<End>()

@@ -3,13 +3,37 @@
 //! * [`Close`] is every reason the gateway ends a socket; [`Close::code`] is the only place a
 //!   close code is chosen. Ranges: 1000-1008 as in RFC 6455; 4000-4099 "do not reconnect";
 //!   4100-4199 "reconnect with back-off"; 4200-4299 "reconnect now".
-//! * [`Error`] is what the control plane and the embedding API can get wrong, mapped to gRPC
-//!   statuses in `control/status.rs` and nowhere else.
+//! * [`Error`] is what a call through the [`crate::Gateway`] can meet: a request that breaks a
+//!   rule (validation), or a node that cannot serve it now ([`Unavailable`], shutting down);
+//!   mapped to gRPC statuses in `control/status.rs` and nowhere else.
+//! * [`StartError`] is what keeps a node from starting (bad settings, unreadable files,
+//!   listeners); [`NotReady`] is why a started node does not take traffic (`/readyz`, gRPC
+//!   health). Causes are typed sources, never flattened into strings.
 
-use crate::{
-    credentials::{BadDigest, WeakSecret},
-    domain::{BadChannel, BadJson, BadUser, MAX_INFO_LEN, MAX_USER_LEN},
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+pub use crate::credentials::{BadDigest, WeakSecret};
+use crate::domain::{BadChannel, BadJson, BadUser, MAX_INFO_LEN, MAX_USER_LEN};
+
+/// An upstream URL (`--upstream`) that cannot be used (the URL).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream must be an http:// URL with a host, like http://127.0.0.1:3000: {0}")]
+pub struct BadUpstream(pub(crate) String);
+
+/// A `trusted-proxies` or `client-address-header` value that does not parse (the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadProxies {
+    /// A `trusted-proxies` entry.
+    #[error("trusted-proxies: {0:?} is neither an address nor a network (CIDR)")]
+    Network(String),
+    /// The `client-address-header` value.
+    #[error("client-address-header {0:?}: expected x-forwarded-for, forwarded or none")]
+    Header(String),
+}
+
+/// An underlying failure (Redis's, rustls's, a task's), shared when one failure answers many
+/// calls.
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why the gateway closes (or closed) a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,9 +168,6 @@ pub enum Error {
         /// The largest TTL allowed.
         max_ms: u64,
     },
-    /// A deployment secret that is too short.
-    #[error(transparent)]
-    WeakSecret(#[from] WeakSecret),
     /// `History` from an epoch that is no longer the channel's: its past was lost.
     #[error("the channel's epoch changed (its history was lost); it is now at epoch {} offset {}", position.epoch, position.offset)]
     EpochChanged {
@@ -183,27 +204,127 @@ pub enum Error {
     /// A call that addresses a connection needs a digest or a user, not both.
     #[error("give either a digest or a user")]
     DigestOrUser,
-    /// The `call-route` upstream is not a usable URL (why).
-    #[error("{0}")]
-    BadUpstream(String),
-    /// A setting that does not hold (why); the configuration's own check says it first.
-    #[error("invalid setting: {0}")]
-    BadConfig(String),
-    /// Cluster mode: Redis could not be reached.
+    /// Cluster mode: the cluster's state (Redis) cannot be used now.
     #[error("cluster state unavailable: {0}")]
-    ClusterUnavailable(String),
-    /// Cluster mode needs a deployment secret shared by every node.
-    #[error("cluster mode (--redis) requires --secret, shared by every node")]
-    ClusterNeedsSecret,
+    Unavailable(#[from] Unavailable),
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
-    /// A listener or socket failed.
+}
+
+/// Why the node cannot use the cluster's shared state (Redis) now: calls fail fast with it
+/// (gRPC `UNAVAILABLE`), and it is the reason `/readyz` and the health service give.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    /// The node has not connected to Redis yet.
+    #[error("connecting to Redis")]
+    Connecting,
+    /// The pub/sub connection dropped; the node reconnects.
+    #[error("lost the Redis connection; reconnecting")]
+    Reconnecting,
+    /// Redis did not answer a command within its deadline.
+    #[error("Redis did not answer within {0:?}")]
+    Stalled(Duration),
+    /// A Redis command or connection failed.
+    #[error("Redis: {0}")]
+    Redis(#[source] Source),
+    /// Redis answered something out of shape.
+    #[error("unexpected answer from Redis: {what}")]
+    Answer {
+        /// What was out of shape.
+        what: &'static str,
+        /// The parser's complaint, when there is one.
+        #[source]
+        source: Option<Source>,
+    },
+    /// A task of the cluster bus ended (which); the node can no longer keep its part.
+    #[error("cluster bus task {task:?} stopped")]
+    Broken {
+        /// The task's name.
+        task: &'static str,
+        /// How it failed, when it did not just return.
+        #[source]
+        source: Option<Source>,
+    },
+}
+
+impl Unavailable {
+    /// A Redis failure.
+    pub(crate) fn redis(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Redis(Arc::new(err))
+    }
+
+    /// An answer out of shape (`what`).
+    pub(crate) fn answer(what: &'static str) -> Self {
+        Self::Answer { what, source: None }
+    }
+
+    /// An answer the parser refused (`what` was being read).
+    pub(crate) fn malformed(
+        what: &'static str,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Answer {
+            what,
+            source: Some(Arc::new(err)),
+        }
+    }
+}
+
+/// Why a started node does not take traffic now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotReady {
+    /// It is draining, for good.
+    #[error("draining")]
+    Draining,
+    /// The cluster's state cannot be used.
+    #[error(transparent)]
+    Cluster(#[from] Unavailable),
+}
+
+/// What keeps a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A deployment secret that is too short.
+    #[error(transparent)]
+    WeakSecret(#[from] WeakSecret),
+    /// Cluster mode needs a deployment secret shared by every node.
+    #[error("cluster mode (--redis) requires --secret, shared by every node")]
+    ClusterNeedsSecret,
+    /// The Redis URL cannot be used.
+    #[error("redis {url}: {source}")]
+    Redis {
+        /// The URL (its password included only if the setting held one: the setting is the
+        /// operator's own).
+        url: String,
+        /// Why.
+        #[source]
+        source: Source,
+    },
+    /// The `call-route` upstream is not a usable URL.
+    #[error(transparent)]
+    BadUpstream(#[from] BadUpstream),
+    /// `trusted-proxies` or `client-address-header` does not parse.
+    #[error(transparent)]
+    BadProxies(#[from] BadProxies),
+    /// A TLS certificate or key that cannot be read or used.
+    #[error("reading the TLS {what} {}: {source}", path.display())]
+    Tls {
+        /// `certificate`, `key` or `certificate and key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Source,
+    },
+    /// A listener or signal handler failed.
     #[error("{context}: {source}")]
     Io {
         /// What was being done.
-        context: String,
+        context: &'static str,
         /// The failure.
+        #[source]
         source: std::io::Error,
     },
 }

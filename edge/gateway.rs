@@ -14,8 +14,8 @@ use crate::{
     bus::Bus,
     config::JoinLeave,
     domain::{check_user, Channel, Position, User},
-    error::{Close, Error},
-    node::Edge,
+    error::{Close, Error, NotReady},
+    node::NodeState,
     registry::check_idempotency_key,
 };
 pub use crate::{
@@ -32,16 +32,16 @@ pub const MAX_HISTORY_PAGE: usize = 1000;
 /// A node's operations. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    edge: Arc<Edge>,
+    node: Arc<NodeState>,
 }
 
 impl Gateway {
-    pub(crate) fn new(edge: Arc<Edge>) -> Self {
-        Self { edge }
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
+        Self { node }
     }
 
     fn bus(&self) -> &dyn Bus {
-        &*self.edge.bus
+        &*self.node.bus
     }
 
     /// Mints credentials valid for `ttl` (the node's default when `None`) and, when `channels`
@@ -98,7 +98,7 @@ impl Gateway {
         key: Option<&str>,
     ) -> Result<PushTicket, Error> {
         crate::registry::check_channel_count(channels)?;
-        let json = self.edge.registry.check_payload(json)?;
+        let json = self.node.registry.check_payload(json)?;
         if let Some(key) = key {
             check_idempotency_key(key)?;
         }
@@ -120,7 +120,7 @@ impl Gateway {
     /// Waits a little while the node's writers are far behind, so a publisher that streams
     /// pushes is held back instead of overflowing subscriber queues (see `Backlog::pace`).
     pub async fn pace(&self) {
-        self.edge.registry.backlog().pace().await;
+        self.node.registry.backlog().pace().await;
     }
 
     /// Sends `json` to `digest`'s socket, framed as a push on `channel`; returns whether a live
@@ -131,7 +131,7 @@ impl Gateway {
         channel: &Channel,
         json: &str,
     ) -> Result<bool, Error> {
-        let frame = crate::protocol::send_frame(channel, &self.edge.registry.check_payload(json)?);
+        let frame = crate::protocol::send_frame(channel, &self.node.registry.check_payload(json)?);
         self.bus().send(digest, frame).await
     }
 
@@ -145,7 +145,7 @@ impl Gateway {
     /// node; returns how many were live.
     pub async fn send_user(&self, user: &str, channel: &Channel, json: &str) -> Result<u64, Error> {
         check_user(user)?;
-        let frame = crate::protocol::send_frame(channel, &self.edge.registry.check_payload(json)?);
+        let frame = crate::protocol::send_frame(channel, &self.node.registry.check_payload(json)?);
         let mut live = 0;
         for digest in self.bus().user_digests(user).await? {
             match self.bus().send(&digest, frame.clone()).await {
@@ -179,7 +179,7 @@ impl Gateway {
     /// The connections present in `channel` (subscribed and connected), with their user,
     /// info and since when. `PresenceOff` unless the channel's namespace keeps presence.
     pub async fn presence(&self, channel: &Channel) -> Result<Vec<Present>, Error> {
-        if !self.edge.config.limits.presence(channel) {
+        if !self.node.config.limits.presence(channel) {
             return Err(Error::PresenceOff);
         }
         self.bus().presence(channel).await
@@ -187,7 +187,7 @@ impl Gateway {
 
     /// `(connections, users)` present in `channel`; as [`Gateway::presence`], cheaply.
     pub async fn presence_stats(&self, channel: &Channel) -> Result<(u64, u64), Error> {
-        if !self.edge.config.limits.presence(channel) {
+        if !self.node.config.limits.presence(channel) {
             return Err(Error::PresenceOff);
         }
         self.bus().presence_stats(channel).await
@@ -196,7 +196,7 @@ impl Gateway {
     /// Counts of what this node holds; per channel when `per_channel` (only `only`, when not
     /// empty).
     pub fn stats(&self, per_channel: bool, only: &[Channel]) -> Stats {
-        self.edge.registry.stats(per_channel, only)
+        self.node.registry.stats(per_channel, only)
     }
 
     /// Starts a `Listen` stream on `channels`; in a cluster, pushes from every node reach it
@@ -213,7 +213,7 @@ impl Gateway {
         wants: Wants,
     ) -> Result<Listener, Error> {
         crate::registry::check_channel_count(channels)?;
-        let limits = &self.edge.config.limits;
+        let limits = &self.node.config.limits;
         for channel in channels {
             let ns = limits.namespace(channel);
             if (wants.join_leave != JoinLeave::Off && !ns.presence)
@@ -233,34 +233,34 @@ impl Gateway {
         actions: Vec<String>,
         lifecycle: bool,
     ) -> Result<(Member, mpsc::Receiver<Delivery>), MemberError> {
-        if let Some(action) = actions.iter().find(|a| self.edge.handlers.is_builtin(a)) {
+        if let Some(action) = actions.iter().find(|a| self.node.handlers.is_builtin(a)) {
             return Err(MemberError::BadRegistration(format!(
                 "action {action:?} is handled by the gateway itself"
             )));
         }
-        self.edge.handlers.remote().join(group, actions, lifecycle)
+        self.node.handlers.remote().join(group, actions, lifecycle)
     }
 
     /// Takes a `Handle` stream's reply to one of its deliveries.
     pub fn reply(&self, member: &Member, reply: HandlerReply) -> Result<(), MemberError> {
-        self.edge.handlers.remote().reply(member, reply)
+        self.node.handlers.remote().reply(member, reply)
     }
 
     /// `Ok` when the node can take traffic; else why not (draining, Redis unreachable or
     /// stalled, not connected yet): what `/readyz` answers.
-    pub fn readiness(&self) -> Result<(), String> {
-        self.edge.readiness.check()
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        self.node.readiness.check()
     }
 
     /// [`Gateway::readiness`] now and at every change.
-    pub fn readiness_changes(&self) -> tokio::sync::watch::Receiver<Result<(), String>> {
-        self.edge.readiness.watch()
+    pub fn readiness_changes(&self) -> tokio::sync::watch::Receiver<Result<(), NotReady>> {
+        self.node.readiness.watch()
     }
 
     /// Counts a control-plane call by its method (the gRPC path, or `other`) and gRPC status
     /// code, in `channelgate_control_requests_total`.
     pub fn count_control_call(&self, method: &str, code: &str) {
-        self.edge
+        self.node
             .registry
             .metrics()
             .control_requests
@@ -271,7 +271,7 @@ impl Gateway {
     /// Counts a connection closed as soon as it was accepted, by why, in
     /// `channelgate_refused_connections_total`.
     pub fn count_refused_connection(&self, reason: &str) {
-        self.edge
+        self.node
             .registry
             .metrics()
             .refused_connections
@@ -281,7 +281,7 @@ impl Gateway {
 
     /// Resolves once the node halts (its sockets are gone): long-lived calls end then.
     pub fn halted(&self) -> WaitForCancellationFutureOwned {
-        self.edge.halt.clone().cancelled_owned()
+        self.node.halt.clone().cancelled_owned()
     }
 
     /// Runs `task` on the node's task tracker, so the node's drain waits for it.
@@ -290,6 +290,6 @@ impl Gateway {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.edge.tracker.spawn(task)
+        self.node.tracker.spawn(task)
     }
 }

@@ -20,10 +20,10 @@ use crate::{
     bus::AttachError,
     conn,
     handlers::Socket,
-    node::{Edge, IpSlot},
+    http::{close, text, Body},
+    node::{IpSlot, NodeState},
     protocol::Recover,
     registry::Ending,
-    routes::{close, text, Body},
 };
 
 /// The WebSocket endpoint: counts the handshake by its outcome. On the spare lane (`spare`:
@@ -31,18 +31,18 @@ use crate::{
 pub(crate) async fn websocket<S>(
     req: Request<Incoming>,
     peer: SocketAddr,
-    edge: &Arc<Edge>,
+    node: &Arc<NodeState>,
     spare: bool,
 ) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let handshakes = &edge.registry.metrics().handshakes;
+    let handshakes = &node.registry.metrics().handshakes;
     if spare {
         handshakes.with_label_values(&["pending_full"]).inc();
         return UpgradeRefusal::Unavailable.response();
     }
-    return match upgrade::<S>(req, peer, edge).await {
+    return match upgrade::<S>(req, peer, node).await {
         Ok(response) => {
             handshakes.with_label_values(&["accepted"]).inc();
             response
@@ -140,12 +140,12 @@ impl UpgradeRefusal {
 async fn upgrade<S>(
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    edge: &Arc<Edge>,
+    node: &Arc<NodeState>,
 ) -> Result<Response<Body>, UpgradeRefusal>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    if !edge.handshake_allowed(peer.ip()) {
+    if !node.handshake_allowed(peer.ip()) {
         tracing::debug!(%peer, "handshake refused: handshake rate per address");
         return Err(UpgradeRefusal::HandshakeRate);
     }
@@ -157,7 +157,7 @@ where
     }
     let accept_key =
         websocket_accept_key(req.method(), headers).ok_or(UpgradeRefusal::NotUpgrade)?;
-    if !origin_allowed(headers, &edge.config.allowed_origins) {
+    if !origin_allowed(headers, &node.config.allowed_origins) {
         tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
         return Err(UpgradeRefusal::Origin);
     }
@@ -171,7 +171,7 @@ where
         .map(|text| Recover::parse(&text))
         .transpose()
         .map_err(UpgradeRefusal::BadRecover)?;
-    let socket_key = cookie(headers, &edge.config.key_cookie)
+    let socket_key = cookie(headers, &node.config.key_cookie)
         .or(query_key)
         .or_else(|| {
             headers
@@ -181,26 +181,26 @@ where
         })
         .ok_or(UpgradeRefusal::MissingKey)?;
 
-    let verified = edge
+    let verified = node
         .registry
         .verify(&connection_id, &socket_key)
         .map_err(|err| {
             tracing::debug!(%peer, %connection_id, %err, "handshake refused");
             UpgradeRefusal::Credentials
         })?;
-    if edge.shutdown.is_cancelled() {
+    if node.shutdown.is_cancelled() {
         return Err(UpgradeRefusal::Unavailable);
     }
-    let permit = edge.ws_permits.clone().try_acquire_owned().map_err(|_| {
+    let permit = node.ws_permits.clone().try_acquire_owned().map_err(|_| {
         tracing::warn!(%peer, "handshake refused: max-connections reached");
         UpgradeRefusal::Unavailable
     })?;
-    let limit = edge.config.limits.max_connections_per_ip;
-    let ip_slot = IpSlot::take(edge, peer.ip(), limit, |edge| &edge.per_ip).ok_or_else(|| {
+    let limit = node.config.limits.max_connections_per_ip;
+    let ip_slot = IpSlot::take(node, peer.ip(), limit, |node| &node.per_ip).ok_or_else(|| {
         tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
         UpgradeRefusal::TooManyFromIp
     })?;
-    let conn = edge
+    let conn = node
         .bus
         .attach(&verified, &connection_id, recover.as_ref())
         .await
@@ -223,9 +223,9 @@ where
 
     let cookies = req.headers().get(header::COOKIE).cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let task_edge = edge.clone();
+    let task_edge = node.clone();
     let task = async move {
-        let edge = task_edge;
+        let node = task_edge;
         match on_upgrade.await {
             Ok(upgraded) => {
                 // With debug logging, every line of this socket carries its (public) connection
@@ -243,14 +243,14 @@ where
                 match upgraded.downcast::<TokioIo<S>>() {
                     Ok(parts) => {
                         let socket_task =
-                            conn::run(parts.io.into_inner(), &parts.read_buf, conn, socket, &edge);
+                            conn::run(parts.io.into_inner(), &parts.read_buf, conn, socket, &node);
                         // `read_buf` is a slice of hyper's whole read buffer: holding it for the
                         // socket's lifetime would keep kilobytes per socket alive.
                         drop(parts.read_buf);
                         socket_task.instrument(span).await;
                     }
                     Err(upgraded) => {
-                        conn::run(TokioIo::new(upgraded), &[], conn, socket, &edge)
+                        conn::run(TokioIo::new(upgraded), &[], conn, socket, &node)
                             .instrument(span)
                             .await;
                     }
@@ -258,13 +258,13 @@ where
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");
-                edge.bus.detach(&conn, Ending::Resumable, None);
+                node.bus.detach(&conn, Ending::Resumable, None);
             }
         }
         drop(ip_slot);
         drop(permit);
     };
-    edge.tracker.spawn(task);
+    node.tracker.spawn(task);
 
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

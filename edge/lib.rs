@@ -9,10 +9,10 @@
 //! # Layout
 //! * [`Node`]: starts a node's client plane and its tasks, and drains it; [`Gateway`]
 //!   ([`gateway`]): the narrow door the control plane uses.
-//! * the client plane: `server` (accept loop, and each connection's HTTP service), `routes`
+//! * the client plane: `server` (accept loop, and each connection's HTTP service), `http`
 //!   (the plain HTTP routes: the probes, `/metrics`, the browser client), `handshake` (the
 //!   upgrade, where credentials are checked), `conn` (one socket's reader, writer and closing
-//!   handshake), `node` (what their tasks share), `proxy` (who the client is behind trusted
+//!   handshake), `node` (`NodeState`: what their tasks share), `proxy` (who the client is behind trusted
 //!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer for
 //!   `/readyz`, gRPC health and the bus);
 //! * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
@@ -23,7 +23,8 @@
 //! * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
 //! * [`protocol`]: the client wire format (pushes, replies, client messages);
 //! * [`metrics`], [`limit`] (token buckets), [`tls`] (wss, reloaded on SIGHUP), [`config`],
-//!   [`error`], [`shutdown`].
+//!   [`error`] (a call's `Error`, `StartError`, `NotReady`), `clock` (every clock read through
+//!   tokio's time, so tests pause it), [`shutdown`].
 //!
 //! # Entry point
 //! [`Node::start`] takes the bound client listener and a [`config::Config`]; the root crate's
@@ -46,6 +47,7 @@ mod fanout;
 mod handlers;
 mod handoff;
 mod handshake;
+mod http;
 #[cfg(test)]
 mod layering;
 mod limit;
@@ -55,7 +57,6 @@ mod protocol;
 mod proxy;
 mod readiness;
 mod registry;
-mod routes;
 mod server;
 mod shutdown;
 mod tls;
@@ -69,11 +70,11 @@ use crate::{
     bus::{memory::Memory, redis::RedisBus, Bus},
     config::Config,
     credentials::Secrets,
-    error::Error,
+    error::StartError,
     handlers::streams::Remote,
     metrics::Metrics,
-    node::Edge,
-    readiness::{Cause, Readiness},
+    node::NodeState,
+    readiness::Readiness,
     registry::Registry,
 };
 pub use crate::{gateway::Gateway, shutdown::Signals};
@@ -117,13 +118,13 @@ async fn each_until<T>(
 /// A running node's client plane. Dropping it does not stop the node: call [`Node::drain`].
 #[derive(Debug)]
 pub struct Node {
-    edge: Arc<Edge>,
+    node: Arc<NodeState>,
 }
 
 impl Node {
     /// Starts a node on `client`: the accept loop, the bus (in-process, or Redis with
     /// `config.redis`), the sweeper and the heartbeat. Must be called within a Tokio runtime.
-    pub fn start(client: TcpListener, config: Config) -> Result<Self, Error> {
+    pub fn start(client: TcpListener, config: Config) -> Result<Self, StartError> {
         let secret = match &config.secret {
             Some(secret) => secret.clone(),
             None => {
@@ -156,7 +157,7 @@ impl Node {
             ),
             Some(url) => {
                 if config.secret.is_none() {
-                    return Err(Error::ClusterNeedsSecret);
+                    return Err(StartError::ClusterNeedsSecret);
                 }
                 let (local, cluster, inbound) = handoff::link();
                 let remote = Remote::new(limits.handler_timeout, Some(local));
@@ -179,29 +180,29 @@ impl Node {
                 (remote, bus)
             }
         };
-        let client_addr = client.local_addr().map_err(|source| Error::Io {
-            context: "reading the client listener's address".into(),
+        let client_addr = client.local_addr().map_err(|source| StartError::Io {
+            context: "reading the client listener's address",
             source,
         })?;
         tracing::info!(addr = %client_addr, "client plane listening (WebSocket at {}, /healthz, /readyz)", config.ws_path);
-        let edge = Arc::new(Edge::new(
+        let node = Arc::new(NodeState::new(
             bus, remote, config, readiness, shutdown, halt, tracker,
         )?);
-        let tracker = &edge.tracker;
+        let tracker = &node.tracker;
         #[cfg(unix)]
-        if edge.tls.is_some() {
+        if node.tls.is_some() {
             use tokio::signal::unix::{signal, SignalKind};
             // Installed before serving, so a SIGHUP never finds the default action (exit).
-            let mut hup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
-                context: "listening for SIGHUP (TLS reload)".into(),
+            let mut hup = signal(SignalKind::hangup()).map_err(|source| StartError::Io {
+                context: "listening for SIGHUP (TLS reload)",
                 source,
             })?;
-            let (edge, halt) = (edge.clone(), edge.halt.clone());
+            let (node, halt) = (node.clone(), node.halt.clone());
             tracker.spawn(async move {
                 loop {
                     tokio::select! {
                         _ = hup.recv() => {
-                            if let Some(tls) = &edge.tls {
+                            if let Some(tls) = &node.tls {
                                 tls.reload();
                             }
                         }
@@ -214,22 +215,22 @@ impl Node {
         // Final ends decided away from sockets' tasks (a grace that ran out, a node lost)
         // become `$disconnect` events, and occupancy changes `$occupied` / `$vacated`, until
         // the node halts.
-        if let Some(events) = edge.registry.take_lifecycle() {
-            let here = edge.clone();
-            tracker.spawn(each_until(events, edge.halt.clone(), move |event| {
+        if let Some(events) = node.registry.take_lifecycle() {
+            let here = node.clone();
+            tracker.spawn(each_until(events, node.halt.clone(), move |event| {
                 here.handlers.lifecycle(&event)
             }));
         }
-        tracker.spawn(server::serve(client, edge.clone()));
+        tracker.spawn(server::serve(client, node.clone()));
         tracker.spawn({
-            let edge = edge.clone();
+            let node = node.clone();
             let mut tick = 0u64;
-            every(SWEEP_INTERVAL, edge.shutdown.clone(), move || {
-                edge.registry.sweep();
-                edge.sweep_handshake_buckets();
+            every(SWEEP_INTERVAL, node.shutdown.clone(), move || {
+                node.registry.sweep();
+                node.sweep_handshake_buckets();
                 // Channels are many and rarely expire: swept less often than sessions.
                 if tick.is_multiple_of(CHANNEL_SWEEP_EVERY) {
-                    edge.registry.sweep_channels();
+                    node.registry.sweep_channels();
                 }
                 tick += 1;
             })
@@ -238,25 +239,25 @@ impl Node {
         // go out in one burst, and closes sockets silent past the idle timeout. One task for
         // the node instead of two timers in every socket.
         tracker.spawn({
-            let registry = edge.registry.clone();
-            let limits = &edge.config.limits;
+            let registry = node.registry.clone();
+            let limits = &node.config.limits;
             let idle = limits.idle_timeout;
             let mut slice = 0;
             every(
                 limits.ping_interval / HEARTBEAT_SLICES as u32,
-                edge.halt.clone(),
+                node.halt.clone(),
                 move || {
                     registry.heartbeat(slice, HEARTBEAT_SLICES, idle);
                     slice = (slice + 1) % HEARTBEAT_SLICES;
                 },
             )
         });
-        Ok(Self { edge })
+        Ok(Self { node })
     }
 
     /// The door the control plane drives this node through.
     pub fn gateway(&self) -> Gateway {
-        Gateway::new(self.edge.clone())
+        Gateway::new(self.node.clone())
     }
 
     /// Drains the node: upgrades get 503 and `/readyz` says not ready, every socket gets its
@@ -264,21 +265,21 @@ impl Node {
     /// the node halts (listener, cluster tasks, [`Gateway::halted`] streams) and every task
     /// is waited for, up to what is left of `grace`.
     pub async fn drain(self, grace: Duration) {
-        let edge = self.edge;
+        let node = self.node;
         let deadline = tokio::time::Instant::now() + grace;
-        edge.readiness.set(Cause::Draining, "draining");
-        edge.shutdown.cancel();
-        if tokio::time::timeout_at(deadline, edge.sockets_gone())
+        node.readiness.set_draining();
+        node.shutdown.cancel();
+        if tokio::time::timeout_at(deadline, node.sockets_gone())
             .await
             .is_err()
         {
             tracing::warn!(?grace, "shutdown grace ran out with sockets still open");
         }
         tracing::debug!("sockets drained; halting");
-        edge.halt.cancel();
-        let tracker = edge.tracker.clone();
+        node.halt.cancel();
+        let tracker = node.tracker.clone();
         // The tasks hold the node's state; let go of ours so it is freed with them.
-        drop(edge);
+        drop(node);
         tracker.close();
         if tokio::time::timeout_at(deadline, tracker.wait())
             .await

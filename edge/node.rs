@@ -1,4 +1,4 @@
-//! [`Edge`]: what every task of a node's client plane shares (configuration, the bus and the
+//! [`NodeState`]: what every task of a node's client plane shares (configuration, the bus and the
 //! registry behind it, the handlers, permits and per-address limits, the shutdown tokens).
 //!
 //! It is the crate's own: the control plane reaches the node through the gateway only, which
@@ -17,7 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::Bus,
     config::Config,
-    error::Error,
+    error::StartError,
     handlers::{call_route::CallRoute, streams::Remote, Handlers},
     limit::TokenBucket,
     proxy::{self, AddressHeader, Proxies},
@@ -39,7 +39,7 @@ const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
 /// What every connection task of a node shares.
 #[derive(Debug)]
-pub(crate) struct Edge {
+pub(crate) struct NodeState {
     /// The registry of digests, channels and live sockets on this node.
     pub(crate) registry: Registry,
     /// The gateway's operations across nodes (or on this one).
@@ -81,7 +81,7 @@ pub(crate) struct Edge {
     pub(crate) proxies: Option<Proxies>,
 }
 
-impl Edge {
+impl NodeState {
     /// Whether `ip` may start another handshake now.
     pub(crate) fn handshake_allowed(&self, ip: IpAddr) -> bool {
         let rate = self.config.limits.handshake_rate_per_ip;
@@ -128,14 +128,13 @@ impl Edge {
         shutdown: CancellationToken,
         halt: CancellationToken,
         tracker: TaskTracker,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, StartError> {
         let limits = &config.limits;
         let call_route = CallRoute::new(
             config.upstream.as_deref(),
             limits.upstream_timeout,
             &config.key_cookie,
-        )
-        .map_err(|err| Error::BadUpstream(err.to_string()))?;
+        )?;
         let handlers = Handlers::new(call_route, remote, bus.registry().metrics());
         let tls = match config.tls() {
             Some((cert, key)) => Some(Tls::load(cert, key)?),
@@ -143,8 +142,8 @@ impl Edge {
         };
         let proxies = match &config.trusted_proxies {
             Some(trusted) if !trusted.is_empty() => Some(Proxies::new(
-                proxy::parse_trusted(trusted).map_err(Error::BadConfig)?,
-                AddressHeader::parse(&config.client_address_header).map_err(Error::BadConfig)?,
+                proxy::parse_trusted(trusted)?,
+                AddressHeader::parse(&config.client_address_header)?,
                 config.proxy_protocol,
             )),
             _ => None,
@@ -177,12 +176,12 @@ impl Edge {
 }
 
 /// Where a per-address limit keeps its counts.
-pub(crate) type Counts = fn(&Edge) -> &DashMap<IpAddr, usize>;
+pub(crate) type Counts = fn(&NodeState) -> &DashMap<IpAddr, usize>;
 
 /// One connection's share of a per-address limit (`max_connections_per_ip`, or
 /// `max_pending_per_ip`); given back on drop.
 pub(crate) struct IpSlot {
-    edge: Arc<Edge>,
+    node: Arc<NodeState>,
     ip: IpAddr,
     /// The counts this slot is taken from; `None` when the limit is off (nothing counted).
     counts: Option<Counts>,
@@ -191,22 +190,27 @@ pub(crate) struct IpSlot {
 impl IpSlot {
     /// Takes a slot for `ip` from `counts` (at most `max` per address; 0: no limit), or `None`
     /// when the address has them all.
-    pub(crate) fn take(edge: &Arc<Edge>, ip: IpAddr, max: usize, counts: Counts) -> Option<Self> {
+    pub(crate) fn take(
+        node: &Arc<NodeState>,
+        ip: IpAddr,
+        max: usize,
+        counts: Counts,
+    ) -> Option<Self> {
         if max == 0 {
             return Some(Self {
-                edge: edge.clone(),
+                node: node.clone(),
                 ip,
                 counts: None,
             });
         }
-        let mut count = counts(edge).entry(ip).or_insert(0);
+        let mut count = counts(node).entry(ip).or_insert(0);
         if *count >= max {
             return None;
         }
         *count += 1;
         drop(count);
         Some(Self {
-            edge: edge.clone(),
+            node: node.clone(),
             ip,
             counts: Some(counts),
         })
@@ -218,7 +222,7 @@ impl Drop for IpSlot {
         let Some(counts) = self.counts else {
             return;
         };
-        let counts = counts(&self.edge);
+        let counts = counts(&self.node);
         if let Some(mut count) = counts.get_mut(&self.ip) {
             *count = count.saturating_sub(1);
         }
@@ -239,12 +243,12 @@ impl Admission {
     /// Admits a connection just accepted, counted against its client address `ip` when known
     /// (`None`: a trusted proxy's connection whose client its PROXY header will name, or that
     /// names clients per request), or says why not (for the metric).
-    pub(crate) fn admit(edge: &Arc<Edge>, ip: Option<IpAddr>) -> Result<Self, &'static str> {
-        let slot = ip.map(|ip| Self::slot(edge, ip)).transpose()?;
-        let permit = match edge.handshake_permits.clone().try_acquire_owned() {
+    pub(crate) fn admit(node: &Arc<NodeState>, ip: Option<IpAddr>) -> Result<Self, &'static str> {
+        let slot = ip.map(|ip| Self::slot(node, ip)).transpose()?;
+        let permit = match node.handshake_permits.clone().try_acquire_owned() {
             Ok(permit) => (permit, false),
             Err(_) => (
-                edge.spare_permits
+                node.spare_permits
                     .clone()
                     .try_acquire_owned()
                     .map_err(|_| "pending_full")?,
@@ -259,14 +263,18 @@ impl Admission {
     }
 
     /// Counts the connection against `ip`, its client's address now that it is known.
-    pub(crate) fn attribute(&mut self, edge: &Arc<Edge>, ip: IpAddr) -> Result<(), &'static str> {
-        self.slot = Some(Self::slot(edge, ip)?);
+    pub(crate) fn attribute(
+        &mut self,
+        node: &Arc<NodeState>,
+        ip: IpAddr,
+    ) -> Result<(), &'static str> {
+        self.slot = Some(Self::slot(node, ip)?);
         Ok(())
     }
 
-    fn slot(edge: &Arc<Edge>, ip: IpAddr) -> Result<IpSlot, &'static str> {
-        let max = edge.config.limits.max_pending_per_ip;
-        IpSlot::take(edge, ip, max, |edge| &edge.pending_per_ip).ok_or("pending_per_ip")
+    fn slot(node: &Arc<NodeState>, ip: IpAddr) -> Result<IpSlot, &'static str> {
+        let max = node.config.limits.max_pending_per_ip;
+        IpSlot::take(node, ip, max, |node| &node.pending_per_ip).ok_or("pending_per_ip")
     }
 
     /// Whether this connection is on the spare lane (probes only: upgrades get 503).

@@ -29,6 +29,8 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
 
+use crate::error::BadProxies;
+
 /// The longest PROXY header taken: v1 is at most 107 bytes, v2 is 16 plus its addresses and
 /// TLVs (HAProxy's, with TLS details, stay well under this).
 const MAX_HEADER: usize = 1024;
@@ -53,20 +55,18 @@ pub(crate) enum AddressHeader {
 
 impl AddressHeader {
     /// Reads the setting's value.
-    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, BadProxies> {
         match text.to_ascii_lowercase().as_str() {
             "x-forwarded-for" => Ok(Self::XForwardedFor),
             "forwarded" => Ok(Self::Forwarded),
             "none" => Ok(Self::None),
-            other => Err(format!(
-                "client-address-header {other:?}: expected x-forwarded-for, forwarded or none"
-            )),
+            _ => Err(BadProxies::Header(text.to_owned())),
         }
     }
 }
 
 /// Parses `trusted-proxies` entries: networks (`10.0.0.0/8`) or single addresses.
-pub(crate) fn parse_trusted(entries: &[String]) -> Result<Vec<IpNet>, String> {
+pub(crate) fn parse_trusted(entries: &[String]) -> Result<Vec<IpNet>, BadProxies> {
     entries
         .iter()
         .map(|entry| {
@@ -74,9 +74,7 @@ pub(crate) fn parse_trusted(entries: &[String]) -> Result<Vec<IpNet>, String> {
             entry
                 .parse::<IpNet>()
                 .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    format!("trusted-proxies: {entry:?} is neither an address nor a network (CIDR)")
-                })
+                .map_err(|_| BadProxies::Network(entry.to_owned()))
         })
         .collect()
 }

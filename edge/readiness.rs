@@ -10,6 +10,8 @@
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::error::{NotReady, Unavailable};
+
 /// Why a node is not ready, most lasting first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cause {
@@ -29,9 +31,9 @@ const CAUSES: usize = 4;
 #[derive(Debug)]
 pub(crate) struct Readiness {
     /// The reason of each cause that is set, indexed by `Cause as usize`.
-    reasons: Mutex<[Option<String>; CAUSES]>,
+    reasons: Mutex<[Option<NotReady>; CAUSES]>,
     /// The answer, republished at every change; receivers are the health `Watch` streams.
-    answer: watch::Sender<Result<(), String>>,
+    answer: watch::Sender<Result<(), NotReady>>,
 }
 
 impl Default for Readiness {
@@ -45,9 +47,18 @@ impl Default for Readiness {
 
 impl Readiness {
     /// Sets `cause` with its `reason` (replacing an earlier reason of the same cause).
-    pub(crate) fn set(&self, cause: Cause, reason: impl Into<String>) {
+    pub(crate) fn set(&self, cause: Cause, reason: Unavailable) {
+        self.set_reason(cause, NotReady::Cluster(reason));
+    }
+
+    /// The node drains, for good.
+    pub(crate) fn set_draining(&self) {
+        self.set_reason(Cause::Draining, NotReady::Draining);
+    }
+
+    fn set_reason(&self, cause: Cause, reason: NotReady) {
         let mut reasons = self.reasons.lock();
-        reasons[cause as usize] = Some(reason.into());
+        reasons[cause as usize] = Some(reason);
         self.publish(&reasons);
     }
 
@@ -62,25 +73,32 @@ impl Readiness {
     }
 
     /// `Ok` when the node may take traffic; else the reason of the first cause set.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), NotReady> {
         first(&self.reasons.lock(), 0)
     }
 
     /// As [`Readiness::check`], without the drain: whether Redis is usable, for the cluster
     /// bus (the control plane keeps working while the sockets drain).
-    pub(crate) fn check_redis(&self) -> Result<(), String> {
-        first(&self.reasons.lock(), Cause::Broken as usize)
+    pub(crate) fn check_redis(&self) -> Result<(), Unavailable> {
+        match first(&self.reasons.lock(), Cause::Broken as usize) {
+            Ok(()) => Ok(()),
+            Err(NotReady::Cluster(why)) => Err(why),
+            // Not stored past the drain's index.
+            Err(NotReady::Draining) => Ok(()),
+        }
     }
 
     /// The answer now and at every change.
-    pub(crate) fn watch(&self) -> watch::Receiver<Result<(), String>> {
+    pub(crate) fn watch(&self) -> watch::Receiver<Result<(), NotReady>> {
         self.answer.subscribe()
     }
 
-    fn publish(&self, reasons: &[Option<String>; CAUSES]) {
+    fn publish(&self, reasons: &[Option<NotReady>; CAUSES]) {
         let answer = first(reasons, 0);
         self.answer.send_if_modified(|current| {
-            let changed = *current != answer;
+            // Compared by what the probes say.
+            let said = |a: &Result<(), NotReady>| a.as_ref().err().map(ToString::to_string);
+            let changed = said(current) != said(&answer);
             if changed {
                 *current = answer;
             }
@@ -90,7 +108,7 @@ impl Readiness {
 }
 
 /// The first reason set at or after index `from`.
-fn first(reasons: &[Option<String>; CAUSES], from: usize) -> Result<(), String> {
+fn first(reasons: &[Option<NotReady>; CAUSES], from: usize) -> Result<(), NotReady> {
     match reasons[from..].iter().flatten().next() {
         Some(reason) => Err(reason.clone()),
         None => Ok(()),
@@ -101,23 +119,30 @@ fn first(reasons: &[Option<String>; CAUSES], from: usize) -> Result<(), String> 
 mod tests {
     use super::*;
 
+    fn said<E: std::fmt::Display>(answer: Result<(), E>) -> String {
+        answer.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
     #[test]
     fn the_first_cause_set_answers_and_every_change_is_published() {
         let readiness = Readiness::default();
         let mut watch = readiness.watch();
-        assert_eq!(readiness.check(), Ok(()));
-        readiness.set(Cause::Stalled, "slow");
-        assert_eq!(readiness.check(), Err("slow".into()));
+        assert!(readiness.check().is_ok());
+        readiness.set(Cause::Stalled, Unavailable::Connecting);
+        assert_eq!(said(readiness.check()), "connecting to Redis");
         assert!(watch.has_changed().unwrap());
-        assert_eq!(*watch.borrow_and_update(), Err("slow".into()));
-        readiness.set(Cause::Draining, "draining");
-        assert_eq!(readiness.check(), Err("draining".into()));
+        assert_eq!(
+            said(watch.borrow_and_update().clone()),
+            "connecting to Redis"
+        );
+        readiness.set_draining();
+        assert_eq!(said(readiness.check()), "draining");
         // The bus ignores the drain.
-        assert_eq!(readiness.check_redis(), Err("slow".into()));
+        assert_eq!(said(readiness.check_redis()), "connecting to Redis");
         assert!(readiness.clear(Cause::Stalled));
         assert!(!readiness.clear(Cause::Stalled));
-        assert_eq!(readiness.check_redis(), Ok(()));
-        assert_eq!(*watch.borrow_and_update(), Err("draining".into()));
+        assert!(readiness.check_redis().is_ok());
+        assert_eq!(said(watch.borrow_and_update().clone()), "draining");
         // Clearing a cause that was not set publishes nothing.
         readiness.clear(Cause::Connecting);
         assert!(!watch.has_changed().unwrap());

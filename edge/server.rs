@@ -18,44 +18,44 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{Request, Response};
+use ::http::{Request, Response};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     handshake,
-    node::{Admission, Edge},
+    http::{self, Body},
+    node::{Admission, NodeState},
     proxy::{self, Preamble},
-    routes::{self, Body},
 };
 
 /// Accepts client-plane connections until the node halts. While it drains, it still answers
 /// `/healthz` and `/readyz` (not ready) and refuses upgrades with 503.
-pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
+pub(crate) async fn serve(listener: TcpListener, node: Arc<NodeState>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = edge.halt.cancelled() => break,
+            _ = node.halt.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let trusted = edge
+                let trusted = node
                     .proxies
                     .as_ref()
                     .is_some_and(|proxies| proxies.trusts(peer.ip()));
                 let client = (!trusted).then(|| proxy::canonical(peer.ip()));
-                let pending = match Admission::admit(&edge, client) {
+                let pending = match Admission::admit(&node, client) {
                     Ok(pending) => pending,
                     Err(why) => {
-                        refused(&edge, peer, why);
+                        refused(&node, peer, why);
                         continue;
                     }
                 };
                 // Pushes are small and latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
-                edge.tracker
-                    .spawn(connection(stream, peer, trusted, edge.clone(), pending));
+                node.tracker
+                    .spawn(connection(stream, peer, trusted, node.clone(), pending));
             }
             Err(err) => {
                 // Out of file descriptors or a transient network error: back off briefly
@@ -63,7 +63,7 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
                 tracing::warn!(%err, "accept failed");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    _ = edge.halt.cancelled() => break,
+                    _ = node.halt.cancelled() => break,
                 }
             }
         }
@@ -72,8 +72,8 @@ pub(crate) async fn serve(listener: TcpListener, edge: Arc<Edge>) {
 }
 
 /// Counts and logs a connection closed before its HTTP phase.
-fn refused(edge: &Edge, peer: SocketAddr, why: &'static str) {
-    edge.registry
+fn refused(node: &NodeState, peer: SocketAddr, why: &'static str) {
+    node.registry
         .metrics()
         .refused_connections
         .with_label_values(&[why])
@@ -87,30 +87,30 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     trusted: bool,
-    edge: Arc<Edge>,
+    node: Arc<NodeState>,
     mut pending: Admission,
 ) {
     let timeout = if pending.spare() {
-        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
+        crate::node::SPARE_HEADER_TIMEOUT.min(node.config.limits.handshake_timeout)
     } else {
-        edge.config.limits.handshake_timeout
+        node.config.limits.handshake_timeout
     };
     let deadline = tokio::time::Instant::now() + timeout;
     // The address the node sees the connection from: the peer, or the client its PROXY
     // header names.
     let mut from = peer;
-    if edge.proxies.as_ref().is_some_and(|p| p.expects_protocol()) {
+    if node.proxies.as_ref().is_some_and(|p| p.expects_protocol()) {
         if trusted {
             match proxy::read_header(&mut stream, deadline).await {
                 Ok(Preamble::Client(client)) => from = client,
                 Ok(Preamble::Local) => {}
                 Err(err) => {
                     tracing::debug!(%peer, %err, "trusted proxy's connection closed");
-                    return refused(&edge, peer, "proxy_header");
+                    return refused(&node, peer, "proxy_header");
                 }
             }
-            if let Err(why) = pending.attribute(&edge, proxy::canonical(from.ip())) {
-                return refused(&edge, from, why);
+            if let Err(why) = pending.attribute(&node, proxy::canonical(from.ip())) {
+                return refused(&node, from, why);
             }
         } else {
             // A PROXY header from a peer that is not a trusted proxy is a forgery. Nothing at
@@ -119,7 +119,7 @@ async fn connection(
             match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
                 Ok(Ok(n)) if proxy::looks_like_header(&start[..n]) => {
                     tracing::debug!(%peer, "PROXY header from a peer that is not a trusted proxy");
-                    return refused(&edge, peer, "proxy_untrusted");
+                    return refused(&node, peer, "proxy_untrusted");
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => return tracing::debug!(%peer, %err, "connection failed"),
@@ -129,12 +129,12 @@ async fn connection(
             }
         }
     }
-    match &edge.tls {
-        None => serve_http(stream, from, edge, pending).await,
+    match &node.tls {
+        None => serve_http(stream, from, node, pending).await,
         Some(tls) => {
             let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, from, edge, pending).await,
+                Ok(Ok(stream)) => serve_http(stream, from, node, pending).await,
                 Ok(Err(err)) => tracing::debug!(peer = %from, %err, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %from, "TLS handshake timed out"),
             }
@@ -144,8 +144,8 @@ async fn connection(
 
 /// Serves one client-plane TCP connection: plain HTTP requests, or one WebSocket upgrade.
 /// `from` is the address the connection comes from (the peer, or the client a trusted proxy's
-/// PROXY header named); each request's client is found from it ([`Edge::client`]).
-async fn serve_http<S>(stream: S, from: SocketAddr, edge: Arc<Edge>, pending: Admission)
+/// PROXY header named); each request's client is found from it ([`NodeState::client`]).
+async fn serve_http<S>(stream: S, from: SocketAddr, node: Arc<NodeState>, pending: Admission)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -153,14 +153,14 @@ where
     let io = TokioIo::new(stream);
     let spare = pending.spare();
     let service = service_fn(|req: Request<Incoming>| {
-        let edge = edge.clone();
-        let client = edge.client(from, req.headers());
-        async move { Ok::<_, Infallible>(route::<S>(req, client, &edge, spare).await) }
+        let node = node.clone();
+        let client = node.client(from, req.headers());
+        async move { Ok::<_, Infallible>(route::<S>(req, client, &node, spare).await) }
     });
     let header_timeout = if spare {
-        crate::node::SPARE_HEADER_TIMEOUT.min(edge.config.limits.handshake_timeout)
+        crate::node::SPARE_HEADER_TIMEOUT.min(node.config.limits.handshake_timeout)
     } else {
-        edge.config.limits.handshake_timeout
+        node.config.limits.handshake_timeout
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -173,7 +173,7 @@ where
                 tracing::debug!(%peer, %err, "client-plane HTTP connection failed");
             }
         }
-        _ = edge.halt.cancelled() => {}
+        _ = node.halt.cancelled() => {}
     }
     drop(pending);
 }
@@ -184,14 +184,14 @@ where
 async fn route<S>(
     req: Request<Incoming>,
     peer: SocketAddr,
-    edge: &Arc<Edge>,
+    node: &Arc<NodeState>,
     spare: bool,
 ) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    if req.uri().path() == edge.config.ws_path {
-        return handshake::websocket::<S>(req, peer, edge, spare).await;
+    if req.uri().path() == node.config.ws_path {
+        return handshake::websocket::<S>(req, peer, node, spare).await;
     }
-    routes::plain(&req, edge)
+    http::plain(&req, node)
 }

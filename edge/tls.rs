@@ -4,14 +4,17 @@
 //! A reload that fails (a missing file, a key that does not match) keeps the current
 //! certificate and logs why.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use parking_lot::RwLock;
 use rustls::ServerConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::error::Error;
+use crate::error::StartError;
 
 /// The client plane's TLS settings, reloadable.
 #[derive(Debug)]
@@ -24,7 +27,7 @@ pub(crate) struct Tls {
 
 impl Tls {
     /// Loads `cert` (PEM chain) and `key` (PEM private key).
-    pub(crate) fn load(cert: PathBuf, key: PathBuf) -> Result<Self, Error> {
+    pub(crate) fn load(cert: PathBuf, key: PathBuf) -> Result<Self, StartError> {
         let config = Self::read(&cert, &key)?;
         Ok(Self {
             cert,
@@ -33,21 +36,28 @@ impl Tls {
         })
     }
 
-    fn read(cert: &PathBuf, key: &PathBuf) -> Result<Arc<ServerConfig>, Error> {
-        let io = |what: &str, path: &PathBuf, err: &dyn std::fmt::Display| Error::Io {
-            context: format!("reading the TLS {what} {}", path.display()),
-            source: std::io::Error::other(err.to_string()),
-        };
+    fn read(cert: &PathBuf, key: &PathBuf) -> Result<Arc<ServerConfig>, StartError> {
+        fn io<E: std::error::Error + Send + Sync + 'static>(
+            what: &'static str,
+            path: &Path,
+            err: E,
+        ) -> StartError {
+            StartError::Tls {
+                what,
+                path: path.to_owned(),
+                source: Arc::new(err),
+            }
+        }
         let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| io("certificate", cert, &e))?
+            .map_err(|e| io("certificate", cert, e))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| io("certificate", cert, &e))?;
-        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| io("key", key, &e))?;
+            .map_err(|e| io("certificate", cert, e))?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| io("key", key, e))?;
         let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
-                .map_err(|e| io("certificate and key", cert, &e))?;
+                .map_err(|e| io("certificate and key", cert, e))?;
         // WebSockets upgrade over HTTP/1.1.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))

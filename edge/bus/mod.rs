@@ -89,7 +89,7 @@ pub(crate) enum AttachError {
     Refused(#[from] AttachRefusal),
     /// The shared state could not be reached.
     #[error("cluster state unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] crate::error::Unavailable),
 }
 
 /// The gateway's operations whose state may live beyond this node. A new kind of cluster

@@ -24,6 +24,7 @@ use serde_json::{value::RawValue, Value};
 
 use super::{Handler, Outcome, Request};
 use crate::domain::Json;
+use crate::error::BadUpstream;
 use crate::protocol::{Body, Reply};
 
 /// The action name.
@@ -57,11 +58,6 @@ impl std::fmt::Debug for CallRoute {
             .finish()
     }
 }
-
-/// An upstream URL that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream must be an http:// URL with a host, like http://127.0.0.1:3000: {0}")]
-pub(crate) struct BadUpstream(String);
 
 impl CallRoute {
     /// A handler calling `upstream` (an `http://` base URL), or answering 501 when `None`.

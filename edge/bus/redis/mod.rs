@@ -79,6 +79,8 @@
 //! reconnects with back-off, re-subscribes its channels and catches each one up.
 
 use crate::clock::now_ms;
+use crate::error::StartError;
+use crate::error::Unavailable;
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -298,10 +300,10 @@ impl RedisBus {
         readiness: Arc<Readiness>,
         halt: CancellationToken,
         tracker: &TaskTracker,
-    ) -> Result<Arc<Self>, Error> {
-        let redis_error = |err: redis::RedisError| Error::Io {
-            context: format!("redis {url}"),
-            source: std::io::Error::other(err),
+    ) -> Result<Arc<Self>, StartError> {
+        let redis_error = |err: redis::RedisError| StartError::Redis {
+            url: url.to_owned(),
+            source: Arc::new(err),
         };
         let endpoint = Endpoint::open(url).map_err(redis_error)?;
         let cluster = endpoint.is_cluster();
@@ -312,7 +314,7 @@ impl RedisBus {
         rand::rng().fill_bytes(&mut id);
         let (pushes, jobs) = mpsc::channel(PUSH_QUEUE);
         // Not ready until the pub/sub supervisor has connected.
-        readiness.set(Cause::Connecting, "connecting to Redis");
+        readiness.set(Cause::Connecting, Unavailable::Connecting);
         let bus = Arc::new_cyclic(|me| Self {
             pushes,
             limits: limits.clone(),
@@ -370,9 +372,11 @@ impl RedisBus {
             if halt.is_cancelled() {
                 return;
             }
-            let why = match result {
-                Ok(()) => format!("cluster bus task {name:?} stopped"),
-                Err(err) => format!("cluster bus task {name:?} failed: {err}"),
+            let why = Unavailable::Broken {
+                task: name,
+                source: result
+                    .err()
+                    .map(|err| Arc::new(err) as crate::error::Source),
             };
             tracing::error!(reason = %why, "the node can no longer take part in the cluster");
             if let Some(bus) = bus.upgrade() {
@@ -447,9 +451,7 @@ impl RedisBus {
     /// `Ok` when the node can use Redis now; else `UNAVAILABLE` at once (calls fail fast while
     /// Redis is down or stalls, instead of each waiting out its deadline).
     fn ready(&self) -> Result<(), Error> {
-        self.readiness
-            .check_redis()
-            .map_err(Error::ClusterUnavailable)
+        self.readiness.check_redis().map_err(Error::Unavailable)
     }
 
     /// Runs `call` (Redis commands) within [`COMMAND_TIMEOUT`] in all; past it, the node counts
@@ -486,19 +488,18 @@ impl RedisBus {
 
     /// Records that Redis did not answer in time; the error for the caller.
     fn stall(&self) -> Error {
-        let reason = format!("Redis did not answer within {COMMAND_TIMEOUT:?}");
+        let reason = Unavailable::Stalled(COMMAND_TIMEOUT);
         tracing::warn!(%reason, "Redis stalls");
         self.readiness.set(Cause::Stalled, reason.clone());
-        Error::ClusterUnavailable(reason)
+        reason.into()
     }
 
     fn unavailable(&self, err: &redis::RedisError) -> Error {
         if err.is_timeout() {
             return self.stall();
         }
-        let reason = format!("Redis: {err}");
-        tracing::warn!(%reason, "cluster call failed");
-        Error::ClusterUnavailable(reason)
+        tracing::warn!(%err, "cluster call failed");
+        Unavailable::redis(err.clone()).into()
     }
 
     /// Applies a subscription change to a socket on this node. New channels are subscribed to
@@ -786,7 +787,7 @@ impl Bus for RedisBus {
             .arg(verified.digest.to_string())
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+            .map_err(|e| AttachError::Unavailable(Unavailable::redis(e)))?;
         let mut reply = reply.into_iter();
         match reply.next().as_deref() {
             Some("ok") => {}
@@ -822,7 +823,10 @@ impl Bus for RedisBus {
             Err(err) => {
                 // Redis marked the id live here; give it back (resumable) before refusing.
                 self.record_end(verified.digest, Ending::Resumable, EndReason::Dropped, None);
-                return Err(AttachError::Unavailable(err.to_string()));
+                return Err(match err {
+                    Error::Unavailable(why) => why.into(),
+                    other => Unavailable::redis(other).into(),
+                });
             }
         };
         Ok(self.registry.attach_accepted(

@@ -14,6 +14,7 @@
 //! every group that was advertised when it was relayed, at least once whatever node dies,
 //! exactly once when none does, as long as Redis keeps its data.
 
+use crate::error::Unavailable;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
@@ -101,7 +102,7 @@ impl RedisBus {
             for (p, answer) in reading.into_iter().zip(answers) {
                 let read = answer.and_then(|v| {
                     redis::from_redis_value::<Option<redis::streams::StreamReadReply>>(v)
-                        .map_err(|e| Error::ClusterUnavailable(e.to_string()))
+                        .map_err(|e| Error::from(Unavailable::malformed("an outbox read", e)))
                 });
                 match read {
                     Ok(reply) => {

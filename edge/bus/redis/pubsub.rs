@@ -7,6 +7,7 @@
 //! offset order; after a reconnection, every channel is caught up from Redis.
 
 use crate::clock::now_ms;
+use crate::error::Unavailable;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -45,9 +46,7 @@ impl RedisBus {
         }
         let Some(sink) = pubsub.sink.as_mut() else {
             // Redis is down; the reconnection re-subscribes everything in use.
-            return Err(Error::ClusterUnavailable(
-                "Redis pub/sub is reconnecting".into(),
-            ));
+            return Err(Unavailable::Reconnecting.into());
         };
         let topics: Vec<String> = missing.iter().map(|c| self.keys.channel_topic(c)).collect();
         match self.sink_subscribe(sink, &topics).await {
@@ -57,7 +56,7 @@ impl RedisBus {
             }
             Err(err) => {
                 tracing::warn!(%err, "Redis SUBSCRIBE failed");
-                Err(Error::ClusterUnavailable(format!("Redis SUBSCRIBE: {err}")))
+                Err(Unavailable::redis(err).into())
             }
         }
     }
@@ -140,8 +139,8 @@ impl RedisBus {
             match connected {
                 Ok(mut stream) => {
                     if let Err(err) = self.restore_live().await {
-                        let reason = format!("Redis unreachable: {err}");
-                        tracing::warn!(%reason, retry_in = ?backoff);
+                        tracing::warn!(%err, retry_in = ?backoff, "Redis unreachable");
+                        let reason = Unavailable::redis(err);
                         self.readiness.set(Cause::Connecting, reason);
                         self.pubsub.lock().await.sink = None;
                         tokio::select! {
@@ -183,17 +182,17 @@ impl RedisBus {
                             None => break,
                         }
                     }
-                    let reason = "lost the Redis connection; reconnecting".to_owned();
-                    tracing::warn!("{reason}");
-                    self.readiness.set(Cause::Connecting, reason);
+                    tracing::warn!("{}", Unavailable::Reconnecting);
+                    self.readiness
+                        .set(Cause::Connecting, Unavailable::Reconnecting);
                     let mut pubsub = self.pubsub.lock().await;
                     pubsub.sink = None;
                     pubsub.subscribed.clear();
                 }
                 Err(err) => {
-                    let reason = format!("Redis unreachable: {err}");
-                    tracing::warn!(%reason, retry_in = ?backoff);
-                    self.readiness.set(Cause::Connecting, reason);
+                    tracing::warn!(%err, retry_in = ?backoff, "Redis unreachable");
+                    self.readiness
+                        .set(Cause::Connecting, Unavailable::redis(err));
                 }
             }
             tokio::select! {

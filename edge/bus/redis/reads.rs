@@ -4,6 +4,7 @@
 //! step, and `History` pages.
 
 use crate::clock::now_ms;
+use crate::error::Unavailable;
 use std::{collections::HashMap, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
@@ -174,7 +175,7 @@ impl RedisBus {
             .read_many(&[(channel, read)])
             .await?
             .pop()
-            .unwrap_or_else(|| Err(Error::ClusterUnavailable("Redis answered no read".into())))?;
+            .unwrap_or_else(|| Err(Unavailable::answer("no read").into()))?;
         if query
             .epoch
             .as_deref()
@@ -282,30 +283,29 @@ impl RedisBus {
 
 /// Parses a read script's answer: `{epoch, last, (offset, time, payload)...}`.
 fn parse_read(value: redis::Value, read: Read) -> Result<Fetched, Error> {
-    let bad =
-        |why: &str| Error::ClusterUnavailable(format!("unexpected read answer from Redis: {why}"));
-    let items: Vec<redis::Value> =
-        redis::from_redis_value(value).map_err(|e| bad(&e.to_string()))?;
+    let bad = |what: &'static str| Error::from(Unavailable::answer(what));
+    let malformed = |e| Error::from(Unavailable::malformed("a read", e));
+    let items: Vec<redis::Value> = redis::from_redis_value(value).map_err(malformed)?;
     let mut items = items.into_iter();
     let epoch: String = items
         .next()
         .and_then(|v| redis::from_redis_value(v).ok())
-        .ok_or_else(|| bad("no epoch"))?;
+        .ok_or_else(|| bad("a read without its epoch"))?;
     if !valid_epoch(&epoch) {
-        return Err(bad("malformed epoch"));
+        return Err(bad("a malformed epoch"));
     }
     let last: u64 = items
         .next()
         .and_then(|v| redis::from_redis_value(v).ok())
-        .ok_or_else(|| bad("no offset"))?;
+        .ok_or_else(|| bad("a read without its offset"))?;
     let mut entries = Vec::new();
     while let Some(offset) = items.next() {
         let (Some(at), Some(payload)) = (items.next(), items.next()) else {
             return Err(bad("a truncated entry"));
         };
-        let offset: u64 = redis::from_redis_value(offset).map_err(|e| bad(&e.to_string()))?;
-        let at: u64 = redis::from_redis_value(at).map_err(|e| bad(&e.to_string()))?;
-        let payload: String = redis::from_redis_value(payload).map_err(|e| bad(&e.to_string()))?;
+        let offset: u64 = redis::from_redis_value(offset).map_err(malformed)?;
+        let at: u64 = redis::from_redis_value(at).map_err(malformed)?;
+        let payload: String = redis::from_redis_value(payload).map_err(malformed)?;
         entries.push((offset, at, Arc::<str>::from(payload)));
     }
     let complete = match read {

@@ -14,6 +14,7 @@
 //! after winning an end loses nothing.
 
 use crate::clock::now_ms;
+use crate::error::Unavailable;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
@@ -207,8 +208,7 @@ fn scored_up_to(key: &str, max: u64, count: usize) -> redis::Cmd {
 
 /// The members a batched command answered.
 fn members(answer: Option<Result<redis::Value, Error>>) -> Result<Vec<String>, Error> {
-    let value =
-        answer.ok_or_else(|| Error::ClusterUnavailable("Redis answered too few".into()))??;
+    let value = answer.ok_or_else(|| Error::from(Unavailable::answer("too few answers")))??;
     redis::from_redis_value(value)
-        .map_err(|e| Error::ClusterUnavailable(format!("unexpected reaper answer: {e}")))
+        .map_err(|e| Unavailable::malformed("the reaper's members", e).into())
 }

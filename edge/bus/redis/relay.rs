@@ -2,6 +2,7 @@
 //! pipelined ([`PushJob`], the publisher task), and its heartbeat (which also renews its live
 //! sockets' keys and advertises its `Handle` groups).
 
+use crate::error::Unavailable;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -49,7 +50,7 @@ impl RedisBus {
             }
             if let Err(why) = self.readiness.check_redis() {
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(Error::ClusterUnavailable(why.clone())));
+                    let _ = job.reply.send(Err(why.clone().into()));
                 }
                 continue;
             }
@@ -97,26 +98,20 @@ impl RedisBus {
             Ok(answers) => answers,
             Err(err) => {
                 let reason = match err {
-                    Error::ClusterUnavailable(reason) => reason,
-                    other => other.to_string(),
+                    Error::Unavailable(reason) => reason,
+                    other => Unavailable::redis(other),
                 };
-                return batch
-                    .iter()
-                    .map(|_| Err(Error::ClusterUnavailable(reason.clone())))
-                    .collect();
+                return batch.iter().map(|_| Err(reason.clone().into())).collect();
             }
         };
         answers
             .into_iter()
             .map(|answer| {
                 let (epoch, offset, duplicate): (String, u64, u8) =
-                    redis::from_redis_value(answer?).map_err(|e| {
-                        Error::ClusterUnavailable(format!("unexpected push answer: {e}"))
-                    })?;
+                    redis::from_redis_value(answer?)
+                        .map_err(|e| Error::from(Unavailable::malformed("a push's position", e)))?;
                 if !valid_epoch(&epoch) {
-                    return Err(Error::ClusterUnavailable(
-                        "Redis holds a malformed epoch".into(),
-                    ));
+                    return Err(Unavailable::answer("a malformed epoch").into());
                 }
                 Ok((
                     Position {

@@ -27,7 +27,7 @@ pub struct Gateway {
     /// The typed client (`channelgate::client`), which the scenario helpers use.
     pub client: Client,
     stop: CancellationToken,
-    task: Option<JoinHandle<Result<(), channelgate::error::Error>>>,
+    task: Option<JoinHandle<Result<(), channelgate::error::RunError>>>,
 }
 
 /// Credentials as `IssueConnection` returns them.

@@ -7,19 +7,19 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::node::Edge;
+use crate::node::NodeState;
 
 /// The body of every answer of the client plane.
 pub(crate) type Body = Full<Bytes>;
 
 /// Answers a request that is not the WebSocket's: the probes, `/metrics`, the browser client;
 /// anything else is 404.
-pub(crate) fn plain(req: &Request<Incoming>, edge: &Edge) -> Response<Body> {
+pub(crate) fn plain(req: &Request<Incoming>, node: &NodeState) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, CLIENT_SCRIPT_PATH) => client_script(req.headers()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/metrics") => metrics(edge),
-        (&Method::GET, "/readyz") => match edge.readiness.check() {
+        (&Method::GET, "/metrics") => metrics(node),
+        (&Method::GET, "/readyz") => match node.readiness.check() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => {
                 let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
@@ -77,26 +77,26 @@ fn client_script(headers: &HeaderMap) -> Response<Body> {
     response
 }
 
-fn metrics(edge: &Edge) -> Response<Body> {
-    let metrics = edge.registry.metrics();
-    let stats = edge.registry.stats(false, &[]);
+fn metrics(node: &NodeState) -> Response<Body> {
+    let metrics = node.registry.metrics();
+    let stats = node.registry.stats(false, &[]);
     metrics.connections.set(stats.connections as i64);
     metrics.channels.set(stats.channels as i64);
     metrics.sessions.set(stats.sessions as i64);
-    let pending = edge
+    let pending = node
         .config
         .limits
         .max_pending_handshakes
-        .saturating_sub(edge.handshake_permits.available_permits());
+        .saturating_sub(node.handshake_permits.available_permits());
     metrics
         .pending_handshakes
         .set(i64::try_from(pending).unwrap_or(i64::MAX));
     metrics
         .history_bytes
-        .set(i64::try_from(edge.registry.history_bytes()).unwrap_or(i64::MAX));
+        .set(i64::try_from(node.registry.history_bytes()).unwrap_or(i64::MAX));
     metrics
         .bus_ready
-        .set(i64::from(edge.readiness.check_redis().is_ok()));
+        .set(i64::from(node.readiness.check_redis().is_ok()));
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
