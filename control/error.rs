@@ -12,6 +12,9 @@ pub enum RunError {
     /// The edge (client plane, cluster bus) could not start.
     #[error(transparent)]
     Edge(#[from] StartError),
+    /// A control-plane setting out of range.
+    #[error(transparent)]
+    Setting(#[from] edge::config::ConfigError),
     /// A listener could not be bound.
     #[error("binding the {plane} to {addr}: {source}")]
     Bind {

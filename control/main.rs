@@ -91,6 +91,7 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
     let mut signals = channelgate::edge::Signals::new().context("installing signal handlers")?;
     let file = settings.load_file()?;
     let config = settings.merge(file).into_config()?;
+    channelgate::settings::check(&config)?;
     let listeners = Listeners::bind(&config).await?;
 
     let token = tokio_util::sync::CancellationToken::new();

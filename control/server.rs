@@ -14,19 +14,17 @@
 //! padded ([`pad`]); the bearer-token check ([`auth`]) on the Control service only (health and
 //! reflection stay open for probes and tools).
 
-use std::time::Duration;
-
 use tokio::net::TcpListener;
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig},
+    transport::{server::TcpIncoming, Server},
 };
 
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::{
-    auth::BearerAuth, config::Config, error::RunError, health::HealthService, incoming, observe,
-    pad, pb, service::ControlService,
+    auth::BearerAuth, error::RunError, health::HealthService, incoming, observe, pad, pb,
+    service::ControlService, settings::Settings,
 };
 
 /// Streams a client may reset before the server accepted them before its connection is
@@ -36,55 +34,6 @@ const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams the server may reset (refusals past the concurrent-stream limit, protocol errors)
 /// on one connection before closing it.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
-
-/// What the control plane's server needs of the node's configuration.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    /// Bearer tokens the Control service accepts (none: no authentication).
-    tokens: Vec<String>,
-    /// Server identity, and a client CA for mutual TLS.
-    tls: Option<ServerTlsConfig>,
-    /// `grpc-max-streams`: concurrent streams per connection.
-    max_streams: u32,
-    /// `grpc-max-connections`.
-    max_connections: usize,
-    /// `grpc-call-timeout`: a unary call's time from its arrival.
-    call_timeout: Duration,
-    /// `grpc-keepalive`; zero: no pings.
-    keepalive: Duration,
-}
-
-impl Settings {
-    /// Reads the control plane's settings (and its certificate files) from `config`.
-    pub(crate) fn from_config(config: &Config) -> Result<Self, RunError> {
-        Ok(Self {
-            tokens: config.control_token.clone().unwrap_or_default(),
-            tls: tls_config(config)?,
-            max_streams: config.grpc_max_streams,
-            max_connections: config.grpc_max_connections,
-            call_timeout: config.grpc_call_timeout,
-            keepalive: config.grpc_keepalive,
-        })
-    }
-}
-
-/// The control plane's TLS settings: a server identity, and a client CA for mutual TLS.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, RunError> {
-    let Some((cert, key)) = config.grpc_tls() else {
-        return Ok(None);
-    };
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| RunError::Read {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(&cert)?, read(&key)?));
-    if let Some(ca) = &config.grpc_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
 
 /// Serves the control plane on `listener` until the node halts.
 pub(crate) async fn serve(

@@ -6,8 +6,10 @@
 //! environment variable of `channelgate serve` (clap), its key in the TOML file given with
 //! `--config` (serde; unknown keys are an error that names the key), and its row in
 //! [`SETTINGS`], from which the README's tables and `examples/channelgate.toml` are checked by a
-//! test. The control plane's settings are plain data here too, so a node has one table of
-//! settings; only the control plane reads them.
+//! test. The control plane's settings (`grpc-*`, `control-token`, `insecure-control`) are
+//! declared in the same table, so a node has one `--help`, one file and one README table; they
+//! are plain data here: the control plane (`control/settings.rs`) reads and checks them, the
+//! edge never does.
 //!
 //! Precedence: flags, then `CHANNELGATE_*` environment variables, then the file, then the
 //! defaults: the first that sets a value wins ([`Settings::merge`], [`Settings::into_config`]).
@@ -676,12 +678,8 @@ impl Config {
         self.tls_cert.clone().zip(self.tls_key.clone())
     }
 
-    /// The control plane's certificate and key, when both are set.
-    pub fn grpc_tls(&self) -> Option<(PathBuf, PathBuf)> {
-        self.grpc_tls_cert.clone().zip(self.grpc_tls_key.clone())
-    }
-
-    /// Checks values that no type rules out.
+    /// Checks the edge's values that no type rules out (the control plane checks its own:
+    /// `channelgate::settings`).
     pub fn check(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
@@ -710,19 +708,6 @@ impl Config {
         if self.redis.is_some() && self.secret.is_none() {
             return invalid("cluster mode (--redis) requires --secret, shared by every node");
         }
-        if self.grpc_client_ca.is_some() && self.grpc_tls().is_none() {
-            return invalid("grpc-client-ca needs grpc-tls-cert and grpc-tls-key");
-        }
-        if self.control_token.as_ref().is_none_or(Vec::is_empty)
-            && self.grpc_client_ca.is_none()
-            && !self.grpc_listen.ip().is_loopback()
-            && !self.insecure_control
-        {
-            return invalid(
-                "the control plane listens beyond loopback without --control-token or \
-                 --grpc-client-ca; set one, or --insecure-control if something else guards it",
-            );
-        }
         if let Some(trusted) = &self.trusted_proxies {
             crate::proxy::parse_trusted(trusted)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -732,18 +717,7 @@ impl Config {
         if self.proxy_protocol && self.trusted_proxies.as_ref().is_none_or(Vec::is_empty) {
             return invalid("proxy-protocol needs trusted-proxies: the proxies that send it");
         }
-        if self.grpc_max_streams == 0 || self.grpc_max_connections == 0 {
-            return invalid("grpc-max-streams and grpc-max-connections must be positive");
-        }
-        if self.grpc_call_timeout.is_zero() {
-            return invalid("grpc-call-timeout must be positive");
-        }
-        if self.control_token.iter().flatten().any(|t| t.is_empty()) {
-            return invalid("control tokens must not be empty");
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some()
-            || self.grpc_tls_cert.is_some() != self.grpc_tls_key.is_some()
-        {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("a TLS certificate needs its key, and a key its certificate");
         }
         Ok(())
@@ -999,21 +973,6 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = Settings::parse_toml("lisen = \"x\"").unwrap_err();
         assert!(err.contains("lisen"), "{err}");
-    }
-
-    #[test]
-    fn an_open_control_plane_needs_a_token_or_an_explicit_waiver() {
-        let open = |extra: fn(&mut Settings)| {
-            let mut s = Settings {
-                grpc_listen: Some("0.0.0.0:50051".parse().unwrap()),
-                ..Settings::default()
-            };
-            extra(&mut s);
-            s.into_config()
-        };
-        assert!(open(|_| {}).is_err());
-        assert!(open(|s| s.control_token = Some(vec!["t".into()])).is_ok());
-        assert!(open(|s| s.insecure_control = Some(true)).is_ok());
     }
 
     #[test]

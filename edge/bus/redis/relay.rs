@@ -2,21 +2,22 @@
 //! pipelined ([`PushJob`], the publisher task), and its heartbeat (which also renews its live
 //! sockets' keys and advertises its `Handle` groups).
 
-use crate::error::Unavailable;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::keys::ChannelKey;
 use super::{
-    Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL, NODES_TTL, PUSH_BATCH,
+    keys::ChannelKey, Batch, RedisBus, COMMAND_TIMEOUT, HEARTBEAT, LEASE, LIVE_RENEW, LIVE_TTL,
+    NODES_TTL, PUSH_BATCH,
 };
-use crate::readiness::Cause;
 use crate::{
+    bus::PushTicket,
     clock::now_ms,
-    domain::{new_epoch, valid_epoch, Channel, Position},
+    domain::{new_epoch, valid_epoch, Channel, Json, Position},
     error::Error,
+    error::Unavailable,
+    readiness::Cause,
 };
 
 /// One push to one channel, for the publisher task.
@@ -205,5 +206,49 @@ impl RedisBus {
             now_ms().saturating_sub(LEASE.as_millis() as u64),
         );
         let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.run_quiet(batch)).await;
+    }
+}
+
+impl RedisBus {
+    /// Queues a push to each of `channels` for the publisher; the ticket resolves with their
+    /// positions once Redis ordered them, and delivers here at once.
+    pub(super) async fn submit(
+        &self,
+        channels: &[Channel],
+        json: &Json,
+        key: Option<&str>,
+    ) -> Result<PushTicket, Error> {
+        self.ready()?;
+        let payload: Arc<str> = json.as_str().into();
+        let mut replies = Vec::with_capacity(channels.len());
+        for channel in channels {
+            let (reply, answer) = oneshot::channel();
+            let job = PushJob {
+                channel: channel.clone(),
+                payload: payload.clone(),
+                key: key.map(Into::into),
+                reply,
+            };
+            self.pushes
+                .send(job)
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            replies.push((channel.clone(), answer));
+        }
+        let registry = self.registry.clone();
+        Ok(PushTicket::Pending(Box::pin(async move {
+            let mut pushed = crate::registry::Pushed::default();
+            for (channel, answer) in replies {
+                let (position, duplicate) = answer.await.map_err(|_| Error::ShuttingDown)??;
+                if !duplicate {
+                    // Deliver here at once; the copy that comes back over pub/sub is dropped.
+                    pushed.queued += registry
+                        .offer(&channel, &position.epoch, position.offset, &payload, false)
+                        .unwrap_or(0);
+                }
+                pushed.positions.push((channel, position));
+            }
+            Ok(pushed)
+        })))
     }
 }
