@@ -382,6 +382,9 @@ settings! {
         client_address_header: String = "x-forwarded-for" [text] "CHANNELGATE_CLIENT_ADDRESS_HEADER" "HEADER";
         /// HTTP path of the WebSocket endpoint.
         ws_path: String = "/ws" [text] "CHANNELGATE_WS_PATH" "PATH";
+        /// HTTP path of the Server-Sent Events endpoint: the same frames as the WebSocket, one
+        /// event each, for clients that cannot hold a WebSocket.
+        sse_path: String = "/sse" [text] "CHANNELGATE_SSE_PATH" "PATH";
         /// Name of the cookie carrying the socket key.
         key_cookie: String = "socket_key" [text] "CHANNELGATE_KEY_COOKIE" "NAME";
         /// Cluster mode: the Redis every node shares, one server (redis://host:port[/db]) or a
@@ -702,8 +705,11 @@ impl Config {
         if l.credential_ttl.is_zero() || l.credential_ttl > l.max_credential_ttl {
             return invalid("credential-ttl must be positive and at most max-credential-ttl");
         }
-        if !self.ws_path.starts_with('/') {
-            return invalid("ws-path must start with /");
+        if !self.ws_path.starts_with('/') || !self.sse_path.starts_with('/') {
+            return invalid("ws-path and sse-path must start with /");
+        }
+        if self.ws_path == self.sse_path {
+            return invalid("ws-path and sse-path must differ");
         }
         if self.redis.is_some() && self.secret.is_none() {
             return invalid("cluster mode (--redis) requires --secret, shared by every node");

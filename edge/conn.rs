@@ -57,9 +57,9 @@ const BATCH_KEEP: usize = 64;
 /// How long the closing handshake, or a write in progress when the socket is closed, may take.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How the socket's loops ended.
+/// How a socket's loops (or an event stream's) ended.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The client sent a close frame, with this code (1005 when it gave none) and reason. Its
     /// credentials are spent, unless the code was in 4200-4299 ("I will reconnect now"): then
     /// they stay resumable within the grace period.
@@ -170,48 +170,7 @@ async fn finish<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let code = match &end {
-        End::PeerClosed { .. } => "peer".to_owned(),
-        End::Lost(_) => "lost".to_owned(),
-        End::Closing(close) => close.code().to_string(),
-    };
-    node.registry
-        .metrics()
-        .closes
-        .with_label_values(&[&code])
-        .inc();
-    // The one final `$disconnect`, when this end is final; a resumable end is told when the
-    // grace runs out without a resume (the registry's or the cluster's doing, see `ends`).
-    let reason = match (&end, end.ending()) {
-        (End::PeerClosed { .. }, Ending::Final) => Some(EndReason::ClientClosed),
-        (End::Closing(_), Ending::Final) => Some(EndReason::Application),
-        (_, Ending::Resumable) if node.config.limits.reconnect_grace.is_zero() => {
-            Some(EndReason::Dropped)
-        }
-        _ => None,
-    };
-    let ended = reason.map(|reason| Ended {
-        connection_id: socket.connection_id.clone(),
-        digest: conn.digest(),
-        user: node.registry.user_of(&conn.digest()).map(|u| u.name),
-        reason,
-        close: match &end {
-            End::Closing(close) => Some((close.code(), close.reason().to_owned())),
-            End::PeerClosed { code, reason } => Some((*code, reason.clone())),
-            End::Lost(_) => None,
-        },
-    });
-    // Recorded with its end, so in cluster mode the script that ends the credentials tells
-    // the `$disconnect` itself.
-    node.bus.detach(conn, end.ending(), ended.as_ref());
-    if let Some(ended) = ended {
-        node.registry.ended(ended);
-    }
-    // Frames can no longer reach this socket; make sure nothing queues behind the close.
-    conn.outbox.close(match &end {
-        End::Closing(close) => close.clone(),
-        _ => Close::GoingAway,
-    });
+    report_end(&end, conn, socket, node);
     match &end {
         End::Closing(close) => {
             // Every close the gateway decides is a peer's doing or the node's drain: debug.
@@ -243,6 +202,53 @@ async fn finish<S>(
             tracing::debug!(connection_id = %socket.connection_id, err = ?err, "socket lost");
         }
     }
+}
+
+/// Tells the registry, the bus and the handlers how a socket (or an event stream) ended, once,
+/// and closes its outbox so nothing queues behind the end.
+pub(crate) fn report_end(end: &End, conn: &Conn, socket: &Socket, node: &NodeState) {
+    let code = match end {
+        End::PeerClosed { .. } => "peer".to_owned(),
+        End::Lost(_) => "lost".to_owned(),
+        End::Closing(close) => close.code().to_string(),
+    };
+    node.registry
+        .metrics()
+        .closes
+        .with_label_values(&[&code])
+        .inc();
+    // The one final `$disconnect`, when this end is final; a resumable end is told when the
+    // grace runs out without a resume (the registry's or the cluster's doing, see `ends`).
+    let reason = match (end, end.ending()) {
+        (End::PeerClosed { .. }, Ending::Final) => Some(EndReason::ClientClosed),
+        (End::Closing(_), Ending::Final) => Some(EndReason::Application),
+        (_, Ending::Resumable) if node.config.limits.reconnect_grace.is_zero() => {
+            Some(EndReason::Dropped)
+        }
+        _ => None,
+    };
+    let ended = reason.map(|reason| Ended {
+        connection_id: socket.connection_id.clone(),
+        digest: conn.digest(),
+        user: node.registry.user_of(&conn.digest()).map(|u| u.name),
+        reason,
+        close: match end {
+            End::Closing(close) => Some((close.code(), close.reason().to_owned())),
+            End::PeerClosed { code, reason } => Some((*code, reason.clone())),
+            End::Lost(_) => None,
+        },
+    });
+    // Recorded with its end, so in cluster mode the script that ends the credentials tells
+    // the `$disconnect` itself.
+    node.bus.detach(conn, end.ending(), ended.as_ref());
+    if let Some(ended) = ended {
+        node.registry.ended(ended);
+    }
+    // Frames can no longer reach this socket; make sure nothing queues behind the close.
+    conn.outbox.close(match end {
+        End::Closing(close) => close.clone(),
+        _ => Close::GoingAway,
+    });
 }
 
 type Sink<S> = SplitSink<WebSocketStream<S>, Message>;

@@ -10,20 +10,22 @@ use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::{
     bus::AttachError,
     conn,
+    credentials::Verified,
     handlers::Socket,
     http::{close, text, Body},
     node::{IpSlot, NodeState},
     protocol::Recover,
-    registry::Ending,
+    registry::{AttachRefusal, Conn, Ending},
 };
 
 /// The WebSocket endpoint: counts the handshake by its outcome. On the spare lane (`spare`:
@@ -56,9 +58,11 @@ where
 
 /// Why an upgrade was refused; decides the status and the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UpgradeRefusal {
+pub(crate) enum UpgradeRefusal {
     /// 400: not a WebSocket upgrade.
     NotUpgrade,
+    /// 405: an event stream is opened with `GET`.
+    NotGet,
     /// 400: `socket_connection_id` missing.
     MissingId,
     /// 400: no socket key in cookie, query or header.
@@ -87,9 +91,10 @@ enum UpgradeRefusal {
 
 impl UpgradeRefusal {
     /// The `result` label of the handshake counter.
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             UpgradeRefusal::NotUpgrade => "not_upgrade",
+            UpgradeRefusal::NotGet => "not_get",
             UpgradeRefusal::MissingId => "missing_id",
             UpgradeRefusal::MissingKey => "missing_key",
             UpgradeRefusal::Origin => "origin",
@@ -105,10 +110,11 @@ impl UpgradeRefusal {
         }
     }
 
-    fn response(self) -> Response<Body> {
+    pub(crate) fn response(self) -> Response<Body> {
         use UpgradeRefusal::*;
         let (status, body) = match self {
             NotUpgrade => (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade (GET, Upgrade: websocket, Sec-WebSocket-Version: 13)\n"),
+            NotGet => (StatusCode::METHOD_NOT_ALLOWED, "an event stream is opened with GET\n"),
             MissingId => (StatusCode::BAD_REQUEST, "missing socket_connection_id query parameter\n"),
             MissingKey => (StatusCode::BAD_REQUEST, "missing socket key (cookie, socket_key query parameter or X-Socket-Key header)\n"),
             Origin => (StatusCode::FORBIDDEN, "origin not allowed\n"),
@@ -119,7 +125,7 @@ impl UpgradeRefusal {
             Unknown => (StatusCode::FORBIDDEN, "connection id unknown: issued before the gateway lost its state; get new credentials\n"),
             BadRecover(why) => {
                 let mut response = text(StatusCode::BAD_REQUEST, "");
-                *response.body_mut() = Full::new(Bytes::from(format!("{why}\n")));
+                *response.body_mut() = Body::from(Bytes::from(format!("{why}\n")));
                 return close(response);
             }
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "no capacity, try another node\n"),
@@ -157,75 +163,26 @@ where
     }
     let accept_key =
         websocket_accept_key(req.method(), headers).ok_or(UpgradeRefusal::NotUpgrade)?;
-    if !origin_allowed(headers, &node.config.allowed_origins) {
-        tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
-        return Err(UpgradeRefusal::Origin);
-    }
-    let Query {
+    let presented = Presented::read(&req, peer, node)?;
+    let verified = presented.verify(peer, node)?;
+    let Admitted {
         connection_id,
-        key: query_key,
-        recover,
-    } = parse_query(req.uri().query());
-    let connection_id = connection_id.ok_or(UpgradeRefusal::MissingId)?;
-    let recover = recover
-        .map(|text| Recover::parse(&text))
-        .transpose()
-        .map_err(UpgradeRefusal::BadRecover)?;
-    let socket_key = cookie(headers, &node.config.key_cookie)
-        .or(query_key)
-        .or_else(|| {
-            headers
-                .get("x-socket-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .ok_or(UpgradeRefusal::MissingKey)?;
-
-    let verified = node
-        .registry
-        .verify(&connection_id, &socket_key)
-        .map_err(|err| {
-            tracing::debug!(%peer, %connection_id, %err, "handshake refused");
-            UpgradeRefusal::Credentials
-        })?;
-    if node.shutdown.is_cancelled() {
-        return Err(UpgradeRefusal::Unavailable);
-    }
-    let permit = node.ws_permits.clone().try_acquire_owned().map_err(|_| {
-        tracing::warn!(%peer, "handshake refused: max-connections reached");
-        UpgradeRefusal::Unavailable
-    })?;
-    let limit = node.config.limits.max_connections_per_ip;
-    let ip_slot = IpSlot::take(node, peer.ip(), limit, |node| &node.per_ip).ok_or_else(|| {
-        tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
-        UpgradeRefusal::TooManyFromIp
-    })?;
-    let conn = node
-        .bus
-        .attach(&verified, &connection_id, recover.as_ref())
-        .await
-        .map_err(|err| {
-            tracing::debug!(%peer, %connection_id, %err, "handshake refused");
-            match err {
-                AttachError::Refused(crate::registry::AttachRefusal::Expired) => {
-                    UpgradeRefusal::Expired
-                }
-                AttachError::Refused(crate::registry::AttachRefusal::AlreadyLive) => {
-                    UpgradeRefusal::InUse
-                }
-                AttachError::Refused(crate::registry::AttachRefusal::Ended) => UpgradeRefusal::Used,
-                AttachError::Refused(crate::registry::AttachRefusal::Unknown) => {
-                    UpgradeRefusal::Unknown
-                }
-                AttachError::Unavailable(_) => UpgradeRefusal::Unavailable,
-            }
-        })?;
+        conn,
+        slots,
+    } = admit(
+        node,
+        peer,
+        &verified,
+        presented.connection_id,
+        presented.recover.as_ref(),
+    )
+    .await?;
 
     let cookies = req.headers().get(header::COOKIE).cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let task_edge = node.clone();
+    let task_node = node.clone();
     let task = async move {
-        let node = task_edge;
+        let node = task_node;
         match on_upgrade.await {
             Ok(upgraded) => {
                 // With debug logging, every line of this socket carries its (public) connection
@@ -261,12 +218,11 @@ where
                 node.bus.detach(&conn, Ending::Resumable, None);
             }
         }
-        drop(ip_slot);
-        drop(permit);
+        drop(slots);
     };
     node.tracker.spawn(task);
 
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Body::from(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -276,6 +232,119 @@ where
         HeaderValue::from_str(&accept_key).expect("base64 is a valid header value"),
     );
     Ok(response)
+}
+
+/// What a client presents to open a socket (a WebSocket or an event stream): its connection
+/// id, its key (cookie, query or `X-Socket-Key`) and what it saw (`recover`).
+pub(crate) struct Presented {
+    pub(crate) connection_id: String,
+    socket_key: String,
+    pub(crate) recover: Option<Recover>,
+}
+
+impl Presented {
+    /// Checks the `Origin` against the allow-list and reads the credentials.
+    pub(crate) fn read(
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        node: &NodeState,
+    ) -> Result<Self, UpgradeRefusal> {
+        let headers = req.headers();
+        if !origin_allowed(headers, &node.config.allowed_origins) {
+            tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
+            return Err(UpgradeRefusal::Origin);
+        }
+        let Query {
+            connection_id,
+            key: query_key,
+            recover,
+        } = parse_query(req.uri().query());
+        let connection_id = connection_id.ok_or(UpgradeRefusal::MissingId)?;
+        let recover = recover
+            .map(|text| Recover::parse(&text))
+            .transpose()
+            .map_err(UpgradeRefusal::BadRecover)?;
+        let socket_key = cookie(headers, &node.config.key_cookie)
+            .or(query_key)
+            .or_else(|| {
+                headers
+                    .get("x-socket-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .ok_or(UpgradeRefusal::MissingKey)?;
+        Ok(Self {
+            connection_id,
+            socket_key,
+            recover,
+        })
+    }
+
+    /// Checks the id's signature and that the key is the id's.
+    pub(crate) fn verify(
+        &self,
+        peer: SocketAddr,
+        node: &NodeState,
+    ) -> Result<Verified, UpgradeRefusal> {
+        node.registry
+            .verify(&self.connection_id, &self.socket_key)
+            .map_err(|err| {
+                let connection_id = &self.connection_id;
+                tracing::debug!(%peer, %connection_id, %err, "handshake refused");
+                UpgradeRefusal::Credentials
+            })
+    }
+}
+
+/// A client the node admitted: its socket bound in the registry (and, in cluster mode, in
+/// Redis), holding its place under the node's and its address's limits for its life.
+pub(crate) struct Admitted {
+    pub(crate) connection_id: String,
+    pub(crate) conn: Arc<Conn>,
+    /// Released when the socket ends.
+    pub(crate) slots: (OwnedSemaphorePermit, IpSlot),
+}
+
+/// Binds a socket to `verified` credentials, unless the node drains, is full, or the client's
+/// address holds as many sockets as it may.
+pub(crate) async fn admit(
+    node: &Arc<NodeState>,
+    peer: SocketAddr,
+    verified: &Verified,
+    connection_id: String,
+    recover: Option<&Recover>,
+) -> Result<Admitted, UpgradeRefusal> {
+    if node.shutdown.is_cancelled() {
+        return Err(UpgradeRefusal::Unavailable);
+    }
+    let permit = node.ws_permits.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(%peer, "handshake refused: max-connections reached");
+        UpgradeRefusal::Unavailable
+    })?;
+    let limit = node.config.limits.max_connections_per_ip;
+    let ip_slot = IpSlot::take(node, peer.ip(), limit, |node| &node.per_ip).ok_or_else(|| {
+        tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
+        UpgradeRefusal::TooManyFromIp
+    })?;
+    let conn = node
+        .bus
+        .attach(verified, &connection_id, recover)
+        .await
+        .map_err(|err| {
+            tracing::debug!(%peer, %connection_id, %err, "handshake refused");
+            match err {
+                AttachError::Refused(AttachRefusal::Expired) => UpgradeRefusal::Expired,
+                AttachError::Refused(AttachRefusal::AlreadyLive) => UpgradeRefusal::InUse,
+                AttachError::Refused(AttachRefusal::Ended) => UpgradeRefusal::Used,
+                AttachError::Refused(AttachRefusal::Unknown) => UpgradeRefusal::Unknown,
+                AttachError::Unavailable(_) => UpgradeRefusal::Unavailable,
+            }
+        })?;
+    Ok(Admitted {
+        connection_id,
+        conn,
+        slots: (permit, ip_slot),
+    })
 }
 
 /// The `Sec-WebSocket-Accept` value when the request is a valid WebSocket upgrade.

@@ -10,7 +10,60 @@ use hyper::body::Incoming;
 use crate::node::NodeState;
 
 /// The body of every answer of the client plane.
-pub(crate) type Body = Full<Bytes>;
+/// A response body: whole (the plain answers, refusals) or an event stream ([`Events`]).
+#[derive(Debug)]
+pub(crate) enum Body {
+    /// The whole body at once.
+    Whole(Full<Bytes>),
+    /// A Server-Sent Events stream, written as its task hands chunks over.
+    Events(Events),
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Self::Whole(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Whole(body) => std::pin::Pin::new(body).poll_frame(cx),
+            Self::Events(events) => events
+                .chunks
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Whole(body) => body.is_end_stream(),
+            Self::Events(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Whole(body) => body.size_hint(),
+            Self::Events(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// The body of an event stream: what its task (`sse.rs`) writes, chunk by chunk; it ends
+/// when the task drops its sender, and the task learns that the client went away when this is
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct Events {
+    pub(crate) chunks: tokio::sync::mpsc::Receiver<Bytes>,
+}
 
 /// Answers a request that is not the WebSocket's: the probes, `/metrics`, the browser client;
 /// anything else is 404.
@@ -23,7 +76,7 @@ pub(crate) fn plain(req: &Request<Incoming>, node: &NodeState) -> Response<Body>
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => {
                 let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
-                *response.body_mut() = Full::new(Bytes::from(format!("not ready: {reason}\n")));
+                *response.body_mut() = Body::from(Bytes::from(format!("not ready: {reason}\n")));
                 response
             }
         },
@@ -55,11 +108,11 @@ fn client_script(headers: &HeaderMap) -> Response<Body> {
         .flat_map(|value| value.split(','))
         .any(|tag| tag.trim() == ETAG.to_str().unwrap_or_default() || tag.trim() == "*");
     let mut response = if fresh {
-        let mut response = Response::new(Full::new(Bytes::new()));
+        let mut response = Response::new(Body::from(Bytes::new()));
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response
     } else {
-        Response::new(Full::new(Bytes::from_static(CLIENT_SCRIPT.as_bytes())))
+        Response::new(Body::from(Bytes::from_static(CLIENT_SCRIPT.as_bytes())))
     };
     let headers = response.headers_mut();
     for (name, value) in [
@@ -97,7 +150,7 @@ fn metrics(node: &NodeState) -> Response<Body> {
     metrics
         .bus_ready
         .set(i64::from(node.readiness.check_redis().is_ok()));
-    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    let mut response = Response::new(Body::from(Bytes::from(metrics.render())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -106,7 +159,7 @@ fn metrics(node: &NodeState) -> Response<Body> {
 }
 
 pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = Response::new(Body::from(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

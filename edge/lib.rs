@@ -59,6 +59,7 @@ mod readiness;
 mod registry;
 mod server;
 mod shutdown;
+mod sse;
 mod tls;
 
 use std::{sync::Arc, time::Duration};

@@ -174,6 +174,28 @@ pub(crate) struct Recover(pub std::collections::HashMap<Channel, Position>);
 pub(crate) const MAX_RECOVER_LEN: usize = 64 << 10;
 
 impl Recover {
+    /// These positions as a `recover` parameter (what [`Recover::parse`] reads back), in
+    /// channel order.
+    pub(crate) fn to_json(&self) -> String {
+        let mut channels: Vec<_> = self.0.iter().collect();
+        channels.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = String::with_capacity(2 + channels.len() * 48);
+        out.push('{');
+        for (i, (channel, position)) in channels.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, channel);
+            out.push_str(r#":{"epoch":"#);
+            push_json_string(&mut out, &position.epoch);
+            out.push_str(r#","offset":"#);
+            push_u64(&mut out, position.offset);
+            out.push('}');
+        }
+        out.push('}');
+        out
+    }
+
     /// Parses the `recover` parameter; the error says what is wrong, for the 400 answer.
     pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         #[derive(Deserialize)]

@@ -193,5 +193,8 @@ where
     if req.uri().path() == node.config.ws_path {
         return handshake::websocket::<S>(req, peer, node, spare).await;
     }
+    if req.uri().path() == node.config.sse_path {
+        return crate::sse::stream(req, peer, node, spare).await;
+    }
     http::plain(&req, node)
 }

@@ -26,6 +26,19 @@ impl Memory {
 
 #[async_trait::async_trait]
 impl Bus for Memory {
+    async fn save_anchor(
+        &self,
+        digest: &Digest,
+        number: u64,
+        positions: &str,
+    ) -> Result<(), Error> {
+        self.registry.save_anchor(digest, number, positions)
+    }
+
+    async fn load_anchor(&self, digest: &Digest, number: u64) -> Result<Option<String>, Error> {
+        Ok(self.registry.load_anchor(digest, number))
+    }
+
     fn registry(&self) -> &Registry {
         &self.registry
     }

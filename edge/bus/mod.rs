@@ -99,6 +99,15 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     /// This node's registry.
     fn registry(&self) -> &Registry;
 
+    /// Keeps an event stream's positions (`positions`, as a `recover` parameter) under its
+    /// digest as anchor `number`; the four newest numbers are kept, as long as the
+    /// credentials' state. `UnknownDigest` when that state is gone.
+    async fn save_anchor(&self, digest: &Digest, number: u64, positions: &str)
+        -> Result<(), Error>;
+
+    /// Anchor `number` of `digest`, if it is still kept.
+    async fn load_anchor(&self, digest: &Digest, number: u64) -> Result<Option<String>, Error>;
+
     /// Mints credentials valid for `ttl` (the default when `None`) for `user`, and records
     /// them.
     async fn issue(&self, ttl: Option<Duration>, user: Option<&User>)

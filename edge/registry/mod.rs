@@ -46,6 +46,7 @@
 //! never waits on a socket: it calls [`Outbox::push`](crate::fanout::Outbox::push). No lock is
 //! held across an await.
 
+mod anchors;
 mod channels;
 mod cluster;
 mod ends;
@@ -125,6 +126,8 @@ struct Shared {
     /// [`cluster`], cluster mode only: the channels whose local interest changed, and those to
     /// bring up to date from Redis.
     cluster: Option<cluster::ClusterHooks>,
+    /// [`anchors`]: event streams' saved positions (one node).
+    anchors: anchors::Anchors,
     /// The node's metrics.
     metrics: Arc<Metrics>,
 }
@@ -162,6 +165,7 @@ impl Registry {
                 sessions: DashMap::new(),
                 users: DashMap::new(),
                 ends: Default::default(),
+                anchors: Default::default(),
                 presence: DashMap::new(),
                 vacating: Default::default(),
                 live: AtomicUsize::new(0),

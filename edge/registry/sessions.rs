@@ -524,6 +524,7 @@ impl Registry {
                 State::Grace { .. } => true,
             };
             if !keep {
+                self.forget_anchors(digest);
                 if let Some(user) = &session.user {
                     forgotten.push((*digest, user.name.clone()));
                 }

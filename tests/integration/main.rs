@@ -29,6 +29,7 @@ mod redis_cluster;
 mod setup;
 mod sharded;
 mod shutdown;
+mod sse;
 mod support;
 mod tls;
 mod users;

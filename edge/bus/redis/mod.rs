@@ -473,6 +473,19 @@ impl Bus for RedisBus {
         &self.registry
     }
 
+    async fn save_anchor(
+        &self,
+        digest: &Digest,
+        number: u64,
+        positions: &str,
+    ) -> Result<(), Error> {
+        Self::save_anchor(self, digest, number, positions).await
+    }
+
+    async fn load_anchor(&self, digest: &Digest, number: u64) -> Result<Option<String>, Error> {
+        Self::load_anchor(self, digest, number).await
+    }
+
     /// Mints credentials and records them as issued (for `user`, in the user's set too).
     async fn issue(
         &self,

@@ -119,6 +119,11 @@ pub(super) const READ: &str = include_str!("scripts/read.lua");
 /// KEYS: meta, log. ARGV: known epoch, new epoch, position ttl (ms). Returns 1 when it did.
 pub(super) const REBASE: &str = include_str!("scripts/rebase.lua");
 
+/// An event stream's anchor (its positions), kept in the credentials' state, which it expires
+/// with, in field `sse<number mod 4>` as `<number> <positions>`: the four newest.
+/// KEYS: s. ARGV: number, positions (JSON). Returns 1, or 0 when the state is gone.
+pub(super) const ANCHOR: &str = include_str!("scripts/anchor.lua");
+
 /// The scripts, loaded once per node (redis-rs sends `EVALSHA`, and the source on `NOSCRIPT`).
 #[derive(Debug)]
 pub(super) struct Scripts {
@@ -135,6 +140,7 @@ pub(super) struct Scripts {
     pub(super) push: Script,
     pub(super) read: Script,
     pub(super) rebase: Script,
+    pub(super) anchor: Script,
 }
 
 impl Scripts {
@@ -157,6 +163,7 @@ impl Scripts {
             push: with_pub(PUSH),
             read: Script::new(READ),
             rebase: Script::new(REBASE),
+            anchor: Script::new(ANCHOR),
         }
     }
 }

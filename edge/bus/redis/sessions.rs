@@ -439,4 +439,56 @@ impl RedisBus {
             }
         });
     }
+
+    /// Keeps an event stream's anchor in the credentials' state (see [`scripts::ANCHOR`]).
+    pub(super) async fn save_anchor(
+        &self,
+        digest: &Digest,
+        number: u64,
+        positions: &str,
+    ) -> Result<(), Error> {
+        self.ready()?;
+        let mut conn = self.link();
+        let kept: i64 = self
+            .within(async {
+                self.scripts
+                    .anchor
+                    .key(self.keys.session(digest))
+                    .arg(number)
+                    .arg(positions)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))
+            })
+            .await?;
+        if kept == 1 {
+            Ok(())
+        } else {
+            Err(Error::UnknownDigest)
+        }
+    }
+
+    /// Anchor `number` of `digest`, when its field still holds that number.
+    pub(super) async fn load_anchor(
+        &self,
+        digest: &Digest,
+        number: u64,
+    ) -> Result<Option<String>, Error> {
+        self.ready()?;
+        let mut conn = self.link();
+        let field: Option<String> = self
+            .within(async {
+                redis::cmd("HGET")
+                    .arg(self.keys.session(digest))
+                    .arg(format!("sse{}", number % 4))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.unavailable(&e))
+            })
+            .await?;
+        Ok(field.and_then(|field| {
+            let (n, positions) = field.split_once(' ')?;
+            (n.parse() == Ok(number)).then(|| positions.to_owned())
+        }))
+    }
 }

@@ -13,6 +13,7 @@ mod gateway;
 mod net;
 mod pki;
 mod process;
+mod sse;
 mod upstream;
 mod ws;
 
@@ -20,6 +21,7 @@ pub use gateway::*;
 pub use net::*;
 pub use pki::*;
 pub use process::*;
+pub use sse::*;
 pub use upstream::*;
 pub use ws::*;
 

@@ -1,0 +1,363 @@
+//! Server-Sent Events over real sockets: the same frames as a WebSocket, the same refusals, and
+//! resume from `Last-Event-ID` on every channel at once, on one node and on another node of a
+//! cluster (also after the first node was SIGKILLed), with ids that stay small on many
+//! channels and a forged id that changes nothing but its own stream's replay.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use serde_json::{json, Value};
+
+use crate::{
+    cluster::{node, unique_prefix},
+    support::{issue_at, open_sse, Creds, Gateway, Sse, PATIENCE},
+};
+
+/// Reads events until `want` pushes arrived; returns them by channel, as offsets and payloads
+/// in arrival order. Position frames are checked to be in their channel's order too.
+async fn pushes(sse: &mut Sse, want: usize) -> HashMap<String, Vec<(u64, Value)>> {
+    let mut got: HashMap<String, Vec<(u64, Value)>> = HashMap::new();
+    let mut n = 0;
+    while n < want {
+        let event = sse.next().await.expect("the stream goes on");
+        let data = event.data;
+        if let (Some(channel), Some(offset)) = (data["channel"].as_str(), data["offset"].as_u64()) {
+            if data.get("payload").is_some() {
+                assert!(event.id.is_some(), "a push moves the id: {data}");
+                got.entry(channel.to_owned())
+                    .or_default()
+                    .push((offset, data["payload"].clone()));
+                n += 1;
+            }
+        }
+    }
+    got
+}
+
+/// The offsets of `channel` in `got` are exactly `from..=to`, in order.
+fn exactly(got: &HashMap<String, Vec<(u64, Value)>>, channel: &str, from: u64, to: u64) {
+    let offsets: Vec<u64> = got
+        .get(channel)
+        .map(|v| v.iter().map(|(o, _)| *o).collect())
+        .unwrap_or_default();
+    assert_eq!(offsets, (from..=to).collect::<Vec<_>>(), "{channel}");
+}
+
+async fn open(gw: SocketAddr, creds: &Creds, last_id: Option<&str>) -> Sse {
+    open_sse(gw, creds, last_id, &[])
+        .await
+        .unwrap_or_else(|(status, body)| panic!("stream refused: {status} {body}"))
+}
+
+#[tokio::test]
+async fn an_event_stream_carries_what_a_websocket_gets_and_is_refused_what_a_handshake_is() {
+    let gw = Gateway::start().await;
+    let creds = gw.issue().await;
+    gw.subscribe(&creds, &["news", "sport"]).await;
+    let mut sse = open(gw.http, &creds, None).await;
+    assert!(
+        sse.head
+            .to_ascii_lowercase()
+            .contains("cache-control: no-cache"),
+        "{}",
+        sse.head
+    );
+    let connected = sse.next().await.unwrap();
+    assert_eq!(
+        connected.data["connected"]["resumed"], false,
+        "{connected:?}"
+    );
+    assert!(
+        connected.id.is_some(),
+        "the first event names the stream's anchor"
+    );
+    gw.wait_for_connections(1).await;
+
+    gw.push("news", r#"{"title":"a"}"#).await;
+    let push = sse.next().await.unwrap();
+    assert_eq!(
+        push.data,
+        json!({"channel":"news","offset":1,"payload":{"title":"a"}})
+    );
+    gw.client
+        .send(&creds.digest, "direct", r#"{"to":"you"}"#)
+        .await
+        .unwrap();
+    let send = sse.next().await.unwrap();
+    assert_eq!(
+        send.data,
+        json!({"channel":"direct","payload":{"to":"you"}})
+    );
+    assert_eq!(send.id, None, "a Send moves no position");
+    // A payload with line breaks arrives whole.
+    gw.push("sport", "{\n\"score\": [1,\n2]\n}").await;
+    let push = sse.next().await.unwrap();
+    assert_eq!(push.data["payload"], json!({"score":[1,2]}));
+
+    // Single use: a second stream, or a WebSocket, on the same id while the first is live.
+    assert_eq!(
+        open_sse(gw.http, &creds, None, &[])
+            .await
+            .err()
+            .map(|e| e.0),
+        Some(403)
+    );
+    assert_eq!(gw.try_connect(&creds).await.err(), Some(403));
+    // Refusals as for the handshake.
+    let forged = Creds {
+        key: "not-the-key".into(),
+        ..creds.clone()
+    };
+    assert_eq!(
+        open_sse(gw.http, &forged, None, &[])
+            .await
+            .err()
+            .map(|e| e.0),
+        Some(403)
+    );
+    let (status, _) = gw
+        .http_get("/sse", &[("Cookie", &format!("socket_key={}", creds.key))])
+        .await;
+    assert_eq!(status, 400, "no connection id");
+    let post = gw
+        .raw_http(&format!(
+            "POST /sse?socket_connection_id={} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            creds.id
+        ))
+        .await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+
+    // The application's disconnect ends the stream with its reason, and the id for good.
+    gw.client
+        .disconnect(&creds.digest, 4001, "bye")
+        .await
+        .unwrap();
+    let close = sse.next().await.unwrap();
+    assert_eq!(
+        (close.kind.as_str(), &close.data),
+        ("close", &json!({"code":4001,"reason":"bye"}))
+    );
+    assert!(sse.next().await.is_none(), "the stream ends");
+    assert_eq!(
+        open_sse(gw.http, &creds, sse.last_id.as_deref(), &[])
+            .await
+            .err()
+            .map(|e| e.0),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn origins_off_the_allow_list_are_refused_and_allowed_ones_get_cors_headers() {
+    let gw = Gateway::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
+    let creds = gw.issue().await;
+    let refused = open_sse(gw.http, &creds, None, &[("Origin", "https://evil.example")]).await;
+    assert_eq!(refused.err().map(|e| e.0), Some(403));
+    let sse = open_sse(gw.http, &creds, None, &[("Origin", "https://app.example")])
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let head = sse.head.to_ascii_lowercase();
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-credentials: true"),
+        "{head}"
+    );
+}
+
+/// A stream on `channels` is cut after some pushes on each; more pushes go to every channel
+/// while it is away; the reconnect with the last id it saw (on `resume_on`) gets exactly what
+/// it missed on every channel, in order, then live pushes.
+async fn cut_and_resume(
+    publish: &Gateway,
+    first: &Gateway,
+    resume_on: &Gateway,
+    channels: &[&str],
+) {
+    let creds = publish.issue().await;
+    publish.subscribe(&creds, channels).await;
+    let mut sse = open(first.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    first.wait_for_connections(1).await;
+    for round in 1..=3 {
+        for channel in channels {
+            publish.push(channel, &round.to_string()).await;
+        }
+    }
+    let before = pushes(&mut sse, 3 * channels.len()).await;
+    for channel in channels {
+        exactly(&before, channel, 1, 3);
+    }
+    let last_id = sse.last_id.clone().expect("pushes carry ids");
+    drop(sse); // the cut: the node sees the stream's end, not a close
+    for round in 4..=6 {
+        for channel in channels {
+            publish.push(channel, &round.to_string()).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut sse = loop {
+        match open_sse(resume_on.http, &creds, Some(&last_id), &[]).await {
+            Ok(sse) => break sse,
+            // The cut is seen by the first node a moment later.
+            Err((403, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(refused) => panic!("not resumed: {refused:?}"),
+        }
+    };
+    let connected = sse.next().await.unwrap();
+    assert_eq!(
+        connected.data["connected"]["resumed"], true,
+        "{connected:?}"
+    );
+    for channel in channels {
+        assert_eq!(
+            connected.data["connected"]["channels"][channel]["recovered"], true,
+            "{connected:?}"
+        );
+    }
+    let missed = pushes(&mut sse, 3 * channels.len()).await;
+    for channel in channels {
+        exactly(&missed, channel, 4, 6);
+    }
+    publish.push(channels[0], "7").await;
+    let live = pushes(&mut sse, 1).await;
+    exactly(&live, channels[0], 7, 7);
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_every_channel_from_its_last_event_id() {
+    let gw = Gateway::start().await;
+    cut_and_resume(&gw, &gw, &gw, &["a", "b", "c"]).await;
+}
+
+#[tokio::test]
+async fn ids_stay_small_on_a_hundred_channels_and_still_resume_them_all() {
+    let gw = Gateway::start().await;
+    let channels: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let creds = gw.issue().await;
+    gw.subscribe(&creds, &names).await;
+    let mut sse = open(gw.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    gw.wait_for_connections(1).await;
+    let mut longest = 0;
+    for round in 1..=2 {
+        for name in &names {
+            gw.push(name, &round.to_string()).await;
+            let event = sse.next().await.unwrap();
+            assert_eq!(event.data["offset"], round, "{event:?}");
+            longest = longest.max(event.id.expect("an id").len());
+        }
+    }
+    assert!(longest <= 140, "ids stay small: {longest} bytes");
+    let last_id = sse.last_id.clone().unwrap();
+    drop(sse);
+    for name in &names {
+        gw.push(name, "3").await;
+    }
+    let mut sse = loop {
+        match open_sse(gw.http, &creds, Some(&last_id), &[]).await {
+            Ok(sse) => break sse,
+            Err((403, _)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(refused) => panic!("{refused:?}"),
+        }
+    };
+    sse.next().await.expect("connected");
+    let missed = pushes(&mut sse, 100).await;
+    for name in &names {
+        exactly(&missed, name, 3, 3);
+    }
+}
+
+#[tokio::test]
+async fn a_forged_last_event_id_changes_nothing_but_its_own_stream() {
+    let gw = Gateway::start().await;
+    let (victim, forger) = (gw.issue().await, gw.issue().await);
+    gw.subscribe(&victim, &["v"]).await;
+    gw.subscribe(&forger, &["v"]).await;
+    let mut watching = open(gw.http, &victim, None).await;
+    watching.next().await.expect("connected");
+    gw.push("v", "1").await;
+    pushes(&mut watching, 1).await;
+    let victims_id = watching.last_id.clone().unwrap();
+    // The victim's id, and ids that name nothing: each opens the forger's own stream from no
+    // position; the victim's stream goes on untouched.
+    for forged in [victims_id.as_str(), "999.0-5", "1.7-3", "garbage"] {
+        let mut sse = open(gw.http, &forger, Some(forged)).await;
+        let connected = sse.next().await.unwrap();
+        assert!(connected.data.get("connected").is_some(), "{connected:?}");
+        gw.push("v", "\"x\"").await;
+        let got = pushes(&mut sse, 1).await;
+        assert_eq!(
+            got["v"][0].1,
+            json!("x"),
+            "only the live push, no replay: {got:?}"
+        );
+        pushes(&mut watching, 1).await;
+        drop(sse);
+        // Let the node see the cut before the next attempt reuses the id.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn a_stream_resumes_on_another_node_from_its_last_event_id() {
+    let redis = &crate::cluster::redis();
+    let prefix = unique_prefix("sse-resume");
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
+    cut_and_resume(&a, &a, &b, &["x", "y", "z"]).await;
+}
+
+async fn a_stream_whose_node_was_killed_resumes_on_another_node() {
+    let redis = &crate::cluster::redis();
+    let prefix = unique_prefix("sse-sigkill");
+    let (mut doomed, http, grpc) = crate::cluster::spawn_node(&prefix, &[]);
+    let survivor = node(redis, &prefix).await;
+    let creds = issue_at(&grpc).await;
+    let channels = ["k1", "k2", "k3"];
+    survivor.subscribe(&creds, &channels).await;
+    let mut sse = open(http.parse().unwrap(), &creds, None).await;
+    sse.next().await.expect("connected");
+    for round in 1..=3 {
+        for channel in channels {
+            survivor.push(channel, &round.to_string()).await;
+        }
+    }
+    exactly(&pushes(&mut sse, 9).await, "k2", 1, 3);
+    let last_id = sse.last_id.clone().unwrap();
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    for round in 4..=5 {
+        for channel in channels {
+            survivor.push(channel, &round.to_string()).await;
+        }
+    }
+    // The id is live on a dead node until its heartbeat lapses; then it resumes here.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut sse = loop {
+        match open_sse(survivor.http, &creds, Some(&last_id), &[]).await {
+            Ok(sse) => break sse,
+            Err((403, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(refused) => panic!("not resumed: {refused:?}"),
+        }
+    };
+    let connected = sse.next().await.unwrap();
+    assert_eq!(
+        connected.data["connected"]["resumed"], true,
+        "{connected:?}"
+    );
+    let missed = pushes(&mut sse, 6).await;
+    for channel in channels {
+        exactly(&missed, channel, 4, 5);
+    }
+}
+
+crate::on_both!(
+    a_stream_resumes_on_another_node_from_its_last_event_id,
+    a_stream_whose_node_was_killed_resumes_on_another_node,
+);
