@@ -45,7 +45,7 @@ use crate::{
     error::Close,
     fanout::Next,
     handlers::{Outcome, Request, Socket},
-    limit::TokenBucket,
+    limit::{MessageLimit, Take},
     node::NodeState,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, EndReason, Ended, Ending},
@@ -430,29 +430,13 @@ fn answer(
     socket: &Arc<Socket>,
     node: &Arc<NodeState>,
 ) -> Option<Reply> {
-    let request = match parse_inbound(&text) {
-        Ok(message) => Request {
-            action: message.action.into(),
-            id: message.id.map(|id| id.to_owned()),
-            text: text.clone(),
-            socket: socket.clone(),
-        },
-        Err(bad) => return Some(bad.reply()),
-    };
-    let max = node.config.limits.max_inflight;
-    if socket.inflight.load(Ordering::Relaxed) >= max {
-        return Some(request.reply(429, "too many messages in flight"));
-    }
-    match node.handlers.dispatch(request) {
-        Outcome::Reply(reply) => Some(reply),
-        Outcome::Pending(future) => {
-            socket.inflight.fetch_add(1, Ordering::Relaxed);
-            let (conn, socket, task_edge) = (conn.clone(), socket.clone(), node.clone());
+    match dispatch(text, socket, node) {
+        Answer::Now(reply) => Some(reply),
+        Answer::Later(future) => {
+            let (conn, task_node) = (conn.clone(), node.clone());
             node.tracker.spawn(async move {
-                let reply = future.await;
-                socket.inflight.fetch_sub(1, Ordering::Relaxed);
-                if let Some(reply) = reply {
-                    queue_reply(&conn, &reply, &task_edge);
+                if let Some(reply) = future.await {
+                    queue_reply(&conn, &reply, &task_node);
                 }
             });
             None
@@ -460,40 +444,51 @@ fn answer(
     }
 }
 
-/// The per-socket message limit: a token bucket, and a count of refusals in a row (a
-/// burst's worth of them closes the socket).
-#[derive(Debug)]
-struct MessageLimit {
-    bucket: TokenBucket,
-    refused_in_a_row: u32,
+/// What a client message gets: a reply at once, or one to wait for (counted in the socket's
+/// messages in flight until it resolves).
+pub(crate) enum Answer {
+    /// The reply.
+    Now(Reply),
+    /// The reply when it comes (`None`: the handler sends none).
+    Later(std::pin::Pin<Box<dyn Future<Output = Option<Reply>> + Send>>),
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Take {
-    Allowed,
-    Refused,
-    Abusive,
-}
-
-impl MessageLimit {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            bucket: TokenBucket::new(rate, burst, Instant::now()),
-            refused_in_a_row: 0,
+/// Parses a client message of `socket` and hands it to its handler, within the socket's limit
+/// of messages in flight; the same for every transport.
+pub(crate) fn dispatch(text: Frame, socket: &Arc<Socket>, node: &NodeState) -> Answer {
+    let request = match parse_inbound(&text) {
+        Ok(message) => Request {
+            action: message.action.into(),
+            id: message.id.map(|id| id.to_owned()),
+            text: text.clone(),
+            socket: socket.clone(),
+        },
+        Err(bad) => return Answer::Now(bad.reply()),
+    };
+    let max = node.config.limits.max_inflight;
+    if socket.inflight.load(Ordering::Relaxed) >= max {
+        return Answer::Now(request.reply(429, "too many messages in flight"));
+    }
+    match node.handlers.dispatch(request) {
+        Outcome::Reply(reply) => Answer::Now(reply),
+        Outcome::Pending(future) => {
+            socket.inflight.fetch_add(1, Ordering::Relaxed);
+            let socket = socket.clone();
+            Answer::Later(Box::pin(async move {
+                // Given back when the reply comes, or when its waiter goes away.
+                let _inflight = Inflight(&socket);
+                future.await
+            }))
         }
     }
+}
 
-    fn take(&mut self, now: Instant) -> Take {
-        if self.bucket.take(now) {
-            self.refused_in_a_row = 0;
-            return Take::Allowed;
-        }
-        self.refused_in_a_row += 1;
-        if f64::from(self.refused_in_a_row) >= self.bucket.burst() {
-            Take::Abusive
-        } else {
-            Take::Refused
-        }
+/// One message in flight of a socket, until dropped.
+struct Inflight<'a>(&'a Socket);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -557,21 +552,5 @@ mod tests {
             std::mem::size_of::<WebSocketStream<tokio::net::TcpStream>>()
         );
         assert!(run <= 1024, "the connection future grew to {run} B");
-    }
-
-    #[test]
-    fn refusals_in_a_row_close_an_abuser_and_a_token_resets_the_streak() {
-        let mut limit = MessageLimit::new(10, 3);
-        let start = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(limit.take(start), Take::Allowed);
-        }
-        assert_eq!(limit.take(start), Take::Refused);
-        assert_eq!(limit.take(start), Take::Refused);
-        let later = start + Duration::from_millis(100);
-        assert_eq!(limit.take(later), Take::Allowed);
-        assert_eq!(limit.take(later), Take::Refused);
-        assert_eq!(limit.take(later), Take::Refused);
-        assert_eq!(limit.take(later), Take::Abusive);
     }
 }

@@ -365,7 +365,7 @@ fn websocket_accept_key(method: &Method, headers: &HeaderMap) -> Option<String> 
     ok.then(|| derive_accept_key(key.as_bytes()))
 }
 
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
         return true;
     }

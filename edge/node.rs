@@ -17,12 +17,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::Bus,
     config::Config,
+    credentials::Digest,
     error::StartError,
-    handlers::{call_route::CallRoute, streams::Remote, Handlers},
-    limit::TokenBucket,
+    handlers::{call_route::CallRoute, streams::Remote, Handlers, Socket},
+    limit::{MessageLimit, TokenBucket},
     proxy::{self, AddressHeader, Proxies},
     readiness::Readiness,
-    registry::Registry,
+    registry::{Conn, Registry},
     tls::Tls,
 };
 
@@ -79,6 +80,20 @@ pub(crate) struct NodeState {
     pub(crate) per_ip: DashMap<IpAddr, usize>,
     /// The trusted proxies in front of the client plane, when any: who the client is.
     pub(crate) proxies: Option<Proxies>,
+    /// The event streams live on this node, by digest: where their clients' POSTed messages
+    /// go.
+    pub(crate) event_streams: DashMap<Digest, Arc<EventStream>>,
+}
+
+/// A live event stream, found by its digest when its client POSTs a message.
+#[derive(Debug)]
+pub(crate) struct EventStream {
+    /// Its socket in the registry.
+    pub(crate) conn: Arc<Conn>,
+    /// Its identity, for the handlers.
+    pub(crate) socket: Arc<Socket>,
+    /// Its message rate, kept as a WebSocket's reader keeps its own.
+    pub(crate) limit: parking_lot::Mutex<MessageLimit>,
 }
 
 impl NodeState {
@@ -161,6 +176,7 @@ impl NodeState {
             handshake_permits: Arc::new(Semaphore::new(limits.max_pending_handshakes)),
             spare_permits: Arc::new(Semaphore::new(SPARE_PERMITS)),
             pending_per_ip: DashMap::new(),
+            event_streams: DashMap::new(),
             per_ip: dashmap::DashMap::new(),
             handshake_buckets: dashmap::DashMap::new(),
             tls,

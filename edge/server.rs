@@ -18,7 +18,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use ::http::{Request, Response};
+use ::http::{Method, Request, Response};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -194,7 +194,11 @@ where
         return handshake::websocket::<S>(req, peer, node, spare).await;
     }
     if req.uri().path() == node.config.sse_path {
-        return crate::sse::stream(req, peer, node, spare).await;
+        return match *req.method() {
+            Method::POST => crate::sse::message(req, peer, node).await,
+            Method::OPTIONS => crate::sse::preflight(&req, node),
+            _ => crate::sse::stream(req, peer, node, spare).await,
+        };
     }
     http::plain(&req, node)
 }

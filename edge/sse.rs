@@ -32,7 +32,8 @@
 use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -44,9 +45,10 @@ use crate::{
     error::Close,
     fanout::Next,
     handlers::Socket,
-    handshake::{admit, Admitted, Presented, UpgradeRefusal},
+    handshake::{admit, origin_allowed, Admitted, Presented, UpgradeRefusal},
     http::{Body, Events},
-    node::NodeState,
+    limit::{MessageLimit, Take},
+    node::{EventStream, NodeState},
     protocol::{Frame, Recover},
     registry::Conn,
 };
@@ -157,9 +159,164 @@ async fn open(
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     // nginx buffers responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Present only when allowed (the Origin check passed): credentialed cross-origin
+    // EventSource (`withCredentials`) needs both.
+    allow_origin(&mut response, origin);
+    Ok(response)
+}
+
+/// A client message POSTed to the event-stream path: the same message, credentials and limits
+/// as on a WebSocket (counted with the stream's: rate, in flight, size), the reply in the
+/// response body. The stream must be live on this node.
+pub(crate) async fn message(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+) -> Response<Body> {
+    match post(req, peer, node).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn post(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+) -> Result<Response<Body>, Response<Body>> {
+    let refused = |refusal: UpgradeRefusal| refusal.response();
+    let presented = Presented::read(&req, peer, node).map_err(refused)?;
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        // Not a "simple" type: a browser asks (preflight) before sending one cross-site.
+        return Err(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a client message is POSTed as application/json\n",
+        ));
+    }
+    let verified = presented.verify(peer, node).map_err(refused)?;
+    let Some(stream) = node
+        .event_streams
+        .get(&verified.digest)
+        .map(|s| s.value().clone())
+    else {
+        return Err(plain(
+            StatusCode::CONFLICT,
+            "no event stream of these credentials on this node: open one first (GET), and route POSTs by socket_connection_id to the node that holds it\n",
+        ));
+    };
+    let max = node.config.limits.max_message_size;
+    let body = http_body_util::Limited::new(req.into_body(), max);
+    let read = tokio::time::timeout(node.config.limits.handshake_timeout, body.collect()).await;
+    let bytes = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+            // As a WebSocket's oversized message does, this closes the stream.
+            stream.conn.outbox.close(Close::Policy("message too large"));
+            return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
+        }
+        _ => {
+            return Err(plain(
+                StatusCode::BAD_REQUEST,
+                "the message did not arrive whole in time\n",
+            ))
+        }
+    };
+    let Ok(text) = Frame::try_from(bytes) else {
+        stream.conn.outbox.close(Close::InvalidPayload);
+        return Err(plain(
+            StatusCode::BAD_REQUEST,
+            "a client message is UTF-8 JSON\n",
+        ));
+    };
+    stream.conn.touch();
+    node.registry.metrics().messages_in.inc();
+    let taken = stream.limit.lock().take(tokio::time::Instant::now());
+    let reply = match taken {
+        Take::Allowed => match conn::dispatch(text, &stream.socket, node) {
+            conn::Answer::Now(reply) => Some(reply),
+            conn::Answer::Later(future) => future.await,
+        },
+        Take::Refused => {
+            let id = crate::protocol::parse_inbound(&text)
+                .ok()
+                .and_then(|m| m.id.map(|id| id.to_owned()));
+            Some(crate::protocol::Reply::text(
+                id,
+                429,
+                "rate limited: slow down",
+            ))
+        }
+        Take::Abusive => {
+            stream
+                .conn
+                .outbox
+                .close(Close::Policy("message rate limit exceeded"));
+            return Err(plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "message rate limit exceeded: the stream is closed\n",
+            ));
+        }
+    };
+    let mut response = match reply {
+        Some(reply) => {
+            let mut response = Response::new(Body::from(Bytes::from(reply.encode().to_string())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        None => {
+            let mut response = Response::new(Body::from(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
+    };
+    allow_origin(&mut response, origin);
+    Ok(response)
+}
+
+/// A CORS preflight for a POST: allowed origins may POST JSON with credentials (the cookie,
+/// or `X-Socket-Key`); any other is refused.
+pub(crate) fn preflight(req: &Request<Incoming>, node: &NodeState) -> Response<Body> {
+    let headers = req.headers();
+    let origin = headers.get(header::ORIGIN).cloned();
+    let wants_post = headers
+        .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+        .is_some_and(|m| m == "POST");
+    if origin.is_none() || !wants_post || !origin_allowed(headers, &node.config.allowed_origins) {
+        return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    let mut response = Response::new(Body::from(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, x-socket-key, last-event-id"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    allow_origin(&mut response, origin);
+    response
+}
+
+/// `Access-Control-Allow-Origin` (and `-Credentials`) for a request whose `Origin` passed the
+/// allow-list.
+fn allow_origin(response: &mut Response<Body>, origin: Option<HeaderValue>) {
     if let Some(origin) = origin {
-        // Present only when allowed (the Origin check passed): credentialed cross-origin
-        // EventSource (`withCredentials`) needs both.
+        let h = response.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         h.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -167,7 +324,10 @@ async fn open(
         );
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
     }
-    Ok(response)
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+    crate::http::text(status, body)
 }
 
 /// The positions a `Last-Event-ID` stands for, from the digest's own anchor; `None` when that
@@ -468,12 +628,25 @@ async fn run(
     anchor: u64,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
+    let limits = &node.config.limits;
+    let entry = Arc::new(EventStream {
+        conn: conn.clone(),
+        socket: socket.clone(),
+        limit: parking_lot::Mutex::new(MessageLimit::new(
+            limits.message_rate,
+            limits.message_burst,
+        )),
+    });
+    node.event_streams.insert(conn.digest(), entry.clone());
     if node.handlers.wants_lifecycle() {
         let user = node.registry.user_of(&conn.digest());
         node.handlers
             .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     }
     let end = write_loop(&conn, node, &chunks, anchor).await;
+    // Unless a resume on this node already replaced it.
+    node.event_streams
+        .remove_if(&conn.digest(), |_, live| Arc::ptr_eq(live, &entry));
     conn::report_end(&end, &conn, &socket, node);
     if let End::Closing(close) = &end {
         // The reason, as an event a page may listen for; then the body ends.

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cluster::{node, unique_prefix},
+    handle::join,
     support::{issue_at, open_sse, Creds, Gateway, Sse, PATIENCE},
 };
 
@@ -118,13 +119,13 @@ async fn an_event_stream_carries_what_a_websocket_gets_and_is_refused_what_a_han
         .http_get("/sse", &[("Cookie", &format!("socket_key={}", creds.key))])
         .await;
     assert_eq!(status, 400, "no connection id");
-    let post = gw
+    let put = gw
         .raw_http(&format!(
-            "POST /sse?socket_connection_id={} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "PUT /sse?socket_connection_id={} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             creds.id
         ))
         .await;
-    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(put.starts_with("HTTP/1.1 405"), "{put}");
 
     // The application's disconnect ends the stream with its reason, and the id for good.
     gw.client
@@ -361,3 +362,236 @@ crate::on_both!(
     a_stream_resumes_on_another_node_from_its_last_event_id,
     a_stream_whose_node_was_killed_resumes_on_another_node,
 );
+
+/// POSTs `body` as a client message of `creds` (with `content_type`, and `extra` headers);
+/// returns the status, the head and the body.
+async fn post(
+    gw: &Gateway,
+    creds: &Creds,
+    body: &str,
+    content_type: &str,
+    extra: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut request = format!(
+        "POST /sse?socket_connection_id={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Socket-Key: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+        creds.id,
+        creds.key,
+        body.len()
+    );
+    for (name, value) in extra {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    let answer = gw.raw_http(&request).await;
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn reply(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+#[tokio::test]
+async fn messages_posted_beside_a_stream_get_the_replies_a_websocket_gets() {
+    let gw = Gateway::start().await;
+    let mut svc = join(&gw, "app", &["chat.say"], false).await;
+    let creds = gw.issue().await;
+    // No stream yet: nowhere to count the message.
+    let (status, _, _) = post(
+        &gw,
+        &creds,
+        r#"{"action":"ping","id":1}"#,
+        "application/json",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409);
+    let mut sse = open(gw.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    gw.wait_for_connections(1).await;
+
+    let (status, _, body) = post(
+        &gw,
+        &creds,
+        r#"{"action":"ping","id":1}"#,
+        "application/json",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, reply(&body)),
+        (200, json!({"id":1,"status":200,"headers":{},"body":"pong"}))
+    );
+    let (status, _, body) = post(
+        &gw,
+        &creds,
+        "{not json",
+        "application/json; charset=utf-8",
+        &[],
+    )
+    .await;
+    assert_eq!((status, reply(&body)["status"].clone()), (200, json!(400)));
+    // A content type a cross-site form could send without asking is refused.
+    let (status, _, _) = post(
+        &gw,
+        &creds,
+        r#"{"action":"ping","id":2}"#,
+        "text/plain",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 415);
+    let forged = Creds {
+        key: "x".into(),
+        ..creds.clone()
+    };
+    let (status, _, _) = post(
+        &gw,
+        &forged,
+        r#"{"action":"ping","id":2}"#,
+        "application/json",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // A `Handle` action: the service sees the stream's identity and its reply comes back in
+    // the response.
+    let answer = {
+        let (gw, creds) = (&gw, &creds);
+        let asking = post(
+            gw,
+            creds,
+            r#"{"action":"chat.say","id":"m1","text":"hi"}"#,
+            "application/json",
+            &[],
+        );
+        let serving = async {
+            let m = svc.next().await;
+            assert_eq!(
+                (m.action.as_str(), m.connection_id.as_str()),
+                ("chat.say", creds.id.as_str())
+            );
+            svc.reply(m.delivery_id, 201, r#"{"ok":true}"#).await;
+        };
+        tokio::join!(asking, serving).0
+    };
+    assert_eq!(
+        (answer.0, reply(&answer.2)),
+        (
+            200,
+            json!({"id":"m1","status":201,"headers":{"x-by":"service"},"body":{"ok":true}})
+        )
+    );
+    // Nothing of it went down the stream: the next event is this push.
+    gw.push("n", "1").await;
+    gw.client.send(&creds.digest, "n", "2").await.unwrap();
+    assert_eq!(sse.data().await, json!({"channel":"n","payload":2}));
+}
+
+#[tokio::test]
+async fn posted_messages_count_against_the_streams_limits() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.message_rate = 1;
+        c.limits.message_burst = 2;
+        c.limits.max_message_size = 256;
+    })
+    .await;
+    let creds = gw.issue().await;
+    let mut sse = open(gw.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    gw.wait_for_connections(1).await;
+    let ping = |id: u32| format!(r#"{{"action":"ping","id":{id}}}"#);
+    for id in 1..=2 {
+        let (_, _, body) = post(&gw, &creds, &ping(id), "application/json", &[]).await;
+        assert_eq!(reply(&body)["status"], 200);
+    }
+    let (status, _, body) = post(&gw, &creds, &ping(3), "application/json", &[]).await;
+    assert_eq!(
+        (
+            status,
+            reply(&body)["status"].clone(),
+            reply(&body)["id"].clone()
+        ),
+        (200, json!(429), json!(3))
+    );
+    // A burst's worth of refusals in a row closes the stream, as it closes a WebSocket.
+    let (status, _, _) = post(&gw, &creds, &ping(4), "application/json", &[]).await;
+    assert_eq!(status, 429);
+    let close = sse.next().await.unwrap();
+    assert_eq!(
+        (close.kind.as_str(), close.data["code"].clone()),
+        ("close", json!(1008))
+    );
+
+    // Over the size limit: 413, and the stream is closed with 1008.
+    let creds = gw.issue().await;
+    let mut sse = open(gw.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    let big = format!(r#"{{"action":"ping","id":1,"pad":"{}"}}"#, "x".repeat(300));
+    let (status, _, _) = post(&gw, &creds, &big, "application/json", &[]).await;
+    assert_eq!(status, 413);
+    let close = sse.next().await.unwrap();
+    assert_eq!(close.data["code"], 1008, "{close:?}");
+}
+
+#[tokio::test]
+async fn cross_site_posts_need_an_allowed_origin_and_a_preflight() {
+    let gw = Gateway::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
+    let creds = gw.issue().await;
+    let mut sse = open_sse(gw.http, &creds, None, &[("Origin", "https://app.example")])
+        .await
+        .unwrap();
+    sse.next().await.expect("connected");
+    gw.wait_for_connections(1).await;
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /sse HTTP/1.1\r\nHost: x\r\nConnection: close\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\r\n"
+        )
+    };
+    let allowed = gw
+        .raw_http(&preflight("https://app.example"))
+        .await
+        .to_ascii_lowercase();
+    assert!(allowed.starts_with("http/1.1 204"), "{allowed}");
+    assert!(
+        allowed.contains("access-control-allow-origin: https://app.example"),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains("access-control-allow-headers: content-type"),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains("access-control-allow-credentials: true"),
+        "{allowed}"
+    );
+    let refused = gw.raw_http(&preflight("https://evil.example")).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let ping = r#"{"action":"ping","id":1}"#;
+    let (status, _, _) = post(
+        &gw,
+        &creds,
+        ping,
+        "application/json",
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, head, body) = post(
+        &gw,
+        &creds,
+        ping,
+        "application/json",
+        &[("Origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!((status, reply(&body)["body"].clone()), (200, json!("pong")));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+}
