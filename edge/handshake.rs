@@ -110,6 +110,16 @@ impl UpgradeRefusal {
         }
     }
 
+    /// Whether the same request may succeed soon: the id is live on a socket that may be gone
+    /// already (a cut the node has not seen yet, a node that died), or the node or the
+    /// client's address has no room now.
+    pub(crate) fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::InUse | Self::Unavailable | Self::TooManyFromIp | Self::HandshakeRate
+        )
+    }
+
     pub(crate) fn response(self) -> Response<Body> {
         use UpgradeRefusal::*;
         let (status, body) = match self {

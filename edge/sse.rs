@@ -85,9 +85,29 @@ pub(crate) async fn stream(
         }
         Err(refusal) => {
             handshakes.with_label_values(&[refusal.label()]).inc();
+            if refusal.is_transient() {
+                // EventSource gives up for good on any status but 200: "later" is said as an
+                // empty stream with a retry time, so a plain EventSource comes back (with its
+                // Last-Event-ID) instead of failing.
+                return retry_later(refusal);
+            }
             refusal.response()
         }
     }
+}
+
+/// A `200` event stream that only says when to come back, then ends.
+fn retry_later(refusal: UpgradeRefusal) -> Response<Body> {
+    let mut out = BytesMut::new();
+    let _ = write!(out, "retry: {RETRY_MS}\n: not now: {}\n\n", refusal.label());
+    let mut response = Response::new(Body::from(out.freeze()));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 async fn open(

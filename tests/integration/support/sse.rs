@@ -31,7 +31,8 @@ pub struct Sse {
     pub head: String,
 }
 
-/// What opening a stream got: the stream, or the refusal's status and body.
+/// What opening a stream got: the stream, or the refusal's status and body (`200` and the
+/// reason for a "come back later" answer, which a browser's EventSource retries).
 pub async fn open_sse(
     http: SocketAddr,
     creds: &Creds,
@@ -96,6 +97,24 @@ pub async fn open_sse_at(
             .contains("content-type: text/event-stream"),
         "{head}"
     );
+    // The stream's first block is its `retry`; a "come back later" answer says why beside it
+    // and ends: that is `Err((200, why))`.
+    let mut seen_retry = false;
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(PATIENCE, reader.read_line(&mut line))
+            .await
+            .expect("the stream's first block in time")
+            .unwrap();
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(why) = line.strip_prefix(": not now: ") {
+            return Err((200, why.to_owned()));
+        }
+        if n == 0 || (seen_retry && line.is_empty()) {
+            break;
+        }
+        seen_retry |= line.starts_with("retry:");
+    }
     Ok(Sse {
         reader,
         last_id: last_id.map(str::to_owned),
