@@ -78,6 +78,12 @@ pub(crate) async fn stream(
         handshakes.with_label_values(&["pending_full"]).inc();
         return UpgradeRefusal::Unavailable.response();
     }
+    // For a "come back later": a cross-origin EventSource reads no answer without it.
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
+        .cloned();
     match open(req, peer, node).await {
         Ok(response) => {
             handshakes.with_label_values(&["accepted"]).inc();
@@ -89,7 +95,7 @@ pub(crate) async fn stream(
                 // EventSource gives up for good on any status but 200: "later" is said as an
                 // empty stream with a retry time, so a plain EventSource comes back (with its
                 // Last-Event-ID) instead of failing.
-                return retry_later(refusal);
+                return retry_later(refusal, origin);
             }
             refusal.response()
         }
@@ -97,7 +103,7 @@ pub(crate) async fn stream(
 }
 
 /// A `200` event stream that only says when to come back, then ends.
-fn retry_later(refusal: UpgradeRefusal) -> Response<Body> {
+fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response<Body> {
     let mut out = BytesMut::new();
     let _ = write!(out, "retry: {RETRY_MS}\n: not now: {}\n\n", refusal.label());
     let mut response = Response::new(Body::from(out.freeze()));
@@ -107,6 +113,7 @@ fn retry_later(refusal: UpgradeRefusal) -> Response<Body> {
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    allow_origin(&mut response, origin);
     response
 }
 
@@ -302,15 +309,17 @@ async fn post(
     Ok(response)
 }
 
-/// A CORS preflight for a POST: allowed origins may POST JSON with credentials (the cookie,
-/// or `X-Socket-Key`); any other is refused.
+/// A CORS preflight: allowed origins may open streams and POST JSON with credentials (the
+/// cookie, or `X-Socket-Key`); any other is refused.
 pub(crate) fn preflight(req: &Request<Incoming>, node: &NodeState) -> Response<Body> {
     let headers = req.headers();
     let origin = headers.get(header::ORIGIN).cloned();
-    let wants_post = headers
+    // POST for messages; GET for a stream whose request carries a header that is not
+    // safelisted (`Last-Event-ID` or `X-Socket-Key` from a script).
+    let wants = headers
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
-        .is_some_and(|m| m == "POST");
-    if origin.is_none() || !wants_post || !origin_allowed(headers, &node.config.allowed_origins) {
+        .is_some_and(|m| m == "POST" || m == "GET");
+    if origin.is_none() || !wants || !origin_allowed(headers, &node.config.allowed_origins) {
         return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     let mut response = Response::new(Body::from(Bytes::new()));

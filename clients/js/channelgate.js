@@ -1,6 +1,7 @@
-// channelgate browser client: one WebSocket to a channelgate edge, channel pushes, replies
-// matched to requests, `call-route`, reconnect within the grace period, keepalive, and
-// recovery of the pushes missed while away.
+// channelgate browser client: one WebSocket to a channelgate edge (or, where a WebSocket
+// cannot get through, Server-Sent Events and POSTs), channel pushes, replies matched to
+// requests, `call-route`, reconnect within the grace period, keepalive, and recovery of the
+// pushes missed while away.
 //
 // A plain ES module with no dependencies and no build step. The edge serves it at
 // `/channelgate.js`; it also runs in Node 20+ (`--experimental-websocket`) and Node 22+.
@@ -25,6 +26,14 @@
 // the grace period has passed since the drop (the last moment a socket was open, as the node
 // counts it): the credentials are dead then, and the client fires "expired" so the page can
 // fetch new ones (usually by reloading).
+//
+// Transports (option `transports`, default ["websocket", "sse"]): when a WebSocket does not open
+// within `fallbackAfter` ms (3 s) or fails before opening (a proxy that strips `Upgrade`, a
+// firewall), the client connects over Server-Sent Events (`/sse` on the same host, or
+// `data-sse-url`) and sends its messages as POSTs to the same URL, with the same API and
+// events. It remembers that for the session (sessionStorage) and tries the WebSocket again on a
+// reconnect `retryWebSocketAfter` ms (5 min) later. Over SSE, `close()` cannot tell the node
+// "for good": the credentials end when the grace period passes.
 //
 // Recovery: the client remembers, per channel, the epoch and offset of the last push it saw
 // (in sessionStorage too, so a page refresh keeps them), and sends them when it connects. The
@@ -74,10 +83,81 @@ const DEFAULTS = Object.freeze({
   backoffMax: 5_000, // ms, largest reconnect delay ceiling
   maxQueued: 256, // messages held while (re)connecting
   recover: true, // ask the gateway to replay pushes missed while away
+  transports: ["websocket", "sse"], // in order of preference
+  fallbackAfter: 3_000, // ms a WebSocket may take to open before SSE is tried
+  retryWebSocketAfter: 300_000, // ms after falling back before the WebSocket is tried again
 });
 
 /** Where positions are kept across page loads (per gateway endpoint). */
 const STORAGE_PREFIX = "channelgate.positions:";
+/** Where the transport that worked is kept for the session (per gateway endpoint). */
+const TRANSPORT_PREFIX = "channelgate.transport:";
+
+/**
+ * Server-Sent Events and POSTs behind a WebSocket's face (readyState, onopen, onmessage,
+ * onclose, onerror, send, close), so the client drives both the same way. "open" is the
+ * stream's first event (the gateway's `connected`): a "come back later" answer never opens.
+ * The reply to a message sent comes back in its POST's response and is handed over as a
+ * message.
+ */
+class SseSocket {
+  constructor(url, postUrl, { EventSource, fetch }) {
+    this.readyState = 0;
+    this.postUrl = postUrl;
+    this.fetch = fetch;
+    this.closeInfo = null;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    const stream = new EventSource(url, { withCredentials: true });
+    this.stream = stream;
+    stream.onmessage = (event) => {
+      if (this.readyState === 0) {
+        this.readyState = 1;
+        this.onopen?.();
+      }
+      this.onmessage?.({ data: event.data });
+    };
+    // Why the gateway ended the stream: {code, reason}, as a WebSocket close would say.
+    stream.addEventListener("close", (event) => {
+      try {
+        this.closeInfo = JSON.parse(event.data);
+      } catch {
+        this.closeInfo = null;
+      }
+    });
+    // The stream ended or failed: this client decides about reconnecting, not EventSource.
+    stream.onerror = () => this.#finish();
+  }
+
+  #finish() {
+    if (this.readyState === 3) return;
+    this.stream.close();
+    this.readyState = 3;
+    const { code = CLOSE.ABNORMAL, reason = "stream ended" } = this.closeInfo ?? {};
+    this.onclose?.({ code, reason });
+  }
+
+  send(frame) {
+    this.fetch(this.postUrl, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: frame,
+      credentials: "include",
+    })
+      .then((response) => (response.status === 200 ? response.text() : null))
+      .then((text) => {
+        if (text && this.readyState === 1) this.onmessage?.({ data: text });
+      })
+      .catch(() => {
+        // No reply: the request times out like one lost on a WebSocket.
+      });
+  }
+
+  close() {
+    if (this.readyState === 3) return;
+    this.stream.close();
+    this.readyState = 3;
+  }
+}
 
 /** A reply or a timeout for one request. */
 export class TimeoutError extends Error {
@@ -112,6 +192,13 @@ export class Channelgate extends EventTarget {
    * @param {Storage|null} [options.storage] where positions survive a page refresh
    *   (default: sessionStorage when there is one; null: nowhere)
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket constructor (default: global)
+   * @param {string[]} [options.transports] "websocket" and "sse", in order of preference
+   * @param {string} [options.sseUrl] the event-stream endpoint; default: the body's
+   *   `data-sse-url`, else `/sse` on the WebSocket endpoint's host
+   * @param {number} [options.fallbackAfter] ms a WebSocket may take to open (3 s)
+   * @param {number} [options.retryWebSocketAfter] ms before trying it again (5 min)
+   * @param {typeof EventSource} [options.EventSource] (default: global)
+   * @param {typeof fetch} [options.fetch] (default: global)
    */
   constructor(options = {}) {
     super();
@@ -122,6 +209,7 @@ export class Channelgate extends EventTarget {
       throw new Error("channelgate: no connection id (body data-socket-connection-id)");
     }
     this.url = endpoint(options.url ?? body?.dataset.socketUrl, this.connectionId, options.socketKey);
+    this.sseUrl = sseEndpoint(options.sseUrl ?? body?.dataset.sseUrl, this.url);
     this.storage = options.storage === undefined ? storage() : options.storage;
     this.storageKey = STORAGE_PREFIX + this.url.split("?")[0];
     this.positions = this.options.recover ? loadPositions(this.storage, this.storageKey) : new Map();
@@ -130,6 +218,11 @@ export class Channelgate extends EventTarget {
     this.saveTimer = null;
     globalThis.addEventListener?.("pagehide", () => this.#save());
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.EventSource = options.EventSource ?? globalThis.EventSource;
+    this.fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    this.transportKey = TRANSPORT_PREFIX + this.url.split("?")[0];
+    this.transport = null; // of the current (or last) socket: "websocket" | "sse"
+    this.fallbackTimer = null;
     this.state = "idle"; // idle | connecting | open | reconnecting | closed | expired
     this.socket = null;
     this.handlers = new Map(); // channel -> Set<fn>
@@ -206,23 +299,92 @@ export class Channelgate extends EventTarget {
     this.#stop("closed", CLOSE.NORMAL, "closed by the page");
   }
 
-  #dial() {
+  // Which transport to dial: the first wanted, unless it failed and a later one worked
+  // within `retryWebSocketAfter` (remembered for the session).
+  #available() {
+    return this.options.transports.filter(
+      (t) => (t === "websocket" && this.WebSocket) || (t === "sse" && this.EventSource && this.fetch),
+    );
+  }
+
+  #pick() {
+    const wanted = this.#available();
+    if (wanted.length === 0) return null;
+    let worked = null;
+    try {
+      worked = JSON.parse(this.storage?.getItem(this.transportKey) ?? "null");
+    } catch {
+      worked = null;
+    }
+    if (
+      worked?.transport &&
+      wanted.includes(worked.transport) &&
+      Date.now() - worked.at < this.options.retryWebSocketAfter
+    ) {
+      return worked.transport;
+    }
+    return wanted[0];
+  }
+
+  #remember(transport) {
+    try {
+      if (transport === this.#available()[0]) this.storage?.removeItem(this.transportKey);
+      else this.storage?.setItem(this.transportKey, JSON.stringify({ transport, at: Date.now() }));
+    } catch {
+      // Storage denied: the fallback is found again on the next page load.
+    }
+  }
+
+  #dial(transport = this.#pick()) {
     this.#setState(this.opened ? "reconnecting" : "connecting");
+    if (!transport) {
+      this.#stop("closed", CLOSE.ABNORMAL, "no transport available");
+      return;
+    }
     let socket;
-    let url = this.url;
+    let recover = "";
     if (this.options.recover) {
       this.asked = new Map(this.positions);
-      url += "&recover=" + encodeURIComponent(JSON.stringify(Object.fromEntries(this.asked)));
+      recover = "&recover=" + encodeURIComponent(JSON.stringify(Object.fromEntries(this.asked)));
     }
     try {
-      socket = new this.WebSocket(url);
+      socket =
+        transport === "sse"
+          ? new SseSocket(this.sseUrl + recover, this.sseUrl, this)
+          : new this.WebSocket(this.url + recover);
     } catch (err) {
       // A malformed URL, or a page not allowed to connect: nothing to retry.
       this.#stop("closed", CLOSE.ABNORMAL, String(err));
       return;
     }
     this.socket = socket;
+    this.transport = transport;
+    // A WebSocket that does not open in time, or fails before opening, makes way for the next
+    // transport at once (a proxy that strips Upgrade, a firewall that holds it).
+    const available = this.#available();
+    const next = available[available.indexOf(transport) + 1];
+    let opened = false;
+    const fallBack = () => {
+      if (this.socket !== socket || opened) return false;
+      clearTimeout(this.fallbackTimer);
+      this.socket = null;
+      socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+      try {
+        socket.close();
+      } catch {
+        // already closing
+      }
+      this.#dial(next);
+      return true;
+    };
+    clearTimeout(this.fallbackTimer);
+    if (next && transport === "websocket") {
+      this.fallbackTimer = setTimeout(fallBack, this.options.fallbackAfter);
+    }
     socket.onopen = () => {
+      opened = true;
+      clearTimeout(this.fallbackTimer);
+      this.#remember(transport);
       const resumed = this.opened;
       this.opened = true;
       this.attempt = 0;
@@ -242,12 +404,14 @@ export class Channelgate extends EventTarget {
     };
     socket.onclose = (event) => {
       if (this.socket !== socket) return; // an abandoned socket, or handled on error
+      if (next && transport === "websocket" && fallBack()) return;
       this.#closed(event.code, event.reason);
     };
     // Browsers follow an error with a close (1006); some runtimes (Node 20) fire only the error
     // when the connection fails. Either way the socket is finished: handle it once, as 1006.
     socket.onerror = () => {
       if (this.socket !== socket) return;
+      if (next && transport === "websocket" && fallBack()) return;
       this.#closed(CLOSE.ABNORMAL, "connection failed");
     };
   }
@@ -475,6 +639,16 @@ function loadPositions(store, key) {
     // Nothing usable saved: start without positions.
   }
   return positions;
+}
+
+/** The event-stream URL: `base`, else `/sse` on the WebSocket endpoint's host, with its query. */
+function sseEndpoint(base, wsUrl) {
+  const ws = new URL(wsUrl);
+  const url = base ? new URL(base, globalThis.location?.href ?? ws.href) : new URL("/sse", ws.href);
+  if (url.protocol === "ws:") url.protocol = "http:";
+  if (url.protocol === "wss:") url.protocol = "https:";
+  for (const [name, value] of ws.searchParams) url.searchParams.set(name, value);
+  return url.toString();
 }
 
 function endpoint(base, connectionId, socketKey) {

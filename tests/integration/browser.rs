@@ -350,7 +350,7 @@ async fn resumed_and_receives(page: &Client, gw: &Gateway, n: u64) {
 }
 
 /// Types `text` into the page's box and presses Send, as a user would.
-async fn say(page: &Client, text: &str) {
+pub(crate) async fn say(page: &Client, text: &str) {
     let input = page.find(Locator::Css("#text")).await.unwrap();
     input.send_keys(text).await.unwrap();
     page.find(Locator::Css("#send"))
@@ -363,7 +363,7 @@ async fn say(page: &Client, text: &str) {
 
 /// Polls `script` (with a `log()` helper: the page's message list as text) until it returns
 /// true; fails with the page's state after PATIENCE.
-async fn wait_js(page: &Client, script: &str) {
+pub(crate) async fn wait_js(page: &Client, script: &str) {
     let script =
         format!("const log = () => document.getElementById('log')?.innerText ?? ''; {script}");
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -386,7 +386,7 @@ async fn wait_js(page: &Client, script: &str) {
     }
 }
 
-async fn screenshot(page: &Client, path: &Path) {
+pub(crate) async fn screenshot(page: &Client, path: &Path) {
     let png = page.screenshot().await.unwrap();
     std::fs::write(path, png).unwrap();
 }
@@ -429,7 +429,7 @@ gate.addEventListener("state", (e) => (document.getElementById("state").textCont
     addr
 }
 
-fn output_dir(name: &str) -> PathBuf {
+pub(crate) fn output_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("browser")
         .join(name);
@@ -439,13 +439,13 @@ fn output_dir(name: &str) -> PathBuf {
 }
 
 /// chromedriver on a free port; killed on drop.
-struct ChromeDriver {
+pub(crate) struct ChromeDriver {
     child: Child,
     url: String,
 }
 
 impl ChromeDriver {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         crate::setup::chromium();
         for tool in [CHROMIUM, CHROMEDRIVER] {
             assert!(
@@ -474,7 +474,7 @@ impl ChromeDriver {
     }
 
     /// A new headless Chromium with its own empty profile (its own cookies: one user).
-    async fn browser(&self, profile: &Path) -> Client {
+    pub(crate) async fn browser(&self, profile: &Path) -> Client {
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {

@@ -142,14 +142,31 @@ listen stats
 }
 
 /// nginx before `node`, passing WebSocket upgrades and appending the client to
-/// `X-Forwarded-For`, as its documentation shows.
-struct Nginx {
-    addr: SocketAddr,
+/// `X-Forwarded-For`, as its documentation shows ([`Nginx::start`]), or a plain reverse proxy
+/// that does not pass them, as many corporate proxies are ([`Nginx::without_upgrade`]).
+pub(crate) struct Nginx {
+    pub(crate) addr: SocketAddr,
     _process: Process,
 }
 
 impl Nginx {
     async fn start(node: SocketAddr) -> Self {
+        Self::start_with(node, true).await
+    }
+
+    /// nginx that proxies HTTP to `node` without `Upgrade` (a WebSocket cannot get through;
+    /// event streams and POSTs can).
+    pub(crate) async fn without_upgrade(node: SocketAddr) -> Self {
+        Self::start_with(node, false).await
+    }
+
+    async fn start_with(node: SocketAddr, upgrade: bool) -> Self {
+        let upgrade = if upgrade {
+            "proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;"
+        } else {
+            "proxy_set_header Connection \"\";"
+        };
         let bin = crate::setup::nginx();
         let dir = temp_dir("nginx");
         let port = free_port();
@@ -174,8 +191,7 @@ http {{
             proxy_pass http://{node};
             proxy_http_version 1.1;
             proxy_set_header Host $host;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
+            {upgrade}
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_read_timeout 1h;
         }}
