@@ -56,6 +56,17 @@ where
     };
 }
 
+/// The WebSocket path over HTTP/2: a WebSocket needs HTTP/1.1 (no RFC 8441 here), which a
+/// browser opens beside the HTTP/2 connection.
+pub(crate) fn not_over_h2(node: &NodeState) -> Response<Body> {
+    node.registry
+        .metrics()
+        .handshakes
+        .with_label_values(&[UpgradeRefusal::NotUpgrade.label()])
+        .inc();
+    UpgradeRefusal::NotUpgrade.response()
+}
+
 /// Why an upgrade was refused; decides the status and the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UpgradeRefusal {

@@ -19,8 +19,12 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use ::http::{Method, Request, Response};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
@@ -134,6 +138,9 @@ async fn connection(
         Some(tls) => {
             let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                    serve_h2(stream, from, node, pending).await
+                }
                 Ok(Ok(stream)) => serve_http(stream, from, node, pending).await,
                 Ok(Err(err)) => tracing::debug!(peer = %from, %err, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %from, "TLS handshake timed out"),
@@ -178,6 +185,65 @@ where
     drop(pending);
 }
 
+/// Serves one HTTP/2 connection (TLS with ALPN `h2`): event streams, POSTed messages and the
+/// plain routes, many at once; a WebSocket needs HTTP/1.1 (browsers open one beside it), so
+/// its path answers 400 here. The connection holds its pending permit for its life.
+async fn serve_h2<S>(stream: S, from: SocketAddr, node: Arc<NodeState>, pending: Admission)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let spare = pending.spare();
+    let service = service_fn(|req: Request<Incoming>| {
+        let node = node.clone();
+        let client = node.client(from, req.headers());
+        async move {
+            let response = if req.uri().path() == node.config.ws_path {
+                handshake::not_over_h2(&node)
+            } else if req.uri().path() == node.config.sse_path {
+                event_stream(req, client, &node, spare).await
+            } else {
+                http::plain(&req, &node)
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let limits = &node.config.limits;
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        // A quiet connection is pinged; one whose pings go unanswered is closed.
+        .keep_alive_interval(Some(limits.ping_interval))
+        .keep_alive_timeout(limits.idle_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        result = conn => {
+            if let Err(err) = result {
+                tracing::debug!(peer = %from, %err, "client-plane HTTP/2 connection failed");
+            }
+        }
+        _ = node.halt.cancelled() => {}
+    }
+    drop(pending);
+}
+
+/// Concurrent streams on one client-plane HTTP/2 connection: event streams and messages of one
+/// browser's tabs on one origin.
+const H2_MAX_STREAMS: u32 = 100;
+
+/// The event-stream path: a stream (`GET`), a message (`POST`) or a preflight (`OPTIONS`).
+async fn event_stream(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+    spare: bool,
+) -> Response<Body> {
+    match *req.method() {
+        Method::POST => crate::sse::message(req, peer, node).await,
+        Method::OPTIONS => crate::sse::preflight(&req, node),
+        _ => crate::sse::stream(req, peer, node, spare).await,
+    }
+}
+
 /// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
 /// spare lane (`spare`: every handshake permit was taken) upgrades get 503. `peer` is the
 /// request's client, as trusted proxies name it.
@@ -194,11 +260,7 @@ where
         return handshake::websocket::<S>(req, peer, node, spare).await;
     }
     if req.uri().path() == node.config.sse_path {
-        return match *req.method() {
-            Method::POST => crate::sse::message(req, peer, node).await,
-            Method::OPTIONS => crate::sse::preflight(&req, node),
-            _ => crate::sse::stream(req, peer, node, spare).await,
-        };
+        return event_stream(req, peer, node, spare).await;
     }
     http::plain(&req, node)
 }

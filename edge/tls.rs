@@ -58,8 +58,10 @@ impl Tls {
                 .with_safe_default_protocol_versions()
                 .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
                 .map_err(|e| io("certificate and key", cert, e))?;
-        // WebSockets upgrade over HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 for event streams and POSTs (a browser's six HTTP/1.1 connections per origin
+        // would cap it at six streams); WebSockets upgrade over HTTP/1.1, which browsers open
+        // beside it.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 

@@ -475,7 +475,12 @@ impl ChromeDriver {
 
     /// A new headless Chromium with its own empty profile (its own cookies: one user).
     pub(crate) async fn browser(&self, profile: &Path) -> Client {
-        let capabilities = json!({
+        self.browser_with(profile, &[]).await
+    }
+
+    /// [`ChromeDriver::browser`] with more command-line switches (`extra`).
+    pub(crate) async fn browser_with(&self, profile: &Path, extra: &[&str]) -> Client {
+        let mut capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
@@ -488,6 +493,9 @@ impl ChromeDriver {
                 ],
             },
         });
+        if let Some(args) = capabilities["goog:chromeOptions"]["args"].as_array_mut() {
+            args.extend(extra.iter().map(|a| json!(a)));
+        }
         let serde_json::Value::Object(capabilities) = capabilities else {
             unreachable!()
         };

@@ -249,3 +249,50 @@ async fn a_plain_event_source_moves_to_another_node_when_its_node_is_killed() {
     screenshot(&page, &out.join("on-the-survivor.png")).await;
     page.close().await.unwrap();
 }
+
+/// Ten streams from one page to one origin: over HTTP/1.1 a browser opens at most six
+/// connections per origin, so only HTTP/2 (TLS, ALPN `h2`) carries all ten at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_event_streams_from_one_page_share_one_http2_connection() {
+    let out = output_dir("sse-h2");
+    let pki = crate::support::TestPki::in_dir("browser-sse-h2");
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let gw = Gateway::start_with(move |c| (c.tls_cert, c.tls_key) = (Some(cert), Some(key))).await;
+    let mut streams = String::new();
+    for _ in 0..10 {
+        let creds = gw.issue().await;
+        gw.subscribe(&creds, &["ten"]).await;
+        streams.push_str(&format!(
+            "\"https://localhost:{}/sse?socket_connection_id={}&socket_key={}\",",
+            gw.http.port(),
+            creds.id,
+            creds.key
+        ));
+    }
+    let page = format!(
+        r#"<!doctype html><html><body><script>
+window.opened = 0; window.got = 0;
+for (const url of [{streams}]) {{
+  const stream = new EventSource(url);
+  stream.onmessage = (event) => {{
+    const frame = JSON.parse(event.data);
+    if (frame.connected) window.opened += 1;
+    if (frame.payload !== undefined) window.got += 1;
+  }};
+}}
+</script></body></html>"#
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let site = listener.local_addr().unwrap();
+    let app = Router::new().route("/", get(move || std::future::ready(Html(page.clone()))));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let driver = ChromeDriver::start();
+    let browser = driver
+        .browser_with(&out.join("profile"), &["--ignore-certificate-errors"])
+        .await;
+    browser.goto(&format!("http://{site}/")).await.unwrap();
+    wait_js(&browser, "return window.opened === 10").await;
+    gw.push("ten", "1").await;
+    wait_js(&browser, "return window.got === 10").await;
+    browser.close().await.unwrap();
+}

@@ -593,3 +593,132 @@ async fn cross_site_posts_need_an_allowed_origin_and_a_preflight() {
         "{head}"
     );
 }
+
+/// A TLS connection to `gw` offering only `h2`, trusting `ca_pem`, driven by hyper's HTTP/2
+/// client (as a browser's one connection per origin).
+async fn h2_client(
+    gw: &Gateway,
+    ca_pem: &[u8],
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "ALPN chose h2"
+    );
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+fn h2_request(
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"))
+        .header("x-socket-key", key)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap()
+}
+
+/// Reads `body` until its text holds `needle`.
+async fn read_until(body: &mut hyper::body::Incoming, needle: &str) -> String {
+    use http_body_util::BodyExt;
+    let mut text = String::new();
+    while !text.contains(needle) {
+        let frame = tokio::time::timeout(PATIENCE, body.frame())
+            .await
+            .expect("data in time")
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    text
+}
+
+#[tokio::test]
+async fn ten_event_streams_and_their_messages_share_one_http2_connection_over_tls() {
+    let pki = crate::support::TestPki::in_dir("sse-h2");
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let gw = Gateway::start_with(move |c| (c.tls_cert, c.tls_key) = (Some(cert), Some(key))).await;
+    let mut send = h2_client(&gw, &pki.read("ca.pem")).await;
+    let mut streams = Vec::new();
+    for _ in 0..10 {
+        let creds = gw.issue().await;
+        gw.subscribe(&creds, &["h2"]).await;
+        let path = format!("/sse?socket_connection_id={}", creds.id);
+        let response = send
+            .send_request(h2_request("GET", &path, &creds.key, ""))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        let mut body = response.into_body();
+        read_until(&mut body, "\"connected\"").await;
+        streams.push((creds, body));
+    }
+    gw.wait_for_connections(10).await;
+    gw.push("h2", r#"{"n":1}"#).await;
+    for (_, body) in &mut streams {
+        read_until(body, r#""payload":{"n":1}"#).await;
+    }
+    // A message of each stream, on the same connection.
+    for (creds, _) in &streams {
+        let path = format!("/sse?socket_connection_id={}", creds.id);
+        let response = send
+            .send_request(h2_request(
+                "POST",
+                &path,
+                &creds.key,
+                r#"{"action":"ping","id":9}"#,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        read_until(&mut body, "pong").await;
+    }
+    // A WebSocket needs HTTP/1.1 (browsers open one beside the HTTP/2 connection).
+    let (creds, _) = &streams[0];
+    let response = send
+        .send_request(h2_request(
+            "GET",
+            &format!("/ws?socket_connection_id={}", creds.id),
+            &creds.key,
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
