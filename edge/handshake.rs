@@ -41,16 +41,22 @@ where
 {
     let handshakes = &node.registry.metrics().handshakes;
     if spare {
-        handshakes.with_label_values(&["pending_full"]).inc();
+        handshakes
+            .with_label_values(&["pending_full", "websocket"])
+            .inc();
         return UpgradeRefusal::Unavailable.response();
     }
     return match upgrade::<S>(req, peer, node).await {
         Ok(response) => {
-            handshakes.with_label_values(&["accepted"]).inc();
+            handshakes
+                .with_label_values(&["accepted", "websocket"])
+                .inc();
             response
         }
         Err(refusal) => {
-            handshakes.with_label_values(&[refusal.label()]).inc();
+            handshakes
+                .with_label_values(&[refusal.label(), "websocket"])
+                .inc();
             refusal.response()
         }
     };
@@ -62,7 +68,7 @@ pub(crate) fn not_over_h2(node: &NodeState) -> Response<Body> {
     node.registry
         .metrics()
         .handshakes
-        .with_label_values(&[UpgradeRefusal::NotUpgrade.label()])
+        .with_label_values(&[UpgradeRefusal::NotUpgrade.label(), "websocket"])
         .inc();
     UpgradeRefusal::NotUpgrade.response()
 }

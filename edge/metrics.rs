@@ -34,8 +34,10 @@ pub(crate) struct Metrics {
     pub lifecycle_dropped: IntCounter,
     /// Final ends of credentials, by reason (`$disconnect` events decided on this node).
     pub ends: IntCounterVec,
-    /// WebSocket handshakes by result (`accepted`, or the refusal reason).
+    /// Sockets opened or refused, by result (`accepted`, or the refusal reason) and transport.
     pub handshakes: IntCounterVec,
+    /// Live event streams.
+    pub event_streams: IntGauge,
     /// Client-plane connections closed at accept, by reason (`pending_per_ip`, `pending_full`).
     pub refused_connections: IntCounterVec,
     /// Client messages received.
@@ -153,10 +155,23 @@ impl Metrics {
                 "Credentials that ended for good, by reason, as decided on this node.",
                 "reason",
             ),
-            handshakes: counter_vec(
-                "channelgate_handshakes_total",
-                "WebSocket handshakes by result.",
-                "result",
+            handshakes: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "channelgate_handshakes_total",
+                        "Sockets opened or refused, by result and transport (websocket, sse).",
+                    ),
+                    &["result", "transport"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            event_streams: gauge(
+                "channelgate_event_streams",
+                "Live Server-Sent Events streams (counted in channelgate_connections too).",
             ),
             refused_connections: counter_vec(
                 "channelgate_refused_connections_total",

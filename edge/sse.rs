@@ -75,7 +75,7 @@ pub(crate) async fn stream(
 ) -> Response<Body> {
     let handshakes = &node.registry.metrics().handshakes;
     if spare {
-        handshakes.with_label_values(&["pending_full"]).inc();
+        handshakes.with_label_values(&["pending_full", "sse"]).inc();
         return UpgradeRefusal::Unavailable.response();
     }
     // For a "come back later": a cross-origin EventSource reads no answer without it.
@@ -86,11 +86,13 @@ pub(crate) async fn stream(
         .cloned();
     match open(req, peer, node).await {
         Ok(response) => {
-            handshakes.with_label_values(&["accepted"]).inc();
+            handshakes.with_label_values(&["accepted", "sse"]).inc();
             response
         }
         Err(refusal) => {
-            handshakes.with_label_values(&[refusal.label()]).inc();
+            handshakes
+                .with_label_values(&[refusal.label(), "sse"])
+                .inc();
             if refusal.is_transient() {
                 // EventSource gives up for good on any status but 200: "later" is said as an
                 // empty stream with a retry time, so a plain EventSource comes back (with its
@@ -667,6 +669,7 @@ async fn run(
         )),
     });
     node.event_streams.insert(conn.digest(), entry.clone());
+    node.registry.metrics().event_streams.inc();
     if node.handlers.wants_lifecycle() {
         let user = node.registry.user_of(&conn.digest());
         node.handlers
@@ -676,6 +679,7 @@ async fn run(
     // Unless a resume on this node already replaced it.
     node.event_streams
         .remove_if(&conn.digest(), |_, live| Arc::ptr_eq(live, &entry));
+    node.registry.metrics().event_streams.dec();
     conn::report_end(&end, &conn, &socket, node);
     if let End::Closing(close) = &end {
         // The reason, as an event a page may listen for; then the body ends.

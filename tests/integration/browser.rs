@@ -391,10 +391,11 @@ pub(crate) async fn screenshot(page: &Client, path: &Path) {
     std::fs::write(path, png).unwrap();
 }
 
-/// `channelgate_handshakes_total{result=...}` from the node's metrics.
+/// `channelgate_handshakes_total{result=...,transport="websocket"}` from the node's metrics.
 async fn handshakes(gw: &Gateway, result: &str) -> u64 {
     let (_, metrics) = gw.http_get("/metrics", &[]).await;
-    let prefix = format!("channelgate_handshakes_total{{result=\"{result}\"}} ");
+    let prefix =
+        format!("channelgate_handshakes_total{{result=\"{result}\",transport=\"websocket\"}} ");
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))

@@ -130,7 +130,7 @@ async fn a_restarted_single_node_refuses_ids_issued_before_it_started() {
     let (status, body) = after.http_get("/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(
-        body.contains(r#"channelgate_handshakes_total{result="unknown"} 2"#),
+        body.contains(r#"channelgate_handshakes_total{result="unknown",transport="websocket"} 2"#),
         "{body}"
     );
     after.subscriber(&[]).await;

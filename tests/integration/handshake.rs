@@ -212,11 +212,17 @@ async fn metrics_follow_traffic() {
     let (_, after) = gw.http_get("/metrics", &[]).await;
     assert_eq!(metric(&after, "channelgate_connections"), 1.0);
     assert_eq!(
-        metric(&after, "channelgate_handshakes_total{result=\"accepted\"}"),
+        metric(
+            &after,
+            "channelgate_handshakes_total{result=\"accepted\",transport=\"websocket\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric(&after, "channelgate_handshakes_total{result=\"in_use\"}"),
+        metric(
+            &after,
+            "channelgate_handshakes_total{result=\"in_use\",transport=\"websocket\"}"
+        ),
         1.0
     );
     assert_eq!(metric(&after, "channelgate_pushes_total"), 1.0);
@@ -265,7 +271,7 @@ async fn an_address_over_its_handshake_rate_gets_429() {
     assert_eq!(
         metric(
             &scrape,
-            "channelgate_handshakes_total{result=\"handshake_rate\"}"
+            "channelgate_handshakes_total{result=\"handshake_rate\",transport=\"websocket\"}"
         ),
         1.0
     );
@@ -286,7 +292,9 @@ async fn an_upgrade_over_http_1_0_is_refused_with_400() {
     assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
     let (_, metrics) = gw.http_get("/metrics", &[]).await;
     assert!(
-        metrics.contains(r#"channelgate_handshakes_total{result="not_upgrade"} 1"#),
+        metrics.contains(
+            r#"channelgate_handshakes_total{result="not_upgrade",transport="websocket"} 1"#
+        ),
         "{metrics}"
     );
     assert!(!metrics.contains(r#"result="accepted""#), "{metrics}");

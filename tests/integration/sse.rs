@@ -72,6 +72,12 @@ async fn an_event_stream_carries_what_a_websocket_gets_and_is_refused_what_a_han
         "the first event names the stream's anchor"
     );
     gw.wait_for_connections(1).await;
+    let (_, metrics) = gw.http_get("/metrics", &[]).await;
+    assert!(
+        metrics.contains(r#"channelgate_handshakes_total{result="accepted",transport="sse"} 1"#)
+            && metrics.contains("channelgate_event_streams 1"),
+        "{metrics}"
+    );
 
     gw.push("news", r#"{"title":"a"}"#).await;
     let push = sse.next().await.unwrap();
