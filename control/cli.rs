@@ -23,6 +23,9 @@ pub enum CliError {
     /// The WebSocket failed.
     #[error("WebSocket: {0}")]
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The event stream or a POST failed.
+    #[error("HTTP: {0}")]
+    Http(String),
     /// An argument that cannot be used.
     #[error("invalid {0}")]
     Invalid(String),
@@ -64,8 +67,9 @@ pub enum Command {
         #[arg(long, requires = "user")]
         info: Option<String>,
     },
-    /// Open a WebSocket as a client would: prints every frame it receives as a line, and sends
-    /// each line of standard input as a text frame.
+    /// Connect as a client would: prints every frame it receives as a line, and sends each line
+    /// of standard input as a client message (a text frame; with `--transport sse`, a POST
+    /// whose reply is printed too).
     Connect {
         /// WebSocket endpoint of the node.
         #[arg(
@@ -80,6 +84,10 @@ pub enum Command {
         /// The socket key (sent in the `socket_key` cookie).
         #[arg(long, env = "SOCKET_KEY", hide_env_values = true)]
         key: String,
+        /// `websocket`, or `sse` (Server-Sent Events and POSTs, over plain HTTP: the URL's
+        /// scheme becomes http, and a `/ws` path `/sse`).
+        #[arg(long, default_value = "websocket", value_parser = ["websocket", "sse"])]
+        transport: String,
     },
     /// Subscribe a connection (by digest) to channels.
     Subscribe {
@@ -279,7 +287,17 @@ fn position_arg(text: &str) -> Result<(String, u64), CliError> {
 pub async fn run(command: Command) -> Result<ExitCode, CliError> {
     let print = |value: serde_json::Value| println!("{value}");
     match command {
-        Command::Connect { url, id, key } => return websocket(&url, &id, &key).await,
+        Command::Connect {
+            url,
+            id,
+            key,
+            transport,
+        } => {
+            return match transport.as_str() {
+                "sse" => event_stream(&url, &id, &key).await,
+                _ => websocket(&url, &id, &key).await,
+            }
+        }
         Command::Issue {
             client,
             ttl,
@@ -561,6 +579,109 @@ async fn websocket(url: &str, id: &str, key: &str) -> Result<ExitCode, CliError>
             },
             line = lines.next_line(), if stdin_open => match line.map_err(|e| CliError::Io("reading standard input", e))? {
                 Some(line) if !line.trim().is_empty() => sink.send(Message::text(line)).await.map_err(CliError::WebSocket)?,
+                Some(_) => {}
+                None => stdin_open = false,
+            },
+        }
+    }
+}
+
+/// The event-stream URL for `url`: http(s) for ws(s), `/sse` for a `/ws` path.
+fn sse_url(url: &str) -> Result<String, CliError> {
+    let url = if let Some(rest) = url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if url.starts_with("wss://") || url.starts_with("https://") {
+        return Err(CliError::Invalid(
+            "--url: --transport sse speaks plain http:// (use the WebSocket over TLS)".into(),
+        ));
+    } else {
+        url.to_owned()
+    };
+    Ok(match url.strip_suffix("/ws") {
+        Some(base) => format!("{base}/sse"),
+        None => url,
+    })
+}
+
+/// `connect --transport sse`: prints each event's data as a line; each line of standard input
+/// is POSTed, and its reply printed.
+async fn event_stream(url: &str, id: &str, key: &str) -> Result<ExitCode, CliError> {
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncBufReadExt;
+
+    let url = format!("{}?socket_connection_id={id}", sse_url(url)?);
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let request = |method: &str, body: String, json: bool| {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("cookie", format!("socket_key={key}"));
+        if json {
+            builder = builder.header("content-type", "application/json");
+        }
+        builder
+            .body(Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| CliError::Invalid(format!("--url: {e}")))
+    };
+    let response = client
+        .request(request("GET", String::new(), false)?)
+        .await
+        .map_err(|e| CliError::Http(e.to_string()))?;
+    if response.status() != hyper::StatusCode::OK {
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes());
+        let body = body
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        return Err(CliError::Refused(format!("{status} {}", body.trim())));
+    }
+    eprintln!("connected (event stream); type JSON messages, one per line");
+    let mut body = response.into_body();
+    let (mut text, mut data) = (String::new(), Vec::<String>::new());
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(chunk) = frame.into_data() {
+                        text.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = text.find('\n') {
+                            let line: String = text.drain(..=end).collect();
+                            let line = line.trim_end_matches(['\r', '\n']);
+                            if line.is_empty() && !data.is_empty() {
+                                println!("{}", data.join("\n"));
+                                data.clear();
+                            } else if let Some(value) = line.strip_prefix("data: ") {
+                                data.push(value.to_owned());
+                            } else if let Some(why) = line.strip_prefix(": not now: ") {
+                                eprintln!("not now ({why}); try again in a second");
+                            }
+                        }
+                    }
+                }
+                Some(Err(err)) => return Err(CliError::Http(err.to_string())),
+                None => {
+                    eprintln!("the stream ended");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            },
+            line = lines.next_line(), if stdin_open => match line.map_err(|e| CliError::Io("reading standard input", e))? {
+                Some(line) if !line.trim().is_empty() => {
+                    let response = client
+                        .request(request("POST", line, true)?)
+                        .await
+                        .map_err(|e| CliError::Http(e.to_string()))?;
+                    let status = response.status();
+                    let reply = response.into_body().collect().await.map_err(|e| CliError::Http(e.to_string()))?.to_bytes();
+                    match status {
+                        hyper::StatusCode::OK => println!("{}", String::from_utf8_lossy(&reply)),
+                        hyper::StatusCode::NO_CONTENT => {}
+                        _ => eprintln!("message refused: {status} {}", String::from_utf8_lossy(&reply).trim()),
+                    }
+                }
                 Some(_) => {}
                 None => stdin_open = false,
             },

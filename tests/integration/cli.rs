@@ -320,3 +320,63 @@ async fn users_and_presence_from_the_cli() {
     let (code, _) = cg(&gw, &["presence", "lobby"], None).await;
     assert_ne!(code, 0);
 }
+
+async fn next_json(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Value {
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .expect("the client runs");
+    json_line(&line)
+}
+
+/// `connect --transport sse`: frames as lines, and each line of standard input POSTed, its
+/// reply printed; the same for the WebSocket.
+#[tokio::test]
+async fn connect_prints_frames_and_sends_lines_over_either_transport() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::start().await;
+    for transport in ["sse", "websocket"] {
+        let creds = gw.issue().await;
+        gw.subscribe(&creds, &["cli"]).await;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
+            .args(["connect", "--transport", transport])
+            .args([
+                "--url",
+                &gw.ws_url(),
+                "--id",
+                &creds.id,
+                "--key",
+                &creds.key,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        gw.wait_for_connections(1).await;
+        gw.push("cli", r#"{"n":1}"#).await;
+        let mut first = next_json(&mut lines).await;
+        if first.get("connected").is_some() {
+            first = next_json(&mut lines).await; // an event stream starts with its positions
+        }
+        assert_eq!(first["payload"], json!({"n":1}), "{transport}");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"{\"action\":\"ping\",\"id\":7}\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            next_json(&mut lines).await,
+            json!({"id":7,"status":200,"headers":{},"body":"pong"}),
+            "{transport}"
+        );
+        drop(stdin);
+        child.kill().await.unwrap();
+        gw.wait_for_connections(0).await;
+    }
+}
