@@ -59,6 +59,10 @@ struct Args {
     /// Scenario: idle.
     #[arg(long, default_value = "idle")]
     scenario: String,
+    /// How the receiving sockets connect: `websocket`, or `sse` (event streams; the fanout,
+    /// idle and recovery scenarios).
+    #[arg(long, default_value = "websocket", value_parser = ["websocket", "sse"])]
+    transport: String,
     /// Control plane of the node.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     control: String,
@@ -255,10 +259,11 @@ async fn connect_raw(
     i: usize,
     creds: &pb::IssueConnectionResponse,
 ) -> anyhow::Result<RawWs> {
-    RawWs::handshake(
+    RawWs::open(
         tcp_from(args, i).await?,
         &ws_of(args, i)?.to_string(),
         &ws_path(creds),
+        args.transport == "sse",
     )
     .await
 }
@@ -1327,8 +1332,13 @@ async fn recovery(args: &Args) -> anyhow::Result<()> {
                 let c = i % names.len();
                 let creds = issue(&mut control, &names[c]).await?;
                 let path = format!("{}&recover=%7B%7D", ws_path(&creds));
-                let mut ws =
-                    RawWs::handshake(tcp_from(args, i).await?, &args.ws.to_string(), &path).await?;
+                let mut ws = RawWs::open(
+                    tcp_from(args, i).await?,
+                    &args.ws.to_string(),
+                    &path,
+                    args.transport == "sse",
+                )
+                .await?;
                 let mut epoch = None;
                 while epoch.is_none() {
                     let read = ws
@@ -1406,8 +1416,13 @@ async fn recovery(args: &Args) -> anyhow::Result<()> {
                     ws_path(&creds),
                     form_urlencoded::byte_serialize(recover.as_bytes()).collect::<String>()
                 );
-                let mut ws =
-                    RawWs::handshake(tcp_from(args, i).await?, &args.ws.to_string(), &path).await?;
+                let mut ws = RawWs::open(
+                    tcp_from(args, i).await?,
+                    &args.ws.to_string(),
+                    &path,
+                    args.transport == "sse",
+                )
+                .await?;
                 let (mut next, mut dup, mut reordered, mut recovered) = (1u64, 0u64, 0u64, false);
                 while next <= misses {
                     let read = ws

@@ -1,4 +1,5 @@
-//! A minimal WebSocket client for the load generator's receiving side: its own HTTP upgrade and
+//! A minimal WebSocket client (or, with `--transport sse`, event-stream client) for the load
+//! generator's receiving side: its own HTTP upgrade and
 //! frame parsing over a plain `TcpStream`, so reading a million small frames a second costs the
 //! generator little more than the kernel's receive work. Server frames only (unmasked); pings
 //! are answered so the node's idle timeout never fires. Not a general client: the node under
@@ -18,6 +19,8 @@ pub(crate) struct RawWs {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// An event stream: frames are the `data:` lines.
+    sse: bool,
 }
 
 /// What one read delivered.
@@ -29,17 +32,44 @@ pub(crate) enum Read {
 }
 
 impl RawWs {
+    /// Opens a socket: a WebSocket upgrade of `path` (`/ws?...`), or with `sse` an event
+    /// stream of the same query on `/sse`.
+    pub(crate) async fn open(
+        stream: TcpStream,
+        host: &str,
+        path: &str,
+        sse: bool,
+    ) -> anyhow::Result<Self> {
+        if !sse {
+            return Self::handshake(stream, host, path).await;
+        }
+        let path = match path.strip_prefix("/ws") {
+            Some(query) => format!("/sse{query}"),
+            None => path.to_owned(),
+        };
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+        let mut raw = Self::request(stream, &request, "HTTP/1.1 200").await?;
+        raw.sse = true;
+        Ok(raw)
+    }
+
     /// Upgrades `stream` with a GET of `path` (path and query) on `host`.
     pub(crate) async fn handshake(
-        mut stream: TcpStream,
+        stream: TcpStream,
         host: &str,
         path: &str,
     ) -> anyhow::Result<Self> {
-        stream.set_nodelay(true)?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
+        Self::request(stream, &request, "HTTP/1.1 101").await
+    }
+
+    /// Sends `request` and reads the response head, which must start with `expected`.
+    async fn request(mut stream: TcpStream, request: &str, expected: &str) -> anyhow::Result<Self> {
+        stream.set_nodelay(true)?;
         stream.write_all(request.as_bytes()).await?;
         let mut buf = vec![0u8; BUFFER];
         let mut end = 0;
@@ -57,15 +87,16 @@ impl RawWs {
             }
         };
         let head = String::from_utf8_lossy(&buf[..header_end]);
-        if !head.starts_with("HTTP/1.1 101") {
+        if !head.starts_with(expected) {
             let status = head.lines().next().unwrap_or_default().to_owned();
-            bail!("upgrade refused: {status}");
+            bail!("refused: {status}");
         }
         Ok(Self {
             stream,
             buf,
             start: header_end,
             end,
+            sse: false,
         })
     }
 
@@ -85,6 +116,23 @@ impl RawWs {
         &mut self,
         mut on_text: impl FnMut(&[u8]) -> bool,
     ) -> anyhow::Result<Read> {
+        if self.sse {
+            // Whole lines only; `data: ` lines are the frames (chunk sizes, ids and comments
+            // are not).
+            while let Some(nl) = self.buf[self.start..self.end]
+                .iter()
+                .position(|b| *b == b'\n')
+            {
+                let line = self.start..self.start + nl;
+                self.start += nl + 1;
+                if self.buf[line.clone()].starts_with(b"data: ") {
+                    let text = line.start + 6..line.end;
+                    if on_text(&self.buf[text]) {
+                        return Ok(Read::More);
+                    }
+                }
+            }
+        }
         while let Some((opcode, range)) = self.next_frame().context("bad frame from the node")? {
             match opcode {
                 0x1 if on_text(&self.buf[range.clone()]) => return Ok(Read::More),
@@ -115,6 +163,9 @@ impl RawWs {
 
     /// The next complete frame's opcode and payload range, consuming it.
     fn next_frame(&mut self) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        if self.sse {
+            return Ok(None);
+        }
         let data = &self.buf[self.start..self.end];
         if data.len() < 2 {
             return Ok(None);
@@ -144,6 +195,10 @@ impl RawWs {
     /// Closes cleanly as a client would: a close frame with code 1000 (masked, key zero), then
     /// waits (briefly) for the node's close.
     pub(crate) async fn close(mut self) -> anyhow::Result<()> {
+        if self.sse {
+            // An event stream ends with its connection.
+            return Ok(());
+        }
         self.stream
             .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
             .await?;

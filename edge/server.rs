@@ -159,10 +159,13 @@ where
     let peer = from;
     let io = TokioIo::new(stream);
     let spare = pending.spare();
+    // An event stream, once open, gives the connection's place in the HTTP phase back, as an
+    // upgrade does: it is a socket now, counted as one.
+    let pending = Arc::new(parking_lot::Mutex::new(Some(pending)));
     let service = service_fn(|req: Request<Incoming>| {
-        let node = node.clone();
+        let (node, pending) = (node.clone(), pending.clone());
         let client = node.client(from, req.headers());
-        async move { Ok::<_, Infallible>(route::<S>(req, client, &node, spare).await) }
+        async move { Ok::<_, Infallible>(route::<S>(req, client, &node, spare, &pending).await) }
     });
     let header_timeout = if spare {
         crate::node::SPARE_HEADER_TIMEOUT.min(node.config.limits.handshake_timeout)
@@ -200,7 +203,7 @@ where
             let response = if req.uri().path() == node.config.ws_path {
                 handshake::not_over_h2(&node)
             } else if req.uri().path() == node.config.sse_path {
-                event_stream(req, client, &node, spare).await
+                event_stream(req, client, &node, spare, None).await
             } else {
                 http::plain(&req, &node)
             };
@@ -230,19 +233,33 @@ where
 /// browser's tabs on one origin.
 const H2_MAX_STREAMS: u32 = 100;
 
-/// The event-stream path: a stream (`GET`), a message (`POST`) or a preflight (`OPTIONS`).
+/// The event-stream path: a stream (`GET`), a message (`POST`) or a preflight (`OPTIONS`). An
+/// HTTP/1.1 connection's admission (`pending`) is given back when its stream opens.
 async fn event_stream(
     req: Request<Incoming>,
     peer: SocketAddr,
     node: &Arc<NodeState>,
     spare: bool,
+    pending: Option<&Pending>,
 ) -> Response<Body> {
     match *req.method() {
         Method::POST => crate::sse::message(req, peer, node).await,
         Method::OPTIONS => crate::sse::preflight(&req, node),
-        _ => crate::sse::stream(req, peer, node, spare).await,
+        _ => {
+            let response = crate::sse::stream(req, peer, node, spare).await;
+            // Only a stream that opened: a "come back later" is no socket.
+            if matches!(response.body(), Body::Events(_)) {
+                if let Some(pending) = pending {
+                    drop(pending.lock().take());
+                }
+            }
+            response
+        }
     }
 }
+
+/// An HTTP/1.1 connection's admission, until an event stream on it opens.
+type Pending = parking_lot::Mutex<Option<Admission>>;
 
 /// `S` is the connection's stream type, so an upgraded socket gets it back unwrapped. On the
 /// spare lane (`spare`: every handshake permit was taken) upgrades get 503. `peer` is the
@@ -252,6 +269,7 @@ async fn route<S>(
     peer: SocketAddr,
     node: &Arc<NodeState>,
     spare: bool,
+    pending: &Pending,
 ) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -260,7 +278,7 @@ where
         return handshake::websocket::<S>(req, peer, node, spare).await;
     }
     if req.uri().path() == node.config.sse_path {
-        return event_stream(req, peer, node, spare).await;
+        return event_stream(req, peer, node, spare, Some(pending)).await;
     }
     http::plain(&req, node)
 }

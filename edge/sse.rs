@@ -115,6 +115,7 @@ fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     allow_origin(&mut response, origin);
     response
 }

@@ -728,3 +728,18 @@ async fn ten_event_streams_and_their_messages_share_one_http2_connection_over_tl
         .unwrap();
     assert_eq!(response.status(), 400);
 }
+
+/// An open stream is a socket, not a connection in its HTTP phase: it gives its share of
+/// `max-pending-per-ip` back, as an upgrade does, so one address holds more streams than that.
+#[tokio::test]
+async fn open_streams_do_not_count_as_pending_connections() {
+    let gw = Gateway::start_with(|c| c.limits.max_pending_per_ip = 4).await;
+    let mut streams = Vec::new();
+    for _ in 0..12 {
+        let creds = gw.issue().await;
+        let mut sse = open(gw.http, &creds, None).await;
+        sse.next().await.expect("connected");
+        streams.push(sse);
+    }
+    gw.wait_for_connections(12).await;
+}
