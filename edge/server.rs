@@ -274,11 +274,13 @@ async fn route<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Boxed, both: hyper keeps the storage of a connection's request future for the
+    // connection's life, and an event stream's connection lives as long as the stream.
     if req.uri().path() == node.config.ws_path {
-        return handshake::websocket::<S>(req, peer, node, spare).await;
+        return Box::pin(handshake::websocket::<S>(req, peer, node, spare)).await;
     }
     if req.uri().path() == node.config.sse_path {
-        return event_stream(req, peer, node, spare, Some(pending)).await;
+        return Box::pin(event_stream(req, peer, node, spare, Some(pending))).await;
     }
     http::plain(&req, node)
 }

@@ -50,6 +50,8 @@
 //   "reconnecting" {attempt, delay}     a reconnect is scheduled in `delay` ms
 //   "closed"       {code, reason}       closed for good by the application (1000, 4000-4099)
 //   "expired"      {}                   the grace period passed: fetch new credentials
+//   "join", "leave" {channel, connection_id, user, info}  presence in a channel whose namespace
+//                                       sets `join-leave` (the gateway's README: Presence)
 //   "error"        {reply}              the gateway answered a message it could not read
 //   "state"        {state}              any change of `state`
 
@@ -430,6 +432,13 @@ export class Channelgate extends EventTarget {
     }
     if ("channel" in message && !("status" in message)) {
       const channel = message.channel;
+      for (const kind of ["join", "leave"]) {
+        if (kind in message) {
+          // Presence, for channels whose namespace sets `join-leave`.
+          this.#emit(kind, { channel, ...message[kind] });
+          return;
+        }
+      }
       if (!("payload" in message)) {
         // A position: where a new subscription starts, or a gap.
         this.#position(channel, message.epoch, message.offset);

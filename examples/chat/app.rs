@@ -93,6 +93,7 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/", get(page))
         .route("/messages", get(list).post(post))
+        .route("/online", get(online))
         .with_state(chat);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -114,7 +115,8 @@ async fn page(
     headers: HeaderMap,
 ) -> Response {
     let name = clean_name(query.name.as_deref());
-    let issued = chat.control.issue(None, &[ROOM]).await;
+    // For the user: the gateway's presence then names them (a second tab is the same user).
+    let issued = chat.control.issue_for(None, &[ROOM], &name, "").await;
     let creds = match issued {
         Ok(creds) => creds,
         Err(status) => {
@@ -169,6 +171,20 @@ async fn page(
     }
     cookies.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// `GET /online`: the users present in the room (from the gateway's `Presence`; empty when the
+/// gateway keeps no presence for `chat:`).
+async fn online(State(chat): State<Arc<Chat>>) -> Json<Vec<String>> {
+    let members = chat.control.presence(ROOM).await.unwrap_or_default();
+    let mut names: Vec<String> = members
+        .into_iter()
+        .map(|m| m.user)
+        .filter(|u| !u.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    Json(names)
 }
 
 /// `GET /messages`: the recent messages, oldest first.

@@ -39,6 +39,7 @@ async fn chat_works_in_a_real_browser() {
     let gw = Gateway::start_with(|c| {
         c.upstream = Some(chat_origin.clone());
         c.allowed_origins = vec![chat_origin.clone()];
+        c.limits.namespaces = crate::browser::chat_presence();
     })
     .await;
     let proxy = Proxy::start(gw.http).await;
@@ -61,6 +62,10 @@ async fn chat_works_in_a_real_browser() {
     bob.goto(&format!("{chat_origin}/?name=bob")).await.unwrap();
     for page in [&ann, &bob] {
         wait_js(page, "return window.gate?.state === 'open'").await;
+    }
+    // Presence: each page shows both users (the app's list, then join events).
+    for page in [&ann, &bob] {
+        both_here(page).await;
     }
 
     // A message typed and sent on one page (call-route over the WebSocket, then a push to the
@@ -347,6 +352,25 @@ async fn resumed_and_receives(page: &Client, gw: &Gateway, n: u64) {
         feed_after(page, n as usize).await,
         (1..=n).collect::<Vec<_>>()
     );
+}
+
+/// What `examples/chat/channelgate.toml` sets: presence for `chat:`, join and leave per user.
+pub(crate) fn chat_presence() -> channelgate::config::Namespaces {
+    let policy = channelgate::config::NamespacePolicy {
+        presence: true,
+        join_leave: channelgate::config::JoinLeave::User,
+        ..Default::default()
+    };
+    channelgate::config::Namespaces([("chat".to_owned(), policy)].into())
+}
+
+/// Both users are shown as here on `page`.
+pub(crate) async fn both_here(page: &Client) {
+    wait_js(
+        page,
+        "return document.getElementById('online').textContent === 'here: ann, bob'",
+    )
+    .await;
 }
 
 /// Types `text` into the page's box and presses Send, as a user would.

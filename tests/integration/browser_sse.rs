@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    browser::{output_dir, say, screenshot, wait_js, ChromeDriver},
+    browser::{both_here, output_dir, say, screenshot, wait_js, ChromeDriver},
     chat_app::{self, ChatConfig},
     proxies::Nginx,
     support::{Gateway, Proxy},
@@ -39,6 +39,7 @@ async fn the_chat_works_over_sse_behind_a_proxy_that_does_not_pass_upgrade() {
     let gw = Gateway::start_with(|c| {
         c.upstream = Some(chat_origin.clone());
         c.allowed_origins = vec![chat_origin.clone()];
+        c.limits.namespaces = crate::browser::chat_presence();
     })
     .await;
     // Browsers -> a TCP proxy (to cut their connections) -> nginx without Upgrade -> the node.
@@ -71,6 +72,10 @@ async fn the_chat_works_over_sse_behind_a_proxy_that_does_not_pass_upgrade() {
         handshakes(&gw, "not_upgrade").await >= 2,
         "the WebSocket was tried and refused"
     );
+    // Presence: each page shows both users (the app's list, then join events over SSE).
+    for page in [&ann, &bob] {
+        both_here(page).await;
+    }
 
     // call-route (POSTed), then a push to the room, on both pages.
     say(&ann, "hello over sse").await;
