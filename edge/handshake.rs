@@ -271,8 +271,8 @@ pub(crate) struct Presented {
 
 impl Presented {
     /// Checks the `Origin` against the allow-list and reads the credentials.
-    pub(crate) fn read(
-        req: &Request<Incoming>,
+    pub(crate) fn read<B>(
+        req: &Request<B>,
         peer: SocketAddr,
         node: &NodeState,
     ) -> Result<Self, UpgradeRefusal> {
@@ -323,13 +323,16 @@ impl Presented {
     }
 }
 
+/// A socket's places under the node's limit and its address's: held for its life.
+pub(crate) type Slots = (OwnedSemaphorePermit, IpSlot);
+
 /// A client the node admitted: its socket bound in the registry (and, in cluster mode, in
 /// Redis), holding its place under the node's and its address's limits for its life.
 pub(crate) struct Admitted {
     pub(crate) connection_id: String,
     pub(crate) conn: Arc<Conn>,
     /// Released when the socket ends.
-    pub(crate) slots: (OwnedSemaphorePermit, IpSlot),
+    pub(crate) slots: Slots,
 }
 
 /// Binds a socket to `verified` credentials, unless the node drains, is full, or the client's

@@ -134,7 +134,12 @@ async fn connection(
         }
     }
     match &node.tls {
-        None => serve_http(stream, from, node, pending).await,
+        None => match crate::sse::opens_with_a_stream(&stream, &node, deadline).await {
+            // Nothing within the handshake timeout: gone, as hyper would have it.
+            None => {}
+            Some(true) => crate::sse::lean(stream, from, node, pending, deadline).await,
+            Some(false) => serve_http(stream, from, node, pending).await,
+        },
         Some(tls) => {
             let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {

@@ -36,7 +36,10 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
 
 use crate::{
     conn::{self, End},
@@ -45,7 +48,7 @@ use crate::{
     error::Close,
     fanout::Next,
     handlers::Socket,
-    handshake::{admit, origin_allowed, Admitted, Presented, UpgradeRefusal},
+    handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
     http::{Body, Events},
     limit::{MessageLimit, Take},
     node::{EventStream, NodeState},
@@ -104,6 +107,168 @@ pub(crate) async fn stream(
     }
 }
 
+/// Longest request head the lean path reads.
+const MAX_HEAD: usize = 16 << 10;
+
+/// Whether a plain HTTP/1.1 connection's first request is `GET <sse-path>`: then [`lean`]
+/// serves it without hyper, whose buffers (16 KiB per connection) would otherwise live as long
+/// as the stream. Waits for the first bytes until `deadline`; `None` when nothing came.
+pub(crate) async fn opens_with_a_stream(
+    stream: &tokio::net::TcpStream,
+    node: &NodeState,
+    deadline: tokio::time::Instant,
+) -> Option<bool> {
+    let want = format!("GET {}", node.config.sse_path);
+    let mut start = [0u8; 256];
+    let n = match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return None,
+    };
+    let start = &start[..n];
+    Some(
+        start.len() > want.len()
+            && start.starts_with(want.as_bytes())
+            && matches!(start[want.len()], b'?' | b' '),
+    )
+}
+
+/// Serves a connection whose first request opens a stream, without hyper: reads the head,
+/// checks it as [`stream`] does, and on success writes the response head and a close-delimited
+/// body (the stream ends with the connection) from the stream's own task. The connection's
+/// HTTP-phase admission (`pending`) is given back once the stream is open.
+pub(crate) async fn lean<P>(
+    mut stream: tokio::net::TcpStream,
+    from: SocketAddr,
+    node: Arc<NodeState>,
+    pending: P,
+    deadline: tokio::time::Instant,
+) {
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            let _ = write_response(
+                &mut stream,
+                crate::http::text(
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large\n",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let Some(req) = parse_head(&buf[..head_len]) else {
+        let _ = write_response(
+            &mut stream,
+            crate::http::text(http::StatusCode::BAD_REQUEST, "malformed request\n"),
+        )
+        .await;
+        return;
+    };
+    drop(buf);
+    let peer = node.client(from, req.headers());
+    let handshakes = &node.registry.metrics().handshakes;
+    match accept(&req, peer, &node).await {
+        Ok(accepted) => {
+            handshakes.with_label_values(&["accepted", "sse"]).inc();
+            drop(pending);
+            let mut head = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+            for (name, value) in head_fields(accepted.origin.clone()) {
+                head.put_slice(name.as_str().as_bytes());
+                head.put_slice(b": ");
+                head.put_slice(value.as_bytes());
+                head.put_slice(b"\r\n");
+            }
+            head.put_slice(b"\r\n");
+            accepted.spawn(&node, Out::Socket(stream), Some(head.freeze()));
+        }
+        Err(refusal) => {
+            handshakes
+                .with_label_values(&[refusal.label(), "sse"])
+                .inc();
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
+                .cloned();
+            let response = if refusal.is_transient() {
+                retry_later(refusal, origin)
+            } else {
+                refusal.response()
+            };
+            let _ = write_response(&mut stream, response).await;
+        }
+    }
+}
+
+/// A request head as `http` types, or `None` when it does not parse.
+fn parse_head(head: &[u8]) -> Option<Request<()>> {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut fields);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut req = Request::builder()
+        .method(parsed.method?)
+        .uri(parsed.path?)
+        .body(())
+        .ok()?;
+    for field in parsed.headers.iter() {
+        let name = header::HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(field.value).ok()?;
+        req.headers_mut().append(name, value);
+    }
+    Some(req)
+}
+
+/// Writes a whole response (a refusal) and closes.
+async fn write_response(
+    stream: &mut tokio::net::TcpStream,
+    response: Response<Body>,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        Body::Whole(body) => body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default(),
+        Body::Events(_) => Bytes::new(),
+    };
+    let mut out = BytesMut::new();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let _ = write!(
+        out,
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    out.put_slice(&body);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
 /// A `200` event stream that only says when to come back, then ends.
 fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response<Body> {
     let mut out = BytesMut::new();
@@ -125,6 +290,83 @@ async fn open(
     peer: SocketAddr,
     node: &Arc<NodeState>,
 ) -> Result<Response<Body>, UpgradeRefusal> {
+    let accepted = accept(&req, peer, node).await?;
+    let (chunks, body) = mpsc::channel(CHUNKS);
+    let origin = accepted.origin.clone();
+    accepted.spawn(node, Out::Body(chunks), None);
+    let mut response = Response::new(Body::Events(Events { chunks: body }));
+    for (name, value) in head_fields(origin) {
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+/// The response header fields of an open stream.
+fn head_fields(origin: Option<HeaderValue>) -> Vec<(header::HeaderName, HeaderValue)> {
+    let mut fields = vec![
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        // A stream that ends (a drain, a close) takes its connection along: the client
+        // reconnects anyway, and a drained node keeps no idle connection behind.
+        (header::CONNECTION, HeaderValue::from_static("close")),
+        // nginx buffers responses unless told not to.
+        (
+            header::HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ),
+    ];
+    // Present only when allowed (the Origin check passed): credentialed cross-origin
+    // EventSource (`withCredentials`) needs both.
+    if let Some(origin) = origin {
+        fields.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
+        fields.push((
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ));
+        fields.push((header::VARY, HeaderValue::from_static("Origin")));
+    }
+    fields
+}
+
+/// A stream the node admitted, before its task runs.
+struct Accepted {
+    conn: Arc<Conn>,
+    socket: Arc<Socket>,
+    slots: Slots,
+    anchor: u64,
+    /// The request's `Origin`, which passed the allow-list.
+    origin: Option<HeaderValue>,
+}
+
+impl Accepted {
+    /// Runs the stream's task, writing to `out` (after `head`, when the task writes the
+    /// response head itself), until it ends.
+    fn spawn(self, node: &Arc<NodeState>, out: Out, head: Option<Bytes>) {
+        let task_node = node.clone();
+        let Self {
+            conn,
+            socket,
+            slots,
+            anchor,
+            ..
+        } = self;
+        node.tracker.spawn(async move {
+            run(conn, socket, &task_node, out, anchor, head).await;
+            drop(slots);
+        });
+    }
+}
+
+/// Checks a stream's request as a handshake is checked, resumes from its `Last-Event-ID` or
+/// `recover`, and binds its socket.
+async fn accept<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+) -> Result<Accepted, UpgradeRefusal> {
     if !node.handshake_allowed(peer.ip()) {
         tracing::debug!(%peer, "event stream refused: handshake rate per address");
         return Err(UpgradeRefusal::HandshakeRate);
@@ -132,7 +374,7 @@ async fn open(
     if req.method() != Method::GET {
         return Err(UpgradeRefusal::NotGet);
     }
-    let presented = Presented::read(&req, peer, node)?;
+    let presented = Presented::read(req, peer, node)?;
     let verified = presented.verify(peer, node)?;
     let last_id = req
         .headers()
@@ -140,7 +382,7 @@ async fn open(
         .and_then(|v| v.to_str().ok())
         .and_then(EventId::parse);
     // Last-Event-ID is newer than any `recover` the page built its URL with.
-    let (recover, number) = match last_id {
+    let (recover, anchor) = match last_id {
         Some(id) => match resume(node, &verified.digest, &id).await {
             Some(recover) => (recover, id.anchor),
             None => {
@@ -164,35 +406,19 @@ async fn open(
         Some(&recover),
     )
     .await?;
-    let (chunks, body) = mpsc::channel(CHUNKS);
     let socket = Arc::new(Socket::new(
         connection_id.into_boxed_str(),
         conn.digest(),
         peer,
         cookies,
     ));
-    let task_node = node.clone();
-    node.tracker.spawn(async move {
-        run(conn, socket, &task_node, chunks, number).await;
-        drop(slots);
-    });
-
-    let mut response = Response::new(Body::Events(Events { chunks: body }));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // A stream that ends (a drain, a close) takes its connection along: the client reconnects
-    // anyway, and a drained node keeps no idle connection behind.
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    // nginx buffers responses unless told not to.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    // Present only when allowed (the Origin check passed): credentialed cross-origin
-    // EventSource (`withCredentials`) needs both.
-    allow_origin(&mut response, origin);
-    Ok(response)
+    Ok(Accepted {
+        conn,
+        socket,
+        slots,
+        anchor,
+        origin,
+    })
 }
 
 /// A client message POSTed to the event-stream path: the same message, credentials and limits
@@ -409,28 +635,30 @@ impl EventId {
     }
 }
 
-/// What the stream has delivered, per channel, and the id that says it.
+/// What the stream has delivered, per channel, and the id that says it. A push costs a lookup
+/// of its channel's name as the frame spells it and an entry's update: no allocation.
 struct Ids {
     /// The anchor the id names (0: none saved yet).
     anchor: u64,
     /// The anchor's positions, by channel name.
     base: Vec<(Channel, Position)>,
-    /// Positions now, where they differ from the anchor's or the anchor lacks the channel.
-    now: HashMap<Channel, Position>,
+    /// Each base channel's index, by its name as frames spell it (a JSON string).
+    spelled: HashMap<Box<[u8]>, usize>,
     /// `(index in base, pushes since the anchor)`, in the order channels first moved.
     entries: Vec<(usize, u64)>,
-    /// The id of the last event that moved a position.
-    text: String,
-    /// The id last written to the stream.
-    written: String,
+    /// Positions the id cannot say until the next anchor: channels the anchor lacks, and base
+    /// channels in another epoch (their pushes update them here).
+    pending: HashMap<Channel, Position>,
+    /// The id moved since it was last written.
+    moved: bool,
 }
 
 /// How a frame moves the stream's positions.
-enum Moves {
+enum Moves<'a> {
     /// Not at all (a reply, a `Send`, join and leave).
     None,
-    /// A push: the channel's offset.
-    Offset(Channel, u64),
+    /// A push: its channel's name as the frame spells it (a JSON string), and its offset.
+    Offset(&'a [u8], u64),
     /// The channels' positions, as the frame says them (`connected`, position and gap frames).
     Positions(Vec<(Channel, Position)>),
 }
@@ -440,10 +668,10 @@ impl Ids {
         Self {
             anchor,
             base: Vec::new(),
-            now: HashMap::new(),
+            spelled: HashMap::new(),
             entries: Vec::new(),
-            text: String::new(),
-            written: String::new(),
+            pending: HashMap::new(),
+            moved: false,
         }
     }
 
@@ -451,109 +679,145 @@ impl Ids {
     /// otherwise. On a failed save the id stays what it was: a resume from it replays this
     /// frame (a duplicate), never skips one.
     async fn frame(&mut self, frame: &str, digest: &Digest, node: &NodeState) {
-        let saved_anchor = match moves(frame) {
+        let reanchor = match moves(frame) {
             Moves::None => return,
-            Moves::Offset(channel, offset) => {
-                match self.index(&channel) {
-                    Some(index) => {
-                        let (epoch, base) = (&self.base[index].1.epoch, self.base[index].1.offset);
-                        let same_epoch = self.now.get(&channel).is_none_or(|p| p.epoch == *epoch);
-                        if same_epoch && offset >= base {
-                            self.advance(index, offset - base);
+            Moves::Offset(spelled, offset) => match self.spelled.get(spelled) {
+                Some(&index) => {
+                    let (channel, base) = &self.base[index];
+                    match self.pending.get_mut(channel) {
+                        // In another epoch than the anchor's: said by the next anchor.
+                        Some(position) => position.offset = offset,
+                        None if offset >= base.offset => {
+                            let by = offset - base.offset;
+                            match self.entries.iter_mut().find(|(i, _)| *i == index) {
+                                Some(entry) => entry.1 = by,
+                                None => self.entries.push((index, by)),
+                            }
+                            self.moved = true;
                             if self.entries.len() <= MAX_ENTRIES {
-                                self.text = self.say();
                                 return;
                             }
-                        } else if let Some(position) = self.now.get_mut(&channel) {
-                            position.offset = offset;
+                        }
+                        None => {
+                            let position = Position {
+                                epoch: base.epoch.clone(),
+                                offset,
+                            };
+                            self.pending.insert(channel.clone(), position);
                         }
                     }
-                    None => match self.now.get_mut(&channel) {
-                        // Joined since the anchor, whose save failed: the next one takes it.
+                    true
+                }
+                None => {
+                    let Some(channel) = serde_json::from_slice::<String>(spelled)
+                        .ok()
+                        .and_then(|name| Channel::new(&name).ok())
+                    else {
+                        return;
+                    };
+                    match self.pending.get_mut(&channel) {
                         Some(position) => position.offset = offset,
                         // A push of a channel the stream has no epoch for: nothing to say.
                         None => return,
-                    },
+                    }
+                    true
                 }
-                true
-            }
+            },
             Moves::Positions(changes) => {
+                let mut reanchor = false;
                 for (channel, position) in changes {
-                    self.now.insert(channel, position);
+                    let index = self.base.binary_search_by(|(c, _)| c.cmp(&channel)).ok();
+                    match index {
+                        Some(i)
+                            if self.base[i].1.epoch == position.epoch
+                                && position.offset >= self.base[i].1.offset
+                                && !self.pending.contains_key(&channel) =>
+                        {
+                            let by = position.offset - self.base[i].1.offset;
+                            match self.entries.iter_mut().find(|(e, _)| *e == i) {
+                                Some(entry) => entry.1 = by,
+                                None => self.entries.push((i, by)),
+                            }
+                            self.moved = true;
+                        }
+                        _ => {
+                            self.pending.insert(channel, position);
+                            reanchor = true;
+                        }
+                    }
                 }
-                true
+                reanchor || self.entries.len() > MAX_ENTRIES
             }
         };
-        if saved_anchor {
+        if reanchor {
             self.reanchor(digest, node).await;
         }
     }
 
-    fn index(&self, channel: &Channel) -> Option<usize> {
-        self.base.binary_search_by(|(c, _)| c.cmp(channel)).ok()
-    }
-
-    fn advance(&mut self, index: usize, by: u64) {
-        match self.entries.iter_mut().find(|(i, _)| *i == index) {
-            Some(entry) => entry.1 = by,
-            None => self.entries.push((index, by)),
+    /// Every position the stream has delivered.
+    fn positions(&self) -> Vec<(Channel, Position)> {
+        let mut all = self.base.clone();
+        for &(index, by) in &self.entries {
+            all[index].1.offset += by;
         }
-        let channel = self.base[index].0.clone();
-        let position = Position {
-            epoch: self.base[index].1.epoch.clone(),
-            offset: self.base[index].1.offset + by,
-        };
-        self.now.insert(channel, position);
-    }
-
-    /// The id now: the anchor, then its entries.
-    fn say(&self) -> String {
-        let mut text = self.anchor.to_string();
-        for (index, advance) in &self.entries {
-            let _ = write!(text, ".{index}-{advance}");
-        }
-        text
-    }
-
-    /// Saves every position as the next anchor and starts from it.
-    async fn reanchor(&mut self, digest: &Digest, node: &NodeState) {
-        let mut all: Vec<(Channel, Position)> = self.base.clone();
-        for (channel, position) in &self.now {
+        for (channel, position) in &self.pending {
             match all.binary_search_by(|(c, _)| c.cmp(channel)) {
                 Ok(i) => all[i].1 = position.clone(),
                 Err(i) => all.insert(i, (channel.clone(), position.clone())),
             }
         }
+        all
+    }
+
+    /// Saves every position as the next anchor and starts from it.
+    async fn reanchor(&mut self, digest: &Digest, node: &NodeState) {
+        let all = self.positions();
         let positions = Recover(all.iter().cloned().collect()).to_json();
         let number = self.anchor + 1;
         match node.bus.save_anchor(digest, number, &positions).await {
             Ok(()) => {
                 self.anchor = number;
+                self.spelled = all
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (channel, _))| (spell(channel), i))
+                    .collect();
                 self.base = all;
-                self.now.clear();
+                self.pending.clear();
                 self.entries.clear();
-                self.text = self.say();
+                self.moved = true;
             }
             Err(err) => {
-                // The positions stay in `now` and the next save takes them along.
+                // The positions stay pending and the next save takes them along.
                 tracing::debug!(%err, "event stream anchor not saved; its id stays behind");
             }
         }
     }
 
-    /// The `id` line to write before the event, when the id moved since the last one written.
-    fn line(&mut self) -> Option<&str> {
-        if self.text == self.written || self.text.is_empty() {
-            return None;
+    /// Writes the `id` line before an event, when the id moved since the last one written.
+    fn write_line(&mut self, out: &mut BytesMut) {
+        if !self.moved || self.anchor == 0 {
+            return;
         }
-        self.written.clone_from(&self.text);
-        Some(&self.written)
+        self.moved = false;
+        let _ = write!(out, "id: {}", self.anchor);
+        for (index, advance) in &self.entries {
+            let _ = write!(out, ".{index}-{advance}");
+        }
+        out.put_u8(b'\n');
     }
+}
+
+/// A channel's name as frames spell it: a JSON string.
+fn spell(channel: &Channel) -> Box<[u8]> {
+    serde_json::to_vec(channel.as_str())
+        .unwrap_or_default()
+        .into_boxed_slice()
 }
 
 /// Reads where a frame moves positions, from the frames' fixed shapes (`protocol`): pushes by
 /// their head alone (the payload is not read), the rare position frames whole.
-fn moves(frame: &str) -> Moves {
+fn moves(frame: &str) -> Moves<'_> {
     #[derive(Deserialize)]
     struct Head {
         channel: String,
@@ -602,13 +866,9 @@ fn moves(frame: &str) -> Moves {
     };
     if let Some(digits) = after.strip_prefix(r#","offset":"#) {
         let len = digits.bytes().take_while(u8::is_ascii_digit).count();
-        let name: Option<String> = serde_json::from_str(&rest[..=end]).ok();
-        return match (
-            name.and_then(|n| Channel::new(&n).ok()),
-            digits[..len].parse(),
-        ) {
-            (Some(channel), Ok(offset)) => Moves::Offset(channel, offset),
-            _ => Moves::None,
+        return match digits[..len].parse() {
+            Ok(offset) => Moves::Offset(&bytes[..=end], offset),
+            Err(_) => Moves::None,
         };
     }
     if !(after.starts_with(r#","epoch":"#) || after.starts_with(r#","recovered":"#)) {
@@ -637,13 +897,15 @@ fn position(epoch: &str, offset: u64) -> Option<Position> {
 
 /// Writes `frame` as one event, its `data` split at line breaks (a payload may hold them
 /// outside its strings; the browser joins the lines with `\n`).
-fn event(out: &mut BytesMut, id: Option<&str>, frame: &Frame) {
-    if let Some(id) = id {
-        out.put_slice(b"id: ");
-        out.put_slice(id.as_bytes());
-        out.put_u8(b'\n');
+fn event(out: &mut BytesMut, frame: &Frame) {
+    let text = frame.as_str();
+    if !text.contains(['\n', '\r']) {
+        out.put_slice(b"data: ");
+        out.put_slice(text.as_bytes());
+        out.put_slice(b"\n\n");
+        return;
     }
-    for line in frame.as_str().split(['\n', '\r']) {
+    for line in text.split(['\n', '\r']) {
         out.put_slice(b"data: ");
         out.put_slice(line.as_bytes());
         out.put_u8(b'\n');
@@ -652,12 +914,44 @@ fn event(out: &mut BytesMut, id: Option<&str>, frame: &Frame) {
 }
 
 /// Runs a stream until it ends, then tells the registry as a socket's end would.
+/// Where a stream's chunks go: hyper's response body, or the connection itself (a stream that
+/// opened a connection, read without hyper: see [`lean`]).
+pub(crate) enum Out {
+    /// The response body's channel.
+    Body(mpsc::Sender<Bytes>),
+    /// The client's connection, after the response head.
+    Socket(tokio::net::TcpStream),
+}
+
+impl Out {
+    /// Hands `chunk` over; `false` when the client is gone.
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        match self {
+            Self::Body(chunks) => chunks.send(chunk).await.is_ok(),
+            Self::Socket(stream) => stream.write_all(&chunk).await.is_ok(),
+        }
+    }
+
+    /// Resolves when the client went away (a client sends nothing on a stream; whatever it
+    /// sends is read and dropped).
+    async fn gone(&mut self) {
+        match self {
+            Self::Body(chunks) => chunks.closed().await,
+            Self::Socket(stream) => {
+                let mut sink = [0u8; 64];
+                while let Ok(1..) = stream.read(&mut sink).await {}
+            }
+        }
+    }
+}
+
 async fn run(
     conn: Arc<Conn>,
     socket: Arc<Socket>,
     node: &Arc<NodeState>,
-    chunks: mpsc::Sender<Bytes>,
+    mut out: Out,
     anchor: u64,
+    head: Option<Bytes>,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
     let limits = &node.config.limits;
@@ -676,7 +970,7 @@ async fn run(
         node.handlers
             .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     }
-    let end = write_loop(&conn, node, &chunks, anchor).await;
+    let end = write_loop(&conn, node, &mut out, anchor, head).await;
     // Unless a resume on this node already replaced it.
     node.event_streams
         .remove_if(&conn.digest(), |_, live| Arc::ptr_eq(live, &entry));
@@ -684,22 +978,23 @@ async fn run(
     conn::report_end(&end, &conn, &socket, node);
     if let End::Closing(close) = &end {
         // The reason, as an event a page may listen for; then the body ends.
-        let mut out = BytesMut::new();
+        let mut close_event = BytesMut::new();
         let _ = write!(
-            out,
+            close_event,
             "event: close\ndata: {{\"code\":{},\"reason\":{}}}\n\n",
             close.code(),
             serde_json::Value::from(close.reason())
         );
-        let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, chunks.send(out.freeze())).await;
+        let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, out.send(close_event.freeze())).await;
     }
 }
 
 async fn write_loop(
     conn: &Conn,
     node: &NodeState,
-    chunks: &mpsc::Sender<Bytes>,
+    chunks: &mut Out,
     anchor: u64,
+    head: Option<Bytes>,
 ) -> End {
     let digest = conn.digest();
     let mut ids = Ids::new(anchor);
@@ -708,6 +1003,9 @@ async fn write_loop(
     let shutdown = node.shutdown.cancelled();
     tokio::pin!(shutdown);
     let mut out = BytesMut::new();
+    if let Some(head) = head {
+        out.put_slice(&head);
+    }
     let _ = write!(out, "retry: {RETRY_MS}\n\n");
     loop {
         if !out.is_empty() {
@@ -715,7 +1013,7 @@ async fn write_loop(
             tokio::select! {
                 biased;
                 sent = chunks.send(chunk) => {
-                    if sent.is_err() {
+                    if !sent {
                         return End::Lost(None);
                     }
                     conn.touch();
@@ -731,7 +1029,8 @@ async fn write_loop(
                     }
                     for frame in batch.drain(..) {
                         ids.frame(frame.as_str(), &digest, node).await;
-                        event(&mut out, ids.line(), &frame);
+                        ids.write_line(&mut out);
+                        event(&mut out, &frame);
                     }
                     conn.outbox.settle(bytes);
                 }
@@ -741,7 +1040,7 @@ async fn write_loop(
                 draining = true;
                 conn.outbox.close(Close::GoingAway);
             }
-            _ = chunks.closed() => return End::Lost(None),
+            () = chunks.gone() => return End::Lost(None),
         }
     }
 }
@@ -752,7 +1051,7 @@ mod tests {
 
     fn offset(frame: &str) -> Option<(String, u64)> {
         match moves(frame) {
-            Moves::Offset(c, o) => Some((c.to_string(), o)),
+            Moves::Offset(spelled, o) => Some((serde_json::from_slice(spelled).unwrap(), o)),
             _ => None,
         }
     }
@@ -809,7 +1108,7 @@ mod tests {
     #[test]
     fn data_is_split_at_line_breaks() {
         let mut out = BytesMut::new();
-        event(&mut out, Some("1.0-1"), &Frame::from("{\"a\":\n1}"));
-        assert_eq!(&out[..], b"id: 1.0-1\ndata: {\"a\":\ndata: 1}\n\n");
+        event(&mut out, &Frame::from("{\"a\":\n1}"));
+        assert_eq!(&out[..], b"data: {\"a\":\ndata: 1}\n\n");
     }
 }
