@@ -743,3 +743,24 @@ async fn open_streams_do_not_count_as_pending_connections() {
     }
     gw.wait_for_connections(12).await;
 }
+
+/// A drain ends every stream with `going away` (1001, so a client comes back, to another
+/// node), and the node stops once they are gone.
+#[tokio::test]
+async fn a_drain_ends_streams_with_going_away() {
+    let gw = Gateway::start().await;
+    let creds = gw.issue().await;
+    gw.subscribe(&creds, &["d"]).await;
+    let mut sse = open(gw.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    gw.wait_for_connections(1).await;
+    gw.begin_shutdown();
+    let close = sse.next().await.expect("a close event");
+    assert_eq!(
+        (close.kind.as_str(), close.data["code"].clone()),
+        ("close", json!(1001)),
+        "{close:?}"
+    );
+    assert!(sse.next().await.is_none(), "the stream ends");
+    gw.shutdown().await;
+}
