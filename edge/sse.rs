@@ -51,7 +51,7 @@ use crate::{
     handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
     http::{Body, Events},
     limit::{MessageLimit, Take},
-    node::{EventStream, NodeState},
+    node::{Admission, EventStream, NodeState},
     protocol::{Frame, Recover},
     registry::Conn,
 };
@@ -136,11 +136,11 @@ pub(crate) async fn opens_with_a_stream(
 /// checks it as [`stream`] does, and on success writes the response head and a close-delimited
 /// body (the stream ends with the connection) from the stream's own task. The connection's
 /// HTTP-phase admission (`pending`) is given back once the stream is open.
-pub(crate) async fn lean<P>(
+pub(crate) async fn lean(
     mut stream: tokio::net::TcpStream,
     from: SocketAddr,
     node: Arc<NodeState>,
-    pending: P,
+    pending: Admission,
     deadline: tokio::time::Instant,
 ) {
     let mut buf = Vec::with_capacity(1024);
@@ -176,6 +176,12 @@ pub(crate) async fn lean<P>(
     drop(buf);
     let peer = node.client(from, req.headers());
     let handshakes = &node.registry.metrics().handshakes;
+    if pending.spare() {
+        // Every handshake permit is taken: as on hyper's path, streams get 503.
+        handshakes.with_label_values(&["pending_full", "sse"]).inc();
+        let _ = write_response(&mut stream, UpgradeRefusal::Unavailable.response()).await;
+        return;
+    }
     match accept(&req, peer, &node).await {
         Ok(accepted) => {
             handshakes.with_label_values(&["accepted", "sse"]).inc();

@@ -506,4 +506,54 @@ mod tests {
         );
         clean(&mut conn, &k).await;
     }
+
+    /// An event stream's anchor is kept only with credentials' state (never creating a key
+    /// that would not expire), in field `sse<n mod 4>`, and expires with that state.
+    #[tokio::test]
+    async fn an_anchor_is_kept_with_the_credentials_state_and_never_alone() {
+        let k = keys("anchor");
+        let mut conn = redis().await;
+        let save = |n: u64, positions: &'static str| {
+            let key = k("s:d");
+            async move {
+                Scripts::new(false)
+                    .anchor
+                    .key(key)
+                    .arg(n)
+                    .arg(positions)
+                    .invoke_async::<i64>(&mut redis().await)
+                    .await
+                    .expect("ANCHOR runs")
+            }
+        };
+        assert_eq!(save(1, "{}").await, 0, "no state, no anchor");
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(k("s:d"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "the script created nothing");
+        issue(&mut conn, &k, "d").await;
+        for n in 1..=5 {
+            assert_eq!(save(n, r#"{"c":{"epoch":"e","offset":1}}"#).await, 1);
+        }
+        let field = |n: u64| {
+            redis::cmd("HGET")
+                .arg(k("s:d"))
+                .arg(format!("sse{}", n % 4))
+                .clone()
+        };
+        let fifth: String = field(5).query_async(&mut conn).await.unwrap();
+        assert_eq!(
+            fifth, r#"5 {"c":{"epoch":"e","offset":1}}"#,
+            "5 took 1's field"
+        );
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k("s:d"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "the state still expires: {ttl}");
+        clean(&mut conn, &k).await;
+    }
 }
