@@ -425,6 +425,26 @@ mod tests {
             .expect("REAP runs")
     }
 
+    /// The actions the outbox holds, in order.
+    async fn actions(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String) -> Vec<String> {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(k("out"))
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .filter_map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .find(|(f, _)| f == "action")
+                    .map(|(_, v)| v)
+            })
+            .collect()
+    }
+
     /// The outbox's `$disconnect` events: (connection id, JSON).
     async fn told(
         conn: &mut MultiplexedConnection,
@@ -554,6 +574,147 @@ mod tests {
             .await
             .unwrap();
         assert!(ttl > 0, "the state still expires: {ttl}");
+        clean(&mut conn, &k).await;
+    }
+
+    /// SUBSCRIBE changes a digest's subscriptions only while its credentials are known and not
+    /// ended, says exactly which channels it changed, says where the socket is (live only
+    /// while its node's heartbeat is fresh), and the set expires with the credentials.
+    #[tokio::test]
+    async fn subscribe_changes_only_known_credentials_and_says_what_changed() {
+        let k = keys("subscribe");
+        let mut conn = redis().await;
+        let subscribe =
+            |digest: &'static str, add: bool, channels: &'static [&'static str], now: u64| {
+                let (s, subs, nodes) = (
+                    k(&format!("s:{digest}")),
+                    k(&format!("subs:{digest}")),
+                    k("nodes"),
+                );
+                async move {
+                    let scripts = Scripts::new(false);
+                    let mut invocation = scripts.subscribe.prepare_invoke();
+                    invocation
+                        .key(s)
+                        .key(subs)
+                        .key(nodes)
+                        .arg(now)
+                        .arg(3_000)
+                        .arg(u8::from(add));
+                    for channel in channels {
+                        invocation.arg(*channel);
+                    }
+                    invocation
+                        .invoke_async::<Vec<String>>(&mut redis().await)
+                        .await
+                        .expect("SUBSCRIBE runs")
+                }
+            };
+        assert_eq!(
+            subscribe("nobody", true, &["a"], *NOW_MS).await,
+            ["unknown"]
+        );
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(k("subs:nobody"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "no subscriptions for unknown credentials");
+
+        issue(&mut conn, &k, "d").await;
+        let offline = subscribe("d", true, &["a", "b"], *NOW_MS).await;
+        assert_eq!(
+            (offline[0].as_str(), &offline[6..]),
+            ("offline", &["a".to_owned(), "b".to_owned()][..])
+        );
+        let again = subscribe("d", true, &["b", "c"], *NOW_MS).await;
+        assert_eq!(&again[6..], ["c"], "only what changed");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k("subs:d"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "the set expires with the credentials: {ttl}");
+
+        heartbeat(&mut conn, &k, "n1").await;
+        assert_eq!(attach(&mut conn, &k, "d", "n1", *NOW_MS).await[0], "ok");
+        let live = subscribe("d", false, &["a", "zz"], *NOW_MS).await;
+        assert_eq!(
+            (live[0].as_str(), live[1].as_str(), &live[6..]),
+            ("live", "n1", &["a".to_owned()][..])
+        );
+        // A node whose heartbeat is older than the lease holds nothing.
+        let stale = subscribe("d", true, &["a"], *NOW_MS + 10_000).await;
+        assert_eq!(stale[0], "offline");
+        clean(&mut conn, &k).await;
+    }
+
+    /// PRESENCE counts a user's connections (the first joins, the last leaves), tells
+    /// occupancy once at each edge with its lifecycle event in the same step, and ignores a
+    /// leave conditioned on a node that no longer holds the member.
+    #[tokio::test]
+    async fn presence_counts_users_and_tells_occupancy_once_at_each_edge() {
+        let k = keys("presence");
+        let mut conn = redis().await;
+        let presence = |kind: &'static str, digest: &'static str, node: &'static str| {
+            let keys = [k("pr"), k("pu"), k("vacating"), k("out"), k("pn")];
+            let topic = k("topic");
+            async move {
+                let scripts = Scripts::new(false);
+                let mut invocation = scripts.presence.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(kind)
+                    .arg(digest)
+                    .arg(r#"{"cid":"x","user":"u","info":""}"#)
+                    .arg("u")
+                    .arg(topic)
+                    .arg(0)
+                    .arg(*NOW_MS)
+                    .arg("room")
+                    .arg(node)
+                    .invoke_async::<String>(&mut redis().await)
+                    .await
+                    .expect("PRESENCE runs")
+            }
+        };
+        assert_eq!(presence("join", "d1", "n1").await, "occupied");
+        assert_eq!(
+            presence("join", "d1", "n1").await,
+            "",
+            "a member joins once"
+        );
+        assert_eq!(presence("join", "d2", "n2").await, "");
+        let count: i64 = redis::cmd("HGET")
+            .arg(k("pu"))
+            .arg("u")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(count, 2, "two connections of one user");
+        assert_eq!(actions(&mut conn, &k).await, ["$occupied"], "once");
+        // A dead node's leave for a member whose socket is now on another node changes nothing.
+        assert_eq!(presence("leave", "d2", "n1").await, "");
+        assert_eq!(presence("leave", "d1", "n1").await, "");
+        assert_eq!(presence("leave", "d2", "").await, "vacated");
+        assert_eq!(presence("leave", "d2", "").await, "", "left once");
+        let count: Option<i64> = redis::cmd("HGET")
+            .arg(k("pu"))
+            .arg("u")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            count, None,
+            "the user's count is gone with its last connection"
+        );
+        assert_eq!(
+            actions(&mut conn, &k).await,
+            ["$occupied", "$vacated"],
+            "once each"
+        );
         clean(&mut conn, &k).await;
     }
 }
