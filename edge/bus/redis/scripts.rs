@@ -717,4 +717,137 @@ mod tests {
         );
         clean(&mut conn, &k).await;
     }
+
+    /// With a vacate delay, the last leave only schedules `vacated`: VACATE tells it once the
+    /// delay passed (whichever node's sweeper runs first, once), and not at all when a member
+    /// came back meanwhile.
+    #[tokio::test]
+    async fn vacated_is_told_once_after_the_delay_unless_a_member_came_back() {
+        let k = keys("vacate");
+        let mut conn = redis().await;
+        let presence = |kind: &'static str, digest: &'static str, channel: &'static str| {
+            let keys = [k("pr"), k("pu"), k("vacating"), k("out"), k("pn")];
+            let (pr, topic) = (k(&format!("pr:{channel}")), k("topic"));
+            async move {
+                let scripts = Scripts::new(false);
+                let mut invocation = scripts.presence.prepare_invoke();
+                invocation.key(pr);
+                for key in &keys[1..] {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(kind)
+                    .arg(digest)
+                    .arg("{}")
+                    .arg("")
+                    .arg(topic)
+                    .arg(5_000)
+                    .arg(*NOW_MS)
+                    .arg(channel)
+                    .arg("")
+                    .invoke_async::<String>(&mut redis().await)
+                    .await
+                    .expect("PRESENCE runs")
+            }
+        };
+        let vacate = |channel: &'static str, now: u64| {
+            let (vacating, pr, out, topic) = (
+                k("vacating"),
+                k(&format!("pr:{channel}")),
+                k("out"),
+                k("topic"),
+            );
+            async move {
+                Scripts::new(false)
+                    .vacate
+                    .key(vacating)
+                    .key(pr)
+                    .key(out)
+                    .arg(channel)
+                    .arg(now)
+                    .arg(topic)
+                    .invoke_async::<i64>(&mut redis().await)
+                    .await
+                    .expect("VACATE runs")
+            }
+        };
+        for channel in ["gone", "back"] {
+            assert_eq!(presence("join", "d", channel).await, "occupied");
+            assert_eq!(presence("leave", "d", channel).await, "", "only scheduled");
+        }
+        assert_eq!(vacate("gone", *NOW_MS + 4_000).await, 0, "within the delay");
+        assert_eq!(
+            presence("join", "e", "back").await,
+            "",
+            "came back: no new occupied"
+        );
+        assert_eq!(vacate("gone", *NOW_MS + 5_000).await, 1);
+        assert_eq!(vacate("gone", *NOW_MS + 6_000).await, 0, "told once");
+        assert_eq!(vacate("back", *NOW_MS + 6_000).await, 0, "a member is back");
+        assert_eq!(
+            actions(&mut conn, &k).await,
+            ["$occupied", "$occupied", "$vacated"]
+        );
+        clean(&mut conn, &k).await;
+    }
+
+    /// HOLDER says where a digest's socket is; with an end, it ends the credentials for good and
+    /// tells their `$disconnect` when they had a socket that is not live (a live one is told by
+    /// its node, when the socket closes), and refuses them afterwards.
+    #[tokio::test]
+    async fn holder_finds_a_socket_and_an_end_is_told_once() {
+        let k = keys("holder");
+        let mut conn = redis().await;
+        let holder = |digest: &'static str, end: bool, now: u64| {
+            let keys = [
+                k(&format!("s:{digest}")),
+                k(&format!("subs:{digest}")),
+                k("nodes"),
+                k("ends"),
+                k("out"),
+            ];
+            async move {
+                let scripts = Scripts::new(false);
+                let mut invocation = scripts.holder.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(now)
+                    .arg(3_000)
+                    .arg(u8::from(end))
+                    .arg(digest)
+                    .arg(if end { "4001" } else { "" })
+                    .arg(if end { "bye" } else { "" })
+                    .invoke_async::<Vec<String>>(&mut redis().await)
+                    .await
+                    .expect("HOLDER runs")
+            }
+        };
+        assert_eq!(holder("nobody", false, *NOW_MS).await, ["unknown"]);
+        heartbeat(&mut conn, &k, "a").await;
+        for d in ["live", "dropped"] {
+            issue(&mut conn, &k, d).await;
+            assert_eq!(attach(&mut conn, &k, d, "a", *NOW_MS).await[0], "ok");
+        }
+        let live = holder("live", false, *NOW_MS).await;
+        assert_eq!((live[0].as_str(), live[1].as_str()), ("live", "a"));
+        assert!(detach(&mut conn, &k, "dropped", true).await.is_empty());
+        let ended = holder("dropped", true, *NOW_MS).await;
+        assert_eq!(
+            (ended[0].as_str(), ended[2].as_str()),
+            ("offline", "1"),
+            "{ended:?}"
+        );
+        let events = told(&mut conn, &k).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].1.contains("4001"), "{events:?}");
+        assert_eq!(
+            holder("dropped", true, *NOW_MS).await,
+            ["unknown"],
+            "ended once"
+        );
+        assert_eq!(told(&mut conn, &k).await.len(), 1);
+        clean(&mut conn, &k).await;
+    }
 }
