@@ -74,7 +74,7 @@
 //!
 //! # Rooms
 //! `RedisBus` composes them, and its `impl Bus` delegates: [`keys`] (every name), [`link`]
-//! (connections, pipelines), [`scripts`] (the Lua, unit-tested against a real Redis),
+//! (connections, pipelines), [`scripts`] (the Lua; their guarantees unit-tested against a real Redis),
 //! [`sessions`] (credentials by digest, `HOLDER`, `ATTACH`, `DETACH`, node commands), [`relay`]
 //! (the publisher and the heartbeat), [`pubsub`], [`reads`] (positions, catch-up, history
 //! pages), [`presence`], [`reaper`], [`topology`] (`Failover`), [`queue`] and [`outbox`]

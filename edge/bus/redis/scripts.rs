@@ -850,4 +850,48 @@ mod tests {
         assert_eq!(told(&mut conn, &k).await.len(), 1);
         clean(&mut conn, &k).await;
     }
+
+    /// READ returns a channel's position and part of its log at once (so they agree): after an
+    /// offset oldest first, before one newest first; on a channel Redis has no state for, it
+    /// creates the epoch that later pushes continue.
+    #[tokio::test]
+    async fn read_returns_a_position_and_the_log_that_agrees_with_it() {
+        let k = keys("read");
+        let mut conn = redis().await;
+        let read = |mode: &'static str, offset: u64, count: u64| {
+            let (meta, log) = (k("ch:c:m"), k("ch:c:l"));
+            async move {
+                let values: Vec<redis::Value> = Scripts::new(false)
+                    .read
+                    .key(meta)
+                    .key(log)
+                    .arg("fresh1")
+                    .arg(60_000)
+                    .arg(mode)
+                    .arg(offset)
+                    .arg(count)
+                    .invoke_async(&mut redis().await)
+                    .await
+                    .expect("READ runs");
+                let epoch: String = redis::from_redis_value(values[0].clone()).unwrap();
+                let last: u64 = redis::from_redis_value(values[1].clone()).unwrap();
+                let offsets: Vec<u64> = values[2..]
+                    .chunks(3)
+                    .map(|e| redis::from_redis_value(e[0].clone()).unwrap())
+                    .collect();
+                (epoch, last, offsets)
+            }
+        };
+        // No state yet: the read creates the epoch, and pushes continue it.
+        assert_eq!(read("pos", 0, 0).await, ("fresh1".to_owned(), 0, vec![]));
+        for n in 1..=5 {
+            push(&mut conn, &k, None, &n.to_string()).await;
+        }
+        let (epoch, last, after) = read("after", 2, 10).await;
+        assert_eq!((epoch.as_str(), last, after), ("fresh1", 5, vec![3, 4, 5]));
+        assert_eq!(read("after", 0, 2).await.2, [1, 2], "a page from the start");
+        assert_eq!(read("before", 0, 2).await.2, [5, 4], "newest first");
+        assert_eq!(read("before", 4, 10).await.2, [3, 2, 1]);
+        clean(&mut conn, &k).await;
+    }
 }
