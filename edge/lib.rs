@@ -229,6 +229,7 @@ impl Node {
             every(SWEEP_INTERVAL, node.shutdown.clone(), move || {
                 node.registry.sweep();
                 node.sweep_handshake_buckets();
+                node.sweep_posters();
                 // Channels are many and rarely expire: swept less often than sessions.
                 if tick.is_multiple_of(CHANNEL_SWEEP_EVERY) {
                     node.registry.sweep_channels();

@@ -83,6 +83,23 @@ pub(crate) struct NodeState {
     /// The event streams live on this node, by digest: where their clients' POSTed messages
     /// go.
     pub(crate) event_streams: DashMap<Digest, Arc<EventStream>>,
+    /// Clients that POST here while their stream is on another node of the cluster: their
+    /// identity and message limits on this node, forgotten when idle ([`POSTER_IDLE`]).
+    pub(crate) posters: DashMap<Digest, Arc<Poster>>,
+}
+
+/// How long a [`Poster`] is kept after its last message.
+pub(crate) const POSTER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A client that POSTs here while its stream lives on another node.
+#[derive(Debug)]
+pub(crate) struct Poster {
+    /// Its identity, for the handlers (and its messages in flight here).
+    pub(crate) socket: Arc<Socket>,
+    /// Its message rate on this node.
+    pub(crate) limit: parking_lot::Mutex<MessageLimit>,
+    /// When it last posted, in [`crate::clock::monotonic_ms`].
+    pub(crate) last_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A live event stream, found by its digest when its client POSTs a message.
@@ -97,6 +114,20 @@ pub(crate) struct EventStream {
 }
 
 impl NodeState {
+    /// Forgets the posters idle for longer than [`POSTER_IDLE`] (the sweeper's).
+    pub(crate) fn sweep_posters(&self) {
+        let now = crate::clock::monotonic_ms();
+        let idle = POSTER_IDLE.as_millis() as u64;
+        self.posters.retain(|_, poster| {
+            now.saturating_sub(poster.last_ms.load(std::sync::atomic::Ordering::Relaxed)) < idle
+                || poster
+                    .socket
+                    .inflight
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+        });
+    }
+
     /// Whether `ip` may start another handshake now.
     pub(crate) fn handshake_allowed(&self, ip: IpAddr) -> bool {
         let rate = self.config.limits.handshake_rate_per_ip;
@@ -177,6 +208,7 @@ impl NodeState {
             spare_permits: Arc::new(Semaphore::new(SPARE_PERMITS)),
             pending_per_ip: DashMap::new(),
             event_streams: DashMap::new(),
+            posters: DashMap::new(),
             per_ip: dashmap::DashMap::new(),
             handshake_buckets: dashmap::DashMap::new(),
             tls,

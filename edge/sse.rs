@@ -51,7 +51,7 @@ use crate::{
     handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
     http::{Body, Events},
     limit::{MessageLimit, Take},
-    node::{Admission, EventStream, NodeState},
+    node::{Admission, EventStream, NodeState, Poster},
     protocol::{Frame, Recover},
     registry::Conn,
 };
@@ -429,7 +429,8 @@ async fn accept<B>(
 
 /// A client message POSTed to the event-stream path: the same message, credentials and limits
 /// as on a WebSocket (counted with the stream's: rate, in flight, size), the reply in the
-/// response body. The stream must be live on this node.
+/// response body. When the stream lives on another node of the cluster, the message is handled
+/// here all the same, with the client's limits counted on this node.
 pub(crate) async fn message(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -462,15 +463,62 @@ async fn post(
         ));
     }
     let verified = presented.verify(peer, node).map_err(refused)?;
-    let Some(stream) = node
-        .event_streams
-        .get(&verified.digest)
-        .map(|s| s.value().clone())
-    else {
-        return Err(plain(
-            StatusCode::CONFLICT,
-            "no event stream of these credentials on this node: open one first (GET), and route POSTs by socket_connection_id to the node that holds it\n",
-        ));
+    let digest = verified.digest;
+    let here = node.event_streams.get(&digest).map(|s| s.value().clone());
+    let target = match here {
+        Some(stream) => Target::Here(stream),
+        // The stream lives on another node (a balancer that does not route by connection id):
+        // the message is handled here, counted against this node's limits for the client.
+        None => match node.bus.is_live(&digest).await {
+            Ok(true) => {
+                let cookies = req.headers().get(header::COOKIE).cloned();
+                let limits = &node.config.limits;
+                let poster = node
+                    .posters
+                    .entry(digest)
+                    .or_insert_with(|| {
+                        Arc::new(Poster {
+                            socket: Arc::new(Socket::new(
+                                presented.connection_id.clone().into_boxed_str(),
+                                digest,
+                                peer,
+                                cookies,
+                            )),
+                            limit: parking_lot::Mutex::new(MessageLimit::new(
+                                limits.message_rate,
+                                limits.message_burst,
+                            )),
+                            last_ms: Default::default(),
+                        })
+                    })
+                    .clone();
+                poster.last_ms.store(
+                    crate::clock::monotonic_ms(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Target::Elsewhere(poster)
+            }
+            Ok(false) => {
+                return Err(plain(
+                    StatusCode::CONFLICT,
+                    "no live stream or socket for these credentials: open one first (GET)\n",
+                ))
+            }
+            Err(err) => {
+                tracing::debug!(%err, "a POSTed message's stream could not be found");
+                return Err(UpgradeRefusal::Unavailable.response());
+            }
+        },
+    };
+    let (socket, limit) = match &target {
+        Target::Here(stream) => (&stream.socket, &stream.limit),
+        Target::Elsewhere(poster) => (&poster.socket, &poster.limit),
+    };
+    // Breaking a limit closes the stream, as on a WebSocket, when it is here to close.
+    let close = |why: Close| {
+        if let Target::Here(stream) = &target {
+            stream.conn.outbox.close(why);
+        }
     };
     let max = node.config.limits.max_message_size;
     let body = http_body_util::Limited::new(req.into_body(), max);
@@ -479,7 +527,7 @@ async fn post(
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
             // As a WebSocket's oversized message does, this closes the stream.
-            stream.conn.outbox.close(Close::Policy("message too large"));
+            close(Close::Policy("message too large"));
             return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
         }
         _ => {
@@ -490,17 +538,19 @@ async fn post(
         }
     };
     let Ok(text) = Frame::try_from(bytes) else {
-        stream.conn.outbox.close(Close::InvalidPayload);
+        close(Close::InvalidPayload);
         return Err(plain(
             StatusCode::BAD_REQUEST,
             "a client message is UTF-8 JSON\n",
         ));
     };
-    stream.conn.touch();
+    if let Target::Here(stream) = &target {
+        stream.conn.touch();
+    }
     node.registry.metrics().messages_in.inc();
-    let taken = stream.limit.lock().take(tokio::time::Instant::now());
+    let taken = limit.lock().take(tokio::time::Instant::now());
     let reply = match taken {
-        Take::Allowed => match conn::dispatch(text, &stream.socket, node) {
+        Take::Allowed => match conn::dispatch(text, socket, node) {
             conn::Answer::Now(reply) => Some(reply),
             conn::Answer::Later(future) => future.await,
         },
@@ -515,13 +565,10 @@ async fn post(
             ))
         }
         Take::Abusive => {
-            stream
-                .conn
-                .outbox
-                .close(Close::Policy("message rate limit exceeded"));
+            close(Close::Policy("message rate limit exceeded"));
             return Err(plain(
                 StatusCode::TOO_MANY_REQUESTS,
-                "message rate limit exceeded: the stream is closed\n",
+                "message rate limit exceeded\n",
             ));
         }
     };
@@ -542,6 +589,14 @@ async fn post(
     };
     allow_origin(&mut response, origin);
     Ok(response)
+}
+
+/// Where a POSTed message's client is counted.
+enum Target {
+    /// Its stream is on this node.
+    Here(Arc<EventStream>),
+    /// Its stream (or socket) is live on another node.
+    Elsewhere(Arc<Poster>),
 }
 
 /// A CORS preflight: allowed origins may open streams and POST JSON with credentials (the

@@ -35,6 +35,10 @@ impl Bus for Memory {
         self.registry.save_anchor(digest, number, positions)
     }
 
+    async fn is_live(&self, digest: &Digest) -> Result<bool, Error> {
+        Ok(self.registry.is_live(digest))
+    }
+
     async fn load_anchor(&self, digest: &Digest, number: u64) -> Result<Option<String>, Error> {
         Ok(self.registry.load_anchor(digest, number))
     }

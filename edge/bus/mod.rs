@@ -105,6 +105,9 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug + 'static {
     async fn save_anchor(&self, digest: &Digest, number: u64, positions: &str)
         -> Result<(), Error>;
 
+    /// Whether `digest`'s credentials have a live socket (on any node).
+    async fn is_live(&self, digest: &Digest) -> Result<bool, Error>;
+
     /// Anchor `number` of `digest`, if it is still kept.
     async fn load_anchor(&self, digest: &Digest, number: u64) -> Result<Option<String>, Error>;
 

@@ -438,6 +438,14 @@ impl Registry {
     }
 
     /// `digest`'s socket if it is live here; an unknown or ended digest is an error.
+    /// Whether `digest` has a live socket on this node.
+    pub(crate) fn is_live(&self, digest: &Digest) -> bool {
+        self.shared
+            .sessions
+            .get(digest)
+            .is_some_and(|session| matches!(session.state, State::Live(_)))
+    }
+
     pub(super) fn live_conn(&self, digest: &Digest) -> Result<Option<Arc<Conn>>, Error> {
         let session = self.known_session(digest)?;
         Ok(match &session.state {

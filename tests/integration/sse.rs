@@ -362,9 +362,70 @@ async fn a_stream_whose_node_was_killed_resumes_on_another_node() {
     }
 }
 
+/// Behind a balancer that does not route by connection id, a POST reaches another node than
+/// its stream's: it is answered there all the same (a `Handle` action included), and the
+/// stream goes on; credentials with no live stream anywhere get 409.
+async fn a_message_posted_to_another_node_than_its_stream_is_answered() {
+    let redis = &crate::cluster::redis();
+    let prefix = unique_prefix("sse-post-elsewhere");
+    let a = node(redis, &prefix).await;
+    let b = node(redis, &prefix).await;
+    let mut svc = join(&b, "app", &["chat.say"], false).await;
+    let creds = a.issue().await;
+    a.subscribe(&creds, &["p"]).await;
+    let (status, _, _) = post(
+        &b,
+        &creds,
+        r#"{"action":"ping","id":1}"#,
+        "application/json",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "no stream anywhere yet");
+    let mut sse = open(a.http, &creds, None).await;
+    sse.next().await.expect("connected");
+    a.wait_for_connections(1).await;
+    let (status, _, body) = post(
+        &b,
+        &creds,
+        r#"{"action":"ping","id":1}"#,
+        "application/json",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, reply(&body)),
+        (200, json!({"id":1,"status":200,"headers":{},"body":"pong"}))
+    );
+    let answer = {
+        let (b, creds) = (&b, &creds);
+        let asking = post(
+            b,
+            creds,
+            r#"{"action":"chat.say","id":2}"#,
+            "application/json",
+            &[],
+        );
+        let serving = async {
+            let m = svc.next().await;
+            assert_eq!(m.connection_id, creds.id);
+            svc.reply(m.delivery_id, 200, r#"{"ok":true}"#).await;
+        };
+        tokio::join!(asking, serving).0
+    };
+    assert_eq!(reply(&answer.2)["body"], json!({"ok":true}));
+    b.push("p", "1").await;
+    assert_eq!(
+        pushes(&mut sse, 1).await["p"][0].1,
+        json!(1),
+        "the stream goes on"
+    );
+}
+
 crate::on_both!(
     a_stream_resumes_on_another_node_from_its_last_event_id,
     a_stream_whose_node_was_killed_resumes_on_another_node,
+    a_message_posted_to_another_node_than_its_stream_is_answered,
 );
 
 /// POSTs `body` as a client message of `creds` (with `content_type`, and `extra` headers);

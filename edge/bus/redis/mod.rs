@@ -486,6 +486,10 @@ impl Bus for RedisBus {
         Self::load_anchor(self, digest, number).await
     }
 
+    async fn is_live(&self, digest: &Digest) -> Result<bool, Error> {
+        Self::is_live(self, digest).await
+    }
+
     /// Mints credentials and records them as issued (for `user`, in the user's set too).
     async fn issue(
         &self,

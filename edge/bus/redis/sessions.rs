@@ -491,4 +491,11 @@ impl RedisBus {
             (n.parse() == Ok(number)).then(|| positions.to_owned())
         }))
     }
+
+    /// Whether `digest` has a socket live on a node whose heartbeat is fresh (`HOLDER`).
+    pub(super) async fn is_live(&self, digest: &Digest) -> Result<bool, Error> {
+        self.ready()?;
+        let held = self.within(self.holder(digest, None)).await?;
+        Ok(matches!(held.holder, Holder::Live(_)))
+    }
 }
