@@ -343,6 +343,8 @@ struct Accepted {
     socket: Arc<Socket>,
     slots: Slots,
     anchor: u64,
+    /// It presented a Last-Event-ID it cannot resume from.
+    lost: bool,
     /// The request's `Origin`, which passed the allow-list.
     origin: Option<HeaderValue>,
 }
@@ -357,10 +359,11 @@ impl Accepted {
             socket,
             slots,
             anchor,
+            lost,
             ..
         } = self;
         node.tracker.spawn(async move {
-            run(conn, socket, &task_node, out, anchor, head).await;
+            run(conn, socket, &task_node, out, (anchor, lost), head).await;
             drop(slots);
         });
     }
@@ -382,21 +385,26 @@ async fn accept<B>(
     }
     let presented = Presented::read(req, peer, node)?;
     let verified = presented.verify(peer, node)?;
-    let last_id = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(EventId::parse);
-    // Last-Event-ID is newer than any `recover` the page built its URL with.
-    let (recover, anchor) = match last_id {
-        Some(id) => match resume(node, &verified.digest, &id).await {
-            Some(recover) => (recover, id.anchor),
-            None => {
-                tracing::debug!(%peer, anchor = id.anchor, "Last-Event-ID names no kept anchor; resuming from no position");
-                (Recover::default(), id.anchor)
+    let last_id = req.headers().get("last-event-id");
+    // Last-Event-ID is newer than any `recover` the page built its URL with. One this stream
+    // cannot resume from (forged, or naming an anchor no longer kept) means the client saw
+    // what the node cannot tell: every channel is then said `recovered:false`, never silence.
+    let (recover, anchor, lost) = match last_id {
+        Some(text) => {
+            let id = text.to_str().ok().and_then(EventId::parse);
+            let resumed = match &id {
+                Some(id) => resume(node, &verified.digest, id).await,
+                None => None,
+            };
+            match resumed {
+                Some(recover) => (recover, id.map_or(0, |id| id.anchor), false),
+                None => {
+                    tracing::debug!(%peer, "Last-Event-ID names no kept anchor; every channel is a gap");
+                    (Recover::default(), 0, true)
+                }
             }
-        },
-        None => (presented.recover.unwrap_or_default(), 0),
+        }
+        None => (presented.recover.unwrap_or_default(), 0, false),
     };
     let origin = req.headers().get(header::ORIGIN).cloned();
     let cookies = req.headers().get(header::COOKIE).cloned();
@@ -423,6 +431,7 @@ async fn accept<B>(
         socket,
         slots,
         anchor,
+        lost,
         origin,
     })
 }
@@ -834,7 +843,8 @@ impl Ids {
     async fn reanchor(&mut self, digest: &Digest, node: &NodeState) {
         let all = self.positions();
         let positions = Recover(all.iter().cloned().collect()).to_json();
-        let number = self.anchor + 1;
+        // An id's number is the client's to send: never overflow on it.
+        let number = self.anchor.checked_add(1).unwrap_or(1);
         match node.bus.save_anchor(digest, number, &positions).await {
             Ok(()) => {
                 self.anchor = number;
@@ -948,6 +958,20 @@ fn moves(frame: &str) -> Moves<'_> {
     }
 }
 
+/// A `connected` frame with every channel said `recovered:false`: for a stream that came
+/// back with an id it cannot resume from.
+fn all_lost(frame: &Frame) -> Frame {
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(frame.as_str()) else {
+        return frame.clone();
+    };
+    if let Some(channels) = value["connected"]["channels"].as_object_mut() {
+        for at in channels.values_mut() {
+            at["recovered"] = serde_json::Value::Bool(false);
+        }
+    }
+    Frame::from(value.to_string())
+}
+
 /// A position whose epoch is well formed.
 fn position(epoch: &str, offset: u64) -> Option<Position> {
     valid_epoch(epoch).then(|| Position {
@@ -1011,7 +1035,7 @@ async fn run(
     socket: Arc<Socket>,
     node: &Arc<NodeState>,
     mut out: Out,
-    anchor: u64,
+    anchor: (u64, bool),
     head: Option<Bytes>,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
@@ -1054,7 +1078,7 @@ async fn write_loop(
     conn: &Conn,
     node: &NodeState,
     chunks: &mut Out,
-    anchor: u64,
+    (anchor, mut lost): (u64, bool),
     head: Option<Bytes>,
 ) -> End {
     let digest = conn.digest();
@@ -1088,7 +1112,11 @@ async fn write_loop(
                     if ping {
                         out.put_slice(b":\n\n");
                     }
-                    for frame in batch.drain(..) {
+                    for mut frame in batch.drain(..) {
+                        if lost && frame.as_str().starts_with(r#"{"connected":"#) {
+                            frame = all_lost(&frame);
+                            lost = false;
+                        }
                         ids.frame(frame.as_str(), &digest, node).await;
                         ids.write_line(&mut out);
                         event(&mut out, &frame);

@@ -288,12 +288,22 @@ async fn a_forged_last_event_id_changes_nothing_but_its_own_stream() {
     gw.push("v", "1").await;
     pushes(&mut watching, 1).await;
     let victims_id = watching.last_id.clone().unwrap();
-    // The victim's id, and ids that name nothing: each opens the forger's own stream from no
-    // position; the victim's stream goes on untouched.
-    for forged in [victims_id.as_str(), "999.0-5", "1.7-3", "garbage"] {
+    // The victim's id, and ids that name nothing: each opens the forger's own stream with
+    // `recovered:false` on its channels and no replay; the victim's stream goes on untouched.
+    for forged in [
+        victims_id.as_str(),
+        "999.0-5",
+        "1.7-3",
+        "garbage",
+        "18446744073709551615.0-18446744073709551615",
+    ] {
         let mut sse = open(gw.http, &forger, Some(forged)).await;
         let connected = sse.next().await.unwrap();
-        assert!(connected.data.get("connected").is_some(), "{connected:?}");
+        // What the forger's stream saw cannot be told: every channel is a gap, never silence.
+        assert_eq!(
+            connected.data["connected"]["channels"]["v"]["recovered"], false,
+            "{forged}: {connected:?}"
+        );
         gw.push("v", "\"x\"").await;
         let got = pushes(&mut sse, 1).await;
         assert_eq!(
