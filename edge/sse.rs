@@ -24,10 +24,18 @@
 //! A browser's `EventSource` reconnects on its own with the last id it saw in `Last-Event-ID`;
 //! the node reads the anchor it names from the digest's own state (a foreign or forged id can
 //! name nothing else) and resumes every channel from there, as the `recover` parameter would:
-//! missed pushes in order, or `recovered:false` where history does not reach back. An id whose
-//! anchor is not kept (forged, or older than the last four) resumes from no position: the
-//! `connected` event then says where each channel stands. After a page refresh, new
-//! credentials carry the `recover` parameter as for the WebSocket.
+//! missed pushes in order, or `recovered:false` where history does not reach back. An id it
+//! cannot resume from (forged, unparseable, or older than the last four anchors) gets
+//! `recovered:false` on every channel of its `connected` event: a gap said, never a silent one.
+//! After a page refresh, new credentials carry the `recover` parameter as for the WebSocket.
+//!
+//! # Transport
+//! A stream's task writes its events to hyper's response body ([`Out::Body`]: HTTP/2, TLS, or
+//! a connection that served other requests first), or, when a plain connection's first request
+//! opens it, straight to the connection ([`lean`]), so hyper's per-connection buffers do not
+//! live as long as the stream. `POST` on the same path carries client messages ([`message`]),
+//! `OPTIONS` their CORS preflights ([`preflight`]); refusals that may pass are a `200` stream
+//! holding only a `retry` time, which a plain `EventSource` follows.
 
 use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, sync::Arc};
 
