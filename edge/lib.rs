@@ -14,7 +14,8 @@
 //!   upgrade, where credentials are checked), `conn` (one socket's reader, writer and closing
 //!   handshake), `node` (`NodeState`: what their tasks share), `proxy` (who the client is behind trusted
 //!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer for
-//!   `/readyz`, gRPC health and the bus);
+//!   `/readyz`, gRPC health and the bus), `sse` (Server-Sent Events: streams, their ids, POSTed
+//!   messages);
 //! * [`handlers`]: client messages by action: `ping`, `call-route`, `Handle` streams;
 //!   [`handoff`]: the types `Handle` messages cross nodes in, shared with the bus;
 //! * [`credentials`]: minting and checking ids, keys and digests (pure);

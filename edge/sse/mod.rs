@@ -1,0 +1,624 @@
+//! Server-Sent Events: the client plane for clients that cannot hold a WebSocket (proxies that
+//! strip `Upgrade`, firewalls that cut long WebSockets, `curl`, a plain `EventSource`).
+//!
+//! `GET <sse-path>?socket_connection_id=ID` with the key as for the WebSocket (cookie, query or
+//! `X-Socket-Key`) answers `text/event-stream`: every frame a WebSocket would get (pushes,
+//! `Send`s, join and leave, `connected`, position and gap frames, replies) is one event whose
+//! `data` is the same JSON. To the registry the stream is a socket: the same credentials
+//! (single use, grace, resume on any node), subscriptions by digest, presence, lifecycle
+//! events, limits, Origin check and slow-consumer policy. The node's heartbeat becomes a
+//! comment (`:`) every ping interval, so proxies see traffic on an idle stream.
+//!
+//! # Resume from `Last-Event-ID`
+//! A stream always gets positions (as a WebSocket that sent `recover`). Each event that moves a
+//! channel's position carries an `id` from which any node rebuilds the position of every
+//! channel the stream had delivered up to that event: `<n>` names the stream's anchor `n`, the
+//! positions of all its channels, which the node saved with the credentials' state (in Redis in
+//! cluster mode) before using it; `.<i>-<a>` entries say that the channel at index `i` of the
+//! anchor (in name order) advanced by `a` pushes since. When an event cannot be said that way
+//! (a channel joins, an epoch changes) or the id would hold more than [`MAX_ENTRIES`] entries,
+//! the node saves the positions as anchor `n + 1` first. So an id is at most about
+//! `MAX_ENTRIES * 8` bytes whatever the number of channels, and a save happens at most once
+//! every [`MAX_ENTRIES`] events that move a channel.
+//!
+//! A browser's `EventSource` reconnects on its own with the last id it saw in `Last-Event-ID`;
+//! the node reads the anchor it names from the digest's own state (a foreign or forged id can
+//! name nothing else) and resumes every channel from there, as the `recover` parameter would:
+//! missed pushes in order, or `recovered:false` where history does not reach back. An id it
+//! cannot resume from (forged, unparseable, or older than the last four anchors) gets
+//! `recovered:false` on every channel of its `connected` event: a gap said, never a silent one.
+//! After a page refresh, new credentials carry the `recover` parameter as for the WebSocket.
+//!
+//! # Transport
+//! A stream's task writes its events to hyper's response body ([`Out::Body`]: HTTP/2, TLS, or
+//! a connection that served other requests first), or, when a plain connection's first request
+//! opens it, straight to the connection ([`lean`]), so hyper's per-connection buffers do not
+//! live as long as the stream. `POST` on the same path carries client messages ([`message`]),
+//! `OPTIONS` their CORS preflights ([`preflight`]); refusals that may pass are a `200` stream
+//! holding only a `retry` time, which a plain `EventSource` follows.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+
+mod ids;
+mod post;
+
+pub(crate) use ids::EventId;
+use ids::{resume, Ids};
+use post::allow_origin;
+pub(crate) use post::{message, preflight};
+
+use crate::{
+    conn::{self, End},
+    error::Close,
+    fanout::Next,
+    handlers::Socket,
+    handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
+    http::{Body, Events},
+    limit::MessageLimit,
+    node::{Admission, EventStream, NodeState},
+    protocol::{Frame, Recover},
+    registry::Conn,
+};
+
+/// Chunks handed to the response body and not yet written: a client that reads slower than
+/// the stream produces fills its outbox, and the slow-consumer policy closes it.
+const CHUNKS: usize = 2;
+
+/// How long EventSource waits before it reconnects (the `retry` field), in milliseconds.
+const RETRY_MS: u32 = 1000;
+
+/// The event-stream endpoint: counts the request with the handshakes, by outcome.
+pub(crate) async fn stream(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+    spare: bool,
+) -> Response<Body> {
+    let handshakes = &node.registry.metrics().handshakes;
+    if spare {
+        handshakes.with_label_values(&["pending_full", "sse"]).inc();
+        return UpgradeRefusal::Unavailable.response();
+    }
+    // For a "come back later": a cross-origin EventSource reads no answer without it.
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
+        .cloned();
+    match open(req, peer, node).await {
+        Ok(response) => {
+            handshakes.with_label_values(&["accepted", "sse"]).inc();
+            response
+        }
+        Err(refusal) => {
+            handshakes
+                .with_label_values(&[refusal.label(), "sse"])
+                .inc();
+            if refusal.is_transient() {
+                // EventSource gives up for good on any status but 200: "later" is said as an
+                // empty stream with a retry time, so a plain EventSource comes back (with its
+                // Last-Event-ID) instead of failing.
+                return retry_later(refusal, origin);
+            }
+            refusal.response()
+        }
+    }
+}
+
+/// Longest request head the lean path reads.
+const MAX_HEAD: usize = 16 << 10;
+
+/// Whether a plain HTTP/1.1 connection's first request is `GET <sse-path>`: then [`lean`]
+/// serves it without hyper, whose buffers (16 KiB per connection) would otherwise live as long
+/// as the stream. Waits for the first bytes until `deadline`; `None` when nothing came.
+pub(crate) async fn opens_with_a_stream(
+    stream: &tokio::net::TcpStream,
+    node: &NodeState,
+    deadline: tokio::time::Instant,
+) -> Option<bool> {
+    let want = format!("GET {}", node.config.sse_path);
+    let mut start = [0u8; 256];
+    let n = match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return None,
+    };
+    let start = &start[..n];
+    Some(
+        start.len() > want.len()
+            && start.starts_with(want.as_bytes())
+            && matches!(start[want.len()], b'?' | b' '),
+    )
+}
+
+/// Serves a connection whose first request opens a stream, without hyper: reads the head,
+/// checks it as [`stream`] does, and on success writes the response head and a close-delimited
+/// body (the stream ends with the connection) from the stream's own task. The connection's
+/// HTTP-phase admission (`pending`) is given back once the stream is open.
+pub(crate) async fn lean(
+    mut stream: tokio::net::TcpStream,
+    from: SocketAddr,
+    node: Arc<NodeState>,
+    pending: Admission,
+    deadline: tokio::time::Instant,
+) {
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            let _ = write_response(
+                &mut stream,
+                crate::http::text(
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large\n",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let Some(req) = parse_head(&buf[..head_len]) else {
+        let _ = write_response(
+            &mut stream,
+            crate::http::text(http::StatusCode::BAD_REQUEST, "malformed request\n"),
+        )
+        .await;
+        return;
+    };
+    drop(buf);
+    let peer = node.client(from, req.headers());
+    let handshakes = &node.registry.metrics().handshakes;
+    if pending.spare() {
+        // Every handshake permit is taken: as on hyper's path, streams get 503.
+        handshakes.with_label_values(&["pending_full", "sse"]).inc();
+        let _ = write_response(&mut stream, UpgradeRefusal::Unavailable.response()).await;
+        return;
+    }
+    match accept(&req, peer, &node).await {
+        Ok(accepted) => {
+            handshakes.with_label_values(&["accepted", "sse"]).inc();
+            drop(pending);
+            let mut head = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+            for (name, value) in head_fields(accepted.origin.clone()) {
+                head.put_slice(name.as_str().as_bytes());
+                head.put_slice(b": ");
+                head.put_slice(value.as_bytes());
+                head.put_slice(b"\r\n");
+            }
+            head.put_slice(b"\r\n");
+            accepted.spawn(&node, Out::Socket(stream), Some(head.freeze()));
+        }
+        Err(refusal) => {
+            handshakes
+                .with_label_values(&[refusal.label(), "sse"])
+                .inc();
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
+                .cloned();
+            let response = if refusal.is_transient() {
+                retry_later(refusal, origin)
+            } else {
+                refusal.response()
+            };
+            let _ = write_response(&mut stream, response).await;
+        }
+    }
+}
+
+/// A request head as `http` types, or `None` when it does not parse.
+fn parse_head(head: &[u8]) -> Option<Request<()>> {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut fields);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut req = Request::builder()
+        .method(parsed.method?)
+        .uri(parsed.path?)
+        .body(())
+        .ok()?;
+    for field in parsed.headers.iter() {
+        let name = header::HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(field.value).ok()?;
+        req.headers_mut().append(name, value);
+    }
+    Some(req)
+}
+
+/// Writes a whole response (a refusal) and closes.
+async fn write_response(
+    stream: &mut tokio::net::TcpStream,
+    response: Response<Body>,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        Body::Whole(body) => body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default(),
+        Body::Events(_) => Bytes::new(),
+    };
+    let mut out = BytesMut::new();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let _ = write!(
+        out,
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    out.put_slice(&body);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// A `200` event stream that only says when to come back, then ends.
+fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response<Body> {
+    let mut out = BytesMut::new();
+    let _ = write!(out, "retry: {RETRY_MS}\n: not now: {}\n\n", refusal.label());
+    let mut response = Response::new(Body::from(out.freeze()));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    allow_origin(&mut response, origin);
+    response
+}
+
+async fn open(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+) -> Result<Response<Body>, UpgradeRefusal> {
+    let accepted = accept(&req, peer, node).await?;
+    let (chunks, body) = mpsc::channel(CHUNKS);
+    let origin = accepted.origin.clone();
+    accepted.spawn(node, Out::Body(chunks), None);
+    let mut response = Response::new(Body::Events(Events { chunks: body }));
+    for (name, value) in head_fields(origin) {
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+/// The response header fields of an open stream.
+fn head_fields(origin: Option<HeaderValue>) -> Vec<(header::HeaderName, HeaderValue)> {
+    let mut fields = vec![
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        // A stream that ends (a drain, a close) takes its connection along: the client
+        // reconnects anyway, and a drained node keeps no idle connection behind.
+        (header::CONNECTION, HeaderValue::from_static("close")),
+        // nginx buffers responses unless told not to.
+        (
+            header::HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ),
+    ];
+    // Present only when allowed (the Origin check passed): credentialed cross-origin
+    // EventSource (`withCredentials`) needs both.
+    if let Some(origin) = origin {
+        fields.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
+        fields.push((
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ));
+        fields.push((header::VARY, HeaderValue::from_static("Origin")));
+    }
+    fields
+}
+
+/// A stream the node admitted, before its task runs.
+struct Accepted {
+    conn: Arc<Conn>,
+    socket: Arc<Socket>,
+    slots: Slots,
+    anchor: u64,
+    /// It presented a Last-Event-ID it cannot resume from.
+    lost: bool,
+    /// The request's `Origin`, which passed the allow-list.
+    origin: Option<HeaderValue>,
+}
+
+impl Accepted {
+    /// Runs the stream's task, writing to `out` (after `head`, when the task writes the
+    /// response head itself), until it ends.
+    fn spawn(self, node: &Arc<NodeState>, out: Out, head: Option<Bytes>) {
+        let task_node = node.clone();
+        let Self {
+            conn,
+            socket,
+            slots,
+            anchor,
+            lost,
+            ..
+        } = self;
+        node.tracker.spawn(async move {
+            run(conn, socket, &task_node, out, (anchor, lost), head).await;
+            drop(slots);
+        });
+    }
+}
+
+/// Checks a stream's request as a handshake is checked, resumes from its `Last-Event-ID` or
+/// `recover`, and binds its socket.
+async fn accept<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+) -> Result<Accepted, UpgradeRefusal> {
+    if !node.handshake_allowed(peer.ip()) {
+        tracing::debug!(%peer, "event stream refused: handshake rate per address");
+        return Err(UpgradeRefusal::HandshakeRate);
+    }
+    if req.method() != Method::GET {
+        return Err(UpgradeRefusal::NotGet);
+    }
+    let presented = Presented::read(req, peer, node)?;
+    let verified = presented.verify(peer, node)?;
+    let last_id = req.headers().get("last-event-id");
+    // Last-Event-ID is newer than any `recover` the page built its URL with. One this stream
+    // cannot resume from (forged, or naming an anchor no longer kept) means the client saw
+    // what the node cannot tell: every channel is then said `recovered:false`, never silence.
+    let (recover, anchor, lost) = match last_id {
+        Some(text) => {
+            let id = text.to_str().ok().and_then(EventId::parse);
+            let resumed = match &id {
+                Some(id) => resume(node, &verified.digest, id).await,
+                None => None,
+            };
+            match resumed {
+                Some(recover) => (recover, id.map_or(0, |id| id.anchor), false),
+                None => {
+                    tracing::debug!(%peer, "Last-Event-ID names no kept anchor; every channel is a gap");
+                    (Recover::default(), 0, true)
+                }
+            }
+        }
+        None => (presented.recover.unwrap_or_default(), 0, false),
+    };
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let cookies = req.headers().get(header::COOKIE).cloned();
+    let Admitted {
+        connection_id,
+        conn,
+        slots,
+    } = admit(
+        node,
+        peer,
+        &verified,
+        presented.connection_id,
+        Some(&recover),
+    )
+    .await?;
+    let socket = Arc::new(Socket::new(
+        connection_id.into_boxed_str(),
+        conn.digest(),
+        peer,
+        cookies,
+    ));
+    Ok(Accepted {
+        conn,
+        socket,
+        slots,
+        anchor,
+        lost,
+        origin,
+    })
+}
+
+/// A `connected` frame with every channel said `recovered:false`: for a stream that came
+/// back with an id it cannot resume from.
+fn all_lost(frame: &Frame) -> Frame {
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(frame.as_str()) else {
+        return frame.clone();
+    };
+    if let Some(channels) = value["connected"]["channels"].as_object_mut() {
+        for at in channels.values_mut() {
+            at["recovered"] = serde_json::Value::Bool(false);
+        }
+    }
+    Frame::from(value.to_string())
+}
+
+/// Writes `frame` as one event, its `data` split at line breaks (a payload may hold them
+/// outside its strings; the browser joins the lines with `\n`).
+fn event(out: &mut BytesMut, frame: &Frame) {
+    let text = frame.as_str();
+    if !text.contains(['\n', '\r']) {
+        out.put_slice(b"data: ");
+        out.put_slice(text.as_bytes());
+        out.put_slice(b"\n\n");
+        return;
+    }
+    for line in text.split(['\n', '\r']) {
+        out.put_slice(b"data: ");
+        out.put_slice(line.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+}
+
+/// Runs a stream until it ends, then tells the registry as a socket's end would.
+/// Where a stream's chunks go: hyper's response body, or the connection itself (a stream that
+/// opened a connection, read without hyper: see [`lean`]).
+pub(crate) enum Out {
+    /// The response body's channel.
+    Body(mpsc::Sender<Bytes>),
+    /// The client's connection, after the response head.
+    Socket(tokio::net::TcpStream),
+}
+
+impl Out {
+    /// Hands `chunk` over; `false` when the client is gone.
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        match self {
+            Self::Body(chunks) => chunks.send(chunk).await.is_ok(),
+            Self::Socket(stream) => stream.write_all(&chunk).await.is_ok(),
+        }
+    }
+
+    /// Resolves when the client went away (a client sends nothing on a stream; whatever it
+    /// sends is read and dropped).
+    async fn gone(&mut self) {
+        match self {
+            Self::Body(chunks) => chunks.closed().await,
+            Self::Socket(stream) => {
+                let mut sink = [0u8; 64];
+                while let Ok(1..) = stream.read(&mut sink).await {}
+            }
+        }
+    }
+}
+
+async fn run(
+    conn: Arc<Conn>,
+    socket: Arc<Socket>,
+    node: &Arc<NodeState>,
+    mut out: Out,
+    anchor: (u64, bool),
+    head: Option<Bytes>,
+) {
+    tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
+    let limits = &node.config.limits;
+    let entry = Arc::new(EventStream {
+        conn: conn.clone(),
+        socket: socket.clone(),
+        limit: parking_lot::Mutex::new(MessageLimit::new(
+            limits.message_rate,
+            limits.message_burst,
+        )),
+    });
+    node.event_streams.insert(conn.digest(), entry.clone());
+    node.registry.metrics().event_streams.inc();
+    if node.handlers.wants_lifecycle() {
+        let user = node.registry.user_of(&conn.digest());
+        node.handlers
+            .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
+    }
+    let end = write_loop(&conn, node, &mut out, anchor, head).await;
+    // Unless a resume on this node already replaced it.
+    node.event_streams
+        .remove_if(&conn.digest(), |_, live| Arc::ptr_eq(live, &entry));
+    node.registry.metrics().event_streams.dec();
+    conn::report_end(&end, &conn, &socket, node);
+    if let End::Closing(close) = &end {
+        // The reason, as an event a page may listen for; then the body ends.
+        let mut close_event = BytesMut::new();
+        let _ = write!(
+            close_event,
+            "event: close\ndata: {{\"code\":{},\"reason\":{}}}\n\n",
+            close.code(),
+            serde_json::Value::from(close.reason())
+        );
+        let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, out.send(close_event.freeze())).await;
+    }
+}
+
+async fn write_loop(
+    conn: &Conn,
+    node: &NodeState,
+    client: &mut Out,
+    (anchor, mut lost): (u64, bool),
+    head: Option<Bytes>,
+) -> End {
+    let digest = conn.digest();
+    let mut ids = Ids::new(anchor);
+    let mut batch = std::collections::VecDeque::new();
+    let mut draining = false;
+    let shutdown = node.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    let mut out = BytesMut::new();
+    if let Some(head) = head {
+        out.put_slice(&head);
+    }
+    let _ = write!(out, "retry: {RETRY_MS}\n\n");
+    loop {
+        if !out.is_empty() {
+            let chunk = out.split().freeze();
+            tokio::select! {
+                biased;
+                sent = client.send(chunk) => {
+                    if !sent {
+                        return End::Lost(None);
+                    }
+                    conn.touch();
+                }
+                close = conn.outbox.closed() => return End::Closing(close),
+            }
+        }
+        tokio::select! {
+            next = conn.outbox.next_into(&mut batch) => match next {
+                Next::Write { ping, bytes } => {
+                    if ping {
+                        out.put_slice(b":\n\n");
+                    }
+                    for mut frame in batch.drain(..) {
+                        if lost && frame.as_str().starts_with(r#"{"connected":"#) {
+                            frame = all_lost(&frame);
+                            lost = false;
+                        }
+                        ids.frame(frame.as_str(), &digest, node).await;
+                        ids.write_line(&mut out);
+                        event(&mut out, &frame);
+                    }
+                    conn.outbox.settle(bytes);
+                }
+                Next::Close(close) => return End::Closing(close),
+            },
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                conn.outbox.close(Close::GoingAway);
+            }
+            () = client.gone() => return End::Lost(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_split_at_line_breaks() {
+        let mut out = BytesMut::new();
+        event(&mut out, &Frame::from("{\"a\":\n1}"));
+        assert_eq!(&out[..], b"data: {\"a\":\ndata: 1}\n\n");
+    }
+}
