@@ -367,13 +367,11 @@ where
             match limit.take(now) {
                 Take::Allowed => {}
                 Take::Refused => {
-                    let id = match &message {
-                        Some(Ok(Message::Text(text))) => parse_inbound(text)
-                            .ok()
-                            .and_then(|m| m.id.map(|id| id.to_owned())),
-                        _ => None,
+                    let text = match &message {
+                        Some(Ok(Message::Text(text))) => text.as_str(),
+                        _ => "",
                     };
-                    queue_reply(conn, &Reply::text(id, 429, "rate limited: slow down"), node);
+                    queue_reply(conn, &rate_limited(text), node);
                     continue;
                 }
                 Take::Abusive => return End::Closing(Close::Policy("message rate limit exceeded")),
@@ -442,6 +440,14 @@ fn answer(
             None
         }
     }
+}
+
+/// The reply to a message over its socket's rate (with its id, when it can be read).
+pub(crate) fn rate_limited(message: &str) -> Reply {
+    let id = parse_inbound(message)
+        .ok()
+        .and_then(|m| m.id.map(|id| id.to_owned()));
+    Reply::text(id, 429, "rate limited: slow down")
 }
 
 /// What a client message gets: a reply at once, or one to wait for (counted in the socket's

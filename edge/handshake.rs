@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::{
     bus::AttachError,
     conn,
-    credentials::Verified,
+    credentials::{Digest, Verified},
     handlers::Socket,
     http::{close, text, Body},
     node::{IpSlot, NodeState},
@@ -39,24 +39,18 @@ pub(crate) async fn websocket<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let handshakes = &node.registry.metrics().handshakes;
+    let metrics = node.registry.metrics();
     if spare {
-        handshakes
-            .with_label_values(&["pending_full", "websocket"])
-            .inc();
+        metrics.handshake("pending_full", WEBSOCKET);
         return UpgradeRefusal::Unavailable.response();
     }
     return match upgrade::<S>(req, peer, node).await {
         Ok(response) => {
-            handshakes
-                .with_label_values(&["accepted", "websocket"])
-                .inc();
+            metrics.handshake("accepted", WEBSOCKET);
             response
         }
         Err(refusal) => {
-            handshakes
-                .with_label_values(&[refusal.label(), "websocket"])
-                .inc();
+            metrics.handshake(refusal.label(), WEBSOCKET);
             refusal.response()
         }
     };
@@ -67,11 +61,12 @@ where
 pub(crate) fn not_over_h2(node: &NodeState) -> Response<Body> {
     node.registry
         .metrics()
-        .handshakes
-        .with_label_values(&[UpgradeRefusal::NotUpgrade.label(), "websocket"])
-        .inc();
+        .handshake(UpgradeRefusal::NotUpgrade.label(), WEBSOCKET);
     UpgradeRefusal::NotUpgrade.response()
 }
+
+/// The `transport` label of the WebSocket's handshakes.
+const WEBSOCKET: &str = "websocket";
 
 /// Why an upgrade was refused; decides the status and the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,22 +185,15 @@ where
     }
     let accept_key =
         websocket_accept_key(req.method(), headers).ok_or(UpgradeRefusal::NotUpgrade)?;
-    let presented = Presented::read(&req, peer, node)?;
+    let mut presented = Presented::read(&req, peer, node)?;
     let verified = presented.verify(peer, node)?;
+    let recover = presented.recover.take();
     let Admitted {
-        connection_id,
         conn,
+        socket,
         slots,
-    } = admit(
-        node,
-        peer,
-        &verified,
-        presented.connection_id,
-        presented.recover.as_ref(),
-    )
-    .await?;
+    } = admit(node, peer, &verified, presented, recover.as_ref()).await?;
 
-    let cookies = req.headers().get(header::COOKIE).cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_node = node.clone();
     let task = async move {
@@ -215,13 +203,7 @@ where
                 // With debug logging, every line of this socket carries its (public) connection
                 // id. A debug span costs nothing per socket at the default info level; the
                 // socket's own info and warn lines name the id themselves.
-                let span = tracing::debug_span!("conn", connection_id = %connection_id);
-                let socket = Arc::new(Socket::new(
-                    connection_id.into_boxed_str(),
-                    conn.digest(),
-                    peer,
-                    cookies,
-                ));
+                let span = tracing::debug_span!("conn", connection_id = %socket.connection_id);
                 // Take the stream back out of hyper's boxed wrapper: no allocation and no
                 // dynamic dispatch per read and write for the socket's lifetime.
                 match upgraded.downcast::<TokioIo<S>>() {
@@ -267,6 +249,10 @@ pub(crate) struct Presented {
     pub(crate) connection_id: String,
     socket_key: String,
     pub(crate) recover: Option<Recover>,
+    /// The request's `Cookie` header, for the handlers (`call-route` forwards it).
+    cookies: Option<HeaderValue>,
+    /// The request's `Origin`, when it sent one (it passed the allow-list).
+    pub(crate) origin: Option<HeaderValue>,
 }
 
 impl Presented {
@@ -304,7 +290,19 @@ impl Presented {
             connection_id,
             socket_key,
             recover,
+            cookies: headers.get(header::COOKIE).cloned(),
+            origin: headers.get(header::ORIGIN).cloned(),
         })
+    }
+
+    /// The identity of a socket (or a POSTing client) with these credentials, at `peer`.
+    pub(crate) fn socket(self, digest: Digest, peer: SocketAddr) -> Arc<Socket> {
+        Arc::new(Socket::new(
+            self.connection_id.into_boxed_str(),
+            digest,
+            peer,
+            self.cookies,
+        ))
     }
 
     /// Checks the id's signature and that the key is the id's.
@@ -329,8 +327,9 @@ pub(crate) type Slots = (OwnedSemaphorePermit, IpSlot);
 /// A client the node admitted: its socket bound in the registry (and, in cluster mode, in
 /// Redis), holding its place under the node's and its address's limits for its life.
 pub(crate) struct Admitted {
-    pub(crate) connection_id: String,
     pub(crate) conn: Arc<Conn>,
+    /// Its identity, for the handlers.
+    pub(crate) socket: Arc<Socket>,
     /// Released when the socket ends.
     pub(crate) slots: Slots,
 }
@@ -341,9 +340,10 @@ pub(crate) async fn admit(
     node: &Arc<NodeState>,
     peer: SocketAddr,
     verified: &Verified,
-    connection_id: String,
+    presented: Presented,
     recover: Option<&Recover>,
 ) -> Result<Admitted, UpgradeRefusal> {
+    let connection_id = presented.connection_id;
     if node.shutdown.is_cancelled() {
         return Err(UpgradeRefusal::Unavailable);
     }
@@ -370,9 +370,14 @@ pub(crate) async fn admit(
                 AttachError::Unavailable(_) => UpgradeRefusal::Unavailable,
             }
         })?;
-    Ok(Admitted {
+    let socket = Presented {
         connection_id,
+        ..presented
+    }
+    .socket(conn.digest(), peer);
+    Ok(Admitted {
         conn,
+        socket,
         slots: (permit, ip_slot),
     })
 }

@@ -71,6 +71,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a socket opened or refused: `result` is `accepted` or the refusal's label,
+    /// `transport` `websocket` or `sse`.
+    pub(crate) fn handshake(&self, result: &str, transport: &str) {
+        self.handshakes
+            .with_label_values(&[result, transport])
+            .inc();
+    }
+
     /// A fresh set of metrics.
     pub(crate) fn new() -> Self {
         let registry = prometheus::Registry::new();

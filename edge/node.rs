@@ -91,13 +91,34 @@ pub(crate) struct NodeState {
 /// How long a [`Poster`] is kept after its last message.
 pub(crate) const POSTER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Who sends client messages outside a WebSocket: its identity (and its messages in flight),
+/// and its message rate, kept as a WebSocket's reader keeps its own.
+#[derive(Debug)]
+pub(crate) struct Messenger {
+    /// Its identity, for the handlers.
+    pub(crate) socket: Arc<Socket>,
+    /// Its message rate.
+    pub(crate) limit: parking_lot::Mutex<MessageLimit>,
+}
+
+impl Messenger {
+    /// `socket`'s messages, at the node's message rate.
+    pub(crate) fn new(socket: Arc<Socket>, limits: &crate::config::Limits) -> Self {
+        Self {
+            socket,
+            limit: parking_lot::Mutex::new(MessageLimit::new(
+                limits.message_rate,
+                limits.message_burst,
+            )),
+        }
+    }
+}
+
 /// A client that POSTs here while its stream lives on another node.
 #[derive(Debug)]
 pub(crate) struct Poster {
-    /// Its identity, for the handlers (and its messages in flight here).
-    pub(crate) socket: Arc<Socket>,
-    /// Its message rate on this node.
-    pub(crate) limit: parking_lot::Mutex<MessageLimit>,
+    /// Its messages, counted on this node.
+    pub(crate) messages: Messenger,
     /// When it last posted, in [`crate::clock::monotonic_ms`].
     pub(crate) last_ms: std::sync::atomic::AtomicU64,
 }
@@ -107,10 +128,8 @@ pub(crate) struct Poster {
 pub(crate) struct EventStream {
     /// Its socket in the registry.
     pub(crate) conn: Arc<Conn>,
-    /// Its identity, for the handlers.
-    pub(crate) socket: Arc<Socket>,
-    /// Its message rate, kept as a WebSocket's reader keeps its own.
-    pub(crate) limit: parking_lot::Mutex<MessageLimit>,
+    /// Its messages.
+    pub(crate) messages: Messenger,
 }
 
 impl NodeState {
@@ -121,6 +140,7 @@ impl NodeState {
         self.posters.retain(|_, poster| {
             now.saturating_sub(poster.last_ms.load(std::sync::atomic::Ordering::Relaxed)) < idle
                 || poster
+                    .messages
                     .socket
                     .inflight
                     .load(std::sync::atomic::Ordering::Relaxed)

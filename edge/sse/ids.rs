@@ -20,9 +20,15 @@ const MAX_ID_LEN: usize = 1024;
 /// Entries an id holds before the node saves a new anchor.
 pub(crate) const MAX_ENTRIES: usize = 16;
 
-/// The positions a `Last-Event-ID` stands for, from the digest's own anchor; `None` when that
-/// anchor is not kept (or the id does not fit it).
-pub(super) async fn resume(node: &NodeState, digest: &Digest, id: &EventId) -> Option<Recover> {
+/// The positions a `Last-Event-ID` header stands for, and its anchor's number, from the
+/// digest's own anchor; `None` when the id does not parse, its anchor is not kept, or it does
+/// not fit that anchor.
+pub(super) async fn resume(
+    node: &NodeState,
+    digest: &Digest,
+    last_id: &http::HeaderValue,
+) -> Option<(Recover, u64)> {
+    let id = EventId::parse(last_id.to_str().ok()?)?;
     let positions = match node.bus.load_anchor(digest, id.anchor).await {
         Ok(positions) => positions?,
         Err(err) => {
@@ -37,13 +43,13 @@ pub(super) async fn resume(node: &NodeState, digest: &Digest, id: &EventId) -> O
         let position = map.get_mut(order.get(index)?)?;
         position.offset = position.offset.checked_add(advance)?;
     }
-    Some(Recover(map))
+    Some((Recover(map), id.anchor))
 }
 
 /// A parsed `Last-Event-ID`: `<anchor>` then `.<index>-<advance>` entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct EventId {
-    pub(super) anchor: u64,
+    anchor: u64,
     entries: Vec<(usize, u64)>,
 }
 

@@ -40,7 +40,7 @@
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::{
@@ -51,7 +51,6 @@ use tokio::{
 mod ids;
 mod post;
 
-pub(crate) use ids::EventId;
 use ids::{resume, Ids};
 use post::allow_origin;
 pub(crate) use post::{message, preflight};
@@ -62,9 +61,8 @@ use crate::{
     fanout::Next,
     handlers::Socket,
     handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
-    http::{Body, Events},
-    limit::MessageLimit,
-    node::{Admission, EventStream, NodeState},
+    http::{text, Body, Events},
+    node::{Admission, EventStream, Messenger, NodeState},
     protocol::{Frame, Recover},
     registry::Conn,
 };
@@ -76,40 +74,63 @@ const CHUNKS: usize = 2;
 /// How long EventSource waits before it reconnects (the `retry` field), in milliseconds.
 const RETRY_MS: u32 = 1000;
 
-/// The event-stream endpoint: counts the request with the handshakes, by outcome.
+/// The `transport` label of the event streams' handshakes.
+const SSE: &str = "sse";
+
+/// The event-stream endpoint on hyper (HTTP/2, TLS, or a connection that served other requests
+/// first): the stream's task writes to the response body.
 pub(crate) async fn stream(
     req: Request<Incoming>,
     peer: SocketAddr,
     node: &Arc<NodeState>,
     spare: bool,
 ) -> Response<Body> {
-    let handshakes = &node.registry.metrics().handshakes;
-    if spare {
-        handshakes.with_label_values(&["pending_full", "sse"]).inc();
-        return UpgradeRefusal::Unavailable.response();
-    }
-    // For a "come back later": a cross-origin EventSource reads no answer without it.
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
-        .cloned();
-    match open(req, peer, node).await {
-        Ok(response) => {
-            handshakes.with_label_values(&["accepted", "sse"]).inc();
+    match answer(&req, peer, node, spare).await {
+        Ok(accepted) => {
+            let (chunks, body) = mpsc::channel(CHUNKS);
+            let response = stream_response(
+                Body::Events(Events { chunks: body }),
+                accepted.origin.clone(),
+            );
+            accepted.spawn(node, Out::Body(chunks), None);
             response
         }
+        Err(response) => response,
+    }
+}
+
+/// Checks a stream's request (on the spare lane: refused; else as [`accept`] does) and counts
+/// it with the handshakes; a refusal comes as its response. EventSource gives up for good on
+/// any status but 200, so a refusal that may pass is a stream that says when to come back
+/// ([`retry_later`]): a plain EventSource then returns, with its Last-Event-ID.
+async fn answer<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    node: &Arc<NodeState>,
+    spare: bool,
+) -> Result<Accepted, Response<Body>> {
+    let metrics = node.registry.metrics();
+    if spare {
+        metrics.handshake("pending_full", SSE);
+        return Err(UpgradeRefusal::Unavailable.response());
+    }
+    match accept(req, peer, node).await {
+        Ok(accepted) => {
+            metrics.handshake("accepted", SSE);
+            Ok(accepted)
+        }
         Err(refusal) => {
-            handshakes
-                .with_label_values(&[refusal.label(), "sse"])
-                .inc();
-            if refusal.is_transient() {
-                // EventSource gives up for good on any status but 200: "later" is said as an
-                // empty stream with a retry time, so a plain EventSource comes back (with its
-                // Last-Event-ID) instead of failing.
-                return retry_later(refusal, origin);
+            metrics.handshake(refusal.label(), SSE);
+            if !refusal.is_transient() {
+                return Err(refusal.response());
             }
-            refusal.response()
+            // A cross-origin EventSource reads no answer without its CORS headers.
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
+                .cloned();
+            Err(retry_later(refusal, origin))
         }
     }
 }
@@ -125,18 +146,16 @@ pub(crate) async fn opens_with_a_stream(
     node: &NodeState,
     deadline: tokio::time::Instant,
 ) -> Option<bool> {
-    let want = format!("GET {}", node.config.sse_path);
+    let path = node.config.sse_path.as_bytes();
     let mut start = [0u8; 256];
     let n = match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
         Ok(Ok(n)) if n > 0 => n,
         _ => return None,
     };
-    let start = &start[..n];
-    Some(
-        start.len() > want.len()
-            && start.starts_with(want.as_bytes())
-            && matches!(start[want.len()], b'?' | b' '),
-    )
+    let target = start[..n].strip_prefix(b"GET ".as_slice());
+    Some(target.is_some_and(|target| {
+        target.starts_with(path) && matches!(target.get(path.len()), Some(b'?' | b' '))
+    }))
 }
 
 /// Serves a connection whose first request opens a stream, without hyper: reads the head,
@@ -161,62 +180,26 @@ pub(crate) async fn lean(
             break at + 4;
         }
         if buf.len() > MAX_HEAD {
-            let _ = write_response(
-                &mut stream,
-                crate::http::text(
-                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request head too large\n",
-                ),
-            )
-            .await;
+            let too_large = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            let _ = write_response(&mut stream, text(too_large, "request head too large\n")).await;
             return;
         }
     };
     let Some(req) = parse_head(&buf[..head_len]) else {
-        let _ = write_response(
-            &mut stream,
-            crate::http::text(http::StatusCode::BAD_REQUEST, "malformed request\n"),
-        )
-        .await;
+        let malformed = text(StatusCode::BAD_REQUEST, "malformed request\n");
+        let _ = write_response(&mut stream, malformed).await;
         return;
     };
     drop(buf);
     let peer = node.client(from, req.headers());
-    let handshakes = &node.registry.metrics().handshakes;
-    if pending.spare() {
-        // Every handshake permit is taken: as on hyper's path, streams get 503.
-        handshakes.with_label_values(&["pending_full", "sse"]).inc();
-        let _ = write_response(&mut stream, UpgradeRefusal::Unavailable.response()).await;
-        return;
-    }
-    match accept(&req, peer, &node).await {
+    match answer(&req, peer, &node, pending.spare()).await {
         Ok(accepted) => {
-            handshakes.with_label_values(&["accepted", "sse"]).inc();
             drop(pending);
-            let mut head = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
-            for (name, value) in head_fields(accepted.origin.clone()) {
-                head.put_slice(name.as_str().as_bytes());
-                head.put_slice(b": ");
-                head.put_slice(value.as_bytes());
-                head.put_slice(b"\r\n");
-            }
-            head.put_slice(b"\r\n");
-            accepted.spawn(&node, Out::Socket(stream), Some(head.freeze()));
+            let response = stream_response(Body::from(Bytes::new()), accepted.origin.clone());
+            let head = encode_head(&response, None).freeze();
+            accepted.spawn(&node, Out::Socket(stream), Some(head));
         }
-        Err(refusal) => {
-            handshakes
-                .with_label_values(&[refusal.label(), "sse"])
-                .inc();
-            let origin = req
-                .headers()
-                .get(header::ORIGIN)
-                .filter(|_| origin_allowed(req.headers(), &node.config.allowed_origins))
-                .cloned();
-            let response = if refusal.is_transient() {
-                retry_later(refusal, origin)
-            } else {
-                refusal.response()
-            };
+        Err(response) => {
             let _ = write_response(&mut stream, response).await;
         }
     }
@@ -242,6 +225,29 @@ fn parse_head(head: &[u8]) -> Option<Request<()>> {
     Some(req)
 }
 
+/// `response`'s head as HTTP/1.1, ending with `connection: close` (and `content-length`, for
+/// a whole body of `length` bytes).
+fn encode_head(response: &Response<Body>, length: Option<usize>) -> BytesMut {
+    let status = response.status();
+    let mut out = BytesMut::new();
+    let reason = status.canonical_reason().unwrap_or("");
+    let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", status.as_u16());
+    for (name, value) in response.headers() {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if let Some(length) = length {
+        let _ = write!(out, "content-length: {length}\r\n");
+    }
+    out.put_slice(b"connection: close\r\n\r\n");
+    out
+}
+
 /// Writes a whole response (a refusal) and closes.
 async fn write_response(
     stream: &mut tokio::net::TcpStream,
@@ -256,92 +262,39 @@ async fn write_response(
             .unwrap_or_default(),
         Body::Events(_) => Bytes::new(),
     };
-    let mut out = BytesMut::new();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        parts.status.as_u16(),
-        parts.status.canonical_reason().unwrap_or("")
-    );
-    for (name, value) in &parts.headers {
-        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
-            continue;
-        }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
-    let _ = write!(
-        out,
-        "content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+    let mut out = encode_head(
+        &Response::from_parts(parts, Body::from(Bytes::new())),
+        Some(body.len()),
     );
     out.put_slice(&body);
     stream.write_all(&out).await?;
     stream.shutdown().await
 }
 
-/// A `200` event stream that only says when to come back, then ends.
-fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response<Body> {
-    let mut out = BytesMut::new();
-    let _ = write!(out, "retry: {RETRY_MS}\n: not now: {}\n\n", refusal.label());
-    let mut response = Response::new(Body::from(out.freeze()));
+/// An event stream's response around `body`: its header fields, and the CORS ones for an
+/// allowed cross-origin request (credentialed EventSource needs both).
+fn stream_response(body: Body, origin: Option<HeaderValue>) -> Response<Body> {
+    let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // A stream that ends (a drain, a close) takes its connection along: the client reconnects
+    // anyway, and a drained node keeps no idle connection behind.
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // nginx buffers responses unless told not to.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     allow_origin(&mut response, origin);
     response
 }
 
-async fn open(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    node: &Arc<NodeState>,
-) -> Result<Response<Body>, UpgradeRefusal> {
-    let accepted = accept(&req, peer, node).await?;
-    let (chunks, body) = mpsc::channel(CHUNKS);
-    let origin = accepted.origin.clone();
-    accepted.spawn(node, Out::Body(chunks), None);
-    let mut response = Response::new(Body::Events(Events { chunks: body }));
-    for (name, value) in head_fields(origin) {
-        response.headers_mut().insert(name, value);
-    }
-    Ok(response)
-}
-
-/// The response header fields of an open stream.
-fn head_fields(origin: Option<HeaderValue>) -> Vec<(header::HeaderName, HeaderValue)> {
-    let mut fields = vec![
-        (
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        ),
-        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        // A stream that ends (a drain, a close) takes its connection along: the client
-        // reconnects anyway, and a drained node keeps no idle connection behind.
-        (header::CONNECTION, HeaderValue::from_static("close")),
-        // nginx buffers responses unless told not to.
-        (
-            header::HeaderName::from_static("x-accel-buffering"),
-            HeaderValue::from_static("no"),
-        ),
-    ];
-    // Present only when allowed (the Origin check passed): credentialed cross-origin
-    // EventSource (`withCredentials`) needs both.
-    if let Some(origin) = origin {
-        fields.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
-        fields.push((
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        ));
-        fields.push((header::VARY, HeaderValue::from_static("Origin")));
-    }
-    fields
+/// A `200` event stream that only says when to come back, then ends.
+fn retry_later(refusal: UpgradeRefusal, origin: Option<HeaderValue>) -> Response<Body> {
+    let mut out = BytesMut::new();
+    let _ = write!(out, "retry: {RETRY_MS}\n: not now: {}\n\n", refusal.label());
+    stream_response(Body::from(out.freeze()), origin)
 }
 
 /// A stream the node admitted, before its task runs.
@@ -390,49 +343,27 @@ async fn accept<B>(
     if req.method() != Method::GET {
         return Err(UpgradeRefusal::NotGet);
     }
-    let presented = Presented::read(req, peer, node)?;
+    let mut presented = Presented::read(req, peer, node)?;
     let verified = presented.verify(peer, node)?;
-    let last_id = req.headers().get("last-event-id");
     // Last-Event-ID is newer than any `recover` the page built its URL with. One this stream
-    // cannot resume from (forged, or naming an anchor no longer kept) means the client saw
-    // what the node cannot tell: every channel is then said `recovered:false`, never silence.
-    let (recover, anchor, lost) = match last_id {
-        Some(text) => {
-            let id = text.to_str().ok().and_then(EventId::parse);
-            let resumed = match &id {
-                Some(id) => resume(node, &verified.digest, id).await,
-                None => None,
-            };
-            match resumed {
-                Some(recover) => (recover, id.map_or(0, |id| id.anchor), false),
-                None => {
-                    tracing::debug!(%peer, "Last-Event-ID names no kept anchor; every channel is a gap");
-                    (Recover::default(), 0, true)
-                }
+    // cannot resume from (unparseable, forged, or naming an anchor no longer kept) means the
+    // client saw what the node cannot tell: every channel is then said `recovered:false`.
+    let (recover, anchor, lost) = match req.headers().get("last-event-id") {
+        None => (presented.recover.take().unwrap_or_default(), 0, false),
+        Some(last_id) => match resume(node, &verified.digest, last_id).await {
+            Some((recover, anchor)) => (recover, anchor, false),
+            None => {
+                tracing::debug!(%peer, "Last-Event-ID names no kept anchor; every channel is a gap");
+                (Recover::default(), 0, true)
             }
-        }
-        None => (presented.recover.unwrap_or_default(), 0, false),
+        },
     };
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let cookies = req.headers().get(header::COOKIE).cloned();
+    let origin = presented.origin.clone();
     let Admitted {
-        connection_id,
         conn,
+        socket,
         slots,
-    } = admit(
-        node,
-        peer,
-        &verified,
-        presented.connection_id,
-        Some(&recover),
-    )
-    .await?;
-    let socket = Arc::new(Socket::new(
-        connection_id.into_boxed_str(),
-        conn.digest(),
-        peer,
-        cookies,
-    ));
+    } = admit(node, peer, &verified, presented, Some(&recover)).await?;
     Ok(Accepted {
         conn,
         socket,
@@ -516,14 +447,9 @@ async fn run(
     head: Option<Bytes>,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
-    let limits = &node.config.limits;
     let entry = Arc::new(EventStream {
         conn: conn.clone(),
-        socket: socket.clone(),
-        limit: parking_lot::Mutex::new(MessageLimit::new(
-            limits.message_rate,
-            limits.message_burst,
-        )),
+        messages: Messenger::new(socket.clone(), &node.config.limits),
     });
     node.event_streams.insert(conn.digest(), entry.clone());
     node.registry.metrics().event_streams.inc();

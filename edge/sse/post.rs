@@ -10,11 +10,10 @@ use hyper::body::Incoming;
 use crate::{
     conn,
     error::Close,
-    handlers::Socket,
     handshake::{origin_allowed, Presented, UpgradeRefusal},
-    http::Body,
-    limit::{MessageLimit, Take},
-    node::{EventStream, NodeState, Poster},
+    http::{text, Body},
+    limit::Take,
+    node::{EventStream, Messenger, NodeState, Poster},
     protocol::Frame,
 };
 
@@ -39,7 +38,7 @@ async fn post(
 ) -> Result<Response<Body>, Response<Body>> {
     let refused = |refusal: UpgradeRefusal| refusal.response();
     let presented = Presented::read(&req, peer, node).map_err(refused)?;
-    let origin = req.headers().get(header::ORIGIN).cloned();
+    let origin = presented.origin.clone();
     let json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -48,7 +47,7 @@ async fn post(
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !json {
         // Not a "simple" type: a browser asks (preflight) before sending one cross-site.
-        return Err(plain(
+        return Err(text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "a client message is POSTed as application/json\n",
         ));
@@ -62,23 +61,15 @@ async fn post(
         // the message is handled here, counted against this node's limits for the client.
         None => match node.bus.is_live(&digest).await {
             Ok(true) => {
-                let cookies = req.headers().get(header::COOKIE).cloned();
-                let limits = &node.config.limits;
                 let poster = node
                     .posters
                     .entry(digest)
                     .or_insert_with(|| {
                         Arc::new(Poster {
-                            socket: Arc::new(Socket::new(
-                                presented.connection_id.clone().into_boxed_str(),
-                                digest,
-                                peer,
-                                cookies,
-                            )),
-                            limit: parking_lot::Mutex::new(MessageLimit::new(
-                                limits.message_rate,
-                                limits.message_burst,
-                            )),
+                            messages: Messenger::new(
+                                presented.socket(digest, peer),
+                                &node.config.limits,
+                            ),
                             last_ms: Default::default(),
                         })
                     })
@@ -90,7 +81,7 @@ async fn post(
                 Target::Elsewhere(poster)
             }
             Ok(false) => {
-                return Err(plain(
+                return Err(text(
                     StatusCode::CONFLICT,
                     "no live stream or socket for these credentials: open one first (GET)\n",
                 ))
@@ -101,9 +92,9 @@ async fn post(
             }
         },
     };
-    let (socket, limit) = match &target {
-        Target::Here(stream) => (&stream.socket, &stream.limit),
-        Target::Elsewhere(poster) => (&poster.socket, &poster.limit),
+    let Messenger { socket, limit } = match &target {
+        Target::Here(stream) => &stream.messages,
+        Target::Elsewhere(poster) => &poster.messages,
     };
     // Breaking a limit closes the stream, as on a WebSocket, when it is here to close.
     let close = |why: Close| {
@@ -119,18 +110,18 @@ async fn post(
         Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
             // As a WebSocket's oversized message does, this closes the stream.
             close(Close::Policy("message too large"));
-            return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
+            return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
         }
         _ => {
-            return Err(plain(
+            return Err(text(
                 StatusCode::BAD_REQUEST,
                 "the message did not arrive whole in time\n",
             ))
         }
     };
-    let Ok(text) = Frame::try_from(bytes) else {
+    let Ok(message) = Frame::try_from(bytes) else {
         close(Close::InvalidPayload);
-        return Err(plain(
+        return Err(text(
             StatusCode::BAD_REQUEST,
             "a client message is UTF-8 JSON\n",
         ));
@@ -141,23 +132,14 @@ async fn post(
     node.registry.metrics().messages_in.inc();
     let taken = limit.lock().take(tokio::time::Instant::now());
     let reply = match taken {
-        Take::Allowed => match conn::dispatch(text, socket, node) {
+        Take::Allowed => match conn::dispatch(message, socket, node) {
             conn::Answer::Now(reply) => Some(reply),
             conn::Answer::Later(future) => future.await,
         },
-        Take::Refused => {
-            let id = crate::protocol::parse_inbound(&text)
-                .ok()
-                .and_then(|m| m.id.map(|id| id.to_owned()));
-            Some(crate::protocol::Reply::text(
-                id,
-                429,
-                "rate limited: slow down",
-            ))
-        }
+        Take::Refused => Some(conn::rate_limited(&message)),
         Take::Abusive => {
             close(Close::Policy("message rate limit exceeded"));
-            return Err(plain(
+            return Err(text(
                 StatusCode::TOO_MANY_REQUESTS,
                 "message rate limit exceeded\n",
             ));
@@ -165,7 +147,7 @@ async fn post(
     };
     let mut response = match reply {
         Some(reply) => {
-            let mut response = Response::new(Body::from(Bytes::from(reply.encode().to_string())));
+            let mut response = Response::new(Body::from(Bytes::from(reply.encode())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -201,7 +183,7 @@ pub(crate) fn preflight(req: &Request<Incoming>, node: &NodeState) -> Response<B
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
         .is_some_and(|m| m == "POST" || m == "GET");
     if origin.is_none() || !wants || !origin_allowed(headers, &node.config.allowed_origins) {
-        return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
+        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     let mut response = Response::new(Body::from(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -234,8 +216,4 @@ pub(super) fn allow_origin(response: &mut Response<Body>, origin: Option<HeaderV
         );
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
     }
-}
-
-fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
-    crate::http::text(status, body)
 }
