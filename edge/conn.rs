@@ -269,7 +269,7 @@ where
             next = conn.outbox.next_into(&mut batch) => match next {
                 Next::Write { ping, bytes } => {
                     // Settled when the write is done, failed, or dropped with this task.
-                    let _settle = Settle { outbox: &conn.outbox, bytes };
+                    let _settle = conn.outbox.settle_on_drop(bytes);
                     let written = write(sink, conn, ping, &mut batch).await;
                     if batch.capacity() > BATCH_KEEP {
                         // A burst is over: do not hold its buffer for the socket's lifetime.
@@ -287,18 +287,6 @@ where
                 conn.outbox.close(Close::GoingAway);
             }
         }
-    }
-}
-
-/// Takes a batch's bytes off the node's backlog when dropped.
-struct Settle<'a> {
-    outbox: &'a crate::fanout::Outbox,
-    bytes: usize,
-}
-
-impl Drop for Settle<'_> {
-    fn drop(&mut self) {
-        self.outbox.settle(self.bytes);
     }
 }
 

@@ -147,6 +147,18 @@ pub(crate) enum Next {
 
 /// What [`Outbox::next`] yields (tests only: the socket's writer uses
 /// [`Outbox::next_into`]).
+/// Takes a batch's bytes off the node's backlog when dropped ([`Outbox::settle_on_drop`]).
+pub(crate) struct Settle<'a> {
+    outbox: &'a Outbox,
+    bytes: usize,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.outbox.settle(self.bytes);
+    }
+}
+
 #[cfg(test)]
 #[derive(Debug)]
 pub(crate) enum Drained {
@@ -304,6 +316,15 @@ impl Outbox {
     /// gave up on them.
     pub(crate) fn settle(&self, bytes: usize) {
         self.backlog.sub(bytes);
+    }
+
+    /// [`Outbox::settle`] when the guard is dropped: the batch was written, failed, or was
+    /// dropped with its writer's task.
+    pub(crate) fn settle_on_drop(&self, bytes: usize) -> Settle<'_> {
+        Settle {
+            outbox: self,
+            bytes,
+        }
     }
 
     /// Waits until the outbox is closed; used to abandon a write to a peer that stopped

@@ -168,16 +168,35 @@ pub(crate) fn connected_frame(resumed: bool, joined: &[Joined]) -> Frame {
 /// JSON object `{"<channel>":{"epoch":"<e>","offset":<n>}, ...}` (`{}` when it has nothing yet).
 /// A socket that sends one, even empty, gets position frames.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Recover(pub std::collections::HashMap<Channel, Position>);
+pub(crate) struct Recover {
+    /// Per channel, the position of the last push the client saw.
+    pub(crate) seen: std::collections::HashMap<Channel, Position>,
+    /// The client saw pushes the node cannot name (an event stream's `Last-Event-ID` it cannot
+    /// resume from): every channel not in `seen` is a gap, `recovered:false`, not a fresh start.
+    pub(crate) lost: bool,
+}
 
 /// Longest `recover` parameter, in bytes (after URL decoding).
 pub(crate) const MAX_RECOVER_LEN: usize = 64 << 10;
 
 impl Recover {
+    /// `seen`, as a client said it.
+    pub(crate) fn of(seen: std::collections::HashMap<Channel, Position>) -> Self {
+        Self { seen, lost: false }
+    }
+
+    /// A client whose positions are lost: every channel is a gap.
+    pub(crate) fn lost() -> Self {
+        Self {
+            seen: Default::default(),
+            lost: true,
+        }
+    }
+
     /// These positions as a `recover` parameter (what [`Recover::parse`] reads back), in
     /// channel order.
     pub(crate) fn to_json(&self) -> String {
-        let mut channels: Vec<_> = self.0.iter().collect();
+        let mut channels: Vec<_> = self.seen.iter().collect();
         channels.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = String::with_capacity(2 + channels.len() * 48);
         out.push('{');
@@ -229,7 +248,7 @@ impl Recover {
                 },
             );
         }
-        Ok(Self(out))
+        Ok(Self::of(out))
     }
 }
 
@@ -495,7 +514,7 @@ mod tests {
                 "c":{"epoch":"e1","offset":7,"recovered":true},"d":{"epoch":"e1","offset":7}}}})
         );
         let r = Recover::parse(r#"{"c":{"epoch":"e1","offset":7}}"#).unwrap();
-        assert_eq!(r.0.get(&ch), Some(&at));
+        assert_eq!(r.seen.get(&ch), Some(&at));
         assert_eq!(Recover::parse("{}").unwrap(), Recover::default());
         for bad in [
             "",
@@ -646,9 +665,9 @@ mod tests {
                     .map(|(c, (e, o))| (c.clone(), serde_json::json!({"epoch": e, "offset": o})))
                     .collect();
                 let parsed = Recover::parse(&serde_json::Value::Object(json).to_string()).unwrap();
-                assert_eq!(parsed.0.len(), map.len());
+                assert_eq!(parsed.seen.len(), map.len());
                 for (channel, (epoch, offset)) in &map {
-                    let at = &parsed.0[&Channel::new(channel).unwrap()];
+                    let at = &parsed.seen[&Channel::new(channel).unwrap()];
                     assert_eq!((&*at.epoch, at.offset), (epoch.as_str(), *offset));
                 }
                 Ok(())

@@ -100,6 +100,8 @@ pub(super) enum Join<'a> {
     Connect {
         since: Option<&'a Position>,
         fetched: Option<&'a Fetched>,
+        /// Without `since`: the client's position is lost (a gap), not absent.
+        lost: bool,
     },
     /// A live `Subscribe`: a socket that asked for positions gets a position frame.
     Live,
@@ -206,16 +208,26 @@ impl Registry {
                     }
                     None
                 }
-                Join::Connect { since: None, .. } => {
-                    state.history.position().map(|position| Joined {
+                Join::Connect {
+                    since: None, lost, ..
+                } => state.history.position().map(|position| {
+                    if lost {
+                        self.shared
+                            .metrics
+                            .recoveries
+                            .with_label_values(&["gap"])
+                            .inc();
+                    }
+                    Joined {
                         channel: channel.clone(),
                         position,
-                        recovered: None,
-                    })
-                }
+                        recovered: lost.then_some(false),
+                    }
+                }),
                 Join::Connect {
                     since: Some(since),
                     fetched,
+                    ..
                 } => self.recover(channel, state, conn, since, fetched),
             };
             state.subscribers.insert(conn.serial, conn.clone());

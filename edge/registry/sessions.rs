@@ -239,7 +239,8 @@ impl Registry {
         let mut joined: Vec<Joined> = Vec::new();
         for channel in channels {
             let how = Join::Connect {
-                since: recover.and_then(|r| r.0.get(channel)),
+                since: recover.and_then(|r| r.seen.get(channel)),
+                lost: recover.is_some_and(|r| r.lost),
                 fetched: fetched.and_then(|f| f.get(channel)),
             };
             joined.extend(self.join(channel, conn, how));

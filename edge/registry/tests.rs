@@ -228,7 +228,7 @@ fn the_live_count_follows_every_transition() {
 }
 
 fn recover_from(entries: &[(&str, &Position)]) -> Recover {
-    Recover(entries.iter().map(|(c, p)| (ch(c), (*p).clone())).collect())
+    Recover::of(entries.iter().map(|(c, p)| (ch(c), (*p).clone())).collect())
 }
 
 fn json(frame: &str) -> serde_json::Value {
@@ -539,4 +539,24 @@ async fn vacated_is_told_after_the_vacate_delay_unless_a_member_comes_back() {
     advance(20).await;
     r.sweep();
     assert_eq!(occupancy(&mut lifecycle), [("room:gone".into(), false)]);
+}
+
+#[tokio::test]
+async fn a_client_whose_positions_are_lost_gets_a_gap_on_every_channel_and_no_replay() {
+    let r = registry();
+    let c = r.issue(None, None).unwrap();
+    r.subscribe(&c.digest, &[ch("a"), ch("b")]).unwrap();
+    push(&r, "a", "1");
+    let v = r.verify(&c.connection_id, &c.socket_key).unwrap();
+    let conn = r.attach(&v, "id", Some(&Recover::lost())).unwrap();
+    let first = frames(&conn).await;
+    assert_eq!(first.len(), 1, "the connected frame alone: {first:?}");
+    let connected = json(&first[0]);
+    for channel in ["a", "b"] {
+        assert_eq!(
+            connected["connected"]["channels"][channel]["recovered"], false,
+            "{connected}"
+        );
+    }
+    assert_eq!(connected["connected"]["channels"]["a"]["offset"], 1);
 }

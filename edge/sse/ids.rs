@@ -36,14 +36,14 @@ pub(super) async fn resume(
             return None;
         }
     };
-    let Recover(mut map) = Recover::parse(&positions).ok()?;
+    let mut map = Recover::parse(&positions).ok()?.seen;
     let mut order: Vec<Channel> = map.keys().cloned().collect();
     order.sort();
     for &(index, advance) in &id.entries {
         let position = map.get_mut(order.get(index)?)?;
         position.offset = position.offset.checked_add(advance)?;
     }
-    Some((Recover(map), id.anchor))
+    Some((Recover::of(map), id.anchor))
 }
 
 /// A parsed `Last-Event-ID`: `<anchor>` then `.<index>-<advance>` entries.
@@ -210,7 +210,7 @@ impl Ids {
     /// Saves every position as the next anchor and starts from it.
     async fn reanchor(&mut self, digest: &Digest, node: &NodeState) {
         let all = self.positions();
-        let positions = Recover(all.iter().cloned().collect()).to_json();
+        let positions = Recover::of(all.iter().cloned().collect()).to_json();
         // An id's number is the client's to send: never overflow on it.
         let number = self.anchor.checked_add(1).unwrap_or(1);
         match node.bus.save_anchor(digest, number, &positions).await {

@@ -303,8 +303,6 @@ struct Accepted {
     socket: Arc<Socket>,
     slots: Slots,
     anchor: u64,
-    /// It presented a Last-Event-ID it cannot resume from.
-    lost: bool,
     /// The request's `Origin`, which passed the allow-list.
     origin: Option<HeaderValue>,
 }
@@ -319,11 +317,10 @@ impl Accepted {
             socket,
             slots,
             anchor,
-            lost,
             ..
         } = self;
         node.tracker.spawn(async move {
-            run(conn, socket, &task_node, out, (anchor, lost), head).await;
+            run(conn, socket, &task_node, out, anchor, head).await;
             drop(slots);
         });
     }
@@ -348,13 +345,13 @@ async fn accept<B>(
     // Last-Event-ID is newer than any `recover` the page built its URL with. One this stream
     // cannot resume from (unparseable, forged, or naming an anchor no longer kept) means the
     // client saw what the node cannot tell: every channel is then said `recovered:false`.
-    let (recover, anchor, lost) = match req.headers().get("last-event-id") {
-        None => (presented.recover.take().unwrap_or_default(), 0, false),
+    let (recover, anchor) = match req.headers().get("last-event-id") {
+        None => (presented.recover.take().unwrap_or_default(), 0),
         Some(last_id) => match resume(node, &verified.digest, last_id).await {
-            Some((recover, anchor)) => (recover, anchor, false),
+            Some(resumed) => resumed,
             None => {
                 tracing::debug!(%peer, "Last-Event-ID names no kept anchor; every channel is a gap");
-                (Recover::default(), 0, true)
+                (Recover::lost(), 0)
             }
         },
     };
@@ -369,30 +366,15 @@ async fn accept<B>(
         socket,
         slots,
         anchor,
-        lost,
         origin,
     })
-}
-
-/// A `connected` frame with every channel said `recovered:false`: for a stream that came
-/// back with an id it cannot resume from.
-fn all_lost(frame: &Frame) -> Frame {
-    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(frame.as_str()) else {
-        return frame.clone();
-    };
-    if let Some(channels) = value["connected"]["channels"].as_object_mut() {
-        for at in channels.values_mut() {
-            at["recovered"] = serde_json::Value::Bool(false);
-        }
-    }
-    Frame::from(value.to_string())
 }
 
 /// Writes `frame` as one event, its `data` split at line breaks (a payload may hold them
 /// outside its strings; the browser joins the lines with `\n`).
 fn event(out: &mut BytesMut, frame: &Frame) {
     let text = frame.as_str();
-    if !text.contains(['\n', '\r']) {
+    if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_none() {
         out.put_slice(b"data: ");
         out.put_slice(text.as_bytes());
         out.put_slice(b"\n\n");
@@ -443,7 +425,7 @@ async fn run(
     socket: Arc<Socket>,
     node: &Arc<NodeState>,
     mut out: Out,
-    anchor: (u64, bool),
+    anchor: u64,
     head: Option<Bytes>,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
@@ -481,7 +463,7 @@ async fn write_loop(
     conn: &Conn,
     node: &NodeState,
     client: &mut Out,
-    (anchor, mut lost): (u64, bool),
+    anchor: u64,
     head: Option<Bytes>,
 ) -> End {
     let digest = conn.digest();
@@ -512,19 +494,16 @@ async fn write_loop(
         tokio::select! {
             next = conn.outbox.next_into(&mut batch) => match next {
                 Next::Write { ping, bytes } => {
+                    // Settled however this ends, an anchor's save included.
+                    let _settle = conn.outbox.settle_on_drop(bytes);
                     if ping {
                         out.put_slice(b":\n\n");
                     }
-                    for mut frame in batch.drain(..) {
-                        if lost && frame.as_str().starts_with(r#"{"connected":"#) {
-                            frame = all_lost(&frame);
-                            lost = false;
-                        }
+                    for frame in batch.drain(..) {
                         ids.frame(frame.as_str(), &digest, node).await;
                         ids.write_line(&mut out);
                         event(&mut out, &frame);
                     }
-                    conn.outbox.settle(bytes);
                 }
                 Next::Close(close) => return End::Closing(close),
             },

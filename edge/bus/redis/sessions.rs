@@ -359,7 +359,8 @@ impl RedisBus {
             )
             .await;
         }
-        let since = recover.map(|r| &r.0);
+        // A lost client's channels are gaps: nothing to read for them.
+        let since = recover.map(|r| &r.seen);
         let fetched = match self.follow(&channels, since).await {
             Ok(fetched) => fetched,
             Err(err) => {
