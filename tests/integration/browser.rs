@@ -28,72 +28,123 @@ use crate::{
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
+/// The chat example (`examples/chat/`) in-process with a gateway that keeps its presence, two
+/// users' Chromium pages (`ann`, `bob`) loaded from it and each showing both users, and a TCP
+/// proxy between the browsers and the edge (`proxy.cut()` cuts their connections). With
+/// `without_upgrade`, an nginx that does not pass `Upgrade` sits between the proxy and the node.
+pub(crate) struct ChatRoom {
+    pub(crate) gw: Gateway,
+    pub(crate) proxy: Proxy,
+    pub(crate) origin: String,
+    pub(crate) ann: Client,
+    pub(crate) bob: Client,
+    stop: CancellationToken,
+    app: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _nginx: Option<crate::proxies::Nginx>,
+    _driver: ChromeDriver,
+}
+
+impl ChatRoom {
+    /// Starts it all; `opened` is the script each page must satisfy once connected.
+    pub(crate) async fn open(out: &Path, without_upgrade: bool, opened: &str) -> Self {
+        // The chat app's address comes first: the gateway needs it as upstream and allowed
+        // Origin.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let gw = Gateway::start_with(|c| {
+            c.upstream = Some(origin.clone());
+            c.allowed_origins = vec![origin.clone()];
+            c.limits.namespaces = chat_presence();
+        })
+        .await;
+        let nginx = match without_upgrade {
+            true => Some(crate::proxies::Nginx::without_upgrade(gw.http).await),
+            false => None,
+        };
+        let proxy = Proxy::start(nginx.as_ref().map_or(gw.http, |n| n.addr)).await;
+        let stop = CancellationToken::new();
+        let app = tokio::spawn(chat_app::serve(
+            listener,
+            ChatConfig {
+                control: format!("http://{}", gw.grpc),
+                token: None,
+                gateway_url: Some(format!("ws://{}/ws", proxy.addr)),
+                gateway_port: 0,
+            },
+            stop.clone(),
+        ));
+        let driver = ChromeDriver::start();
+        let ann = driver.browser(&out.join("profile-ann")).await;
+        let bob = driver.browser(&out.join("profile-bob")).await;
+        ann.goto(&format!("{origin}/?name=ann")).await.unwrap();
+        bob.goto(&format!("{origin}/?name=bob")).await.unwrap();
+        for page in [&ann, &bob] {
+            wait_js(page, opened).await;
+        }
+        // Presence: each page shows both users (the app's list, then join events).
+        for page in [&ann, &bob] {
+            both_here(page).await;
+        }
+        Self {
+            gw,
+            proxy,
+            origin,
+            ann,
+            bob,
+            stop,
+            app,
+            _nginx: nginx,
+            _driver: driver,
+        }
+    }
+
+    /// A message said on ann's page (call-route, then a push to the room) appears on both; bob
+    /// typing (the `typing` action, served over a Handle stream) shows on ann's, then his
+    /// message.
+    pub(crate) async fn talk(&self, text: &str) {
+        say(&self.ann, text).await;
+        for page in [&self.ann, &self.bob] {
+            wait_js(page, &format!("return log().includes('{text}')")).await;
+        }
+        let bob = &self.bob;
+        let input = bob.find(Locator::Css("#text")).await.unwrap();
+        input.send_keys("hi ann").await.unwrap();
+        wait_js(
+            &self.ann,
+            "return document.getElementById('typing').textContent.includes('bob is typing')",
+        )
+        .await;
+        bob.find(Locator::Css("#send"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_js(&self.ann, "return log().includes('hi ann')").await;
+    }
+
+    /// Closes the pages and stops the app.
+    pub(crate) async fn close(self) {
+        self.ann.close().await.unwrap();
+        self.bob.close().await.unwrap();
+        self.stop.cancel();
+        self.app.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_works_in_a_real_browser() {
     let out = output_dir("chat");
-
-    // The chat app's address comes first: the gateway needs it as upstream and allowed Origin.
-    let chat_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let chat_addr = chat_listener.local_addr().unwrap();
-    let chat_origin = format!("http://{chat_addr}");
-    let gw = Gateway::start_with(|c| {
-        c.upstream = Some(chat_origin.clone());
-        c.allowed_origins = vec![chat_origin.clone()];
-        c.limits.namespaces = crate::browser::chat_presence();
-    })
-    .await;
-    let proxy = Proxy::start(gw.http).await;
-    let stop = CancellationToken::new();
-    let chat = tokio::spawn(chat_app::serve(
-        chat_listener,
-        ChatConfig {
-            control: format!("http://{}", gw.grpc),
-            token: None,
-            gateway_url: Some(format!("ws://{}/ws", proxy.addr)),
-            gateway_port: 0,
-        },
-        stop.clone(),
-    ));
-    let driver = ChromeDriver::start();
-
-    let ann = driver.browser(&out.join("profile-ann")).await;
-    let bob = driver.browser(&out.join("profile-bob")).await;
-    ann.goto(&format!("{chat_origin}/?name=ann")).await.unwrap();
-    bob.goto(&format!("{chat_origin}/?name=bob")).await.unwrap();
-    for page in [&ann, &bob] {
-        wait_js(page, "return window.gate?.state === 'open'").await;
-    }
-    // Presence: each page shows both users (the app's list, then join events).
-    for page in [&ann, &bob] {
-        both_here(page).await;
-    }
-
-    // A message typed and sent on one page (call-route over the WebSocket, then a push to the
-    // room) appears on both.
-    say(&ann, "hello from ann").await;
-    for page in [&ann, &bob] {
-        wait_js(page, "return log().includes('hello from ann')").await;
-    }
-
-    // Typing on one page (the `typing` action, served over a Handle stream) shows on the other.
-    bob.find(Locator::Css("#text"))
-        .await
-        .unwrap()
-        .send_keys("hi ann")
-        .await
-        .unwrap();
-    wait_js(
-        &ann,
-        "return document.getElementById('typing').textContent.includes('bob is typing')",
-    )
-    .await;
-    bob.find(Locator::Css("#send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_js(&ann, "return log().includes('hi ann')").await;
+    let room = ChatRoom::open(&out, false, "return window.gate?.state === 'open'").await;
+    let ChatRoom {
+        gw,
+        proxy,
+        origin: chat_origin,
+        ann,
+        bob,
+        ..
+    } = &room;
+    room.talk("hello from ann").await;
 
     // Cut both sockets (not the pages): the client reconnects within the grace period, resumes
     // the same credentials and subscriptions, and the conversation goes on.
@@ -105,7 +156,7 @@ async fn chat_works_in_a_real_browser() {
         )
         .await;
     }
-    say(&bob, "still here after the cut").await;
+    say(bob, "still here after the cut").await;
     for page in [&ann, &bob] {
         wait_js(page, "return log().includes('still here after the cut')").await;
     }
@@ -115,21 +166,21 @@ async fn chat_works_in_a_real_browser() {
         assert_eq!(chat["opens"], 2, "{chat}");
         assert_eq!(chat["messages"], 3, "{chat}");
     }
-    screenshot(&ann, &out.join("ann.png")).await;
-    screenshot(&bob, &out.join("bob.png")).await;
+    screenshot(ann, &out.join("ann.png")).await;
+    screenshot(bob, &out.join("bob.png")).await;
 
     // A page from a foreign Origin is refused at the handshake, even with valid credentials: the
     // foreign site hands the browser the key cookie itself (cookies ignore ports, so the gateway
     // receives it), which leaves the Origin as the only thing wrong.
     let creds = gw.issue().await;
-    let foreign = foreign_site(&gw, &creds.id, &creds.key).await;
-    let refused_before = handshakes(&gw, "origin").await;
+    let foreign = foreign_site(gw, &creds.id, &creds.key).await;
+    let refused_before = handshakes(gw, "origin").await;
     bob.goto(&format!("http://{foreign}/")).await.unwrap();
-    wait_js(&bob, "return window.attempts >= 2").await;
-    assert!(handshakes(&gw, "origin").await >= refused_before + 2);
+    wait_js(bob, "return window.attempts >= 2").await;
+    assert!(handshakes(gw, "origin").await >= refused_before + 2);
     let opens = bob.execute("return window.opens", vec![]).await.unwrap();
     assert_eq!(opens, 0, "a foreign page opened a socket");
-    screenshot(&bob, &out.join("foreign-origin.png")).await;
+    screenshot(bob, &out.join("foreign-origin.png")).await;
     // The credentials were fine: from the allowed Origin the same id and key connect.
     let mut request = format!(
         "{}?socket_connection_id={}&socket_key={}",
@@ -146,10 +197,7 @@ async fn chat_works_in_a_real_browser() {
         .await
         .expect("the same credentials from the allowed Origin");
 
-    ann.close().await.unwrap();
-    bob.close().await.unwrap();
-    stop.cancel();
-    chat.await.unwrap().unwrap();
+    room.close().await;
     println!("screenshots in {}", out.display());
 }
 
@@ -416,7 +464,7 @@ pub(crate) async fn screenshot(page: &Client, path: &Path) {
 }
 
 /// `channelgate_handshakes_total{result=...,transport="websocket"}` from the node's metrics.
-async fn handshakes(gw: &Gateway, result: &str) -> u64 {
+pub(crate) async fn handshakes(gw: &Gateway, result: &str) -> u64 {
     let (_, metrics) = gw.http_get("/metrics", &[]).await;
     let prefix =
         format!("channelgate_handshakes_total{{result=\"{result}\",transport=\"websocket\"}} ");

@@ -7,100 +7,37 @@
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{response::Html, routing::get, Router};
-use fantoccini::Locator;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
-    browser::{both_here, output_dir, say, screenshot, wait_js, ChromeDriver},
-    chat_app::{self, ChatConfig},
-    proxies::Nginx,
+    browser::{handshakes, output_dir, say, screenshot, wait_js, ChatRoom, ChromeDriver},
     support::{Gateway, Proxy},
 };
-
-/// `channelgate_handshakes_total{result=...,transport="websocket"}` from the node's metrics.
-async fn handshakes(gw: &Gateway, result: &str) -> u64 {
-    let (_, metrics) = gw.http_get("/metrics", &[]).await;
-    let prefix =
-        format!("channelgate_handshakes_total{{result=\"{result}\",transport=\"websocket\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |n| n.trim().parse().unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_works_over_sse_behind_a_proxy_that_does_not_pass_upgrade() {
     let out = output_dir("chat-sse");
-    let chat_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let chat_addr = chat_listener.local_addr().unwrap();
-    let chat_origin = format!("http://{chat_addr}");
-    let gw = Gateway::start_with(|c| {
-        c.upstream = Some(chat_origin.clone());
-        c.allowed_origins = vec![chat_origin.clone()];
-        c.limits.namespaces = crate::browser::chat_presence();
-    })
-    .await;
     // Browsers -> a TCP proxy (to cut their connections) -> nginx without Upgrade -> the node.
-    let nginx = Nginx::without_upgrade(gw.http).await;
-    let proxy = Proxy::start(nginx.addr).await;
-    let stop = CancellationToken::new();
-    let _chat = tokio::spawn(chat_app::serve(
-        chat_listener,
-        ChatConfig {
-            control: format!("http://{}", gw.grpc),
-            token: None,
-            gateway_url: Some(format!("ws://{}/ws", proxy.addr)),
-            gateway_port: 0,
-        },
-        stop.clone(),
-    ));
-    let driver = ChromeDriver::start();
-    let ann = driver.browser(&out.join("profile-ann")).await;
-    let bob = driver.browser(&out.join("profile-bob")).await;
-    ann.goto(&format!("{chat_origin}/?name=ann")).await.unwrap();
-    bob.goto(&format!("{chat_origin}/?name=bob")).await.unwrap();
-    for page in [&ann, &bob] {
-        wait_js(
-            page,
-            "return window.gate?.state === 'open' && window.gate.transport === 'sse'",
-        )
-        .await;
-    }
-    assert!(
-        handshakes(&gw, "not_upgrade").await >= 2,
-        "the WebSocket was tried and refused"
-    );
-    // Presence: each page shows both users (the app's list, then join events over SSE).
-    for page in [&ann, &bob] {
-        both_here(page).await;
-    }
-
-    // call-route (POSTed), then a push to the room, on both pages.
-    say(&ann, "hello over sse").await;
-    for page in [&ann, &bob] {
-        wait_js(page, "return log().includes('hello over sse')").await;
-    }
-    // A Handle action (`typing`), POSTed; its Send reaches the other page's stream.
-    bob.find(Locator::Css("#text"))
-        .await
-        .unwrap()
-        .send_keys("hi ann")
-        .await
-        .unwrap();
-    wait_js(
-        &ann,
-        "return document.getElementById('typing').textContent.includes('bob is typing')",
+    let room = ChatRoom::open(
+        &out,
+        true,
+        "return window.gate?.state === 'open' && window.gate.transport === 'sse'",
     )
     .await;
-    bob.find(Locator::Css("#send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_js(&ann, "return log().includes('hi ann')").await;
+    let ChatRoom {
+        gw,
+        proxy,
+        ann,
+        bob,
+        ..
+    } = &room;
+    assert!(
+        handshakes(gw, "not_upgrade").await >= 2,
+        "the WebSocket was tried and refused"
+    );
+    // call-route and the typing action POSTed, pushes and the typing Send over the streams.
+    room.talk("hello over sse").await;
 
     // The streams are cut while messages are pushed: both pages resume and recover them all.
     proxy.cut();
@@ -115,32 +52,30 @@ async fn the_chat_works_over_sse_behind_a_proxy_that_does_not_pass_upgrade() {
         )
         .await;
     }
-    say(&bob, "still here after the cut").await;
+    say(bob, "still here after the cut").await;
     for page in [&ann, &bob] {
         wait_js(page, "return log().includes('still here after the cut')").await;
         let chat = page.execute("return window.chat", vec![]).await.unwrap();
         assert_eq!(chat["messages"], 8, "every message once: {chat}");
     }
-    screenshot(&ann, &out.join("ann.png")).await;
+    screenshot(ann, &out.join("ann.png")).await;
 
     // A refresh: new credentials, positions and the transport that worked from
     // sessionStorage: straight to SSE, no WebSocket tried.
-    let tried = handshakes(&gw, "not_upgrade").await;
+    let tried = handshakes(gw, "not_upgrade").await;
     ann.refresh().await.unwrap();
     wait_js(
-        &ann,
+        ann,
         "return window.gate?.state === 'open' && window.gate.transport === 'sse' && window.chat.opens === 1",
     )
     .await;
-    assert_eq!(handshakes(&gw, "not_upgrade").await, tried);
-    say(&ann, "after the refresh").await;
+    assert_eq!(handshakes(gw, "not_upgrade").await, tried);
+    say(ann, "after the refresh").await;
     for page in [&ann, &bob] {
         wait_js(page, "return log().includes('after the refresh')").await;
     }
-    screenshot(&bob, &out.join("bob.png")).await;
-    stop.cancel();
-    ann.close().await.unwrap();
-    bob.close().await.unwrap();
+    screenshot(bob, &out.join("bob.png")).await;
+    room.close().await;
 }
 
 /// A site whose page opens a plain `EventSource` on `edge` (no library), for new credentials

@@ -43,6 +43,32 @@ fn exactly(got: &HashMap<String, Vec<(u64, Value)>>, channel: &str, from: u64, t
     assert_eq!(offsets, (from..=to).collect::<Vec<_>>(), "{channel}");
 }
 
+/// Reconnects with `last_id` as an EventSource does: while the node says "come back later" (it
+/// has not seen the old stream's end yet, or the old node's heartbeat has not lapsed), it
+/// comes back, until PATIENCE.
+async fn reconnect(http: SocketAddr, creds: &Creds, last_id: &str) -> Sse {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match open_sse(http, creds, Some(last_id), &[]).await {
+            Ok(sse) => return sse,
+            Err((200, _)) if tokio::time::Instant::now() < deadline => {
+                // EventSource's `retry`, shortened.
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(refused) => panic!("not resumed: {refused:?}"),
+        }
+    }
+}
+
+/// Pushes each of `rounds` (its number as the payload) to every one of `channels` through `gw`.
+async fn push_rounds(gw: &Gateway, channels: &[&str], rounds: std::ops::RangeInclusive<u64>) {
+    for round in rounds {
+        for channel in channels {
+            gw.push(channel, &round.to_string()).await;
+        }
+    }
+}
+
 async fn open(gw: SocketAddr, creds: &Creds, last_id: Option<&str>) -> Sse {
     open_sse(gw, creds, last_id, &[])
         .await
@@ -185,33 +211,15 @@ async fn cut_and_resume(
     let mut sse = open(first.http, &creds, None).await;
     sse.next().await.expect("connected");
     first.wait_for_connections(1).await;
-    for round in 1..=3 {
-        for channel in channels {
-            publish.push(channel, &round.to_string()).await;
-        }
-    }
+    push_rounds(publish, channels, 1..=3).await;
     let before = pushes(&mut sse, 3 * channels.len()).await;
     for channel in channels {
         exactly(&before, channel, 1, 3);
     }
     let last_id = sse.last_id.clone().expect("pushes carry ids");
     drop(sse); // the cut: the node sees the stream's end, not a close
-    for round in 4..=6 {
-        for channel in channels {
-            publish.push(channel, &round.to_string()).await;
-        }
-    }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut sse = loop {
-        match open_sse(resume_on.http, &creds, Some(&last_id), &[]).await {
-            Ok(sse) => break sse,
-            // The cut is seen by the first node a moment later: come back later.
-            Err((200, _)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(refused) => panic!("not resumed: {refused:?}"),
-        }
-    };
+    push_rounds(publish, channels, 4..=6).await;
+    let mut sse = reconnect(resume_on.http, &creds, &last_id).await;
     let connected = sse.next().await.unwrap();
     assert_eq!(
         connected.data["connected"]["resumed"], true,
@@ -263,13 +271,7 @@ async fn ids_stay_small_on_a_hundred_channels_and_still_resume_them_all() {
     for name in &names {
         gw.push(name, "3").await;
     }
-    let mut sse = loop {
-        match open_sse(gw.http, &creds, Some(&last_id), &[]).await {
-            Ok(sse) => break sse,
-            Err((200, _)) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(refused) => panic!("{refused:?}"),
-        }
-    };
+    let mut sse = reconnect(gw.http, &creds, &last_id).await;
     sse.next().await.expect("connected");
     let missed = pushes(&mut sse, 100).await;
     for name in &names {
@@ -313,8 +315,9 @@ async fn a_forged_last_event_id_changes_nothing_but_its_own_stream() {
         );
         pushes(&mut watching, 1).await;
         drop(sse);
-        // Let the node see the cut before the next attempt reuses the id.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The node sees the cut (the victim's stream stays) before the next attempt reuses
+        // the id.
+        gw.wait_for_connections(1).await;
     }
 }
 
@@ -336,31 +339,17 @@ async fn a_stream_whose_node_was_killed_resumes_on_another_node() {
     survivor.subscribe(&creds, &channels).await;
     let mut sse = open(http.parse().unwrap(), &creds, None).await;
     sse.next().await.expect("connected");
-    for round in 1..=3 {
-        for channel in channels {
-            survivor.push(channel, &round.to_string()).await;
-        }
+    push_rounds(&survivor, &channels, 1..=3).await;
+    let before = pushes(&mut sse, 9).await;
+    for channel in channels {
+        exactly(&before, channel, 1, 3);
     }
-    exactly(&pushes(&mut sse, 9).await, "k2", 1, 3);
     let last_id = sse.last_id.clone().unwrap();
     doomed.kill().unwrap();
     doomed.wait().unwrap();
-    for round in 4..=5 {
-        for channel in channels {
-            survivor.push(channel, &round.to_string()).await;
-        }
-    }
+    push_rounds(&survivor, &channels, 4..=5).await;
     // The id is live on a dead node until its heartbeat lapses; then it resumes here.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut sse = loop {
-        match open_sse(survivor.http, &creds, Some(&last_id), &[]).await {
-            Ok(sse) => break sse,
-            Err((200, _)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(refused) => panic!("not resumed: {refused:?}"),
-        }
-    };
+    let mut sse = reconnect(survivor.http, &creds, &last_id).await;
     let connected = sse.next().await.unwrap();
     assert_eq!(
         connected.data["connected"]["resumed"], true,
@@ -560,8 +549,7 @@ async fn messages_posted_beside_a_stream_get_the_replies_a_websocket_gets() {
             json!({"id":"m1","status":201,"headers":{"x-by":"service"},"body":{"ok":true}})
         )
     );
-    // Nothing of it went down the stream: the next event is this push.
-    gw.push("n", "1").await;
+    // No reply went down the stream: its next event is this Send.
     gw.client.send(&creds.digest, "n", "2").await.unwrap();
     assert_eq!(sse.data().await, json!({"channel":"n","payload":2}));
 }
