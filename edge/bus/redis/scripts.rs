@@ -425,23 +425,28 @@ mod tests {
             .expect("REAP runs")
     }
 
+    /// The outbox's events, in order: each one's fields by name.
+    async fn outbox(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+    ) -> Vec<std::collections::HashMap<String, String>> {
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+            redis::cmd("XRANGE")
+                .arg(k("out"))
+                .arg("-")
+                .arg("+")
+                .query_async(conn)
+                .await
+                .unwrap();
+        entries.into_iter().map(|(_, fields)| fields).collect()
+    }
+
     /// The actions the outbox holds, in order.
     async fn actions(conn: &mut MultiplexedConnection, k: &dyn Fn(&str) -> String) -> Vec<String> {
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(k("out"))
-            .arg("-")
-            .arg("+")
-            .query_async(conn)
+        outbox(conn, k)
             .await
-            .unwrap();
-        entries
             .into_iter()
-            .filter_map(|(_, fields)| {
-                fields
-                    .into_iter()
-                    .find(|(f, _)| f == "action")
-                    .map(|(_, v)| v)
-            })
+            .map(|mut fields| fields.remove("action").unwrap_or_default())
             .collect()
     }
 
@@ -450,23 +455,11 @@ mod tests {
         conn: &mut MultiplexedConnection,
         k: &dyn Fn(&str) -> String,
     ) -> Vec<(String, String)> {
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(k("out"))
-            .arg("-")
-            .arg("+")
-            .query_async(conn)
+        outbox(conn, k)
             .await
-            .unwrap();
-        entries
             .into_iter()
-            .map(|(_, fields)| {
-                let field = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(f, _)| f == name)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
+            .map(|mut fields| {
+                let mut field = |name: &str| fields.remove(name).unwrap_or_default();
                 assert_eq!(field("action"), "$disconnect");
                 (field("cid"), field("json"))
             })
@@ -649,6 +642,40 @@ mod tests {
         clean(&mut conn, &k).await;
     }
 
+    /// PRESENCE for `(kind, digest, node)` on `(channel, user, vacate delay)`; the channel's
+    /// presence hash is `pr:<channel>`, the rest of the test's keys shared.
+    async fn presence(
+        conn: &mut MultiplexedConnection,
+        k: &dyn Fn(&str) -> String,
+        (kind, digest, node): (&str, &str, &str),
+        (channel, user, delay): (&str, &str, i64),
+    ) -> String {
+        let scripts = Scripts::new(false);
+        let mut invocation = scripts.presence.prepare_invoke();
+        for key in [
+            k(&format!("pr:{channel}")),
+            k("pu"),
+            k("vacating"),
+            k("out"),
+            k("pn"),
+        ] {
+            invocation.key(key);
+        }
+        invocation
+            .arg(kind)
+            .arg(digest)
+            .arg(format!(r#"{{"cid":"x","user":"{user}","info":""}}"#))
+            .arg(user)
+            .arg(k("topic"))
+            .arg(delay)
+            .arg(*NOW_MS)
+            .arg(channel)
+            .arg(node)
+            .invoke_async::<String>(conn)
+            .await
+            .expect("PRESENCE runs")
+    }
+
     /// PRESENCE counts a user's connections (the first joins, the last leaves), tells
     /// occupancy once at each edge with its lifecycle event in the same step, and ignores a
     /// leave conditioned on a node that no longer holds the member.
@@ -657,27 +684,15 @@ mod tests {
         let k = keys("presence");
         let mut conn = redis().await;
         let presence = |kind: &'static str, digest: &'static str, node: &'static str| {
-            let keys = [k("pr"), k("pu"), k("vacating"), k("out"), k("pn")];
-            let topic = k("topic");
+            let k = &k;
             async move {
-                let scripts = Scripts::new(false);
-                let mut invocation = scripts.presence.prepare_invoke();
-                for key in keys {
-                    invocation.key(key);
-                }
-                invocation
-                    .arg(kind)
-                    .arg(digest)
-                    .arg(r#"{"cid":"x","user":"u","info":""}"#)
-                    .arg("u")
-                    .arg(topic)
-                    .arg(0)
-                    .arg(*NOW_MS)
-                    .arg("room")
-                    .arg(node)
-                    .invoke_async::<String>(&mut redis().await)
-                    .await
-                    .expect("PRESENCE runs")
+                presence(
+                    &mut redis().await,
+                    k,
+                    (kind, digest, node),
+                    ("room", "u", 0),
+                )
+                .await
             }
         };
         assert_eq!(presence("join", "d1", "n1").await, "occupied");
@@ -726,28 +741,15 @@ mod tests {
         let k = keys("vacate");
         let mut conn = redis().await;
         let presence = |kind: &'static str, digest: &'static str, channel: &'static str| {
-            let keys = [k("pr"), k("pu"), k("vacating"), k("out"), k("pn")];
-            let (pr, topic) = (k(&format!("pr:{channel}")), k("topic"));
+            let k = &k;
             async move {
-                let scripts = Scripts::new(false);
-                let mut invocation = scripts.presence.prepare_invoke();
-                invocation.key(pr);
-                for key in &keys[1..] {
-                    invocation.key(key);
-                }
-                invocation
-                    .arg(kind)
-                    .arg(digest)
-                    .arg("{}")
-                    .arg("")
-                    .arg(topic)
-                    .arg(5_000)
-                    .arg(*NOW_MS)
-                    .arg(channel)
-                    .arg("")
-                    .invoke_async::<String>(&mut redis().await)
-                    .await
-                    .expect("PRESENCE runs")
+                presence(
+                    &mut redis().await,
+                    k,
+                    (kind, digest, ""),
+                    (channel, "", 5_000),
+                )
+                .await
             }
         };
         let vacate = |channel: &'static str, now: u64| {
