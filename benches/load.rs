@@ -259,10 +259,16 @@ async fn connect_raw(
     i: usize,
     creds: &pb::IssueConnectionResponse,
 ) -> anyhow::Result<RawWs> {
+    open_path(args, i, &ws_path(creds)).await
+}
+
+/// Opens socket `i` on `path` (`/ws?...`; an event stream of the same query with
+/// `--transport sse`).
+async fn open_path(args: &Args, i: usize, path: &str) -> anyhow::Result<RawWs> {
     RawWs::open(
         tcp_from(args, i).await?,
         &ws_of(args, i)?.to_string(),
-        &ws_path(creds),
+        path,
         args.transport == "sse",
     )
     .await
@@ -1332,13 +1338,7 @@ async fn recovery(args: &Args) -> anyhow::Result<()> {
                 let c = i % names.len();
                 let creds = issue(&mut control, &names[c]).await?;
                 let path = format!("{}&recover=%7B%7D", ws_path(&creds));
-                let mut ws = RawWs::open(
-                    tcp_from(args, i).await?,
-                    &args.ws.to_string(),
-                    &path,
-                    args.transport == "sse",
-                )
-                .await?;
+                let mut ws = open_path(args, i, &path).await?;
                 let mut epoch = None;
                 while epoch.is_none() {
                     let read = ws
@@ -1416,13 +1416,7 @@ async fn recovery(args: &Args) -> anyhow::Result<()> {
                     ws_path(&creds),
                     form_urlencoded::byte_serialize(recover.as_bytes()).collect::<String>()
                 );
-                let mut ws = RawWs::open(
-                    tcp_from(args, i).await?,
-                    &args.ws.to_string(),
-                    &path,
-                    args.transport == "sse",
-                )
-                .await?;
+                let mut ws = open_path(args, i, &path).await?;
                 let (mut next, mut dup, mut reordered, mut recovered) = (1u64, 0u64, 0u64, false);
                 while next <= misses {
                     let read = ws
