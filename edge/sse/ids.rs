@@ -393,4 +393,39 @@ mod tests {
             assert_eq!(EventId::parse(bad), None, "{bad:?}");
         }
     }
+
+    /// What README's table says an id and an anchor cost, at 1, 100 and 1,024 channels: the
+    /// longest id (a full set of entries, the highest indexes, advances of up to 9,999 pushes
+    /// since the anchor) and the anchor saved (channel names like `chat:room-0001`, 16-digit
+    /// epochs, 6-digit offsets). `--nocapture` prints them.
+    #[test]
+    fn ids_and_anchors_stay_within_what_the_readme_says() {
+        for (channels, id_at_most, anchor_at_most) in
+            [(1usize, 8, 64), (100, 130, 6_300), (1_024, 162, 64_000)]
+        {
+            let base: Vec<(Channel, Position)> = (0..channels)
+                .map(|i| {
+                    let channel = Channel::new(&format!("chat:room-{i:04}")).unwrap();
+                    let position = Position {
+                        epoch: "9f0c2a71d4e3b856".into(),
+                        offset: 123_456,
+                    };
+                    (channel, position)
+                })
+                .collect();
+            let mut ids = Ids::new(7);
+            ids.entries = (channels.saturating_sub(MAX_ENTRIES)..channels)
+                .map(|index| (index, 9_999))
+                .collect();
+            ids.base = base.clone();
+            ids.moved = true;
+            let mut line = BytesMut::new();
+            ids.write_line(&mut line);
+            let id = line.len() - "id: \n".len();
+            let anchor = Recover::of(base.into_iter().collect()).to_json().len();
+            println!("{channels} channels: id {id} B, anchor {anchor} B");
+            assert!(id <= id_at_most, "{channels}: id of {id} B");
+            assert!(anchor <= anchor_at_most, "{channels}: anchor of {anchor} B");
+        }
+    }
 }
