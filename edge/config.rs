@@ -402,6 +402,12 @@ settings! {
     pub struct Limits {
         /// Largest client message, in bytes; larger closes the socket with 1008.
         max_message_size: usize = "64KiB" [size] "CHANNELGATE_MAX_MESSAGE_SIZE" "BYTES";
+        /// permessage-deflate (RFC 7692) with WebSocket clients that offer it (every browser
+        /// does): a frame is compressed once and the same bytes go to every socket that took
+        /// it, and no socket keeps compression state. false: every frame goes uncompressed.
+        compression: bool = "true" [flag] "CHANNELGATE_COMPRESSION" "BOOL" {num_args = 0..=1, default_missing_value = "true"};
+        /// Frames shorter than this go uncompressed, even to sockets that took deflate.
+        compress_min_size: usize = "256B" [size] "CHANNELGATE_COMPRESS_MIN_SIZE" "BYTES";
         /// Outbound queue per socket, in bytes; a push that would overflow it closes the socket
         /// with 4100 (too slow). A push never waits.
         outbound_queue: usize = "1MiB" [size] "CHANNELGATE_OUTBOUND_QUEUE" "BYTES";
@@ -511,6 +517,10 @@ pub struct NamespacePolicy {
     /// Tells `occupied` / `vacated` for the namespace's channels, `vacated` this long after the
     /// last member left (`occupancy = true`, `vacate-delay`); needs `presence`.
     pub occupancy: Option<Duration>,
+    /// Sockets that ask for deltas (`delta=1` at the handshake) get a push on the namespace's
+    /// channels as a Fossil delta against the channel's previous push, when they got that one
+    /// (`delta = true`). The node keeps each such channel's last push.
+    pub delta: bool,
 }
 
 /// Which presence changes become join and leave events.
@@ -571,9 +581,14 @@ impl Namespaces {
                             .ok_or_else(|| named("expected true or false".into()))?;
                     }
                     "vacate-delay" => delay = Some(kind::dur::de(value).map_err(named)?),
+                    "delta" => {
+                        policy.delta = value
+                            .as_bool()
+                            .ok_or_else(|| named("expected true or false".into()))?;
+                    }
                     _ => {
                         return Err(format!(
-                            "{name}: unknown key `{key}` (a namespace takes history-size, history-ttl, presence, join-leave, occupancy and vacate-delay)"
+                            "{name}: unknown key `{key}` (a namespace takes history-size, history-ttl, presence, join-leave, occupancy, vacate-delay and delta)"
                         ))
                     }
                 }

@@ -18,38 +18,36 @@
 use std::{
     collections::VecDeque,
     future::{poll_fn, Future},
+    io,
     sync::{atomic::Ordering, Arc},
     task::Poll,
     time::Duration,
 };
 
-use futures_util::{
-    future::Either,
-    stream::{SplitSink, SplitStream},
-    FutureExt, SinkExt, StreamExt,
-};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
     time::{sleep, timeout, Instant},
-};
-use tokio_tungstenite::{
-    tungstenite::{
-        error::{CapacityError, ProtocolError},
-        protocol::{frame::coding::CloseCode, CloseFrame, Role},
-        Error as WsError, Message,
-    },
-    WebSocketStream,
 };
 
 use crate::{
     error::Close,
-    fanout::Next,
+    fanout::{Deltas, Next},
     handlers::{Outcome, Request, Socket},
     limit::{MessageLimit, Take},
     node::NodeState,
     protocol::{parse_inbound, Frame, Reply},
     registry::{Conn, EndReason, Ended, Ending},
+    ws::{deflate, Message, ReadError, Reader, Writer},
 };
+
+/// What a socket agreed at its handshake about the frames it gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Wire {
+    /// permessage-deflate was negotiated.
+    pub(crate) deflate: bool,
+    /// The client asked for deltas (`delta=1`) on channels whose namespace allows them.
+    pub(crate) deltas: bool,
+}
 
 /// A writer keeps its batch buffer between writes up to this many frames of capacity.
 const BATCH_KEEP: usize = 64;
@@ -65,23 +63,22 @@ pub(crate) enum End {
     /// they stay resumable within the grace period.
     PeerClosed { code: u16, reason: String },
     /// The transport failed or the peer vanished without a close frame.
-    Lost(Option<WsError>),
+    Lost(Option<io::Error>),
     /// We close, for this reason.
     Closing(Close),
 }
 
 impl End {
-    fn from_error(err: WsError) -> Self {
+    fn from_error(err: ReadError) -> Self {
         match err {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                Self::Closing(Close::Policy("message too large"))
+            ReadError::TooLarge => Self::Closing(Close::Policy("message too large")),
+            ReadError::NotUtf8 => Self::Closing(Close::InvalidPayload),
+            ReadError::Protocol(why) => {
+                tracing::debug!(why, "WebSocket protocol error");
+                Self::Closing(Close::Protocol)
             }
-            WsError::Utf8(_) => Self::Closing(Close::InvalidPayload),
-            // The peer's TCP stream ended without a close frame: gone, not misbehaving.
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Self::Lost(None),
-            WsError::Protocol(_) => Self::Closing(Close::Protocol),
-            WsError::ConnectionClosed | WsError::AlreadyClosed => Self::Lost(None),
-            other => Self::Lost(Some(other)),
+            ReadError::Ended => Self::Lost(None),
+            ReadError::Io(err) => Self::Lost(Some(err)),
         }
     }
 
@@ -100,12 +97,13 @@ impl End {
 /// closes it. `pre_read` is whatever the client sent after its upgrade request that the HTTP
 /// server already read (usually nothing).
 ///
-/// Not an `async fn`: the WebSocket is built and split before the future exists, so the
-/// future does not keep a dead copy of the whole stream beside the two halves for the
-/// socket's lifetime.
+/// Not an `async fn`: the stream is split and wrapped before the future exists, so the future
+/// does not keep a dead copy of the whole stream beside the two halves for the socket's
+/// lifetime.
 pub(crate) fn run<'e, S>(
     io: S,
     pre_read: &[u8],
+    wire: Wire,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
     node: &'e Arc<NodeState>,
@@ -113,30 +111,17 @@ pub(crate) fn run<'e, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + 'e,
 {
-    let config = Some(node.ws_config);
-    // Both complete on their first poll: they only wrap the stream.
-    let ws = if pre_read.is_empty() {
-        WebSocketStream::from_raw_socket(io, Role::Server, config).now_or_never()
-    } else {
-        WebSocketStream::from_partially_read(io, pre_read.to_vec(), Role::Server, config)
-            .now_or_never()
-    };
-    match ws {
-        Some(ws) => {
-            let (sink, stream) = ws.split();
-            Either::Left(run_split(sink, stream, conn, socket, node))
-        }
-        None => {
-            tracing::error!(connection_id = %socket.connection_id, "WebSocket setup did not complete at once; dropping the socket");
-            node.bus.detach(&conn, Ending::Resumable, None);
-            Either::Right(std::future::ready(()))
-        }
-    }
+    let (read, write) = tokio::io::split(io);
+    let limits = &node.config.limits;
+    let reader = Reader::new(read, pre_read, limits.max_message_size, wire.deflate);
+    let writer = Writer::new(write, wire.deflate.then_some(limits.compress_min_size));
+    run_split(writer, reader, Deltas::new(wire.deltas), conn, socket, node)
 }
 
 async fn run_split<S>(
-    mut sink: Sink<S>,
-    mut stream: Stream<S>,
+    mut writer: Sink<S>,
+    mut reader: Stream<S>,
+    mut deltas: Deltas,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
     node: &Arc<NodeState>,
@@ -151,19 +136,23 @@ async fn run_split<S>(
             .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     }
     let end = tokio::select! {
-        end = write_loop(&mut sink, conn, node) => end,
-        end = read_loop(&mut stream, conn, &socket, node) => end,
+        end = write_loop(&mut writer, &mut deltas, conn, node) => end,
+        end = read_loop(&mut reader, conn, &socket, node) => end,
     };
     // The ending runs once per socket: boxed, its state does not sit in every live socket's
     // task (the steady state above is what an idle socket holds).
-    Box::pin(finish(end, sink, stream, conn, &socket, node)).await;
+    Box::pin(finish(end, writer, deltas, reader, conn, &socket, node)).await;
 }
+
+type Sink<S> = Writer<WriteHalf<S>>;
+type Stream<S> = Reader<ReadHalf<S>>;
 
 /// After the loops: tells the registry and the handlers, then the closing handshake.
 async fn finish<S>(
     end: End,
-    mut sink: Sink<S>,
-    mut stream: Stream<S>,
+    mut writer: Sink<S>,
+    mut deltas: Deltas,
+    mut reader: Stream<S>,
     conn: &Conn,
     socket: &Socket,
     node: &NodeState,
@@ -175,27 +164,32 @@ async fn finish<S>(
         End::Closing(close) => {
             // Every close the gateway decides is a peer's doing or the node's drain: debug.
             tracing::debug!(connection_id = %socket.connection_id, code = close.code(), reason = close.reason(), "closing socket");
-            let frame = CloseFrame {
-                code: CloseCode::from(close.code()),
-                reason: close.reason().into(),
-            };
             let _ = timeout(CLOSE_TIMEOUT, async {
                 // What was queued before the close goes out first (replies to the messages
                 // accepted before a flood, say); the outbox is closed, so the writer stops
                 // once it is empty, and a peer that does not read is given up on.
-                if !matches!(write_loop(&mut sink, conn, node).await, End::Closing(_)) {
+                if !matches!(
+                    write_loop(&mut writer, &mut deltas, conn, node).await,
+                    End::Closing(_)
+                ) {
                     return;
                 }
-                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                writer.close(Some((close.code(), close.reason())));
+                if writer.flush().await.is_ok() {
                     // Wait for the client's close frame (or its end of the stream).
-                    while let Some(Ok(_)) = stream.next().await {}
+                    while !matches!(reader.next().await, Ok(Message::Close(_)) | Err(_)) {}
                 }
             })
             .await;
         }
-        End::PeerClosed { .. } => {
-            // Sends the reply to the client's close frame that tungstenite queued.
-            let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+        End::PeerClosed { code, .. } => {
+            // Answers the client's close frame with its code (none when it gave none).
+            writer.close((*code != CODE_NONE).then_some((*code, "")));
+            let _ = timeout(CLOSE_TIMEOUT, async {
+                writer.flush().await?;
+                writer.shutdown().await
+            })
+            .await;
             tracing::debug!(connection_id = %socket.connection_id, "socket closed by client");
         }
         End::Lost(err) => {
@@ -203,6 +197,9 @@ async fn finish<S>(
         }
     }
 }
+
+/// RFC 6455 7.1.5: the code of a close frame that had none.
+const CODE_NONE: u16 = 1005;
 
 /// Tells the registry, the bus and the handlers how a socket (or an event stream) ended, once,
 /// and closes its outbox so nothing queues behind the end.
@@ -251,10 +248,12 @@ pub(crate) fn report_end(end: &End, conn: &Conn, socket: &Socket, node: &NodeSta
     });
 }
 
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
-type Stream<S> = SplitStream<WebSocketStream<S>>;
-
-async fn write_loop<S>(sink: &mut Sink<S>, conn: &Conn, node: &NodeState) -> End
+async fn write_loop<S>(
+    writer: &mut Sink<S>,
+    deltas: &mut Deltas,
+    conn: &Conn,
+    node: &NodeState,
+) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -267,10 +266,16 @@ where
     loop {
         tokio::select! {
             next = conn.outbox.next_into(&mut batch) => match next {
-                Next::Write { ping, bytes } => {
+                Next::Write { ping, pong, bytes } => {
                     // Settled when the write is done, failed, or dropped with this task.
                     let _settle = conn.outbox.settle_on_drop(bytes);
-                    let written = write(sink, conn, ping, &mut batch).await;
+                    writer.control(ping, pong);
+                    let before = writer.written;
+                    let written = write(writer, deltas, conn, node, &mut batch).await;
+                    node.registry
+                        .metrics()
+                        .wire_bytes
+                        .inc_by(writer.written - before);
                     if batch.capacity() > BATCH_KEEP {
                         // A burst is over: do not hold its buffer for the socket's lifetime.
                         batch = VecDeque::new();
@@ -290,32 +295,41 @@ where
     }
 }
 
-/// Feeds a ping (when `ping`) and every frame of `frames` (leaving it empty) and flushes them
-/// in one write, unless the socket is closed meanwhile: at once when it was closed as too slow
-/// (its peer is not reading), else after [`CLOSE_TIMEOUT`]. One function for pings and frames,
-/// so the socket's task holds one write state, not two.
+/// Writes every frame of `frames` (leaving it empty), each as this socket takes it (a delta,
+/// compressed), after the control frames queued, and flushes them in one write,
+/// unless the socket is closed meanwhile: at once when it was closed as too slow (its peer is
+/// not reading), else after [`CLOSE_TIMEOUT`]. One function for pings and frames, so the
+/// socket's task holds one write state, not two.
 async fn write<S>(
-    sink: &mut Sink<S>,
+    writer: &mut Sink<S>,
+    deltas: &mut Deltas,
     conn: &Conn,
-    ping: bool,
+    node: &NodeState,
     frames: &mut VecDeque<Frame>,
 ) -> Result<(), End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let delta_frames = &node.registry.metrics().delta_frames;
     let io = async {
-        if ping {
-            sink.feed(Message::Ping(Default::default())).await?;
+        loop {
+            if writer.is_full() {
+                writer.flush().await?;
+            }
+            let Some(frame) = frames.pop_front() else {
+                break;
+            };
+            let frame = deltas.choose(frame, delta_frames);
+            writer.text(frame.as_bytes(), |min| {
+                frame.deflated(min, deflate::compress)
+            });
         }
-        while let Some(frame) = frames.pop_front() {
-            sink.feed(Message::Text(frame)).await?;
-        }
-        sink.flush().await
+        writer.flush().await
     };
     tokio::pin!(io);
     // Usually the kernel takes the whole write at once: one poll, nothing else set up.
     if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
-        return result.map_err(End::from_error);
+        return result.map_err(|err| End::Lost(Some(err)));
     }
     // The peer is not reading fast enough. Boxed: this state is rare, and inline it would sit
     // in every idle socket's task.
@@ -328,13 +342,13 @@ where
     });
     tokio::select! {
         biased;
-        result = io => result.map_err(End::from_error),
+        result = io => result.map_err(|err| End::Lost(Some(err))),
         close = abandon => Err(End::Closing(close)),
     }
 }
 
 async fn read_loop<S>(
-    stream: &mut Stream<S>,
+    reader: &mut Stream<S>,
     conn: &Arc<Conn>,
     socket: &Arc<Socket>,
     node: &Arc<NodeState>,
@@ -346,17 +360,17 @@ where
     let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
     loop {
         // No timer here: the node's heartbeat closes sockets that stay silent (`Conn::touch`).
-        let message = stream.next().await;
+        let message = reader.next().await;
         let now = Instant::now();
         conn.touch();
-        let is_message = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
+        let is_message = matches!(message, Ok(Message::Text(_) | Message::Binary));
         if is_message {
             node.registry.metrics().messages_in.inc();
             match limit.take(now) {
                 Take::Allowed => {}
                 Take::Refused => {
                     let text = match &message {
-                        Some(Ok(Message::Text(text))) => text.as_str(),
+                        Ok(Message::Text(text)) => text.as_str(),
                         _ => "",
                     };
                     queue_reply(conn, &rate_limited(text), node);
@@ -366,28 +380,22 @@ where
             }
         }
         let reply = match message {
-            None => return End::Lost(None),
-            Some(Err(err)) => return End::from_error(err),
-            Some(Ok(Message::Close(frame))) => {
-                return match frame {
-                    Some(frame) => End::PeerClosed {
-                        code: frame.code.into(),
-                        reason: frame.reason.as_str().to_owned(),
-                    },
-                    // RFC 6455 7.1.5: a close frame without a status code is 1005.
-                    None => End::PeerClosed {
-                        code: CloseCode::Status.into(),
-                        reason: String::new(),
-                    },
-                };
+            Err(err) => return End::from_error(err),
+            Ok(Message::Close(frame)) => {
+                let (code, reason) = frame.unwrap_or((CODE_NONE, String::new()));
+                return End::PeerClosed { code, reason };
             }
-            Some(Ok(Message::Text(text))) => answer(text, conn, socket, node),
-            Some(Ok(Message::Binary(_))) => Some(Reply::text(
+            Ok(Message::Text(text)) => answer(Frame::from(text), conn, socket, node),
+            Ok(Message::Binary) => Some(Reply::text(
                 None,
                 400,
                 "binary frames are not supported: send JSON text",
             )),
-            Some(Ok(_)) => None,
+            Ok(Message::Ping(payload)) => {
+                conn.outbox.pong(payload);
+                None
+            }
+            Ok(Message::Pong) => None,
         };
         if let Some(reply) = reply {
             queue_reply(conn, &reply, node);
@@ -522,28 +530,31 @@ mod tests {
             .unwrap(),
         );
         let (io, _peer) = tokio::io::duplex(64);
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(node.ws_config)).await;
+        let (read, write) = tokio::io::split(io);
+        let mut reader = Reader::new(read, &[], 1024, false);
+        let mut writer = Writer::new(write, None);
+        let mut deltas = Deltas::new(false);
         let socket = Arc::new(Socket::new(
             creds.connection_id.clone().into_boxed_str(),
             conn.digest(),
             "127.0.0.1:1".parse().unwrap(),
             None,
         ));
-        let (mut sink, mut stream) = ws.split();
-        let write = std::mem::size_of_val(&write_loop(&mut sink, &conn, &node));
-        let read = std::mem::size_of_val(&read_loop(&mut stream, &conn, &socket, &node));
-        drop((sink, stream));
+        let write = std::mem::size_of_val(&write_loop(&mut writer, &mut deltas, &conn, &node));
+        let read = std::mem::size_of_val(&read_loop(&mut reader, &conn, &socket, &node));
+        drop((reader, writer));
         let (io, _peer) = tokio::io::duplex(64);
-        let run = std::mem::size_of_val(&run(io, &[], conn, socket, &node));
+        let run = std::mem::size_of_val(&run(io, &[], Wire::default(), conn, socket, &node));
         println!(
             "future sizes: write_loop {write} B, read_loop {read} B, run {run} B, End {} B",
             std::mem::size_of::<End>()
         );
         println!(
-            "Sleep {} B, Interval {} B, WebSocketStream {} B",
+            "Sleep {} B, Interval {} B, Reader {} B, Writer {} B",
             std::mem::size_of::<tokio::time::Sleep>(),
             std::mem::size_of::<tokio::time::Interval>(),
-            std::mem::size_of::<WebSocketStream<tokio::net::TcpStream>>()
+            std::mem::size_of::<Stream<tokio::net::TcpStream>>(),
+            std::mem::size_of::<Sink<tokio::net::TcpStream>>()
         );
         assert!(run <= 1024, "the connection future grew to {run} B");
     }

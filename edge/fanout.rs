@@ -23,7 +23,11 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::{error::Close, protocol::Frame};
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::{domain::Channel, error::Close, protocol::Frame};
 
 /// What [`Outbox::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +137,8 @@ struct State {
     close: Option<Close>,
     /// The heartbeat asked for a ping; it goes out with the next write.
     ping: bool,
+    /// A client's ping to answer (its payload), with the next write.
+    pong: Option<Bytes>,
 }
 
 /// What [`Outbox::next_into`] yields.
@@ -140,7 +146,11 @@ struct State {
 pub(crate) enum Next {
     /// Write: a ping first when `ping`, then the frames now in the batch (maybe none), which
     /// hold `bytes`; the writer settles them ([`Outbox::settle`]) once written or abandoned.
-    Write { ping: bool, bytes: usize },
+    Write {
+        ping: bool,
+        pong: Option<Bytes>,
+        bytes: usize,
+    },
     /// The outbox is closed and empty: close the socket with this reason.
     Close(Close),
 }
@@ -249,6 +259,18 @@ impl Outbox {
         }
     }
 
+    /// Asks the writer to answer a client's ping with `payload` (a later ping replaces an
+    /// unanswered one, as RFC 6455 5.5.3 allows). Never waits.
+    pub(crate) fn pong(&self, payload: Bytes) {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return;
+        }
+        state.pong = Some(payload);
+        drop(state);
+        self.ready.notify_one();
+    }
+
     /// Closes the outbox with `reason`, unless it is already closed. Frames already queued are
     /// still handed out before the close (so a message sent just before a disconnect arrives).
     /// Returns whether this call closed it.
@@ -297,10 +319,12 @@ impl Outbox {
         loop {
             {
                 let mut state = self.state.lock();
-                if !state.frames.is_empty() || (state.ping && state.close.is_none()) {
+                let control = (state.ping || state.pong.is_some()) && state.close.is_none();
+                if !state.frames.is_empty() || control {
                     mem::swap(&mut state.frames, batch);
                     return Next::Write {
                         ping: mem::take(&mut state.ping),
+                        pong: state.pong.take(),
                         bytes: mem::take(&mut state.bytes),
                     };
                 }
@@ -338,6 +362,44 @@ impl Outbox {
             // queue before it waits.
             self.ready.notified().await;
         }
+    }
+}
+
+/// What a socket that takes deltas last got per delta channel: the serial of that push
+/// ([`DeltaOf::serial`]). A push goes as a delta only when its base is the push this socket got
+/// last on the channel, so the client holds the base; anything else (the first push after a
+/// subscribe, a recovery's first replayed push, a push after a gap) goes whole.
+///
+/// Boxed, so a socket that takes no deltas holds 8 bytes for this, not a map's 48.
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+pub(crate) struct Deltas(Option<Box<HashMap<Channel, u64>>>);
+
+impl Deltas {
+    /// Channels remembered per socket before it starts over (every channel's next push whole).
+    const MAX_CHANNELS: usize = 4096;
+
+    /// For a socket that asked for deltas (`wanted`), or not.
+    pub(crate) fn new(wanted: bool) -> Self {
+        Self(wanted.then(Box::default))
+    }
+
+    /// The form of `frame` this socket gets: its delta (counted in `sent`), or itself.
+    pub(crate) fn choose(&mut self, frame: Frame, sent: &prometheus::IntCounter) -> Frame {
+        let (Some(last), Some(delta)) = (self.0.as_mut(), frame.delta_of()) else {
+            return frame;
+        };
+        if last.len() >= Self::MAX_CHANNELS && !last.contains_key(&delta.channel) {
+            last.clear();
+        }
+        let previous = last.insert(delta.channel.clone(), delta.serial);
+        if previous.is_some() && previous == delta.base {
+            if let Some(delta) = delta.delta(&frame) {
+                sent.inc();
+                return delta;
+            }
+        }
+        frame
     }
 }
 
@@ -392,6 +454,7 @@ mod tests {
             o.next_into(&mut batch).await,
             Next::Write {
                 ping: true,
+                pong: None,
                 bytes: 0
             }
         );
@@ -402,6 +465,7 @@ mod tests {
             o.next_into(&mut batch).await,
             Next::Write {
                 ping: true,
+                pong: None,
                 bytes: 1
             }
         );

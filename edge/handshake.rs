@@ -19,13 +19,14 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
     bus::AttachError,
-    conn,
+    conn::{self, Wire},
     credentials::{Digest, Verified},
     handlers::Socket,
     http::{close, text, Body},
     node::{IpSlot, NodeState},
     protocol::Recover,
     registry::{AttachRefusal, Conn, Ending},
+    ws::deflate,
 };
 
 /// The WebSocket endpoint: counts the handshake by its outcome. On the spare lane (`spare`:
@@ -188,6 +189,16 @@ where
     let mut presented = Presented::read(&req, peer, node)?;
     let verified = presented.verify(peer, node)?;
     let recover = presented.recover.take();
+    let wire = Wire {
+        deflate: node.config.limits.compression
+            && deflate::accepts(
+                headers
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            ),
+        deltas: presented.deltas,
+    };
     let Admitted {
         conn,
         socket,
@@ -208,15 +219,21 @@ where
                 // dynamic dispatch per read and write for the socket's lifetime.
                 match upgraded.downcast::<TokioIo<S>>() {
                     Ok(parts) => {
-                        let socket_task =
-                            conn::run(parts.io.into_inner(), &parts.read_buf, conn, socket, &node);
+                        let socket_task = conn::run(
+                            parts.io.into_inner(),
+                            &parts.read_buf,
+                            wire,
+                            conn,
+                            socket,
+                            &node,
+                        );
                         // `read_buf` is a slice of hyper's whole read buffer: holding it for the
                         // socket's lifetime would keep kilobytes per socket alive.
                         drop(parts.read_buf);
                         socket_task.instrument(span).await;
                     }
                     Err(upgraded) => {
-                        conn::run(TokioIo::new(upgraded), &[], conn, socket, &node)
+                        conn::run(TokioIo::new(upgraded), &[], wire, conn, socket, &node)
                             .instrument(span)
                             .await;
                     }
@@ -240,6 +257,12 @@ where
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&accept_key).expect("base64 is a valid header value"),
     );
+    if wire.deflate {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(deflate::RESPONSE),
+        );
+    }
     Ok(response)
 }
 
@@ -249,6 +272,8 @@ pub(crate) struct Presented {
     pub(crate) connection_id: String,
     socket_key: String,
     pub(crate) recover: Option<Recover>,
+    /// The client takes pushes on delta channels as deltas (`delta=1`).
+    pub(crate) deltas: bool,
     /// The request's `Cookie` header, for the handlers (`call-route` forwards it).
     cookies: Option<HeaderValue>,
     /// The request's `Origin`, when it sent one (it passed the allow-list).
@@ -271,6 +296,7 @@ impl Presented {
             connection_id,
             key: query_key,
             recover,
+            delta,
         } = parse_query(req.uri().query());
         let connection_id = connection_id.ok_or(UpgradeRefusal::MissingId)?;
         let recover = recover
@@ -290,6 +316,7 @@ impl Presented {
             connection_id,
             socket_key,
             recover,
+            deltas: matches!(delta.as_deref(), Some("1" | "true")),
             cookies: headers.get(header::COOKIE).cloned(),
             origin: headers.get(header::ORIGIN).cloned(),
         })
@@ -425,6 +452,8 @@ struct Query {
     key: Option<String>,
     /// `recover`: what the client last saw per channel (JSON), and that it wants positions.
     recover: Option<String>,
+    /// `delta`: `1` (or `true`) when the client applies deltas.
+    delta: Option<String>,
 }
 
 /// `socket_connection_id`, `socket_key` and `recover` from the query string (the first of each).
@@ -435,6 +464,7 @@ fn parse_query(query: Option<&str>) -> Query {
             "socket_connection_id" => &mut out.connection_id,
             "socket_key" => &mut out.key,
             "recover" => &mut out.recover,
+            "delta" => &mut out.delta,
             _ => continue,
         };
         if slot.is_none() {

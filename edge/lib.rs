@@ -45,6 +45,7 @@ mod clock;
 mod conn;
 mod credentials;
 mod fanout;
+mod fossil;
 mod handlers;
 mod handoff;
 mod handshake;
@@ -62,6 +63,7 @@ mod server;
 mod shutdown;
 mod sse;
 mod tls;
+mod ws;
 
 use std::{sync::Arc, time::Duration};
 

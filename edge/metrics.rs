@@ -16,6 +16,11 @@ pub(crate) struct Metrics {
     pub deliveries: IntCounter,
     /// Bytes of frames queued to sockets (pushes, sends and replies).
     pub bytes_out: IntCounter,
+    /// Bytes WebSocket writers handed to the kernel: frame headers included, after
+    /// permessage-deflate and deltas.
+    pub wire_bytes: IntCounter,
+    /// Frames written to sockets as deltas.
+    pub delta_frames: IntCounter,
     /// Sockets closed because their outbound queue was full.
     pub slow_closes: IntCounter,
     /// Frames dropped because their socket was already closing.
@@ -124,6 +129,14 @@ impl Metrics {
             bytes_out: counter(
                 "channelgate_bytes_out_total",
                 "Bytes of frames queued to sockets (pushes, sends, replies).",
+            ),
+            wire_bytes: counter(
+                "channelgate_wire_bytes_total",
+                "Bytes WebSocket writers handed to the kernel (after deflate and deltas, frame headers included).",
+            ),
+            delta_frames: counter(
+                "channelgate_delta_frames_total",
+                "Pushes written to sockets as deltas (WebSocket and SSE).",
             ),
             slow_closes: counter(
                 "channelgate_slow_closes_total",

@@ -11,7 +11,6 @@ use std::{
 
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -33,11 +32,6 @@ pub(crate) const SPARE_PERMITS: usize = 64;
 /// How long a connection of the spare lane may take to send its request head.
 pub(crate) const SPARE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Read buffer of a WebSocket, in bytes: small, because most sockets receive little.
-const READ_BUFFER_BYTES: usize = 256;
-/// Frames queued for a socket are gathered up to this many bytes before a write.
-const WRITE_BUFFER_BYTES: usize = 64 << 10;
-
 /// What every connection task of a node shares.
 #[derive(Debug)]
 pub(crate) struct NodeState {
@@ -51,8 +45,6 @@ pub(crate) struct NodeState {
     pub(crate) readiness: Arc<Readiness>,
     /// What answers client messages, by action.
     pub(crate) handlers: Handlers,
-    /// WebSocket limits derived from the configuration.
-    pub(crate) ws_config: WebSocketConfig,
     /// Cancelled when the node starts draining: sockets close with 1001, upgrades get 503,
     /// `/readyz` says not ready. The listener keeps answering meanwhile.
     pub(crate) shutdown: CancellationToken,
@@ -214,11 +206,6 @@ impl NodeState {
             )),
             _ => None,
         };
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_BYTES)
-            .write_buffer_size(WRITE_BUFFER_BYTES)
-            .max_message_size(Some(limits.max_message_size))
-            .max_frame_size(Some(limits.max_message_size));
         Ok(Self {
             registry: bus.registry().clone(),
             bus,
@@ -235,7 +222,6 @@ impl NodeState {
             proxies,
             config,
             readiness,
-            ws_config,
             shutdown,
             halt,
             tracker,

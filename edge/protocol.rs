@@ -21,14 +21,249 @@
 //! This module owns encoding and decoding only. A push is encoded once into a [`Frame`], which
 //! is cheap to clone (a reference-counted buffer), so every subscriber shares the same bytes.
 
-use crate::domain::{valid_epoch, Channel, Json, Position, MAX_CHANNELS_PER_CALL};
+use std::{
+    fmt,
+    ops::Deref,
+    sync::{Arc, OnceLock},
+};
 
+use crate::{
+    domain::{valid_epoch, Channel, Json, Position, MAX_CHANNELS_PER_CALL},
+    fossil,
+};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// An encoded text frame, shared by every recipient.
-pub(crate) type Frame = Utf8Bytes;
+/// An encoded text frame. Cloning shares its bytes (reference-counted), so a push is encoded
+/// once for all its recipients; a frame made for many ([`Frame::shared`]) also shares its
+/// compressed form and, on a delta channel, its delta, each computed once, by the first writer
+/// that needs it.
+///
+/// As small as the bytes it holds (32 B): a queue entry and a kept push pay nothing for the
+/// shared forms.
+#[derive(Clone)]
+pub(crate) enum Frame {
+    /// For one recipient.
+    Own(Utf8Bytes),
+    /// For many.
+    Shared(Arc<Shared>),
+}
+
+/// A frame for many recipients, and what they compute once between them.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    text: Utf8Bytes,
+    /// The text deflated (`None` inside: it would not be smaller).
+    deflated: OnceLock<Option<Bytes>>,
+    /// A push on a channel whose namespace has `delta = true`.
+    delta: Option<DeltaOf>,
+}
+
+/// A push on a delta channel: what a socket needs to tell whether it may get the push as a
+/// delta, and the delta itself, built once.
+#[derive(Debug)]
+pub(crate) struct DeltaOf {
+    /// The push's channel.
+    pub(crate) channel: Channel,
+    /// This push's number among the node's delta pushes.
+    pub(crate) serial: u64,
+    /// The serial of the push the delta is against (the channel's previous push here), if any.
+    pub(crate) base: Option<u64>,
+    offset: u64,
+    payload_at: u32,
+    built: Mutex<Built>,
+}
+
+#[derive(Debug)]
+enum Built {
+    /// Not built yet: the previous push's frame and where its payload starts.
+    Pending(Utf8Bytes, u32),
+    /// Built (`None`: no base, or the delta would not be smaller than the payload).
+    Done(Option<Frame>),
+}
+
+/// The base a delta push is made against: the channel's previous push here.
+#[derive(Debug, Clone)]
+pub(crate) struct DeltaBase {
+    /// Its serial.
+    pub(crate) serial: u64,
+    /// Its frame.
+    pub(crate) frame: Utf8Bytes,
+    /// Where its payload starts in the frame.
+    pub(crate) payload_at: u32,
+}
+
+impl Frame {
+    /// A frame for many recipients: its compressed form is shared.
+    pub(crate) fn shared(text: String) -> Self {
+        Self::Shared(Arc::new(Shared {
+            text: text.into(),
+            deflated: OnceLock::new(),
+            delta: None,
+        }))
+    }
+
+    /// The push frame `self` (at `offset`, payload at `payload_at`) on a delta channel, number
+    /// `serial`, against `base`.
+    pub(crate) fn with_delta(
+        self,
+        channel: &Channel,
+        offset: u64,
+        payload_at: usize,
+        serial: u64,
+        base: Option<DeltaBase>,
+    ) -> Self {
+        let (base, built) = match base {
+            Some(b) => (Some(b.serial), Built::Pending(b.frame, b.payload_at)),
+            None => (None, Built::Done(None)),
+        };
+        Self::Shared(Arc::new(Shared {
+            text: self.text().clone(),
+            deflated: OnceLock::new(),
+            delta: Some(DeltaOf {
+                channel: channel.clone(),
+                serial,
+                base,
+                offset,
+                payload_at: payload_at as u32,
+                built: Mutex::new(built),
+            }),
+        }))
+    }
+
+    /// The frame's text.
+    pub(crate) fn as_str(&self) -> &str {
+        self.text().as_str()
+    }
+
+    /// The frame's text as bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+
+    /// The frame's text, shared.
+    pub(crate) fn text(&self) -> &Utf8Bytes {
+        match self {
+            Self::Own(text) => text,
+            Self::Shared(shared) => &shared.text,
+        }
+    }
+
+    /// The frame compressed by `compress` when it is at least `min` bytes long and that makes it
+    /// smaller; computed once for a shared frame.
+    pub(crate) fn deflated(
+        &self,
+        min: usize,
+        compress: impl FnOnce(&[u8]) -> Option<Bytes>,
+    ) -> Option<Bytes> {
+        if self.len() < min {
+            return None;
+        }
+        match self {
+            Self::Shared(shared) => shared
+                .deflated
+                .get_or_init(|| compress(self.as_bytes()))
+                .clone(),
+            Self::Own(text) => compress(text.as_bytes()),
+        }
+    }
+
+    /// What makes this push a delta candidate, if it is one.
+    pub(crate) fn delta_of(&self) -> Option<&DeltaOf> {
+        match self {
+            Self::Shared(shared) => shared.delta.as_ref(),
+            Self::Own(_) => None,
+        }
+    }
+
+    /// This push (its frame, where its payload starts) as the base of the channel's next one.
+    pub(crate) fn as_base(&self, serial: u64, payload_at: usize) -> DeltaBase {
+        DeltaBase {
+            serial,
+            frame: self.text().clone(),
+            payload_at: payload_at as u32,
+        }
+    }
+}
+
+impl DeltaOf {
+    /// The push as a delta against its base: `{"channel":"<name>","offset":<n>,"delta":"<fossil
+    /// delta>"}`, built once; `None` when there is no base or the delta would not be smaller
+    /// than the payload. `text` is the push's own frame.
+    pub(crate) fn delta(&self, text: &Frame) -> Option<Frame> {
+        let mut built = self.built.lock();
+        if let Built::Pending(base, base_at) = &*built {
+            let source = &base.as_str()[*base_at as usize..base.len() - 1];
+            let target = &text.as_str()[self.payload_at as usize..text.len() - 1];
+            let delta = fossil::encode(source.as_bytes(), target);
+            let frame = (delta.len() < target.len()).then(|| {
+                let mut out = String::with_capacity(48 + self.channel.len() + delta.len() * 9 / 8);
+                out.push_str(r#"{"channel":"#);
+                push_json_string(&mut out, &self.channel);
+                out.push_str(r#","offset":"#);
+                push_u64(&mut out, self.offset);
+                out.push_str(r#","delta":"#);
+                push_json_text_string(&mut out, &delta);
+                out.push('}');
+                Frame::shared(out)
+            });
+            *built = Built::Done(frame);
+        }
+        match &*built {
+            Built::Done(frame) => frame.clone(),
+            Built::Pending(..) => None,
+        }
+    }
+}
+
+impl Deref for Frame {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Eq for Frame {}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Self {
+        Self::Own(text.into())
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Self {
+        Self::from(text.to_owned())
+    }
+}
+
+impl From<Utf8Bytes> for Frame {
+    fn from(text: Utf8Bytes) -> Self {
+        Self::Own(text)
+    }
+}
 
 /// Encodes a `Send` envelope: `{"channel":"<name>","payload":<json>}` (no offset: a message
 /// to one socket is not part of the channel's stream).
@@ -40,7 +275,7 @@ pub(crate) fn send_frame(channel: &Channel, payload: &Json) -> Frame {
     out.push_str(r#","payload":"#);
     out.push_str(payload);
     out.push('}');
-    Frame::from(out)
+    Frame::shared(out)
 }
 
 /// Encodes a join (`join`) or leave event for the sockets of `channel`:
@@ -71,7 +306,7 @@ pub(crate) fn presence_frame(
     out.push_str(r#","info":"#);
     out.push_str(if info.is_empty() { "null" } else { info });
     out.push_str("}}");
-    Frame::from(out)
+    Frame::shared(out)
 }
 
 /// Encodes a push once: `{"channel":"<name>","offset":<n>,"payload":<json>}`. Returns the frame
@@ -87,7 +322,7 @@ pub(crate) fn push_frame(channel: &Channel, offset: u64, payload: &str) -> (Fram
     let payload_at = out.len();
     out.push_str(payload);
     out.push('}');
-    (Frame::from(out), payload_at)
+    (Frame::shared(out), payload_at)
 }
 
 fn push_u64(out: &mut String, n: u64) {
@@ -250,6 +485,33 @@ impl Recover {
         }
         Ok(Self::of(out))
     }
+}
+
+/// Any text as a JSON string (RFC 8259 7: quotes, backslashes and control characters escaped).
+fn push_json_text_string(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        plain = i + 1;
+        if escaped.is_empty() {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escaped);
+        }
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 fn push_json_string(out: &mut String, s: &str) {

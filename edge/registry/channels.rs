@@ -16,7 +16,10 @@
 //! only while this node has a subscriber or listener on it (Redis keeps the rest).
 
 use crate::clock::now_ms;
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+};
 
 use parking_lot::Mutex;
 
@@ -31,7 +34,7 @@ use crate::{
     domain::{Channel, Epoch, Json, Position},
     error::Error,
     fanout::{Backlog, Enqueued},
-    protocol::{gap_frame, position_frame, push_frame, Frame, Joined},
+    protocol::{gap_frame, position_frame, push_frame, DeltaBase, Frame, Joined},
 };
 
 /// One channel on this node.
@@ -51,6 +54,9 @@ pub(super) struct ChannelState {
     /// node's call may find its push already delivered from pub/sub, and still answers how
     /// many sockets it reached here.
     recent: [(u64, u64); RECENT],
+    /// A delta channel's last push here (`delta = true` in its namespace): the base of the next
+    /// push's delta, with its epoch and offset.
+    delta_base: Option<Box<(Epoch, u64, DeltaBase)>>,
 }
 
 /// Deliveries remembered per channel (see `ChannelState::recent`).
@@ -121,6 +127,7 @@ impl Registry {
             gone: false,
             touched_ms: now_ms(),
             recent: [(0, 0); RECENT],
+            delta_base: None,
         }
     }
 
@@ -345,7 +352,10 @@ impl Registry {
         payload: &str,
     ) -> u64 {
         debug_assert_eq!(offset, state.history.last + 1);
-        let (frame, payload_at) = push_frame(channel, offset, payload);
+        let (mut frame, payload_at) = push_frame(channel, offset, payload);
+        if self.shared.limits.namespace(channel).delta {
+            frame = self.with_delta(channel, state, offset, frame, payload_at);
+        }
         let metrics = &self.shared.metrics;
         metrics.pushes.inc();
         let limit = self.shared.limits.outbound_queue;
@@ -391,6 +401,28 @@ impl Registry {
         }
         metrics.dropped.inc_by(dropped);
         queued
+    }
+
+    /// `frame` (the push at `offset`) as a delta candidate against the channel's previous push
+    /// here, when that one is at `offset - 1` of the same epoch; it becomes the next one's base.
+    fn with_delta(
+        &self,
+        channel: &Channel,
+        state: &mut ChannelState,
+        offset: u64,
+        frame: Frame,
+        payload_at: usize,
+    ) -> Frame {
+        let serial = self.shared.next_serial.fetch_add(1, Ordering::Relaxed);
+        let epoch = state.history.epoch.clone().unwrap_or_default();
+        let base = state
+            .delta_base
+            .take()
+            .filter(|b| b.0 == epoch && b.1 + 1 == offset)
+            .map(|b| b.2);
+        let frame = frame.with_delta(channel, offset, payload_at, serial, base);
+        state.delta_base = Some(Box::new((epoch, offset, frame.as_base(serial, payload_at))));
+        frame
     }
 
     /// Tells the channel's sockets (those that asked for positions) and listeners that the

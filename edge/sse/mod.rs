@@ -59,7 +59,7 @@ pub(crate) use post::{message, preflight};
 use crate::{
     conn::{self, End},
     error::Close,
-    fanout::Next,
+    fanout::{Deltas, Next},
     handlers::Socket,
     handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
     http::{text, Body, Events},
@@ -304,6 +304,8 @@ struct Accepted {
     socket: Arc<Socket>,
     slots: Slots,
     anchor: u64,
+    /// The client takes deltas (`delta=1`).
+    deltas: bool,
     /// The request's `Origin`, which passed the allow-list.
     origin: Option<HeaderValue>,
 }
@@ -318,10 +320,11 @@ impl Accepted {
             socket,
             slots,
             anchor,
+            deltas,
             ..
         } = self;
         node.tracker.spawn(async move {
-            run(conn, socket, &task_node, out, anchor, head).await;
+            run(conn, socket, &task_node, out, (anchor, deltas), head).await;
             drop(slots);
         });
     }
@@ -357,6 +360,7 @@ async fn accept<B>(
         },
     };
     let origin = presented.origin.clone();
+    let deltas = presented.deltas;
     let Admitted {
         conn,
         socket,
@@ -367,6 +371,7 @@ async fn accept<B>(
         socket,
         slots,
         anchor,
+        deltas,
         origin,
     })
 }
@@ -426,7 +431,7 @@ async fn run(
     socket: Arc<Socket>,
     node: &Arc<NodeState>,
     mut out: Out,
-    anchor: u64,
+    (anchor, deltas): (u64, bool),
     head: Option<Bytes>,
 ) {
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "event stream open");
@@ -441,7 +446,7 @@ async fn run(
         node.handlers
             .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
     }
-    let end = write_loop(&conn, node, &mut out, anchor, head).await;
+    let end = write_loop(&conn, node, &mut out, (anchor, deltas), head).await;
     // Unless a resume on this node already replaced it.
     node.event_streams
         .remove_if(&conn.digest(), |_, live| Arc::ptr_eq(live, &entry));
@@ -464,10 +469,11 @@ async fn write_loop(
     conn: &Conn,
     node: &NodeState,
     client: &mut Out,
-    anchor: u64,
+    (anchor, deltas): (u64, bool),
     head: Option<Bytes>,
 ) -> End {
     let digest = conn.digest();
+    let mut deltas = Deltas::new(deltas);
     let mut ids = Ids::new(anchor);
     let mut batch = std::collections::VecDeque::new();
     let mut draining = false;
@@ -494,13 +500,15 @@ async fn write_loop(
         }
         tokio::select! {
             next = conn.outbox.next_into(&mut batch) => match next {
-                Next::Write { ping, bytes } => {
+                // A stream has no pongs to send (it gets no pings).
+                Next::Write { ping, pong: _, bytes } => {
                     // Settled however this ends, an anchor's save included.
                     let _settle = conn.outbox.settle_on_drop(bytes);
                     if ping {
                         out.put_slice(b":\n\n");
                     }
                     for frame in batch.drain(..) {
+                        let frame = deltas.choose(frame, &node.registry.metrics().delta_frames);
                         ids.frame(frame.as_str(), &digest, node).await;
                         ids.write_line(&mut out);
                         event(&mut out, &frame);

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
     conn,
@@ -119,7 +120,7 @@ async fn post(
             ))
         }
     };
-    let Ok(message) = Frame::try_from(bytes) else {
+    let Ok(message) = Utf8Bytes::try_from(bytes).map(Frame::from) else {
         close(Close::InvalidPayload);
         return Err(text(
             StatusCode::BAD_REQUEST,
@@ -147,7 +148,8 @@ async fn post(
     };
     let mut response = match reply {
         Some(reply) => {
-            let mut response = Response::new(Body::from(Bytes::from(reply.encode())));
+            let mut response =
+                Response::new(Body::from(Bytes::from(reply.encode().text().clone())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
