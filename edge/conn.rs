@@ -310,7 +310,11 @@ async fn write<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let delta_frames = &node.registry.metrics().delta_frames;
+    let metrics = node.registry.metrics();
+    let compress = |text: &[u8]| {
+        metrics.compressions.inc();
+        deflate::compress(text)
+    };
     let io = async {
         loop {
             if writer.is_full() {
@@ -319,10 +323,8 @@ where
             let Some(frame) = frames.pop_front() else {
                 break;
             };
-            let frame = deltas.choose(frame, delta_frames);
-            writer.text(frame.as_bytes(), |min| {
-                frame.deflated(min, deflate::compress)
-            });
+            let frame = deltas.choose(frame, &metrics.delta_frames);
+            writer.text(frame.as_bytes(), |min| frame.deflated(min, compress));
         }
         writer.flush().await
     };

@@ -23,7 +23,7 @@ const MAX_CANDIDATES: usize = 250;
 
 /// Fossil's checksum of `data`: the sum of its big-endian 32-bit words, the last one padded
 /// with zeros, modulo 2^32.
-pub(crate) fn checksum(data: &[u8]) -> u32 {
+pub fn checksum(data: &[u8]) -> u32 {
     let mut chunks = data.chunks_exact(4);
     let mut sum = 0u32;
     for word in &mut chunks {
@@ -96,7 +96,7 @@ impl Rolling {
 }
 
 /// A delta that turns `source` into `target`, UTF-8 when `target` is (always, here).
-pub(crate) fn encode(source: &[u8], target: &str) -> String {
+pub fn encode(source: &[u8], target: &str) -> String {
     let t = target.as_bytes();
     let mut out = String::with_capacity(t.len() / 8 + 32);
     put_int(&mut out, t.len() as u64);
@@ -208,9 +208,8 @@ fn on_boundaries(
 }
 
 /// Why [`apply`] refused a delta.
-#[cfg(any(test, fuzzing))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BadDelta {
+pub enum BadDelta {
     /// It does not follow the format.
     #[error("malformed delta")]
     Malformed,
@@ -226,10 +225,9 @@ pub(crate) enum BadDelta {
 }
 
 /// `source` with `delta` applied; refuses targets over `max` bytes before building them. The
-/// node never applies deltas (clients do): this is the reference the tests hold the encoder and
-/// the browser client's applier to.
-#[cfg(any(test, fuzzing))]
-pub(crate) fn apply(source: &[u8], delta: &[u8], max: usize) -> Result<Vec<u8>, BadDelta> {
+/// node never applies deltas (clients do): this is for Rust clients (the CLI's `connect`, the
+/// load generator, the tests) and the reference `clients/js` follows.
+pub fn apply(source: &[u8], delta: &[u8], max: usize) -> Result<Vec<u8>, BadDelta> {
     let mut at = 0;
     let size = read_int(delta, &mut at)?;
     if delta.get(at) != Some(&b'\n') {
@@ -284,7 +282,6 @@ pub(crate) fn apply(source: &[u8], delta: &[u8], max: usize) -> Result<Vec<u8>, 
     }
 }
 
-#[cfg(any(test, fuzzing))]
 fn read_int(delta: &[u8], at: &mut usize) -> Result<u64, BadDelta> {
     let start = *at;
     let mut n = 0u64;

@@ -35,6 +35,7 @@
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod fossil;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod gateway;
@@ -45,7 +46,6 @@ mod clock;
 mod conn;
 mod credentials;
 mod fanout;
-mod fossil;
 mod handlers;
 mod handoff;
 mod handshake;

@@ -21,6 +21,8 @@ pub(crate) struct Metrics {
     pub wire_bytes: IntCounter,
     /// Frames written to sockets as deltas.
     pub delta_frames: IntCounter,
+    /// Frames compressed with deflate: once per frame, whatever the number of its sockets.
+    pub compressions: IntCounter,
     /// Sockets closed because their outbound queue was full.
     pub slow_closes: IntCounter,
     /// Frames dropped because their socket was already closing.
@@ -137,6 +139,10 @@ impl Metrics {
             delta_frames: counter(
                 "channelgate_delta_frames_total",
                 "Pushes written to sockets as deltas (WebSocket and SSE).",
+            ),
+            compressions: counter(
+                "channelgate_compressions_total",
+                "Frames compressed with permessage-deflate (once per frame, shared by its sockets).",
             ),
             slow_closes: counter(
                 "channelgate_slow_closes_total",

@@ -53,6 +53,9 @@
 //   "join", "leave" {channel, connection_id, user, info}  presence in a channel whose namespace
 //                                       sets `join-leave` (the gateway's README: Presence)
 //   "error"        {reply}              the gateway answered a message it could not read
+//   "delta"        {channel, offset, ok: false, reason}
+//                                       a delta did not apply (no base, bad checksum); the
+//                                       client reconnects and recovers the channel whole
 //   "state"        {state}              any change of `state`
 
 /** Close codes: what the client does after each range. */
@@ -85,6 +88,7 @@ const DEFAULTS = Object.freeze({
   backoffMax: 5_000, // ms, largest reconnect delay ceiling
   maxQueued: 256, // messages held while (re)connecting
   recover: true, // ask the gateway to replay pushes missed while away
+  delta: true, // take pushes on delta channels (namespace `delta = true`) as Fossil deltas
   transports: ["websocket", "sse"], // in order of preference
   fallbackAfter: 3_000, // ms a WebSocket may take to open before SSE is tried
   retryWebSocketAfter: 300_000, // ms after falling back before the WebSocket is tried again
@@ -191,6 +195,8 @@ export class Channelgate extends EventTarget {
    * @param {number} [options.backoffInitial] ms (250)
    * @param {number} [options.backoffMax] ms (5 s)
    * @param {boolean} [options.recover] replay pushes missed while away (true)
+   * @param {boolean} [options.delta] take pushes on channels whose namespace has `delta = true`
+   *   as deltas against the previous push, applied and checked here (true)
    * @param {Storage|null} [options.storage] where positions survive a page refresh
    *   (default: sessionStorage when there is one; null: nowhere)
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket constructor (default: global)
@@ -216,6 +222,7 @@ export class Channelgate extends EventTarget {
     this.storageKey = STORAGE_PREFIX + this.url.split("?")[0];
     this.positions = this.options.recover ? loadPositions(this.storage, this.storageKey) : new Map();
     this.asked = new Map(); // what the current socket asked to recover
+    this.bases = new Map(); // channel -> {offset, raw}: the last push, what a delta applies to
     this.dirty = false;
     this.saveTimer = null;
     globalThis.addEventListener?.("pagehide", () => this.#save());
@@ -249,9 +256,11 @@ export class Channelgate extends EventTarget {
   }
 
   /**
-   * Calls `fn(payload, channel, offset)` for every push to `channel` ("*" for every channel);
-   * `offset` is the push's place in the channel's stream (undefined for a `Send` to this one
-   * socket). Returns a function that removes the handler.
+   * Calls `fn(payload, channel, offset, raw)` for every push to `channel` ("*" for every
+   * channel); `offset` is the push's place in the channel's stream (undefined for a `Send` to
+   * this one socket), `raw` the payload's JSON text exactly as pushed (a push that came as a
+   * delta is rebuilt byte for byte; undefined for a `Send`). Returns a function that removes the
+   * handler.
    */
   on(channel, fn) {
     let set = this.handlers.get(channel);
@@ -344,10 +353,10 @@ export class Channelgate extends EventTarget {
       return;
     }
     let socket;
-    let recover = "";
+    let recover = this.options.delta ? "&delta=1" : "";
     if (this.options.recover) {
       this.asked = new Map(this.positions);
-      recover = "&recover=" + encodeURIComponent(JSON.stringify(Object.fromEntries(this.asked)));
+      recover += "&recover=" + encodeURIComponent(JSON.stringify(Object.fromEntries(this.asked)));
     }
     try {
       socket =
@@ -439,6 +448,15 @@ export class Channelgate extends EventTarget {
           return;
         }
       }
+      let raw;
+      if ("delta" in message) {
+        raw = this.#applyDelta(channel, message);
+        if (raw === undefined) return;
+        message.payload = JSON.parse(raw);
+      } else if ("payload" in message && message.offset !== undefined) {
+        // The payload's exact text: the frame ends with it (and "}").
+        raw = data.slice(data.indexOf(',"payload":') + 11, -1);
+      }
       if (!("payload" in message)) {
         // A position: where a new subscription starts, or a gap.
         this.#position(channel, message.epoch, message.offset);
@@ -455,11 +473,12 @@ export class Channelgate extends EventTarget {
           known.offset = offset;
           this.#changed();
         }
+        if (this.options.delta) this.bases.set(channel, { offset, raw });
       }
       for (const key of [channel, "*"]) {
         for (const fn of this.handlers.get(key) ?? []) {
           try {
-            fn(message.payload, channel, offset);
+            fn(message.payload, channel, offset, raw);
           } catch (err) {
             queueMicrotask(() => {
               throw err; // report the handler's error without stopping delivery
@@ -482,6 +501,35 @@ export class Channelgate extends EventTarget {
       }
       this.#settle(message.id, reply, null);
     }
+  }
+
+  // A delta push: the payload's text, from the last push on the channel and the delta, checked
+  // by its checksum; undefined (said with a "delta" event) when it does not apply, and the
+  // channel is then recovered whole: the socket reconnects at once and asks for everything
+  // after the last push that did apply, whose first push comes whole.
+  #applyDelta(channel, message) {
+    const base = this.bases.get(channel);
+    const known = this.positions.get(channel);
+    if (known && message.offset <= known.offset) return undefined; // seen already
+    let reason = null;
+    if (!base || base.offset !== message.offset - 1) {
+      reason = "no base: the previous push was not received";
+    } else {
+      try {
+        return UTF8_DECODER.decode(applyDelta(UTF8.encode(base.raw), UTF8.encode(message.delta)));
+      } catch (err) {
+        reason = String(err?.message ?? err);
+      }
+    }
+    this.bases.delete(channel);
+    this.#emit("delta", { channel, offset: message.offset, ok: false, reason });
+    const socket = this.socket;
+    if (socket && this.state === "open") {
+      this.socket = null;
+      socket.close(CLOSE.CLIENT_RECONNECT, "delta mismatch");
+      this.#closed(CLOSE.CLIENT_RECONNECT, "delta mismatch");
+    }
+    return undefined;
   }
 
   // The socket's first frame: every channel it is subscribed to, where each continues from,
@@ -620,6 +668,74 @@ export class Channelgate extends EventTarget {
   #emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+const UTF8 = new TextEncoder();
+const UTF8_DECODER = new TextDecoder("utf-8", { fatal: true });
+
+/** Fossil's base-64 digits, by character code (-1: not a digit). */
+const DIGIT = new Int8Array(128).fill(-1);
+"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
+  .split("")
+  .forEach((c, i) => (DIGIT[c.charCodeAt(0)] = i));
+
+/**
+ * Applies a Fossil delta (bytes) to `source` (bytes) and returns the target's bytes; throws when
+ * the delta is malformed, does not fit the source, or its checksum or size is not the target's.
+ * The same format the gateway's `edge/fossil.rs` writes.
+ */
+export function applyDelta(source, delta) {
+  let at = 0;
+  const int = () => {
+    const start = at;
+    let n = 0;
+    while (at < delta.length && delta[at] < 128 && DIGIT[delta[at]] >= 0) {
+      n = n * 64 + DIGIT[delta[at++]];
+      if (n > 2 ** 40) throw new Error("malformed delta");
+    }
+    if (at === start) throw new Error("malformed delta");
+    return n;
+  };
+  const size = int();
+  if (delta[at++] !== 0x0a) throw new Error("malformed delta");
+  const out = new Uint8Array(size);
+  let len = 0;
+  for (;;) {
+    const n = int();
+    const op = delta[at++];
+    if (op === 0x40) {
+      // "@": copy n bytes of the source from an offset, then ","
+      const offset = int();
+      if (delta[at++] !== 0x2c) throw new Error("malformed delta");
+      if (offset + n > source.length || len + n > size) throw new Error("delta does not fit its source");
+      out.set(source.subarray(offset, offset + n), len);
+      len += n;
+    } else if (op === 0x3a) {
+      // ":": n literal bytes
+      if (at + n > delta.length || len + n > size) throw new Error("delta does not fit its source");
+      out.set(delta.subarray(at, at + n), len);
+      len += n;
+      at += n;
+    } else if (op === 0x3b) {
+      // ";": n is the target's checksum
+      if (len !== size || checksum(out) !== n) throw new Error("delta checksum mismatch");
+      return out;
+    } else {
+      throw new Error("malformed delta");
+    }
+  }
+}
+
+/** Fossil's checksum: the sum of big-endian 32-bit words (the last padded with zeros), mod 2^32. */
+function checksum(bytes) {
+  let sum = 0;
+  let i = 0;
+  for (; i + 4 <= bytes.length; i += 4) {
+    sum = (sum + ((bytes[i] << 24) | (bytes[i + 1] << 16) | (bytes[i + 2] << 8) | bytes[i + 3])) >>> 0;
+  }
+  let tail = 0;
+  for (let shift = 24; i < bytes.length; i++, shift -= 8) tail |= bytes[i] << shift;
+  return (sum + tail) >>> 0;
 }
 
 /** Creates a client and opens it: `connect()` in a page, `connect({...})` elsewhere. */

@@ -11,6 +11,7 @@ mod call_route;
 mod chat_app;
 mod cli;
 mod cluster;
+mod compression;
 mod control;
 mod control_limits;
 mod credentials;
