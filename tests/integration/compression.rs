@@ -37,7 +37,7 @@ fn state(players: usize, tick: u64) -> String {
     )
 }
 
-fn delta_namespace(namespace: &str) -> Namespaces {
+pub(crate) fn delta_namespace(namespace: &str) -> Namespaces {
     let policy = NamespacePolicy {
         delta: true,
         ..Default::default()

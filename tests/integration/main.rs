@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)] // test modules share helpers with `pub`
 
 mod browser;
+mod browser_compression;
 mod browser_sse;
 mod call_route;
 // The chat example's application, run in-process by the browser test.

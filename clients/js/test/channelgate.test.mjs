@@ -16,8 +16,10 @@ import { once } from "node:events";
 import { promisify } from "node:util";
 import { fileURLToPath } from "node:url";
 import { resolve } from "node:path";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 
-import { connect, closePlan, TimeoutError, ConnectionError } from "../channelgate.js";
+import { connect, closePlan, applyDelta, TimeoutError, ConnectionError } from "../channelgate.js";
 
 const ROOT = resolve(fileURLToPath(import.meta.url), "../../../..");
 const BIN = process.env.CHANNELGATE_BIN ?? resolve(ROOT, "target/debug/channelgate");
@@ -47,6 +49,9 @@ before(async () => {
   await once(upstream, "listening");
   const upstreamUrl = `http://127.0.0.1:${upstream.address().port}`;
 
+  // Pushes on `state:` channels go as deltas to clients that ask (the client does by default).
+  const config = resolve(mkdtempSync(resolve(tmpdir(), "channelgate-js-")), "channelgate.toml");
+  writeFileSync(config, "[namespaces.state]\ndelta = true\n");
   node = spawn(
     BIN,
     [
@@ -57,6 +62,7 @@ before(async () => {
       "--upstream", upstreamUrl,
       "--upstream-timeout", "30s",
       "--reconnect-grace", "3s",
+      "--config", config,
     ],
     { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, CHANNELGATE_LOG: "info" } },
   );
@@ -438,4 +444,63 @@ test("positions kept in storage let a new page's credentials recover what was mi
   await until(() => again.length === 3);
   assert.deepEqual(again, [3, 4, 5]);
   page2.close();
+});
+
+test("pushes on a delta channel arrive as deltas and reach handlers byte for byte", async () => {
+  const creds = await issue("state:game");
+  const gate = await open(creds);
+  const got = [];
+  gate.on("state:game", (payload, channel, offset, raw) => got.push({ payload, offset, raw }));
+  const doc = (tick) =>
+    JSON.stringify({ tick, city: "Zürich — 😀", rows: Array.from({ length: 40 }, (_, i) => ({ i, v: i === tick ? tick : 0 })) }, null, 1);
+  const docs = [1, 2, 3, 4].map(doc);
+  for (const d of docs) await cli("push", "state:game", d);
+  await until(() => got.length === 4);
+  assert.deepEqual(got.map((g) => g.raw), docs, "the exact text of every payload");
+  assert.deepEqual(got.map((g) => g.offset), [1, 2, 3, 4]);
+  assert.equal(got[3].payload.tick, 4);
+  const metrics = await (await fetch(`http://${edge}/metrics`)).text();
+  assert.match(metrics, /^channelgate_delta_frames_total [1-9]/m, "deltas went out");
+  gate.close();
+});
+
+test("applyDelta refuses deltas that do not fit, and a bad delta is said and the channel recovered whole", async () => {
+  const bytes = (s) => new TextEncoder().encode(s);
+  assert.throws(() => applyDelta(bytes("hello"), bytes("5\n5@0,0;")), /checksum/);
+  assert.throws(() => applyDelta(bytes("hello"), bytes("5\n9@0,")), /does not fit/);
+  assert.throws(() => applyDelta(bytes("hello"), bytes("zz")), /malformed/);
+  // A socket that hands the client a delta it has no base for, then one that does not check.
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      sockets.push(this);
+      setTimeout(() => {
+        this.readyState = 1;
+        this.onopen?.();
+      }, 0);
+    }
+    send() {}
+    close(code) {
+      this.readyState = 3;
+      this.closedWith = code;
+    }
+  }
+  const gate = connect({ url: "ws://fake/ws", connectionId: "c", socketKey: "k", WebSocket: FakeSocket, recover: false, storage: null });
+  await next(gate, "open");
+  assert.match(sockets[0].url, /[?&]delta=1/);
+  const got = [];
+  gate.on("s:1", (payload, channel, offset, raw) => got.push(raw));
+  const bad = next(gate, "delta");
+  sockets[0].onmessage({ data: '{"channel":"s:1","offset":7,"delta":"3\\n3:abc0;"}' });
+  assert.deepEqual(await bad, { channel: "s:1", offset: 7, ok: false, reason: "no base: the previous push was not received" });
+  assert.equal(sockets[0].closedWith, 4200, "the socket is dropped to reconnect at once");
+  await next(gate, "open");
+  sockets[1].onmessage({ data: '{"channel":"s:1","offset":8,"payload":{"a": 1}}' });
+  const mismatch = next(gate, "delta");
+  sockets[1].onmessage({ data: '{"channel":"s:1","offset":9,"delta":"8\\n8@0,0;"}' });
+  assert.match((await mismatch).reason, /checksum/);
+  assert.deepEqual(got, ['{"a": 1}'], "no handler saw a payload that did not check");
+  gate.close();
 });
