@@ -406,4 +406,11 @@ mod tests {
             check_apply(&input);
         }
     }
+
+    #[test]
+    fn the_fuzz_corpus_holds() {
+        crate::fuzz::replay("fossil_apply", check_apply);
+    }
+
+    proptest! {}
 }

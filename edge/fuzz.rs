@@ -33,6 +33,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ),
     ("redis_read", crate::bus::redis::check_redis_read),
     ("config", crate::config::check_config),
+    ("ws_frames", crate::ws::check_frames),
+    ("fossil_apply", crate::fossil::check_apply),
 ];
 
 /// Runs the check of `target` on `input` (a `cargo fuzz` target's body).

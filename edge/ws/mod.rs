@@ -440,6 +440,27 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 }
 
+/// The fuzz target's check: whatever bytes a client sends, the reader ends with a message or a
+/// clear error, never panics, and hands out only messages within the limit (text as UTF-8).
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_frames(input: &[u8]) {
+    use std::{future::Future, task::Waker};
+    const MAX: usize = 4096;
+    let deflate = input.first().is_some_and(|b| b & 1 == 1);
+    let mut reader = Reader::new(input.get(1..).unwrap_or_default(), &[], MAX, deflate);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        // Reading a slice never waits: one poll decides.
+        let next = std::pin::pin!(reader.next());
+        match next.poll(&mut cx) {
+            Poll::Ready(Ok(Message::Text(text))) => assert!(text.len() <= MAX),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(_)) => return,
+            Poll::Pending => unreachable!("a slice is always ready"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +498,11 @@ mod tests {
                 return out;
             }
         }
+    }
+
+    #[test]
+    fn the_fuzz_corpus_holds() {
+        crate::fuzz::replay("ws_frames", check_frames);
     }
 
     #[tokio::test]
