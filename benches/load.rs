@@ -40,6 +40,12 @@
 //!   reconnect with the position they last saw. Reports the time until every socket has
 //!   received everything it missed (each checks it got offsets 1..=misses, once, in order),
 //!   the node's CPU for the storm, and lost/duplicated/out-of-order counts.
+//! * `bandwidth`: bytes on the wire and node CPU per delivery for a state document (about 20 KB
+//!   of JSON, a few fields changing per push) and chat messages, each sent plain, with
+//!   permessage-deflate, as deltas, and as deltas with deflate, one mode after another in the
+//!   same run (`--sockets` per mode, `--pushes` each). Start the node with
+//!   `--config benches/bandwidth.toml` (the `delta:` namespace). One socket per mode rebuilds
+//!   every payload and checks it byte for byte.
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
@@ -51,6 +57,7 @@ use tokio_tungstenite::{client_async, tungstenite::client::IntoClientRequest, We
 
 use channelgate::pb::{self, control_client::ControlClient};
 
+mod bandwidth;
 mod raw_ws;
 use raw_ws::{RawWs, Read};
 
@@ -139,6 +146,13 @@ struct Args {
     /// for the namespace).
     #[arg(long)]
     namespace: Option<String>,
+    /// The receiving WebSockets offer permessage-deflate, as browsers do, and inflate what
+    /// comes compressed (every scenario with the generator's lean client).
+    #[arg(long)]
+    deflate: bool,
+    /// Pushes per mode and document (`bandwidth`).
+    #[arg(long, default_value_t = 200)]
+    pushes: usize,
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -270,6 +284,7 @@ async fn open_path(args: &Args, i: usize, path: &str) -> anyhow::Result<RawWs> {
         &ws_of(args, i)?.to_string(),
         path,
         args.transport == "sse",
+        args.deflate,
     )
     .await
 }
@@ -444,6 +459,7 @@ async fn main() -> anyhow::Result<()> {
         "recovery" => recovery(&args).await,
         "calls" => calls(&args).await,
         "soak" => soak(&args).await,
+        "bandwidth" => bandwidth::run(&args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -734,6 +750,8 @@ fn cpu_us(pid: u32) -> anyhow::Result<u64> {
 #[derive(Default)]
 struct Tally {
     received: u64,
+    /// Text frames that were not a push of this scenario (counted as lost, and said).
+    unreadable: u64,
     duplicated: u64,
     reordered: u64,
     latencies_us: Vec<u32>,
@@ -807,6 +825,10 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
                         let (Some(c), Some(seq), Some(t0)) =
                             (field(text, b"\"c\":"), field(text, b"\"s\":"), field(text, b"\"t\":"))
                         else {
+                            if tally.unreadable == 0 {
+                                eprintln!("an unreadable frame: {:?}", String::from_utf8_lossy(&text[..text.len().min(200)]));
+                            }
+                            tally.unreadable += 1;
                             return;
                         };
                         tally.received += 1;
@@ -826,7 +848,11 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
                 };
                 match read {
                     Ok(Read::More) => {}
-                    Ok(Read::Closed) | Err(_) => break,
+                    Ok(Read::Closed) => break,
+                    Err(err) => {
+                        eprintln!("a reader failed: {err:#}");
+                        break;
+                    }
                 }
             }
             tally
@@ -917,12 +943,16 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
     for r in readers {
         let t = r.await?;
         total.received += t.received;
+        total.unreadable += t.unreadable;
         total.duplicated += t.duplicated;
         total.reordered += t.reordered;
         total.latencies_us.extend(t.latencies_us);
     }
     let expected = expected.load(Ordering::Relaxed);
     let lost = expected.saturating_sub(total.received - total.duplicated);
+    if total.unreadable > 0 {
+        eprintln!("{} frames were not pushes of this run", total.unreadable);
+    }
     let mut lat = total.latencies_us;
     lat.sort_unstable();
     let pct = |q: f64| {

@@ -2,10 +2,14 @@
 //! generator's receiving side: its own HTTP upgrade and
 //! frame parsing over a plain `TcpStream`, so reading a million small frames a second costs the
 //! generator little more than the kernel's receive work. Server frames only (unmasked); pings
-//! are answered so the node's idle timeout never fires. Not a general client: the node under
-//! test is the only peer.
+//! are answered so the node's idle timeout never fires; with `deflate`, it offers
+//! permessage-deflate as a browser does and inflates compressed frames (one inflater per thread,
+//! as the node keeps). Not a general client: the node under test is the only peer.
+
+use std::cell::RefCell;
 
 use anyhow::{bail, Context as _};
+use flate2::{Decompress, FlushDecompress};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -21,6 +25,44 @@ pub(crate) struct RawWs {
     end: usize,
     /// An event stream: frames are the `data:` lines.
     sse: bool,
+    /// permessage-deflate was negotiated.
+    pub(crate) deflate: bool,
+    /// Bytes read from the node after the response head (frame headers included).
+    pub(crate) wire: u64,
+    /// A compressed frame, inflated.
+    inflated: Vec<u8>,
+}
+
+thread_local! {
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// Inflates one permessage-deflate message into `out`.
+fn inflate(payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+    out.clear();
+    INFLATER.with(|cell| {
+        let mut d = cell.borrow_mut();
+        d.reset(false);
+        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let mut at = 0;
+            loop {
+                if out.len() == out.capacity() {
+                    out.reserve(out.capacity().max(1024));
+                }
+                let (before, produced) = (d.total_in(), out.len());
+                d.decompress_vec(&input[at..], out, FlushDecompress::Sync)?;
+                let consumed = (d.total_in() - before) as usize;
+                at += consumed;
+                if at == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+                if consumed == 0 && out.len() == produced && out.len() < out.capacity() {
+                    bail!("a compressed frame that does not inflate");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// What one read delivered.
@@ -39,9 +81,10 @@ impl RawWs {
         host: &str,
         path: &str,
         sse: bool,
+        deflate: bool,
     ) -> anyhow::Result<Self> {
         if !sse {
-            return Self::handshake(stream, host, path).await;
+            return Self::handshake(stream, host, path, deflate).await;
         }
         let path = match path.strip_prefix("/ws") {
             Some(query) => format!("/sse{query}"),
@@ -59,10 +102,17 @@ impl RawWs {
         stream: TcpStream,
         host: &str,
         path: &str,
+        deflate: bool,
     ) -> anyhow::Result<Self> {
+        // What Chromium offers.
+        let offer = if deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         Self::request(stream, &request, "HTTP/1.1 101").await
     }
@@ -91,12 +141,18 @@ impl RawWs {
             let status = head.lines().next().unwrap_or_default().to_owned();
             bail!("refused: {status}");
         }
+        let deflate = head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate");
         Ok(Self {
             stream,
             buf,
             start: header_end,
             end,
             sse: false,
+            deflate,
+            wire: (end - header_end) as u64,
+            inflated: Vec::new(),
         })
     }
 
@@ -133,7 +189,16 @@ impl RawWs {
                 }
             }
         }
-        while let Some((opcode, range)) = self.next_frame().context("bad frame from the node")? {
+        while let Some((first, range)) = self.next_frame().context("bad frame from the node")? {
+            let opcode = first & 0x0f;
+            if opcode == 0x1 && first & 0x40 != 0 {
+                inflate(&self.buf[range], &mut self.inflated)
+                    .context("a frame that does not inflate")?;
+                if on_text(&self.inflated) {
+                    return Ok(Read::More);
+                }
+                continue;
+            }
             match opcode {
                 0x1 if on_text(&self.buf[range.clone()]) => return Ok(Read::More),
                 0x8 => return Ok(Read::Closed),
@@ -158,10 +223,11 @@ impl RawWs {
             return Ok(Read::Closed);
         }
         self.end += n;
+        self.wire += n as u64;
         Ok(Read::More)
     }
 
-    /// The next complete frame's opcode and payload range, consuming it.
+    /// The next complete frame's first byte (FIN, RSV1, opcode) and payload range, consuming it.
     fn next_frame(&mut self) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
         if self.sse {
             return Ok(None);
@@ -186,10 +252,10 @@ impl RawWs {
         if data.len() < header + len {
             return Ok(None);
         }
-        let opcode = data[0] & 0x0f;
+        let first = data[0];
         let payload = self.start + header..self.start + header + len;
         self.start += header + len;
-        Ok(Some((opcode, payload)))
+        Ok(Some((first, payload)))
     }
 
     /// Closes cleanly as a client would: a close frame with code 1000 (masked, key zero), then

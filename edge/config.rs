@@ -407,7 +407,7 @@ settings! {
         /// it, and no socket keeps compression state. false: every frame goes uncompressed.
         compression: bool = "true" [flag] "CHANNELGATE_COMPRESSION" "BOOL" {num_args = 0..=1, default_missing_value = "true"};
         /// Frames shorter than this go uncompressed, even to sockets that took deflate.
-        compress_min_size: usize = "256B" [size] "CHANNELGATE_COMPRESS_MIN_SIZE" "BYTES";
+        compress_min_size: usize = "128B" [size] "CHANNELGATE_COMPRESS_MIN_SIZE" "BYTES";
         /// Outbound queue per socket, in bytes; a push that would overflow it closes the socket
         /// with 4100 (too slow). A push never waits.
         outbound_queue: usize = "1MiB" [size] "CHANNELGATE_OUTBOUND_QUEUE" "BYTES";

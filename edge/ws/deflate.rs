@@ -132,11 +132,12 @@ pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateE
                     let room = out.capacity().min(max + 1 - out.len()).max(1);
                     out.reserve_exact(room);
                 }
-                let before = inflater.total_in();
+                let (before, produced) = (inflater.total_in(), out.len());
                 let status = inflater
                     .decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
                     .map_err(|_| InflateError::Corrupt)?;
-                at += (inflater.total_in() - before) as usize;
+                let consumed = (inflater.total_in() - before) as usize;
+                at += consumed;
                 if out.len() > max {
                     return Err(InflateError::TooLarge);
                 }
@@ -144,6 +145,10 @@ pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateE
                     Status::StreamEnd => break,
                     _ if at == input.len() && out.len() < out.capacity() => break,
                     Status::BufError if at == input.len() => break,
+                    // Room to write and input left, and nothing moved: never loop on it.
+                    _ if consumed == 0 && out.len() == produced && out.len() < out.capacity() => {
+                        return Err(InflateError::Corrupt)
+                    }
                     _ => {}
                 }
             }

@@ -237,7 +237,7 @@ async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_eve
 }
 
 /// Runs the load generator against `gw` with `args`; returns its JSON report line.
-async fn run_generator(gw: &Gateway, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn run_generator(gw: &Gateway, args: &[&str]) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
         .args(args)
         .args([
