@@ -11,8 +11,9 @@
 //!   ([`gateway`]): the narrow door the control plane uses.
 //! * the client plane: `server` (accept loop, and each connection's HTTP service), `http`
 //!   (the plain HTTP routes: the probes, `/metrics`, the browser client), `handshake` (the
-//!   upgrade, where credentials are checked), `conn` (one socket's reader, writer and closing
-//!   handshake), `node` (`NodeState`: what their tasks share), `proxy` (who the client is behind trusted
+//!   upgrade, where credentials are checked, and permessage-deflate agreed), `conn` (one
+//!   socket's reader, writer and closing handshake), `ws` (the WebSocket framing: client frames
+//!   read and inflated within the limit, the node's frames written, compressed once per frame), `node` (`NodeState`: what their tasks share), `proxy` (who the client is behind trusted
 //!   proxies: the PROXY protocol, `X-Forwarded-For`, `Forwarded`), `readiness` (one answer for
 //!   `/readyz`, gRPC health and the bus), `sse` (Server-Sent Events: streams, their ids, POSTed
 //!   messages);
@@ -22,7 +23,8 @@
 //! * [`registry`]: sessions, channels and their subscribers, listeners, cluster hooks;
 //! * [`fanout`]: the bounded per-socket outbound queue that pushes never wait on;
 //! * [`bus`]: how state and pushes cross nodes (in-process, or Redis in cluster mode);
-//! * [`protocol`]: the client wire format (pushes, replies, client messages);
+//! * [`protocol`]: the client wire format (pushes, replies, client messages), and the frame
+//!   shared by a push's sockets with its compressed form and delta; [`fossil`]: Fossil deltas;
 //! * [`metrics`], [`limit`] (token buckets), [`tls`] (wss, reloaded on SIGHUP), [`config`],
 //!   [`error`] (a call's `Error`, `StartError`, `NotReady`), `clock` (every clock read through
 //!   tokio's time, so tests pause it), [`shutdown`].
