@@ -389,12 +389,19 @@ impl Deltas {
         let (Some(last), Some(delta)) = (self.0.as_mut(), frame.delta_of()) else {
             return frame;
         };
-        if last.len() >= Self::MAX_CHANNELS && !last.contains_key(&delta.channel) {
-            last.clear();
-        }
-        let previous = last.insert(delta.channel.clone(), delta.serial);
+        // The channel is named once per socket, not once per push.
+        let previous = match last.get_mut(&delta.channel) {
+            Some(serial) => Some(std::mem::replace(serial, delta.serial)),
+            None => {
+                if last.len() >= Self::MAX_CHANNELS {
+                    last.clear();
+                }
+                last.insert(delta.channel.clone(), delta.serial);
+                None
+            }
+        };
         if previous.is_some() && previous == delta.base {
-            if let Some(delta) = delta.delta(&frame) {
+            if let Some(delta) = frame.as_delta() {
                 sent.inc();
                 return delta;
             }

@@ -180,6 +180,16 @@ impl Frame {
         }
     }
 
+    /// This push as a delta against its base: `{"channel":"<name>","offset":<n>,"delta":"<fossil
+    /// delta>"}`, built once for all sockets; `None` when it is no delta push, has no base, or
+    /// the delta would not be smaller than the payload.
+    pub(crate) fn as_delta(&self) -> Option<Frame> {
+        match self {
+            Self::Shared(shared) => shared.delta.as_ref()?.delta(shared.text.as_str()),
+            Self::Own(_) => None,
+        }
+    }
+
     /// This push (its frame, where its payload starts) as the base of the channel's next one.
     pub(crate) fn as_base(&self, serial: u64, payload_at: usize) -> DeltaBase {
         DeltaBase {
@@ -191,14 +201,12 @@ impl Frame {
 }
 
 impl DeltaOf {
-    /// The push as a delta against its base: `{"channel":"<name>","offset":<n>,"delta":"<fossil
-    /// delta>"}`, built once; `None` when there is no base or the delta would not be smaller
-    /// than the payload. `text` is the push's own frame.
-    pub(crate) fn delta(&self, text: &Frame) -> Option<Frame> {
+    /// See [`Frame::as_delta`]; `text` is the push's own frame.
+    fn delta(&self, text: &str) -> Option<Frame> {
         let mut built = self.built.lock();
         if let Built::Pending(base, base_at) = &*built {
             let source = &base.as_str()[*base_at as usize..base.len() - 1];
-            let target = &text.as_str()[self.payload_at as usize..text.len() - 1];
+            let target = &text[self.payload_at as usize..text.len() - 1];
             let delta = fossil::encode(source.as_bytes(), target);
             let frame = (delta.len() < target.len()).then(|| {
                 let mut out = String::with_capacity(48 + self.channel.len() + delta.len() * 9 / 8);
