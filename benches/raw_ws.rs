@@ -3,13 +3,11 @@
 //! frame parsing over a plain `TcpStream`, so reading a million small frames a second costs the
 //! generator little more than the kernel's receive work. Server frames only (unmasked); pings
 //! are answered so the node's idle timeout never fires; with `deflate`, it offers
-//! permessage-deflate as a browser does and inflates compressed frames (one inflater per thread,
-//! as the node keeps). Not a general client: the node under test is the only peer.
-
-use std::cell::RefCell;
+//! permessage-deflate as a browser does and inflates compressed frames with the node's own
+//! inflater (`edge::ws::deflate`). Not a general client: the node under test is the only peer.
 
 use anyhow::{bail, Context as _};
-use flate2::{Decompress, FlushDecompress};
+use channelgate::edge::ws::deflate;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -31,38 +29,6 @@ pub(crate) struct RawWs {
     pub(crate) wire: u64,
     /// A compressed frame, inflated.
     inflated: Vec<u8>,
-}
-
-thread_local! {
-    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-}
-
-/// Inflates one permessage-deflate message into `out`.
-fn inflate(payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
-    out.clear();
-    INFLATER.with(|cell| {
-        let mut d = cell.borrow_mut();
-        d.reset(false);
-        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
-            let mut at = 0;
-            loop {
-                if out.len() == out.capacity() {
-                    out.reserve(out.capacity().max(1024));
-                }
-                let (before, produced) = (d.total_in(), out.len());
-                d.decompress_vec(&input[at..], out, FlushDecompress::Sync)?;
-                let consumed = (d.total_in() - before) as usize;
-                at += consumed;
-                if at == input.len() && out.len() < out.capacity() {
-                    break;
-                }
-                if consumed == 0 && out.len() == produced && out.len() < out.capacity() {
-                    bail!("a compressed frame that does not inflate");
-                }
-            }
-        }
-        Ok(())
-    })
 }
 
 /// What one read delivered.
@@ -192,7 +158,8 @@ impl RawWs {
         while let Some((first, range)) = self.next_frame().context("bad frame from the node")? {
             let opcode = first & 0x0f;
             if opcode == 0x1 && first & 0x40 != 0 {
-                inflate(&self.buf[range], &mut self.inflated)
+                // The node's own inflater (one per thread, the buffer reused), its limit far.
+                deflate::inflate_into(&self.buf[range], 1 << 30, &mut self.inflated)
                     .context("a frame that does not inflate")?;
                 if on_text(&self.inflated) {
                     return Ok(Read::More);

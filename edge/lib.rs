@@ -41,6 +41,7 @@ pub mod fossil;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod gateway;
+pub mod ws;
 
 // Everything behind it is the crate's own.
 mod bus;
@@ -65,7 +66,6 @@ mod server;
 mod shutdown;
 mod sse;
 mod tls;
-mod ws;
 
 use std::{sync::Arc, time::Duration};
 

@@ -79,7 +79,7 @@ thread_local! {
 
 /// `text` compressed as one message's payload (raw deflate, sync-flushed, the tail left off),
 /// or `None` when that would not be smaller.
-pub(crate) fn compress(text: &[u8]) -> Option<Bytes> {
+pub fn compress(text: &[u8]) -> Option<Bytes> {
     COMPRESSOR.with(|cell| {
         let mut compressor = cell.borrow_mut();
         compressor.reset();
@@ -105,22 +105,36 @@ pub(crate) fn compress(text: &[u8]) -> Option<Bytes> {
     })
 }
 
-/// Why a compressed client message could not be inflated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum InflateError {
+/// Why a compressed message could not be inflated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
     /// It inflates past the limit (the inflater stopped there).
+    #[error("the message inflates past the limit")]
     TooLarge,
     /// It is not a deflate stream.
+    #[error("the message is not a deflate stream")]
     Corrupt,
 }
 
-/// Inflates one client message (its frames' payloads joined), refusing to produce more than
-/// `max` bytes: a deflate bomb is stopped at `max`, whatever it would inflate to.
-pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+/// Inflates one message (its frames' payloads joined), refusing to produce more than `max`
+/// bytes: a deflate bomb is stopped at `max`, whatever it would inflate to.
+pub fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    let mut out = Vec::new();
+    inflate_into(compressed, max, &mut out)?;
+    Ok(out)
+}
+
+/// [`inflate`] into `out` (emptied first, its buffer reused): for clients that inflate many
+/// frames (the load generator).
+pub fn inflate_into(compressed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
+    let max = max.min(isize::MAX as usize - 1);
+    out.clear();
+    if out.capacity() == 0 {
+        out.reserve_exact((compressed.len() * 4).clamp(64, max + 1));
+    }
     INFLATER.with(|cell| {
         let mut inflater = cell.borrow_mut();
         inflater.reset(false);
-        let mut out = Vec::with_capacity((compressed.len() * 4).clamp(64, max.saturating_add(1)));
         for input in [compressed, &TAIL[..]] {
             let mut at = 0;
             loop {
@@ -134,7 +148,7 @@ pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateE
                 }
                 let (before, produced) = (inflater.total_in(), out.len());
                 let status = inflater
-                    .decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
+                    .decompress_vec(&input[at..], out, FlushDecompress::Sync)
                     .map_err(|_| InflateError::Corrupt)?;
                 let consumed = (inflater.total_in() - before) as usize;
                 at += consumed;
@@ -153,7 +167,7 @@ pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateE
                 }
             }
         }
-        Ok(out)
+        Ok(())
     })
 }
 

@@ -14,7 +14,7 @@
 //! message; a message (inflated, when compressed) at most the node's `max-message-size`; text
 //! valid UTF-8; close codes ones a peer may send.
 
-pub(crate) mod deflate;
+pub mod deflate;
 
 use std::{
     future::poll_fn,
