@@ -223,16 +223,9 @@ async fn feed_site_with(
     socket_url: String,
     options: &'static str,
 ) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/",
-        get(move || {
-            let (client, socket_url) = (client.clone(), socket_url.clone());
-            async move {
-                let creds = client.issue(None, &["feed"]).await.unwrap();
-                let page = format!(
-                    r#"<!doctype html><html><body data-socket-connection-id="{id}" data-socket-url="{socket_url}">
+    credentials_site(client, &["feed"], move |id| {
+        format!(
+            r#"<!doctype html><html><body data-socket-connection-id="{id}" data-socket-url="{socket_url}">
 <h1>feed</h1><pre id="log"></pre>
 <script type="module">
 import {{ connect }} from "http://{edge}/channelgate.js";
@@ -246,11 +239,33 @@ gate.on("feed", (payload, channel, offset) => {{
 gate.addEventListener("open", (e) => window.opens.push(e.detail));
 gate.addEventListener("gap", (e) => window.gaps.push(e.detail));
 gate.addEventListener("expired", () => (window.expired += 1));
-</script></body></html>"#,
-                    id = creds.connection_id,
-                );
+</script></body></html>"#
+        )
+    })
+    .await
+}
+
+/// A site whose every page load mints new credentials subscribed to `channels` through
+/// `client`, as an application's page route would, sets the key as a cookie and serves
+/// `page(connection_id)`.
+pub(crate) async fn credentials_site(
+    client: channelgate::client::Client,
+    channels: &'static [&'static str],
+    page: impl Fn(&str) -> String + Clone + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route(
+        "/",
+        get(move || {
+            let (client, page) = (client.clone(), page.clone());
+            async move {
+                let creds = client.issue(None, channels).await.unwrap();
                 let cookie = format!("socket_key={}; Path=/; SameSite=Lax", creds.socket_key);
-                ([(axum::http::header::SET_COOKIE, cookie)], Html(page))
+                (
+                    [(axum::http::header::SET_COOKIE, cookie)],
+                    Html(page(&creds.connection_id)),
+                )
             }
         }),
     );
@@ -465,13 +480,10 @@ pub(crate) async fn screenshot(page: &Client, path: &Path) {
 
 /// `channelgate_handshakes_total{result=...,transport="websocket"}` from the node's metrics.
 pub(crate) async fn handshakes(gw: &Gateway, result: &str) -> u64 {
-    let (_, metrics) = gw.http_get("/metrics", &[]).await;
-    let prefix =
-        format!("channelgate_handshakes_total{{result=\"{result}\",transport=\"websocket\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |n| n.trim().parse().unwrap())
+    gw.metric(&format!(
+        "channelgate_handshakes_total{{result=\"{result}\",transport=\"websocket\"}}"
+    ))
+    .await
 }
 
 /// A site on another Origin that loads the client from the gateway and tries to connect with

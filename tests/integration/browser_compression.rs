@@ -5,12 +5,10 @@
 
 use std::net::SocketAddr;
 
-use axum::{response::Html, routing::get, Router};
 use fantoccini::Client;
-use tokio::net::TcpListener;
 
 use crate::{
-    browser::{output_dir, screenshot, wait_js, ChromeDriver},
+    browser::{credentials_site, output_dir, screenshot, wait_js, ChromeDriver},
     support::{Gateway, Proxy},
 };
 
@@ -34,17 +32,10 @@ fn document(tick: u64) -> String {
 /// A page that records `[offset, raw]` for every push on `state:match`, the socket's
 /// negotiated extensions at each open, and any delta the client could not apply.
 async fn state_site(gw: &Gateway, socket_url: String) -> SocketAddr {
-    let (client, edge) = (gw.client.clone(), gw.http);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/",
-        get(move || {
-            let (client, socket_url) = (client.clone(), socket_url.clone());
-            async move {
-                let creds = client.issue(None, &["state:match"]).await.unwrap();
-                let page = format!(
-                    r#"<!doctype html><html><body data-socket-connection-id="{id}" data-socket-url="{socket_url}">
+    let edge = gw.http;
+    credentials_site(gw.client.clone(), &["state:match"], move |id| {
+        format!(
+            r#"<!doctype html><html><body data-socket-connection-id="{id}" data-socket-url="{socket_url}">
 <h1>state</h1><pre id="log"></pre>
 <script type="module">
 import {{ connect }} from "http://{edge}/channelgate.js";
@@ -60,16 +51,10 @@ gate.addEventListener("open", (e) => {{
   window.extensions.push(gate.socket.extensions);
 }});
 gate.addEventListener("delta", (e) => window.bad.push(e.detail));
-</script></body></html>"#,
-                    id = creds.connection_id,
-                );
-                let cookie = format!("socket_key={}; Path=/; SameSite=Lax", creds.socket_key);
-                ([(axum::http::header::SET_COOKIE, cookie)], Html(page))
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+</script></body></html>"#
+        )
+    })
+    .await
 }
 
 /// What the page's handler got, once it holds `n` pushes.
@@ -77,14 +62,6 @@ async fn got(page: &Client, n: usize) -> Vec<(u64, String)> {
     wait_js(page, &format!("return window.got?.length >= {n}")).await;
     let got = page.execute("return window.got", vec![]).await.unwrap();
     serde_json::from_value(got).unwrap()
-}
-
-/// A value from the node's metrics.
-async fn metric(gw: &Gateway, name: &str) -> u64 {
-    let (_, text) = gw.http_get("/metrics", &[]).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +98,7 @@ async fn chromium_takes_deflate_and_deltas_and_gets_every_payload_byte_for_byte_
         gw.push("state:match", doc).await;
     }
     assert_eq!(got(&page, 20).await, expected(20), "byte for byte");
-    let deltas_before_cut = metric(&gw, "channelgate_delta_frames_total").await;
+    let deltas_before_cut = gw.metric("channelgate_delta_frames_total").await;
     assert_eq!(
         deltas_before_cut, 19,
         "every push after the first as a delta"
@@ -138,7 +115,8 @@ async fn chromium_takes_deflate_and_deltas_and_gets_every_payload_byte_for_byte_
             }
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Cut once the page is into the second batch.
+    wait_js(&page, "return window.got.length >= 25").await;
     proxy.cut();
     pushing.await.unwrap();
     assert_eq!(
@@ -150,13 +128,13 @@ async fn chromium_takes_deflate_and_deltas_and_gets_every_payload_byte_for_byte_
     assert_eq!(opens[1]["recovered"], true, "{opens}");
     let bad = page.execute("return window.bad", vec![]).await.unwrap();
     assert_eq!(bad, serde_json::json!([]), "every delta applied");
-    let deltas = metric(&gw, "channelgate_delta_frames_total").await;
+    let deltas = gw.metric("channelgate_delta_frames_total").await;
     assert!(deltas >= 55, "{deltas} of 60 pushes went as deltas");
 
     // What the node handed the kernel against the frames it would have sent whole.
     let (wire, whole) = (
-        metric(&gw, "channelgate_wire_bytes_total").await,
-        metric(&gw, "channelgate_bytes_out_total").await,
+        gw.metric("channelgate_wire_bytes_total").await,
+        gw.metric("channelgate_bytes_out_total").await,
     );
     println!("state documents to Chromium: {wire} B on the wire for {whole} B of frames");
     assert!(

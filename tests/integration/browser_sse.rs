@@ -11,7 +11,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::{
-    browser::{handshakes, output_dir, say, screenshot, wait_js, ChatRoom, ChromeDriver},
+    browser::{
+        credentials_site, handshakes, output_dir, say, screenshot, wait_js, ChatRoom, ChromeDriver,
+    },
     support::{Gateway, Proxy},
 };
 
@@ -82,16 +84,9 @@ async fn the_chat_works_over_sse_behind_a_proxy_that_does_not_pass_upgrade() {
 /// subscribed to `a`, `b` and `c` minted through `client`; `window.got[channel]` holds the
 /// payloads in arrival order, `window.ids` the ids seen.
 async fn plain_site(client: channelgate::client::Client, edge: SocketAddr) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/",
-        get(move || {
-            let client = client.clone();
-            async move {
-                let creds = client.issue(None, &["a", "b", "c"]).await.unwrap();
-                let page = format!(
-                    r#"<!doctype html><html><body><pre id="log"></pre>
+    credentials_site(client, &["a", "b", "c"], move |id| {
+        format!(
+            r#"<!doctype html><html><body><pre id="log"></pre>
 <script>
 window.got = {{ a: [], b: [], c: [] }}; window.opens = 0; window.errors = 0; window.ids = [];
 const stream = new EventSource("http://{edge}/sse?socket_connection_id={id}", {{ withCredentials: true }});
@@ -105,16 +100,10 @@ stream.onmessage = (event) => {{
     document.getElementById("log").textContent += `${{frame.channel}} ${{frame.payload}}\n`;
   }}
 }};
-</script></body></html>"#,
-                    id = creds.connection_id,
-                );
-                let cookie = format!("socket_key={}; Path=/; SameSite=Lax", creds.socket_key);
-                ([(axum::http::header::SET_COOKIE, cookie)], Html(page))
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+</script></body></html>"#
+        )
+    })
+    .await
 }
 
 /// Pushes `1..=n` to each of `a`, `b`, `c` in turn, 5 ms apart, through `client`.

@@ -45,14 +45,6 @@ pub(crate) fn delta_namespace(namespace: &str) -> Namespaces {
     Namespaces([(namespace.to_owned(), policy)].into())
 }
 
-/// The value of the metric line starting with `name` (0 when absent).
-async fn metric(gw: &Gateway, name: &str) -> u64 {
-    let (_, text) = gw.http_get("/metrics", &[]).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
 #[tokio::test]
 async fn deflate_is_negotiated_and_a_push_is_compressed_once_for_every_socket() {
     let gw = Gateway::start().await;
@@ -89,7 +81,7 @@ async fn deflate_is_negotiated_and_a_push_is_compressed_once_for_every_socket() 
         "the same bytes for every socket"
     );
     assert_eq!(
-        metric(&gw, "channelgate_compressions_total").await,
+        gw.metric("channelgate_compressions_total").await,
         1,
         "compressed once"
     );
@@ -303,7 +295,18 @@ async fn deltas_reach_the_sockets_that_ask_and_rebuild_every_payload_byte_for_by
         let text = asks.text_frame().await.text();
         assert!(text.contains(r#""payload":"#), "{text}");
     }
-    assert_eq!(metric(&gw, "channelgate_delta_frames_total").await, 5);
+    assert_eq!(gw.metric("channelgate_delta_frames_total").await, 5);
+    // History is the payloads themselves, never deltas.
+    let history = gw
+        .client
+        .history("state:match", None, 10, false)
+        .await
+        .unwrap();
+    let kept: Vec<String> = history.publications.into_iter().map(|p| p.json).collect();
+    assert_eq!(
+        kept,
+        (1..=6).map(|tick| state(60, tick)).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]

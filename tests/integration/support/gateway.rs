@@ -283,6 +283,15 @@ impl Gateway {
         String::from_utf8_lossy(&response).into_owned()
     }
 
+    /// The value of the node's metric line that starts with `name` (labels included, if
+    /// given); 0 when there is none.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self.http_get("/metrics", &[]).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    }
+
     /// Sends a raw HTTP/1.1 request to the client plane; returns the status and body.
     pub async fn http_get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

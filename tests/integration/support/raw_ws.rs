@@ -2,8 +2,6 @@
 //! permessage-deflate, read compressed frames (RSV1) as they came, and send compressed,
 //! fragmented or hostile frames.
 
-use std::time::Duration;
-
 use flate2::{Decompress, FlushDecompress};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,7 +25,6 @@ pub struct RawWs {
 /// One frame from the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawFrame {
-    pub fin: bool,
     pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
@@ -172,7 +169,6 @@ impl RawWs {
             return None;
         }
         let frame = RawFrame {
-            fin: b[0] & 0x80 != 0,
             rsv1: b[0] & 0x40 != 0,
             opcode: b[0] & 0x0f,
             payload: b[at..at + len].to_vec(),
@@ -216,11 +212,6 @@ impl RawWs {
                 None => panic!("the connection ended without a close frame"),
             }
         }
-    }
-
-    /// Waits until nothing more comes for `quiet`.
-    pub async fn is_quiet(&mut self, quiet: Duration) -> bool {
-        tokio::time::timeout(quiet, self.frame()).await.is_err()
     }
 }
 
