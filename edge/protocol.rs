@@ -121,8 +121,16 @@ impl Frame {
             Some(b) => (Some(b.serial), Built::Pending(b.frame, b.payload_at)),
             None => (None, Built::Done(None)),
         };
+        // The text moves over (a just-encoded push has no other owner): no copy, no promotion
+        // of its bytes to a shared buffer.
+        let text = match self {
+            Self::Own(text) => text,
+            Self::Shared(shared) => Arc::try_unwrap(shared)
+                .map(|shared| shared.text)
+                .unwrap_or_else(|shared| shared.text.clone()),
+        };
         Self::Shared(Arc::new(Shared {
-            text: self.text().clone(),
+            text,
             deflated: OnceLock::new(),
             delta: Some(DeltaOf {
                 channel: channel.clone(),
