@@ -58,6 +58,7 @@ use tokio_tungstenite::{client_async, tungstenite::client::IntoClientRequest, We
 use channelgate::pb::{self, control_client::ControlClient};
 
 mod bandwidth;
+mod publish;
 mod raw_ws;
 use raw_ws::{RawWs, Read};
 
@@ -153,6 +154,22 @@ struct Args {
     /// Pushes per mode and document (`bandwidth`).
     #[arg(long, default_value_t = 200)]
     pushes: usize,
+    /// The server under test (`fanout`, `idle`): `channelgate`, or `nchan` (nginx with
+    /// Nchan, `benches/nchan.conf`: sockets on `/sub/CHANNEL` at `--ws`, no credentials; publishes
+    /// are `POST /pub/CHANNEL` there, one at a time on each of `--in-flight` keep-alive
+    /// connections).
+    #[arg(long, default_value = "channelgate", value_parser = ["channelgate", "nchan"])]
+    target: String,
+    /// How `fanout` pushes to channelgate: one `PushStream` per node (`stream`), or `unary`
+    /// `Push` calls, `--in-flight` at once over `--push-connections` HTTP/2 connections.
+    #[arg(long, default_value = "stream", value_parser = ["stream", "unary"])]
+    push_with: String,
+    /// HTTP/2 connections the unary pushes spread over (`fanout --push-with unary`).
+    #[arg(long, default_value_t = 4)]
+    push_connections: usize,
+    /// Pushes to make in all (`fanout`; 0: as many as `--duration` allows).
+    #[arg(long, default_value_t = 0)]
+    push_count: u64,
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -301,26 +318,62 @@ async fn open_raw(
 }
 
 async fn idle(args: &Args) -> anyhow::Result<()> {
-    let control = ControlClient::connect(args.control.clone()).await?;
+    let nchan = args.target == "nchan";
+    let control = if nchan {
+        None
+    } else {
+        Some(ControlClient::connect(args.control.clone()).await?)
+    };
     let before = args.pid.map(rss_bytes).transpose()?;
     let cpu_start = args.pid.map(cpu_us).transpose()?;
     let started = Instant::now();
-    // Two phases, so the node's cost of each shows: every IssueConnection (with its
-    // subscription) first, then every WebSocket handshake.
-    let issued: Vec<_> = stream::iter(0..args.sockets)
-        .map(|i| {
-            let mut control = control.clone();
-            let channel = idle_channel(args, i % args.idle_channels.max(1));
-            async move { issue(&mut control, &channel).await }
-        })
-        .buffer_unordered(args.concurrency)
-        .collect()
-        .await;
-    let issued: Vec<_> = issued.into_iter().collect::<anyhow::Result<_>>()?;
-    let cpu_issued = args.pid.map(cpu_us).transpose()?;
+    let channel_of = |i: usize| idle_channel(args, i % args.idle_channels.max(1));
+    // Three phases, so the node's cost of each shows: every IssueConnection, then every
+    // Subscribe of those credentials to their channel, then every WebSocket handshake.
+    let mut issued = Vec::new();
+    let (mut cpu_issued, mut cpu_subscribed) = (cpu_start, cpu_start);
+    if let Some(control) = &control {
+        let all: Vec<_> = stream::iter(0..args.sockets)
+            .map(|_| {
+                let mut control = control.clone();
+                async move {
+                    Ok::<_, anyhow::Error>(
+                        control
+                            .issue_connection(pb::IssueConnectionRequest::default())
+                            .await?
+                            .into_inner(),
+                    )
+                }
+            })
+            .buffer_unordered(args.concurrency)
+            .collect()
+            .await;
+        issued = all.into_iter().collect::<anyhow::Result<_>>()?;
+        cpu_issued = args.pid.map(cpu_us).transpose()?;
+        let subscribed: Vec<_> = stream::iter(issued.iter().enumerate())
+            .map(|(i, creds)| {
+                let mut control = control.clone();
+                let request = pb::SubscribeRequest {
+                    digest: creds.digest.clone(),
+                    channels: vec![channel_of(i)],
+                };
+                async move { control.subscribe(request).await.map(drop) }
+            })
+            .buffer_unordered(args.concurrency)
+            .collect()
+            .await;
+        subscribed.into_iter().collect::<Result<(), _>>()?;
+        cpu_subscribed = args.pid.map(cpu_us).transpose()?;
+    }
     let issued = &issued;
     let results: Vec<_> = stream::iter(0..args.sockets)
-        .map(|i| async move { connect_raw(args, i, &issued[i]).await })
+        .map(|i| async move {
+            if nchan {
+                open_path(args, i, &format!("/sub/{}", channel_of(i))).await
+            } else {
+                connect_raw(args, i, &issued[i]).await
+            }
+        })
         .buffer_unordered(args.concurrency)
         .collect()
         .await;
@@ -330,16 +383,26 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some((b - a) as f64 / args.sockets.max(1) as f64),
         _ => None,
     };
-    let (issue_us, handshake_us) = (per(cpu_start, cpu_issued), per(cpu_issued, cpu_connected));
+    let (issue_us, subscribe_us, handshake_us) = (
+        per(cpu_start, cpu_issued).filter(|_| !nchan),
+        per(cpu_issued, cpu_subscribed).filter(|_| !nchan),
+        per(cpu_subscribed, cpu_connected),
+    );
     let (sockets, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
     if let Some(Err(err)) = failed.first() {
         eprintln!("first failure: {err:#}");
     }
-    let mut control = control.clone();
-    let stats = control
-        .stats(pb::StatsRequest::default())
-        .await?
-        .into_inner();
+    let node_connections = match &control {
+        Some(control) => {
+            control
+                .clone()
+                .stats(pb::StatsRequest::default())
+                .await?
+                .into_inner()
+                .connections
+        }
+        None => 0,
+    };
     let after = args.pid.map(rss_bytes).transpose()?;
     let per_socket = match (before, after) {
         (Some(b), Some(a)) if !sockets.is_empty() => {
@@ -350,9 +413,10 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
     println!("scenario        idle");
     println!("connected       {}", sockets.len());
     println!("failed          {}", failed.len());
-    println!("node reports    {} connections", stats.connections);
+    println!("target          {}", args.target);
+    println!("node reports    {node_connections} connections");
     println!(
-        "connect time    {:.2} s ({:.0}/s incl. issue+subscribe)",
+        "connect time    {:.2} s ({:.0}/s incl. issue and subscribe)",
         elapsed.as_secs_f64(),
         sockets.len() as f64 / elapsed.as_secs_f64()
     );
@@ -366,23 +430,27 @@ async fn idle(args: &Args) -> anyhow::Result<()> {
     if let Some(p) = per_socket {
         println!("RSS per socket  {p:.0} B");
     }
-    if let (Some(i), Some(h)) = (issue_us, handshake_us) {
-        println!(
-            "node CPU        {i:.1} us per issue+subscribe (gRPC), {h:.1} us per handshake, {:.1} us in all",
-            i + h
-        );
+    match (issue_us, subscribe_us, handshake_us) {
+        (Some(i), Some(s), Some(h)) => println!(
+            "node CPU        {i:.1} us per IssueConnection, {s:.1} us per Subscribe, {h:.1} us per handshake, {:.1} us in all",
+            i + s + h
+        ),
+        (_, _, Some(h)) => println!("node CPU        {h:.1} us per handshake"),
+        _ => {}
     }
     println!(
         "{}",
         serde_json::json!({
             "scenario": "idle", "connected": sockets.len(), "failed": failed.len(),
-            "node_connections": stats.connections, "connect_seconds": elapsed.as_secs_f64(),
+            "target": args.target,
+            "node_connections": node_connections, "connect_seconds": elapsed.as_secs_f64(),
             "rss_before": before, "rss_after": after, "rss_per_socket": per_socket,
-            "node_cpu_us_per_issue": issue_us, "node_cpu_us_per_handshake": handshake_us,
+            "node_cpu_us_per_issue": issue_us, "node_cpu_us_per_subscribe": subscribe_us,
+            "node_cpu_us_per_handshake": handshake_us,
         })
     );
-    if args.namespace.is_some() {
-        presence_timing(args, &mut control).await?;
+    if let (Some(_), Some(control)) = (&args.namespace, &control) {
+        presence_timing(args, &mut control.clone()).await?;
     }
     drop(sockets);
     Ok(())
@@ -770,20 +838,32 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         Arc,
     };
 
-    let control = ControlClient::connect(args.control.clone()).await?;
-    let channels: Vec<String> = (0..args.channels).map(|c| format!("fan-{c}")).collect();
+    let nchan = args.target == "nchan";
+    let control = if nchan {
+        None
+    } else {
+        Some(ControlClient::connect(args.control.clone()).await?)
+    };
+    // Channels of this run only: a server that keeps messages (Nchan, or a node's history)
+    // has nothing of an earlier run to hand the new sockets.
+    let run = std::process::id();
+    let channels: Vec<String> = (0..args.channels)
+        .map(|c| format!("fan-{run}-{c}"))
+        .collect();
     let started = Instant::now();
     let node_cpu_before = args.pid.map(cpu_us).transpose()?;
     let names = &channels;
     let sockets: Vec<_> = stream::iter(0..args.sockets)
         .map(|i| {
-            let mut control = control.clone();
+            let control = control.clone();
             let channel = names[i % names.len()].clone();
             let channels = names;
             async move {
-                open_raw(args, i, &mut control, &channel)
-                    .await
-                    .map(|ws| (i % channels.len(), ws))
+                let ws = match control {
+                    Some(mut control) => open_raw(args, i, &mut control, &channel).await,
+                    None => open_path(args, i, &format!("/sub/{channel}")).await,
+                };
+                ws.map(|ws| (i % channels.len(), ws))
             }
         })
         .buffer_unordered(args.concurrency)
@@ -814,7 +894,8 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         readers.push(tokio::spawn(async move {
             let mut ws = ws;
             let mut tally = Tally::default();
-            let mut last: HashMap<u64, u64> = HashMap::new(); // per channel index: last seq
+            // Per channel and publishing worker: the last sequence number.
+            let mut last: HashMap<u64, u64> = HashMap::new();
             loop {
                 let read = tokio::select! {
                     read = ws.read(|text| {
@@ -831,9 +912,10 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
                             tally.unreadable += 1;
                             return;
                         };
+                        let w = field(text, b"\"w\":").unwrap_or(0);
                         tally.received += 1;
                         received.fetch_add(1, Ordering::Relaxed);
-                        let prev = last.entry(c).or_insert(0);
+                        let prev = last.entry(c << 20 | w).or_insert(0);
                         if seq == *prev {
                             tally.duplicated += 1;
                         } else if seq < *prev {
@@ -859,67 +941,106 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         }));
     }
 
-    // The publisher: one PushStream per node, in turn, paced by --rate.
+    // The publisher: one PushStream per node, in turn, paced by --rate; or one call per push
+    // (unary `Push`, or Nchan's HTTP publish), --in-flight at once.
+    let per_call = nchan || args.push_with == "unary";
     let pushed = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
     let mut txs = Vec::new();
     let mut push_calls = Vec::new();
-    for url in controls(args)? {
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
-        let mut push_client = ControlClient::connect(url).await?;
-        push_calls.push(tokio::spawn(async move {
-            push_client
-                .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        }));
-        txs.push(tx);
+    let mut unary_clients = Vec::new();
+    if per_call && !nchan {
+        for _ in 0..args.push_connections.max(1) {
+            let endpoint = tonic::transport::Endpoint::from_shared(args.control.clone())?;
+            unary_clients.push(ControlClient::new(endpoint.connect().await?));
+        }
+    }
+    if !per_call {
+        for url in controls(args)? {
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
+            let mut push_client = ControlClient::connect(url).await?;
+            push_calls.push(tokio::spawn(async move {
+                push_client
+                    .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            }));
+            txs.push(tx);
+        }
     }
     let redis_start = redis_usages(&args.redis_ports).await?;
     let node_cpu_start = args.pid.map(cpu_us).transpose()?;
     let gen_cpu_start = cpu_us(std::process::id())?;
     let pushing_started = Instant::now();
     let deadline = pushing_started + std::time::Duration::from_secs(args.duration);
-    let pad = "x".repeat(args.payload.saturating_sub(40));
-    let mut seqs = vec![0u64; channels.len()];
-    let mut rng = rand::rng();
-    let interval =
-        (args.rate > 0).then(|| std::time::Duration::from_secs_f64(1.0 / args.rate as f64));
-    let mut next_at = tokio::time::Instant::now();
-    while Instant::now() < deadline {
-        if let Some(interval) = interval {
-            tokio::time::sleep_until(next_at).await;
-            next_at += interval;
-        }
-        let c = rng.random_range(0..channels.len());
-        seqs[c] += 1;
-        let json = format!(
-            r#"{{"c":{c},"s":{},"t":{},"p":"{pad}"}}"#,
-            seqs[c],
-            now_us()
-        );
-        // Each channel's pushes go through one node, so the generator's sequence is the
-        // channel's order (pushes through two nodes are ordered by Redis, not by their caller).
-        let tx = &txs[c % txs.len()];
-        if tx
-            .send(pb::PushRequest {
-                channels: vec![channels[c].clone()],
-                json,
-                ..Default::default()
-            })
-            .await
-            .is_err()
-        {
-            break;
-        }
-        pushed.fetch_add(1, Ordering::Relaxed);
-        expected.fetch_add(subscribers_per_channel[c], Ordering::Relaxed);
-    }
-    drop(txs);
     let mut summary = pb::PushStreamResponse::default();
-    for call in push_calls {
-        let part = call.await??.into_inner();
-        summary.pushes += part.pushes;
-        summary.queued += part.queued;
+    let mut push_failures = 0;
+    if per_call {
+        let plan = Arc::new(publish::Plan {
+            channels: channels.clone(),
+            subscribers: subscribers_per_channel.clone(),
+            payload: args.payload,
+            deadline,
+            count: args.push_count,
+            rate: args.rate,
+            started: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        });
+        let target = if nchan {
+            publish::Target::Nchan(args.ws)
+        } else {
+            publish::Target::Unary(unary_clients)
+        };
+        publish::run(plan.clone(), target, args.in_flight).await?;
+        summary.pushes = plan.pushed.load(Ordering::Relaxed);
+        expected.store(plan.expected.load(Ordering::Relaxed), Ordering::Relaxed);
+        push_failures = plan.failed.load(Ordering::Relaxed);
+    } else {
+        let pad = "x".repeat(args.payload.saturating_sub(40));
+        let mut seqs = vec![0u64; channels.len()];
+        let mut rng = rand::rng();
+        let interval =
+            (args.rate > 0).then(|| std::time::Duration::from_secs_f64(1.0 / args.rate as f64));
+        let mut next_at = tokio::time::Instant::now();
+        while Instant::now() < deadline
+            && (args.push_count == 0 || pushed.load(Ordering::Relaxed) < args.push_count)
+        {
+            if let Some(interval) = interval {
+                tokio::time::sleep_until(next_at).await;
+                next_at += interval;
+            }
+            let c = rng.random_range(0..channels.len());
+            seqs[c] += 1;
+            let json = format!(
+                r#"{{"c":{c},"s":{},"t":{},"p":"{pad}"}}"#,
+                seqs[c],
+                now_us()
+            );
+            // Each channel's pushes go through one node, so the generator's sequence is the
+            // channel's order (pushes through two nodes are ordered by Redis, not by their
+            // caller).
+            let tx = &txs[c % txs.len()];
+            if tx
+                .send(pb::PushRequest {
+                    channels: vec![channels[c].clone()],
+                    json,
+                    ..Default::default()
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            pushed.fetch_add(1, Ordering::Relaxed);
+            expected.fetch_add(subscribers_per_channel[c], Ordering::Relaxed);
+        }
+        drop(txs);
+        for call in push_calls {
+            let part = call.await??.into_inner();
+            summary.pushes += part.pushes;
+            summary.queued += part.queued;
+        }
     }
     let push_elapsed = pushing_started.elapsed();
     // Let in-flight frames land: wait until all expected frames arrived, or nothing has
@@ -985,10 +1106,19 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         connect_elapsed.as_secs_f64()
     );
     println!(
-        "pushes          {} accepted ({:.0}/s), node queued {}",
+        "pushes          {} accepted ({:.0}/s), node queued {}, {} failed, by {}",
         summary.pushes,
         summary.pushes as f64 / secs,
-        summary.queued
+        summary.queued,
+        push_failures,
+        match (nchan, per_call) {
+            (true, _) => format!("HTTP POST, {} in flight (Nchan)", args.in_flight),
+            (false, true) => format!(
+                "unary Push, {} in flight over {} connection(s)",
+                args.in_flight, args.push_connections
+            ),
+            (false, false) => "PushStream".to_owned(),
+        }
     );
     println!(
         "deliveries      {} received of {} expected ({:.0}/s)",
@@ -1051,7 +1181,8 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         serde_json::json!({
             "scenario": "fanout", "sockets": args.sockets, "channels": args.channels, "rate": args.rate,
             "duration_s": args.duration, "payload": args.payload, "connected": args.sockets - failed, "failed": failed,
-            "pushes": summary.pushes, "pushes_per_s": summary.pushes as f64 / secs,
+            "pushes": summary.pushes, "pushes_per_s": summary.pushes as f64 / secs, "push_failures": push_failures,
+            "target": args.target, "push_with": if nchan { "http" } else { args.push_with.as_str() },
             "deliveries": total.received, "expected": expected, "deliveries_per_s": total.received as f64 / secs,
             "lost": lost, "duplicated": total.duplicated, "reordered": total.reordered,
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},

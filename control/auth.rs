@@ -41,13 +41,13 @@ impl BearerAuth {
     }
 }
 
-impl Interceptor for BearerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl BearerAuth {
+    /// Whether `headers` carry an accepted token (always, when none is configured).
+    pub(crate) fn check(&self, headers: &http::HeaderMap) -> Result<(), Status> {
         if self.tokens.is_empty() {
-            return Ok(request);
+            return Ok(());
         }
-        let presented = request
-            .metadata()
+        let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
@@ -55,11 +55,18 @@ impl Interceptor for BearerAuth {
                     .or_else(|| v.strip_prefix("bearer "))
             });
         match presented {
-            Some(token) if self.allows(token.trim().as_bytes()) => Ok(request),
+            Some(token) if self.allows(token.trim().as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated(
                 "missing bearer token (authorization: Bearer <token>)",
             )),
         }
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request.metadata().as_ref())?;
+        Ok(request)
     }
 }

@@ -94,8 +94,14 @@ impl AsyncWrite for Bounded {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
+    /// No, on purpose: h2 then copies every frame under 1 KiB into its write buffer instead of
+    /// chaining payloads of 256 bytes and more as separate slices, and a chained payload ends
+    /// the batch. A unary reply is HEADERS, one DATA frame of at least 512 bytes (padded,
+    /// [`pad`](crate::pad)) and trailers: chained, they took two `writev` calls per call (the
+    /// trailers alone in the second); copied, they go out in one write. Larger payloads are
+    /// still written from their own buffer.
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        false
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

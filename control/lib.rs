@@ -31,6 +31,7 @@ pub mod cli;
 pub mod client;
 mod convert;
 pub mod error;
+mod fast;
 mod handle;
 mod health;
 mod incoming;

@@ -23,7 +23,7 @@ use tonic::{
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::{
-    auth::BearerAuth, error::RunError, health::HealthService, incoming, observe, pad, pb,
+    auth::BearerAuth, error::RunError, fast, health::HealthService, incoming, observe, pad, pb,
     service::ControlService, settings::Settings,
 };
 
@@ -49,9 +49,10 @@ pub(crate) async fn serve(
     };
     let reflection_v1 = reflection().build_v1().map_err(RunError::Reflection)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(RunError::Reflection)?;
+    let auth = BearerAuth::new(&settings.tokens);
     let control = InterceptedService::new(
         pb::control_server::ControlServer::new(ControlService::new(gateway.clone())),
-        BearerAuth::new(&settings.tokens),
+        auth.clone(),
     );
     let keepalive = (!settings.keepalive.is_zero()).then_some(settings.keepalive);
     // Replies are small and latency matters more than packet count.
@@ -74,6 +75,11 @@ pub(crate) async fn serve(
     // Observe outermost, so refused calls (UNAUTHENTICATED, timeouts) are counted too; the
     // padding below it changes bodies only.
     let result = server
+        .layer(fast::FastLayer::new(
+            gateway.clone(),
+            auth,
+            settings.call_timeout,
+        ))
         .layer(observe::ObserveLayer::new(
             gateway.clone(),
             settings.call_timeout,
