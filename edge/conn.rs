@@ -95,40 +95,52 @@ impl End {
 
 /// Runs a socket over the upgraded stream `io` until it ends, then tells the registry and
 /// closes it. `pre_read` is whatever the client sent after its upgrade request that the HTTP
-/// server already read (usually nothing).
+/// server already read (usually nothing); `hold` (the socket's admission slots) is dropped
+/// when the socket ends.
 ///
-/// Not an `async fn`: the stream is split and wrapped before the future exists, so the future
-/// does not keep a dead copy of the whole stream beside the two halves for the socket's
-/// lifetime.
-pub(crate) fn run<'e, S>(
+/// Not an `async fn`: the stream is split and wrapped and `pre_read` copied before the future
+/// exists, so the future (what every live socket's task holds) keeps neither a dead copy of
+/// the whole stream beside the two halves nor the caller's buffer.
+pub(crate) fn run<S, H>(
     io: S,
     pre_read: &[u8],
     wire: Wire,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
-    node: &'e Arc<NodeState>,
-) -> impl Future<Output = ()> + 'e
+    node: Arc<NodeState>,
+    hold: H,
+) -> impl Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'e,
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Send,
 {
     let (read, write) = tokio::io::split(io);
     let limits = &node.config.limits;
     let reader = Reader::new(read, pre_read, limits.max_message_size, wire.deflate);
     let writer = Writer::new(write, wire.deflate.then_some(limits.compress_min_size));
-    run_split(writer, reader, Deltas::new(wire.deltas), conn, socket, node)
+    run_split(
+        writer,
+        reader,
+        Deltas::new(wire.deltas),
+        conn,
+        socket,
+        node,
+        hold,
+    )
 }
 
-async fn run_split<S>(
+async fn run_split<S, H>(
     mut writer: Sink<S>,
     mut reader: Stream<S>,
     mut deltas: Deltas,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
-    node: &Arc<NodeState>,
+    node: Arc<NodeState>,
+    hold: H,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = &conn;
+    let (conn, node) = (&conn, &node);
     tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
     if node.handlers.wants_lifecycle() {
         let user = node.registry.user_of(&conn.digest());
@@ -142,6 +154,7 @@ async fn run_split<S>(
     // The ending runs once per socket: boxed, its state does not sit in every live socket's
     // task (the steady state above is what an idle socket holds).
     Box::pin(finish(end, writer, deltas, reader, conn, &socket, node)).await;
+    drop(hold);
 }
 
 type Sink<S> = Writer<WriteHalf<S>>;
@@ -271,7 +284,10 @@ where
                     let _settle = conn.outbox.settle_on_drop(bytes);
                     writer.control(ping, pong);
                     let before = writer.written;
-                    let written = write(writer, deltas, conn, node, &mut batch).await;
+                    // Boxed: inline, the write's state would sit in every idle socket's
+                    // task (about 300 bytes each); one allocation per batch written is
+                    // nothing beside the write call itself.
+                    let written = Box::pin(write(writer, deltas, conn, node, &mut batch)).await;
                     node.registry
                         .metrics()
                         .wire_bytes
@@ -546,7 +562,7 @@ mod tests {
         let read = std::mem::size_of_val(&read_loop(&mut reader, &conn, &socket, &node));
         drop((reader, writer));
         let (io, _peer) = tokio::io::duplex(64);
-        let run = std::mem::size_of_val(&run(io, &[], Wire::default(), conn, socket, &node));
+        let run = std::mem::size_of_val(&run(io, &[], Wire::default(), conn, socket, node, ()));
         println!(
             "future sizes: write_loop {write} B, read_loop {read} B, run {run} B, End {} B",
             std::mem::size_of::<End>()

@@ -207,6 +207,9 @@ where
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_node = node.clone();
+    // Two tasks: this one waits for hyper to hand the stream over and ends; the socket's own
+    // task, spawned then, holds the socket's future and its slots only, so what every live
+    // socket keeps is no larger than it must be (nothing of the upgrade's state).
     let task = async move {
         let node = task_node;
         match on_upgrade.await {
@@ -219,32 +222,28 @@ where
                 // dynamic dispatch per read and write for the socket's lifetime.
                 match upgraded.downcast::<TokioIo<S>>() {
                     Ok(parts) => {
-                        let socket_task = conn::run(
-                            parts.io.into_inner(),
-                            &parts.read_buf,
-                            wire,
-                            conn,
-                            socket,
-                            &node,
-                        );
-                        // `read_buf` is a slice of hyper's whole read buffer: holding it for the
-                        // socket's lifetime would keep kilobytes per socket alive.
+                        let io = parts.io.into_inner();
+                        // `read_buf` is a slice of hyper's whole read buffer: holding it for
+                        // the socket's lifetime would keep kilobytes per socket alive (`run`
+                        // copies what it holds).
+                        let run =
+                            conn::run(io, &parts.read_buf, wire, conn, socket, node.clone(), slots);
                         drop(parts.read_buf);
-                        socket_task.instrument(span).await;
+                        node.tracker.spawn(run.instrument(span));
                     }
                     Err(upgraded) => {
-                        conn::run(TokioIo::new(upgraded), &[], wire, conn, socket, &node)
-                            .instrument(span)
-                            .await;
+                        let io = TokioIo::new(upgraded);
+                        let run = conn::run(io, &[], wire, conn, socket, node.clone(), slots);
+                        node.tracker.spawn(run.instrument(span));
                     }
                 }
             }
             Err(err) => {
                 tracing::debug!(%peer, %err, "upgrade did not complete");
                 node.bus.detach(&conn, Ending::Resumable, None);
+                drop(slots);
             }
         }
-        drop(slots);
     };
     node.tracker.spawn(task);
 

@@ -4,9 +4,10 @@
 //!
 //! Owned here rather than left to tungstenite, which refuses frames with RSV1 (every message a
 //! browser compresses) and cannot write the bytes of a push compressed once for all its
-//! subscribers. What this side holds per socket: a read buffer that is dropped whenever it is
-//! empty and larger than [`READ_CHUNK`], a message being reassembled only while one is, and a
-//! write buffer only while a batch is being written.
+//! subscribers. What this side holds per socket: a read buffer only while a frame is partly
+//! read (an idle socket waits for its next bytes with none: they land in a buffer on the
+//! stack and are copied into one sized for them), a message being reassembled only while one
+//! is, and a write buffer only while a batch is being written.
 //!
 //! Rules enforced on what clients send (each a close with its code, see [`ReadError`]): frames
 //! masked; RSV2/RSV3 clear, RSV1 only on a message's first frame and only with deflate;
@@ -27,9 +28,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// Bytes a read asks the kernel for when the buffer is empty; a buffer this size or smaller is
-/// kept between messages.
+/// Bytes a read asks the kernel for at least, into a buffer that holds part of a frame.
 pub(crate) const READ_CHUNK: usize = 256;
+
+/// The stack buffer an idle socket's next bytes land in: most client messages fit whole.
+const IDLE_READ: usize = 2048;
 
 /// A batch is written out once its buffer holds this much, so a burst never buffers more.
 pub(crate) const WRITE_CHUNK: usize = 64 << 10;
@@ -186,13 +189,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub(crate) async fn next(&mut self) -> Result<Message, ReadError> {
         loop {
             if let Some(message) = self.parse()? {
-                if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
-                    // A large message is over: do not hold its buffer while idle.
+                if self.buf.is_empty() {
+                    // Nothing left to parse: hold no buffer while waiting for the next bytes.
                     self.buf = BytesMut::new();
                 }
                 return Ok(message);
             }
-            self.fill().await?;
+            if self.buf.is_empty() {
+                self.fill_idle().await?;
+            } else {
+                self.fill().await?;
+            }
         }
     }
 
@@ -208,6 +215,24 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             Ok(_) => Ok(()),
             Err(err) => Err(ReadError::Io(err)),
         }
+    }
+
+    /// Waits for bytes with no buffer of the socket's own: they are read into a buffer on the
+    /// stack (alive only while the read is polled, not in the socket's future) and copied into
+    /// a buffer of their size.
+    async fn fill_idle(&mut self) -> Result<(), ReadError> {
+        let Self { io, buf, .. } = self;
+        poll_fn(|cx| {
+            let mut stack = [0u8; IDLE_READ];
+            let mut read = tokio::io::ReadBuf::new(&mut stack);
+            ready!(Pin::new(&mut *io).poll_read(cx, &mut read)).map_err(ReadError::Io)?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Err(ReadError::Ended));
+            }
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// Takes whole frames from the buffer until one completes a message.
