@@ -14,6 +14,7 @@ mod cli;
 mod cluster;
 mod compression;
 mod control;
+mod control_fast;
 mod control_limits;
 mod credentials;
 mod fanout;
