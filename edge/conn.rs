@@ -19,13 +19,16 @@ use std::{
     collections::VecDeque,
     future::{poll_fn, Future},
     io,
+    pin::Pin,
     sync::{atomic::Ordering, Arc},
-    task::Poll,
+    task::{Context, Poll},
     time::Duration,
 };
 
+use bytes::BytesMut;
+use parking_lot::Mutex;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{sleep, timeout, Instant},
 };
 
@@ -95,12 +98,8 @@ impl End {
 
 /// Runs a socket over the upgraded stream `io` until it ends, then tells the registry and
 /// closes it. `pre_read` is whatever the client sent after its upgrade request that the HTTP
-/// server already read (usually nothing); `hold` (the socket's admission slots) is dropped
-/// when the socket ends.
-///
-/// Not an `async fn`: the stream is split and wrapped and `pre_read` copied before the future
-/// exists, so the future (what every live socket's task holds) keeps neither a dead copy of
-/// the whole stream beside the two halves nor the caller's buffer.
+/// server already read (usually nothing; copied, so the caller's buffer is not kept); `hold`
+/// (the socket's admission slots) is dropped when the socket ends.
 pub(crate) fn run<S, H>(
     io: S,
     pre_read: &[u8],
@@ -114,14 +113,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Send,
 {
-    let (read, write) = tokio::io::split(io);
-    let limits = &node.config.limits;
-    let reader = Reader::new(read, pre_read, limits.max_message_size, wire.deflate);
-    let writer = Writer::new(write, wire.deflate.then_some(limits.compress_min_size));
     run_split(
-        writer,
-        reader,
-        Deltas::new(wire.deltas),
+        Mutex::new(io),
+        pre_read.into(),
+        wire,
         conn,
         socket,
         node,
@@ -129,48 +124,109 @@ where
     )
 }
 
-async fn run_split<S, H>(
-    mut writer: Sink<S>,
-    mut reader: Stream<S>,
-    mut deltas: Deltas,
+/// One side of a socket's stream, for its reader or its writer. Both run in the socket's one
+/// task and never poll at the same time, so the lock is never contended; the stream lives in
+/// the socket's future instead of behind `tokio::io::split`'s `Arc` (a 64-byte allocation per
+/// socket).
+pub(crate) struct Half<'io, S>(&'io Mutex<S>);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Half<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Half<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.lock()).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.lock()).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.lock().is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.lock()).poll_shutdown(cx)
+    }
+}
+
+/// The socket's future. A plain function returning an `async move` block, not an `async fn`:
+/// an `async fn` keeps its arguments twice in its future (as passed, and as the body's own
+/// bindings; rust-lang/rust#62958), about 200 bytes here, in every live socket's task.
+#[allow(clippy::manual_async_fn)]
+fn run_split<S, H>(
+    io: Mutex<S>,
+    pre_read: Box<[u8]>,
+    wire: Wire,
     conn: Arc<Conn>,
     socket: Arc<Socket>,
     node: Arc<NodeState>,
     hold: H,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (conn, node) = (&conn, &node);
-    tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
-    if node.handlers.wants_lifecycle() {
-        let user = node.registry.user_of(&conn.digest());
-        node.handlers
-            .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
+    // Everything the block captures keeps its place in the future for the socket's life
+    // (moved out or not): the stream is captured as the one copy the halves borrow, and the
+    // pre-read bytes as a boxed slice (16 bytes, nothing allocated when empty, freed once
+    // copied into the reader's buffer).
+    async move {
+        let limits = &node.config.limits;
+        let buffered = BytesMut::from(&pre_read[..]);
+        drop(pre_read);
+        let mut reader = Reader::new(Half(&io), buffered, limits.max_message_size, wire.deflate);
+        let mut writer = Writer::new(Half(&io), wire.deflate.then_some(limits.compress_min_size));
+        let mut deltas = Deltas::new(wire.deltas);
+        let (conn, node) = (&conn, &node);
+        tracing::debug!(connection_id = %socket.connection_id, peer = %socket.peer, "socket open");
+        if node.handlers.wants_lifecycle() {
+            let user = node.registry.user_of(&conn.digest());
+            node.handlers
+                .connected(&socket, conn.resumed(), user.as_ref().map(|u| &*u.name));
+        }
+        let end = tokio::select! {
+            end = write_loop(&mut writer, &mut deltas, conn, node) => end,
+            end = read_loop(&mut reader, conn, &socket, node) => end,
+        };
+        // The ending runs once per socket: boxed, its state does not sit in every live
+        // socket's task (the steady state above is what an idle socket holds).
+        Box::pin(finish(end, writer, deltas, reader, conn, &socket, node)).await;
+        drop(hold);
     }
-    let end = tokio::select! {
-        end = write_loop(&mut writer, &mut deltas, conn, node) => end,
-        end = read_loop(&mut reader, conn, &socket, node) => end,
-    };
-    // The ending runs once per socket: boxed, its state does not sit in every live socket's
-    // task (the steady state above is what an idle socket holds).
-    Box::pin(finish(end, writer, deltas, reader, conn, &socket, node)).await;
-    drop(hold);
 }
 
-type Sink<S> = Writer<WriteHalf<S>>;
-type Stream<S> = Reader<ReadHalf<S>>;
-
 /// After the loops: tells the registry and the handlers, then the closing handshake.
-async fn finish<S>(
+async fn finish<R, W>(
     end: End,
-    mut writer: Sink<S>,
+    mut writer: Writer<W>,
     mut deltas: Deltas,
-    mut reader: Stream<S>,
+    mut reader: Reader<R>,
     conn: &Conn,
     socket: &Socket,
     node: &NodeState,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     report_end(&end, conn, socket, node);
     match &end {
@@ -261,24 +317,28 @@ pub(crate) fn report_end(end: &End, conn: &Conn, socket: &Socket, node: &NodeSta
     });
 }
 
-async fn write_loop<S>(
-    writer: &mut Sink<S>,
-    deltas: &mut Deltas,
-    conn: &Conn,
-    node: &NodeState,
-) -> End
+// Not an `async fn` on purpose (see `run_split`): its arguments would be kept twice.
+#[allow(clippy::manual_async_fn)]
+fn write_loop<'a, W>(
+    writer: &'a mut Writer<W>,
+    deltas: &'a mut Deltas,
+    conn: &'a Conn,
+    node: &'a NodeState,
+) -> impl Future<Output = End> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let mut draining = false;
-    // Created once: a `cancelled()` made per loop turn would join and leave the token's waiter
-    // list on every write.
-    let shutdown = node.shutdown.cancelled();
-    tokio::pin!(shutdown);
-    let mut batch = VecDeque::new();
-    loop {
-        tokio::select! {
-            next = conn.outbox.next_into(&mut batch) => match next {
+    async move {
+        // The node's drain closes every live socket's outbox (`Registry::close_live`): queued
+        // frames still go out first, then the outbox yields the close. A socket that became live
+        // after that sweep closes its own here. No per-socket wait on the shutdown token: that
+        // would be a waiter (~70 bytes) in every idle socket's task.
+        if node.shutdown.is_cancelled() {
+            conn.outbox.close(Close::GoingAway);
+        }
+        let mut batch = VecDeque::new();
+        loop {
+            match conn.outbox.next_into(&mut batch).await {
                 Next::Write { ping, pong, bytes } => {
                     // Settled when the write is done, failed, or dropped with this task.
                     let _settle = conn.outbox.settle_on_drop(bytes);
@@ -301,11 +361,6 @@ where
                     }
                 }
                 Next::Close(close) => return End::Closing(close),
-            },
-            _ = &mut shutdown, if !draining => {
-                draining = true;
-                // Queued frames still go out first; then the outbox yields the close.
-                conn.outbox.close(Close::GoingAway);
             }
         }
     }
@@ -316,15 +371,15 @@ where
 /// unless the socket is closed meanwhile: at once when it was closed as too slow (its peer is
 /// not reading), else after [`CLOSE_TIMEOUT`]. One function for pings and frames, so the
 /// socket's task holds one write state, not two.
-async fn write<S>(
-    writer: &mut Sink<S>,
+async fn write<W>(
+    writer: &mut Writer<W>,
     deltas: &mut Deltas,
     conn: &Conn,
     node: &NodeState,
     frames: &mut VecDeque<Frame>,
 ) -> Result<(), End>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let metrics = node.registry.metrics();
     let compress = |text: &[u8]| {
@@ -365,58 +420,64 @@ where
     }
 }
 
-async fn read_loop<S>(
-    reader: &mut Stream<S>,
-    conn: &Arc<Conn>,
-    socket: &Arc<Socket>,
-    node: &Arc<NodeState>,
-) -> End
+// Not an `async fn` on purpose (see `run_split`): its arguments would be kept twice.
+#[allow(clippy::manual_async_fn)]
+fn read_loop<'a, R>(
+    reader: &'a mut Reader<R>,
+    conn: &'a Arc<Conn>,
+    socket: &'a Arc<Socket>,
+    node: &'a Arc<NodeState>,
+) -> impl Future<Output = End> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
 {
-    let limits = &node.config.limits;
-    let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
-    loop {
-        // No timer here: the node's heartbeat closes sockets that stay silent (`Conn::touch`).
-        let message = reader.next().await;
-        let now = Instant::now();
-        conn.touch();
-        let is_message = matches!(message, Ok(Message::Text(_) | Message::Binary));
-        if is_message {
-            node.registry.metrics().messages_in.inc();
-            match limit.take(now) {
-                Take::Allowed => {}
-                Take::Refused => {
-                    let text = match &message {
-                        Ok(Message::Text(text)) => text.as_str(),
-                        _ => "",
-                    };
-                    queue_reply(conn, &rate_limited(text), node);
-                    continue;
+    async move {
+        let limits = &node.config.limits;
+        let mut limit = MessageLimit::new(limits.message_rate, limits.message_burst);
+        loop {
+            // No timer here: the node's heartbeat closes sockets that stay silent (`Conn::touch`).
+            let message = reader.next().await;
+            let now = Instant::now();
+            conn.touch();
+            let is_message = matches!(message, Ok(Message::Text(_) | Message::Binary));
+            if is_message {
+                node.registry.metrics().messages_in.inc();
+                match limit.take(now) {
+                    Take::Allowed => {}
+                    Take::Refused => {
+                        let text = match &message {
+                            Ok(Message::Text(text)) => text.as_str(),
+                            _ => "",
+                        };
+                        queue_reply(conn, &rate_limited(text), node);
+                        continue;
+                    }
+                    Take::Abusive => {
+                        return End::Closing(Close::Policy("message rate limit exceeded"))
+                    }
                 }
-                Take::Abusive => return End::Closing(Close::Policy("message rate limit exceeded")),
             }
-        }
-        let reply = match message {
-            Err(err) => return End::from_error(err),
-            Ok(Message::Close(frame)) => {
-                let (code, reason) = frame.unwrap_or((CODE_NONE, String::new()));
-                return End::PeerClosed { code, reason };
+            let reply = match message {
+                Err(err) => return End::from_error(err),
+                Ok(Message::Close(frame)) => {
+                    let (code, reason) = frame.unwrap_or((CODE_NONE, String::new()));
+                    return End::PeerClosed { code, reason };
+                }
+                Ok(Message::Text(text)) => answer(Frame::from(text), conn, socket, node),
+                Ok(Message::Binary) => Some(Reply::text(
+                    None,
+                    400,
+                    "binary frames are not supported: send JSON text",
+                )),
+                Ok(Message::Ping(payload)) => {
+                    conn.outbox.pong(payload);
+                    None
+                }
+                Ok(Message::Pong) => None,
+            };
+            if let Some(reply) = reply {
+                queue_reply(conn, &reply, node);
             }
-            Ok(Message::Text(text)) => answer(Frame::from(text), conn, socket, node),
-            Ok(Message::Binary) => Some(Reply::text(
-                None,
-                400,
-                "binary frames are not supported: send JSON text",
-            )),
-            Ok(Message::Ping(payload)) => {
-                conn.outbox.pong(payload);
-                None
-            }
-            Ok(Message::Pong) => None,
-        };
-        if let Some(reply) = reply {
-            queue_reply(conn, &reply, node);
         }
     }
 }
@@ -547,10 +608,9 @@ mod tests {
             )
             .unwrap(),
         );
-        let (io, _peer) = tokio::io::duplex(64);
-        let (read, write) = tokio::io::split(io);
-        let mut reader = Reader::new(read, &[], 1024, false);
-        let mut writer = Writer::new(write, None);
+        let io = Mutex::new(tokio::io::duplex(64).0);
+        let mut reader = Reader::new(Half(&io), BytesMut::new(), 1024, false);
+        let mut writer = Writer::new(Half(&io), None);
         let mut deltas = Deltas::new(false);
         let socket = Arc::new(Socket::new(
             creds.connection_id.clone().into_boxed_str(),
@@ -561,8 +621,14 @@ mod tests {
         let write = std::mem::size_of_val(&write_loop(&mut writer, &mut deltas, &conn, &node));
         let read = std::mem::size_of_val(&read_loop(&mut reader, &conn, &socket, &node));
         drop((reader, writer));
-        let (io, _peer) = tokio::io::duplex(64);
-        let run = std::mem::size_of_val(&run(io, &[], Wire::default(), conn, socket, node, ()));
+        // What the node runs: a TCP stream (the stream lives in the socket's future).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_client, io) = (client.unwrap(), accepted.unwrap().0);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let task = tracker.track_future(run(io, &[], Wire::default(), conn, socket, node, ()));
+        let run = std::mem::size_of_val(&task);
         println!(
             "future sizes: write_loop {write} B, read_loop {read} B, run {run} B, End {} B",
             std::mem::size_of::<End>()
@@ -571,9 +637,17 @@ mod tests {
             "Sleep {} B, Interval {} B, Reader {} B, Writer {} B",
             std::mem::size_of::<tokio::time::Sleep>(),
             std::mem::size_of::<tokio::time::Interval>(),
-            std::mem::size_of::<Stream<tokio::net::TcpStream>>(),
-            std::mem::size_of::<Sink<tokio::net::TcpStream>>()
+            std::mem::size_of::<Reader<Half<'_, tokio::net::TcpStream>>>(),
+            std::mem::size_of::<Writer<Half<'_, tokio::net::TcpStream>>>()
         );
-        assert!(run <= 1024, "the connection future grew to {run} B");
+        // The socket's task as spawned (tracked) also holds its admission slots; tokio sizes a
+        // task as its future plus 104 bytes, in steps of 128: at most 664 bytes keeps every
+        // idle socket's task at 768 (S4, BENCHMARKS.md).
+        let spawned = run + std::mem::size_of::<crate::handshake::Slots>();
+        println!("spawned socket future {spawned} B");
+        assert!(
+            spawned <= 664,
+            "the socket's task future grew to {spawned} B"
+        );
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     credentials::{Digest, Verified},
     handlers::Socket,
     http::{close, text, Body},
-    node::{IpSlot, NodeState},
+    node::{Counts, IpSlot, NodeState},
     protocol::Recover,
     registry::{AttachRefusal, Conn, Ending},
     ws::deflate,
@@ -229,12 +229,12 @@ where
                         let run =
                             conn::run(io, &parts.read_buf, wire, conn, socket, node.clone(), slots);
                         drop(parts.read_buf);
-                        node.tracker.spawn(run.instrument(span));
+                        spawn_socket(&node, run, span);
                     }
                     Err(upgraded) => {
                         let io = TokioIo::new(upgraded);
                         let run = conn::run(io, &[], wire, conn, socket, node.clone(), slots);
-                        node.tracker.spawn(run.instrument(span));
+                        spawn_socket(&node, run, span);
                     }
                 }
             }
@@ -263,6 +263,19 @@ where
         );
     }
     Ok(response)
+}
+
+/// Spawns a socket's task, in its debug span only when that span is enabled: a span held by
+/// every idle socket's task is 40 bytes more of it (and tokio sizes tasks in steps of 128).
+fn spawn_socket<F>(node: &NodeState, run: F, span: tracing::Span)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if span.is_disabled() {
+        node.tracker.spawn(run);
+    } else {
+        node.tracker.spawn(run.instrument(span));
+    }
 }
 
 /// What a client presents to open a socket (a WebSocket or an event stream): its connection
@@ -378,7 +391,7 @@ pub(crate) async fn admit(
         UpgradeRefusal::Unavailable
     })?;
     let limit = node.config.limits.max_connections_per_ip;
-    let ip_slot = IpSlot::take(node, peer.ip(), limit, |node| &node.per_ip).ok_or_else(|| {
+    let ip_slot = IpSlot::take(node, peer.ip(), limit, Counts::Connections).ok_or_else(|| {
         tracing::debug!(%peer, "handshake refused: max-connections-per-ip reached");
         UpgradeRefusal::TooManyFromIp
     })?;

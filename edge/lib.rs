@@ -276,6 +276,8 @@ impl Node {
         let deadline = tokio::time::Instant::now() + grace;
         node.readiness.set_draining();
         node.shutdown.cancel();
+        // Every live socket writes what it has queued, then closes with 1001.
+        node.registry.close_live(crate::error::Close::GoingAway);
         if tokio::time::timeout_at(deadline, node.sockets_gone())
             .await
             .is_err()

@@ -229,11 +229,27 @@ impl NodeState {
     }
 }
 
-/// Where a per-address limit keeps its counts.
-pub(crate) type Counts = fn(&NodeState) -> &DashMap<IpAddr, usize>;
+/// Which per-address limit a slot counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counts {
+    /// Live sockets and streams (`max-connections-per-ip`).
+    Connections,
+    /// Connections in their HTTP phase (`max-pending-per-ip`).
+    Pending,
+}
+
+impl Counts {
+    fn of(self, node: &NodeState) -> &DashMap<IpAddr, usize> {
+        match self {
+            Self::Connections => &node.per_ip,
+            Self::Pending => &node.pending_per_ip,
+        }
+    }
+}
 
 /// One connection's share of a per-address limit (`max_connections_per_ip`, or
-/// `max_pending_per_ip`); given back on drop.
+/// `max_pending_per_ip`); given back on drop. Small on purpose (32 bytes): every live socket's
+/// task holds one.
 pub(crate) struct IpSlot {
     node: Arc<NodeState>,
     ip: IpAddr,
@@ -257,7 +273,7 @@ impl IpSlot {
                 counts: None,
             });
         }
-        let mut count = counts(node).entry(ip).or_insert(0);
+        let mut count = counts.of(node).entry(ip).or_insert(0);
         if *count >= max {
             return None;
         }
@@ -276,7 +292,7 @@ impl Drop for IpSlot {
         let Some(counts) = self.counts else {
             return;
         };
-        let counts = counts(&self.node);
+        let counts = counts.of(&self.node);
         if let Some(mut count) = counts.get_mut(&self.ip) {
             *count = count.saturating_sub(1);
         }
@@ -328,7 +344,7 @@ impl Admission {
 
     fn slot(node: &Arc<NodeState>, ip: IpAddr) -> Result<IpSlot, &'static str> {
         let max = node.config.limits.max_pending_per_ip;
-        IpSlot::take(node, ip, max, |node| &node.pending_per_ip).ok_or("pending_per_ip")
+        IpSlot::take(node, ip, max, Counts::Pending).ok_or("pending_per_ip")
     }
 
     /// Whether this connection is on the spare lane (probes only: upgrades get 503).

@@ -502,6 +502,16 @@ impl Registry {
             .collect()
     }
 
+    /// Closes the outbox of every socket live on this node with `reason` (the node's drain):
+    /// each writes what it has queued, then closes.
+    pub(crate) fn close_live(&self, reason: crate::error::Close) {
+        for session in self.shared.sessions.iter() {
+            if let State::Live(conn) = &session.state {
+                conn.outbox.close(reason.clone());
+            }
+        }
+    }
+
     /// The digests of the sockets live on this node.
     pub(crate) fn live_digests(&self) -> Vec<Digest> {
         self.shared

@@ -175,10 +175,10 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     /// A reader over `io`, which already delivered `pre_read`.
-    pub(crate) fn new(io: R, pre_read: &[u8], max: usize, deflate: bool) -> Self {
+    pub(crate) fn new(io: R, pre_read: BytesMut, max: usize, deflate: bool) -> Self {
         Self {
             io,
-            buf: BytesMut::from(pre_read),
+            buf: pre_read,
             partial: None,
             max,
             deflate,
@@ -472,7 +472,12 @@ pub(crate) fn check_frames(input: &[u8]) {
     use std::{future::Future, task::Waker};
     const MAX: usize = 4096;
     let deflate = input.first().is_some_and(|b| b & 1 == 1);
-    let mut reader = Reader::new(input.get(1..).unwrap_or_default(), &[], MAX, deflate);
+    let mut reader = Reader::new(
+        input.get(1..).unwrap_or_default(),
+        BytesMut::new(),
+        MAX,
+        deflate,
+    );
     let mut cx = Context::from_waker(Waker::noop());
     loop {
         // Reading a slice never waits: one poll decides.
@@ -513,7 +518,7 @@ mod tests {
     }
 
     async fn read_all(bytes: Vec<u8>, deflate: bool) -> Vec<Result<Message, ReadError>> {
-        let mut reader = Reader::new(&bytes[..], &[], 1 << 16, deflate);
+        let mut reader = Reader::new(&bytes[..], BytesMut::new(), 1 << 16, deflate);
         let mut out = Vec::new();
         loop {
             let next = reader.next().await;
