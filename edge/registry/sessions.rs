@@ -35,7 +35,7 @@ use crate::{
 pub(super) struct Session {
     pub(super) expires_at_ms: u64,
     pub(super) state: State,
-    pub(super) channels: HashSet<Channel>,
+    pub(super) channels: ChannelSet,
     /// Who the application issued the credentials for, if it said.
     pub(super) user: Option<User>,
     /// The public id, once a socket connected with it (for the final `$disconnect`).
@@ -47,9 +47,112 @@ impl Session {
         Self {
             expires_at_ms,
             state: State::Issued,
-            channels: HashSet::new(),
+            channels: ChannelSet::default(),
             user,
             connection_id: None,
+        }
+    }
+}
+
+/// A session's channels: a list sized to fit while they are few (most sockets have one to a
+/// handful, and a one-channel list is a 16-byte allocation where the smallest hash set is 84),
+/// a hash set past [`ChannelSet::LIST_MAX`].
+#[derive(Debug, Clone)]
+pub(super) enum ChannelSet {
+    List(Vec<Channel>),
+    Set(HashSet<Channel>),
+}
+
+impl Default for ChannelSet {
+    fn default() -> Self {
+        Self::List(Vec::new())
+    }
+}
+
+impl ChannelSet {
+    /// Channels kept as a list; a linear search over this many is as fast as hashing.
+    const LIST_MAX: usize = 8;
+
+    /// Adds `channel`; whether it was not there.
+    pub(super) fn insert(&mut self, channel: Channel) -> bool {
+        match self {
+            Self::Set(set) => set.insert(channel),
+            Self::List(list) if list.contains(&channel) => false,
+            Self::List(list) if list.len() < Self::LIST_MAX => {
+                // Grown one at a time: a list this short is not worth spare room.
+                list.reserve_exact(1);
+                list.push(channel);
+                true
+            }
+            Self::List(list) => {
+                let mut set: HashSet<Channel> = list.drain(..).collect();
+                set.insert(channel);
+                *self = Self::Set(set);
+                true
+            }
+        }
+    }
+
+    /// Removes `channel`; whether it was there.
+    pub(super) fn remove(&mut self, channel: &Channel) -> bool {
+        match self {
+            Self::Set(set) => set.remove(channel),
+            Self::List(list) => match list.iter().position(|c| c == channel) {
+                Some(at) => {
+                    list.swap_remove(at);
+                    list.shrink_to_fit();
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::List(list) => list.len(),
+            Self::Set(set) => set.len(),
+        }
+    }
+
+    pub(super) fn iter(&self) -> ChannelIter<'_> {
+        match self {
+            Self::List(list) => ChannelIter::List(list.iter()),
+            Self::Set(set) => ChannelIter::Set(set.iter()),
+        }
+    }
+}
+
+impl FromIterator<Channel> for ChannelSet {
+    fn from_iter<I: IntoIterator<Item = Channel>>(channels: I) -> Self {
+        let mut set = Self::default();
+        for channel in channels {
+            set.insert(channel);
+        }
+        set
+    }
+}
+
+impl<'a> IntoIterator for &'a ChannelSet {
+    type Item = &'a Channel;
+    type IntoIter = ChannelIter<'a>;
+    fn into_iter(self) -> ChannelIter<'a> {
+        self.iter()
+    }
+}
+
+/// The channels of a [`ChannelSet`], in no particular order.
+pub(super) enum ChannelIter<'a> {
+    List(std::slice::Iter<'a, Channel>),
+    Set(std::collections::hash_set::Iter<'a, Channel>),
+}
+
+impl<'a> Iterator for ChannelIter<'a> {
+    type Item = &'a Channel;
+    fn next(&mut self) -> Option<&'a Channel> {
+        match self {
+            Self::List(list) => list.next(),
+            Self::Set(set) => set.next(),
         }
     }
 }
@@ -200,7 +303,7 @@ impl Registry {
             _ => {}
         }
         if matches!(next, State::Dead) {
-            session.channels = HashSet::new();
+            session.channels = ChannelSet::default();
         }
         std::mem::replace(&mut session.state, next)
     }
@@ -574,5 +677,48 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod channel_set_tests {
+    use super::ChannelSet;
+    use crate::domain::Channel;
+    use std::collections::HashSet;
+
+    fn channel(n: usize) -> Channel {
+        Channel::new(&format!("c-{n}")).unwrap()
+    }
+
+    #[test]
+    fn a_channel_set_is_a_set_as_a_list_and_past_it() {
+        let mut set = ChannelSet::default();
+        let mut model = HashSet::new();
+        // Up past the list's size and back down, with repeats and removals of absent ones.
+        for round in 0..3 {
+            for n in 0..20 {
+                assert_eq!(
+                    set.insert(channel(n)),
+                    model.insert(channel(n)),
+                    "{round} {n}"
+                );
+                assert!(!set.insert(channel(n)));
+                assert_eq!(set.len(), model.len());
+            }
+            for n in (0..25).step_by(2) {
+                assert_eq!(
+                    set.remove(&channel(n)),
+                    model.remove(&channel(n)),
+                    "{round} {n}"
+                );
+            }
+            let seen: HashSet<Channel> = set.iter().cloned().collect();
+            assert_eq!(seen, model);
+        }
+        let mut one = ChannelSet::default();
+        one.insert(channel(1));
+        assert!(matches!(&one, ChannelSet::List(list) if list.capacity() == 1));
+        let collected: ChannelSet = [channel(1), channel(1), channel(2)].into_iter().collect();
+        assert_eq!(collected.len(), 2);
     }
 }
