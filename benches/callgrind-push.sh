@@ -13,10 +13,12 @@ MANY=${2:-1200}
 shift 2 || true
 EXTRA=("$@")
 OUT=${CALLGRIND_OUT:-/tmp/channelgate-callgrind}
+# The node binary to count (another build, to compare).
+NODE=${NODE:-target/release/channelgate}
 mkdir -p "$OUT"
 run() { # $1: pushes, $2: output file
   valgrind --tool=callgrind --callgrind-out-file="$2" --dump-instr=no \
-    target/release/channelgate serve --listen 127.0.0.1:18380 --grpc-listen 127.0.0.1:15351 \
+    "$NODE" serve --listen 127.0.0.1:18380 --grpc-listen 127.0.0.1:15351 \
     >"$OUT/node.log" 2>&1 &
   local node=$!
   trap "kill -9 $node 2>/dev/null || true" EXIT

@@ -6,7 +6,9 @@
 //!
 //! Scenarios:
 //! * `idle`: open N subscribed sockets (over `--idle-channels`, in `--namespace` if given) and
-//!   report the node's RSS and CPU per socket; with `--namespace`, also `Presence` timings.
+//!   report the node's RSS and CPU per socket, in three phases whose CPU is reported apart:
+//!   every `IssueConnection`, every `Subscribe`, every handshake (`--concurrency` at once); with
+//!   `--namespace`, also `Presence` timings. With `--target nchan`, handshakes only.
 //! * `call-route` and `handle` send thousands of client messages over one socket: start the
 //!   node with `--message-rate 0` (its per-socket rate limit would answer 429).
 //! * `call-route`: round trips of `call-route` through the node to an upstream this generator
@@ -19,7 +21,10 @@
 //!   the time from the `Push` call to the frame's arrival, one push at a time.
 //! * `fanout`: N subscribed sockets over `--channels` channels; pushes (timestamped,
 //!   sequence-numbered, `--payload` bytes) to random channels at `--rate` per second (0: as
-//!   fast as the node accepts) over one `PushStream`, for `--duration` seconds. Reports
+//!   fast as the node accepts) over one `PushStream`, or with `--push-with unary` as unary
+//!   `Push` calls (`--in-flight` at once over `--push-connections`; `publish.rs`), for
+//!   `--duration` seconds or `--push-count` pushes. With `--target nchan`, the same against
+//!   Nchan (`benches/nchan.conf`): sockets on `/sub/CHANNEL`, publishes as HTTP `POST`s. Reports
 //!   deliveries/s, latency percentiles, lost/duplicated/out-of-order counts, the node's CPU
 //!   time per delivery, and the generator's own CPU. With `--nodes` (more nodes of one
 //!   cluster), the sockets spread over every node and the pushes go through all of them in
