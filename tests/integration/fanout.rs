@@ -289,6 +289,44 @@ async fn the_load_generator_runs_and_loses_nothing() {
     assert!(report["deliveries"].as_u64().unwrap() > 0, "{report}");
 }
 
+/// The unary publishers (`--push-with unary`): every push counted, delivered once, in order per
+/// worker and channel.
+#[tokio::test]
+async fn the_load_generator_pushes_with_unary_calls_and_loses_nothing() {
+    let gw = Gateway::start().await;
+    let report = run_generator(
+        &gw,
+        &[
+            "--scenario",
+            "fanout",
+            "--sockets",
+            "20",
+            "--channels",
+            "5",
+            "--rate",
+            "0",
+            "--duration",
+            "30",
+            "--push-with",
+            "unary",
+            "--push-connections",
+            "2",
+            "--in-flight",
+            "4",
+            "--push-count",
+            "200",
+        ],
+    )
+    .await;
+    assert_eq!(report["push_with"], "unary", "{report}");
+    assert_eq!(report["pushes"], 200, "{report}");
+    assert_eq!(report["push_failures"], 0, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicated"], 0);
+    assert_eq!(report["reordered"], 0);
+    assert_eq!(report["deliveries"], report["expected"], "{report}");
+}
+
 #[tokio::test]
 async fn issue_can_subscribe_in_the_same_call() {
     let gw = Gateway::start().await;
@@ -328,6 +366,8 @@ async fn the_load_generator_measures_idle_sockets() {
     let report = run_generator(&gw, &["--scenario", "idle", "--sockets", "20"]).await;
     assert_eq!(report["connected"], 20, "{report}");
     assert_eq!(report["node_connections"], 20, "{report}");
+    assert!(report["node_cpu_us_per_issue"].is_number(), "{report}");
+    assert!(report["node_cpu_us_per_subscribe"].is_number(), "{report}");
     assert!(report["node_cpu_us_per_handshake"].is_number(), "{report}");
     assert!(report["rss_per_socket"].is_number(), "{report}");
 }
