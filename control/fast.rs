@@ -151,7 +151,10 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, BoxFuture<Result<S::Response, S::Error>>>;
+    /// Boxed on both paths: hyper moves a call's future into the stream's task and polls it
+    /// there, and an `Either` would be as large as tonic's stack of futures even for the calls
+    /// served here.
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -159,10 +162,10 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let Some(method) = takes(&request) else {
-            return futures_util::future::Either::Left(self.inner.call(request));
+            return Box::pin(self.inner.call(request));
         };
         let layer = self.layer.clone();
-        futures_util::future::Either::Right(Box::pin(async move {
+        Box::pin(async move {
             let response =
                 match tokio::time::timeout(layer.timeout, serve(&layer, method, request)).await {
                     Ok(Ok(response)) => response,
@@ -180,7 +183,7 @@ where
                 .unwrap_or("0");
             layer.gateway.count_control_call(method.path(), code);
             Ok(response)
-        }))
+        })
     }
 }
 
