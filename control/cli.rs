@@ -79,10 +79,16 @@ pub enum Command {
         )]
         url: String,
         /// The connection id.
-        #[arg(long, env = "CONNECTION_ID")]
+        #[arg(long, env = "CONNECTION_ID", allow_hyphen_values = true)]
         id: String,
-        /// The socket key (sent in the `socket_key` cookie).
-        #[arg(long, env = "SOCKET_KEY", hide_env_values = true)]
+        /// The socket key (sent in the `socket_key` cookie). URL-safe base64: it may start
+        /// with `-`, which is taken as the value, not as an option.
+        #[arg(
+            long,
+            env = "SOCKET_KEY",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         key: String,
         /// `websocket`, or `sse` (Server-Sent Events and POSTs, over plain HTTP: the URL's
         /// scheme becomes http, and a `/ws` path `/sse`).
@@ -685,6 +691,31 @@ async fn event_stream(url: &str, id: &str, key: &str) -> Result<ExitCode, CliErr
                 Some(_) => {}
                 None => stdin_open = false,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: super::Command,
+    }
+
+    /// A socket key is URL-safe base64, so one in 64 starts with `-`: it must still be the
+    /// value of `--key` (the `connect` test failed now and then on exactly that).
+    #[test]
+    fn connect_takes_ids_and_keys_that_start_with_a_hyphen() {
+        let cli = Cli::try_parse_from(["cg", "connect", "--id", "-id", "--key", "-G9xk"])
+            .expect("parses");
+        match cli.command {
+            super::Command::Connect { id, key, .. } => {
+                assert_eq!((id.as_str(), key.as_str()), ("-id", "-G9xk"));
+            }
+            other => panic!("{other:?}"),
         }
     }
 }
