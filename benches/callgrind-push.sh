@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Instructions the node executes per unary Push (push + its delivery to one socket), counted by
+# Instructions the node executes per unary Push (push + its delivery to one socket; WITH=stream:
+# per push of one PushStream), counted by
 # callgrind, which is repeatable on a noisy machine: the node runs under valgrind twice, once
 # with FEW pushes and once with MANY, one call at a time from channelgate-bench, and the
 # difference divided by (MANY - FEW) is one push's cost, start-up and connect cancelled out.
@@ -28,7 +29,7 @@ run() { # $1: pushes, $2: output file
   done
   target/release/channelgate-bench --control http://127.0.0.1:15351 --ws 127.0.0.1:18380 \
     --scenario fanout --sockets 1 --channels 1 --rate 0 --duration 600 \
-    --push-with unary --push-connections 1 --in-flight 1 --push-count "$1" "${EXTRA[@]}" \
+    --push-with "${WITH:-unary}" --push-connections 1 --in-flight 1 --push-count "$1" "${EXTRA[@]}" \
     | grep -E '^(pushes|lost)' >&2
   kill -INT "$node"
   wait "$node" || true
@@ -39,5 +40,5 @@ run "$MANY" "$OUT/many.out"
 a=$(total "$OUT/few.out")
 b=$(total "$OUT/many.out")
 echo "instructions: $FEW pushes $a, $MANY pushes $b"
-echo "per unary Push: $(( (b - a) / (MANY - FEW) ))"
+echo "per push (${WITH:-unary}): $(( (b - a) / (MANY - FEW) ))"
 echo "callgrind files: $OUT/few.out $OUT/many.out (callgrind_annotate --inclusive=yes $OUT/many.out)"
