@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Instructions the node executes per unary Push (push + its delivery to one socket; WITH=stream:
-# per push of one PushStream), counted by
-# callgrind, which is repeatable on a noisy machine: the node runs under valgrind twice, once
-# with FEW pushes and once with MANY, one call at a time from channelgate-bench, and the
-# difference divided by (MANY - FEW) is one push's cost, start-up and connect cancelled out.
-#   benches/callgrind-push.sh [FEW] [MANY] [extra channelgate-bench args...]
-# Prints instructions per push in all and the functions that spend most of the difference
-# (inclusive). Needs target/release/channelgate and channelgate-bench built.
+# Instructions the node executes per unary Push (the push and its delivery to one socket; with
+# WITH=stream, per push of one PushStream), counted by callgrind, which is repeatable on a noisy
+# machine: the node runs under valgrind twice, once with FEW pushes and once with MANY, one call
+# at a time from channelgate-bench, and the difference divided by (MANY - FEW) is one push's
+# cost, start-up and connect cancelled out.
+#   [NODE=binary] [WITH=unary|stream] benches/callgrind-push.sh [FEW] [MANY] [bench args...]
+# Prints both totals and the cost per push; the two callgrind files stay for
+# callgrind_annotate. Needs the node (NODE, default target/release/channelgate) and
+# channelgate-bench built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEW=${1:-200}
