@@ -39,9 +39,7 @@ impl BearerAuth {
             })
             .into()
     }
-}
 
-impl BearerAuth {
     /// Whether `headers` carry an accepted token (always, when none is configured).
     pub(crate) fn check(&self, headers: &http::HeaderMap) -> Result<(), Status> {
         if self.tokens.is_empty() {

@@ -11,11 +11,11 @@
 
 use std::{
     future::Future,
-    pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
+use futures_util::future::BoxFuture;
 use tower::{Layer, Service};
 
 use edge::Gateway;
@@ -76,7 +76,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     /// Always ready: the inner services' readiness is awaited inside the call, on its clock.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -99,28 +99,37 @@ where
             std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             inner.call(request).await
         };
-        Box::pin(async move {
-            let result = match limit {
-                None => future.await,
-                Some(limit) => match tokio::time::timeout(limit, future).await {
-                    Ok(result) => result,
-                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                        "the call took longer than {limit:?}"
-                    ))
-                    .into_http()),
-                },
-            };
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_owned(),
-                Err(_) => "transport".to_owned(),
-            };
-            gateway.count_control_call(&method, &code);
-            result
-        })
+        Box::pin(async move { timed_and_counted(&gateway, &method, limit, future).await })
     }
+}
+
+/// Runs a call under its time limit (none for client streams) and counts it by `method` and
+/// the gRPC status of its response head; the one place both the tonic path and the unary fast
+/// path ([`fast`](crate::fast)) time and count their calls.
+pub(crate) async fn timed_and_counted<E>(
+    gateway: &Gateway,
+    method: &str,
+    limit: Option<Duration>,
+    call: impl Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+) -> Result<http::Response<tonic::body::Body>, E> {
+    let result = match limit {
+        None => call.await,
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                "the call took longer than {limit:?}"
+            ))
+            .into_http()),
+        },
+    };
+    let code = match &result {
+        Ok(response) => response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0"),
+        Err(_) => "transport",
+    };
+    gateway.count_control_call(method, code);
+    result
 }

@@ -32,6 +32,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use tower::{Layer, Service};
 
@@ -62,8 +63,6 @@ pub(crate) struct Pad<S> {
     inner: S,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
 impl<S, B> Service<http::Request<B>> for Pad<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -71,7 +70,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -143,45 +142,81 @@ pub(crate) fn pad(data: Bytes) -> Bytes {
     let (Some(last), true) = (last, at == data.len()) else {
         return data;
     };
-    let filler = filler(MIN_FRAME - data.len());
-    let len = data.len() - last - PREFIX + filler.len();
+    let content = filler_content(MIN_FRAME - data.len());
+    let filler = filler_len(content);
+    let len = data.len() - last - PREFIX + filler;
     let Ok(len) = u32::try_from(len) else {
         return data;
     };
-    let mut out = BytesMut::with_capacity(data.len() + filler.len());
+    let mut out = BytesMut::with_capacity(data.len() + filler);
     out.put_slice(&data[..last]);
     out.put_u8(0);
     out.put_u32(len);
     out.put_slice(&data[last + PREFIX..]);
-    out.put_slice(&filler);
+    put_filler(&mut out, content);
     out.freeze()
 }
 
-/// An encoded length-delimited field [`FILLER_FIELD`] of zeros, at least `at_least` bytes long
-/// in all (and at least its tag and length).
-fn filler(at_least: usize) -> Vec<u8> {
-    let mut tag = Vec::with_capacity(5);
-    varint(&mut tag, (u64::from(FILLER_FIELD) << 3) | 2);
-    let mut content = at_least.saturating_sub(tag.len() + 1);
-    loop {
-        let mut length = Vec::with_capacity(2);
-        varint(&mut length, content as u64);
-        if tag.len() + length.len() + content >= at_least {
-            let mut field = tag;
-            field.extend_from_slice(&length);
-            field.resize(field.len() + content, 0);
-            return field;
-        }
-        content += 1;
+/// `message` as one gRPC frame (uncompressed), padded to [`MIN_FRAME`] bytes when smaller: what
+/// [`pad`] makes of the frame, built in one allocation (the unary fast path's replies).
+pub(crate) fn frame(message: &impl prost::Message) -> Result<Bytes, prost::EncodeError> {
+    let len = message.encoded_len();
+    let content = (PREFIX + len < MIN_FRAME).then(|| filler_content(MIN_FRAME - PREFIX - len));
+    let filler = content.map_or(0, filler_len);
+    let mut out = BytesMut::with_capacity(PREFIX + len + filler);
+    out.put_u8(0);
+    out.put_u32((len + filler) as u32);
+    message.encode(&mut out)?;
+    if let Some(content) = content {
+        put_filler(&mut out, content);
     }
+    Ok(out.freeze())
 }
 
-fn varint(out: &mut Vec<u8>, mut value: u64) {
+/// The filler field's tag: field [`FILLER_FIELD`], length-delimited.
+const FILLER_TAG: u64 = (FILLER_FIELD as u64) << 3 | 2;
+
+/// How many zeros a filler field of at least `at_least` bytes in all (and at least its tag and
+/// length) carries.
+fn filler_content(at_least: usize) -> usize {
+    let tag = varint_len(FILLER_TAG);
+    let mut content = at_least.saturating_sub(tag + 1);
+    while tag + varint_len(content as u64) + content < at_least {
+        content += 1;
+    }
+    content
+}
+
+/// A filler field's length in all, for `content` zeros.
+fn filler_len(content: usize) -> usize {
+    varint_len(FILLER_TAG) + varint_len(content as u64) + content
+}
+
+/// Appends a filler field of `content` zeros.
+fn put_filler(out: &mut BytesMut, content: usize) {
+    put_varint(out, FILLER_TAG);
+    put_varint(out, content as u64);
+    out.put_bytes(0, content);
+}
+
+/// An encoded filler field of at least `at_least` bytes (tests).
+#[cfg(test)]
+fn filler(at_least: usize) -> BytesMut {
+    let mut out = BytesMut::new();
+    put_filler(&mut out, filler_content(at_least));
+    out
+}
+
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn put_varint(out: &mut BytesMut, mut value: u64) {
     while value >= 0x80 {
-        out.push((value as u8) | 0x80);
+        out.put_u8((value as u8) | 0x80);
         value >>= 7;
     }
-    out.push(value as u8);
+    out.put_u8(value as u8);
 }
 
 #[cfg(test)]
@@ -294,6 +329,27 @@ mod tests {
                 "{at_least}: {}",
                 field.len()
             );
+        }
+    }
+
+    #[test]
+    fn a_framed_message_is_what_pad_makes_of_it() {
+        for text in [0, 1, 120, 490, 500, 506, 507, 600] {
+            let message = Reply {
+                live: true,
+                text: "t".repeat(text),
+            };
+            let unpadded = framed(std::slice::from_ref(&message));
+            assert_eq!(frame(&message).unwrap(), pad(unpadded), "{text}");
+        }
+    }
+
+    #[test]
+    fn varint_lengths_are_the_encodings_lengths() {
+        for value in [0, 1, 127, 128, 16_383, 16_384, FILLER_TAG, u64::MAX] {
+            let mut out = BytesMut::new();
+            put_varint(&mut out, value);
+            assert_eq!(varint_len(value), out.len(), "{value}");
         }
     }
 }

@@ -10,9 +10,11 @@
 //! the services, a unary call is timed from its arrival ([`observe`]).
 //!
 //! Layers, outermost first: TLS (and client certificates, with `--grpc-client-ca`) on the
-//! whole listener; request metrics and the unary time limit ([`observe`]); small DATA frames
-//! padded ([`pad`]); the bearer-token check ([`auth`]) on the Control service only (health and
-//! reflection stay open for probes and tools).
+//! whole listener; the unary Control calls served whole ([`fast`]: token, message, method,
+//! padded reply, counted and timed); for everything else, request metrics and the unary time
+//! limit ([`observe`]), small DATA frames padded ([`pad`]), and the bearer-token check
+//! ([`auth`]) on the Control service only (health and reflection stay open for probes and
+//! tools).
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -72,8 +74,9 @@ pub(crate) async fn serve(
     // Control calls keep working while sockets drain (an application may still push);
     // the server stops when the node halts.
     let halted = gateway.halted();
-    // Observe outermost, so refused calls (UNAUTHENTICATED, timeouts) are counted too; the
-    // padding below it changes bodies only.
+    // The fast path outermost: the unary Control calls stop there. Observe next, so refused
+    // calls of the tonic path (UNAUTHENTICATED, timeouts) are counted too; the padding below
+    // it changes bodies only.
     let result = server
         .layer(fast::FastLayer::new(
             gateway.clone(),

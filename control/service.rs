@@ -24,6 +24,11 @@ impl ControlService {
         Self { gateway }
     }
 
+    /// The gateway it drives.
+    pub(crate) fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
     /// Submits one push of a request; the ticket resolves to its outcome.
     async fn submit(&self, request: &pb::PushRequest) -> Result<edge::gateway::PushTicket, Status> {
         let channels = convert::channels(&request.channels)?;
