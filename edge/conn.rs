@@ -329,13 +329,8 @@ where
     W: AsyncWrite + Unpin,
 {
     async move {
-        // The node's drain closes every live socket's outbox (`Registry::close_live`): queued
-        // frames still go out first, then the outbox yields the close. A socket that became live
-        // after that sweep closes its own here. No per-socket wait on the shutdown token: that
-        // would be a waiter (~70 bytes) in every idle socket's task.
-        if node.shutdown.is_cancelled() {
-            conn.outbox.close(Close::GoingAway);
-        }
+        // On a drain, queued frames still go out first; then the outbox yields the close.
+        node.close_if_draining(conn);
         let mut batch = VecDeque::new();
         loop {
             match conn.outbox.next_into(&mut batch).await {
@@ -345,7 +340,7 @@ where
                     writer.control(ping, pong);
                     let before = writer.written;
                     // Boxed: inline, the write's state would sit in every idle socket's
-                    // task (about 300 bytes each); one allocation per batch written is
+                    // task (128 bytes more of it); one allocation per batch written is
                     // nothing beside the write call itself.
                     let written = Box::pin(write(writer, deltas, conn, node, &mut batch)).await;
                     node.registry
@@ -639,6 +634,13 @@ mod tests {
             std::mem::size_of::<tokio::time::Interval>(),
             std::mem::size_of::<Reader<Half<'_, tokio::net::TcpStream>>>(),
             std::mem::size_of::<Writer<Half<'_, tokio::net::TcpStream>>>()
+        );
+        println!(
+            "Span {} B, Notified {} B, WaitForCancellationFuture {} B, Option<HeaderValue> {} B",
+            std::mem::size_of::<tracing::Span>(),
+            std::mem::size_of::<tokio::sync::futures::Notified<'_>>(),
+            std::mem::size_of::<tokio_util::sync::WaitForCancellationFuture<'_>>(),
+            std::mem::size_of::<Option<http::HeaderValue>>(),
         );
         // The socket's task as spawned (tracked) also holds its admission slots; tokio sizes a
         // task as its future plus 104 bytes, in steps of 128: at most 664 bytes keeps every

@@ -141,7 +141,7 @@ struct State {
     /// The writer, when it waits for frames or the close. It looks at the state and leaves
     /// its waker under the same lock, so a frame queued in between finds the waker: no
     /// wake-up is lost. A waker in the state rather than a `Notify`: the writer's wait is
-    /// then a poll function, not a `Notified` future of ~60 bytes in every idle socket's task.
+    /// then a poll function, not a `Notified` future of 64 bytes in every idle socket's task.
     writer: Option<Waker>,
 }
 

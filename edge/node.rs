@@ -125,6 +125,16 @@ pub(crate) struct EventStream {
 }
 
 impl NodeState {
+    /// At a writer's start (a socket's or a stream's): closes its outbox with 1001 when the
+    /// node is draining. The drain closes every outbox live at the time (`Registry::close_live`);
+    /// this catches one that became live after that sweep. No writer waits on the shutdown token
+    /// instead: that would be a 72-byte waiter in every idle socket's task.
+    pub(crate) fn close_if_draining(&self, conn: &Conn) {
+        if self.shutdown.is_cancelled() {
+            conn.outbox.close(crate::error::Close::GoingAway);
+        }
+    }
+
     /// Forgets the posters idle for longer than [`POSTER_IDLE`] (the sweeper's).
     pub(crate) fn sweep_posters(&self) {
         let now = crate::clock::monotonic_ms();

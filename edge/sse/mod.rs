@@ -58,7 +58,6 @@ pub(crate) use post::{message, preflight};
 
 use crate::{
     conn::{self, End},
-    error::Close,
     fanout::{Deltas, Next},
     handlers::Socket,
     handshake::{admit, origin_allowed, Admitted, Presented, Slots, UpgradeRefusal},
@@ -476,9 +475,8 @@ async fn write_loop(
     let mut deltas = Deltas::new(deltas);
     let mut ids = Ids::new(anchor);
     let mut batch = std::collections::VecDeque::new();
-    let mut draining = false;
-    let shutdown = node.shutdown.cancelled();
-    tokio::pin!(shutdown);
+    // On a drain, queued frames still go out first; then the outbox yields the close.
+    node.close_if_draining(conn);
     let mut out = BytesMut::new();
     if let Some(head) = head {
         out.put_slice(&head);
@@ -516,10 +514,6 @@ async fn write_loop(
                 }
                 Next::Close(close) => return End::Closing(close),
             },
-            _ = &mut shutdown, if !draining => {
-                draining = true;
-                conn.outbox.close(Close::GoingAway);
-            }
             () = client.gone() => return End::Lost(None),
         }
     }
