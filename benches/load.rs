@@ -837,7 +837,6 @@ fn now_us() -> u64 {
 }
 
 async fn fanout(args: &Args) -> anyhow::Result<()> {
-    use rand::Rng;
     use std::sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -946,21 +945,22 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         }));
     }
 
-    // The publisher: one PushStream per node, in turn, paced by --rate; or one call per push
-    // (unary `Push`, or Nchan's HTTP publish), --in-flight at once.
+    // The publisher (`publish.rs`): one PushStream per node, fed by one worker, pushes of a
+    // channel always through the same node; or one call per push (unary `Push`, or Nchan's
+    // HTTP publish), --in-flight workers at once.
     let per_call = nchan || args.push_with == "unary";
-    let pushed = Arc::new(AtomicU64::new(0));
-    let expected = Arc::new(AtomicU64::new(0));
-    let mut txs = Vec::new();
     let mut push_calls = Vec::new();
-    let mut unary_clients = Vec::new();
-    if per_call && !nchan {
+    let target = if nchan {
+        publish::Target::Nchan(args.ws)
+    } else if per_call {
+        let mut clients = Vec::new();
         for _ in 0..args.push_connections.max(1) {
             let endpoint = tonic::transport::Endpoint::from_shared(args.control.clone())?;
-            unary_clients.push(ControlClient::new(endpoint.connect().await?));
+            clients.push(ControlClient::new(endpoint.connect().await?));
         }
-    }
-    if !per_call {
+        publish::Target::Unary(clients)
+    } else {
+        let mut txs = Vec::new();
         for url in controls(args)? {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(16);
             let mut push_client = ControlClient::connect(url).await?;
@@ -971,86 +971,46 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
             }));
             txs.push(tx);
         }
-    }
+        publish::Target::Stream(txs)
+    };
     let redis_start = redis_usages(&args.redis_ports).await?;
     let node_cpu_start = args.pid.map(cpu_us).transpose()?;
     let gen_cpu_start = cpu_us(std::process::id())?;
     let pushing_started = Instant::now();
-    let deadline = pushing_started + std::time::Duration::from_secs(args.duration);
-    let mut summary = pb::PushStreamResponse::default();
-    let mut push_failures = 0;
-    if per_call {
-        let plan = Arc::new(publish::Plan {
-            channels: channels.clone(),
-            subscribers: subscribers_per_channel.clone(),
-            payload: args.payload,
-            deadline,
-            count: args.push_count,
-            rate: args.rate,
-            started: AtomicU64::new(0),
-            pushed: AtomicU64::new(0),
-            expected: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        });
-        let target = if nchan {
-            publish::Target::Nchan(args.ws)
-        } else {
-            publish::Target::Unary(unary_clients)
-        };
-        publish::run(plan.clone(), target, args.in_flight).await?;
-        summary.pushes = plan.pushed.load(Ordering::Relaxed);
-        expected.store(plan.expected.load(Ordering::Relaxed), Ordering::Relaxed);
-        push_failures = plan.failed.load(Ordering::Relaxed);
-    } else {
-        let pad = "x".repeat(args.payload.saturating_sub(40));
-        let mut seqs = vec![0u64; channels.len()];
-        let mut rng = rand::rng();
-        let interval =
-            (args.rate > 0).then(|| std::time::Duration::from_secs_f64(1.0 / args.rate as f64));
-        let mut next_at = tokio::time::Instant::now();
-        while Instant::now() < deadline
-            && (args.push_count == 0 || pushed.load(Ordering::Relaxed) < args.push_count)
-        {
-            if let Some(interval) = interval {
-                tokio::time::sleep_until(next_at).await;
-                next_at += interval;
-            }
-            let c = rng.random_range(0..channels.len());
-            seqs[c] += 1;
-            let json = format!(
-                r#"{{"c":{c},"s":{},"t":{},"p":"{pad}"}}"#,
-                seqs[c],
-                now_us()
-            );
-            // Each channel's pushes go through one node, so the generator's sequence is the
-            // channel's order (pushes through two nodes are ordered by Redis, not by their
-            // caller).
-            let tx = &txs[c % txs.len()];
-            if tx
-                .send(pb::PushRequest {
-                    channels: vec![channels[c].clone()],
-                    json,
-                    ..Default::default()
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-            pushed.fetch_add(1, Ordering::Relaxed);
-            expected.fetch_add(subscribers_per_channel[c], Ordering::Relaxed);
-        }
-        drop(txs);
+    let plan = Arc::new(publish::Plan {
+        channels: channels.clone(),
+        subscribers: subscribers_per_channel.clone(),
+        payload: args.payload,
+        deadline: pushing_started + std::time::Duration::from_secs(args.duration),
+        count: args.push_count,
+        rate: args.rate,
+        started: AtomicU64::new(0),
+        pushed: AtomicU64::new(0),
+        expected: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let workers = if per_call { args.in_flight } else { 1 };
+    // Returns once every worker is done, its senders (and with them the streams) closed.
+    publish::run(plan.clone(), target, workers).await?;
+    let mut summary = pb::PushStreamResponse {
+        pushes: plan.pushed.load(Ordering::Relaxed),
+        ..Default::default()
+    };
+    if !push_calls.is_empty() {
+        // The nodes' own count of what the streams took.
+        summary.pushes = 0;
         for call in push_calls {
             let part = call.await??.into_inner();
             summary.pushes += part.pushes;
             summary.queued += part.queued;
         }
     }
+    let push_failures = plan.failed.load(Ordering::Relaxed);
+    let expected = plan.expected.load(Ordering::Relaxed);
     let push_elapsed = pushing_started.elapsed();
     // Let in-flight frames land: wait until all expected frames arrived, or nothing has
     // arrived for three seconds.
-    let expected_total = expected.load(Ordering::Relaxed);
+    let expected_total = expected;
     let mut last = (received.load(Ordering::Relaxed), Instant::now());
     while received.load(Ordering::Relaxed) < expected_total {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1074,7 +1034,6 @@ async fn fanout(args: &Args) -> anyhow::Result<()> {
         total.reordered += t.reordered;
         total.latencies_us.extend(t.latencies_us);
     }
-    let expected = expected.load(Ordering::Relaxed);
     let lost = expected.saturating_sub(total.received - total.duplicated);
     if total.unreadable > 0 {
         eprintln!("{} frames were not pushes of this run", total.unreadable);

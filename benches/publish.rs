@@ -1,10 +1,10 @@
-//! The `fanout` scenario's publishers that make one call per push: unary `Push` calls over
-//! `--push-connections` HTTP/2 connections (`--push-with unary`), or, against Nchan
+//! The `fanout` scenario's publishers: one worker feeding a `PushStream` per node (a channel's
+//! pushes always through the same node), or workers that make one call per push: unary `Push`
+//! calls over `--push-connections` HTTP/2 connections (`--push-with unary`), or, against Nchan
 //! (`--target nchan`), one HTTP `POST /pub/CHANNEL` per publish over keep-alive HTTP/1.1
-//! connections. `--in-flight` calls run at once, each worker making its calls one after
-//! another; a worker numbers its own pushes per channel (`"w"` and `"s"` in the payload), so
-//! the readers check order per worker and channel, which is what one sequential caller is
-//! promised.
+//! connections, `--in-flight` calls at once, each worker making its calls one after another.
+//! A worker numbers its own pushes per channel (`"w"` and `"s"` in the payload), so the readers
+//! check order per worker and channel, which is what one sequential caller is promised.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -37,6 +37,9 @@ pub(crate) struct Plan {
 
 /// How pushes leave the generator.
 pub(crate) enum Target {
+    /// Into the `PushStream` of each node, a channel's pushes always into the same one (pushes
+    /// through two nodes are ordered by Redis, not by their caller).
+    Stream(Vec<tokio::sync::mpsc::Sender<pb::PushRequest>>),
     /// Unary `Push` calls, round robin over these clients (one HTTP/2 connection each).
     Unary(Vec<ControlClient<tonic::transport::Channel>>),
     /// HTTP `POST`s to Nchan's publisher location on this address.
@@ -79,6 +82,7 @@ pub(crate) async fn run(plan: Arc<Plan>, target: Target, workers: usize) -> anyh
         let start = tokio::time::Instant::now()
             + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / workers as f64));
         let mut sender = match &target {
+            Target::Stream(txs) => Sender::Stream(txs.clone()),
             Target::Unary(clients) => Sender::Unary(clients[w % clients.len()].clone()),
             Target::Nchan(addr) => Sender::Nchan(nchan_connection(*addr).await?, *addr),
         };
@@ -94,11 +98,15 @@ pub(crate) async fn run(plan: Arc<Plan>, target: Target, workers: usize) -> anyh
                 let c = rand::rng().random_range(0..plan.channels.len());
                 seqs[c] += 1;
                 let json = plan.json(c, w, seqs[c], &pad);
-                match sender.push(&plan.channels[c], json).await {
+                match sender.push(c, &plan.channels[c], json).await {
                     Ok(()) => plan.accepted(c),
                     Err(err) => {
                         if plan.failed.fetch_add(1, Ordering::Relaxed) == 0 {
                             eprintln!("a push failed: {err:#}");
+                        }
+                        if matches!(sender, Sender::Stream(_)) {
+                            // The stream ended (its call says why): nothing more goes in.
+                            break;
                         }
                     }
                 }
@@ -112,6 +120,7 @@ pub(crate) async fn run(plan: Arc<Plan>, target: Target, workers: usize) -> anyh
 }
 
 enum Sender {
+    Stream(Vec<tokio::sync::mpsc::Sender<pb::PushRequest>>),
     Unary(ControlClient<tonic::transport::Channel>),
     Nchan(
         hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -120,8 +129,19 @@ enum Sender {
 }
 
 impl Sender {
-    async fn push(&mut self, channel: &str, json: String) -> anyhow::Result<()> {
+    /// Pushes `json` to `channel`, the `c`th.
+    async fn push(&mut self, c: usize, channel: &str, json: String) -> anyhow::Result<()> {
         match self {
+            Self::Stream(txs) => {
+                txs[c % txs.len()]
+                    .send(pb::PushRequest {
+                        channels: vec![channel.to_owned()],
+                        json,
+                        ..Default::default()
+                    })
+                    .await
+                    .context("the push stream ended")?;
+            }
             Self::Unary(client) => {
                 client
                     .push(pb::PushRequest {
