@@ -530,6 +530,34 @@ mod tests {
         }
     }
 
+    /// An idle reader holds no buffer: after a whole message (and after a message that came in
+    /// two reads), it waits for the next bytes with none of its own.
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut reader = Reader::new(server, BytesMut::new(), 1 << 16, false);
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(&client_frame(0x80 | TEXT, b"one"))
+            .await
+            .unwrap();
+        assert!(matches!(reader.next().await, Ok(Message::Text(t)) if t.as_str() == "one"));
+        assert_eq!(reader.buf.capacity(), 0);
+        // A frame split across two reads: a buffer while it is partial, none once it is whole.
+        let frame = client_frame(0x80 | TEXT, &[b'x'; 600]);
+        let (head, tail) = frame.split_at(100);
+        client.write_all(head).await.unwrap();
+        let mut next = Box::pin(reader.next());
+        // One poll takes the head and waits for the rest.
+        let pending =
+            poll_fn(|cx| Poll::Ready(std::future::Future::poll(next.as_mut(), cx).is_pending()))
+                .await;
+        assert!(pending);
+        client.write_all(tail).await.unwrap();
+        assert!(matches!(next.await, Ok(Message::Text(t)) if t.len() == 600));
+        assert_eq!(reader.buf.capacity(), 0);
+    }
+
     #[test]
     fn the_fuzz_corpus_holds() {
         crate::fuzz::replay("ws_frames", check_frames);

@@ -394,18 +394,8 @@ async fn event_streams_that_ask_get_deltas_too() {
 #[tokio::test]
 async fn the_bandwidth_scenario_runs_and_rebuilds_every_payload() {
     let gw = Gateway::start_with(|c| c.limits.namespaces = delta_namespace("delta")).await;
-    let report = crate::fanout::run_generator(
-        &gw,
-        &[
-            "--scenario",
-            "bandwidth",
-            "--sockets",
-            "4",
-            "--pushes",
-            "12",
-        ],
-    )
-    .await;
+    let report =
+        crate::fanout::run_generator(&gw, "--scenario bandwidth --sockets 4 --pushes 12").await;
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 8, "{report}");
     assert!(rows.iter().all(|r| r["verified"] == true), "{report}");

@@ -237,9 +237,10 @@ async fn a_socket_that_never_reads_is_closed_as_too_slow_while_a_reader_gets_eve
 }
 
 /// Runs the load generator against `gw` with `args`; returns its JSON report line.
-pub(crate) async fn run_generator(gw: &Gateway, args: &[&str]) -> serde_json::Value {
+/// `args` is the generator's command line after the program name, split at whitespace.
+pub(crate) async fn run_generator(gw: &Gateway, args: &str) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate-bench"))
-        .args(args)
+        .args(args.split_whitespace())
         .args([
             "--control",
             &format!("http://{}", gw.grpc),
@@ -268,18 +269,7 @@ async fn the_load_generator_runs_and_loses_nothing() {
     let gw = Gateway::start().await;
     let report = run_generator(
         &gw,
-        &[
-            "--scenario",
-            "fanout",
-            "--sockets",
-            "20",
-            "--channels",
-            "2",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-        ],
+        "--scenario fanout --sockets 20 --channels 2 --rate 100 --duration 1",
     )
     .await;
     assert_eq!(report["connected"], 20);
@@ -296,26 +286,7 @@ async fn the_load_generator_pushes_with_unary_calls_and_loses_nothing() {
     let gw = Gateway::start().await;
     let report = run_generator(
         &gw,
-        &[
-            "--scenario",
-            "fanout",
-            "--sockets",
-            "20",
-            "--channels",
-            "5",
-            "--rate",
-            "0",
-            "--duration",
-            "30",
-            "--push-with",
-            "unary",
-            "--push-connections",
-            "2",
-            "--in-flight",
-            "4",
-            "--push-count",
-            "200",
-        ],
+        "--scenario fanout --sockets 20 --channels 5 --rate 0 --duration 30 --push-with unary --push-connections 2 --in-flight 4 --push-count 200",
     )
     .await;
     assert_eq!(report["push_with"], "unary", "{report}");
@@ -363,7 +334,7 @@ async fn issue_can_subscribe_in_the_same_call() {
 #[tokio::test]
 async fn the_load_generator_measures_idle_sockets() {
     let gw = Gateway::start().await;
-    let report = run_generator(&gw, &["--scenario", "idle", "--sockets", "20"]).await;
+    let report = run_generator(&gw, "--scenario idle --sockets 20").await;
     assert_eq!(report["connected"], 20, "{report}");
     assert_eq!(report["node_connections"], 20, "{report}");
     assert!(report["node_cpu_us_per_issue"].is_number(), "{report}");
@@ -378,16 +349,7 @@ async fn the_load_generator_runs_a_recovery_storm() {
     let gw = Gateway::start().await;
     let report = run_generator(
         &gw,
-        &[
-            "--scenario",
-            "recovery",
-            "--sockets",
-            "40",
-            "--channels",
-            "4",
-            "--misses",
-            "25",
-        ],
+        "--scenario recovery --sockets 40 --channels 4 --misses 25",
     )
     .await;
     assert_eq!(report["connected"], 40, "{report}");
@@ -407,20 +369,7 @@ async fn the_load_generator_runs_a_soak() {
     let gw = Gateway::start().await;
     let report = run_generator(
         &gw,
-        &[
-            "--scenario",
-            "soak",
-            "--sockets",
-            "60",
-            "--channels",
-            "6",
-            "--rate",
-            "100",
-            "--churn",
-            "20",
-            "--duration",
-            "3",
-        ],
+        "--scenario soak --sockets 60 --channels 6 --rate 100 --churn 20 --duration 3",
     )
     .await;
     assert_eq!(report["stayers"], 54, "{report}");
