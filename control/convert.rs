@@ -132,13 +132,18 @@ pub(crate) fn ttl(ms: u64) -> Option<Duration> {
 /// `Disconnect` ends the credentials, so only the "do not reconnect" range is allowed: a code
 /// in 4100..=4299 would send the client back to credentials that are already dead.
 pub(crate) fn close(code: u32, reason: String) -> Result<Close, Status> {
+    checked_close(code, reason).map_err(status)
+}
+
+/// [`close`], with the edge's error (for callers that are not gRPC: `ingest`).
+pub(crate) fn checked_close(code: u32, reason: String) -> Result<Close, Error> {
     let code = match code {
         0 => code::APPLICATION,
         c @ 4000..=4099 => c as u16,
-        _ => return Err(status(Error::BadClose)),
+        _ => return Err(Error::BadClose),
     };
     if reason.len() > MAX_CLOSE_REASON {
-        return Err(status(Error::BadClose));
+        return Err(Error::BadClose);
     }
     let reason = if reason.is_empty() {
         "disconnected by the application".to_owned()

@@ -18,6 +18,8 @@
 //!     `incoming`: the bound on control connections; `pad`: no DATA frame under 256 bytes; `service`: `impl Control` (decode, call the gateway, encode); `handle`: the
 //!     `Listen` and `Handle` streams; `convert` and `status`: the only places that map between
 //!     `pb` and edge types, and edge errors to gRPC statuses; `auth`, `observe`: layers;
+//!   * [`ingest`]: the other ways in: consumers of a PostgreSQL outbox and of NATS JetStream
+//!     (the file's `[[consumers]]`), driving the node through the same [`edge::Gateway`];
 //!   * [`client`]: a typed Rust client of the control plane (the CLI, the chat example and
 //!     the tests use it); [`cli`]: the binary's client subcommands;
 //!   * [`run`]: starts both planes on bound [`Listeners`] and drains them on shutdown.
@@ -35,6 +37,7 @@ mod fast;
 mod handle;
 mod health;
 mod incoming;
+pub mod ingest;
 mod observe;
 mod pad;
 mod server;
@@ -105,11 +108,14 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let grace = config.limits.shutdown_grace;
     let control = settings::Settings::from_config(&config)?;
+    let consumers = ingest::specs(&config)?;
     let grpc_addr = listeners.grpc.local_addr().map_err(RunError::Address)?;
     tracing::info!(addr = %grpc_addr, "control plane listening (gRPC)");
     let node = edge::Node::start(listeners.client, config)?;
     let gateway = node.gateway();
     let control = gateway.spawn(server::serve(listeners.grpc, gateway.clone(), control));
+    let ingest = tokio_util::sync::CancellationToken::new();
+    ingest::start(&gateway, consumers, &ingest);
 
     let mut failure = None;
     tokio::pin!(control);
@@ -125,6 +131,8 @@ pub async fn run(
             failure = Some(err);
         }
     }
+    // Consumers take no new commands once the node drains (the batch in hand finishes).
+    ingest.cancel();
     node.drain(grace).await;
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)

@@ -38,6 +38,14 @@ enum Command {
         #[arg(long, env = "CHANNELGATE_LOG_FORMAT", default_value = "text")]
         log_format: LogFormat,
     },
+    /// Print the SQL that creates a PostgreSQL outbox table (with its dead-letter table and
+    /// its NOTIFY trigger) for a `[[consumers]]` entry of kind `postgres`. The gateway never
+    /// changes an application's database itself: run it with your migrations.
+    OutboxSchema {
+        /// The table (`name` or `schema.name`), as in the consumer's `table`.
+        #[arg(long, default_value = "channelgate_outbox")]
+        table: String,
+    },
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -50,6 +58,18 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::OutboxSchema { table } = &cli.command {
+        return match channelgate::ingest::outbox_schema(table) {
+            Ok(sql) => {
+                print!("{sql}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: --table {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,6 +91,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::OutboxSchema { .. } => ExitCode::SUCCESS,
         Command::Client(command) => match runtime.block_on(cli::run(command)) {
             Ok(code) => code,
             Err(err) => {
@@ -99,6 +120,7 @@ async fn serve(settings: Settings, log_format: LogFormat) -> anyhow::Result<Exit
     let file = settings.load_file()?;
     let config = settings.merge(file).into_config()?;
     channelgate::settings::check(&config)?;
+    channelgate::ingest::specs(&config)?;
     let listeners = Listeners::bind(&config).await?;
 
     let token = tokio_util::sync::CancellationToken::new();

@@ -182,6 +182,9 @@ macro_rules! settings {
                pub $cname: settings!(@ty $cdef $cty), )*
             /// Limits.
             pub limits: Limits,
+            /// The file's `[[consumers]]` tables, kept as written: the composition root reads
+            /// them (`channelgate::ingest`), the edge never does. Default: none.
+            pub consumers: Consumers,
         }
 
         $($lm)*
@@ -199,6 +202,7 @@ macro_rules! settings {
                 Self {
                     $( $cname: settings!(@default $cname $ckind $cdef), )*
                     limits: Limits::default(),
+                    consumers: Consumers::default(),
                 }
             }
         }
@@ -216,7 +220,9 @@ macro_rules! settings {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 let mut d = f.debug_struct("Config");
                 $( d.field(stringify!($cname), &Redacted(stringify!($cname), &self.$cname)); )*
-                d.field("limits", &self.limits).finish()
+                d.field("limits", &self.limits)
+                    .field("consumers", &self.consumers.0.len())
+                    .finish()
             }
         }
 
@@ -230,6 +236,9 @@ macro_rules! settings {
             /// The file's `[namespaces.NAME]` tables (file only).
             #[arg(skip)]
             pub namespaces: Option<Namespaces>,
+            /// The file's `[[consumers]]` tables (file only).
+            #[arg(skip)]
+            pub consumers: Option<Consumers>,
             $( $(#[doc = $cdoc])*
                #[arg(long, env = $cenv, value_name = $cvalue, value_parser = kind::$ckind::parse,
                      help = concat!($($cdoc),*, " [default: ", settings!(@show $cdef), "]").trim_start(), $($carg)*)]
@@ -255,6 +264,10 @@ macro_rules! settings {
                         settings.namespaces = Some(Namespaces::from_toml(value).map_err(named)?);
                         continue;
                     }
+                    if key == "consumers" {
+                        settings.consumers = Some(Consumers::from_toml(value).map_err(named)?);
+                        continue;
+                    }
                     match field.as_str() {
                         $( stringify!($cname) => settings.$cname = Some(kind::$ckind::de(value).map_err(named)?), )*
                         $( stringify!($lname) => settings.$lname = Some(kind::$lkind::de(value).map_err(named)?), )*
@@ -269,6 +282,7 @@ macro_rules! settings {
                 Settings {
                     config: self.config.or(other.config),
                     namespaces: self.namespaces.or(other.namespaces),
+                    consumers: self.consumers.or(other.consumers),
                     $( $cname: self.$cname.or(other.$cname), )*
                     $( $lname: self.$lname.or(other.$lname), )*
                 }
@@ -281,6 +295,9 @@ macro_rules! settings {
                 $( settings!(@apply config.limits.$lname, self.$lname, $ldef); )*
                 if let Some(namespaces) = self.namespaces {
                     config.limits.namespaces = namespaces;
+                }
+                if let Some(consumers) = self.consumers {
+                    config.consumers = consumers;
                 }
                 config.check()?;
                 Ok(config)
@@ -501,6 +518,31 @@ impl<T: fmt::Debug> fmt::Debug for Redacted<'_, T> {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Namespaces(pub std::collections::BTreeMap<String, NamespacePolicy>);
+
+/// The file's `[[consumers]]` tables (ingest from a PostgreSQL outbox or NATS JetStream),
+/// as written. Their meaning belongs to the composition root, which checks them before the
+/// node binds (`channelgate::ingest`); the edge only carries them from the file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Consumers(pub Vec<toml::Table>);
+
+// TOML tables hold floats, so no derived `Eq`; a consumer's table compares by its values.
+impl Eq for Consumers {}
+
+impl Consumers {
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    toml::Value::Table(table) => Ok(table),
+                    _ => Err("expected tables: [[consumers]]".to_owned()),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self),
+            _ => Err("expected tables: [[consumers]]".to_owned()),
+        }
+    }
+}
 
 /// One namespace's overrides; what it leaves out comes from the node-wide settings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

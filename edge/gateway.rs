@@ -279,6 +279,15 @@ impl Gateway {
             .inc();
     }
 
+    /// Adds `collector` to the node's metrics (`GET /metrics`): how a way in that lives outside
+    /// the edge (the ingest consumers) reports its own. A name already taken is an error.
+    pub fn register_metrics(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.node.registry.metrics().register(collector)
+    }
+
     /// Resolves once the node halts (its sockets are gone): long-lived calls end then.
     pub fn halted(&self) -> WaitForCancellationFutureOwned {
         self.node.halt.clone().cancelled_owned()

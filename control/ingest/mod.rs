@@ -1,0 +1,353 @@
+//! Ingest: ways in for applications that publish from where their data lives, beside the gRPC
+//! service. Each `[[consumers]]` table of the configuration file names a source: a PostgreSQL
+//! transactional outbox ([`postgres`]) or a NATS JetStream stream ([`nats`]). A consumer reads
+//! commands (a method and its JSON), applies them through the node's [`Gateway`] like any
+//! Control call, and marks them done only after the gateway accepted them, so a crash in
+//! between applies them again; a push's idempotency key (the row's id or the message's id by
+//! default) makes that second application a no-op.
+//!
+//! This module owns what the sources share: the configuration ([`Spec`], checked before the
+//! node binds), the commands ([`command`]), and the metrics ([`Metrics`]). The client libraries
+//! (tokio-postgres, async-nats) are used here and nowhere else; the edge knows neither.
+
+pub(crate) mod command;
+mod metrics;
+mod nats;
+mod postgres;
+
+use std::time::Duration;
+
+use edge::{config::HumanDuration, Gateway};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+
+pub use nats::Settings as NatsSettings;
+pub use postgres::{schema as outbox_schema, Settings as PostgresSettings};
+
+pub(crate) use metrics::Metrics;
+
+/// One `[[consumers]]` table, checked.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The consumer's name: its metrics' `consumer` label and its logs' field.
+    pub name: String,
+    /// What it reads.
+    pub source: Source,
+}
+
+/// Where a consumer reads its commands.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A PostgreSQL outbox table.
+    Postgres(Box<PostgresSettings>),
+    /// A NATS JetStream stream, through a durable pull consumer.
+    Nats(NatsSettings),
+}
+
+/// A `[[consumers]]` table as written: the fields of every kind, checked by [`Spec::parse`].
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Raw {
+    kind: String,
+    name: Option<String>,
+    // postgres
+    dsn: Option<String>,
+    dsn_env: Option<String>,
+    table: Option<String>,
+    partitions: Option<u32>,
+    poll_interval: Option<HumanDuration>,
+    rebalance_interval: Option<HumanDuration>,
+    // nats
+    url: Option<String>,
+    url_env: Option<String>,
+    stream: Option<String>,
+    subject: Option<String>,
+    durable: Option<String>,
+    create: Option<bool>,
+    ack_wait: Option<HumanDuration>,
+    // both
+    batch: Option<usize>,
+    max_backoff: Option<HumanDuration>,
+}
+
+/// The value of `value`, or of the environment variable named by `env` (credentials stay out
+/// of the file that way).
+fn from_env_or(
+    what: &str,
+    value: Option<String>,
+    env: Option<String>,
+    read: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    match (value, env) {
+        (Some(_), Some(_)) => Err(format!("give `{what}` or `{what}-env`, not both")),
+        (Some(v), None) => Ok(v),
+        (None, Some(var)) => {
+            read(&var).ok_or_else(|| format!("`{what}-env`: the variable {var} is not set"))
+        }
+        (None, None) => Err(format!("`{what}` (or `{what}-env`) is required")),
+    }
+}
+
+impl Spec {
+    /// Checks the `index`th `[[consumers]]` table; `env` reads environment variables.
+    fn parse(
+        index: usize,
+        table: &toml::Table,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let raw: Raw = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_owned())?;
+        let name = raw
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{index}", raw.kind));
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            return Err("`name` is 1 to 64 characters without control characters".into());
+        }
+        let batch = raw.batch.unwrap_or(500);
+        if !(1..=10_000).contains(&batch) {
+            return Err("`batch` must be 1 to 10000".into());
+        }
+        let max_backoff = raw.max_backoff.map_or(Duration::from_secs(5), |d| d.0);
+        if max_backoff < Duration::from_millis(10) {
+            return Err("`max-backoff` must be at least 10ms".into());
+        }
+        let only = |kind: &str, present: &[(&str, bool)]| -> Result<(), String> {
+            match present.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(format!("`{key}` is not a setting of kind {kind:?}")),
+                None => Ok(()),
+            }
+        };
+        let source = match raw.kind.as_str() {
+            "postgres" => {
+                only(
+                    "postgres",
+                    &[
+                        ("url", raw.url.is_some()),
+                        ("url-env", raw.url_env.is_some()),
+                        ("stream", raw.stream.is_some()),
+                        ("subject", raw.subject.is_some()),
+                        ("durable", raw.durable.is_some()),
+                        ("create", raw.create.is_some()),
+                        ("ack-wait", raw.ack_wait.is_some()),
+                    ],
+                )?;
+                Source::Postgres(Box::new(PostgresSettings::new(
+                    from_env_or("dsn", raw.dsn, raw.dsn_env, env)?,
+                    raw.table
+                        .unwrap_or_else(|| postgres::DEFAULT_TABLE.to_owned()),
+                    raw.partitions.unwrap_or(8),
+                    batch,
+                    raw.poll_interval.map_or(Duration::from_secs(1), |d| d.0),
+                    raw.rebalance_interval
+                        .map_or(Duration::from_secs(1), |d| d.0),
+                    max_backoff,
+                )?))
+            }
+            "nats" => {
+                only(
+                    "nats",
+                    &[
+                        ("dsn", raw.dsn.is_some()),
+                        ("dsn-env", raw.dsn_env.is_some()),
+                        ("table", raw.table.is_some()),
+                        ("partitions", raw.partitions.is_some()),
+                        ("rebalance-interval", raw.rebalance_interval.is_some()),
+                    ],
+                )?;
+                let url = match (raw.url, raw.url_env) {
+                    (None, None) => "nats://127.0.0.1:4222".to_owned(),
+                    (url, env_name) => from_env_or("url", url, env_name, env)?,
+                };
+                Source::Nats(nats::Settings::new(
+                    url,
+                    raw.stream.ok_or("`stream` is required")?,
+                    raw.subject,
+                    raw.durable.unwrap_or_else(|| "channelgate".to_owned()),
+                    raw.create.unwrap_or(false),
+                    batch,
+                    raw.ack_wait.map_or(Duration::from_secs(30), |d| d.0),
+                    raw.poll_interval.map_or(Duration::from_secs(1), |d| d.0),
+                    max_backoff,
+                )?)
+            }
+            other => {
+                return Err(format!(
+                    "unknown kind {other:?}: `postgres` or `nats` (the file's [[consumers]])"
+                ))
+            }
+        };
+        Ok(Self { name, source })
+    }
+}
+
+/// Checks every `[[consumers]]` table of `config`, reading credentials named by `*-env` keys
+/// from the environment; `channelgate serve` and [`crate::run`] call it before anything binds.
+pub fn specs(config: &Config) -> Result<Vec<Spec>, ConfigError> {
+    specs_with_env(config, &|var| std::env::var(var).ok())
+}
+
+fn specs_with_env(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Spec>, ConfigError> {
+    let specs = config
+        .consumers
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, table)| {
+            Spec::parse(i, table, env)
+                .map_err(|e| ConfigError::Invalid(format!("[[consumers]] number {}: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, spec) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|s| s.name == spec.name) {
+            return Err(ConfigError::Invalid(format!(
+                "[[consumers]]: two consumers are named {:?}",
+                spec.name
+            )));
+        }
+    }
+    Ok(specs)
+}
+
+/// Starts every consumer on the node's task tracker; they stop taking new commands when `stop`
+/// is cancelled (the node's drain waits for them to finish the batch in hand).
+pub(crate) fn start(gateway: &Gateway, specs: Vec<Spec>, stop: &CancellationToken) {
+    if specs.is_empty() {
+        return;
+    }
+    let metrics = match Metrics::register(gateway) {
+        Ok(metrics) => metrics,
+        Err(err) => {
+            // Only a second registration fails, which `run` never makes.
+            tracing::error!(%err, "registering the consumers' metrics failed");
+            Metrics::unregistered()
+        }
+    };
+    for spec in specs {
+        let (gateway, metrics, stop) = (gateway.clone(), metrics.clone(), stop.clone());
+        tracing::info!(consumer = %spec.name, "starting consumer");
+        match spec.source {
+            Source::Postgres(settings) => {
+                let consumer =
+                    postgres::Consumer::new(spec.name, *settings, gateway.clone(), metrics);
+                gateway.spawn(consumer.run(stop));
+            }
+            Source::Nats(settings) => {
+                let consumer = nats::Consumer::new(spec.name, settings, gateway.clone(), metrics);
+                gateway.spawn(consumer.run(stop));
+            }
+        }
+    }
+}
+
+/// Doubling waits between retries, from 50 ms up to a ceiling; [`Backoff::reset`] after a
+/// success.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST.min(max),
+            max,
+        }
+    }
+
+    /// The wait before the next retry (and doubles the one after).
+    fn step(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST.min(self.max);
+    }
+
+    /// Waits the next step, or until `stop`; false when stopped.
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let wait = self.step();
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Spec>, String> {
+        let settings = edge::config::Settings::parse_toml(text)?;
+        let config = settings.into_config().map_err(|e| e.to_string())?;
+        specs_with_env(&config, &|var| {
+            (var == "OUTBOX_DSN").then(|| "host=db user=app".to_owned())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn consumers_are_read_from_the_file_with_defaults_and_credentials_from_the_environment() {
+        let specs = parse(
+            "[[consumers]]\nkind = \"postgres\"\ndsn-env = \"OUTBOX_DSN\"\npartitions = 4\n\
+             [[consumers]]\nkind = \"nats\"\nname = \"events\"\nstream = \"EVENTS\"\nsubject = \"events.>\"\ncreate = true\n",
+        )
+        .unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].name, "postgres-0");
+        let Source::Postgres(pg) = &specs[0].source else {
+            panic!("postgres")
+        };
+        assert_eq!(pg.dsn(), "host=db user=app");
+        assert_eq!(pg.table(), "channelgate_outbox");
+        assert_eq!(pg.partitions(), 4);
+        assert_eq!(specs[1].name, "events");
+        assert!(matches!(specs[1].source, Source::Nats(_)));
+    }
+
+    #[test]
+    fn bad_consumer_tables_are_refused_with_what_is_wrong() {
+        for (bad, says) in [
+            ("[[consumers]]\nkind = \"kafka\"", "unknown kind"),
+            ("[[consumers]]\nkind = \"postgres\"", "`dsn`"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn-env = \"NOPE\"", "NOPE is not set"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\ndsn-env = \"OUTBOX_DSN\"", "not both"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\ntable = \"a;drop\"", "table"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\npartitions = 0", "partitions"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nstream = \"S\"", "`stream` is not"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nbatch = 0", "batch"),
+            ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
+            ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),
+            ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nfoo = 1", "unknown field"),
+            (
+                "[[consumers]]\nkind = \"nats\"\nstream = \"S\"\n[[consumers]]\nkind = \"nats\"\nname = \"nats-0\"\nstream = \"T\"",
+                "two consumers",
+            ),
+            ("consumers = 1", "[[consumers]]"),
+        ] {
+            let err = parse(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(300));
+        let waits: Vec<_> = (0..5).map(|_| b.step().as_millis()).collect();
+        assert_eq!(waits, [50, 100, 200, 300, 300]);
+        b.reset();
+        assert_eq!(b.step().as_millis(), 50);
+    }
+}

@@ -1,0 +1,675 @@
+//! The PostgreSQL transactional outbox consumer.
+//!
+//! An application writes a command as a row of the outbox table in the same transaction as its
+//! own data ([`schema`] prints the table). Rows carry a partition (`0..partitions`); order is
+//! kept within a partition. Each partition is held by one node at a time through a
+//! session-level advisory lock (`pg_try_advisory_lock(class, partition)`, the class a hash of
+//! the table's name) taken on the connection that reads and deletes the partition's rows: when
+//! a node dies, its connections close, PostgreSQL releases the locks, and other nodes take the
+//! partitions over at their next try (every `rebalance-interval`). Nodes spread the partitions
+//! evenly: each counts the nodes consuming the same table (their connections'
+//! `application_name` in `pg_stat_activity`) and holds at most its share, giving back the extra
+//! ones between batches.
+//!
+//! A partition's worker reads a batch in id order, applies each row through the gateway, then
+//! deletes the batch's rows in one transaction (and moves the poison ones to `<table>_dead` with
+//! their error). A crash between applying and deleting applies the rows again: a push's
+//! idempotency key (`<table>:<id>` unless the row gives one) makes that a no-op. A transient
+//! failure (Redis unavailable) stops the batch where it is and retries with back-off.
+//!
+//! New rows are picked up through `LISTEN`: the table's trigger sends the partition to the
+//! channel named like the table, at commit, and the node's listening connection wakes that
+//! partition's worker. Every worker also polls (`poll-interval`), in case a notification was
+//! missed (a reconnect, a row inserted with the trigger disabled).
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+
+use edge::Gateway;
+
+use super::{
+    command::{Command, Failure},
+    metrics::Counts,
+    Backoff, Metrics,
+};
+
+/// The outbox table's name unless the consumer's table says otherwise.
+pub(crate) const DEFAULT_TABLE: &str = "channelgate_outbox";
+
+/// Longest wait for any one statement; past it the connection is dropped (its locks go with
+/// it) and opened again.
+const STATEMENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Most partitions a table may have.
+const MAX_PARTITIONS: u32 = 1024;
+
+/// A PostgreSQL consumer's settings, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    config: tokio_postgres::Config,
+    dsn: String,
+    table: String,
+    partitions: u32,
+    batch: usize,
+    poll: Duration,
+    rebalance: Duration,
+    max_backoff: Duration,
+}
+
+impl Settings {
+    /// Checks a consumer's settings.
+    pub(crate) fn new(
+        dsn: String,
+        table: String,
+        partitions: u32,
+        batch: usize,
+        poll: Duration,
+        rebalance: Duration,
+        max_backoff: Duration,
+    ) -> Result<Self, String> {
+        let config: tokio_postgres::Config = dsn
+            .parse()
+            .map_err(|e| format!("`dsn` does not parse: {e}"))?;
+        if !valid_table(&table) {
+            return Err(format!(
+                "`table` {table:?}: lower-case letters, digits and `_`, at most 50 of them, \
+                 optionally after a schema and a dot"
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(format!("`partitions` must be 1 to {MAX_PARTITIONS}"));
+        }
+        if poll < Duration::from_millis(10) || rebalance < Duration::from_millis(10) {
+            return Err("`poll-interval` and `rebalance-interval` must be at least 10ms".into());
+        }
+        Ok(Self {
+            config,
+            dsn,
+            table,
+            partitions,
+            batch,
+            poll,
+            rebalance,
+            max_backoff,
+        })
+    }
+
+    /// The connection string.
+    pub fn dsn(&self) -> &str {
+        &self.dsn
+    }
+
+    /// The outbox table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// How many partitions the table's rows are spread over.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+}
+
+/// A table name the consumer can put in SQL unquoted: `name` or `schema.name`, each part
+/// lower-case ASCII letters, digits and `_` (not first a digit), the name at most 50 bytes so
+/// `<name>_dead` and the index's name stay within PostgreSQL's 63.
+fn valid_table(table: &str) -> bool {
+    let part = |p: &str, max: usize| {
+        !p.is_empty()
+            && p.len() <= max
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    match table.split_once('.') {
+        Some((schema, name)) => part(schema, 63) && part(name, 50),
+        None => part(table, 50),
+    }
+}
+
+/// The SQL that creates the outbox table `table`, its dead-letter table and its trigger
+/// (`channelgate outbox-schema`). The gateway never runs it: an application's database
+/// changes with the application's migrations.
+pub fn schema(table: &str) -> Result<String, String> {
+    if !valid_table(table) {
+        return Err(format!(
+            "{table:?}: lower-case letters, digits and `_` (at most 50), optionally after a \
+             schema and a dot"
+        ));
+    }
+    let name = table.rsplit('.').next().unwrap_or(table);
+    Ok(format!(
+        "-- The channelgate outbox. Write a row in the same transaction as your data; a node
+-- applies it after COMMIT (a rolled-back row never existed) and deletes it.
+--   partition: 0 to the consumer's `partitions` - 1; rows of one partition apply in id order
+--   method:    push, send, disconnect, subscribe or unsubscribe
+--   payload:   the method's fields (README, \"Publishing from your database\")
+CREATE TABLE IF NOT EXISTS {table} (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    partition  integer NOT NULL DEFAULT 0 CHECK (partition >= 0),
+    method     text NOT NULL,
+    payload    jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS {name}_partition_id ON {table} (partition, id);
+
+-- Rows that can never apply (unknown method, bad channel, payload too large), with why.
+CREATE TABLE IF NOT EXISTS {table}_dead (
+    id         bigint PRIMARY KEY,
+    partition  integer NOT NULL,
+    method     text NOT NULL,
+    payload    jsonb NOT NULL,
+    created_at timestamptz NOT NULL,
+    error      text NOT NULL,
+    failed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Wakes the partition's node at COMMIT (NOTIFY is transactional); nodes also poll.
+CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{table}', NEW.partition::text);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER {name}_notify AFTER INSERT ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {table}_notify();
+"
+    ))
+}
+
+/// FNV-1a: a stable 32-bit hash of the table's name (the advisory locks' class, and the tag in
+/// `application_name` that lets nodes of one table count each other).
+fn fnv32(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A PostgreSQL outbox consumer of one node.
+#[derive(Debug, Clone)]
+pub(crate) struct Consumer(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    settings: Settings,
+    gateway: Gateway,
+    counts: Counts,
+    /// `channelgate <table tag> <node tag>`: every connection of this node's consumer.
+    application_name: String,
+    /// What `application_name`s of this table's consumers start with.
+    peers_like: String,
+    /// The advisory locks' class.
+    lock_class: i32,
+    /// Partitions this node holds now.
+    held: AtomicUsize,
+    /// Partitions this node may hold: its share of the table's.
+    share: AtomicUsize,
+    /// One per partition: new rows (a notification).
+    wake: Vec<Notify>,
+}
+
+/// How holding a partition ended.
+enum Ended {
+    /// The node stops.
+    Stopped,
+    /// The node holds more than its share and gave this partition back.
+    Released,
+    /// The connection failed.
+    Lost(String),
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        name: String,
+        settings: Settings,
+        gateway: Gateway,
+        metrics: Metrics,
+    ) -> Self {
+        let tag = fnv32(&settings.table);
+        let node = rand::random::<u32>();
+        Self(Arc::new(Inner {
+            counts: metrics.of(&name),
+            name,
+            application_name: format!("channelgate {tag:08x} {node:08x}"),
+            peers_like: format!("channelgate {tag:08x} %"),
+            lock_class: tag as i32,
+            held: AtomicUsize::new(0),
+            share: AtomicUsize::new(settings.partitions as usize),
+            wake: (0..settings.partitions).map(|_| Notify::new()).collect(),
+            settings,
+            gateway,
+        }))
+    }
+
+    /// Runs the listening connection and one worker per partition until `stop`.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().listen(stop.clone()));
+        for partition in 0..self.0.settings.partitions {
+            tasks.spawn(self.clone().partition(partition, stop.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+        tracing::info!(consumer = %self.0.name, "consumer stopped");
+    }
+
+    /// Opens a connection; its notifications (only the listening connection asks for any) go
+    /// to the receiver, which ends when the connection does.
+    async fn connect(&self) -> Result<(Client, mpsc::UnboundedReceiver<Notification>), String> {
+        let mut config = self.0.settings.config.clone();
+        config
+            .application_name(self.0.application_name.clone())
+            .connect_timeout(STATEMENT_DEADLINE)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(STATEMENT_DEADLINE);
+        let (client, mut connection) = deadline(config.connect(NoTls)).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let name = self.0.name.clone();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(n);
+                    }
+                    Ok(AsyncMessage::Notice(notice)) => {
+                        tracing::debug!(consumer = %name, %notice, "PostgreSQL notice");
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::debug!(consumer = %name, %err, "PostgreSQL connection ended");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok((client, rx))
+    }
+
+    /// The listening connection: wakes partitions on notifications and, every
+    /// `rebalance-interval`, counts the table's nodes (this node's share) and the backlog.
+    async fn listen(self, stop: CancellationToken) {
+        let s = &self.0.settings;
+        let mut backoff = Backoff::new(s.max_backoff);
+        loop {
+            let failure = match self.connect().await {
+                Ok((client, notifications)) => {
+                    backoff.reset();
+                    let failure = self.listening(&client, notifications, &stop).await;
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    failure
+                }
+                Err(err) => err,
+            };
+            self.0.counts.connected.set(0);
+            tracing::warn!(consumer = %self.0.name, error = %failure, "outbox: PostgreSQL unreachable; retrying");
+            if !backoff.wait(&stop).await {
+                return;
+            }
+        }
+    }
+
+    async fn listening(
+        &self,
+        client: &Client,
+        mut notifications: mpsc::UnboundedReceiver<Notification>,
+        stop: &CancellationToken,
+    ) -> String {
+        let s = &self.0.settings;
+        if let Err(err) = deadline(client.batch_execute(&format!("LISTEN \"{}\"", s.table))).await {
+            return err;
+        }
+        self.0.counts.connected.set(1);
+        // Rows may have come while nobody listened.
+        self.0.wake.iter().for_each(Notify::notify_one);
+        let mut tick = tokio::time::interval(s.rebalance);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return String::new(),
+                n = notifications.recv() => match n {
+                    Some(n) => {
+                        if let Some(wake) = n.payload().parse::<usize>().ok().and_then(|p| self.0.wake.get(p)) {
+                            wake.notify_one();
+                        }
+                    }
+                    None => return "the listening connection closed".into(),
+                },
+                _ = tick.tick() => {
+                    if let Err(err) = self.survey(client).await {
+                        return err;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts the table's nodes (this one's share of the partitions) and its backlog.
+    async fn survey(&self, client: &Client) -> Result<(), String> {
+        let s = &self.0.settings;
+        let row = deadline(client.query_one(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE application_name LIKE $1",
+            &[&self.0.peers_like],
+        ))
+        .await?;
+        let nodes = row.get::<_, i64>(0).max(1) as usize;
+        let share = (s.partitions as usize).div_ceil(nodes);
+        if self.0.share.swap(share, Ordering::Relaxed) != share {
+            tracing::info!(consumer = %self.0.name, nodes, share, "outbox: partitions per node");
+        }
+        let row = deadline(client.query_one(
+            &format!(
+                "SELECT count(*), \
+                 COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8, \
+                 count(*) FILTER (WHERE partition >= $1) FROM {}",
+                s.table
+            ),
+            &[&(s.partitions as i32)],
+        ))
+        .await?;
+        let (pending, oldest, outside) = (
+            row.get::<_, i64>(0),
+            row.get::<_, f64>(1),
+            row.get::<_, i64>(2),
+        );
+        self.0.counts.pending.set(pending);
+        self.0.counts.oldest.set(oldest);
+        if outside > 0 {
+            tracing::warn!(
+                consumer = %self.0.name, rows = outside, partitions = s.partitions,
+                "outbox: rows in partitions no node reads (partition must be below `partitions`)"
+            );
+        }
+        Ok(())
+    }
+
+    /// One partition's worker: takes the partition's lock when this node is under its share
+    /// and the lock is free, then applies its rows until it stops, gives it back, or loses the
+    /// connection.
+    async fn partition(self, partition: u32, stop: CancellationToken) {
+        let s = &self.0.settings;
+        let mut backoff = Backoff::new(s.max_backoff);
+        while !stop.is_cancelled() {
+            if self.0.held.load(Ordering::Relaxed) >= self.0.share.load(Ordering::Relaxed) {
+                if !pause(s.rebalance, &stop).await {
+                    return;
+                }
+                continue;
+            }
+            let (mut client, _) = match self.connect().await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::debug!(consumer = %self.0.name, partition, error = %err, "outbox: connecting failed");
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match self.take(&client, partition, &stop).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(err) => {
+                    tracing::debug!(consumer = %self.0.name, partition, error = %err, "outbox: taking the partition failed");
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            self.0.held.fetch_add(1, Ordering::Relaxed);
+            self.0.counts.partitions.inc();
+            tracing::info!(consumer = %self.0.name, partition, "outbox: holding partition");
+            let ended = self.hold(&mut client, partition, &stop, &mut backoff).await;
+            self.0.counts.partitions.dec();
+            match ended {
+                Ended::Stopped => {
+                    self.0.held.fetch_sub(1, Ordering::Relaxed);
+                    // Closing the connection releases the lock.
+                    return;
+                }
+                Ended::Released => {
+                    // `hold` already counted it out.
+                    let _ = deadline(client.execute(
+                        "SELECT pg_advisory_unlock($1, $2)",
+                        &[&self.0.lock_class, &(partition as i32)],
+                    ))
+                    .await;
+                    tracing::info!(consumer = %self.0.name, partition, "outbox: gave the partition back");
+                }
+                Ended::Lost(err) => {
+                    self.0.held.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(consumer = %self.0.name, partition, error = %err, "outbox: lost the partition's connection; retrying");
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries the partition's lock on `client` until taken (true), the node is at its share
+    /// (false), or `stop` (false).
+    async fn take(
+        &self,
+        client: &Client,
+        partition: u32,
+        stop: &CancellationToken,
+    ) -> Result<bool, String> {
+        loop {
+            if stop.is_cancelled()
+                || self.0.held.load(Ordering::Relaxed) >= self.0.share.load(Ordering::Relaxed)
+            {
+                return Ok(false);
+            }
+            let row = deadline(client.query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&self.0.lock_class, &(partition as i32)],
+            ))
+            .await?;
+            if row.get::<_, bool>(0) {
+                return Ok(true);
+            }
+            if !pause(self.0.settings.rebalance, stop).await {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Applies the partition's rows, batch after batch, while this node holds it.
+    async fn hold(
+        &self,
+        client: &mut Client,
+        partition: u32,
+        stop: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Ended {
+        let s = &self.0.settings;
+        let select = match deadline(client.prepare(&format!(
+            "SELECT id, method, payload::text FROM {} WHERE partition = $1 ORDER BY id LIMIT $2",
+            s.table
+        )))
+        .await
+        {
+            Ok(statement) => statement,
+            Err(err) => return Ended::Lost(err),
+        };
+        let p = partition as i32;
+        let limit = s.batch as i64;
+        loop {
+            if stop.is_cancelled() {
+                return Ended::Stopped;
+            }
+            let over = self
+                .0
+                .held
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    (held > self.0.share.load(Ordering::Relaxed)).then(|| held - 1)
+                });
+            if over.is_ok() {
+                return Ended::Released;
+            }
+            let rows = match deadline(client.query(&select, &[&p, &limit])).await {
+                Ok(rows) => rows,
+                Err(err) => return Ended::Lost(err),
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ended::Stopped,
+                    _ = self.0.wake[partition as usize].notified() => {}
+                    _ = tokio::time::sleep(s.poll) => {}
+                }
+                continue;
+            }
+            self.0.counts.batch(rows.len());
+            let mut done = Vec::with_capacity(rows.len());
+            let mut dead = Vec::new();
+            let mut transient = None;
+            for row in &rows {
+                let id: i64 = row.get(0);
+                let method: &str = row.get(1);
+                let payload: &str = row.get(2);
+                let key = format!("{}:{id}", s.table);
+                let applied = match Command::parse(method, payload) {
+                    Ok(command) => command.apply(&self.0.gateway, &key).await,
+                    Err(failure) => Err(failure),
+                };
+                match applied {
+                    Ok(()) => done.push(id),
+                    Err(failure @ Failure::Poison { .. }) => {
+                        self.0.counts.failed(failure.reason());
+                        tracing::warn!(
+                            consumer = %self.0.name, partition, id, method, error = %failure,
+                            "outbox: row can never apply; moved to the dead-letter table"
+                        );
+                        dead.push((id, failure.to_string()));
+                    }
+                    Err(failure @ Failure::Transient(_)) => {
+                        self.0.counts.failed(failure.reason());
+                        transient = Some(failure);
+                        break;
+                    }
+                }
+            }
+            if let Err(err) = self.finish(client, &done, &dead).await {
+                return Ended::Lost(err);
+            }
+            self.0.counts.applied.inc_by(done.len() as u64);
+            match transient {
+                Some(failure) => {
+                    tracing::warn!(
+                        consumer = %self.0.name, partition, error = %failure,
+                        "outbox: the gateway cannot apply rows now; retrying"
+                    );
+                    if !backoff.wait(stop).await {
+                        return Ended::Stopped;
+                    }
+                }
+                None => backoff.reset(),
+            }
+        }
+    }
+
+    /// Deletes the applied rows and moves the dead ones aside, in one transaction.
+    async fn finish(
+        &self,
+        client: &mut Client,
+        done: &[i64],
+        dead: &[(i64, String)],
+    ) -> Result<(), String> {
+        if done.is_empty() && dead.is_empty() {
+            return Ok(());
+        }
+        let table = &self.0.settings.table;
+        let work = async {
+            let tx = client.transaction().await?;
+            for (id, error) in dead {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {table}_dead (id, partition, method, payload, created_at, error) \
+                         SELECT id, partition, method, payload, created_at, $2 FROM {table} WHERE id = $1 \
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    &[id, error],
+                )
+                .await?;
+            }
+            let ids: Vec<i64> = done
+                .iter()
+                .copied()
+                .chain(dead.iter().map(|(id, _)| *id))
+                .collect();
+            tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&ids])
+                .await?;
+            tx.commit().await
+        };
+        deadline(work).await
+    }
+}
+
+/// Waits `wait`, or until `stop`; false when stopped.
+async fn pause(wait: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// Runs a PostgreSQL call within [`STATEMENT_DEADLINE`].
+async fn deadline<T>(
+    call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STATEMENT_DEADLINE, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(error_text(&err)),
+        Err(_) => Err(format!("no answer within {STATEMENT_DEADLINE:?}")),
+    }
+}
+
+/// A PostgreSQL error with its server message (tokio-postgres' `Display` says only "db error").
+fn error_text(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for good in ["channelgate_outbox", "app.outbox", "_x1"] {
+            assert!(valid_table(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Outbox",
+            "1x",
+            "a;drop",
+            "a.b.c",
+            "a b",
+            &"x".repeat(51),
+            "a.",
+        ] {
+            assert!(!valid_table(bad), "{bad}");
+        }
+        assert!(schema("a;drop").is_err());
+        let sql = schema("app.outbox").unwrap();
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS app.outbox_dead"));
+        assert!(sql.contains("outbox_partition_id ON app.outbox"));
+    }
+}
