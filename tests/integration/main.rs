@@ -25,6 +25,7 @@ mod history;
 mod js_client;
 mod lifecycle;
 mod messages;
+mod outbox;
 mod presence;
 mod presence_events;
 mod probes;

@@ -196,3 +196,104 @@ fn redis_answers() -> bool {
         && stream.read_exact(&mut reply).is_ok()
         && &reply == b"+PONG\r\n"
 }
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+fn answers(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+/// Waits up to 20 s for 127.0.0.1:`port`.
+fn wait_for_port(port: u16, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answers(port) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what} did not answer on 127.0.0.1:{port} within 20 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The directory of PostgreSQL's server programs (`initdb`, `pg_ctl`), newest version first.
+pub fn postgres_bin() -> std::path::PathBuf {
+    let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .filter(|bin| bin.join("initdb").exists())
+        .expect("PostgreSQL's server programs under /usr/lib/postgresql/*/bin")
+}
+
+/// PostgreSQL on 127.0.0.1:5432 with trust authentication for `postgres` (the outbox tests),
+/// and its server programs (a test runs a private server of its own to restart it). Started
+/// with Debian's `pg_ctlcluster` if nothing answers.
+pub fn postgres() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || {
+        if !Path::new("/usr/lib/postgresql").exists() {
+            apt_install(&["postgresql"])?;
+        }
+        if answers(5432) {
+            return Ok(());
+        }
+        eprintln!("setup: starting PostgreSQL on 127.0.0.1:5432");
+        let status = Command::new("sh")
+            .args([
+                "-c",
+                "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | tail -1) main start",
+            ])
+            .status()
+            .map_err(|e| format!("starting PostgreSQL: {e}"))?;
+        if !status.success() {
+            return Err(format!("pg_ctlcluster exited with {status}"));
+        }
+        wait_for_port(5432, "PostgreSQL")
+    });
+}
+
+/// NATS with JetStream on 127.0.0.1:4222 (the JetStream tests), and `nats-server` (a test runs
+/// a private server of its own to restart it). Started if nothing answers.
+pub fn nats() -> &'static str {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    once(&READY, || {
+        if !Path::new("/usr/sbin/nats-server").exists() && !on_path("nats-server") {
+            apt_install(&["nats-server"])?;
+        }
+        if answers(4222) {
+            return Ok(());
+        }
+        eprintln!("setup: starting nats-server on 127.0.0.1:4222");
+        let dir = std::env::temp_dir().join("channelgate-nats");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+        Command::new(nats_server())
+            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting nats-server: {e}"))?;
+        wait_for_port(4222, "nats-server")
+    });
+    "nats://127.0.0.1:4222"
+}
+
+/// The `nats-server` program.
+pub fn nats_server() -> &'static str {
+    if Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
