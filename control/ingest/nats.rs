@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use async_nats::connection::State;
 use async_nats::jetstream::{
     self,
     consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer},
@@ -144,8 +145,25 @@ impl Consumer {
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let mut backoff = Backoff::new(self.settings.max_backoff);
         let client = loop {
+            let (connected, name) = (self.counts.connected.clone(), self.name.clone());
             let connect = async_nats::ConnectOptions::new()
                 .name(format!("channelgate {}", self.name))
+                // The client reconnects by itself; the metric and the log follow it.
+                .event_callback(move |event| {
+                    let (connected, name) = (connected.clone(), name.clone());
+                    async move {
+                        match event {
+                            async_nats::Event::Disconnected => {
+                                connected.set(0);
+                                tracing::warn!(consumer = %name, "JetStream: disconnected from NATS; reconnecting");
+                            }
+                            async_nats::Event::Connected => {
+                                tracing::info!(consumer = %name, "JetStream: connected to NATS");
+                            }
+                            other => tracing::debug!(consumer = %name, event = %other, "JetStream: NATS event"),
+                        }
+                    }
+                })
                 .connection_timeout(CALL_DEADLINE)
                 .connect(self.settings.url.as_str());
             match tokio::time::timeout(CALL_DEADLINE, connect).await {
@@ -157,13 +175,21 @@ impl Consumer {
                 return;
             }
         };
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         while !stop.is_cancelled() {
+            if client.connection_state() != State::Connected {
+                // Calls would wait out their deadline; the client is reconnecting.
+                self.counts.connected.set(0);
+                if !backoff.wait(&stop).await {
+                    break;
+                }
+                continue;
+            }
             match self.consumer(&js).await {
                 Ok(consumer) => {
                     self.counts.connected.set(1);
                     backoff.reset();
-                    let failure = self.consume(&consumer, &stop, &mut backoff).await;
+                    let failure = self.consume(&client, &consumer, &stop, &mut backoff).await;
                     if stop.is_cancelled() {
                         break;
                     }
@@ -257,12 +283,16 @@ impl Consumer {
     /// Fetches and applies batches until a call fails (returned) or `stop`.
     async fn consume(
         &mut self,
+        client: &async_nats::Client,
         consumer: &PullConsumer,
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> String {
         let s = self.settings.clone();
         loop {
+            if client.connection_state() != State::Connected {
+                return "disconnected from NATS".into();
+            }
             let fetch = consumer
                 .fetch()
                 .max_messages(s.batch)

@@ -22,6 +22,7 @@ mod h2raw;
 mod handle;
 mod handshake;
 mod history;
+mod jetstream;
 mod js_client;
 mod lifecycle;
 mod messages;
