@@ -51,6 +51,9 @@
 //!   same run (`--sockets` per mode, `--pushes` each). Start the node with
 //!   `--config benches/bandwidth.toml` (the `delta:` namespace). One socket per mode rebuilds
 //!   every payload and checks it byte for byte.
+//! * `outbox`, `jetstream`: a node's ingest consumer (`benches/ingest.toml`): rows per second
+//!   from one `COMMIT` of `--rows` rows (or that many publishes) to the frames on a socket,
+//!   the node's CPU per row, and the latency of single commands at `--rate` (`ingest.rs`).
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
@@ -63,6 +66,7 @@ use tokio_tungstenite::{client_async, tungstenite::client::IntoClientRequest, We
 use channelgate::pb::{self, control_client::ControlClient};
 
 mod bandwidth;
+mod ingest;
 mod publish;
 mod raw_ws;
 use raw_ws::{RawWs, Read};
@@ -175,6 +179,21 @@ struct Args {
     /// Pushes to make in all (`fanout`; 0: as many as `--duration` allows).
     #[arg(long, default_value_t = 0)]
     push_count: u64,
+    /// PostgreSQL of the `outbox` scenario (the node's consumer reads the same table).
+    #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=channelgate_bench")]
+    dsn: String,
+    /// The outbox table (`outbox`).
+    #[arg(long, default_value = "channelgate_outbox")]
+    table: String,
+    /// NATS of the `jetstream` scenario.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Subject the `jetstream` scenario publishes to (in the node's consumer's stream).
+    #[arg(long, default_value = "channelgate.bench")]
+    nats_subject: String,
+    /// Commands written at once for throughput (`outbox`, `jetstream`).
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
 }
 
 /// Resident set size of `pid`, in bytes.
@@ -533,6 +552,7 @@ async fn main() -> anyhow::Result<()> {
         "calls" => calls(&args).await,
         "soak" => soak(&args).await,
         "bandwidth" => bandwidth::run(&args).await,
+        "outbox" | "jetstream" => ingest::run(&args, &args.scenario).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }

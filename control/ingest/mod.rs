@@ -328,6 +328,10 @@ mod tests {
             ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\npartitions = 0", "partitions"),
             ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nstream = \"S\"", "`stream` is not"),
             ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nbatch = 0", "batch"),
+            (
+                "[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db sslmode=require\"",
+                "without TLS",
+            ),
             ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nfoo = 1", "unknown field"),

@@ -80,6 +80,12 @@ impl Settings {
         let config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| format!("`dsn` does not parse: {e}"))?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            // Refused here rather than failing every connection attempt after start.
+            return Err("`dsn` asks for sslmode=require: the outbox consumer connects without \
+                        TLS (run it beside the database, or through a TLS tunnel)"
+                .into());
+        }
         if !valid_table(&table) {
             return Err(format!(
                 "`table` {table:?}: lower-case letters, digits and `_`, at most 50 of them, \
