@@ -180,7 +180,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     push_count: u64,
     /// PostgreSQL of the `outbox` scenario (the node's consumer reads the same table).
-    #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=channelgate_bench")]
+    #[arg(
+        long,
+        default_value = "host=127.0.0.1 user=postgres dbname=channelgate_bench"
+    )]
     dsn: String,
     /// The outbox table (`outbox`).
     #[arg(long, default_value = "channelgate_outbox")]

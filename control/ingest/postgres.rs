@@ -82,9 +82,11 @@ impl Settings {
             .map_err(|e| format!("`dsn` does not parse: {e}"))?;
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             // Refused here rather than failing every connection attempt after start.
-            return Err("`dsn` asks for sslmode=require: the outbox consumer connects without \
+            return Err(
+                "`dsn` asks for sslmode=require: the outbox consumer connects without \
                         TLS (run it beside the database, or through a TLS tunnel)"
-                .into());
+                    .into(),
+            );
         }
         if !valid_table(&table) {
             return Err(format!(
@@ -365,8 +367,10 @@ impl Consumer {
     async fn survey(&self, client: &Client) -> Result<(), String> {
         let s = &self.0.settings;
         let row = deadline(client.query_one(
+            // Advisory locks are per database, and so are the peers: nodes consuming a table
+            // of the same name in another database of the server are not.
             "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
-             WHERE application_name LIKE $1",
+             WHERE datname = current_database() AND application_name LIKE $1",
             &[&self.0.peers_like],
         ))
         .await?;

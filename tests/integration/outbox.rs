@@ -246,6 +246,32 @@ async fn a_poison_row_goes_aside_with_its_error_and_the_rows_after_it_flow() {
 }
 
 #[tokio::test]
+async fn nodes_consuming_another_database_are_not_peers() {
+    let (one, two) = (
+        TestDb::create("peers1").await,
+        TestDb::create("peers2").await,
+    );
+    let held = "channelgate_consumer_partitions_held{consumer=\"outbox\"}";
+    let toml_one = one.consumer("partitions = 2\nrebalance-interval = \"50ms\"");
+    let toml_two = two.consumer("partitions = 2\nrebalance-interval = \"50ms\"");
+    let gw_one = Gateway::start_with(|c| c.consumers = consumers(&toml_one)).await;
+    let gw_two = Gateway::start_with(|c| c.consumers = consumers(&toml_two)).await;
+    // Both tables are `channelgate_outbox`; each node holds every partition of its own.
+    wait_until(|| async { gw_one.metric(held).await == 2 && gw_two.metric(held).await == 2 }).await;
+    // And keeps them after several rounds of counting peers.
+    let counted = "channelgate_consumer_pending{consumer=\"outbox\"}";
+    insert(
+        &one.client().await,
+        &one.table,
+        &[(7, "push", json!({"channel": "x", "data": 1}))],
+    )
+    .await;
+    wait_until(|| async { gw_one.metric(counted).await == 1 }).await;
+    assert_eq!(gw_one.metric(held).await, 2);
+    assert_eq!(gw_two.metric(held).await, 2);
+}
+
+#[tokio::test]
 async fn a_node_killed_mid_batch_of_10000_rows_loses_and_duplicates_nothing() {
     let db = TestDb::create("kill").await;
     let prefix = unique_prefix("outbox-kill");
