@@ -199,14 +199,11 @@ pub(crate) async fn run(args: &Args, scenario: &str) -> anyhow::Result<()> {
         let mut started = None;
         source.write(&[row(0, seq)], &mut started).await?;
         let started = started.context("written")?;
-        loop {
-            let v = next_json(&mut ws).await?;
-            if v["payload"]["seq"] == seq {
-                samples.push(started.elapsed());
-                break;
-            }
+        let v = next_json(&mut ws).await?;
+        if v["payload"]["seq"] != seq {
             bail!("expected seq {seq}, got {v}");
         }
+        samples.push(started.elapsed());
     }
     let latency = Latency::of(samples);
     latency.row(if scenario == "outbox" {
