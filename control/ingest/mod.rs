@@ -319,6 +319,10 @@ mod tests {
 
     #[test]
     fn bad_consumer_tables_are_refused_with_what_is_wrong() {
+        let long_stream = format!(
+            "[[consumers]]\nkind = \"nats\"\nstream = \"{}\"",
+            "S".repeat(65)
+        );
         for (bad, says) in [
             ("[[consumers]]\nkind = \"kafka\"", "unknown kind"),
             ("[[consumers]]\nkind = \"postgres\"", "`dsn`"),
@@ -334,6 +338,7 @@ mod tests {
             ),
             ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),
+            (&long_stream, "at most 64"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nfoo = 1", "unknown field"),
             (
                 "[[consumers]]\nkind = \"nats\"\nstream = \"S\"\n[[consumers]]\nkind = \"nats\"\nname = \"nats-0\"\nstream = \"T\"",

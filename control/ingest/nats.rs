@@ -4,7 +4,7 @@
 //! A message's `Channelgate-Method` header names the method and its body is the method's JSON
 //! (as an outbox row's payload). Messages are applied in the order fetched, one at a time, and
 //! acked after the gateway accepted them; a push's idempotency key is the message's
-//! `Nats-Msg-Id` header, or `<stream>:<sequence>`, so a message redelivered after a crash
+//! `Nats-Msg-Id` header, or `<stream>:<stream's creation time>:<sequence>`, so a message redelivered after a crash
 //! applies once. A transient failure naks the message and the rest of its batch with a delay
 //! (back-off); a message that can never apply is terminated (`+TERM`), logged and counted.
 //!
@@ -81,6 +81,10 @@ impl Settings {
             }
         };
         name("stream", &stream)?;
+        if stream.len() > 64 {
+            // It is part of a push's idempotency key (at most 128 bytes).
+            return Err(format!("`stream` {stream:?}: at most 64 characters"));
+        }
         name("durable", &durable)?;
         if let Some(subject) = &subject {
             if subject.is_empty() || subject.chars().any(char::is_whitespace) {
@@ -325,6 +329,7 @@ impl Consumer {
                 // (a fetch from a missing consumer just ends empty).
                 match tokio::time::timeout(CALL_DEADLINE, consumer.get_info()).await {
                     Ok(Ok(info)) => {
+                        tracing::debug!(consumer = %self.name, pending = info.num_pending, ack_pending = info.num_ack_pending, delivered = info.delivered.stream_sequence, "JetStream: idle");
                         self.counts
                             .pending
                             .set((info.num_pending as usize + info.num_ack_pending) as i64);
@@ -367,7 +372,11 @@ impl Consumer {
                     .and_then(|h| h.get(name))
                     .map(|v| v.as_str().to_owned())
             };
-            let key = header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{sequence}"));
+            // A stream deleted and made again numbers its messages from 1 again: its creation
+            // time keeps their keys apart from the old stream's within the idempotency window.
+            let created = self.resume.map_or(0, |(at, _)| at);
+            let key =
+                header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"));
             let applied = match (header(METHOD_HEADER), std::str::from_utf8(&message.payload)) {
                 (None, _) => Err(Failure::Poison {
                     reason: "unknown_method",

@@ -177,6 +177,34 @@ async fn a_deleted_consumer_is_created_again_where_it_stopped() {
 }
 
 #[tokio::test]
+async fn a_deleted_stream_is_created_again_and_consumed_from_its_start() {
+    let url = crate::setup::nats();
+    let stream = TestStream::new(url).await;
+    let toml = stream.consumer("");
+    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    let (_, mut ws) = gw.subscriber(&["js"]).await;
+    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
+    for n in 0..20 {
+        stream.push(n).await;
+    }
+    expect_pushes(&mut ws, 0, 20).await;
+
+    stream
+        .js
+        .delete_stream(&stream.stream)
+        .await
+        .expect("delete the stream");
+    // The consumer makes the stream again (create = true); publishes succeed once it has.
+    wait_until(|| async { stream.js.get_stream(&stream.stream).await.is_ok() }).await;
+    for n in 20..40 {
+        stream.push(n).await;
+    }
+    // The new stream's sequences start at 1 again: read from its start, nothing skipped.
+    expect_pushes(&mut ws, 20, 40).await;
+    nothing_more(&stream, &mut ws).await;
+}
+
+#[tokio::test]
 async fn nats_restarted_the_consumer_recovers_and_loses_nothing() {
     let mut nats = PrivateNats::start();
     let stream = TestStream::new(&nats.url()).await;
