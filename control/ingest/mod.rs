@@ -104,8 +104,16 @@ impl Spec {
             .name
             .clone()
             .unwrap_or_else(|| format!("{}-{index}", raw.kind));
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-            return Err("`name` is 1 to 64 characters without control characters".into());
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            // Part of a push's idempotency key and of the metrics' labels.
+            return Err(format!(
+                "`name` {name:?}: 1 to 64 letters, digits, `_`, `-` or `.`"
+            ));
         }
         let batch = raw.batch.unwrap_or(500);
         if !(1..=10_000).contains(&batch) {
@@ -339,6 +347,7 @@ mod tests {
             ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),
             (&long_stream, "at most 64"),
+            ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nname = \"my events\"", "`name`"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nfoo = 1", "unknown field"),
             (
                 "[[consumers]]\nkind = \"nats\"\nstream = \"S\"\n[[consumers]]\nkind = \"nats\"\nname = \"nats-0\"\nstream = \"T\"",

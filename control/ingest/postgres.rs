@@ -14,7 +14,7 @@
 //! A partition's worker reads a batch in id order, applies each row through the gateway, then
 //! deletes the batch's rows in one transaction (and moves the poison ones to `<table>_dead` with
 //! their error). A crash between applying and deleting applies the rows again: a push's
-//! idempotency key (`<table>:<id>` unless the row gives one) makes that a no-op. A transient
+//! idempotency key (`<consumer name>:<id>` unless the row gives one) makes that a no-op. A transient
 //! failure (Redis unavailable) stops the batch where it is and retries with back-off.
 //!
 //! New rows are picked up through `LISTEN`: the table's trigger sends the partition to the
@@ -551,7 +551,9 @@ impl Consumer {
                 let id: i64 = row.get(0);
                 let method: &str = row.get(1);
                 let payload: &str = row.get(2);
-                let key = format!("{}:{id}", s.table);
+                // The consumer's name, not the table's: two services' outboxes of the same
+                // table name, on other databases, feed one gateway without their ids colliding.
+                let key = format!("{}:{id}", self.0.name);
                 let applied = match Command::parse(method, payload) {
                     Ok(command) => command.apply(&self.0.gateway, &key).await,
                     Err(failure) => Err(failure),

@@ -272,6 +272,25 @@ async fn nodes_consuming_another_database_are_not_peers() {
 }
 
 #[tokio::test]
+async fn two_outboxes_with_the_same_ids_feed_one_node_without_colliding() {
+    let (one, two) = (TestDb::create("same1").await, TestDb::create("same2").await);
+    let toml = format!(
+        "{}{}",
+        one.consumer("partitions = 1")
+            .replace("name = \"outbox\"", "name = \"orders\""),
+        two.consumer("partitions = 1")
+            .replace("name = \"outbox\"", "name = \"chat\""),
+    );
+    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    let (_, mut ws) = gw.subscriber(&["p0"]).await;
+    // Row 1 of each table, to the same channel: two pushes, not one and a duplicate.
+    insert(&one.client().await, &one.table, &[push(0, 1)]).await;
+    assert_eq!(ws.recv_push().await.1, json!({"n": 1}));
+    insert(&two.client().await, &two.table, &[push(0, 2)]).await;
+    assert_eq!(ws.recv_push().await.1, json!({"n": 2}));
+}
+
+#[tokio::test]
 async fn a_node_killed_mid_batch_of_10000_rows_loses_and_duplicates_nothing() {
     let db = TestDb::create("kill").await;
     let prefix = unique_prefix("outbox-kill");
