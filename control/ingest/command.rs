@@ -381,6 +381,44 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a row or a message holds, parsing it refuses clearly (a poison failure
+        /// with a reason) or gives a command; it never panics and never says "retry".
+        #[test]
+        fn any_row_parses_or_is_poison(
+            method in proptest::sample::select(vec!["push", "send", "disconnect", "subscribe", "unsubscribe", "x", ""]),
+            json in "\\PC{0,200}",
+        ) {
+            check(method, &json);
+        }
+
+        /// The same with objects built from the methods' own fields and odd values.
+        #[test]
+        fn any_object_of_known_fields_parses_or_is_poison(
+            method in proptest::sample::select(vec!["push", "send", "disconnect", "subscribe", "unsubscribe"]),
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["channel", "channels", "data", "idempotency_key", "digest", "user", "code", "reason"]),
+                    proptest::sample::select(vec!["\"a\"", "[\"a\",\"b c\"]", "[]", "1", "-1", "4001", "null", "{}", "\"\"", "true", "\"\\u0000\""]),
+                ),
+                0..6,
+            ),
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            check(method, &format!("{{{}}}", body.join(",")));
+        }
+    }
+
+    fn check(method: &str, json: &str) {
+        match Command::parse(method, json) {
+            Ok(_) => {}
+            Err(Failure::Poison { reason, message }) => {
+                assert!(!reason.is_empty() && !message.is_empty(), "{method} {json}");
+            }
+            Err(Failure::Transient(err)) => panic!("{method} {json}: transient {err}"),
+        }
+    }
+
     #[test]
     fn unavailable_and_draining_are_transient_and_the_rest_poison() {
         let transient = Failure::from(Error::ShuttingDown);
