@@ -55,6 +55,7 @@ struct Raw {
     // postgres
     dsn: Option<String>,
     dsn_env: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
     table: Option<String>,
     partitions: Option<u32>,
     poll_interval: Option<HumanDuration>,
@@ -145,6 +146,7 @@ impl Spec {
                 )?;
                 Source::Postgres(Box::new(PostgresSettings::new(
                     from_env_or("dsn", raw.dsn, raw.dsn_env, env)?,
+                    raw.ca_file,
                     raw.table
                         .unwrap_or_else(|| postgres::DEFAULT_TABLE.to_owned()),
                     raw.partitions.unwrap_or(8),
@@ -161,6 +163,7 @@ impl Spec {
                     &[
                         ("dsn", raw.dsn.is_some()),
                         ("dsn-env", raw.dsn_env.is_some()),
+                        ("ca-file", raw.ca_file.is_some()),
                         ("table", raw.table.is_some()),
                         ("partitions", raw.partitions.is_some()),
                         ("rebalance-interval", raw.rebalance_interval.is_some()),
@@ -341,8 +344,16 @@ mod tests {
             ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nstream = \"S\"", "`stream` is not"),
             ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nbatch = 0", "batch"),
             (
-                "[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db sslmode=require\"",
-                "without TLS",
+                "[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nca-file = \"/etc/hostname\"",
+                "needs sslmode=require",
+            ),
+            (
+                "[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db sslmode=require\"\nca-file = \"/nonexistent.pem\"",
+                "/nonexistent.pem",
+            ),
+            (
+                "[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db sslmode=require\"\nca-file = \"/etc/hostname\"",
+                "no certificate",
             ),
             ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),

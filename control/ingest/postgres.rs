@@ -33,6 +33,7 @@ use std::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use edge::Gateway;
@@ -57,6 +58,9 @@ const MAX_PARTITIONS: u32 = 1024;
 #[derive(Debug, Clone)]
 pub struct Settings {
     config: tokio_postgres::Config,
+    /// With `sslmode=require`: TLS, the server's certificate verified against `ca-file` or the
+    /// system's roots (as libpq's `verify-full`).
+    tls: Option<Arc<rustls::ClientConfig>>,
     dsn: String,
     table: String,
     partitions: u32,
@@ -68,8 +72,10 @@ pub struct Settings {
 
 impl Settings {
     /// Checks a consumer's settings.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         dsn: String,
+        ca_file: Option<std::path::PathBuf>,
         table: String,
         partitions: u32,
         batch: usize,
@@ -80,14 +86,11 @@ impl Settings {
         let config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| format!("`dsn` does not parse: {e}"))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            // Refused here rather than failing every connection attempt after start.
-            return Err(
-                "`dsn` asks for sslmode=require: the outbox consumer connects without \
-                        TLS (run it beside the database, or through a TLS tunnel)"
-                    .into(),
-            );
-        }
+        let tls = match (config.get_ssl_mode(), ca_file) {
+            (tokio_postgres::config::SslMode::Require, ca) => Some(tls_config(ca.as_deref())?),
+            (_, Some(_)) => return Err("`ca-file` needs sslmode=require in `dsn`".into()),
+            (_, None) => None,
+        };
         if !valid_table(&table) {
             return Err(format!(
                 "`table` {table:?}: lower-case letters, digits and `_`, at most 50 of them, \
@@ -102,6 +105,7 @@ impl Settings {
         }
         Ok(Self {
             config,
+            tls,
             dsn,
             table,
             partitions,
@@ -126,6 +130,45 @@ impl Settings {
     pub fn partitions(&self) -> u32 {
         self.partitions
     }
+}
+
+/// The TLS client configuration for `sslmode=require`: trust `ca_file`'s certificates (PEM),
+/// or the system's roots.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("`ca-file` {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "`ca-file` {}: no certificate in it",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "sslmode=require and no `ca-file`, but the system has no root \
+                            certificates"
+                        .into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A table name the consumer can put in SQL unquoted: `name` or `schema.name`, each part
@@ -280,27 +323,21 @@ impl Consumer {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
             .tcp_user_timeout(STATEMENT_DEADLINE);
-        let (client, mut connection) = deadline(config.connect(NoTls)).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let name = self.0.name.clone();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        let _ = tx.send(n);
-                    }
-                    Ok(AsyncMessage::Notice(notice)) => {
-                        tracing::debug!(consumer = %name, %notice, "PostgreSQL notice");
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        tracing::debug!(consumer = %name, %err, "PostgreSQL connection ended");
-                        break;
-                    }
-                }
+        let client = match &self.0.settings.tls {
+            None => {
+                let (client, connection) = deadline(config.connect(NoTls)).await?;
+                tokio::spawn(drive(connection, tx, name));
+                client
             }
-        });
+            Some(tls) => {
+                let tls = MakeRustlsConnect::new(rustls::ClientConfig::clone(tls));
+                let (client, connection) = deadline(config.connect(tls)).await?;
+                tokio::spawn(drive(connection, tx, name));
+                client
+            }
+        };
         Ok((client, rx))
     }
 
@@ -628,6 +665,33 @@ impl Consumer {
             tx.commit().await
         };
         deadline(work).await
+    }
+}
+
+/// Runs a connection until it ends, passing its notifications on.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notifications: mpsc::UnboundedSender<Notification>,
+    name: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notification(n)) => {
+                let _ = notifications.send(n);
+            }
+            Ok(AsyncMessage::Notice(notice)) => {
+                tracing::debug!(consumer = %name, %notice, "PostgreSQL notice");
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(consumer = %name, %err, "PostgreSQL connection ended");
+                break;
+            }
+        }
     }
 }
 

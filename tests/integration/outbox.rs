@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cluster::{self, unique_prefix},
-    support::{consumers, wait_until, Gateway, PrivatePostgres, TestDb, Ws, PATIENCE},
+    support::{consumers, wait_until, Gateway, PrivatePostgres, TestDb, TestPki, Ws, PATIENCE},
 };
 
 /// Inserts `(partition, method, payload)` rows in one statement, in order.
@@ -412,6 +412,63 @@ async fn postgres_restarted_the_consumer_recovers_and_loses_nothing() {
     }
     wait_until(|| async { gw.metric(connected).await == 1 }).await;
     nothing_more(&db, &mut ws, 2).await;
+}
+
+#[tokio::test]
+async fn the_consumer_connects_over_tls_verified_with_sslmode_require() {
+    let pki = TestPki::in_dir("outbox-tls");
+    let pg = PrivatePostgres::start_tls(&pki);
+    let db = TestDb::create_on(pg.port, "tls").await;
+    let toml = db
+        .consumer(&format!(
+            "partitions = 1\nca-file = \"{}\"",
+            pki.path("ca.pem").display()
+        ))
+        .replace(&db.dsn, &format!("{} sslmode=require", db.dsn));
+    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    let (_, mut ws) = gw.subscriber(&["p0"]).await;
+    insert(&db.client().await, &db.table, &[push(0, 1)]).await;
+    assert_eq!(ws.recv_push().await.1, json!({"n": 1}));
+    // Every connection of the consumer is encrypted.
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name LIKE 'channelgate %'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        rows.len() >= 2,
+        "the listening connection and the partition's"
+    );
+    assert!(rows.iter().all(|r| r.get::<_, bool>(0)), "all over TLS");
+
+    // A server whose certificate the consumer cannot verify is not used.
+    let other = TestPki::in_dir("outbox-tls-other");
+    let toml = db
+        .consumer(&format!(
+            "partitions = 1\nca-file = \"{}\"",
+            other.path("ca.pem").display()
+        ))
+        .replace(&db.dsn, &format!("{} sslmode=require", db.dsn));
+    let refused = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    // It tried: the server saw its handshakes fail on the certificate it would not trust.
+    wait_until(|| async { pg.log().contains("could not accept SSL connection") }).await;
+    let connected = "channelgate_consumer_connected{consumer=\"outbox\"}";
+    assert_eq!(refused.metric(connected).await, 0);
+    let c = db.client().await;
+    let nodes: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE application_name LIKE 'channelgate %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nodes, 1, "only the first node is connected");
 }
 
 #[tokio::test]

@@ -157,10 +157,21 @@ pub fn consumers(toml: &str) -> channelgate::config::Consumers {
 pub struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
+    /// Server options beyond the port and address (`-c ssl=on ...`).
+    options: String,
 }
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server that also takes TLS, with `pki`'s server certificate (for 127.0.0.1).
+    pub fn start_tls(pki: &super::TestPki) -> Self {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(pki: Option<&super::TestPki>) -> Self {
         setup::postgres();
         let dir = std::env::temp_dir().join(unique("cgtest_pg"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -182,9 +193,30 @@ impl PrivatePostgres {
             .status()
             .expect("run initdb as postgres");
         assert!(initdb.success(), "initdb");
+        let mut options = String::new();
+        if let Some(pki) = pki {
+            // PostgreSQL wants its key owned by its user and private.
+            for name in ["server.pem", "server.key"] {
+                std::fs::copy(pki.path(name), dir.join(name)).unwrap();
+            }
+            let owned = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "chown postgres {0}/server.pem {0}/server.key && chmod 600 {0}/server.key",
+                    dir.display()
+                ))
+                .status()
+                .unwrap();
+            assert!(owned.success(), "hand the TLS files to postgres");
+            options = format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+                dir.display()
+            );
+        }
         let pg = Self {
             port: free_port(),
             dir,
+            options,
         };
         pg.start_again();
         pg
@@ -206,13 +238,19 @@ impl PrivatePostgres {
     /// Starts the server (again), on the same port and data.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options
         );
         let log = self.dir.join("log");
         let status = self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &options, "start"]);
         assert!(status.success(), "pg_ctl start");
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     /// Stops the server (fast: connections are closed).
