@@ -2,13 +2,17 @@
 //! created with the stream when absent if the configuration says `create = true`.
 //!
 //! A message's `Channelgate-Method` header names the method and its body is the method's JSON
-//! (as an outbox row's payload). Messages are applied in the order fetched, one at a time, and
-//! acked after the gateway accepted them; a push's idempotency key is the message's
-//! `Nats-Msg-Id` header, or `<stream>:<stream's creation time>:<sequence>`, so a message redelivered after a crash
-//! applies once. A transient failure naks the message and the rest of its batch with a delay
-//! (back-off); a message that can never apply is terminated (`+TERM`), logged and counted.
+//! (as an outbox row's payload). The consumer takes what is there (up to `batch`, without
+//! waiting) or, when nothing is, waits for the next message; it applies a batch in order, one
+//! message at a time, and acks each after the gateway accepted it. A push's idempotency key is
+//! the message's `Nats-Msg-Id` header, or `<stream>:<stream's creation time>:<sequence>`, so a
+//! message delivered again after a crash applies once. A transient failure (Redis unavailable)
+//! is retried in place with back-off while the batch's messages get progress acks: a nak would
+//! let newer messages overtake it (measured: the stall test saw 8 before 4). A message that can
+//! never apply is terminated (`+TERM`), logged and counted. A node that stops naks what it had
+//! not applied, for another node to take at once.
 //!
-//! Recovery: the client reconnects by itself; a fetch or an info call that fails (the consumer
+//! Recovery: the client reconnects by itself; a pull or an info call that fails (the consumer
 //! or the stream was deleted, NATS restarted) makes the consumer look its consumer up again,
 //! and create it again when `create = true`, starting after the last message it applied (from
 //! the start when the stream itself is new).
@@ -284,7 +288,10 @@ impl Consumer {
         Ok(consumer)
     }
 
-    /// Fetches and applies batches until a call fails (returned) or `stop`.
+    /// Pulls and applies batches until a call fails (returned) or `stop`: what the consumer has
+    /// now (up to `batch`, without waiting), or, when it has nothing, the next message as soon
+    /// as it comes (up to `poll-interval`). A batch is taken whole before it is applied, so no
+    /// message waits in the client while another is being applied.
     async fn consume(
         &mut self,
         client: &async_nats::Client,
@@ -292,47 +299,34 @@ impl Consumer {
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> String {
-        let s = self.settings.clone();
+        let batch = self.settings.batch;
         loop {
             if client.connection_state() != State::Connected {
                 return "disconnected from NATS".into();
             }
-            let fetch = consumer
-                .fetch()
-                .max_messages(s.batch)
-                .expires(s.poll)
-                .messages();
-            let mut batch = tokio::select! {
-                _ = stop.cancelled() => return String::new(),
-                fetched = tokio::time::timeout(CALL_DEADLINE, fetch) => match fetched {
-                    Ok(Ok(batch)) => batch,
-                    Ok(Err(err)) => return format!("fetch: {err}"),
-                    Err(_) => return format!("fetch: no answer within {CALL_DEADLINE:?}"),
-                },
+            let mut messages = match self.pull(consumer, batch, false, stop).await {
+                Ok(messages) => messages,
+                Err(failed) => return failed,
             };
-            let mut messages = Vec::new();
-            let mut failed = None;
-            while let Some(message) = batch.next().await {
-                match message {
-                    Ok(message) => messages.push(message),
-                    Err(err) => {
-                        failed = Some(format!("fetch: {err}"));
-                        break;
-                    }
-                }
+            if messages.is_empty() {
+                messages = match self.pull(consumer, 1, true, stop).await {
+                    Ok(messages) => messages,
+                    Err(failed) => return failed,
+                };
+            }
+            if stop.is_cancelled() {
+                self.give_back(&messages).await;
+                return String::new();
             }
             if messages.is_empty() {
-                if let Some(failed) = failed {
-                    return failed;
-                }
                 // Idle: the consumer's state, which also finds a consumer deleted under us
-                // (a fetch from a missing consumer just ends empty).
+                // (a pull from a missing consumer just ends empty).
                 match tokio::time::timeout(CALL_DEADLINE, consumer.get_info()).await {
                     Ok(Ok(info)) => {
-                        tracing::debug!(consumer = %self.name, pending = info.num_pending, ack_pending = info.num_ack_pending, delivered = info.delivered.stream_sequence, "JetStream: idle");
                         self.counts
                             .pending
                             .set((info.num_pending as usize + info.num_ack_pending) as i64);
+                        self.counts.oldest.set(0.0);
                     }
                     Ok(Err(err)) => return format!("consumer info: {err}"),
                     Err(_) => return format!("consumer info: no answer within {CALL_DEADLINE:?}"),
@@ -340,92 +334,195 @@ impl Consumer {
                 continue;
             }
             self.counts.batch(messages.len());
-            if let Some(failure) = self.apply(&messages).await {
-                tracing::warn!(consumer = %self.name, error = %failure, "JetStream: the gateway cannot apply messages now; retrying");
-                if !backoff.wait(stop).await {
+            for i in 0..messages.len() {
+                if !self
+                    .apply(&messages[i], &messages[i + 1..], backoff, stop)
+                    .await
+                {
+                    self.give_back(&messages[i..]).await;
                     return String::new();
                 }
-            } else {
-                backoff.reset();
-            }
-            if let Some(failed) = failed {
-                return failed;
             }
         }
     }
 
-    /// Applies `messages` in order; on a transient failure naks it and the rest and returns it.
-    async fn apply(&mut self, messages: &[jetstream::Message]) -> Option<Failure> {
-        for (i, message) in messages.iter().enumerate() {
-            let (stream, sequence) = match message.info() {
-                Ok(info) => (info.stream.to_owned(), info.stream_sequence),
-                Err(err) => {
-                    tracing::warn!(consumer = %self.name, %err, "JetStream: a message without its metadata; skipped");
-                    self.counts.failed("invalid");
-                    continue;
-                }
+    /// One pull of up to `max` messages: waiting up to `poll-interval` for the first when
+    /// `wait`, else only what the consumer has now.
+    async fn pull(
+        &self,
+        consumer: &PullConsumer,
+        max: usize,
+        wait: bool,
+        stop: &CancellationToken,
+    ) -> Result<Vec<jetstream::Message>, String> {
+        let poll = self.settings.poll;
+        let pull = async {
+            if wait {
+                consumer
+                    .batch()
+                    .max_messages(max)
+                    .expires(poll)
+                    .messages()
+                    .await
+            } else {
+                consumer
+                    .fetch()
+                    .max_messages(max)
+                    .expires(poll)
+                    .messages()
+                    .await
+            }
+        };
+        let mut batch = tokio::select! {
+            _ = stop.cancelled() => return Ok(Vec::new()),
+            pulled = tokio::time::timeout(CALL_DEADLINE, pull) => match pulled {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(err)) => return Err(format!("pull: {err}")),
+                Err(_) => return Err(format!("pull: no answer within {CALL_DEADLINE:?}")),
+            },
+        };
+        // The server ends a pull at its expiry with a status message; when that message does
+        // not come (seen with nats-server 2.9), the client would wait 5 s more. The server sends
+        // nothing for a pull past its expiry, so the pull is let go a little after it.
+        let ends = tokio::time::Instant::now() + poll + Duration::from_millis(250);
+        let mut messages = Vec::new();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = tokio::time::timeout_at(ends, batch.next()) => next,
             };
-            let header = |name: &str| {
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_owned())
-            };
-            // A stream deleted and made again numbers its messages from 1 again: its creation
-            // time keeps their keys apart from the old stream's within the idempotency window.
-            let created = self.resume.map_or(0, |(at, _)| at);
-            let key =
-                header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"));
-            let applied = match (header(METHOD_HEADER), std::str::from_utf8(&message.payload)) {
-                (None, _) => Err(Failure::Poison {
-                    reason: "unknown_method",
-                    message: format!("no {METHOD_HEADER} header"),
-                }),
-                (_, Err(_)) => Err(Failure::Poison {
-                    reason: "bad_json",
-                    message: "the body is not UTF-8".into(),
-                }),
-                (Some(method), Ok(json)) => match Command::parse(&method, json) {
-                    Ok(command) => command.apply(&self.gateway, &key).await,
-                    Err(failure) => Err(failure),
-                },
-            };
-            let kind = match applied {
-                Ok(()) => {
-                    self.counts.applied.inc();
-                    if let Some((_, last)) = &mut self.resume {
-                        *last = sequence;
-                    }
-                    AckKind::Ack
+            match next {
+                Ok(None) => break,
+                Ok(Some(Ok(message))) => messages.push(message),
+                Ok(Some(Err(err))) if messages.is_empty() => return Err(format!("pull: {err}")),
+                Ok(Some(Err(err))) => {
+                    // Apply what came; the next pull reports the failure again if it lasts.
+                    tracing::debug!(consumer = %self.name, %err, "JetStream: a pull ended early");
+                    break;
                 }
-                Err(failure @ Failure::Poison { .. }) => {
-                    self.counts.failed(failure.reason());
-                    tracing::warn!(
-                        consumer = %self.name, %stream, sequence, error = %failure,
-                        "JetStream: message can never apply; terminated"
-                    );
-                    if let Some((_, last)) = &mut self.resume {
-                        *last = sequence;
-                    }
-                    AckKind::Term
+                Err(_) => {
+                    tracing::debug!(consumer = %self.name, "JetStream: the pull's end did not come");
+                    break;
                 }
-                Err(failure @ Failure::Transient(_)) => {
-                    self.counts.failed(failure.reason());
-                    let delay = Some(self.settings.max_backoff.min(Duration::from_secs(1)));
-                    for later in &messages[i..] {
-                        if let Err(err) = later.ack_with(AckKind::Nak(delay)).await {
-                            tracing::debug!(consumer = %self.name, %err, "JetStream: nak failed; redelivered after ack-wait");
-                        }
-                    }
-                    return Some(failure);
-                }
-            };
-            if let Err(err) = message.ack_with(kind).await {
-                // Redelivered after `ack-wait`; the idempotency key makes a push apply once.
-                tracing::debug!(consumer = %self.name, %err, "JetStream: ack failed");
             }
         }
-        None
+        Ok(messages)
+    }
+
+    /// Naks `messages` without delay (the node stops): another node may take them at once.
+    async fn give_back(&self, messages: &[jetstream::Message]) {
+        for message in messages {
+            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::debug!(consumer = %self.name, %err, "JetStream: nak failed; redelivered after ack-wait");
+            }
+        }
+    }
+
+    /// Applies `message` and acks it (terminates it when it can never apply). A transient
+    /// failure is retried in place with back-off, not naked: a nak lets newer messages overtake
+    /// it. While it retries, `message` and the `rest` of its batch get progress acks, so they
+    /// are not delivered again meanwhile. False when the node stops first.
+    async fn apply(
+        &mut self,
+        message: &jetstream::Message,
+        rest: &[jetstream::Message],
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut progressed = tokio::time::Instant::now();
+        loop {
+            let failure = match self.try_apply(message).await {
+                Ok(kind) => {
+                    if let Err(err) = message.ack_with(kind).await {
+                        // Delivered again after `ack-wait`; a push's idempotency key makes it
+                        // apply once.
+                        tracing::debug!(consumer = %self.name, %err, "JetStream: ack failed");
+                    }
+                    backoff.reset();
+                    return true;
+                }
+                Err(failure) => failure,
+            };
+            self.counts.failed(failure.reason());
+            tracing::warn!(consumer = %self.name, error = %failure, "JetStream: the gateway cannot apply messages now; retrying");
+            if !backoff.wait(stop).await {
+                return false;
+            }
+            if progressed.elapsed() > self.settings.ack_wait / 3 {
+                for held in std::iter::once(message).chain(rest) {
+                    let _ = held.ack_with(AckKind::Progress).await;
+                }
+                progressed = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    /// Applies `message`: how to acknowledge it (`+ACK`, or `+TERM` when it can never apply),
+    /// or the transient failure.
+    async fn try_apply(&mut self, message: &jetstream::Message) -> Result<AckKind, Failure> {
+        let (stream, sequence, pending, published) = match message.info() {
+            Ok(info) => (
+                info.stream.to_owned(),
+                info.stream_sequence,
+                info.pending,
+                info.published.unix_timestamp_nanos(),
+            ),
+            Err(err) => {
+                tracing::warn!(consumer = %self.name, %err, "JetStream: a message without its metadata; terminated");
+                self.counts.failed("invalid");
+                return Ok(AckKind::Term);
+            }
+        };
+        self.counts.pending.set(pending as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        self.counts
+            .oldest
+            .set((now - published).max(0) as f64 / 1e9);
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        // A stream deleted and made again numbers its messages from 1 again: its creation time
+        // keeps their keys apart from the old stream's within the idempotency window.
+        let created = self.resume.map_or(0, |(at, _)| at);
+        let key = header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"));
+        let applied = match (header(METHOD_HEADER), std::str::from_utf8(&message.payload)) {
+            (None, _) => Err(Failure::Poison {
+                reason: "unknown_method",
+                message: format!("no {METHOD_HEADER} header"),
+            }),
+            (_, Err(_)) => Err(Failure::Poison {
+                reason: "bad_json",
+                message: "the body is not UTF-8".into(),
+            }),
+            (Some(method), Ok(json)) => match Command::parse(&method, json) {
+                Ok(command) => command.apply(&self.gateway, &key).await,
+                Err(failure) => Err(failure),
+            },
+        };
+        let kind = match applied {
+            Ok(()) => {
+                self.counts.applied.inc();
+                AckKind::Ack
+            }
+            Err(failure @ Failure::Poison { .. }) => {
+                self.counts.failed(failure.reason());
+                tracing::warn!(
+                    consumer = %self.name, %stream, sequence, error = %failure,
+                    "JetStream: message can never apply; terminated"
+                );
+                AckKind::Term
+            }
+            Err(failure @ Failure::Transient(_)) => return Err(failure),
+        };
+        if let Some((_, last)) = &mut self.resume {
+            *last = sequence;
+        }
+        Ok(kind)
     }
 }

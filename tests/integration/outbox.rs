@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 use crate::{
     cluster::{self, unique_prefix},
-    support::{consumers, wait_until, Gateway, PrivatePostgres, TestDb, TestPki, Ws, PATIENCE},
+    support::{
+        consumers, wait_until, Gateway, PrivatePostgres, TestDb, TestPki, Valve, Ws, PATIENCE,
+    },
 };
 
 /// Inserts `(partition, method, payload)` rows in one statement, in order.
@@ -288,6 +290,47 @@ async fn two_outboxes_with_the_same_ids_feed_one_node_without_colliding() {
     assert_eq!(ws.recv_push().await.1, json!({"n": 1}));
     insert(&two.client().await, &two.table, &[push(0, 2)]).await;
     assert_eq!(ws.recv_push().await.1, json!({"n": 2}));
+}
+
+#[tokio::test]
+async fn rows_that_meet_a_stalled_redis_are_retried_and_arrive_once_in_order() {
+    let db = TestDb::create("stall").await;
+    let valve = Valve::start(
+        cluster::REDIS
+            .trim_start_matches("redis://")
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    let toml = db.consumer("partitions = 1\nmax-backoff = \"100ms\"");
+    let (url, prefix) = (
+        format!("redis://{}", valve.addr),
+        unique_prefix("outbox-stall"),
+    );
+    let gw = cluster::node_with(&url, &prefix, move |c| c.consumers = consumers(&toml)).await;
+    let (_, mut ws) = gw.subscriber(&["p0"]).await;
+    insert(&db.client().await, &db.table, &[push(0, 0), push(0, 1)]).await;
+    for n in 0..2 {
+        assert_eq!(ws.recv_push().await.1, json!({"n": n}));
+    }
+
+    valve.set_open(false);
+    let rows: Vec<_> = (2..6).map(|n| push(0, n)).collect();
+    insert(&db.client().await, &db.table, &rows).await;
+    let transient = "channelgate_consumer_failed_total{consumer=\"outbox\",reason=\"transient\"}";
+    wait_until(|| async { gw.metric(transient).await >= 2 }).await;
+    assert_eq!(
+        db.pending().await,
+        4,
+        "nothing was dropped while Redis stalled"
+    );
+    valve.set_open(true);
+    // The push that timed out may have been taken once Redis answered; its retry is then a
+    // no-op (its idempotency key): each row once, in order.
+    for n in 2..6 {
+        assert_eq!(ws.recv_push().await.1, json!({"n": n}));
+    }
+    nothing_more(&db, &mut ws, 1).await;
 }
 
 #[tokio::test]
