@@ -477,7 +477,7 @@ async fn the_consumer_connects_over_tls_verified_with_sslmode_require() {
     let rows = c
         .query(
             "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-             WHERE a.application_name LIKE 'channelgate %'",
+             WHERE a.datname = current_database() AND a.application_name LIKE 'channelgate %'",
             &[],
         )
         .await
@@ -505,13 +505,45 @@ async fn the_consumer_connects_over_tls_verified_with_sslmode_require() {
     let nodes: i64 = c
         .query_one(
             "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
-             WHERE application_name LIKE 'channelgate %'",
+             WHERE datname = current_database() AND application_name LIKE 'channelgate %'",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(nodes, 1, "only the first node is connected");
+}
+
+#[tokio::test]
+async fn a_draining_node_lets_go_of_its_partitions_for_the_others() {
+    let db = TestDb::create("drain").await;
+    let toml = db.consumer("partitions = 2\nrebalance-interval = \"50ms\"");
+    let leaving = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    let held = "channelgate_consumer_partitions_held{consumer=\"outbox\"}";
+    wait_until(|| async { leaving.metric(held).await == 2 }).await;
+    let staying = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    wait_until(|| async { leaving.metric(held).await == 1 && staying.metric(held).await == 1 })
+        .await;
+    let (_, mut ws) = staying.subscriber(&["p0", "p1"]).await;
+
+    // The node's drain waits for its consumer, whose connections (and locks) go with it.
+    leaving.shutdown().await;
+    let c = db.client().await;
+    let nodes: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'channelgate %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nodes, 1, "the drained node's connections are closed");
+    wait_until(|| async { staying.metric(held).await == 2 }).await;
+    insert(&c, &db.table, &[push(0, 0), push(1, 0)]).await;
+    let mut got = vec![ws.recv_push().await.0, ws.recv_push().await.0];
+    got.sort();
+    assert_eq!(got, ["p0", "p1"]);
 }
 
 #[tokio::test]
