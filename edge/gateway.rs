@@ -279,6 +279,12 @@ impl Gateway {
             .inc();
     }
 
+    /// Whether the node shares its state with other nodes through Redis (cluster mode): then a
+    /// push's idempotency record is seen by every node.
+    pub fn is_clustered(&self) -> bool {
+        self.node.config.redis.is_some()
+    }
+
     /// Adds `collector` to the node's metrics (`GET /metrics`): how a way in that lives outside
     /// the edge (the ingest consumers) reports its own. A name already taken is an error.
     pub fn register_metrics(

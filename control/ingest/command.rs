@@ -239,17 +239,22 @@ impl Command {
     }
 
     /// Applies the command through `gateway`; a push without its own idempotency key takes
-    /// `default_key` (the source's id for it). A send or disconnect that finds no live socket
-    /// has applied: there was nothing to do.
-    pub(crate) async fn apply(&self, gateway: &Gateway, default_key: &str) -> Result<(), Failure> {
+    /// `default_key` (the source's id for it, when the consumer keys its pushes). A send or
+    /// disconnect that finds no live socket has applied: there was nothing to do.
+    pub(crate) async fn apply(
+        &self,
+        gateway: &Gateway,
+        default_key: Option<&str>,
+    ) -> Result<(), Failure> {
         match self {
             Self::Push {
                 channels,
                 json,
                 key,
             } => {
-                let key = key.as_deref().unwrap_or(default_key);
-                gateway.push(channels, json, Some(key)).await?;
+                gateway
+                    .push(channels, json, key.as_deref().or(default_key))
+                    .await?;
             }
             Self::Send { to, channel, json } => match to {
                 To::Digest(d) => match gateway.send(d, channel, json).await {

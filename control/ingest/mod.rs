@@ -3,8 +3,8 @@
 //! transactional outbox ([`postgres`]) or a NATS JetStream stream ([`nats`]). A consumer reads
 //! commands (a method and its JSON), applies them through the node's [`Gateway`] like any
 //! Control call, and marks them done only after the gateway accepted them, so a crash in
-//! between applies them again; a push's idempotency key (the row's id or the message's id by
-//! default) makes that second application a no-op.
+//! between applies them again; in cluster mode a push's idempotency key (the row's id or the
+//! message's id by default) makes that second application a no-op on every node.
 //!
 //! This module owns what the sources share: the configuration ([`Spec`], checked before the
 //! node binds), the commands ([`command`]), and the metrics ([`Metrics`]). The client libraries

@@ -4,9 +4,10 @@
 //! A message's `Channelgate-Method` header names the method and its body is the method's JSON
 //! (as an outbox row's payload). The consumer takes what is there (up to `batch`, without
 //! waiting) or, when nothing is, waits for the next message; it applies a batch in order, one
-//! message at a time, and acks each after the gateway accepted it. A push's idempotency key is
-//! the message's `Nats-Msg-Id` header, or `<stream>:<stream's creation time>:<sequence>`, so a
-//! message delivered again after a crash applies once. A transient failure (Redis unavailable)
+//! message at a time, and acks each after the gateway accepted it. In cluster mode a push's
+//! idempotency key is the message's `Nats-Msg-Id` header, or `<stream>:<stream's creation
+//! time>:<sequence>`, so a message delivered again after a node's crash applies once; a single
+//! node keeps no records and acks a delivery of a sequence it already applied. A transient failure (Redis unavailable)
 //! is retried in place with back-off while the batch's messages get progress acks: a nak would
 //! let newer messages overtake it (measured: the stall test saw 8 before 4). A message that can
 //! never apply is terminated (`+TERM`), logged and counted. A node that stops naks what it had
@@ -128,8 +129,11 @@ pub(crate) struct Consumer {
     gateway: Gateway,
     counts: Counts,
     /// The stream's creation time and the last sequence applied: where a consumer created again
-    /// starts.
+    /// starts, and (one node) which deliveries are of messages it already applied.
     resume: Option<(i128, u64)>,
+    /// Whether pushes carry idempotency keys (cluster mode: nodes share a durable consumer and
+    /// see each other's records in Redis).
+    keyed: bool,
 }
 
 impl Consumer {
@@ -141,6 +145,7 @@ impl Consumer {
     ) -> Self {
         Self {
             counts: metrics.of(&name),
+            keyed: gateway.is_clustered(),
             name,
             settings,
             gateway,
@@ -487,10 +492,18 @@ impl Consumer {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
+        // Set when the consumer was looked up, before any pull.
+        let (created, last) = self.resume.unwrap_or((0, 0));
+        if !self.keyed && sequence <= last {
+            // Applied already (its ack was lost): one node applies in order, so this is enough.
+            tracing::debug!(consumer = %self.name, sequence, "JetStream: delivered again; acked");
+            return Ok(AckKind::Ack);
+        }
         // A stream deleted and made again numbers its messages from 1 again: its creation time
         // keeps their keys apart from the old stream's within the idempotency window.
-        let created = self.resume.map_or(0, |(at, _)| at);
-        let key = header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"));
+        let key = self.keyed.then(|| {
+            header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"))
+        });
         let applied = match (header(METHOD_HEADER), std::str::from_utf8(&message.payload)) {
             (None, _) => Err(Failure::Poison {
                 reason: "unknown_method",
@@ -501,7 +514,7 @@ impl Consumer {
                 message: "the body is not UTF-8".into(),
             }),
             (Some(method), Ok(json)) => match Command::parse(&method, json) {
-                Ok(command) => command.apply(&self.gateway, &key).await,
+                Ok(command) => command.apply(&self.gateway, key.as_deref()).await,
                 Err(failure) => Err(failure),
             },
         };

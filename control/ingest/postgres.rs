@@ -13,8 +13,12 @@
 //!
 //! A partition's worker reads a batch in id order, applies each row through the gateway, then
 //! deletes the batch's rows in one transaction (and moves the poison ones to `<table>_dead` with
-//! their error). A crash between applying and deleting applies the rows again: a push's
-//! idempotency key (`<consumer name>:<id>` unless the row gives one) makes that a no-op. A transient
+//! their error). Rows applied whose delete failed are remembered and deleted first when the
+//! node holds the partition again. In cluster mode, where another node may take the partition
+//! over after a crash between applying and deleting, a push carries an idempotency key
+//! (`<consumer name>:<id>` unless the row gives one) whose record in Redis makes the second
+//! application a no-op; a single node keeps no records for its pushes (it would fill its
+//! table of them at sustained rates, and they would die with it anyway). A transient
 //! failure (Redis unavailable) stops the batch where it is and retries with back-off.
 //!
 //! New rows are picked up through `LISTEN`: the table's trigger sends the partition to the
@@ -267,6 +271,13 @@ struct Inner {
     share: AtomicUsize,
     /// One per partition: new rows (a notification).
     wake: Vec<Notify>,
+    /// Whether pushes carry idempotency keys: in cluster mode, where another node may apply a
+    /// row again after this one died, and the records are in Redis for every node to see.
+    keyed: bool,
+    /// One per partition: rows this node applied whose delete it did not see commit (the
+    /// connection failed). When it holds the partition again, it deletes them before reading:
+    /// without keys (one node), this is what keeps them from applying twice.
+    unconfirmed: Vec<parking_lot::Mutex<Vec<i64>>>,
 }
 
 /// How holding a partition ended.
@@ -297,6 +308,10 @@ impl Consumer {
             held: AtomicUsize::new(0),
             share: AtomicUsize::new(settings.partitions as usize),
             wake: (0..settings.partitions).map(|_| Notify::new()).collect(),
+            keyed: gateway.is_clustered(),
+            unconfirmed: (0..settings.partitions)
+                .map(|_| parking_lot::Mutex::new(Vec::new()))
+                .collect(),
             settings,
             gateway,
         }))
@@ -555,6 +570,18 @@ impl Consumer {
         };
         let p = partition as i32;
         let limit = s.batch as i64;
+        let unconfirmed = &self.0.unconfirmed[partition as usize];
+        let applied_before = std::mem::take(&mut *unconfirmed.lock());
+        if !applied_before.is_empty() {
+            tracing::info!(
+                consumer = %self.0.name, partition, rows = applied_before.len(),
+                "outbox: deleting rows applied before the connection failed"
+            );
+            if let Err(err) = self.finish(client, &applied_before, &[]).await {
+                *unconfirmed.lock() = applied_before;
+                return Ended::Lost(err);
+            }
+        }
         loop {
             if stop.is_cancelled() {
                 return Ended::Stopped;
@@ -590,9 +617,9 @@ impl Consumer {
                 let payload: &str = row.get(2);
                 // The consumer's name, not the table's: two services' outboxes of the same
                 // table name, on other databases, feed one gateway without their ids colliding.
-                let key = format!("{}:{id}", self.0.name);
+                let key = self.0.keyed.then(|| format!("{}:{id}", self.0.name));
                 let applied = match Command::parse(method, payload) {
-                    Ok(command) => command.apply(&self.0.gateway, &key).await,
+                    Ok(command) => command.apply(&self.0.gateway, key.as_deref()).await,
                     Err(failure) => Err(failure),
                 };
                 match applied {
@@ -613,6 +640,7 @@ impl Consumer {
                 }
             }
             if let Err(err) = self.finish(client, &done, &dead).await {
+                *unconfirmed.lock() = done;
                 return Ended::Lost(err);
             }
             self.0.counts.applied.inc_by(done.len() as u64);

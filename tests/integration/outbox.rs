@@ -195,6 +195,28 @@ async fn every_method_applies_from_the_outbox() {
 }
 
 #[tokio::test]
+async fn a_single_node_keeps_no_idempotency_records_for_its_rows() {
+    let db = TestDb::create("unkeyed").await;
+    let toml = db.consumer("partitions = 1");
+    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
+    let (_, mut ws) = gw.subscriber(&["p0"]).await;
+    insert(&db.client().await, &db.table, &[push(0, 1)]).await;
+    assert_eq!(ws.recv_push().await.1, json!({"n": 1}));
+    // Row 1's key, had the consumer made a record (as in cluster mode): a push with it would be
+    // taken for a retry and not delivered. One node keeps none: its table of records would fill
+    // at sustained rates (1,000,000 in the window), and would die with it anyway.
+    gw.control()
+        .push(channelgate::pb::PushRequest {
+            channels: vec!["p0".into()],
+            json: r#"{"n":2}"#.into(),
+            idempotency_key: "outbox:1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ws.recv_push().await.1, json!({"n": 2}));
+}
+
+#[tokio::test]
 async fn a_poison_row_goes_aside_with_its_error_and_the_rows_after_it_flow() {
     let db = TestDb::create("poison").await;
     let toml = db.consumer("partitions = 1");
