@@ -36,7 +36,7 @@ pub(crate) struct Counts {
     pub(crate) oldest: Gauge,
     /// Whether the source is reachable now (1) or not (0).
     pub(crate) connected: IntGauge,
-    /// Outbox partitions this node holds.
+    /// Outbox partitions this node holds (JetStream: 1 while it holds the lease).
     pub(crate) partitions: IntGauge,
     batch: prometheus::Histogram,
 }
@@ -107,7 +107,7 @@ impl Metrics {
             ),
             partitions: ints(
                 "channelgate_consumer_partitions_held",
-                "Outbox partitions this node holds (PostgreSQL consumers).",
+                "Outbox partitions this node holds; for JetStream, 1 while it holds the lease.",
             ),
         }))
     }

@@ -68,6 +68,8 @@ struct Raw {
     durable: Option<String>,
     create: Option<bool>,
     ack_wait: Option<HumanDuration>,
+    exclusive: Option<bool>,
+    lease_ttl: Option<HumanDuration>,
     // both
     batch: Option<usize>,
     max_backoff: Option<HumanDuration>,
@@ -142,6 +144,8 @@ impl Spec {
                         ("durable", raw.durable.is_some()),
                         ("create", raw.create.is_some()),
                         ("ack-wait", raw.ack_wait.is_some()),
+                        ("exclusive", raw.exclusive.is_some()),
+                        ("lease-ttl", raw.lease_ttl.is_some()),
                     ],
                 )?;
                 Source::Postgres(Box::new(PostgresSettings::new(
@@ -183,6 +187,11 @@ impl Spec {
                     raw.ack_wait.map_or(Duration::from_secs(30), |d| d.0),
                     raw.poll_interval.map_or(Duration::from_secs(1), |d| d.0),
                     max_backoff,
+                    match (raw.exclusive.unwrap_or(true), raw.lease_ttl) {
+                        (true, ttl) => Some(ttl.map_or(Duration::from_secs(10), |d| d.0)),
+                        (false, None) => None,
+                        (false, Some(_)) => return Err("`lease-ttl` needs `exclusive`".into()),
+                    },
                 )?)
             }
             other => {
@@ -358,6 +367,12 @@ mod tests {
             ("[[consumers]]\nkind = \"nats\"", "`stream` is required"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"a.b\"", "stream"),
             (&long_stream, "at most 64"),
+            (
+                "[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nexclusive = false\nlease-ttl = \"5s\"",
+                "needs `exclusive`",
+            ),
+            ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nlease-ttl = \"10ms\"", "lease-ttl"),
+            ("[[consumers]]\nkind = \"postgres\"\ndsn = \"host=db\"\nexclusive = true", "`exclusive` is not"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nname = \"my events\"", "`name`"),
             ("[[consumers]]\nkind = \"nats\"\nstream = \"S\"\nfoo = 1", "unknown field"),
             (

@@ -13,6 +13,10 @@
 //! never apply is terminated (`+TERM`), logged and counted. A node that stops naks what it had
 //! not applied, for another node to take at once.
 //!
+//! One node at a time (`exclusive`, the default): a lease in a KV bucket decides which node
+//! consumes ([`Lease`]); a node that takes over waits out `ack-wait` when the dead holder left
+//! deliveries in flight, so they come again before newer messages.
+//!
 //! Recovery: the client reconnects by itself; a pull or an info call that fails (the consumer
 //! or the stream was deleted, NATS restarted) makes the consumer look its consumer up again,
 //! and create it again when `create = true`, starting after the last message it applied (from
@@ -55,6 +59,8 @@ pub struct Settings {
     ack_wait: Duration,
     poll: Duration,
     max_backoff: Duration,
+    /// `exclusive` (the default): one node at a time consumes, holding a lease this long.
+    lease: Option<Duration>,
 }
 
 impl Settings {
@@ -70,6 +76,7 @@ impl Settings {
         ack_wait: Duration,
         poll: Duration,
         max_backoff: Duration,
+        lease: Option<Duration>,
     ) -> Result<Self, String> {
         let name = |what: &str, n: &str| {
             if n.is_empty()
@@ -107,6 +114,9 @@ impl Settings {
         if poll < Duration::from_millis(100) {
             return Err("`poll-interval` must be at least 100ms for NATS".into());
         }
+        if lease.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
+            return Err("`lease-ttl` must be at least 1s".into());
+        }
         Ok(Self {
             url,
             stream,
@@ -117,8 +127,38 @@ impl Settings {
             ack_wait,
             poll,
             max_backoff,
+            lease,
         })
     }
+}
+
+/// This node's hold on a consumer (`exclusive`): the key `holder` of the KV bucket
+/// `channelgate_lease_<stream>_<durable>`, whose entries age out after the lease's time. The
+/// first node to create the key holds it and renews it (a compare-and-set on its revision)
+/// every third of that time; when it stops renewing (it died, or lost NATS), the key ages out
+/// and another node creates it.
+#[derive(Debug)]
+struct Lease {
+    store: async_nats::jetstream::kv::Store,
+    revision: u64,
+    renewed: tokio::time::Instant,
+}
+
+/// The lease's key in its bucket.
+const LEASE_KEY: &str = "holder";
+
+/// The lease bucket's name for `stream` and `durable` (letters, digits, `_` and `-` only).
+fn lease_bucket(stream: &str, durable: &str) -> String {
+    format!("channelgate_lease_{stream}_{durable}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A JetStream consumer of one node.
@@ -134,6 +174,10 @@ pub(crate) struct Consumer {
     /// Whether pushes carry idempotency keys (cluster mode: nodes share a durable consumer and
     /// see each other's records in Redis).
     keyed: bool,
+    /// This node's id in the lease's value.
+    node: String,
+    /// The lease, while this node holds it.
+    lease: Option<Lease>,
 }
 
 impl Consumer {
@@ -146,6 +190,8 @@ impl Consumer {
         Self {
             counts: metrics.of(&name),
             keyed: gateway.is_clustered(),
+            node: format!("{:016x}", rand::random::<u64>()),
+            lease: None,
             name,
             settings,
             gateway,
@@ -202,11 +248,18 @@ impl Consumer {
                 Ok(consumer) => {
                     self.counts.connected.set(1);
                     backoff.reset();
-                    let failure = self.consume(&client, &consumer, &stop, &mut backoff).await;
-                    if stop.is_cancelled() {
-                        break;
+                    match self.take_lease(&js, &consumer, &stop).await {
+                        Ok(true) => {
+                            let failure =
+                                self.consume(&client, &consumer, &stop, &mut backoff).await;
+                            if stop.is_cancelled() {
+                                break;
+                            }
+                            self.unreachable(&failure);
+                        }
+                        Ok(false) => break,
+                        Err(err) => self.unreachable(&err),
                     }
-                    self.unreachable(&failure);
                 }
                 Err(err) => self.unreachable(&err),
             }
@@ -214,7 +267,154 @@ impl Consumer {
                 break;
             }
         }
+        if let Some(lease) = self.lease.take() {
+            // Let another node take over now rather than when the lease ages out.
+            let gone = lease
+                .store
+                .delete_expect_revision(LEASE_KEY, Some(lease.revision));
+            let _ = tokio::time::timeout(CALL_DEADLINE, gone).await;
+            self.counts.partitions.set(0);
+        }
         tracing::info!(consumer = %self.name, "consumer stopped");
+    }
+
+    /// With `exclusive`, waits until this node holds the consumer's lease (true), or `stop`
+    /// (false). A node that takes over waits out `ack-wait` when the consumer has deliveries
+    /// in flight (the previous holder's), so they are delivered again before newer messages.
+    async fn take_lease(
+        &mut self,
+        js: &jetstream::Context,
+        consumer: &PullConsumer,
+        stop: &CancellationToken,
+    ) -> Result<bool, String> {
+        let Some(ttl) = self.settings.lease else {
+            return Ok(true);
+        };
+        if self.lease.is_some() {
+            return Ok(true);
+        }
+        let bucket = lease_bucket(&self.settings.stream, &self.settings.durable);
+        // The bucket's stream, made as the KV API would (its own `create_key_value` first asks
+        // for the account's limits, whose answer it misreads from nats-server 2.9).
+        let config = jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let lookup = async {
+            js.get_or_create_stream(config)
+                .await
+                .map_err(|e| e.to_string())?;
+            js.get_key_value(bucket).await.map_err(|e| e.to_string())
+        };
+        let store = tokio::time::timeout(CALL_DEADLINE, lookup)
+            .await
+            .map_err(|_| format!("the lease bucket: no answer within {CALL_DEADLINE:?}"))?
+            .map_err(|e| format!("the lease bucket: {e}"))?;
+        let mut waiting = false;
+        loop {
+            let created = tokio::time::timeout(
+                CALL_DEADLINE,
+                store.create(LEASE_KEY, self.node.clone().into()),
+            )
+            .await
+            .map_err(|_| format!("the lease: no answer within {CALL_DEADLINE:?}"))?;
+            let revision = match created {
+                Ok(revision) => Some(revision),
+                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    // Ours still, from before a reconnect?
+                    match store.entry(LEASE_KEY).await {
+                        Ok(Some(entry)) if entry.value == self.node.as_bytes() => {
+                            Some(entry.revision)
+                        }
+                        Ok(_) => None,
+                        Err(e) => return Err(format!("the lease: {e}")),
+                    }
+                }
+                Err(e) => return Err(format!("the lease: {e}")),
+            };
+            if let Some(revision) = revision {
+                self.lease = Some(Lease {
+                    store,
+                    revision,
+                    renewed: tokio::time::Instant::now(),
+                });
+                self.counts.partitions.set(1);
+                tracing::info!(consumer = %self.name, "JetStream: this node consumes (it holds the lease)");
+                let info = tokio::time::timeout(CALL_DEADLINE, consumer.get_info())
+                    .await
+                    .map_err(|_| format!("consumer info: no answer within {CALL_DEADLINE:?}"))?
+                    .map_err(|e| format!("consumer info: {e}"))?;
+                if info.num_ack_pending > 0 {
+                    tracing::info!(
+                        consumer = %self.name, in_flight = info.num_ack_pending,
+                        "JetStream: waiting out ack-wait for the previous holder's deliveries"
+                    );
+                    let wait = self.settings.ack_wait;
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(false),
+                        _ = self.hold_lease_for(wait) => {}
+                    }
+                }
+                return Ok(true);
+            }
+            if !waiting {
+                tracing::info!(consumer = %self.name, "JetStream: another node consumes; standing by");
+                waiting = true;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                _ = tokio::time::sleep((ttl / 4).min(Duration::from_secs(1))) => {}
+            }
+        }
+    }
+
+    /// Keeps the lease renewed for `wait`.
+    async fn hold_lease_for(&mut self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until {
+            if self.keep_lease().await.is_err() {
+                return;
+            }
+            let step = tokio::time::Instant::now() + Duration::from_millis(500);
+            tokio::time::sleep_until(until.min(step)).await;
+        }
+    }
+
+    /// Renews the lease when a third of its time has passed; an error when it is lost (another
+    /// node may consume now).
+    async fn keep_lease(&mut self) -> Result<(), String> {
+        let (Some(ttl), Some(lease)) = (self.settings.lease, self.lease.as_mut()) else {
+            return Ok(());
+        };
+        if lease.renewed.elapsed() < ttl / 3 {
+            return Ok(());
+        }
+        let renew = lease
+            .store
+            .update(LEASE_KEY, self.node.clone().into(), lease.revision);
+        match tokio::time::timeout(CALL_DEADLINE.min(ttl / 3), renew).await {
+            Ok(Ok(revision)) => {
+                lease.revision = revision;
+                lease.renewed = tokio::time::Instant::now();
+                Ok(())
+            }
+            failed => {
+                self.lease = None;
+                self.counts.partitions.set(0);
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".into(),
+                };
+                Err(format!("lost the lease: {why}"))
+            }
+        }
     }
 
     fn unreachable(&self, why: &str) {
@@ -309,6 +509,9 @@ impl Consumer {
             if client.connection_state() != State::Connected {
                 return "disconnected from NATS".into();
             }
+            if let Err(lost) = self.keep_lease().await {
+                return lost;
+            }
             let mut messages = match self.pull(consumer, batch, false, stop).await {
                 Ok(messages) => messages,
                 Err(failed) => return failed,
@@ -345,7 +548,10 @@ impl Consumer {
                     .await
                 {
                     self.give_back(&messages[i..]).await;
-                    return String::new();
+                    if stop.is_cancelled() {
+                        return String::new();
+                    }
+                    return "lost the lease while retrying".into();
                 }
             }
         }
@@ -426,7 +632,8 @@ impl Consumer {
     /// Applies `message` and acks it (terminates it when it can never apply). A transient
     /// failure is retried in place with back-off, not naked: a nak lets newer messages overtake
     /// it. While it retries, `message` and the `rest` of its batch get progress acks, so they
-    /// are not delivered again meanwhile. False when the node stops first.
+    /// are not delivered again meanwhile, and the lease is renewed. False when the node stops
+    /// or loses the lease first.
     async fn apply(
         &mut self,
         message: &jetstream::Message,
@@ -450,7 +657,7 @@ impl Consumer {
             };
             self.counts.failed(failure.reason());
             tracing::warn!(consumer = %self.name, error = %failure, "JetStream: the gateway cannot apply messages now; retrying");
-            if !backoff.wait(stop).await {
+            if !backoff.wait(stop).await || self.keep_lease().await.is_err() {
                 return false;
             }
             if progressed.elapsed() > self.settings.ack_wait / 3 {

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cluster::{self, unique_prefix},
+    outbox::metric_at,
     support::{consumers, unique, wait_until, Gateway, PrivateNats, Valve, Ws},
 };
 
@@ -71,7 +72,12 @@ impl Drop for TestStream {
             };
             rt.block_on(async {
                 if let Ok(client) = async_nats::connect(url).await {
-                    let _ = jetstream::new(client).delete_stream(&stream).await;
+                    let js = jetstream::new(client);
+                    let _ = js.delete_stream(&stream).await;
+                    // The consumer's lease bucket.
+                    let _ = js
+                        .delete_stream(format!("KV_channelgate_lease_{stream}_channelgate"))
+                        .await;
                 }
             });
         })
@@ -237,6 +243,45 @@ async fn messages_that_meet_a_stalled_redis_come_back_and_arrive_once_in_order()
     // messages, each applied once (a push taken late by Redis makes its retry a no-op).
     expect_pushes(&mut ws, 1, 11).await;
     nothing_more(&stream, &mut ws).await;
+}
+
+#[tokio::test]
+async fn one_node_at_a_time_consumes_and_another_takes_over_when_it_dies() {
+    let url = crate::setup::nats();
+    let stream = TestStream::new(url).await;
+    let toml = stream.consumer("batch = 8\nlease-ttl = \"2s\"\nack-wait = \"2s\"");
+    let file = std::env::temp_dir().join(format!("{}.toml", stream.stream));
+    std::fs::write(&file, &toml).unwrap();
+    let prefix = unique_prefix("js-lease");
+    let (mut doomed, doomed_http, _) =
+        cluster::spawn_node(&prefix, &["--config", file.to_str().unwrap()]);
+    let held = "channelgate_consumer_partitions_held{consumer=\"events\"}";
+    wait_until(|| async { metric_at(&doomed_http, held).await == 1 }).await;
+    let survivor = cluster::node_with(&cluster::redis(), &prefix, move |c| {
+        c.consumers = consumers(&toml)
+    })
+    .await;
+    wait_until(|| async { survivor.metric(CONNECTED).await == 1 }).await;
+    let (_, mut ws) = survivor.subscriber(&["js"]).await;
+
+    for n in 0..100 {
+        stream.push(n).await;
+    }
+    // The first node applies them (through Redis to this socket); the other stands by.
+    expect_pushes(&mut ws, 0, 30).await;
+    assert_eq!(survivor.metric(held).await, 0, "one node at a time");
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    for n in 100..150 {
+        stream.push(n).await;
+    }
+    // The lease ages out (2 s), the survivor takes it, waits out the dead node's deliveries
+    // (ack-wait, 2 s) and goes on: each message once, in order, the dead node's unacked ones
+    // no-ops where it had applied them (their keys).
+    expect_pushes(&mut ws, 30, 150).await;
+    assert_eq!(survivor.metric(held).await, 1);
+    nothing_more(&stream, &mut ws).await;
+    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]

@@ -628,7 +628,7 @@ async fn a_consumer_table_that_is_wrong_stops_serve_before_it_binds() {
 }
 
 /// A metric of the node whose client plane is `http`.
-async fn metric_at(http: &str, name: &str) -> u64 {
+pub async fn metric_at(http: &str, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(http).await else {
         return 0;
