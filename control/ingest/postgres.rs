@@ -55,6 +55,9 @@ pub(crate) const DEFAULT_TABLE: &str = "channelgate_outbox";
 /// it) and opened again.
 const STATEMENT_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The backlog gauge counts rows up to this many (beyond, it says this many).
+const PENDING_COUNT_CAP: i64 = 100_000;
+
 /// Most partitions a table may have.
 const MAX_PARTITIONS: u32 = 1024;
 
@@ -98,7 +101,7 @@ impl Settings {
         if !valid_table(&table) {
             return Err(format!(
                 "`table` {table:?}: lower-case letters, digits and `_`, at most 50 of them, \
-                 optionally after a schema and a dot"
+                 optionally after a schema and a dot; 63 in all"
             ));
         }
         if !(1..=MAX_PARTITIONS).contains(&partitions) {
@@ -177,7 +180,7 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientCon
 
 /// A table name the consumer can put in SQL unquoted: `name` or `schema.name`, each part
 /// lower-case ASCII letters, digits and `_` (not first a digit), the name at most 50 bytes so
-/// `<name>_dead` and the index's name stay within PostgreSQL's 63.
+/// `<name>_dead` and the index's name stay within PostgreSQL's 63, and the whole at most 63.
 fn valid_table(table: &str) -> bool {
     let part = |p: &str, max: usize| {
         !p.is_empty()
@@ -186,10 +189,13 @@ fn valid_table(table: &str) -> bool {
             && p.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
-    match table.split_once('.') {
-        Some((schema, name)) => part(schema, 63) && part(name, 50),
-        None => part(table, 50),
-    }
+    // The whole name is also the NOTIFY channel's, which PostgreSQL refuses past 63 bytes (and
+    // then the application's INSERT would fail in the trigger).
+    table.len() <= 63
+        && match table.split_once('.') {
+            Some((schema, name)) => part(schema, 63) && part(name, 50),
+            None => part(table, 50),
+        }
 }
 
 /// The SQL that creates the outbox table `table`, its dead-letter table and its trigger
@@ -431,12 +437,16 @@ impl Consumer {
         if self.0.share.swap(share, Ordering::Relaxed) != share {
             tracing::info!(consumer = %self.0.name, nodes, share, "outbox: partitions per node");
         }
+        // Bounded work however long the backlog: the count stops at PENDING_COUNT_CAP rows, the
+        // oldest row is the first by id (the primary key), and rows outside the partitions are
+        // a range of the (partition, id) index.
         let row = deadline(client.query_one(
             &format!(
-                "SELECT count(*), \
-                 COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8, \
-                 count(*) FILTER (WHERE partition >= $1) FROM {}",
-                s.table
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT {PENDING_COUNT_CAP}) AS capped), \
+                 COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 \
+                           FROM {t} ORDER BY id LIMIT 1), 0), \
+                 (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE partition >= $1 LIMIT {PENDING_COUNT_CAP}) AS outside)",
+                t = s.table
             ),
             &[&(s.partitions as i32)],
         ))
@@ -768,6 +778,7 @@ mod tests {
             "a b",
             &"x".repeat(51),
             "a.",
+            &format!("{}.{}", "s".repeat(20), "t".repeat(43)),
         ] {
             assert!(!valid_table(bad), "{bad}");
         }
