@@ -21,6 +21,7 @@ struct Inner {
     batch: HistogramVec,
     connected: IntGaugeVec,
     partitions: IntGaugeVec,
+    stranded: IntGaugeVec,
 }
 
 /// One consumer's handles on [`Metrics`].
@@ -38,6 +39,8 @@ pub(crate) struct Counts {
     pub(crate) connected: IntGauge,
     /// Outbox partitions this node holds (JetStream: 1 while it holds the lease).
     pub(crate) partitions: IntGauge,
+    /// Outbox rows whose partition is not below `partitions`: no node reads them.
+    pub(crate) stranded: IntGauge,
     batch: prometheus::Histogram,
 }
 
@@ -53,6 +56,7 @@ impl Metrics {
         gateway.register_metrics(Box::new(i.batch.clone()))?;
         gateway.register_metrics(Box::new(i.connected.clone()))?;
         gateway.register_metrics(Box::new(i.partitions.clone()))?;
+        gateway.register_metrics(Box::new(i.stranded.clone()))?;
         Ok(metrics)
     }
 
@@ -105,6 +109,10 @@ impl Metrics {
                 "channelgate_consumer_connected",
                 "Whether a consumer reaches its source now (1) or not (0).",
             ),
+            stranded: ints(
+                "channelgate_consumer_stranded_rows",
+                "Outbox rows whose partition is not below the consumer's `partitions`: no node reads them.",
+            ),
             partitions: ints(
                 "channelgate_consumer_partitions_held",
                 "Outbox partitions this node holds; for JetStream, 1 while it holds the lease.",
@@ -123,6 +131,7 @@ impl Metrics {
             oldest: i.oldest.with_label_values(&[name]),
             connected: i.connected.with_label_values(&[name]),
             partitions: i.partitions.with_label_values(&[name]),
+            stranded: i.stranded.with_label_values(&[name]),
             batch: i.batch.with_label_values(&[name]),
         }
     }

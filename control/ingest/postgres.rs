@@ -458,6 +458,7 @@ impl Consumer {
         );
         self.0.counts.pending.set(pending);
         self.0.counts.oldest.set(oldest);
+        self.0.counts.stranded.set(outside);
         if outside > 0 {
             tracing::warn!(
                 consumer = %self.0.name, rows = outside, partitions = s.partitions,

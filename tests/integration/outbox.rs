@@ -291,6 +291,9 @@ async fn nodes_consuming_another_database_are_not_peers() {
     )
     .await;
     wait_until(|| async { gw_one.metric(counted).await == 1 }).await;
+    // Partition 7 of 2: no node reads it, and the gauge says so.
+    let stranded = "channelgate_consumer_stranded_rows{consumer=\"outbox\"}";
+    wait_until(|| async { gw_one.metric(stranded).await == 1 }).await;
     assert_eq!(gw_one.metric(held).await, 2);
     assert_eq!(gw_two.metric(held).await, 2);
 }
