@@ -188,24 +188,62 @@ pub(crate) async fn run(args: &Args, scenario: &str) -> anyhow::Result<()> {
         );
     }
 
-    // Latency.
+    // Latency: `--requests` commits (or publishes) of `--batch-rows` rows each at `--rate` per
+    // second, each timed until its last row's frame arrived.
+    let per = args.batch_rows.max(1);
+    let mut next_seq: Vec<u64> = (0..partitions)
+        .map(|p| {
+            (0..args.rows)
+                .filter(|i| *i as usize % partitions == p)
+                .count() as u64
+        })
+        .collect();
     let mut samples = Vec::with_capacity(args.requests);
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
-    let mut next = Instant::now();
-    for i in 0..args.requests {
+    let cpu_before = args.pid.map(cpu_us).transpose()?;
+    let began = Instant::now();
+    let mut next = began;
+    for _ in 0..args.requests {
         tokio::time::sleep_until(next).await;
         next += gap;
-        let seq = args.rows / partitions as u64 + i as u64;
+        let batch: Vec<_> = (0..per)
+            .map(|j| {
+                let p = j % partitions;
+                next_seq[p] += 1;
+                row(p, next_seq[p] - 1)
+            })
+            .collect();
         let mut started = None;
-        source.write(&[row(0, seq)], &mut started).await?;
+        source.write(&batch, &mut started).await?;
         let started = started.context("written")?;
-        let v = next_json(&mut ws).await?;
-        if v["payload"]["seq"] != seq {
-            bail!("expected seq {seq}, got {v}");
+        for _ in 0..per {
+            let v = next_json(&mut ws).await?;
+            if v["payload"]["seq"].as_u64().is_none() {
+                bail!("expected a bench push, got {v}");
+            }
         }
         samples.push(started.elapsed());
     }
+    let took = began.elapsed();
+    let rows = (args.requests * per) as f64;
     let latency = Latency::of(samples);
+    println!(
+        "steady           {:>9.0} rows/s   ({} {} of {per} rows at {}/s)",
+        rows / took.as_secs_f64(),
+        args.requests,
+        if scenario == "outbox" {
+            "commits"
+        } else {
+            "publish rounds"
+        },
+        args.rate
+    );
+    if let (Some(before), Some(pid)) = (cpu_before, args.pid) {
+        println!(
+            "node CPU        {:>9.2} us per row",
+            (cpu_us(pid)? - before) as f64 / rows
+        );
+    }
     latency.row(if scenario == "outbox" {
         "COMMIT to frame"
     } else {

@@ -197,6 +197,9 @@ struct Args {
     /// Commands written at once for throughput (`outbox`, `jetstream`).
     #[arg(long, default_value_t = 100_000)]
     rows: u64,
+    /// Rows per commit (or publish round) in the latency phase (`outbox`, `jetstream`).
+    #[arg(long, default_value_t = 1)]
+    batch_rows: usize,
 }
 
 /// Resident set size of `pid`, in bytes.

@@ -36,7 +36,7 @@ use std::{
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres::{types::ToSql, AsyncMessage, Client, NoTls, Notification};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
@@ -570,13 +570,21 @@ impl Consumer {
         backoff: &mut Backoff,
     ) -> Ended {
         let s = &self.0.settings;
-        let select = match deadline(client.prepare(&format!(
-            "SELECT id, method, payload::text FROM {} WHERE partition = $1 ORDER BY id LIMIT $2",
-            s.table
-        )))
-        .await
-        {
-            Ok(statement) => statement,
+        let prepared = async {
+            let select = client
+                .prepare(&format!(
+                    "SELECT id, method, payload::text FROM {} WHERE partition = $1 \
+                     ORDER BY id LIMIT $2",
+                    s.table
+                ))
+                .await?;
+            let delete = client
+                .prepare(&format!("DELETE FROM {} WHERE id = ANY($1)", s.table))
+                .await?;
+            Ok((select, delete))
+        };
+        let (select, delete) = match deadline(prepared).await {
+            Ok(statements) => statements,
             Err(err) => return Ended::Lost(err),
         };
         let p = partition as i32;
@@ -593,6 +601,8 @@ impl Consumer {
                 return Ended::Lost(err);
             }
         }
+        // The next batch, when it was read along with the last one's delete.
+        let mut read_ahead = None;
         loop {
             if stop.is_cancelled() {
                 return Ended::Stopped;
@@ -606,9 +616,12 @@ impl Consumer {
             if over.is_ok() {
                 return Ended::Released;
             }
-            let rows = match deadline(client.query(&select, &[&p, &limit])).await {
-                Ok(rows) => rows,
-                Err(err) => return Ended::Lost(err),
+            let rows = match read_ahead.take() {
+                Some(rows) => rows,
+                None => match deadline(client.query(&select, &[&p, &limit])).await {
+                    Ok(rows) => rows,
+                    Err(err) => return Ended::Lost(err),
+                },
             };
             if rows.is_empty() {
                 tokio::select! {
@@ -650,7 +663,30 @@ impl Consumer {
                     }
                 }
             }
-            if let Err(err) = self.finish(client, &done, &dead).await {
+            if dead.is_empty() && transient.is_none() {
+                // The common case: delete the batch and read the next in one round trip (the
+                // two statements go down the connection together, and run in that order).
+                let (ids, next): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) =
+                    ([&done], [&p, &limit]);
+                let both = async {
+                    tokio::join!(client.execute(&delete, &ids), client.query(&select, &next))
+                };
+                match tokio::time::timeout(STATEMENT_DEADLINE, both).await {
+                    Ok((Ok(_), Ok(next))) => read_ahead = Some(next),
+                    Ok((Ok(_), Err(err))) => {
+                        self.0.counts.applied.inc_by(done.len() as u64);
+                        return Ended::Lost(error_text(&err));
+                    }
+                    Ok((Err(err), _)) => {
+                        *unconfirmed.lock() = done;
+                        return Ended::Lost(error_text(&err));
+                    }
+                    Err(_) => {
+                        *unconfirmed.lock() = done;
+                        return Ended::Lost(format!("no answer within {STATEMENT_DEADLINE:?}"));
+                    }
+                }
+            } else if let Err(err) = self.finish(client, &done, &dead).await {
                 *unconfirmed.lock() = done;
                 return Ended::Lost(err);
             }
