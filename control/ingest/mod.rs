@@ -46,38 +46,56 @@ pub enum Source {
     Nats(NatsSettings),
 }
 
-/// A `[[consumers]]` table as written: the fields of every kind, checked by [`Spec::parse`].
+/// A `[[consumers]]` table as written: the fields of every kind, each kind's read by its
+/// module (`postgres::Settings::from_raw`, `nats::Settings::from_raw`).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct Raw {
+pub(crate) struct Raw {
     kind: String,
     name: Option<String>,
-    // postgres
-    dsn: Option<String>,
-    dsn_env: Option<String>,
-    ca_file: Option<std::path::PathBuf>,
-    table: Option<String>,
-    partitions: Option<u32>,
-    poll_interval: Option<HumanDuration>,
-    rebalance_interval: Option<HumanDuration>,
-    // nats
-    url: Option<String>,
-    url_env: Option<String>,
-    stream: Option<String>,
-    subject: Option<String>,
-    durable: Option<String>,
-    create: Option<bool>,
-    ack_wait: Option<HumanDuration>,
-    exclusive: Option<bool>,
-    lease_ttl: Option<HumanDuration>,
-    // both
+    // postgres (postgres::KEYS)
+    pub(crate) dsn: Option<String>,
+    pub(crate) dsn_env: Option<String>,
+    pub(crate) ca_file: Option<std::path::PathBuf>,
+    pub(crate) table: Option<String>,
+    pub(crate) partitions: Option<u32>,
+    pub(crate) rebalance_interval: Option<HumanDuration>,
+    // nats (nats::KEYS)
+    pub(crate) url: Option<String>,
+    pub(crate) url_env: Option<String>,
+    pub(crate) stream: Option<String>,
+    pub(crate) subject: Option<String>,
+    pub(crate) durable: Option<String>,
+    pub(crate) create: Option<bool>,
+    pub(crate) ack_wait: Option<HumanDuration>,
+    pub(crate) exclusive: Option<bool>,
+    pub(crate) lease_ttl: Option<HumanDuration>,
+    // every kind (COMMON_KEYS)
+    pub(crate) poll_interval: Option<HumanDuration>,
     batch: Option<usize>,
     max_backoff: Option<HumanDuration>,
 }
 
+/// The keys every kind takes.
+const COMMON_KEYS: &[&str] = &["kind", "name", "batch", "max-backoff", "poll-interval"];
+
+/// What every kind's settings share, checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Common {
+    /// Commands read at once.
+    pub(crate) batch: usize,
+    /// The longest wait between retries.
+    pub(crate) max_backoff: Duration,
+}
+
+/// A duration setting's value, or its default.
+pub(crate) fn or(value: Option<HumanDuration>, default: Duration) -> Duration {
+    value.map_or(default, |d| d.0)
+}
+
 /// The value of `value`, or of the environment variable named by `env` (credentials stay out
 /// of the file that way).
-fn from_env_or(
+pub(crate) fn from_env_or(
     what: &str,
     value: Option<String>,
     env: Option<String>,
@@ -122,83 +140,30 @@ impl Spec {
         if !(1..=10_000).contains(&batch) {
             return Err("`batch` must be 1 to 10000".into());
         }
-        let max_backoff = raw.max_backoff.map_or(Duration::from_secs(5), |d| d.0);
+        let max_backoff = or(raw.max_backoff, Duration::from_secs(5));
         if max_backoff < Duration::from_millis(10) {
             return Err("`max-backoff` must be at least 10ms".into());
         }
-        let only = |kind: &str, present: &[(&str, bool)]| -> Result<(), String> {
-            match present.iter().find(|(_, set)| *set) {
-                Some((key, _)) => Err(format!("`{key}` is not a setting of kind {kind:?}")),
-                None => Ok(()),
-            }
-        };
-        let source = match raw.kind.as_str() {
-            "postgres" => {
-                only(
-                    "postgres",
-                    &[
-                        ("url", raw.url.is_some()),
-                        ("url-env", raw.url_env.is_some()),
-                        ("stream", raw.stream.is_some()),
-                        ("subject", raw.subject.is_some()),
-                        ("durable", raw.durable.is_some()),
-                        ("create", raw.create.is_some()),
-                        ("ack-wait", raw.ack_wait.is_some()),
-                        ("exclusive", raw.exclusive.is_some()),
-                        ("lease-ttl", raw.lease_ttl.is_some()),
-                    ],
-                )?;
-                Source::Postgres(Box::new(PostgresSettings::new(
-                    from_env_or("dsn", raw.dsn, raw.dsn_env, env)?,
-                    raw.ca_file,
-                    raw.table
-                        .unwrap_or_else(|| postgres::DEFAULT_TABLE.to_owned()),
-                    raw.partitions.unwrap_or(8),
-                    batch,
-                    raw.poll_interval.map_or(Duration::from_secs(1), |d| d.0),
-                    raw.rebalance_interval
-                        .map_or(Duration::from_secs(1), |d| d.0),
-                    max_backoff,
-                )?))
-            }
-            "nats" => {
-                only(
-                    "nats",
-                    &[
-                        ("dsn", raw.dsn.is_some()),
-                        ("dsn-env", raw.dsn_env.is_some()),
-                        ("ca-file", raw.ca_file.is_some()),
-                        ("table", raw.table.is_some()),
-                        ("partitions", raw.partitions.is_some()),
-                        ("rebalance-interval", raw.rebalance_interval.is_some()),
-                    ],
-                )?;
-                let url = match (raw.url, raw.url_env) {
-                    (None, None) => "nats://127.0.0.1:4222".to_owned(),
-                    (url, env_name) => from_env_or("url", url, env_name, env)?,
-                };
-                Source::Nats(nats::Settings::new(
-                    url,
-                    raw.stream.ok_or("`stream` is required")?,
-                    raw.subject,
-                    raw.durable.unwrap_or_else(|| "channelgate".to_owned()),
-                    raw.create.unwrap_or(false),
-                    batch,
-                    raw.ack_wait.map_or(Duration::from_secs(30), |d| d.0),
-                    raw.poll_interval.map_or(Duration::from_secs(1), |d| d.0),
-                    max_backoff,
-                    match (raw.exclusive.unwrap_or(true), raw.lease_ttl) {
-                        (true, ttl) => Some(ttl.map_or(Duration::from_secs(10), |d| d.0)),
-                        (false, None) => None,
-                        (false, Some(_)) => return Err("`lease-ttl` needs `exclusive`".into()),
-                    },
-                )?)
-            }
+        let common = Common { batch, max_backoff };
+        let own = match raw.kind.as_str() {
+            "postgres" => postgres::KEYS,
+            "nats" => nats::KEYS,
             other => {
                 return Err(format!(
                     "unknown kind {other:?}: `postgres` or `nats` (the file's [[consumers]])"
                 ))
             }
+        };
+        if let Some(key) = table
+            .keys()
+            .find(|key| !COMMON_KEYS.contains(&key.as_str()) && !own.contains(&key.as_str()))
+        {
+            return Err(format!("`{key}` is not a setting of kind {:?}", raw.kind));
+        }
+        let source = if raw.kind == "postgres" {
+            Source::Postgres(Box::new(PostgresSettings::from_raw(raw, common, env)?))
+        } else {
+            Source::Nats(NatsSettings::from_raw(raw, common, env)?)
         };
         Ok(Self { name, source })
     }

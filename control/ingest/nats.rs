@@ -63,21 +63,42 @@ pub struct Settings {
     lease: Option<Duration>,
 }
 
+/// The keys of a `[[consumers]]` table of kind `nats`, besides the common ones.
+pub(crate) const KEYS: &[&str] = &[
+    "url",
+    "url-env",
+    "stream",
+    "subject",
+    "durable",
+    "create",
+    "ack-wait",
+    "exclusive",
+    "lease-ttl",
+];
+
 impl Settings {
-    /// Checks a consumer's settings.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        url: String,
-        stream: String,
-        subject: Option<String>,
-        durable: String,
-        create: bool,
-        batch: usize,
-        ack_wait: Duration,
-        poll: Duration,
-        max_backoff: Duration,
-        lease: Option<Duration>,
+    /// Checks a `nats` table's settings (`common` checked already).
+    pub(crate) fn from_raw(
+        raw: super::Raw,
+        common: super::Common,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
+        let url = match (raw.url, raw.url_env) {
+            (None, None) => "nats://127.0.0.1:4222".to_owned(),
+            (url, var) => super::from_env_or("url", url, var, env)?,
+        };
+        let stream = raw.stream.ok_or("`stream` is required")?;
+        let subject = raw.subject;
+        let durable = raw.durable.unwrap_or_else(|| "channelgate".to_owned());
+        let create = raw.create.unwrap_or(false);
+        let ack_wait = super::or(raw.ack_wait, Duration::from_secs(30));
+        let poll = super::or(raw.poll_interval, Duration::from_secs(1));
+        let lease = match (raw.exclusive.unwrap_or(true), raw.lease_ttl) {
+            (true, ttl) => Some(super::or(ttl, Duration::from_secs(10))),
+            (false, None) => None,
+            (false, Some(_)) => return Err("`lease-ttl` needs `exclusive`".into()),
+        };
+        let super::Common { batch, max_backoff } = common;
         let name = |what: &str, n: &str| {
             if n.is_empty()
                 || n.len() > 200

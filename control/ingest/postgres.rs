@@ -77,19 +77,30 @@ pub struct Settings {
     max_backoff: Duration,
 }
 
+/// The keys of a `[[consumers]]` table of kind `postgres`, besides the common ones.
+pub(crate) const KEYS: &[&str] = &[
+    "dsn",
+    "dsn-env",
+    "ca-file",
+    "table",
+    "partitions",
+    "rebalance-interval",
+];
+
 impl Settings {
-    /// Checks a consumer's settings.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        dsn: String,
-        ca_file: Option<std::path::PathBuf>,
-        table: String,
-        partitions: u32,
-        batch: usize,
-        poll: Duration,
-        rebalance: Duration,
-        max_backoff: Duration,
+    /// Checks a `postgres` table's settings (`common` checked already).
+    pub(crate) fn from_raw(
+        raw: super::Raw,
+        common: super::Common,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
+        let dsn = super::from_env_or("dsn", raw.dsn, raw.dsn_env, env)?;
+        let ca_file = raw.ca_file;
+        let table = raw.table.unwrap_or_else(|| DEFAULT_TABLE.to_owned());
+        let partitions = raw.partitions.unwrap_or(8);
+        let poll = super::or(raw.poll_interval, Duration::from_secs(1));
+        let rebalance = super::or(raw.rebalance_interval, Duration::from_secs(1));
+        let super::Common { batch, max_backoff } = common;
         let config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| format!("`dsn` does not parse: {e}"))?;
