@@ -695,7 +695,7 @@ impl Consumer {
     async fn try_apply(&mut self, message: &jetstream::Message) -> Result<AckKind, Failure> {
         let (stream, sequence, pending, published) = match message.info() {
             Ok(info) => (
-                info.stream.to_owned(),
+                info.stream,
                 info.stream_sequence,
                 info.pending,
                 info.published.unix_timestamp_nanos(),
@@ -718,7 +718,7 @@ impl Consumer {
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
+                .map(|v| v.as_str())
         };
         // Set when the consumer was looked up, before any pull.
         let (created, last) = self.resume.unwrap_or((0, 0));
@@ -729,8 +729,9 @@ impl Consumer {
         }
         // A stream deleted and made again numbers its messages from 1 again: its creation time
         // keeps their keys apart from the old stream's within the idempotency window.
-        let key = self.keyed.then(|| {
-            header("Nats-Msg-Id").unwrap_or_else(|| format!("{stream}:{created}:{sequence}"))
+        let key = self.keyed.then(|| match header("Nats-Msg-Id") {
+            Some(id) => std::borrow::Cow::Borrowed(id),
+            None => std::borrow::Cow::Owned(format!("{stream}:{created}:{sequence}")),
         });
         let applied = match (header(METHOD_HEADER), std::str::from_utf8(&message.payload)) {
             (None, _) => Err(Failure::Poison {
@@ -741,7 +742,7 @@ impl Consumer {
                 reason: "bad_json",
                 message: "the body is not UTF-8".into(),
             }),
-            (Some(method), Ok(json)) => match Command::parse(&method, json) {
+            (Some(method), Ok(json)) => match Command::parse(method, json) {
                 Ok(command) => command.apply(&self.gateway, key.as_deref()).await,
                 Err(failure) => Err(failure),
             },

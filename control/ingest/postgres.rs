@@ -492,19 +492,14 @@ impl Consumer {
                 }
                 continue;
             }
-            let (mut client, _) = match self.connect().await {
-                Ok(c) => c,
-                Err(err) => {
-                    tracing::debug!(consumer = %self.0.name, partition, error = %err, "outbox: connecting failed");
-                    if !backoff.wait(&stop).await {
-                        return;
-                    }
-                    continue;
-                }
+            let taken = async {
+                let (client, _) = self.connect().await?;
+                let took = self.take(&client, partition, &stop).await?;
+                Ok::<_, String>(took.then_some(client))
             };
-            match self.take(&client, partition, &stop).await {
-                Ok(true) => {}
-                Ok(false) => continue,
+            let mut client = match taken.await {
+                Ok(Some(client)) => client,
+                Ok(None) => continue,
                 Err(err) => {
                     tracing::debug!(consumer = %self.0.name, partition, error = %err, "outbox: taking the partition failed");
                     if !backoff.wait(&stop).await {
@@ -512,7 +507,7 @@ impl Consumer {
                     }
                     continue;
                 }
-            }
+            };
             self.0.held.fetch_add(1, Ordering::Relaxed);
             self.0.counts.partitions.inc();
             tracing::info!(consumer = %self.0.name, partition, "outbox: holding partition");
