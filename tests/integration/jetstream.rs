@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::{
     cluster::{self, unique_prefix},
     outbox::metric_at,
-    support::{consumers, unique, wait_until, Gateway, PrivateNats, Valve, Ws},
+    support::{consumers, node_behind_a_valve, unique, wait_until, Gateway, PrivateNats, Ws},
 };
 
 /// A stream and subject of this test's own on the NATS at `url`; the stream is deleted when
@@ -52,6 +52,13 @@ impl TestStream {
             .expect("publish")
             .await
             .expect("the stream stored it");
+    }
+
+    /// Publishes a push of `{"n": n}` to channel `js` for each `n`, in order.
+    async fn pushes(&self, ns: std::ops::Range<u64>) {
+        for n in ns {
+            self.push(n).await;
+        }
     }
 
     async fn push(&self, n: u64) {
@@ -107,14 +114,27 @@ async fn nothing_more(stream: &TestStream, ws: &mut Ws) {
 
 const CONNECTED: &str = "channelgate_consumer_connected{consumer=\"events\"}";
 
+/// A node running the consumers of `toml`, and a socket on channel `js`, once the node's
+/// consumer has reached its source.
+async fn consuming(toml: &str) -> (Gateway, Ws) {
+    let gw = Gateway::start_with(|c| c.consumers = consumers(toml)).await;
+    let ws = subscribed_once_consuming(&gw).await;
+    (gw, ws)
+}
+
+/// A socket of `gw` on channel `js`, once `gw`'s consumer has reached its source.
+async fn subscribed_once_consuming(gw: &Gateway) -> Ws {
+    let (_, ws) = gw.subscriber(&["js"]).await;
+    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
+    ws
+}
+
 #[tokio::test]
 async fn messages_reach_sockets_once_in_order_and_poison_is_terminated() {
     let url = crate::setup::nats();
     let stream = TestStream::new(url).await;
     let toml = stream.consumer("batch = 16");
-    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
-    let (_, mut ws) = gw.subscriber(&["js"]).await;
-    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
+    let (gw, mut ws) = consuming(&toml).await;
 
     for n in 0..100 {
         stream.push(n).await;
@@ -164,12 +184,8 @@ async fn a_deleted_consumer_is_created_again_where_it_stopped() {
     let url = crate::setup::nats();
     let stream = TestStream::new(url).await;
     let toml = stream.consumer("");
-    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
-    let (_, mut ws) = gw.subscriber(&["js"]).await;
-    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
-    for n in 0..50 {
-        stream.push(n).await;
-    }
+    let (_gw, mut ws) = consuming(&toml).await;
+    stream.pushes(0..50).await;
     expect_pushes(&mut ws, 0, 50).await;
 
     stream
@@ -177,9 +193,7 @@ async fn a_deleted_consumer_is_created_again_where_it_stopped() {
         .delete_consumer_from_stream("channelgate", &stream.stream)
         .await
         .expect("delete the consumer");
-    for n in 50..100 {
-        stream.push(n).await;
-    }
+    stream.pushes(50..100).await;
     // The first 50 are not delivered again: the new consumer starts after them.
     expect_pushes(&mut ws, 50, 100).await;
     nothing_more(&stream, &mut ws).await;
@@ -190,12 +204,8 @@ async fn a_deleted_stream_is_created_again_and_consumed_from_its_start() {
     let url = crate::setup::nats();
     let stream = TestStream::new(url).await;
     let toml = stream.consumer("");
-    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
-    let (_, mut ws) = gw.subscriber(&["js"]).await;
-    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
-    for n in 0..20 {
-        stream.push(n).await;
-    }
+    let (_gw, mut ws) = consuming(&toml).await;
+    stream.pushes(0..20).await;
     expect_pushes(&mut ws, 0, 20).await;
 
     stream
@@ -205,9 +215,7 @@ async fn a_deleted_stream_is_created_again_and_consumed_from_its_start() {
         .expect("delete the stream");
     // The consumer makes the stream again (create = true); publishes succeed once it has.
     wait_until(|| async { stream.js.get_stream(&stream.stream).await.is_ok() }).await;
-    for n in 20..40 {
-        stream.push(n).await;
-    }
+    stream.pushes(20..40).await;
     // The new stream's sequences start at 1 again: read from its start, nothing skipped.
     expect_pushes(&mut ws, 20, 40).await;
     nothing_more(&stream, &mut ws).await;
@@ -217,25 +225,13 @@ async fn a_deleted_stream_is_created_again_and_consumed_from_its_start() {
 async fn messages_that_meet_a_stalled_redis_come_back_and_arrive_once_in_order() {
     let url = crate::setup::nats();
     let stream = TestStream::new(url).await;
-    let valve = Valve::start(
-        cluster::REDIS
-            .trim_start_matches("redis://")
-            .parse()
-            .unwrap(),
-    )
-    .await;
-    let toml = stream.consumer("batch = 4");
-    let (redis, prefix) = (format!("redis://{}", valve.addr), unique_prefix("js-stall"));
-    let gw = cluster::node_with(&redis, &prefix, move |c| c.consumers = consumers(&toml)).await;
-    let (_, mut ws) = gw.subscriber(&["js"]).await;
-    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
+    let (valve, gw) = node_behind_a_valve("js-stall", stream.consumer("batch = 4")).await;
+    let mut ws = subscribed_once_consuming(&gw).await;
     stream.push(0).await;
     expect_pushes(&mut ws, 0, 1).await;
 
     valve.set_open(false);
-    for n in 1..11 {
-        stream.push(n).await;
-    }
+    stream.pushes(1..11).await;
     let transient = "channelgate_consumer_failed_total{consumer=\"events\",reason=\"transient\"}";
     wait_until(|| async { gw.metric(transient).await >= 2 }).await;
     valve.set_open(true);
@@ -264,17 +260,13 @@ async fn one_node_at_a_time_consumes_and_another_takes_over_when_it_dies() {
     wait_until(|| async { survivor.metric(CONNECTED).await == 1 }).await;
     let (_, mut ws) = survivor.subscriber(&["js"]).await;
 
-    for n in 0..100 {
-        stream.push(n).await;
-    }
+    stream.pushes(0..100).await;
     // The first node applies them (through Redis to this socket); the other stands by.
     expect_pushes(&mut ws, 0, 30).await;
     assert_eq!(survivor.metric(held).await, 0, "one node at a time");
     doomed.kill().unwrap();
     doomed.wait().unwrap();
-    for n in 100..150 {
-        stream.push(n).await;
-    }
+    stream.pushes(100..150).await;
     // The lease ages out (2 s), the survivor takes it, waits out the dead node's deliveries
     // (ack-wait, 2 s) and goes on: each message once, in order, the dead node's unacked ones
     // no-ops where it had applied them (their keys).
@@ -289,12 +281,8 @@ async fn nats_restarted_the_consumer_recovers_and_loses_nothing() {
     let mut nats = PrivateNats::start();
     let stream = TestStream::new(&nats.url()).await;
     let toml = stream.consumer("");
-    let gw = Gateway::start_with(|c| c.consumers = consumers(&toml)).await;
-    let (_, mut ws) = gw.subscriber(&["js"]).await;
-    wait_until(|| async { gw.metric(CONNECTED).await == 1 }).await;
-    for n in 0..100 {
-        stream.push(n).await;
-    }
+    let (gw, mut ws) = consuming(&toml).await;
+    stream.pushes(0..100).await;
     expect_pushes(&mut ws, 0, 100).await;
 
     nats.kill();
@@ -311,9 +299,7 @@ async fn nats_restarted_the_consumer_recovers_and_loses_nothing() {
         subject: stream.subject.clone(),
         js: jetstream::new(async_nats::connect(nats.url()).await.unwrap()),
     };
-    for n in 100..200 {
-        again.push(n).await;
-    }
+    again.pushes(100..200).await;
     expect_pushes(&mut ws, 100, 200).await;
     nothing_more(&again, &mut ws).await;
     std::mem::forget(stream); // `again` deletes the stream.

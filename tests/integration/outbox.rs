@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use crate::{
     cluster::{self, unique_prefix},
     support::{
-        consumers, wait_until, Gateway, PrivatePostgres, TestDb, TestPki, Valve, Ws, PATIENCE,
+        consumers, node_behind_a_valve, serve_command, wait_until, Gateway, PrivatePostgres,
+        TestDb, TestPki, Ws, PATIENCE,
     },
 };
 
@@ -39,21 +40,34 @@ fn push(p: i32, n: u64) -> (i32, &'static str, Value) {
     )
 }
 
-/// Reads pushes until every channel of `want` got its count; returns each channel's `n`s in
-/// arrival order.
-async fn collect(ws: &mut Ws, want: &HashMap<String, usize>) -> HashMap<String, Vec<u64>> {
-    let mut got: HashMap<String, Vec<u64>> = HashMap::new();
-    let total: usize = want.values().sum();
-    let mut seen = 0;
-    while seen < total {
+/// Each partition's `n`s in arrival order, by channel (`p0`, `p1`, ...).
+type Arrived = HashMap<String, Vec<u64>>;
+
+/// Reads `count` pushes into `got`.
+async fn read_pushes(ws: &mut Ws, count: usize, got: &mut Arrived) {
+    for _ in 0..count {
         let (channel, payload) = ws.recv_push().await;
         let n = payload["n"]
             .as_u64()
             .unwrap_or_else(|| panic!("a row's push, got {payload} on {channel}"));
         got.entry(channel).or_default().push(n);
-        seen += 1;
     }
-    got
+}
+
+/// Reads pushes until partition `p` has `counts[p]` of them (besides those in `got`), then
+/// checks that each got `0..counts[p]`: every row once, in order.
+async fn all_once_in_order(ws: &mut Ws, mut got: Arrived, counts: &[u64]) {
+    let have: usize = got.values().map(Vec::len).sum();
+    let want = counts.iter().sum::<u64>() as usize;
+    read_pushes(ws, want.saturating_sub(have), &mut got).await;
+    for (p, &count) in counts.iter().enumerate() {
+        let expected: Vec<u64> = (0..count).collect();
+        assert_eq!(
+            got.get(&format!("p{p}")).cloned().unwrap_or_default(),
+            expected,
+            "partition {p}: each row once, in order"
+        );
+    }
 }
 
 /// A marker row through every partition, then the next frames must be exactly the markers:
@@ -110,18 +124,7 @@ async fn committed_rows_reach_sockets_once_in_partition_order_and_rolled_back_ro
         .await;
         tx.rollback().await.unwrap();
     }
-    let want: HashMap<_, _> = (0..4)
-        .map(|p| (format!("p{p}"), next[p] as usize))
-        .collect();
-    let got = collect(&mut ws, &want).await;
-    for p in 0..4 {
-        let expected: Vec<u64> = (0..next[p]).collect();
-        assert_eq!(
-            got[&format!("p{p}")],
-            expected,
-            "partition {p} in order, once each"
-        );
-    }
+    all_once_in_order(&mut ws, Arrived::new(), &next).await;
     nothing_more(&db, &mut ws, 4).await;
     wait_until(|| async { db.pending().await == 0 }).await;
     assert_eq!(
@@ -320,19 +323,8 @@ async fn two_outboxes_with_the_same_ids_feed_one_node_without_colliding() {
 #[tokio::test]
 async fn rows_that_meet_a_stalled_redis_are_retried_and_arrive_once_in_order() {
     let db = TestDb::create("stall").await;
-    let valve = Valve::start(
-        cluster::REDIS
-            .trim_start_matches("redis://")
-            .parse()
-            .unwrap(),
-    )
-    .await;
     let toml = db.consumer("partitions = 1\nmax-backoff = \"100ms\"");
-    let (url, prefix) = (
-        format!("redis://{}", valve.addr),
-        unique_prefix("outbox-stall"),
-    );
-    let gw = cluster::node_with(&url, &prefix, move |c| c.consumers = consumers(&toml)).await;
+    let (valve, gw) = node_behind_a_valve("outbox-stall", toml).await;
     let (_, mut ws) = gw.subscriber(&["p0"]).await;
     insert(&db.client().await, &db.table, &[push(0, 0), push(0, 1)]).await;
     for n in 0..2 {
@@ -384,35 +376,13 @@ async fn a_node_killed_mid_batch_of_10000_rows_loses_and_duplicates_nothing() {
         .map(|i| push((i % 4) as i32, i / 4))
         .collect();
     insert(&db.client().await, &db.table, &rows).await;
-    let mut got: HashMap<String, Vec<u64>> = HashMap::new();
-    for _ in 0..1_500 {
-        let (channel, payload) = ws.recv_push().await;
-        got.entry(channel)
-            .or_default()
-            .push(payload["n"].as_u64().unwrap());
-    }
+    let mut got = Arrived::new();
+    read_pushes(&mut ws, 1_500, &mut got).await;
     doomed.kill().unwrap();
     doomed.wait().unwrap();
     let left = db.pending().await;
     assert!(left > 0, "the kill came before the end (rows left: {left})");
-    let want: HashMap<_, _> = (0..4)
-        .map(|p| {
-            let name = format!("p{p}");
-            let have = got.get(&name).map_or(0, Vec::len);
-            (name, 2_500 - have)
-        })
-        .collect();
-    for (channel, more) in collect(&mut ws, &want).await {
-        got.entry(channel).or_default().extend(more);
-    }
-    for p in 0..4 {
-        let expected: Vec<u64> = (0..2_500).collect();
-        assert_eq!(
-            got[&format!("p{p}")],
-            expected,
-            "partition {p}: each row once, in order"
-        );
-    }
+    all_once_in_order(&mut ws, got, &[2_500; 4]).await;
     wait_until(|| async { survivor.metric(held).await == 4 }).await;
     nothing_more(&db, &mut ws, 4).await;
     let _ = std::fs::remove_file(file);
@@ -433,7 +403,8 @@ async fn postgres_restarted_the_consumer_recovers_and_loses_nothing() {
     let rows: Vec<_> = (0..2_000u64).map(|i| push((i % 2) as i32, i / 2)).collect();
     insert(&db.client().await, &db.table, &rows).await;
     // Stopped while the rows are being applied.
-    let (channel, first) = ws.recv_push().await;
+    let mut got = Arrived::new();
+    read_pushes(&mut ws, 1, &mut got).await;
     pg.stop();
     wait_until(|| async { gw.metric(connected).await == 0 }).await;
     // The client plane's readiness is not the consumer's.
@@ -456,28 +427,7 @@ async fn postgres_restarted_the_consumer_recovers_and_loses_nothing() {
     .unwrap();
     insert(&writer, &db.table, &more).await;
 
-    let mut got: HashMap<String, Vec<u64>> = HashMap::new();
-    got.entry(channel)
-        .or_default()
-        .push(first["n"].as_u64().unwrap());
-    let want: HashMap<_, _> = (0..2)
-        .map(|p| {
-            let name = format!("p{p}");
-            let have = got.get(&name).map_or(0, Vec::len);
-            (name, 1_100 - have)
-        })
-        .collect();
-    for (channel, more) in collect(&mut ws, &want).await {
-        got.entry(channel).or_default().extend(more);
-    }
-    for p in 0..2 {
-        let expected: Vec<u64> = (0..1_100).collect();
-        assert_eq!(
-            got[&format!("p{p}")],
-            expected,
-            "partition {p}: each row once, in order"
-        );
-    }
+    all_once_in_order(&mut ws, got, &[1_100; 2]).await;
     wait_until(|| async { gw.metric(connected).await == 1 }).await;
     nothing_more(&db, &mut ws, 2).await;
 }
@@ -612,18 +562,7 @@ async fn a_consumer_table_that_is_wrong_stops_serve_before_it_binds() {
         "[[consumers]]\nkind = \"postgres\"\ndsn-env = \"CG_TEST_NO_SUCH_VAR\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_channelgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = serve_command().arg("--config").arg(&file).output().unwrap();
     let _ = std::fs::remove_file(file);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

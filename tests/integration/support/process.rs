@@ -2,21 +2,26 @@
 
 use super::PATIENCE;
 
+/// `channelgate serve` on port 0 for both planes, not started.
+pub fn serve_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_channelgate"));
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    command
+}
+
 /// Runs the real binary as `channelgate serve` on port 0 with `extra` arguments; returns the
 /// process and the client-plane and control-plane addresses it logged.
 pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_channelgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
+    use std::process::Stdio;
+    let mut child = serve_command()
+        .args(["--log-format", "json"])
         .args(extra)
         .env("CHANNELGATE_LOG", "info")
         .stderr(Stdio::piped())

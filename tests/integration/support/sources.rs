@@ -144,6 +144,18 @@ impl Drop for TestDb {
     }
 }
 
+/// A node of a cluster of its own (`tag`) whose Redis is behind a [`super::Valve`] the test
+/// can close, running the consumers of `toml`.
+pub async fn node_behind_a_valve(tag: &str, toml: String) -> (super::Valve, super::Gateway) {
+    let redis = crate::cluster::REDIS.trim_start_matches("redis://");
+    let valve = super::Valve::start(redis.parse().expect("Redis's address")).await;
+    let url = format!("redis://{}", valve.addr);
+    let prefix = crate::cluster::unique_prefix(tag);
+    let gw =
+        crate::cluster::node_with(&url, &prefix, move |c| c.consumers = consumers(&toml)).await;
+    (valve, gw)
+}
+
 /// The node's consumers from `toml` (one or more `[[consumers]]` tables).
 pub fn consumers(toml: &str) -> channelgate::config::Consumers {
     channelgate::config::Settings::parse_toml(toml)
