@@ -277,6 +277,25 @@ async fn one_node_at_a_time_consumes_and_another_takes_over_when_it_dies() {
 }
 
 #[tokio::test]
+async fn a_draining_holder_hands_the_consumer_over_at_once() {
+    let url = crate::setup::nats();
+    let stream = TestStream::new(url).await;
+    // A lease that would outlive the test's patience: only its deletion lets the other in.
+    let toml = stream.consumer("lease-ttl = \"60s\"");
+    let held = "channelgate_consumer_partitions_held{consumer=\"events\"}";
+    let (leaving, _) = consuming(&toml).await;
+    wait_until(|| async { leaving.metric(held).await == 1 }).await;
+    let (staying, mut ws) = consuming(&toml).await;
+    assert_eq!(staying.metric(held).await, 0, "one node at a time");
+
+    leaving.shutdown().await;
+    wait_until(|| async { staying.metric(held).await == 1 }).await;
+    stream.pushes(0..10).await;
+    expect_pushes(&mut ws, 0, 10).await;
+    nothing_more(&stream, &mut ws).await;
+}
+
+#[tokio::test]
 async fn nats_restarted_the_consumer_recovers_and_loses_nothing() {
     let mut nats = PrivateNats::start();
     let stream = TestStream::new(&nats.url()).await;

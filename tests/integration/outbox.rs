@@ -476,17 +476,11 @@ async fn the_consumer_connects_over_tls_verified_with_sslmode_require() {
     wait_until(|| async { pg.log().contains("could not accept SSL connection") }).await;
     let connected = "channelgate_consumer_connected{consumer=\"outbox\"}";
     assert_eq!(refused.metric(connected).await, 0);
-    let c = db.client().await;
-    let nodes: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'channelgate %'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(nodes, 1, "only the first node is connected");
+    assert_eq!(
+        db.connected_nodes().await,
+        1,
+        "only the first node is connected"
+    );
 }
 
 #[tokio::test]
@@ -503,17 +497,12 @@ async fn a_draining_node_lets_go_of_its_partitions_for_the_others() {
 
     // The node's drain waits for its consumer, whose connections (and locks) go with it.
     leaving.shutdown().await;
+    assert_eq!(
+        db.connected_nodes().await,
+        1,
+        "the drained node's connections are closed"
+    );
     let c = db.client().await;
-    let nodes: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'channelgate %'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(nodes, 1, "the drained node's connections are closed");
     wait_until(|| async { staying.metric(held).await == 2 }).await;
     insert(&c, &db.table, &[push(0, 0), push(1, 0)]).await;
     let mut got = vec![ws.recv_push().await.0, ws.recv_push().await.0];

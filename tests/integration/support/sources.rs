@@ -94,6 +94,20 @@ impl TestDb {
             .get(0)
     }
 
+    /// How many nodes' consumers are connected to this database (their connections'
+    /// `application_name`).
+    pub async fn connected_nodes(&self) -> i64 {
+        let c = self.client().await;
+        c.query_one(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'channelgate %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
     /// The dead-letter table's rows: (id, method, error).
     pub async fn dead(&self) -> Vec<(i64, String, String)> {
         let c = self.client().await;
