@@ -191,12 +191,10 @@ pub(crate) async fn run(args: &Args, scenario: &str) -> anyhow::Result<()> {
     // Latency: `--requests` commits (or publishes) of `--batch-rows` rows each at `--rate` per
     // second, each timed until its last row's frame arrived.
     let per = args.batch_rows.max(1);
-    let mut next_seq: Vec<u64> = (0..partitions)
-        .map(|p| {
-            (0..args.rows)
-                .filter(|i| *i as usize % partitions == p)
-                .count() as u64
-        })
+    // Where each partition's numbering stands after the throughput phase's rows.
+    let (whole, extra) = (args.rows / partitions as u64, args.rows % partitions as u64);
+    let mut next_seq: Vec<u64> = (0..partitions as u64)
+        .map(|p| whole + u64::from(p < extra))
         .collect();
     let mut samples = Vec::with_capacity(args.requests);
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
